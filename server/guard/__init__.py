@@ -1,0 +1,1 @@
+"""What stands between the internet and the engine: API keys, rate limits, request limits."""

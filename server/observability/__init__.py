@@ -1,0 +1,1 @@
+"""Metrics and request logs: what an operator sees of a running server."""

@@ -1,0 +1,138 @@
+"""Prometheus metrics: HTTP traffic, request latencies, engine state and GPU health.
+
+Engine and GPU figures are read at scrape time by collectors, so a scrape always
+shows the current state and nothing polls in the background.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+# engine.stats() key -> (metric name, help, kind)
+_ENGINE_STATS = {
+    "num_waiting": ("minerva_queue_length", "Requests waiting to be scheduled", "gauge"),
+    "num_running": ("minerva_running_sequences", "Sequences running in the engine", "gauge"),
+    "kv_blocks_used": ("minerva_kv_blocks_used", "KV-cache blocks in use", "gauge"),
+    "kv_blocks_free": ("minerva_kv_blocks_free", "KV-cache blocks free", "gauge"),
+    "prefix_cache_hit_rate": ("minerva_prefix_cache_hit_rate", "Share of prompt tokens served from the prefix cache", "gauge"),
+    "num_preemptions": ("minerva_preemptions", "Sequences preempted for lack of KV blocks", "counter"),
+}
+
+StatsSource = Callable[[], Mapping[str, Mapping[str, Any]]]
+
+
+class EngineCollector(Collector):
+    """Reads every served model's `engine.stats()` when Prometheus scrapes."""
+
+    def __init__(self, stats: StatsSource) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        per_model = self._stats()
+        for key, (name, help_text, kind) in _ENGINE_STATS.items():
+            family = (
+                GaugeMetricFamily(name, help_text, labels=["model"])
+                if kind == "gauge"
+                else CounterMetricFamily(name, help_text, labels=["model"])
+            )
+            for model, stats in per_model.items():
+                if key in stats:
+                    family.add_metric([model], float(stats[key]))
+            yield family
+
+
+class GpuCollector(Collector):
+    """GPU memory, utilisation and temperature via NVML; yields nothing without a GPU."""
+
+    def __init__(self) -> None:
+        self._nvml = _init_nvml()
+
+    @property
+    def available(self) -> bool:
+        return self._nvml is not None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        if self._nvml is None:
+            return
+        nvml = self._nvml
+        used = GaugeMetricFamily("minerva_gpu_memory_used_bytes", "GPU memory in use", labels=["gpu"])
+        total = GaugeMetricFamily("minerva_gpu_memory_total_bytes", "GPU memory in all", labels=["gpu"])
+        util = GaugeMetricFamily("minerva_gpu_utilization_ratio", "GPU busy share over the last sample", labels=["gpu"])
+        temp = GaugeMetricFamily("minerva_gpu_temperature_celsius", "GPU temperature", labels=["gpu"])
+        for i in range(nvml.nvmlDeviceGetCount()):
+            handle = nvml.nvmlDeviceGetHandleByIndex(i)
+            memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+            used.add_metric([str(i)], float(memory.used))
+            total.add_metric([str(i)], float(memory.total))
+            util.add_metric([str(i)], nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0)
+            temp.add_metric([str(i)], float(nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)))
+        yield from (used, total, util, temp)
+
+
+def _init_nvml():
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        if pynvml.nvmlDeviceGetCount() == 0:
+            return None
+        return pynvml
+    except Exception:  # no driver, no GPU, or no library: the metrics are simply absent
+        return None
+
+
+class Metrics:
+    """One registry per app, so several apps (tests) never share counters."""
+
+    def __init__(self, engine_stats: StatsSource) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("minerva_http_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
+        self.request_latency = Histogram(
+            "minerva_http_request_duration_seconds", "HTTP request latency", ["route"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.ttft = Histogram(
+            "minerva_time_to_first_token_seconds", "Time to first token", ["model"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.tpot = Histogram(
+            "minerva_time_per_output_token_seconds", "Time per output token after the first", ["model"],
+            buckets=_TOKEN_BUCKETS, registry=r,
+        )
+        self.e2e = Histogram(
+            "minerva_e2e_request_latency_seconds", "End-to-end generation latency", ["model"], buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter("minerva_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
+        self.generation_tokens = Counter("minerva_generation_tokens", "Tokens generated", ["model"], registry=r)
+        self.model_load_seconds = Gauge("minerva_model_load_seconds", "Time the model took to load", ["model"], registry=r)
+        self.rejected = Counter(
+            "minerva_rejected_requests", "Requests refused before the engine (auth, limits, overload)", ["reason"],
+            registry=r,
+        )
+        r.register(EngineCollector(engine_stats))
+        self.gpu = GpuCollector()
+        r.register(self.gpu)
+
+    def observe_generation(self, model: str, prompt_tokens: int, completion_tokens: int,
+                           ttft: float | None, e2e: float) -> None:
+        """Record one finished generation (streamed or not)."""
+        self.prompt_tokens.labels(model).inc(prompt_tokens)
+        self.generation_tokens.labels(model).inc(completion_tokens)
+        self.e2e.labels(model).observe(e2e)
+        if ttft is not None:
+            self.ttft.labels(model).observe(ttft)
+            if completion_tokens > 1:
+                self.tpot.labels(model).observe((e2e - ttft) / (completion_tokens - 1))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
