@@ -1,1 +1,26 @@
-"""engine/loader"""
+"""The lazy model loader: format detection, ModelInfo metadata, lazy tensors, and a registry of models.
+
+See docs/loader.md. Metadata never reads tensor bytes; tensors are memory-mapped on demand.
+"""
+
+from engine.loader.compact import ModelCheck, check_models, compact_id
+from engine.loader.errors import ModelLoadError
+from engine.loader.model_info import ModelInfo
+from engine.loader.open import LoadedModel, detect_format, open_model, read_model_info
+from engine.loader.registry import ModelRegistry
+from engine.loader.tensors import LazyTensor, TensorStore
+
+__all__ = [
+    "LazyTensor",
+    "LoadedModel",
+    "ModelCheck",
+    "ModelInfo",
+    "ModelLoadError",
+    "ModelRegistry",
+    "TensorStore",
+    "check_models",
+    "compact_id",
+    "detect_format",
+    "open_model",
+    "read_model_info",
+]

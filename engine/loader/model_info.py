@@ -1,0 +1,129 @@
+"""ModelInfo: the metadata of one model, derived the same way from an HF-style config for every format."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FLOAT_TYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+INTEGER_TYPES = frozenset({"U8", "I8", "I16", "I32", "I64", "U16", "U32", "U64", "BOOL"})
+
+
+@dataclass
+class ModelInfo:
+    """What GET /v1/models and `minerva inspect` show; never requires reading tensor bytes."""
+
+    id: str
+    path: str
+    format: str  # "gguf" | "safetensors" | "hf_dir"
+    architecture: str  # HF model_type: llama, mistral, qwen2, phi3, gpt_oss, ...
+    quantization: str  # F32/F16/BF16/Q8_0/Q4_0/Q4_K/Q6_K/MXFP4/... or "mixed"
+    quantization_breakdown: dict[str, int]  # tensor type -> parameter count
+    parameters: int
+    file_size: int  # bytes of the weight files
+    tensor_count: int  # tensors as stored in the file(s)
+    layers: int
+    hidden_size: int
+    attention_heads: int
+    kv_heads: int
+    head_dim: int
+    vocab_size: int
+    context_length: int
+    experts: int | None
+    active_experts: int | None
+    rope_theta: float | None
+    rope_scaling: dict[str, Any] | None
+    chat_template: bool
+    name: str | None = None  # display name, e.g. GGUF general.name
+    compact_id: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        from engine.loader.compact import compact_id
+
+        self.compact_id = compact_id(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def rope_settings(config: dict[str, Any]) -> tuple[float | None, dict[str, Any] | None]:
+    """(theta, scaling) from either the classic `rope_theta`/`rope_scaling` keys or transformers 5's `rope_parameters`."""
+    params = config.get("rope_parameters") or {}
+    theta = config.get("rope_theta", params.get("rope_theta"))
+    scaling = config.get("rope_scaling")
+    if scaling is None and params.get("rope_type", "default") != "default":
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    return (float(theta) if theta is not None else None), scaling
+
+
+def summarize_quantization(tensor_types: list[tuple[str, int, int]]) -> tuple[str, dict[str, int]]:
+    """Name a model's quantization from (type, ndim, parameters) per logical tensor.
+
+    Only weight matrices (ndim >= 2) decide: norms and biases stay F32 in every format.
+    One quantized type among them names the model (gpt-oss keeps attention in BF16 yet is
+    "MXFP4"); two or more quantized types, or several float types and none quantized, is "mixed".
+    """
+    breakdown: dict[str, int] = {}
+    for kind, _, params in tensor_types:
+        breakdown[kind] = breakdown.get(kind, 0) + params
+    matrix_types = {kind for kind, ndim, _ in tensor_types if ndim >= 2}
+    quantized = matrix_types - FLOAT_TYPES - INTEGER_TYPES
+    candidates = quantized or (matrix_types & FLOAT_TYPES) or set(breakdown)
+    name = next(iter(candidates)) if len(candidates) == 1 else ("mixed" if candidates else "unknown")
+    return name, dict(sorted(breakdown.items(), key=lambda item: -item[1]))
+
+
+def _int(config: dict[str, Any], *keys: str, default: int | None = None) -> int | None:
+    for key in keys:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return default
+
+
+def info_from_config(
+    config: dict[str, Any],
+    *,
+    model_id: str,
+    path: Path,
+    format: str,
+    tensor_types: list[tuple[str, int, int]],
+    file_size: int,
+    tensor_count: int,
+    chat_template: bool,
+    name: str | None = None,
+) -> ModelInfo:
+    """Build ModelInfo from an HF config dict plus facts about the stored tensors."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    hidden = _int(text, "hidden_size", "n_embd", default=0)
+    heads = _int(text, "num_attention_heads", "n_head", default=0)
+    kv_heads = _int(text, "num_key_value_heads", default=heads)
+    head_dim = _int(text, "head_dim", default=hidden // heads if heads else 0)
+    theta, scaling = rope_settings(text)
+    quantization, breakdown = summarize_quantization(tensor_types)
+    return ModelInfo(
+        id=model_id,
+        path=str(path),
+        format=format,
+        architecture=str(config.get("model_type", "unknown")),
+        quantization=quantization,
+        quantization_breakdown=breakdown,
+        parameters=sum(params for _, _, params in tensor_types),
+        file_size=file_size,
+        tensor_count=tensor_count,
+        layers=_int(text, "num_hidden_layers", "n_layer", default=0),
+        hidden_size=hidden,
+        attention_heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        vocab_size=_int(text, "vocab_size", default=0),
+        context_length=_int(text, "max_position_embeddings", "n_positions", default=0),
+        experts=_int(text, "num_local_experts", "num_experts", "n_routed_experts"),
+        active_experts=_int(text, "num_experts_per_tok", "experts_per_token"),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        chat_template=chat_template,
+        name=name,
+    )
