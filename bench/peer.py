@@ -1,0 +1,510 @@
+"""Minerva vs llama.cpp (llama-cpp-python's OpenAI server) on the same GGUF, on this machine.
+
+For each model: start both servers on loopback with the same thread count, check that
+greedy completions agree (and, for the tiny Llama this script writes, that they agree
+with transformers' LlamaForCausalLM on the same weights), then run bench/serve.py's
+load generator at each concurrency level, alternating the two servers, and write a
+ratio table (Markdown), the full JSON (machine, commit, versions) and a PNG plot under
+bench/results/.
+
+    python -m bench.peer                       # tiny Llama + the shipped default's GGUF
+    python -m bench.peer --models tiny-llama --concurrency 1 4 16 64
+    python -m bench.peer --llama-only          # when Minerva cannot serve yet
+
+llama-cpp-python is built from source once into the venv (see docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.metadata
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import httpx
+import numpy as np
+
+from bench import serve
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO / "bench" / "results"
+GREEDY_PROMPTS = (
+    "The river runs past the old mill and",
+    "Once upon a time in a quiet village",
+    "A teacher asked the children a question about",
+    "Write the number of the house by the bridge:",
+)
+
+
+ROPE_THETA = 10000.0
+RMS_EPS = 1e-5
+
+
+class PeerError(RuntimeError):
+    """A server would not start or a step of the comparison cannot run; the message says which."""
+
+
+# --------------------------------------------------------------------------- the tiny Llama GGUF
+
+
+@dataclass
+class TinyLlamaSpec:
+    """Shape of the random tiny Llama; big enough that a decode step is real work on a CPU."""
+
+    hidden: int = 256
+    intermediate: int = 768
+    layers: int = 4
+    heads: int = 8
+    kv_heads: int = 4
+    vocab: int = 1024
+    context: int = 2048
+    seed: int = 0
+
+
+def _train_tokenizer(vocab: int, out_dir: Path):
+    """A GPT-2-style byte-level BPE (with merges) trained on the bench datasets' English text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    corpus = (serve.DATASETS_DIR / "words.txt").read_text().split()
+    for line in (serve.DATASETS_DIR / "sharegpt_sample.jsonl").read_text().splitlines():
+        corpus += [turn["value"] for turn in json.loads(line)["conversations"]]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    # Only printable ASCII bytes (plus tab and newline): every token is then whole UTF-8 text,
+    # so greedy outputs compare as strings without servers' differing handling of split bytes.
+    ascii_bytes = [chr(b) for b in range(32, 127)] + ["\t", "\n"]
+    alphabet = [tok.pre_tokenizer.pre_tokenize_str(c)[0][0] for c in ascii_bytes]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=alphabet,
+        limit_alphabet=len(alphabet),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus * 4, trainer)
+    tok.save(str(out_dir / "tokenizer.json"))
+    return tok
+
+
+def _llama_cpp_permute(weight: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's Q/K row order: the HF rotate-half pairs become interleaved pairs."""
+    rows = weight.shape[0]
+    return weight.reshape(n_head, 2, rows // n_head // 2, -1).swapaxes(1, 2).reshape(weight.shape)
+
+
+def write_tiny_llama(out_dir: Path, spec: TinyLlamaSpec = TinyLlamaSpec()) -> Path:
+    """A random LlamaForCausalLM saved as an HF dir (the reference) and as an F32 GGUF; returns the GGUF."""
+    import gguf
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = _train_tokenizer(spec.vocab, out_dir)
+    vocab_size = tok.get_vocab_size()
+    eos = tok.token_to_id("<|endoftext|>")
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
+        max_position_embeddings=spec.context, rms_norm_eps=RMS_EPS, rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA},
+        tie_word_embeddings=False, bos_token_id=eos, eos_token_id=eos,
+    )
+    torch.manual_seed(spec.seed)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # PEERS.md: default init collapses greedy decoding onto one token
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(1.0, 0.1)
+            elif "embed_tokens" in name:
+                param.normal_(0.0, 1.0)
+            else:
+                param.normal_(0.0, 0.2 * (64 / spec.hidden) ** 0.5)
+    model.save_pretrained(out_dir)
+
+    gguf_path = out_dir / "tiny-llama-f32.gguf"
+    writer = gguf.GGUFWriter(str(gguf_path), "llama")
+    writer.add_name("tiny-llama")
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_context_length(spec.context)
+    writer.add_embedding_length(spec.hidden)
+    writer.add_block_count(spec.layers)
+    writer.add_feed_forward_length(spec.intermediate)
+    writer.add_head_count(spec.heads)
+    writer.add_head_count_kv(spec.kv_heads)
+    writer.add_rope_dimension_count(spec.hidden // spec.heads)
+    writer.add_rope_freq_base(ROPE_THETA)
+    writer.add_layer_norm_rms_eps(RMS_EPS)
+    writer.add_vocab_size(vocab_size)
+    _add_gpt2_tokenizer(writer, tok, eos)
+    state = {k: v.float().numpy() for k, v in model.state_dict().items()}
+    writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
+    writer.add_tensor("output_norm.weight", state["model.norm.weight"])
+    writer.add_tensor("output.weight", state["lm_head.weight"])
+    names = {
+        "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+        "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    }
+    for i in range(spec.layers):
+        for hf, gg in names.items():
+            weight = state[f"model.layers.{i}.{hf}.weight"]
+            if gg == "attn_q":
+                weight = _llama_cpp_permute(weight, spec.heads)
+            elif gg == "attn_k":
+                weight = _llama_cpp_permute(weight, spec.kv_heads)
+            writer.add_tensor(f"blk.{i}.{gg}.weight", np.ascontiguousarray(weight))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return gguf_path
+
+
+def _add_gpt2_tokenizer(writer, tok, eos: int) -> None:
+    """tokenizer.ggml.* keys for a byte-level BPE; llama.cpp needs the merges for a gpt2 model."""
+    import gguf
+
+    spec = json.loads(tok.to_str())
+    vocab = sorted(tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+    specials = {t["content"] for t in spec["added_tokens"] if t.get("special")}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list([t for t, _ in vocab])
+    writer.add_token_types(
+        [gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL for t, _ in vocab]
+    )
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(eos)
+    writer.add_eos_token_id(eos)
+    writer.add_add_bos_token(False)
+
+
+def transformers_greedy(model_dir: Path, prompts: Sequence[str], max_tokens: int) -> list[str]:
+    """Greedy continuations from transformers on the HF copy of the model: the outside reference."""
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import LlamaForCausalLM
+
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    model = LlamaForCausalLM.from_pretrained(model_dir).eval()
+    texts = []
+    for prompt in prompts:
+        ids = torch.tensor([tok.encode(prompt, add_special_tokens=False).ids])
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
+        new = out[0, ids.shape[1]:].tolist()
+        eos = model.config.eos_token_id
+        if eos in new:
+            new = new[: new.index(eos)]
+        texts.append(tok.decode(new))
+    return texts
+
+
+# --------------------------------------------------------------------------- servers
+
+
+def llama_cpp_cmake_args(cpu_flags: set[str] | None = None) -> str:
+    """Build flags for this CPU: no native build (its AMX path segfaults on Q8_0/Q4_0 on Intel
+    machines here) and AVX-512 only where the CPU has it (it is SIGILL on AVX2-only AMD EPYC)."""
+    if cpu_flags is None:
+        try:
+            cpu_flags = set(Path("/proc/cpuinfo").read_text().split())
+        except OSError:
+            cpu_flags = set()
+    avx512 = "ON" if "avx512f" in cpu_flags else "OFF"
+    return f"-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512={avx512}"
+
+
+def ensure_llama_cpp() -> str:
+    """Import llama_cpp, building llama-cpp-python[server] into this venv first if it is missing."""
+    try:
+        return importlib.metadata.version("llama_cpp_python")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    print("building llama-cpp-python (a few minutes on 2 cores; cached in the venv afterwards)", flush=True)
+    env = {**os.environ, "CMAKE_ARGS": llama_cpp_cmake_args()}
+    cmd = ["nice", "-n", "10", sys.executable, "-m", "pip", "install", "--no-cache-dir", "llama-cpp-python[server]"]
+    if subprocess.run(cmd, env=env).returncode != 0:
+        raise PeerError("pip could not build llama-cpp-python[server]")
+    return importlib.metadata.version("llama_cpp_python")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    """A server process on loopback, with what a request to it needs."""
+
+    name: str
+    base_url: str
+    model_id: str
+    extra_body: dict = field(default_factory=dict)
+
+
+def _wait_ready(proc: subprocess.Popen, base_url: str, log: Path, timeout: float) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            hint = " (SIGILL: rebuild llama-cpp-python for this CPU, see docs/benchmarks.md)" if proc.returncode == -4 else ""
+            raise PeerError(f"server exited with {proc.returncode}{hint}; last log lines:\n{_tail(log)}")
+        try:
+            response = httpx.get(base_url + "/models", timeout=2.0)
+            if response.status_code == 200:
+                return response.json()["data"][0]["id"]
+        except (httpx.HTTPError, KeyError, IndexError, ValueError):
+            pass
+        time.sleep(0.5)
+    raise PeerError(f"server at {base_url} not ready after {timeout:.0f} s; log:\n{_tail(log)}")
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@contextlib.contextmanager
+def running(name: str, cmd: list[str], env: dict, port: int, log: Path, timeout: float = 300.0) -> Iterator[Server]:
+    """Start `cmd`, wait until GET /v1/models answers, and always stop the process afterwards."""
+    base_url = f"http://127.0.0.1:{port}/v1"
+    with log.open("w") as log_file:
+        proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        yield Server(name, base_url, _wait_ready(proc, base_url, log, timeout))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def minerva_command(model: Path, port: int) -> list[str]:
+    return [sys.executable, "-c", "import sys; from server.cli import main; sys.exit(main())",
+            "serve", str(model), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
+
+
+def llama_cpp_command(model: Path, port: int, threads: int) -> list[str]:
+    # One context slot of 4096 tokens; F32 KV cache (type 0) so logits match an F32 model exactly.
+    return [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
+            "--port", str(port), "--n_ctx", "4096", "--n_threads", str(threads), "--n_threads_batch",
+            str(threads), "--type_k", "0", "--type_v", "0", "--interrupt_requests", "False"]
+
+
+def thread_env(threads: int) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+            "TOKENIZERS_PARALLELISM": "false"}
+
+
+# --------------------------------------------------------------------------- greedy check and sweep
+
+
+def greedy_texts(server: Server, prompts: Sequence[str], max_tokens: int) -> list[str]:
+    """Non-streamed temperature-0 completions."""
+    texts = []
+    for prompt in prompts:
+        body = {"model": server.model_id, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+                **server.extra_body}
+        response = httpx.post(server.base_url + "/completions", json=body, timeout=300.0)
+        if response.status_code != 200:
+            raise PeerError(f"{server.name}: greedy completion failed: HTTP {response.status_code} {response.text[:300]}")
+        texts.append(response.json()["choices"][0]["text"])
+    return texts
+
+
+def compare_greedy(outputs: dict[str, list[str]], prompts: Sequence[str]) -> dict[str, Any]:
+    """Per prompt: every source's text and whether all agree (and where the first difference is)."""
+    rows = []
+    for i, prompt in enumerate(prompts):
+        texts = {name: out[i] for name, out in outputs.items()}
+        values = list(texts.values())
+        same = all(v == values[0] for v in values)
+        first_diff = None
+        if not same:
+            first_diff = next((j for j in range(min(map(len, values))) if len({v[j] for v in values}) > 1),
+                              min(map(len, values)))
+        rows.append({"prompt": prompt, "texts": texts, "agree": same, "first_diff_char": first_diff})
+    return {"all_agree": all(r["agree"] for r in rows), "prompts": rows}
+
+
+def sweep_alternating(servers: Sequence[Server], concurrency: Sequence[int], args) -> dict[str, list[dict]]:
+    """Each concurrency level runs on every server back to back (order flipped each level)."""
+    series: dict[str, list[dict]] = {s.name: [] for s in servers}
+    for level, conc in enumerate(concurrency):
+        order = list(servers) if level % 2 == 0 else list(reversed(servers))
+        num = max(args.min_prompts, args.prompts_per_slot * conc)
+        requests = serve.synthetic_requests(num, args.input_len, args.output_len, "uniform", 0.25, seed=level)
+        for server in order:
+            common = dict(usage=args.usage, extra_body=server.extra_body, timeout=args.timeout)
+            asyncio.run(serve.run_benchmark(server.base_url, server.model_id, requests[:2], **common))  # warmup
+            run = asyncio.run(serve.run_benchmark(
+                server.base_url, server.model_id, requests, max_concurrency=conc, progress=args.progress, **common
+            ))
+            summary = serve.summarize(run)
+            print(serve.format_summary(summary, server.name), flush=True)
+            series[server.name].append(summary)
+    return series
+
+
+def ratio_table(series: dict[str, list[dict]], ours: str = "minerva", peer: str = "llama.cpp") -> str:
+    """Markdown: per concurrency, output tok/s of both, their ratio, and TTFT/TPOT side by side."""
+    head = ("| concurrency | requests | minerva out tok/s | llama.cpp out tok/s | ratio | minerva TTFT p50 / p99 (ms) "
+            "| llama.cpp TTFT p50 / p99 (ms) | minerva TPOT p50 (ms) | llama.cpp TPOT p50 (ms) | errors m / l |")
+    lines = [head, "|" + "---|" * 10]
+    for a, b in zip(series.get(ours, []), series.get(peer, [])):
+        ratio = a["output_throughput"] / b["output_throughput"] if b["output_throughput"] else float("nan")
+        lines.append(
+            f"| {a['concurrency']} | {a['num_requests']} | {a['output_throughput']:.1f} | {b['output_throughput']:.1f} "
+            f"| {ratio:.2f}x | {a['ttft_ms']['p50']:.0f} / {a['ttft_ms']['p99']:.0f} "
+            f"| {b['ttft_ms']['p50']:.0f} / {b['ttft_ms']['p99']:.0f} | {a['tpot_ms']['p50']:.1f} "
+            f"| {b['tpot_ms']['p50']:.1f} | {a['errors']} / {b['errors']} |"
+        )
+    if ours not in series:  # llama.cpp only
+        lines = ["| concurrency | requests | llama.cpp out tok/s | TTFT p50 / p99 (ms) | TPOT p50 (ms) | errors |",
+                 "|---|---|---|---|---|---|"]
+        for b in series[peer]:
+            lines.append(f"| {b['concurrency']} | {b['num_requests']} | {b['output_throughput']:.1f} "
+                         f"| {b['ttft_ms']['p50']:.0f} / {b['ttft_ms']['p99']:.0f} | {b['tpot_ms']['p50']:.1f} "
+                         f"| {b['errors']} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- one model, end to end
+
+
+def default_model_gguf() -> Path | None:
+    """The shipped default model's GGUF export, when the package ships one."""
+    try:
+        from engine.assets import default_model_path
+    except ImportError:
+        return None
+    root = Path(default_model_path())
+    found = sorted(root.glob("*.gguf")) if root.is_dir() else ([root] if root.suffix == ".gguf" else [])
+    return found[0] if found else None
+
+
+def versions(llama_cpp_version: str) -> dict[str, str]:
+    out = {"llama_cpp_python": llama_cpp_version, "llama_cpp_cmake_args": llama_cpp_cmake_args()}
+    for dist in ("minerva", "torch", "transformers", "gguf", "fastapi", "uvicorn"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def compare_model(tag: str, gguf_path: Path, hf_dir: Path | None, args, llama_version: str, work: Path) -> dict:
+    """Greedy agreement, then the alternating sweep, for one GGUF; writes bench/results/peer_<tag>.*."""
+    threads = args.threads
+    record: dict[str, Any] = {"model": tag, "gguf": str(gguf_path), "threads": threads,
+                              "environment": serve.environment(), "versions": versions(llama_version)}
+    with contextlib.ExitStack() as stack:
+        servers = []
+        if not args.llama_only:
+            port = _free_port()
+            servers.append(stack.enter_context(running(
+                "minerva", minerva_command(gguf_path, port), thread_env(threads), port, work / f"minerva-{tag}.log")))
+        port = _free_port()
+        llama = stack.enter_context(running(
+            "llama.cpp", llama_cpp_command(gguf_path, port, threads), thread_env(threads), port, work / f"llama-{tag}.log"))
+        llama.extra_body = {"repeat_penalty": 1.0}  # its server defaults to 1.1, which is not greedy
+        servers.append(llama)
+
+        outputs = {s.name: greedy_texts(s, GREEDY_PROMPTS, args.greedy_tokens) for s in servers}
+        if hf_dir is not None:
+            outputs["transformers"] = transformers_greedy(hf_dir, GREEDY_PROMPTS, args.greedy_tokens)
+        record["greedy"] = compare_greedy(outputs, GREEDY_PROMPTS)
+        print(json.dumps(record["greedy"], indent=1), flush=True)
+        record["series"] = sweep_alternating(servers, args.concurrency, args)
+    record["table"] = ratio_table(record["series"])
+    stem = RESULTS_DIR / f"peer_{tag}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(serve.json_safe(record), indent=1, allow_nan=False))
+    serve.plot_sweep(record["series"], stem.with_suffix(".png"), f"{tag}: Minerva vs llama.cpp, {threads} threads")
+    stem.with_suffix(".md").write_text(_markdown(record, args))
+    print(record["table"], flush=True)
+    return record
+
+
+def _markdown(record: dict, args) -> str:
+    env, ver = record["environment"], record["versions"]
+    agree = "yes" if record["greedy"]["all_agree"] else "NO (see the JSON for texts)"
+    return "\n".join([
+        f"# Minerva vs llama.cpp: {record['model']}",
+        "",
+        f"- GGUF: `{Path(record['gguf']).name}`; {record['threads']} threads each; "
+        f"synthetic prompts ~{args.input_len} words, max_tokens ~{args.output_len} (uniform +-25%), "
+        f"{args.prompts_per_slot} prompts per concurrency slot (at least {args.min_prompts}), unlimited rate, streaming",
+        f"- machine: {env['cpu']}, {env['cpu_count']} cores (shared with other jobs), {env['platform']}",
+        f"- commit {env['commit'][:12]}, {env['time_utc']}; versions: "
+        + ", ".join(f"{k} {v}" for k, v in ver.items()),
+        f"- greedy completions agree ({', '.join(record['greedy']['prompts'][0]['texts'])}): {agree}",
+        "",
+        record["table"],
+        "",
+    ])
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.peer", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["tiny-llama", "default"],
+                   help="'tiny-llama', 'default' (the shipped model's GGUF) or GGUF paths")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for each server")
+    p.add_argument("--input-len", type=int, default=32)
+    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--prompts-per-slot", type=int, default=2, help="requests per level = this x concurrency")
+    p.add_argument("--min-prompts", type=int, default=8)
+    p.add_argument("--greedy-tokens", type=int, default=24)
+    p.add_argument("--timeout", type=float, default=900.0)
+    p.add_argument("--no-usage", dest="usage", action="store_false", help="count tokens by chunks")
+    p.add_argument("--llama-only", action="store_true", help="benchmark llama.cpp alone")
+    p.add_argument("--progress", action="store_true")
+    p.add_argument("--work-dir", default=None, help="where models and server logs go (default: a temp dir)")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    llama_version = ensure_llama_cpp()
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="minerva-peer-"))
+    work.mkdir(parents=True, exist_ok=True)
+    failed = False
+    for name in args.models:
+        hf_dir = None
+        if name == "tiny-llama":
+            hf_dir = work / "tiny-llama"
+            gguf_path = write_tiny_llama(hf_dir)
+        elif name == "default":
+            gguf_path = default_model_gguf()
+            if gguf_path is None:
+                print("skipping 'default': no shipped default model GGUF (engine.assets)", file=sys.stderr)
+                continue
+        else:
+            gguf_path = Path(name)
+        tag = name if name in ("tiny-llama", "default") else gguf_path.stem
+        try:
+            record = compare_model(tag, gguf_path, hf_dir, args, llama_version, work)
+            failed |= not record["greedy"]["all_agree"]
+        except PeerError as exc:
+            print(f"error ({tag}): {exc}", file=sys.stderr)
+            failed = True
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

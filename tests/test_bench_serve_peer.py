@@ -1,0 +1,100 @@
+"""bench/peer.py's pieces: the tiny Llama GGUF it writes, checked against transformers and llama.cpp.
+
+The GGUF's logits through llama.cpp (when llama-cpp-python is installed) must equal
+transformers' on the same weights: that checks the Q/K permutation, tokenizer keys and
+every tensor name without trusting our own reader.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench import peer
+
+SPEC = peer.TinyLlamaSpec(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=300, context=256)
+PROMPT = "The river runs past the old mill and"
+
+LLAMA_CPP_LOGITS = """
+import sys, numpy as np, llama_cpp
+llm = llama_cpp.Llama(sys.argv[1], n_ctx=64, logits_all=True, type_k=0, type_v=0, verbose=False, n_threads=1)
+ids = llm.tokenize(sys.argv[2].encode(), add_bos=False)
+llm.eval(ids)
+np.save(sys.argv[3], np.asarray(llm.scores[: len(ids)]))
+print(" ".join(map(str, ids)))
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return peer.write_tiny_llama(tmp_path_factory.mktemp("tiny"), SPEC)
+
+
+def test_gguf_holds_the_hf_weights_in_llama_cpp_layout(tiny):
+    import gguf
+    from safetensors.numpy import load_file
+
+    reader = gguf.GGUFReader(tiny)
+    fields = {f.name: f for f in reader.fields.values()}
+    assert fields["general.architecture"].contents() == "llama"
+    assert fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert len(fields["tokenizer.ggml.merges"].contents()) > 0
+    assert fields["tokenizer.ggml.add_bos_token"].contents() is False
+    tensors = {t.name: np.asarray(t.data) for t in reader.tensors}
+    assert len(tensors) == 3 + 9 * SPEC.layers
+    hf = load_file(tiny.parent / "model.safetensors")
+    q = hf["model.layers.1.self_attn.q_proj.weight"]
+    assert not np.array_equal(tensors["blk.1.attn_q.weight"], q)  # permuted ...
+    unpermuted = tensors["blk.1.attn_q.weight"].reshape(SPEC.heads, -1, 2, SPEC.hidden).swapaxes(1, 2)
+    np.testing.assert_array_equal(unpermuted.reshape(q.shape), q)  # ... and only permuted
+    np.testing.assert_array_equal(tensors["blk.0.ffn_down.weight"], hf["model.layers.0.mlp.down_proj.weight"])
+
+
+def test_llama_cpp_logits_match_transformers(tiny, tmp_path):
+    pytest.importorskip("llama_cpp")
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import LlamaForCausalLM
+
+    # A subprocess: a llama.cpp built for another CPU dies of SIGILL, which must not kill pytest.
+    out = tmp_path / "scores.npy"
+    proc = subprocess.run([sys.executable, "-c", LLAMA_CPP_LOGITS, str(tiny), PROMPT, str(out)],
+                          capture_output=True, text=True, timeout=120)
+    if proc.returncode == -4:
+        pytest.skip("installed llama-cpp-python uses instructions this CPU lacks")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ids = [int(t) for t in proc.stdout.split()]
+    assert ids == Tokenizer.from_file(str(tiny.parent / "tokenizer.json")).encode(PROMPT).ids
+    model = LlamaForCausalLM.from_pretrained(tiny.parent).eval()
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0].numpy()
+    got = np.load(out)
+    assert np.abs(got - expected).max() < 1e-3 * np.abs(expected).max()
+    assert (got.argmax(-1) == expected.argmax(-1)).all()
+
+
+def test_greedy_comparison_and_ratio_table():
+    same = peer.compare_greedy({"a": ["xy", "abc"], "b": ["xy", "abd"]}, ["p0", "p1"])
+    assert not same["all_agree"]
+    assert [r["agree"] for r in same["prompts"]] == [True, False]
+    assert same["prompts"][1]["first_diff_char"] == 2
+
+    def summary(conc, tput):
+        dist = {"mean": 1.0, "p50": 2.0, "p90": 3.0, "p99": 4.0}
+        return {"concurrency": conc, "num_requests": 8, "output_throughput": tput, "errors": 0,
+                "ttft_ms": dist, "tpot_ms": dist}
+
+    table = peer.ratio_table({"minerva": [summary(16, 300.0)], "llama.cpp": [summary(16, 100.0)]})
+    assert "| 16 | 8 | 300.0 | 100.0 | 3.00x |" in table
+    assert "| 16 | 8 | 100.0 |" in peer.ratio_table({"llama.cpp": [summary(16, 100.0)]})
+
+
+def test_cmake_args_follow_cpu_flags():
+    assert "-DGGML_AVX512=OFF" in peer.llama_cpp_cmake_args({"avx2", "fma"})
+    assert "-DGGML_AVX512=ON" in peer.llama_cpp_cmake_args({"avx2", "avx512f"})
+    assert "-DGGML_NATIVE=OFF" in peer.llama_cpp_cmake_args(set())
