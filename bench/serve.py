@@ -336,6 +336,7 @@ async def run_benchmark(
     url = base_url.rstrip("/") + ("/chat/completions" if endpoint == "chat" else "/completions")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     slots = max_concurrency or len(requests)
+    _raise_open_file_limit(slots + 64)
     limits = httpx.Limits(max_connections=slots, max_keepalive_connections=slots)
     gate = asyncio.Semaphore(slots)
     bar = _progress_bar(len(requests), progress)
@@ -360,6 +361,18 @@ async def run_benchmark(
     if bar is not None:
         bar.close()
     return RunResult(max_concurrency, request_rate, duration, list(results))
+
+
+def _raise_open_file_limit(needed: int) -> None:
+    """Let one process hold a socket per in-flight request (1000 prompts at once need ~1000 fds)."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def _progress_bar(total: int, enabled: bool):
