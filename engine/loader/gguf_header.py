@@ -32,6 +32,7 @@ _SCALARS: dict[int, tuple[str, str]] = {
     10: ("<Q", "<u8"), 11: ("<q", "<i8"), 12: ("<d", "<f8"),
 }  # fmt: skip
 _STRING, _ARRAY, _BOOL, _FLOAT32 = 8, 9, 7, 6
+_U64 = struct.Struct("<Q")
 _MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, smallest value
 _MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8  # name length, n_dims, one dim, type, offset
 
@@ -137,11 +138,6 @@ class _Cursor:
         except UnicodeDecodeError:
             return raw.decode("utf-8", errors="replace")
 
-    def skip_string(self) -> None:
-        length = self.scalar("<Q", "string length")
-        self.need(length, "string")
-        self.pos += length
-
     def value(self, value_type: int, lazy_from: int, depth: int = 0) -> Any:
         """Read one value; arrays with more than `lazy_from` items come back as LazyArray."""
         if value_type in _SCALARS:
@@ -169,8 +165,7 @@ class _Cursor:
             self.pos += count * struct.calcsize(_SCALARS[item_type][0])
         elif item_type == _STRING:
             self.need(count * 8, f"array of {count} strings")
-            for _ in range(count):
-                self.skip_string()
+            self._skip_strings(count)
         elif item_type == _ARRAY:
             if depth >= MAX_ARRAY_NESTING:
                 raise self.fail(f"arrays nested deeper than {MAX_ARRAY_NESTING}")
@@ -180,6 +175,18 @@ class _Cursor:
                 self._skip_items(inner_type, self.scalar("<Q", "array length"), depth + 1)
         else:
             raise self.fail(f"unknown array item type {item_type}")
+
+    def _skip_strings(self, count: int) -> None:
+        """The hot loop of a 200k-token vocabulary: lengths only, nothing decoded."""
+        buf, pos, end, length_at = self.buf, self.pos, self.end, _U64.unpack_from
+        for _ in range(count):
+            if pos + 8 > end:
+                self.pos = pos
+                raise self.fail("truncated: string length runs past the end of the file")
+            pos += 8 + length_at(buf, pos)[0]
+        if pos > end:
+            raise self.fail("truncated: string runs past the end of the file")
+        self.pos = pos
 
     def array_items(self, item_type: int, count: int) -> list[Any]:
         if item_type in _SCALARS:
