@@ -33,6 +33,9 @@ _SCALARS: dict[int, tuple[str, str]] = {
 }  # fmt: skip
 _STRING, _ARRAY, _BOOL, _FLOAT32 = 8, 9, 7, 6
 _U64 = struct.Struct("<Q")
+_STRUCTS: dict[str, struct.Struct] = {}
+_DIMS = {n: struct.Struct(f"<{n}Q") for n in range(1, MAX_DIMS + 1)}
+_TYPE_AND_OFFSET = struct.Struct("<IQ")
 _MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, smallest value
 _MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8  # name length, n_dims, one dim, type, offset
 
@@ -120,14 +123,15 @@ class _Cursor:
             raise self.fail(f"truncated: {what} needs {nbytes} bytes, {self.end - self.pos} left")
 
     def scalar(self, fmt: str, what: str) -> Any:
-        size = struct.calcsize(fmt)
-        self.need(size, what)
-        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
-        self.pos += size
+        reader = _STRUCTS.get(fmt) or _STRUCTS.setdefault(fmt, struct.Struct(fmt))
+        if self.pos + reader.size > self.end:
+            raise self.fail(f"truncated: {what} needs {reader.size} bytes, {self.end - self.pos} left")
+        (value,) = reader.unpack_from(self.buf, self.pos)
+        self.pos += reader.size
         return value
 
     def string(self, what: str, limit: int | None = None) -> str:
-        length = self.scalar("<Q", f"{what} length")
+        length = self.scalar("<Q", "string length")
         if limit is not None and length > limit:
             raise self.fail(f"{what} length {length} exceeds {limit}")
         self.need(length, what)
@@ -234,7 +238,7 @@ def _parse(path: Path, buf: mmap.mmap, file_size: int, lazy_from: int) -> GGUFHe
         key = cur.string("key", limit=MAX_NAME_BYTES)
         if key in fields:
             raise cur.fail(f"duplicate key {key!r}")
-        fields[key] = cur.value(cur.scalar("<I", f"type of {key!r}"), lazy_from)
+        fields[key] = cur.value(cur.scalar("<I", "value type"), lazy_from)
     infos = [_tensor_info(cur) for _ in range(tensor_count)]
     alignment = fields.get("general.alignment", DEFAULT_ALIGNMENT)
     if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1) or alignment > 1 << 20:
@@ -248,13 +252,15 @@ def _parse(path: Path, buf: mmap.mmap, file_size: int, lazy_from: int) -> GGUFHe
 
 
 def _tensor_info(cur: _Cursor) -> tuple[str, tuple[int, ...], int, int]:
+    """One tensor-info record; the hot path of a 459-tensor header, so no per-call string formatting."""
     name = cur.string("tensor name", limit=MAX_NAME_BYTES)
-    n_dims = cur.scalar("<I", f"dims of {name!r}")
+    n_dims = cur.scalar("<I", "tensor dim count")
     if not 1 <= n_dims <= MAX_DIMS:
         raise cur.fail(f"tensor {name!r} has {n_dims} dims (1..{MAX_DIMS} allowed)")
-    dims = tuple(cur.scalar("<Q", f"dim of {name!r}") for _ in range(n_dims))
-    type_id = cur.scalar("<I", f"type of {name!r}")
-    offset = cur.scalar("<Q", f"offset of {name!r}")
+    cur.need(8 * n_dims + _TYPE_AND_OFFSET.size, "tensor dims, type and offset")
+    dims = _DIMS[n_dims].unpack_from(cur.buf, cur.pos)
+    type_id, offset = _TYPE_AND_OFFSET.unpack_from(cur.buf, cur.pos + 8 * n_dims)
+    cur.pos += 8 * n_dims + _TYPE_AND_OFFSET.size
     return name, dims, type_id, offset
 
 

@@ -77,27 +77,33 @@ def read_safetensors_header(path: str | Path) -> SafetensorsHeader:
 
 
 def _tensor(path: Path, name: str, entry: object, data_start: int, file_size: int) -> SafetensorsTensorInfo:
-    def bad(problem: str) -> ModelLoadError:
-        return ModelLoadError(path, f"safetensors tensor {name!r}: {problem}")
+    """Validate one header entry; called once per tensor, so the happy path does no string work."""
+    problem = _entry_problem(entry)
+    if problem is None:
+        dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        if end - begin != numel * DTYPE_SIZES[dtype]:
+            problem = f"data_offsets span {end - begin} bytes but {dtype}{shape} needs {numel * DTYPE_SIZES[dtype]}"
+        elif data_start + end > file_size:
+            problem = f"data [{data_start + begin}, {data_start + end}) lies outside the {file_size}-byte file"
+        else:
+            return SafetensorsTensorInfo(name, dtype, tuple(shape), path, data_start + begin, end - begin)
+    raise ModelLoadError(path, f"safetensors tensor {name!r}: {problem}")
 
+
+def _entry_problem(entry: object) -> str | None:
     if not isinstance(entry, dict):
-        raise bad("entry is not an object")
+        return "entry is not an object"
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if dtype not in DTYPE_SIZES:
-        raise bad(f"unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise bad(f"shape {shape!r} is not a list of non-negative integers")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)):
-        raise bad(f"data_offsets {offsets!r} is not [begin, end]")
-    begin, end = offsets
-    numel = 1
-    for dim in shape:
-        numel *= dim
-    if end - begin != numel * DTYPE_SIZES[dtype]:
-        raise bad(f"data_offsets span {end - begin} bytes but {dtype}{shape} needs {numel * DTYPE_SIZES[dtype]}")
-    if data_start + end > file_size:
-        raise bad(f"data [{data_start + begin}, {data_start + end}) lies outside the {file_size}-byte file")
-    return SafetensorsTensorInfo(name, dtype, tuple(shape), path, data_start + begin, end - begin)
+        return f"unknown dtype {dtype!r}"
+    if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
+        return f"shape {shape!r} is not a list of non-negative integers"
+    if not (type(offsets) is list and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)):
+        return f"data_offsets {offsets!r} is not [begin, end]"
+    return None
 
 
 def read_index(index_path: Path) -> dict[str, Path]:
