@@ -1,4 +1,4 @@
-"""The `minerva` command line: one subcommand per job (`inspect` here; `serve` joins later)."""
+"""The `minerva` command line: one subcommand per job (`inspect` here, `serve` in server/launch.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 
 from engine.loader import ModelInfo, ModelLoadError, read_model_info
 from engine.loader.compact import format_size
+from server.launch import add_serve_parser
 
 INSPECT_COLUMNS: tuple[tuple[str, Callable[[ModelInfo], object]], ...] = (
     ("id", lambda i: i.id),
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("paths", nargs="+", metavar="PATH", help=".gguf file, .safetensors file or HF checkpoint dir")
     inspect.add_argument("--json", action="store_true", help="one JSON object per model (ModelInfo field names)")
     inspect.set_defaults(handler=inspect_command)
+    add_serve_parser(commands)
     return parser
 
 

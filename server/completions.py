@@ -1,0 +1,108 @@
+"""POST /v1/completions: legacy text completion, streamed or not, for one or many prompts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from engine.outputs import RequestOutput
+from server.choices import ChoiceTracker, new_id, now
+from server.errors import APIError
+from server.logprobs import completion_logprobs, next_text_offset
+from server.protocol import CompletionRequest
+from server.request_params import refuse_unsupported, resolve_max_tokens, sampling_params
+from server.responses import collect, stream
+from server.served_models import ServedModel
+from server.streams import generate_many
+from server.tokens import encode
+
+router = APIRouter()
+
+
+def split_prompts(prompt: Any) -> list[str | list[int]]:
+    """OpenAI's four prompt shapes (string, strings, token ids, lists of token ids) as a list of prompts."""
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        return [prompt]
+    return list(prompt)
+
+
+def prompt_token_ids(served: ServedModel, prompts: list[str | list[int]]) -> list[list[int]]:
+    """Each prompt as token ids: strings are tokenized (with BOS), id lists are checked against the vocab."""
+    if not prompts:
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    vocab = served.engine.model_info.vocab_size
+    token_lists = []
+    for item in prompts:
+        ids = encode(served.engine.tokenizer, item, add_special_tokens=True) if isinstance(item, str) else list(item)
+        if not ids:
+            raise APIError(400, "prompt must contain at least one token", param="prompt")
+        bad = next((t for t in ids if t >= vocab), None)
+        if bad is not None:
+            raise APIError(400, f"prompt token id {bad} is out of range for a vocabulary of {vocab}", param="prompt")
+        token_lists.append(ids)
+    return token_lists
+
+
+def echo_text(served: ServedModel, text: str | list[int], ids: list[int]) -> str:
+    return text if isinstance(text, str) else served.engine.tokenizer.decode(ids)
+
+
+@router.post("/v1/completions", response_model=None)
+async def create_completion(body: CompletionRequest, request: Request) -> dict[str, Any] | Response:
+    served: ServedModel = request.app.state.models.resolve(body.model)
+    refuse_unsupported(body)
+    texts = split_prompts(body.prompt)
+    prompts = prompt_token_ids(served, texts)
+    max_len = served.engine.max_model_len
+    max_tokens = min(resolve_max_tokens(len(ids), body.max_tokens, max_len, "max_tokens") for ids in prompts)
+    params = sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs)
+    completion_id, created = new_id("cmpl"), now()
+    echoes = [echo_text(served, text, ids) if body.echo else "" for text, ids in zip(texts, prompts)]
+    outputs = generate_many(served.engine, prompts, params, completion_id)
+    head = {"id": completion_id, "object": "text_completion", "created": created, "model": served.name}
+    if body.stream:
+        return await stream_completion(request, body, outputs, head, echoes)
+
+    collected = await collect(request, outputs, body.n)
+    choices = []
+    for index, prompt_index, sample in collected.choices():
+        prefix = echoes[prompt_index]
+        logprobs = (completion_logprobs(sample.logprobs or [], body.logprobs, len(prefix))
+                    if body.logprobs is not None else None)
+        choices.append({"index": index, "text": prefix + sample.text, "logprobs": logprobs,
+                        "finish_reason": sample.finish_reason})
+    return {**head, "choices": choices, "usage": collected.usage(), "system_fingerprint": None}
+
+
+async def stream_completion(request: Request, body: CompletionRequest, outputs, head: dict[str, Any],
+                            echoes: list[str]) -> Response:
+    tracker = ChoiceTracker(body.n)
+    offsets: dict[int, int] = {}
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    usage_field = {"usage": None} if include_usage else {}
+
+    def chunk(index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> dict[str, Any]:
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+        return {**head, "choices": [choice], **usage_field}
+
+    def render(prompt_index: int, output: RequestOutput) -> Iterator[dict[str, Any]]:
+        for delta in tracker.deltas(prompt_index, output):
+            text = (echoes[prompt_index] if delta.first else "") + delta.text
+            if text or delta.logprobs:
+                logprobs = None
+                if body.logprobs is not None:
+                    start = offsets.get(delta.index, len(echoes[prompt_index]))
+                    logprobs = completion_logprobs(delta.logprobs, body.logprobs, start)
+                    offsets[delta.index] = next_text_offset(logprobs, start)
+                yield chunk(delta.index, text, logprobs, None)
+            if delta.finish_reason:
+                yield chunk(delta.index, "", None, delta.finish_reason)
+
+    def finish() -> Iterator[dict[str, Any]]:
+        if include_usage:
+            yield {**head, "choices": [], "usage": tracker.usage()}
+
+    return await stream(request, outputs, render, finish)

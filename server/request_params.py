@@ -1,0 +1,53 @@
+"""From an OpenAI request to what the engine takes: SamplingParams and a checked token budget."""
+
+from __future__ import annotations
+
+from engine.sampling_params import SamplingParams
+from server.errors import APIError
+from server.protocol import SamplingFields, unsupported_fields
+
+
+def refuse_unsupported(request: SamplingFields) -> None:
+    problems = unsupported_fields(request)
+    if problems:
+        param, why = problems[0]
+        raise APIError(400, why, param=param, code="unsupported_parameter")
+
+
+def resolve_max_tokens(prompt_tokens: int, requested: int | None, max_model_len: int, param: str) -> int:
+    """The completion budget; a prompt plus budget over the context length is a 400 that gives the numbers."""
+    if prompt_tokens >= max_model_len:
+        raise APIError(400, f"This model's maximum context length is {max_model_len} tokens, but the prompt has "
+                            f"{prompt_tokens} tokens, leaving no room for a completion.",
+                       param="prompt" if param == "max_tokens" else "messages", code="context_length_exceeded")
+    if requested is None:
+        return max_model_len - prompt_tokens
+    if prompt_tokens + requested > max_model_len:
+        raise APIError(400, f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+                            f"{prompt_tokens + requested} tokens ({prompt_tokens} in the prompt, {requested} in "
+                            f"{param}). Please reduce the prompt or {param}.",
+                       param=param, code="context_length_exceeded")
+    return requested
+
+
+def sampling_params(request: SamplingFields, *, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    """OpenAI defaults where the request leaves a field out: temperature 1, top_p 1, no penalties."""
+    stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+    return SamplingParams(
+        n=request.n,
+        max_tokens=max_tokens,
+        min_tokens=min(request.min_tokens, max_tokens),
+        temperature=1.0 if request.temperature is None else request.temperature,
+        top_p=1.0 if request.top_p is None else request.top_p,
+        top_k=0 if request.top_k is None else request.top_k,
+        min_p=0.0 if request.min_p is None else request.min_p,
+        repetition_penalty=1.0 if request.repetition_penalty is None else request.repetition_penalty,
+        presence_penalty=0.0 if request.presence_penalty is None else request.presence_penalty,
+        frequency_penalty=0.0 if request.frequency_penalty is None else request.frequency_penalty,
+        seed=request.seed,
+        stop=stop,
+        stop_token_ids=list(request.stop_token_ids or []),
+        ignore_eos=request.ignore_eos,
+        logprobs=logprobs,
+        skip_special_tokens=request.skip_special_tokens,
+    )
