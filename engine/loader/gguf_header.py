@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mmap
 import struct
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,8 +106,29 @@ class GGUFHeader:
             return raw.count
         return len(raw) if isinstance(raw, list) else None
 
-    def decoded_fields(self) -> dict[str, Any]:
-        return {key: self.value(key) for key in self.fields}
+    def decoded_fields(self) -> "GGUFFields":
+        return GGUFFields(self)
+
+
+class GGUFFields(Mapping[str, Any]):
+    """All key-values as Python values; a long array (the vocabulary) is decoded on first access, then kept."""
+
+    def __init__(self, header: GGUFHeader) -> None:
+        self._header = header
+        self._decoded: dict[str, Any] = {}
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._decoded:
+            if key not in self._header.fields:
+                raise KeyError(key)
+            self._decoded[key] = self._header.value(key)
+        return self._decoded[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._header.fields)
+
+    def __len__(self) -> int:
+        return len(self._header.fields)
 
 
 class _Cursor:
@@ -199,9 +221,29 @@ class _Cursor:
             items = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos)
             self.pos += count * dtype.itemsize
             return [bool(x) for x in items] if item_type == _BOOL else items.tolist()
+        if item_type == _STRING:
+            return self._strings(count)
         if item_type == _ARRAY:
             return [self.value(_ARRAY, lazy_from=1 << 62, depth=1) for _ in range(count)]
-        return [self.value(item_type, lazy_from=1 << 62) for _ in range(count)]
+        raise self.fail(f"unknown array item type {item_type}")
+
+    def _strings(self, count: int) -> list[str]:
+        """Decode a string array in one tight loop (a vocabulary has 10^5..10^6 of them)."""
+        buf, pos, end, length_at = self.buf, self.pos, self.end, _U64.unpack_from
+        items = []
+        for _ in range(count):
+            if pos + 8 > end:
+                self.pos = pos
+                raise self.fail("truncated: string length runs past the end of the file")
+            length = length_at(buf, pos)[0]
+            pos += 8
+            if pos + length > end:
+                self.pos = pos
+                raise self.fail("truncated: string runs past the end of the file")
+            items.append(buf[pos : pos + length].decode("utf-8", errors="replace"))
+            pos += length
+        self.pos = pos
+        return items
 
 
 def read_gguf_header(path: str | Path, lazy_arrays_from: int = 64) -> GGUFHeader:

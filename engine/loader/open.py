@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ class LoadedModel:
     config: dict[str, Any]
     tensors: TensorStore
     tokenizer_files: dict[str, Path]
-    gguf_fields: dict[str, Any] | None = None
+    gguf_fields: Mapping[str, Any] | None = None  # decoded lazily: the vocabulary only when read
 
 
 def detect_format(path: str | Path) -> str:
