@@ -41,7 +41,8 @@ def _rope(info: ModelInfo) -> str:
     theta = f"{info.rope_theta:g}" if info.rope_theta is not None else "-"
     if info.rope_scaling:
         kind = info.rope_scaling.get("rope_type") or info.rope_scaling.get("type")
-        return f"{theta} {kind} x{info.rope_scaling.get('factor', '?')}"
+        factor = info.rope_scaling.get("factor")
+        return f"{theta} {kind} x{factor:g}" if isinstance(factor, (int, float)) else f"{theta} {kind}"
     return theta
 
 

@@ -97,12 +97,15 @@ class LazyTensor:
             raise ModelLoadError(self.file.path, f"tensor {self.name!r}: cannot dequantize {self.dtype_name}") from exc
         return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).view(self.shape)
 
-    def load_mxfp4(self) -> MXFP4Tensor:
-        """A GGUF MXFP4 tensor repacked into the HF checkpoint's blocks/scales layout (see kernels.mxfp4)."""
+    def load_mxfp4(self, device: torch.device | str | None = None) -> MXFP4Tensor:
+        """A GGUF MXFP4 tensor repacked into the HF checkpoint's blocks/scales layout (see kernels.mxfp4).
+
+        With `device`, the packed bytes move there first and the repack runs there (no host temporaries).
+        """
         if self.dtype_name != "MXFP4":
             raise ModelLoadError(self.file.path, f"tensor {self.name!r} is {self.dtype_name}, not MXFP4")
         raw, _ = self.raw()
-        return gguf_mxfp4_to_hf(raw, self.shape)
+        return gguf_mxfp4_to_hf(raw if device is None else raw.to(device), self.shape)
 
 
 def _rows(shape: tuple[int, ...]) -> int:
