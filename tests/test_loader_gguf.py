@@ -3,6 +3,7 @@ gguf.GGUFReader and dequantized by gguf.quants as the reference for every lazy t
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import gguf
@@ -14,13 +15,15 @@ from gguf import GGMLQuantizationType as Q
 from engine.loader import ModelLoadError, detect_format, open_model, read_model_info
 from kernels.mxfp4 import MXFP4Tensor
 
+transformers = pytest.importorskip("transformers")
+
 ARCH_SPECS = {
     "llama": dict(model_type="llama", ctx=256, hidden=64, layers=2, ffn=96, heads=4, kv=2, theta=10000.0),
     "qwen2": dict(model_type="qwen2", ctx=512, hidden=64, layers=3, ffn=128, heads=8, kv=2, theta=1000000.0),
     "phi3": dict(model_type="phi3", ctx=128, hidden=96, layers=2, ffn=64, heads=6, kv=6, theta=10000.0),
     "gpt-oss": dict(
         model_type="gpt_oss", ctx=1024, hidden=64, layers=4, ffn=64, heads=4, kv=2, theta=150000.0,
-        head_dim=32, experts=4, active=2, window=16, yarn=(32.0, 64),
+        head_dim=32, experts=4, active=2, window=16, yarn=(32.0, 32),
     ),
 }  # fmt: skip
 VOCAB = 40
@@ -199,7 +202,12 @@ def test_model_info_and_config_for_each_architecture(tmp_path, arch):
     assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)
     assert model.gguf_fields["tokenizer.ggml.tokens"] == [f"t{i}" for i in range(VOCAB)]
     assert model.tokenizer_files == {}
+    hf = transformers.AutoConfig.for_model(**copy.deepcopy(config))  # a dict transformers accepts as is
+    assert (hf.num_key_value_heads, hf.head_dim, hf.vocab_size) == (info.kv_heads, info.head_dim, VOCAB)
+    assert hf.rope_parameters["rope_theta"] == spec["theta"]
     if arch == "gpt-oss":
+        assert (hf.num_local_experts, hf.num_experts_per_tok, hf.sliding_window) == (4, 2, spec["window"])
+        assert hf.layer_types == config["layer_types"] and hf.rope_parameters["factor"] == spec["yarn"][0]
         factor, original = spec["yarn"]
         assert info.rope_scaling == {
             "rope_type": "yarn", "factor": factor, "original_max_position_embeddings": original,

@@ -54,7 +54,8 @@ def rope_settings(config: dict[str, Any]) -> tuple[float | None, dict[str, Any] 
     theta = config.get("rope_theta", params.get("rope_theta"))
     scaling = config.get("rope_scaling")
     if scaling is None and params.get("rope_type", "default") != "default":
-        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+        scaling = params
+    scaling = {k: v for k, v in scaling.items() if k != "rope_theta"} if isinstance(scaling, dict) else None
     return (float(theta) if theta is not None else None), scaling
 
 
