@@ -12,7 +12,7 @@ from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.sampling_params import InvalidRequestError
@@ -44,6 +44,14 @@ class APIError(Exception):
         self.param = param
         self.code = code
         self.type = type or ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its response was complete; its engine requests are already aborted."""
+
+
+# nginx's "client closed request": never seen by the client, but honest in access logs.
+CLIENT_CLOSED_REQUEST = 499
 
 
 def error_body(message: str, type: str, param: str | None = None, code: str | int | None = None) -> dict:
@@ -97,6 +105,11 @@ def install_error_handlers(app: FastAPI) -> None:
             phrase = "error"
         message = exc.detail if isinstance(exc.detail, str) and exc.detail != phrase else f"{phrase}: {request.url.path}"
         return error_response(APIError(exc.status_code, message), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(request: Request, exc: ClientDisconnected) -> Response:
+        logger.info("client disconnected; request %s aborted", request_id_of(request))
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -16,6 +16,7 @@ from starlette.requests import Request
 
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
+from server.errors import ClientDisconnected
 
 T = TypeVar("T")
 
@@ -24,10 +25,6 @@ class GeneratingEngine(Protocol):
     def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]: ...
 
     async def abort(self, request_id: str) -> None: ...
-
-
-class ClientDisconnected(Exception):
-    """The client went away before its response was complete."""
 
 
 async def generate_many(engine: GeneratingEngine, prompts: list[list[int]], params: SamplingParams,
