@@ -1,0 +1,47 @@
+"""`minerva serve` argument handling: model/name pairing, config files, the missing default model."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.cli import build_parser, main
+from server.launch import LaunchError, engine_configs
+
+
+def parse(*argv: str):
+    return build_parser().parse_args(["serve", *argv])
+
+
+def test_defaults_and_overrides():
+    args = parse("a.gguf", "--port", "9000", "--api-key", "k")
+    assert (args.host, args.port, args.api_key) == ("127.0.0.1", 9000, "k")
+    (config,) = engine_configs(parse("a.gguf", "--device", "cpu", "--served-model-name", "alpha"))
+    assert (config.model, config.device, config.served_model_name) == ("a.gguf", "cpu", "alpha")
+
+
+def test_one_name_per_model():
+    configs = engine_configs(parse("a.gguf", "b", "--served-model-name", "x", "--served-model-name", "y"))
+    assert [(c.model, c.served_model_name) for c in configs] == [("a.gguf", "x"), ("b", "y")]
+    with pytest.raises(LaunchError, match="one name per model"):
+        engine_configs(parse("a.gguf", "b", "--served-model-name", "x"))
+    with pytest.raises(LaunchError, match="distinct"):
+        engine_configs(parse("a", "b", "--served-model-name", "x", "--served-model-name", "x"))
+
+
+def test_config_file_supplies_defaults_and_the_command_line_wins(tmp_path):
+    toml = tmp_path / "engine.toml"
+    toml.write_text('[engine]\ndevice = "cuda"\nblock_size = 32\n')
+    (config,) = engine_configs(parse("m", "--config", str(toml), "--device", "cpu"))
+    assert (config.device, config.block_size) == ("cpu", 32)
+    toml.write_text('[engine]\nblock_sise = 32\n')
+    with pytest.raises(LaunchError, match="block_sise"):
+        engine_configs(parse("m", "--config", str(toml)))
+
+
+def test_no_model_without_a_shipped_default_is_a_clear_error(capsys, monkeypatch):
+    import engine.assets
+
+    if getattr(engine.assets, "default_model_path", None) is not None:
+        monkeypatch.setattr(engine.assets, "default_model_path", lambda: None)
+    assert main(["serve"]) == 2
+    assert "no default model shipped" in capsys.readouterr().err
