@@ -261,3 +261,13 @@ def test_index_problems(tmp_path):
         with pytest.raises(ModelLoadError, match=match) as caught:
             read_model_info(sharded(tmp_path, index))
         assert str(where) in str(caught.value)
+
+
+def test_file_shrunk_after_open(tmp_path, good_gguf):
+    path = write(tmp_path, good_gguf, "shrinks.gguf")
+    model = open_model(path)
+    path.write_bytes(good_gguf[:200])  # replaced by a truncated copy before any tensor was read
+    with pytest.raises(ModelLoadError, match="no longer in the file"):
+        model.tensors[TENSOR].load()
+    with pytest.raises(ModelLoadError, match="truncated"):
+        model.gguf_fields["tokenizer.ggml.tokens"]

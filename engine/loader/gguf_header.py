@@ -95,10 +95,13 @@ class GGUFHeader:
     def value(self, key: str, default: Any = None) -> Any:
         """A field decoded to Python, long arrays included."""
         raw = self.fields.get(key, default)
-        if isinstance(raw, LazyArray):
+        if not isinstance(raw, LazyArray):
+            return raw
+        try:
             with open(self.path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buf:
                 return _Cursor(self.path, buf, raw.offset).array_items(raw.item_type, raw.count)
-        return raw
+        except (OSError, ValueError) as exc:  # the file vanished or shrank since its header was read
+            raise ModelLoadError(self.path, f"cannot read GGUF key {key!r}: {exc}") from exc
 
     def array_length(self, key: str) -> int | None:
         raw = self.fields.get(key)

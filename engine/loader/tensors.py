@@ -52,7 +52,10 @@ class MappedFile:
             return torch.empty(0, dtype=dtype)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
-            return torch.frombuffer(self.buffer(), dtype=dtype, count=count, offset=offset)
+            try:
+                return torch.frombuffer(self.buffer(), dtype=dtype, count=count, offset=offset)
+            except ValueError as exc:  # the file shrank after its header was read
+                raise ModelLoadError(self.path, f"tensor bytes at {offset} are no longer in the file: {exc}") from exc
 
 
 @dataclass
