@@ -30,11 +30,16 @@ class ChoiceDelta:
 
 @dataclass
 class ChoiceTracker:
-    """Maps (prompt index, sample index) to OpenAI's choice index and tracks per-choice progress and usage."""
+    """Maps (prompt index, sample index) to OpenAI's choice index and tracks per-choice progress and usage.
+
+    Deltas are cut from the cumulative text and logprobs, so outputs the engine
+    coalesced (or updated in place) while the client was slow lose nothing.
+    """
 
     n: int
     prompt_tokens: dict[int, int] = field(default_factory=dict)
     completion_tokens: dict[int, int] = field(default_factory=dict)
+    text_sent: dict[int, int] = field(default_factory=dict)
     logprobs_seen: dict[int, int] = field(default_factory=dict)
     finished: dict[int, str] = field(default_factory=dict)
 
@@ -50,13 +55,16 @@ class ChoiceTracker:
                 continue
             first = index not in self.completion_tokens
             self.completion_tokens[index] = len(sample.token_ids)
+            sent = self.text_sent.get(index, 0)
+            new_text = sample.text[sent:]
+            self.text_sent[index] = sent + len(new_text)
             seen = self.logprobs_seen.get(index, 0)
             new_logprobs = (sample.logprobs or [])[seen:]
             self.logprobs_seen[index] = seen + len(new_logprobs)
             if sample.finish_reason is not None:
                 self.finished[index] = sample.finish_reason
-            if sample.delta_text or new_logprobs or sample.finish_reason or first:
-                deltas.append(ChoiceDelta(index, sample.delta_text, new_logprobs, sample.finish_reason, first))
+            if new_text or new_logprobs or sample.finish_reason or first:
+                deltas.append(ChoiceDelta(index, new_text, new_logprobs, sample.finish_reason, first))
         return deltas
 
     def usage(self) -> dict[str, int]:
