@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any
 
@@ -64,7 +65,7 @@ def render_prompt(served: ServedModel, body: ChatCompletionRequest) -> list[int]
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> dict[str, Any] | Response:
     served: ServedModel = request.app.state.models.resolve(body.model)
     refuse_unsupported(body)
-    prompt = render_prompt(served, body)
+    prompt = await asyncio.to_thread(render_prompt, served, body)  # templates + tokenizing stay off the loop
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = resolve_max_tokens(len(prompt), requested, served.engine.max_model_len, param)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any
 
@@ -55,7 +56,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> dict[s
     served: ServedModel = request.app.state.models.resolve(body.model)
     refuse_unsupported(body)
     texts = split_prompts(body.prompt)
-    prompts = prompt_token_ids(served, texts)
+    prompts = await asyncio.to_thread(prompt_token_ids, served, texts)  # long prompts must not stall the loop
     max_len = served.engine.max_model_len
     max_tokens = min(resolve_max_tokens(len(ids), body.max_tokens, max_len, "max_tokens") for ids in prompts)
     params = sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs)
