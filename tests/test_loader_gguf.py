@@ -218,3 +218,21 @@ def test_model_info_and_config_for_each_architecture(tmp_path, arch):
         assert config["rope_parameters"]["rope_type"] == "yarn"
     else:
         assert info.rope_scaling is None and config["sliding_window"] is None
+
+
+def test_majority_type_names_a_moe_file(tmp_path):
+    """Like the official gpt-oss GGUF: Q8_0 attention and embeddings, MXFP4 experts holding most parameters."""
+    rng = np.random.default_rng(2)
+    experts = gguf.quants.quantize(rng.standard_normal((4, 64, 64)).astype(np.float32), Q.MXFP4)
+    attention = gguf.quants.quantize(rng.standard_normal((64, 64)).astype(np.float32), Q.Q8_0)
+    tensors = {
+        "token_embd.weight": (gguf.quants.quantize(rng.standard_normal((VOCAB, 64)).astype(np.float32), Q.Q8_0), Q.Q8_0),
+        "blk.0.attn_q.weight": (attention, Q.Q8_0),
+        "blk.0.ffn_up_exps.weight": (experts, Q.MXFP4),
+        "blk.0.attn_norm.weight": (np.ones(64, dtype=np.float32), None),
+    }
+    path = tmp_path / "moe.gguf"
+    write_gguf(path, "gpt-oss", tensors)
+    info = read_model_info(path)
+    assert info.quantization == "MXFP4"
+    assert info.quantization_breakdown == {"MXFP4": 4 * 64 * 64, "Q8_0": VOCAB * 64 + 64 * 64, "F32": 64}

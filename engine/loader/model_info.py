@@ -7,9 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-FLOAT_TYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
-INTEGER_TYPES = frozenset({"U8", "I8", "I16", "I32", "I64", "U16", "U32", "U64", "BOOL"})
-
 
 @dataclass
 class ModelInfo:
@@ -62,17 +59,21 @@ def rope_settings(config: dict[str, Any]) -> tuple[float | None, dict[str, Any] 
 def summarize_quantization(tensor_types: list[tuple[str, int, int]]) -> tuple[str, dict[str, int]]:
     """Name a model's quantization from (type, ndim, parameters) per logical tensor.
 
-    Only weight matrices (ndim >= 2) decide: norms and biases stay F32 in every format.
-    One quantized type among them names the model (gpt-oss keeps attention in BF16 yet is
-    "MXFP4"); two or more quantized types, or several float types and none quantized, is "mixed".
+    The type holding the majority of the weight-matrix parameters (ndim >= 2; norms and biases
+    are F32 in every format) names the model: gpt-oss with BF16 or Q8_0 attention is "MXFP4",
+    a Q4_K_M file is "Q4_K". With no majority it is "mixed"; the breakdown always has the counts.
     """
     breakdown: dict[str, int] = {}
-    for kind, _, params in tensor_types:
+    matrices: dict[str, int] = {}
+    for kind, ndim, params in tensor_types:
         breakdown[kind] = breakdown.get(kind, 0) + params
-    matrix_types = {kind for kind, ndim, _ in tensor_types if ndim >= 2}
-    quantized = matrix_types - FLOAT_TYPES - INTEGER_TYPES
-    candidates = quantized or (matrix_types & FLOAT_TYPES) or set(breakdown)
-    name = next(iter(candidates)) if len(candidates) == 1 else ("mixed" if candidates else "unknown")
+        if ndim >= 2:
+            matrices[kind] = matrices.get(kind, 0) + params
+    deciding = matrices or breakdown
+    if not deciding:
+        return "unknown", {}
+    top = max(deciding, key=deciding.__getitem__)
+    name = top if 2 * deciding[top] > sum(deciding.values()) else "mixed"
     return name, dict(sorted(breakdown.items(), key=lambda item: -item[1]))
 
 
