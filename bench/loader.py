@@ -1,7 +1,7 @@
 """Loader benchmark: metadata reads of gpt-oss-20b-shaped models, cold and warm page cache.
 
 Builds (once, as sparse files: no disk space used) a GGUF declaring gpt-oss-20b's 459
-tensors (~12 GB), the same GGUF with the real 201,088-token vocabulary and 446k merges in
+tensors (12.1 GB), the same GGUF with the real 201,088-token vocabulary and 446k merges in
 its header, and a 3-shard safetensors checkpoint of the official layout. Each is read with
 `read_model_info` N times after evicting its files from the page cache (cold, via
 posix_fadvise DONTNEED) and N times hot (warm). Prints a table of medians and writes JSON
@@ -33,18 +33,19 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def gpt_oss_gguf_tensors() -> list[tuple[str, tuple[int, ...], str]]:
-    """(GGUF name, torch-order shape, type) for gpt-oss-20b's 459 tensors."""
+    """(GGUF name, torch-order shape, type) for gpt-oss-20b's 459 tensors: MXFP4 experts, Q8_0 matrices
+    elsewhere, F32 vectors; that adds up to the 12.1 GB of the published GGUF."""
     q, kv = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
-    tensors = [("token_embd.weight", (VOCAB, HIDDEN), "BF16"), ("output_norm.weight", (HIDDEN,), "F32"),
-               ("output.weight", (VOCAB, HIDDEN), "BF16")]  # fmt: skip
+    tensors = [("token_embd.weight", (VOCAB, HIDDEN), "Q8_0"), ("output_norm.weight", (HIDDEN,), "F32"),
+               ("output.weight", (VOCAB, HIDDEN), "Q8_0")]  # fmt: skip
     for i in range(LAYERS):
         b = f"blk.{i}."
         tensors += [
             (b + "attn_norm.weight", (HIDDEN,), "F32"), (b + "post_attention_norm.weight", (HIDDEN,), "F32"),
-            (b + "attn_q.weight", (q, HIDDEN), "BF16"), (b + "attn_q.bias", (q,), "F32"),
-            (b + "attn_k.weight", (kv, HIDDEN), "BF16"), (b + "attn_k.bias", (kv,), "F32"),
-            (b + "attn_v.weight", (kv, HIDDEN), "BF16"), (b + "attn_v.bias", (kv,), "F32"),
-            (b + "attn_output.weight", (HIDDEN, q), "BF16"), (b + "attn_output.bias", (HIDDEN,), "F32"),
+            (b + "attn_q.weight", (q, HIDDEN), "Q8_0"), (b + "attn_q.bias", (q,), "F32"),
+            (b + "attn_k.weight", (kv, HIDDEN), "Q8_0"), (b + "attn_k.bias", (kv,), "F32"),
+            (b + "attn_v.weight", (kv, HIDDEN), "Q8_0"), (b + "attn_v.bias", (kv,), "F32"),
+            (b + "attn_output.weight", (HIDDEN, q), "Q8_0"), (b + "attn_output.bias", (HIDDEN,), "F32"),
             (b + "attn_sinks.weight", (HEADS,), "F32"),
             (b + "ffn_gate_inp.weight", (EXPERTS, HIDDEN), "F32"), (b + "ffn_gate_inp.bias", (EXPERTS,), "F32"),
             (b + "ffn_gate_exps.weight", (EXPERTS, HIDDEN, HIDDEN), "MXFP4"),
