@@ -271,3 +271,17 @@ def test_file_shrunk_after_open(tmp_path, good_gguf):
         model.tensors[TENSOR].load()
     with pytest.raises(ModelLoadError, match="truncated"):
         model.gguf_fields["tokenizer.ggml.tokens"]
+
+
+def test_special_files_and_oversized_json(tmp_path, good_safetensors, monkeypatch):
+    import os
+
+    fifo = tmp_path / "pipe.gguf"
+    os.mkfifo(fifo)
+    with pytest.raises(ModelLoadError, match="not a regular file"):
+        read_model_info(fifo)  # must not block waiting for a writer
+    folder = clone(good_safetensors, tmp_path)
+    monkeypatch.setattr("engine.loader.json_files.MAX_JSON_BYTES", 10)
+    with pytest.raises(ModelLoadError, match="more than the 10-byte limit") as caught:
+        read_model_info(folder)
+    assert str(folder / "config.json") in str(caught.value)

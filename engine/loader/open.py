@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 from engine.loader.errors import ModelLoadError
 from engine.loader.gguf_config import gguf_to_hf_config
 from engine.loader.gguf_header import GGUFHeader, read_gguf_header
+from engine.loader.json_files import read_json_object
 from engine.loader.model_info import ModelInfo, info_from_config
 from engine.loader.safetensors_header import SafetensorsHeader, read_index, read_safetensors_header
 from engine.loader.tensors import LazyTensor, MappedFile, TensorStore
@@ -50,6 +50,8 @@ def detect_format(path: str | Path) -> str:
         return "hf_dir"
     if not path.exists():
         raise ModelLoadError(path, "no such file or directory")
+    if not path.is_file():
+        raise ModelLoadError(path, "not a regular file or directory")  # a FIFO would block the open below
     try:
         with open(path, "rb") as handle:
             magic = handle.read(4)
@@ -156,10 +158,7 @@ class _Source:
         tokenizer_config = self.tokenizer_files.get("tokenizer_config.json")
         if tokenizer_config is None:
             return False
-        try:
-            return bool(json.loads(tokenizer_config.read_text()).get("chat_template"))
-        except (OSError, ValueError, AttributeError) as exc:
-            raise ModelLoadError(tokenizer_config, f"malformed tokenizer config: {exc}") from exc
+        return bool(read_json_object(tokenizer_config, "tokenizer config").get("chat_template"))
 
     def tensor_store(self) -> TensorStore:
         if self.gguf:
@@ -187,14 +186,7 @@ def _is_mxfp4_pair(name: str, dtype: str, names: set[str], suffix: str) -> bool:
 def _read_config(config_path: Path, model_path: Path) -> dict[str, Any]:
     if not config_path.is_file():
         raise ModelLoadError(model_path, f"no config.json beside the weights (looked for {config_path})")
-    try:
-        config = json.loads(config_path.read_text())
-    except OSError as exc:
-        raise ModelLoadError(config_path, f"cannot read: {exc.strerror or exc}") from exc
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ModelLoadError(config_path, f"config is not valid JSON: {exc}") from exc
-    if not isinstance(config, dict):
-        raise ModelLoadError(config_path, "config is not a JSON object")
+    config = read_json_object(config_path, "config")
     if not isinstance(config.get("model_type"), str):
         raise ModelLoadError(config_path, "config has no model_type")
     return config

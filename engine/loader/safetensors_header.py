@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.loader.errors import ModelLoadError
+from engine.loader.json_files import read_json_object
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 DTYPE_SIZES = {
@@ -108,13 +109,7 @@ def _entry_problem(entry: object) -> str | None:
 
 def read_index(index_path: Path) -> dict[str, Path]:
     """Map tensor name -> shard file from a `model.safetensors.index.json`; checks that every shard exists."""
-    try:
-        index = json.loads(index_path.read_text())
-    except OSError as exc:
-        raise ModelLoadError(index_path, f"cannot read: {exc.strerror or exc}") from exc
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ModelLoadError(index_path, f"index is not valid JSON: {exc}") from exc
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    weight_map = read_json_object(index_path, "index").get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise ModelLoadError(index_path, "index has no weight_map of tensor name -> shard file")
     shards: dict[str, Path] = {}
