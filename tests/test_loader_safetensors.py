@@ -70,7 +70,7 @@ def gpt_oss_dir(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
 
 
 def assert_info_matches(info, config, model, path: Path) -> None:
-    assert info.architecture == config.model_type
+    assert info.architecture == config.model_type and info.name is None
     assert info.layers == config.num_hidden_layers and info.hidden_size == config.hidden_size
     assert info.attention_heads == config.num_attention_heads and info.kv_heads == config.num_key_value_heads
     assert info.head_dim == config.head_dim and info.vocab_size == config.vocab_size
@@ -86,7 +86,7 @@ def test_hf_dir_info_matches_config(llama_dir):
     assert detect_format(path) == "hf_dir"
     info = read_model_info(path)
     assert_info_matches(info, model.config, model, path)
-    assert (info.id, info.format, info.quantization) == ("tiny-llama", "hf_dir", "F32")
+    assert (info.id, info.path, info.format, info.quantization) == ("tiny-llama", str(path), "hf_dir", "F32")
     assert info.tensor_count == len(model.state_dict())
     assert info.experts is None and info.active_experts is None and info.rope_scaling is None
     assert info.chat_template is True
@@ -112,8 +112,8 @@ def test_single_safetensors_file_uses_config_beside_it(llama_dir):
     path, model = llama_dir
     weights = path / "model.safetensors"
     assert detect_format(weights) == "safetensors"
-    info = read_model_info(weights)
-    assert (info.id, info.format) == ("model", "safetensors")
+    info = read_model_info(weights, model_id="single")
+    assert (info.id, info.path, info.format) == ("single", str(weights), "safetensors")
     assert_info_matches(info, model.config, model, path)
 
 

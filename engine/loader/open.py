@@ -87,40 +87,40 @@ def open_model(path: str | Path, model_id: str | None = None) -> LoadedModel:
 
 
 class _Source:
-    """The parsed headers of one model path, whatever its format."""
+    """The parsed headers of one model path, whatever its format: a GGUF header or safetensors shards."""
 
-    def __init__(self, path: Path, fmt: str, config: dict[str, Any], weight_files: list[Path]) -> None:
-        self.path, self.format, self.config, self.weight_files = path, fmt, config, weight_files
-        self.gguf: GGUFHeader | None = None
-        self.shards: list[SafetensorsHeader] = []
+    def __init__(
+        self,
+        path: Path,
+        fmt: str,
+        config: dict[str, Any],
+        gguf: GGUFHeader | None = None,
+        shards: list[SafetensorsHeader] | None = None,
+    ) -> None:
+        self.path, self.format, self.config, self.gguf, self.shards = path, fmt, config, gguf, shards or []
         folder = path if path.is_dir() else path.parent
-        self.tokenizer_files = {name: folder / name for name in TOKENIZER_FILES if (folder / name).is_file()}
-        if fmt == "gguf":
-            self.tokenizer_files = {}
+        present = {name: folder / name for name in TOKENIZER_FILES if (folder / name).is_file()}
+        self.tokenizer_files = {} if gguf else present  # a GGUF carries its tokenizer in its key-values
 
     @classmethod
     def open(cls, path: Path) -> "_Source":
         fmt = detect_format(path)
         if fmt == "gguf":
             header = read_gguf_header(path)
-            source = cls(path, fmt, gguf_to_hf_config(header), [path])
-            source.gguf = header
-            return source
+            return cls(path, fmt, gguf_to_hf_config(header), gguf=header)
         folder = path if fmt == "hf_dir" else path.parent
         config = _read_config(folder / "config.json", path)
         if fmt == "safetensors":
-            files = [path]
+            shards = [read_safetensors_header(path)]
         elif (folder / SINGLE_FILE).is_file():
-            files = [folder / SINGLE_FILE]
+            shards = [read_safetensors_header(folder / SINGLE_FILE)]
         else:
-            files = []
-        source = cls(path, fmt, config, files)
-        if files:
-            source.shards = [read_safetensors_header(f) for f in files]
-        else:
-            source.shards = _read_sharded(folder / INDEX_FILE)
-            source.weight_files = [shard.path for shard in source.shards]
-        return source
+            shards = _read_sharded(folder / INDEX_FILE)
+        return cls(path, fmt, config, shards=shards)
+
+    @property
+    def file_size(self) -> int:
+        return self.gguf.file_size if self.gguf else sum(shard.file_size for shard in self.shards)
 
     def tensor_types(self) -> list[tuple[str, int, int]]:
         """(type, logical ndim, logical parameters) per logical tensor; an MXFP4 blocks/scales pair counts once."""
@@ -144,7 +144,7 @@ class _Source:
             path=self.path,
             format=self.format,
             tensor_types=self.tensor_types(),
-            file_size=sum(f.stat().st_size for f in self.weight_files),
+            file_size=self.file_size,
             tensor_count=len(self.gguf.tensors) if self.gguf else sum(len(s.tensors) for s in self.shards),
             chat_template=self._has_chat_template(),
             name=name if isinstance(name, str) else None,
