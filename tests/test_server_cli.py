@@ -38,10 +38,13 @@ def test_config_file_supplies_defaults_and_the_command_line_wins(tmp_path):
         engine_configs(parse("m", "--config", str(toml)))
 
 
-def test_no_model_without_a_shipped_default_is_a_clear_error(capsys, monkeypatch):
+def test_no_model_means_the_shipped_default(capsys, monkeypatch, tmp_path):
     import engine.assets
 
-    if getattr(engine.assets, "default_model_path", None) is not None:
-        monkeypatch.setattr(engine.assets, "default_model_path", lambda: None)
+    shipped = getattr(engine.assets, "default_model_path", None)
+    if shipped is not None and shipped().exists():
+        (config,) = engine_configs(parse())
+        assert config.model == str(shipped())
+    monkeypatch.setattr(engine.assets, "default_model_path", lambda: tmp_path / "missing", raising=False)
     assert main(["serve"]) == 2
     assert "no default model shipped" in capsys.readouterr().err
