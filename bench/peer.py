@@ -464,7 +464,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", default=["tiny-llama", "default"],
                    help="'tiny-llama', 'default' (the shipped model's GGUF) or GGUF paths")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
-    p.add_argument("--threads", type=int, default=2, help="CPU threads for each server")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for each server (1: on a shared 2-core machine llama.cpp's spinning "
+                        "worker threads stall for hundreds of ms when oversubscribed)")
     p.add_argument("--input-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--prompts-per-slot", type=int, default=2, help="requests per level = this x concurrency")
