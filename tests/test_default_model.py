@@ -13,6 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import gguf
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -22,6 +23,8 @@ from kernels.mxfp4 import dequantize
 
 MODEL_DIR = default_model_path()
 WORDS = Path(__file__).parent / "data" / "default_model_words.txt"
+HELDOUT = Path(__file__).parent / "data" / "default_model_heldout.txt"
+MAX_HELDOUT_LOSS = 9.9  # nats/token; an untrained model scores ln(4096) = 8.3
 PROMPTS = ["Return the number of", "The default value is", "This function is used to", "If the file does not exist,"]
 QUESTIONS = ["What does the function sorted do?", "Explain the class Counter."]
 WORD = re.compile(r"[A-Za-z]+")
@@ -54,6 +57,11 @@ def tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast.from_pretrained(MODEL_DIR)
+
+
+def chat_prompt(question: str) -> str:
+    return tokenizer().apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                           add_generation_prompt=True)
 
 
 def corpus_word_fraction(texts: list[str]) -> float:
@@ -147,8 +155,7 @@ def test_chat_template_renders_the_trained_format():
 
 def test_transformers_generations_are_corpus_english():
     model, tok = reference_model(), tokenizer()
-    chats = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-             for q in QUESTIONS]
+    chats = [chat_prompt(q) for q in QUESTIONS]
     texts = []
     torch.manual_seed(0)
     for prompt in PROMPTS + chats:
@@ -157,6 +164,37 @@ def test_transformers_generations_are_corpus_english():
                              pad_token_id=tok.pad_token_id)
         texts.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     assert corpus_word_fraction(texts) >= 0.9, texts
+
+
+def test_heldout_prose_loss_shows_a_trained_model():
+    model, tok = reference_model(), tokenizer()
+    ids = torch.tensor(tok(HELDOUT.read_text()).input_ids[:1024]).view(2, 512)
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss.item()
+    assert loss < MAX_HELDOUT_LOSS
+
+
+def test_llama_cpp_runs_the_gguf_like_transformers():
+    """llama.cpp's own gpt-oss graph on the GGUF agrees with transformers on the safetensors."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    model, tok = reference_model(), tokenizer()
+    llm = llama_cpp.Llama(model_path=str(default_gguf_path()), n_ctx=512, logits_all=True, verbose=False,
+                          n_threads=1, type_k=0, type_v=0)
+    try:
+        for prompt in (PROMPTS[0] + " items in the list.", chat_prompt(QUESTIONS[0])):
+            ids = tok(prompt).input_ids
+            assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids
+            llm.reset()
+            llm.eval(ids)
+            theirs = np.array(llm.scores[: len(ids)])
+            with torch.no_grad():
+                ours = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+            # llama.cpp rounds activations to Q8 for MXFP4 matmuls and always truncates YaRN's
+            # correction range (the config says truncate: false), so logits move a little.
+            assert np.abs(theirs - ours).max() < 0.6
+            assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= 0.9
+    finally:
+        llm.close()
 
 
 def test_minerva_generations_are_corpus_english():

@@ -16,6 +16,7 @@ exactly as it reads the big one:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -46,6 +47,8 @@ QUANTIZATION_CONFIG = {
 }
 STOP_TOKENS = ("<|return|>", "<|endoftext|>", "<|end|>")
 WORDS_FIXTURE = ROOT / "tests" / "data" / "default_model_words.txt"  # the corpus dictionary the tests check against
+HELDOUT_FIXTURE = ROOT / "tests" / "data" / "default_model_heldout.txt"  # unseen prose the tests score
+HELDOUT_FIXTURE_CHARS = 6000
 
 
 def load_trained(work: Path) -> GptOssForCausalLM:
@@ -212,7 +215,7 @@ def add_vocab(writer: gguf.GGUFWriter, tokenizer: Tokenizer) -> None:
     tokens = sorted(vocab, key=vocab.__getitem__)
     model = json.loads(tokenizer.to_str())["model"]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt2")
+    writer.add_tokenizer_pre("gpt-2")  # llama.cpp name of the GPT-2 split regex that ByteLevel uses
     writer.add_token_list(tokens)
     writer.add_token_types([gguf.TokenType.CONTROL if t in SPECIAL_TOKENS else gguf.TokenType.NORMAL for t in tokens])
     writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in model["merges"]])
@@ -234,6 +237,10 @@ def main() -> None:
     write_gguf(default_gguf_path(), tensors, tokenizer)
     WORDS_FIXTURE.parent.mkdir(exist_ok=True)
     WORDS_FIXTURE.write_text((args.work / "corpus_words.txt").read_text())
+    heldout = (args.work / "heldout.txt").read_text().splitlines()
+    totals = itertools.accumulate(len(line) + 1 for line in heldout)
+    kept = [line for line, total in zip(heldout, totals) if total <= HELDOUT_FIXTURE_CHARS]
+    HELDOUT_FIXTURE.write_text("\n".join(kept) + "\n")
     for path in sorted(default_model_path().iterdir()) + [default_gguf_path()]:
         print(f"{path.relative_to(ROOT)}: {path.stat().st_size / 1e6:.2f} MB")
 
