@@ -190,6 +190,19 @@ def _add_gpt2_tokenizer(writer, tok, eos: int) -> None:
     writer.add_add_bos_token(False)
 
 
+def stop_token_ids(gguf_path: Path) -> list[int]:
+    """The GGUF's EOS id and every control token: what llama.cpp may end a generation on."""
+    import gguf
+
+    reader = gguf.GGUFReader(gguf_path)
+    fields = {f.name: f for f in reader.fields.values()}
+    stops = {int(fields["tokenizer.ggml.eos_token_id"].contents())} if "tokenizer.ggml.eos_token_id" in fields else set()
+    if "tokenizer.ggml.token_type" in fields:
+        types = fields["tokenizer.ggml.token_type"].contents()
+        stops |= {i for i, t in enumerate(types) if t == gguf.TokenType.CONTROL}
+    return sorted(stops)
+
+
 def transformers_greedy(model_dir: Path, prompts: Sequence[str], max_tokens: int) -> list[str]:
     """Greedy continuations from transformers on the HF copy of the model: the outside reference."""
     import torch
@@ -248,12 +261,13 @@ def _free_port() -> int:
 
 @dataclass
 class Server:
-    """A server process on loopback, with what a request to it needs."""
+    """A server process on loopback, with the extra request fields each phase needs."""
 
     name: str
     base_url: str
     model_id: str
-    extra_body: dict = field(default_factory=dict)
+    greedy_body: dict = field(default_factory=dict)  # plain greedy decoding
+    load_body: dict = field(default_factory=dict)  # greedy, never stopping before max_tokens
 
 
 def _wait_ready(proc: subprocess.Popen, base_url: str, log: Path, timeout: float) -> str:
@@ -318,7 +332,7 @@ def greedy_texts(server: Server, prompts: Sequence[str], max_tokens: int) -> lis
     texts = []
     for prompt in prompts:
         body = {"model": server.model_id, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
-                **server.extra_body}
+                **server.greedy_body}
         response = httpx.post(server.base_url + "/completions", json=body, timeout=300.0)
         if response.status_code != 200:
             raise PeerError(f"{server.name}: greedy completion failed: HTTP {response.status_code} {response.text[:300]}")
@@ -349,7 +363,7 @@ def sweep_alternating(servers: Sequence[Server], concurrency: Sequence[int], arg
         num = max(args.min_prompts, args.prompts_per_slot * conc)
         requests = serve.synthetic_requests(num, args.input_len, args.output_len, "uniform", 0.25, seed=level)
         for server in order:
-            common = dict(usage=args.usage, extra_body=server.extra_body, timeout=args.timeout)
+            common = dict(usage=args.usage, extra_body=server.load_body, timeout=args.timeout)
             asyncio.run(serve.run_benchmark(server.base_url, server.model_id, requests[:2], **common))  # warmup
             run = asyncio.run(serve.run_benchmark(
                 server.base_url, server.model_id, requests, max_concurrency=conc, progress=args.progress, **common
@@ -363,23 +377,25 @@ def sweep_alternating(servers: Sequence[Server], concurrency: Sequence[int], arg
 def ratio_table(series: dict[str, list[dict]], ours: str = "minerva", peer: str = "llama.cpp") -> str:
     """Markdown: per concurrency, output tok/s of both, their ratio, and TTFT/TPOT side by side."""
     head = ("| concurrency | requests | minerva out tok/s | llama.cpp out tok/s | ratio | minerva TTFT p50 / p99 (ms) "
-            "| llama.cpp TTFT p50 / p99 (ms) | minerva TPOT p50 (ms) | llama.cpp TPOT p50 (ms) | errors m / l |")
-    lines = [head, "|" + "---|" * 10]
+            "| llama.cpp TTFT p50 / p99 (ms) | minerva TPOT p50 (ms) | llama.cpp TPOT p50 (ms) | output tokens m / l "
+            "| errors m / l |")
+    lines = [head, "|" + "---|" * 11]
     for a, b in zip(series.get(ours, []), series.get(peer, [])):
         ratio = a["output_throughput"] / b["output_throughput"] if b["output_throughput"] else float("nan")
         lines.append(
             f"| {a['concurrency']} | {a['num_requests']} | {a['output_throughput']:.1f} | {b['output_throughput']:.1f} "
             f"| {ratio:.2f}x | {a['ttft_ms']['p50']:.0f} / {a['ttft_ms']['p99']:.0f} "
             f"| {b['ttft_ms']['p50']:.0f} / {b['ttft_ms']['p99']:.0f} | {a['tpot_ms']['p50']:.1f} "
-            f"| {b['tpot_ms']['p50']:.1f} | {a['errors']} / {b['errors']} |"
+            f"| {b['tpot_ms']['p50']:.1f} | {a['total_output_tokens']} / {b['total_output_tokens']} "
+            f"| {a['errors']} / {b['errors']} |"
         )
     if ours not in series:  # llama.cpp only
-        lines = ["| concurrency | requests | llama.cpp out tok/s | TTFT p50 / p99 (ms) | TPOT p50 (ms) | errors |",
-                 "|---|---|---|---|---|---|"]
+        lines = ["| concurrency | requests | llama.cpp out tok/s | TTFT p50 / p99 (ms) | TPOT p50 (ms) "
+                 "| output tokens | errors |", "|---|---|---|---|---|---|---|"]
         for b in series[peer]:
             lines.append(f"| {b['concurrency']} | {b['num_requests']} | {b['output_throughput']:.1f} "
                          f"| {b['ttft_ms']['p50']:.0f} / {b['ttft_ms']['p99']:.0f} | {b['tpot_ms']['p50']:.1f} "
-                         f"| {b['errors']} |")
+                         f"| {b['total_output_tokens']} | {b['errors']} |")
     return "\n".join(lines)
 
 
@@ -389,12 +405,11 @@ def ratio_table(series: dict[str, list[dict]], ours: str = "minerva", peer: str 
 def default_model_gguf() -> Path | None:
     """The shipped default model's GGUF export, when the package ships one."""
     try:
-        from engine.assets import default_model_path
+        from engine.assets import default_gguf_path
     except ImportError:
         return None
-    root = Path(default_model_path())
-    found = sorted(root.glob("*.gguf")) if root.is_dir() else ([root] if root.suffix == ".gguf" else [])
-    return found[0] if found else None
+    path = Path(default_gguf_path())
+    return path if path.is_file() else None
 
 
 def versions(llama_cpp_version: str) -> dict[str, str]:
@@ -421,7 +436,13 @@ def compare_model(tag: str, gguf_path: Path, hf_dir: Path | None, args, llama_ve
         port = _free_port()
         llama = stack.enter_context(running(
             "llama.cpp", llama_cpp_command(gguf_path, port, threads), thread_env(threads), port, work / f"llama-{tag}.log"))
-        llama.extra_body = {"repeat_penalty": 1.0}  # its server defaults to 1.1, which is not greedy
+        # Its server defaults to repeat_penalty 1.1, which is not greedy; it has no ignore_eos,
+        # so the load phase bans the end-of-generation tokens through logit_bias instead.
+        llama.greedy_body = {"repeat_penalty": 1.0}
+        llama.load_body = {"repeat_penalty": 1.0, "logit_bias": {str(t): -1000.0 for t in stop_token_ids(gguf_path)}}
+        for server in servers:
+            if server.name == "minerva":
+                server.load_body = {"ignore_eos": True}
         servers.append(llama)
 
         outputs = {s.name: greedy_texts(s, GREEDY_PROMPTS, args.greedy_tokens) for s in servers}

@@ -53,6 +53,8 @@ def test_gguf_holds_the_hf_weights_in_llama_cpp_layout(tiny):
     unpermuted = tensors["blk.1.attn_q.weight"].reshape(SPEC.heads, -1, 2, SPEC.hidden).swapaxes(1, 2)
     np.testing.assert_array_equal(unpermuted.reshape(q.shape), q)  # ... and only permuted
     np.testing.assert_array_equal(tensors["blk.0.ffn_down.weight"], hf["model.layers.0.mlp.down_proj.weight"])
+    eos = json.loads((tiny.parent / "config.json").read_text())["eos_token_id"]
+    assert peer.stop_token_ids(tiny) == [eos]  # the one special token
 
 
 def test_llama_cpp_logits_match_transformers(tiny, tmp_path):
@@ -87,10 +89,11 @@ def test_greedy_comparison_and_ratio_table():
     def summary(conc, tput):
         dist = {"mean": 1.0, "p50": 2.0, "p90": 3.0, "p99": 4.0}
         return {"concurrency": conc, "num_requests": 8, "output_throughput": tput, "errors": 0,
-                "ttft_ms": dist, "tpot_ms": dist}
+                "ttft_ms": dist, "tpot_ms": dist, "total_output_tokens": 256}
 
     table = peer.ratio_table({"minerva": [summary(16, 300.0)], "llama.cpp": [summary(16, 100.0)]})
     assert "| 16 | 8 | 300.0 | 100.0 | 3.00x |" in table
+    assert "| 256 / 256 | 0 / 0 |" in table
     assert "| 16 | 8 | 100.0 |" in peer.ratio_table({"llama.cpp": [summary(16, 100.0)]})
 
 
