@@ -1,0 +1,1 @@
+"""Triton kernels, one module per kernel; `kernels.triton_ops` wraps them behind the reference API."""

@@ -1,0 +1,42 @@
+"""The Triton path of every op the models call: same names and signatures as `kernels.reference`.
+
+`kernels.select_ops` swaps this module in on CUDA. Dense bf16 linears stay on
+cuBLAS (`F.linear`), which Triton does not beat; MXFP4 weights, attention, the KV
+cache, norms, rotary, activations and the grouped MoE run Triton kernels. The
+router's top-k over a few dozen logits stays in torch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels.mxfp4 import MXFP4Tensor
+from kernels.reference import moe_route
+from kernels.triton.activation import silu_and_mul, swiglu_oss
+from kernels.triton.attention import paged_attention
+from kernels.triton.kv_cache import write_kv_cache
+from kernels.triton.moe import linear_mxfp4, moe_experts
+from kernels.triton.norm import rms_norm
+from kernels.triton.rope import rope
+
+Weight = torch.Tensor | MXFP4Tensor
+
+__all__ = [
+    "rms_norm",
+    "rope",
+    "write_kv_cache",
+    "paged_attention",
+    "linear",
+    "silu_and_mul",
+    "swiglu_oss",
+    "moe_route",
+    "moe_experts",
+]
+
+
+def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ weight.T + bias` for a dense `[out, in]` weight (cuBLAS) or an MXFP4 one (Triton)."""
+    if isinstance(weight, torch.Tensor):
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    return linear_mxfp4(x, weight, bias)
