@@ -43,6 +43,8 @@ GREEDY_PROMPTS = (
     "Once upon a time in a quiet village",
     "A teacher asked the children a question about",
     "Write the number of the house by the bridge:",
+    "Return the number of items in the",
+    "This function reads the file and",
 )
 
 
@@ -204,23 +206,34 @@ def stop_token_ids(gguf_path: Path) -> list[int]:
 
 
 def transformers_greedy(model_dir: Path, prompts: Sequence[str], max_tokens: int) -> list[str]:
-    """Greedy continuations from transformers on the HF copy of the model: the outside reference."""
+    """Greedy continuations from transformers on the HF copy of the model: the outside reference.
+
+    MXFP4 checkpoints (gpt-oss) are dequantized to float32; generation stops at any EOS id of
+    the config or generation config.
+    """
     import torch
     from tokenizers import Tokenizer
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
+    kwargs: dict[str, Any] = {}
+    config = json.loads((model_dir / "config.json").read_text())
+    if (config.get("quantization_config") or {}).get("quant_method") == "mxfp4":
+        from transformers import Mxfp4Config
+
+        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    model = LlamaForCausalLM.from_pretrained(model_dir).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kwargs).eval()
+    stops = set()
+    for source in (model.config.eos_token_id, model.generation_config.eos_token_id):
+        stops |= set(source if isinstance(source, list) else [] if source is None else [source])
     texts = []
     for prompt in prompts:
         ids = torch.tensor([tok.encode(prompt, add_special_tokens=False).ids])
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
         new = out[0, ids.shape[1]:].tolist()
-        eos = model.config.eos_token_id
-        if eos in new:
-            new = new[: new.index(eos)]
-        texts.append(tok.decode(new))
+        cut = next((i for i, t in enumerate(new) if t in stops), len(new))
+        texts.append(tok.decode(new[:cut]))
     return texts
 
 
@@ -517,6 +530,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if gguf_path is None:
                 print("skipping 'default': no shipped default model GGUF (engine.assets)", file=sys.stderr)
                 continue
+            from engine.assets import default_model_path
+
+            hf_dir = default_model_path() if (default_model_path() / "config.json").is_file() else None
         else:
             gguf_path = Path(name)
         tag = name if name in ("tiny-llama", "default") else gguf_path.stem

@@ -79,11 +79,15 @@ class TokenCounter:
         return len(self._tokenizer.encode(text, add_special_tokens=False).ids)
 
     def truncate(self, text: str, num_tokens: int) -> str:
-        """The longest prefix of `text` with at most `num_tokens` tokens."""
+        """A prefix of `text` that re-encodes to at most `num_tokens` tokens (usually exactly)."""
         if self._tokenizer is None:
             return " ".join(text.split()[:num_tokens])
         ids = self._tokenizer.encode(text, add_special_tokens=False).ids[:num_tokens]
-        return self._tokenizer.decode(ids)
+        prefix = self._tokenizer.decode(ids)
+        while ids and self.count(prefix) > num_tokens:  # decode + encode can merge differently
+            ids = ids[:-1]
+            prefix = self._tokenizer.decode(ids)
+        return prefix
 
 
 def _lengths(rng: np.random.Generator, num: int, mean: int, dist: str, range_ratio: float) -> list[int]:

@@ -203,6 +203,27 @@ def test_datasets(tmp_path):
         serve.synthetic_requests(2, 4, 4, dist="zipf")
 
 
+def test_tokenizer_sizes_synthetic_prompts_exactly(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator((serve.DATASETS_DIR / "words.txt").read_text().split(),
+                            trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                show_progress=False))  # few merges: words split in pieces
+    tok.save(str(tmp_path / "tokenizer.json"))
+    counter = serve.TokenCounter(tmp_path)
+    reqs = serve.synthetic_requests(10, input_len=17, output_len=3, seed=2, counter=counter)
+    for r in reqs:
+        assert r.prompt_len == len(tok.encode(r.prompt).ids)
+        assert 15 <= r.prompt_len <= 17  # re-encoding a cut may merge a token or two differently
+        assert len(r.prompt.split()) < 12  # fewer words than tokens: the word estimate would be wrong
+    assert sum(r.prompt_len == 17 for r in reqs) >= 7
+    with pytest.raises(serve.BenchmarkError, match="cannot read tokenizer"):
+        serve.TokenCounter(tmp_path / "missing.json")
+
+
 def test_cli_sweep_writes_json_and_png(fake, tmp_path, capsys):
     url, _ = fake
     out = tmp_path / "run.json"
