@@ -438,7 +438,7 @@ def versions(llama_cpp_version: str) -> dict[str, str]:
 def compare_model(tag: str, gguf_path: Path, hf_dir: Path | None, args, llama_version: str, work: Path) -> dict:
     """Greedy agreement, then the alternating sweep, for one GGUF; writes bench/results/peer_<tag>.*."""
     threads = args.threads
-    record: dict[str, Any] = {"model": tag, "gguf": str(gguf_path), "threads": threads,
+    record: dict[str, Any] = {"model": tag, "gguf": str(gguf_path), "threads": threads, "settings": vars(args),
                               "environment": serve.environment(), "versions": versions(llama_version)}
     with contextlib.ExitStack() as stack:
         servers = []
@@ -468,7 +468,7 @@ def compare_model(tag: str, gguf_path: Path, hf_dir: Path | None, args, llama_ve
     stem = RESULTS_DIR / f"peer_{tag}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(serve.json_safe(record), indent=1, allow_nan=False))
-    serve.plot_sweep(record["series"], stem.with_suffix(".png"), f"{tag}: Minerva vs llama.cpp, {threads} threads")
+    serve.plot_sweep(record["series"], stem.with_suffix(".png"), f"{tag}: Minerva vs llama.cpp, {threads} thread(s) each")
     stem.with_suffix(".md").write_text(_markdown(record, args))
     print(record["table"], flush=True)
     return record
