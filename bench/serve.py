@@ -230,7 +230,9 @@ def _chunk_text(chunk: dict, endpoint: str) -> str:
     if not choices:
         return ""
     if endpoint == "chat":
-        return (choices[0].get("delta") or {}).get("content") or ""
+        delta = choices[0].get("delta") or {}
+        # Reasoning models (gpt-oss behind vLLM-style servers) stream thoughts as reasoning_content.
+        return delta.get("content") or delta.get("reasoning_content") or ""
     return choices[0].get("text") or ""
 
 
@@ -279,7 +281,7 @@ async def send_request(
                 if chunk.get("usage"):
                     result.output_tokens = int(chunk["usage"].get("completion_tokens") or 0)
                     result.prompt_len = int(chunk["usage"].get("prompt_tokens") or result.prompt_len)
-    except (httpx.HTTPError, json.JSONDecodeError, OSError) as exc:
+    except Exception as exc:  # one request's failure (network, malformed chunk) must not stop the run
         result.error = f"{type(exc).__name__}: {exc}"
         return result
     result.latency = time.perf_counter() - start
