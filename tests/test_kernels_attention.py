@@ -1,0 +1,100 @@
+"""Triton paged attention (prefill, chunked prefill, decode with split-K) against kernels.reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernel_testing import DEVICES, assert_close, interpreter, poisoned_outputs  # noqa: F401
+from kernels import reference, triton_ops
+from kernels.triton.attention import paged_attention as triton_paged_attention
+
+
+def _batch(q_lens, seq_lens, heads, kv_heads, head_dim, block_size, dtype, device):
+    """Random q and a paged K/V cache with shuffled block tables (plus spare, unused blocks)."""
+    num_seqs = len(seq_lens)
+    max_blocks = max(-(-s // block_size) for s in seq_lens) + 1
+    num_blocks = num_seqs * max_blocks + 2
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    k_cache = torch.randn(shape, device=device).to(dtype)
+    v_cache = torch.randn(shape, device=device).to(dtype)
+    tables = torch.randperm(num_blocks, device=device)[: num_seqs * max_blocks].view(num_seqs, max_blocks)
+    q = torch.randn(sum(q_lens), heads, head_dim, device=device).to(dtype)
+    starts = torch.tensor([0, *q_lens], device=device).cumsum(0).to(torch.int32)
+    lens = torch.tensor(seq_lens, device=device, dtype=torch.int32)
+    return q, k_cache, v_cache, tables.to(torch.int32), lens, starts
+
+
+def _check(q_lens, seq_lens, heads, kv_heads, head_dim, block_size, dtype, device, window=None, sinks=False,
+           num_splits=None):
+    q, k_cache, v_cache, tables, lens, starts = _batch(
+        q_lens, seq_lens, heads, kv_heads, head_dim, block_size, dtype, device
+    )
+    sink = 2 * torch.randn(heads, device=device) if sinks else None
+    scale = head_dim**-0.5
+    want = reference.paged_attention(q, k_cache, v_cache, tables, lens, starts, scale, window, sink)
+    got = triton_paged_attention(q, k_cache, v_cache, tables, lens, starts, scale, window, sink, num_splits=num_splits)
+    assert_close(got, want)
+
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim,block_size", [(64, 16), (128, 32)])
+def test_prefill_several_sequences(device, dtype, head_dim, block_size):
+    # Whole prompts of different lengths in one launch; 8 query heads on 2 KV heads.
+    _check([5, 1, 19], [5, 1, 19], 8, 2, head_dim, block_size, dtype, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window,sinks", [(None, False), (None, True), (6, False), (6, True)])
+def test_chunked_prefill_with_decodes(device, dtype, window, sinks):
+    # Chunks over a cached prefix, a fresh prompt and decodes mixed in any order.
+    _check([7, 1, 12, 1], [40, 23, 12, 3], 6, 2, 64, 16, dtype, device, window=window, sinks=sinks)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2), (6, 2)])
+def test_decode_split_k(device, dtype, num_splits, heads, kv_heads):
+    _check([1, 1, 1], [70, 2, 33], heads, kv_heads, 64, 16, dtype, device, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("window,sinks", [(8, True), (1, False), (200, True)])
+@pytest.mark.parametrize("num_splits", [1, 8])
+def test_decode_window_and_sinks(device, window, sinks, num_splits):
+    # Splits that see no key (outside the window) must merge as empty, not as NaN.
+    _check([1, 1], [90, 5], 8, 2, 64, 32, torch.float32, device, window=window, sinks=sinks, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed", range(3))
+def test_random_batches(device, seed):
+    generator = torch.Generator().manual_seed(seed)
+    num_seqs = int(torch.randint(1, 5, (1,), generator=generator))
+    seq_lens = torch.randint(1, 60, (num_seqs,), generator=generator).tolist()
+    q_lens = [int(torch.randint(1, s + 1, (1,), generator=generator)) for s in seq_lens]
+    window = [None, 9][seed % 2]
+    _check(q_lens, seq_lens, 4, 2, 64, 16, torch.float16, device, window=window, sinks=seed > 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dispatch_through_triton_ops(device):
+    q, k_cache, v_cache, tables, lens, starts = _batch([3, 1], [3, 20], 4, 2, 32, 16, torch.float32, device)
+    got = triton_ops.paged_attention(q, k_cache, v_cache, tables, lens, starts, 0.2)
+    assert_close(got, reference.paged_attention(q, k_cache, v_cache, tables, lens, starts, 0.2))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rejects_bad_shapes(device):
+    q, k_cache, v_cache, tables, lens, starts = _batch([1], [4], 3, 2, 32, 16, torch.float32, device)
+    with pytest.raises(ValueError, match="do not divide"):
+        triton_ops.paged_attention(q, k_cache, v_cache, tables, lens, starts, 0.2)
+    q, k_cache, v_cache, tables, lens, starts = _batch([1], [4], 4, 2, 32, 16, torch.float32, device)
+    with pytest.raises(ValueError, match="power of two"):
+        triton_paged_attention(q, k_cache, v_cache, tables, lens, starts, 0.2, num_splits=3)

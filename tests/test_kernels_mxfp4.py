@@ -1,0 +1,93 @@
+"""Triton MXFP4 matmul (dense linear and grouped MoE) against kernels.reference and kernels.mxfp4."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernel_testing import DEVICES, assert_close, interpreter, poisoned_outputs  # noqa: F401
+from kernels import mxfp4, reference, triton_ops
+from kernels.mxfp4 import MXFP4Tensor
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _mxfp4(shape, device) -> MXFP4Tensor:
+    return mxfp4.quantize(torch.randn(shape)).to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_code_and_scale_decodes_exactly(device):
+    # An identity activation reads the weight back: all 256 byte values, scales 2^-20..2^20.
+    out_features, in_features = 16, 512
+    blocks = torch.arange(256, dtype=torch.uint8).repeat(out_features * in_features // 512).view(
+        out_features, in_features // 32, 16
+    )
+    scales = torch.randint(107, 148, (out_features, in_features // 32), dtype=torch.uint8)
+    weight = MXFP4Tensor(blocks, scales).to(device)
+    eye = torch.eye(in_features, device=device)
+    got = triton_ops.linear(eye, weight)
+    torch.testing.assert_close(got.T.cpu(), mxfp4.dequantize(blocks, scales), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 5, 33])
+@pytest.mark.parametrize("n,k,bias", [(40, 64, True), (96, 160, False)])
+def test_linear_mxfp4(device, dtype, m, n, k, bias):
+    weight = _mxfp4((n, k), device)
+    b = torch.randn(n, device=device).to(dtype) if bias else None
+    x = torch.randn(m, k, device=device).to(dtype)
+    assert_close(triton_ops.linear(x, weight, b), reference.linear(x, weight, b))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_keeps_leading_dims_and_dense_weights(device):
+    x = torch.randn(2, 3, 64, device=device)
+    weight = _mxfp4((48, 64), device)
+    assert_close(triton_ops.linear(x, weight), reference.linear(x, weight))
+    dense = torch.randn(48, 64, device=device)
+    assert_close(triton_ops.linear(x, dense), reference.linear(x, dense))
+
+
+def _moe_inputs(tokens, experts, top_k, hidden, inter, quantized, dtype, device, bias=True):
+    def weight(shape):
+        return _mxfp4(shape, device) if quantized else torch.randn(shape, device=device).to(dtype) * 0.2
+
+    w_gate_up, w_down = weight((experts, 2 * inter, hidden)), weight((experts, hidden, inter))
+    b_gate_up = torch.randn(experts, 2 * inter, device=device).to(dtype) if bias else None
+    b_down = torch.randn(experts, hidden, device=device).to(dtype) if bias else None
+    x = torch.randn(tokens, hidden, device=device).to(dtype) * 0.5
+    # Route only to the first experts so some get no token at all.
+    logits = torch.randn(tokens, experts, device=device)
+    logits[:, experts // 2 :] -= 4
+    probs, ids = reference.moe_route(logits, top_k)
+    return x, ids, probs, w_gate_up, b_gate_up, w_down, b_down
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 6, 37])
+@pytest.mark.parametrize("quantized", [True, False])
+def test_moe_experts(device, dtype, tokens, quantized):
+    args = _moe_inputs(tokens, 8, 4, 64, 32, quantized, dtype, device)
+    assert_close(triton_ops.moe_experts(*args), reference.moe_experts(*args))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed", range(3))
+def test_moe_random_shapes(device, seed):
+    generator = torch.Generator().manual_seed(seed)
+    tokens = int(torch.randint(1, 30, (1,), generator=generator))
+    experts = int(torch.randint(2, 9, (1,), generator=generator))
+    top_k = int(torch.randint(1, experts + 1, (1,), generator=generator))
+    args = _moe_inputs(tokens, experts, top_k, 96, 32 * (seed + 1), True, torch.float16, device, bias=seed != 1)
+    assert_close(
+        triton_ops.moe_experts(*args, alpha=1.5, limit=3.0), reference.moe_experts(*args, alpha=1.5, limit=3.0)
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_moe_no_tokens(device):
+    args = _moe_inputs(0, 4, 2, 64, 32, True, torch.float32, device)
+    assert triton_ops.moe_experts(*args).shape == (0, 64)
