@@ -29,8 +29,8 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _find_sequence(query_start_loc_ptr, num_seqs, tile, BLOCK_Q: tl.constexpr):
     """Sequence owning query tile `tile`: the last i with query_start_loc[i] // BLOCK_Q + i <= tile."""
-    lo = 0
-    hi = num_seqs
+    lo = tile * 0  # a tensor from the start: loop-carried values keep one type when compiled
+    hi = lo + num_seqs
     while lo < hi:
         mid = (lo + hi) // 2
         first_tile = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
@@ -52,7 +52,7 @@ def _paged_attention_kernel(
     num_heads, head_dim,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, PAGE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -112,7 +112,7 @@ def _paged_attention_kernel(
             if UPCAST:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k)) * scale_log2
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
             allowed = (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :]
             if HAS_WINDOW:
                 allowed = allowed & (k_pos[None, :] > q_pos[:, None] - window)
@@ -122,7 +122,7 @@ def _paged_attention_kernel(
             p = tl.exp2(s - m_safe[:, None])
             alpha = tl.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
 
         out_mask = row_ok[:, None] & d_ok[None, :]
@@ -165,6 +165,11 @@ def _merge_splits_kernel(
     acc = tl.load(part_acc_ptr + (base + s)[:, None] * head_dim + d[None, :], mask=d_ok[None, :], other=0.0)
     out = tl.sum(acc * w[:, None], axis=0) / tl.where(total == 0.0, 1.0, total)
     tl.store(out_ptr + token * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get true fp32 dots (Triton would use TF32); 16-bit ones use the tensor cores as is."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _num_splits(num_programs: int, device: torch.device) -> int:
@@ -233,7 +238,7 @@ def paged_attention(
         num_heads, head_dim,
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PAGE=page,
         NUM_SPLITS=num_splits, HAS_WINDOW=sliding_window is not None, HAS_SINKS=sinks is not None,
-        UPCAST=q.device.type != "cuda",
+        UPCAST=q.device.type != "cuda", PRECISION=_precision(q.dtype),
     )
     if num_splits > 1:
         _merge_splits_kernel[(tokens, num_heads)](

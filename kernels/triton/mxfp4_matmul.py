@@ -50,6 +50,7 @@ def _matmul_kernel(
     stride_am, stride_we, stride_wn, stride_se, stride_sn, stride_be, stride_om,
     MXFP4: tl.constexpr, SCHEDULED: tl.constexpr, GATHER_A: tl.constexpr, SCATTER_OUT: tl.constexpr,
     ROUTE_WEIGHT: tl.constexpr, SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
     alpha, limit,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -93,9 +94,9 @@ def _matmul_kernel(
             else:
                 w = tl.load(w_base + k[None, :], mask=col_ok[:, None] & (k[None, :] < K), other=0.0)
             if UPCAST:
-                acc += tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)))
+                acc += tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision=PRECISION)
             else:
-                acc += tl.dot(a, tl.trans(w.to(a.dtype)))
+                acc += tl.dot(a, tl.trans(w.to(a.dtype)), input_precision=PRECISION)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + expert64 * stride_be + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         # Round to the activation dtype as a separate linear would, before any epilogue.
@@ -174,6 +175,6 @@ def launch(
         MXFP4=mxfp4, SCHEDULED=schedule is not None, GATHER_A=a_rows is not None,
         SCATTER_OUT=out_rows is not None, ROUTE_WEIGHT=route_weights is not None,
         SWIGLU=swiglu is not None, HAS_BIAS=bias is not None, UPCAST=a.device.type != "cuda",
-        alpha=float(alpha), limit=float(limit),
+        PRECISION="ieee" if a.dtype == torch.float32 else "tf32", alpha=float(alpha), limit=float(limit),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
     )
