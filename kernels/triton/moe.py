@@ -33,10 +33,13 @@ def _schedule(
     """(tile_expert, tile_start, expert_end) for row tiles of `block_m` over expert-sorted pairs.
 
     The tile count is bounded on the host by `pairs / block_m + experts`; unused tiles
-    get expert id `num_experts` and exit at once, so nothing waits on the device.
+    get expert id `num_experts` and exit at once, so the host never waits on the device
+    (and the whole MoE can be captured in a CUDA graph).
     """
     pairs = sorted_experts.shape[0]
-    counts = torch.bincount(sorted_experts, minlength=num_experts)
+    # scatter_add, not bincount: bincount reads the max back to the host, which breaks CUDA graphs.
+    counts = torch.zeros(num_experts, dtype=torch.long, device=sorted_experts.device)
+    counts.scatter_add_(0, sorted_experts, torch.ones_like(sorted_experts))
     expert_end = torch.cumsum(counts, 0)
     expert_start = expert_end - counts
     tiles = (counts + block_m - 1) // block_m
