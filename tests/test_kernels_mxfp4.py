@@ -18,12 +18,14 @@ def _mxfp4(shape, device) -> MXFP4Tensor:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_every_code_and_scale_decodes_exactly(device):
-    # An identity activation reads the weight back: all 256 byte values, scales 2^-20..2^20.
+    # An identity activation reads the weight back: all 256 byte values, scales 2^-125..2^113
+    # (below that the smallest codes are fp32 subnormals, which a GPU may flush).
     out_features, in_features = 16, 512
     blocks = torch.arange(256, dtype=torch.uint8).repeat(out_features * in_features // 512).view(
         out_features, in_features // 32, 16
     )
-    scales = torch.randint(107, 148, (out_features, in_features // 32), dtype=torch.uint8)
+    scales = torch.randint(2, 241, (out_features, in_features // 32), dtype=torch.uint8)
+    scales[0, :2] = torch.tensor([2, 240])
     weight = MXFP4Tensor(blocks, scales).to(device)
     eye = torch.eye(in_features, device=device)
     got = triton_ops.linear(eye, weight)

@@ -23,22 +23,26 @@ from kernels.triton.activation import swiglu_oss_math
 
 
 @triton.jit
-def _e2m1_to_f32(code):
-    """4-bit E2M1 code (sign, 2 exponent, 1 mantissa bits) to fp32 by building its bits."""
-    sign = (code >> 3) & 1
-    exponent = (code >> 1) & 3
-    mantissa = code & 1
-    # Normal codes: 2^(e-1) * (1 + m/2) -> fp32 exponent e + 126; code 0b001 is 0.5, 0b000 is 0.
-    exp_bits = tl.where(exponent > 0, exponent + 126, 126 * mantissa)
-    mant_bits = tl.where(exponent > 0, mantissa, 0)
-    bits = (sign << 31) | (exp_bits << 23) | (mant_bits << 22)
-    return bits.to(tl.float32, bitcast=True)
+def _e2m1_to_f32_div_2_14(code):
+    """4-bit E2M1 codes to fp32, times 2^-14, in five integer ops.
+
+    Sign to bit 15 and (exponent, mantissa) to bits 11..9 make the fp16 number
+    2^-14 * value: code 0b001 (0.5) lands on an fp16 subnormal, which the fp16 ->
+    fp32 conversion makes exact, so no select or fix-up is needed. The 2^14 is
+    folded into the block scale.
+    """
+    code = code.to(tl.uint16)
+    bits = ((code & 7) << 9) | ((code & 8) << 12)
+    return bits.to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @triton.jit
-def _e8m0_to_f32(scale):
-    """E8M0 byte e to 2^(e-127) (e = 0 is the subnormal 2^-127)."""
-    bits = tl.where(scale == 0, 1 << 22, scale << 23)
+def _e8m0_to_f32_times_2_14(scale):
+    """E8M0 byte s to 2^(s-127) * 2^14, built as fp32 exponent field s + 14.
+
+    Exact for s <= 240; block scales above 2^113 overflow (never seen in weights).
+    """
+    bits = (scale.to(tl.int32) + 14) << 23
     return bits.to(tl.float32, bitcast=True)
 
 
@@ -78,25 +82,36 @@ def _matmul_kernel(
         s_base = s_ptr + expert64 * stride_se + cols.to(tl.int64)[:, None] * stride_sn
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(a_base + k[None, :], mask=row_ok[:, None] & (k[None, :] < K), other=0.0)
             if MXFP4:
+                # Byte j of a row holds elements 2j (low nibble) and 2j+1 (high): two dots, one over
+                # the even elements and one over the odd, so the nibbles never need interleaving.
                 kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
                 packed = tl.load(w_base + kb[None, :], mask=col_ok[:, None] & (kb[None, :] < K // 2), other=0)
-                packed = packed.to(tl.int32)
-                lo = _e2m1_to_f32(packed & 0xF)
-                hi = _e2m1_to_f32(packed >> 4)
-                w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))  # low nibble is the even element
                 ks = k0 // 32 + tl.arange(0, BLOCK_K // 32)
-                scale = tl.load(s_base + ks[None, :], mask=col_ok[:, None] & (ks[None, :] < K // 32), other=127)
-                scale = _e8m0_to_f32(scale.to(tl.int32))
-                w = tl.reshape(tl.reshape(w, (BLOCK_N, BLOCK_K // 32, 32)) * scale[:, :, None], (BLOCK_N, BLOCK_K))
+                scale = tl.load(s_base + ks[None, :], mask=col_ok[:, None] & (ks[None, :] < K // 32), other=0)
+                scale = _e8m0_to_f32_times_2_14(scale)[:, :, None]
+                lo = tl.reshape(_e2m1_to_f32_div_2_14(packed & 0xF), (BLOCK_N, BLOCK_K // 32, 16)) * scale
+                hi = tl.reshape(_e2m1_to_f32_div_2_14(packed >> 4), (BLOCK_N, BLOCK_K // 32, 16)) * scale
+                lo = tl.reshape(lo, (BLOCK_N, BLOCK_K // 2))
+                hi = tl.reshape(hi, (BLOCK_N, BLOCK_K // 2))
+                even = k0 + 2 * tl.arange(0, BLOCK_K // 2)
+                a_mask = row_ok[:, None] & (even[None, :] < K)
+                a_even = tl.load(a_base + even[None, :], mask=a_mask, other=0.0)
+                a_odd = tl.load(a_base + even[None, :] + 1, mask=a_mask, other=0.0)
+                if UPCAST:
+                    acc += tl.dot(a_even.to(tl.float32), tl.trans(lo), input_precision=PRECISION)
+                    acc += tl.dot(a_odd.to(tl.float32), tl.trans(hi), input_precision=PRECISION)
+                else:
+                    acc += tl.dot(a_even, tl.trans(lo.to(a_even.dtype)), input_precision=PRECISION)
+                    acc += tl.dot(a_odd, tl.trans(hi.to(a_odd.dtype)), input_precision=PRECISION)
             else:
+                k = k0 + tl.arange(0, BLOCK_K)
+                a = tl.load(a_base + k[None, :], mask=row_ok[:, None] & (k[None, :] < K), other=0.0)
                 w = tl.load(w_base + k[None, :], mask=col_ok[:, None] & (k[None, :] < K), other=0.0)
-            if UPCAST:
-                acc += tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision=PRECISION)
-            else:
-                acc += tl.dot(a, tl.trans(w.to(a.dtype)), input_precision=PRECISION)
+                if UPCAST:
+                    acc += tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision=PRECISION)
+                else:
+                    acc += tl.dot(a, tl.trans(w.to(a.dtype)), input_precision=PRECISION)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + expert64 * stride_be + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         # Round to the activation dtype as a separate linear would, before any epilogue.
