@@ -1,0 +1,94 @@
+"""DecoderLM: the pre-norm decoder stack every supported architecture runs, over a paged KV cache."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+from engine.attention_metadata import AttentionMetadata
+from engine.layers.attention import PagedAttention
+from engine.models.errors import ModelConfigError
+from engine.models.spec import ModelSpec
+
+
+@dataclass
+class DecoderLayer:
+    input_norm: torch.Tensor
+    attention: PagedAttention
+    post_attention_norm: torch.Tensor
+    mlp: Callable[[torch.Tensor], torch.Tensor]
+
+
+class DecoderLM:
+    """Embedding -> N x (norm, attention, norm, MLP/MoE, residuals) -> norm -> unembedding.
+
+    Implements engine.models.base.CausalLM; every op goes through `ops`.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        embed: torch.Tensor,
+        layers: list[DecoderLayer],
+        final_norm: torch.Tensor,
+        lm_head: torch.Tensor,
+        ops: ModuleType,
+    ) -> None:
+        self.spec = spec
+        self.embed = embed
+        self.layers = layers
+        self.final_norm = final_norm
+        self.lm_head = lm_head
+        self.ops = ops
+        self.num_layers = spec.num_layers
+        self.num_kv_heads = spec.num_kv_heads
+        self.head_dim = spec.head_dim
+        self.vocab_size = spec.vocab_size
+        self.dtype = embed.dtype
+        self.device = embed.device
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    @property
+    def kv_cache_dtype(self) -> torch.dtype:
+        return self.dtype
+
+    def bind_kv_caches(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """One `(k, v)` pair per layer, each `[num_blocks, block_size, num_kv_heads, head_dim]`."""
+        if len(kv_caches) != self.num_layers:
+            raise ModelConfigError(f"got {len(kv_caches)} KV cache pairs for {self.num_layers} layers")
+        for i, (k, v) in enumerate(kv_caches):
+            if k.shape != v.shape or k.dim() != 4 or tuple(k.shape[2:]) != (self.num_kv_heads, self.head_dim):
+                raise ModelConfigError(
+                    f"layer {i} KV cache shapes {tuple(k.shape)}/{tuple(v.shape)} are not "
+                    f"[blocks, block_size, {self.num_kv_heads}, {self.head_dim}]"
+                )
+        self.kv_caches = list(kv_caches)
+
+    @torch.inference_mode()
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata
+    ) -> torch.Tensor:
+        """Float32 logits `[len(logits_indices) or T, vocab]` for a flat batch of `T` new tokens."""
+        if not self.kv_caches:
+            raise RuntimeError("bind_kv_caches must be called before forward")
+        ops, eps = self.ops, self.spec.rms_norm_eps
+        hidden = self.embed[input_ids]
+        residual: torch.Tensor | None = None
+        for layer, kv_cache in zip(self.layers, self.kv_caches):
+            if residual is None:
+                residual = hidden
+                x = ops.rms_norm(hidden, layer.input_norm, eps)
+            else:
+                x, residual = ops.rms_norm(hidden, layer.input_norm, eps, residual)
+            hidden = layer.attention(x, positions, attn_metadata, kv_cache)
+            x, residual = ops.rms_norm(hidden, layer.post_attention_norm, eps, residual)
+            hidden = layer.mlp(x)
+        x, _ = ops.rms_norm(hidden, self.final_norm, eps, residual)
+        if attn_metadata.logits_indices is not None:
+            x = x[attn_metadata.logits_indices]
+        return ops.linear(x, self.lm_head).float()
+
+    __call__ = forward

@@ -1,0 +1,10 @@
+"""The one error a model raises when its config or weights cannot make a working forward pass."""
+
+from __future__ import annotations
+
+
+class ModelConfigError(ValueError):
+    """An unsupported architecture, an inconsistent config field, or a missing / misshapen tensor.
+
+    The message names the offending field or tensor so the user can fix the checkpoint.
+    """

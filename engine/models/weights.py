@@ -1,0 +1,65 @@
+"""WeightReader: fetch named tensors from a loader TensorStore with shape checks and clear errors.
+
+Architectures ask for tensors by their HF name; a per-format `rename` (identity for
+safetensors, llama.cpp's names for GGUF) maps it to the file's own name. Every missing
+or misshapen tensor is a ModelConfigError naming the tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from engine.models.errors import ModelConfigError
+from kernels.mxfp4 import MXFP4Tensor
+
+
+class WeightReader:
+    def __init__(
+        self,
+        tensors: Mapping[str, Any],
+        device: torch.device,
+        dtype: torch.dtype,
+        rename: Callable[[str], str] = lambda name: name,
+    ) -> None:
+        self.tensors = tensors
+        self.device = device
+        self.dtype = dtype
+        self.rename = rename
+
+    def _lazy(self, name: str) -> Any:
+        stored = self.rename(name)
+        if stored not in self.tensors:
+            shown = name if stored == name else f"{name} (stored as {stored})"
+            raise ModelConfigError(f"missing tensor {shown}")
+        return self.tensors[stored]
+
+    def has(self, name: str) -> bool:
+        return self.rename(name) in self.tensors
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor `name` of exactly `shape`, on the model's device, in `dtype` (default the model's)."""
+        lazy = self._lazy(name)
+        if tuple(lazy.shape) != tuple(shape):
+            raise ModelConfigError(f"tensor {self.rename(name)} has shape {tuple(lazy.shape)}, expected {tuple(shape)}")
+        tensor = lazy.load()
+        return tensor.to(device=self.device, dtype=dtype or self.dtype, copy=tensor.device == self.device)
+
+    def mxfp4(self, name: str, shape: tuple[int, ...]) -> MXFP4Tensor:
+        """A packed MXFP4 weight of logical `shape` `[..., out, in]`, kept packed on the device."""
+        stored = self.rename(name)
+        try:
+            weight = self.tensors.mxfp4(stored)
+        except KeyError as exc:
+            raise ModelConfigError(f"missing MXFP4 tensor {stored} (or its _blocks/_scales pair)") from exc
+        if tuple(weight.shape) != tuple(shape):
+            raise ModelConfigError(f"MXFP4 tensor {stored} has shape {tuple(weight.shape)}, expected {tuple(shape)}")
+        return weight.to(self.device)
+
+    def is_mxfp4(self, name: str) -> bool:
+        stored = self.rename(name)
+        if stored in self.tensors:
+            return self.tensors[stored].dtype_name == "MXFP4"
+        return f"{stored}_blocks" in self.tensors and f"{stored}_scales" in self.tensors
