@@ -115,4 +115,6 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         request_id = request_id_of(request)
         logger.exception("internal error in request %s", request_id, exc_info=exc)
-        return error_response(APIError(500, f"internal server error (request id {request_id})", type="server_error"))
+        error = APIError(500, f"internal server error (request id {request_id})", type="server_error")
+        # This handler runs outside every middleware, so it sets the request id header itself.
+        return error_response(error, headers={"x-request-id": request_id})

@@ -25,15 +25,21 @@ CORPUS = [
 ]
 
 
+# Byte-level symbols of printable ASCII, space and newline only: no token is a fragment of a multi-byte
+# character, so any sequence a random model samples decodes to the same text token by token or all at once.
+ASCII_ALPHABET = [chr(b) for b in range(33, 127)] + ["\u0120", "\u010a"]
+
+
 def save_tokenizer(directory: Path, vocab_size: int = 320) -> int:
-    """Train a byte-level BPE on a few sentences and save it HF-style; returns its vocabulary size."""
+    """Train a byte-level BPE over ASCII on a few sentences and save it HF-style; returns its vocabulary size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+                                  initial_alphabet=ASCII_ALPHABET, limit_alphabet=len(ASCII_ALPHABET),
+                                  show_progress=False)
     tokenizer.train_from_iterator(CORPUS * 4, trainer)
     bos = tokenizer.token_to_id("<s>")
     tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
