@@ -97,21 +97,25 @@ MATMUL_VARIANTS = [  # MoE gate_up (gather + SwiGLU), MoE down (route weight + s
 
 def compile_matmul() -> None:
     for flags in MATMUL_VARIANTS:
-        _compile_matmul(flags)
+        _compile_matmul(flags, "bf16", (16, 64, 256))
+    _compile_matmul(MATMUL_VARIANTS[0], "bf16", (128, 128, 64))  # prefill-sized tiles
+    _compile_matmul(MATMUL_VARIANTS[-1], "fp32", (16, 64, 256))  # the hand-written decode for fp32 activations
 
 
-def _compile_matmul(flags: dict[str, bool]) -> None:
+def _compile_matmul(flags: dict[str, bool], activations: str, tiles: tuple[int, int, int]) -> None:
     from kernels.triton import mxfp4_matmul
 
     _compile(
         mxfp4_matmul._matmul_kernel,
         {
-            "a_ptr": BF16, "w_ptr": "*u8", "s_ptr": "*u8", "bias_ptr": BF16, "out_ptr": BF16,
+            "a_ptr": f"*{activations}", "w_ptr": "*u8", "s_ptr": "*u8", "bias_ptr": BF16, "out_ptr": BF16,
             "a_rows_ptr": "*i32", "out_rows_ptr": "*i32", "route_w_ptr": "*fp32", "tile_expert_ptr": "*i32",
             "tile_start_ptr": "*i32", "expert_end_ptr": "*i32", "alpha": "fp32", "limit": "fp32",
         },
-        {**flags, "MXFP4": True, "HAS_BIAS": True, "UPCAST": False, "PRECISION": "tf32",
-         "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256},
+        {**flags, "MXFP4": True, "HAS_BIAS": True, "UPCAST": False,
+         "PRECISION": "ieee" if activations == "fp32" else "tf32",
+         "DOT_FORMAT": "" if activations == "fp32" else activations,
+         "BLOCK_M": tiles[0], "BLOCK_N": tiles[1], "BLOCK_K": tiles[2]},
     )
 
 

@@ -16,20 +16,26 @@ def _mxfp4(shape, device) -> MXFP4Tensor:
     return mxfp4.quantize(torch.randn(shape)).to(device)
 
 
+# Scale ranges whose decoded values are normal numbers of the activation dtype (a GPU may
+# flush subnormals): 2^-125..2^113 for fp32/bf16, 2^-12..2^13 for fp16.
+SCALE_RANGES = {torch.float32: (2, 240), torch.bfloat16: (2, 240), torch.float16: (115, 140)}
+
+
 @pytest.mark.parametrize("device", DEVICES)
-def test_every_code_and_scale_decodes_exactly(device):
-    # An identity activation reads the weight back: all 256 byte values, scales 2^-125..2^113
-    # (below that the smallest codes are fp32 subnormals, which a GPU may flush).
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_code_and_scale_decodes_exactly(device, dtype):
+    # An identity activation reads the weight back: all 256 byte values, the extreme scales.
     out_features, in_features = 16, 512
     blocks = torch.arange(256, dtype=torch.uint8).repeat(out_features * in_features // 512).view(
         out_features, in_features // 32, 16
     )
-    scales = torch.randint(2, 241, (out_features, in_features // 32), dtype=torch.uint8)
-    scales[0, :2] = torch.tensor([2, 240])
+    low, high = SCALE_RANGES[dtype]
+    scales = torch.randint(low, high + 1, (out_features, in_features // 32), dtype=torch.uint8)
+    scales[0, :2] = torch.tensor([low, high])
     weight = MXFP4Tensor(blocks, scales).to(device)
-    eye = torch.eye(in_features, device=device)
+    eye = torch.eye(in_features, device=device, dtype=dtype)
     got = triton_ops.linear(eye, weight)
-    torch.testing.assert_close(got.T.cpu(), mxfp4.dequantize(blocks, scales), rtol=0, atol=0)
+    torch.testing.assert_close(got.T.cpu(), mxfp4.dequantize(blocks, scales, dtype), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -54,7 +54,7 @@ def _matmul_kernel(
     stride_am, stride_we, stride_wn, stride_se, stride_sn, stride_be, stride_om,
     MXFP4: tl.constexpr, SCHEDULED: tl.constexpr, GATHER_A: tl.constexpr, SCATTER_OUT: tl.constexpr,
     ROUTE_WEIGHT: tl.constexpr, SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_FORMAT: tl.constexpr,
     alpha, limit,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -82,8 +82,18 @@ def _matmul_kernel(
         s_base = s_ptr + expert64 * stride_se + cols.to(tl.int64)[:, None] * stride_sn
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            if MXFP4:
-                # Byte j of a row holds elements 2j (low nibble) and 2j+1 (high): two dots, one over
+            if MXFP4 and DOT_FORMAT != "":
+                # 16-bit activations: Triton's scaled dot upcasts the E2M1 codes and E8M0 scales in
+                # registers with its own conversion sequences and feeds the tensor cores.
+                k = k0 + tl.arange(0, BLOCK_K)
+                a = tl.load(a_base + k[None, :], mask=row_ok[:, None] & (k[None, :] < K), other=0.0)
+                kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+                packed = tl.load(w_base + kb[None, :], mask=col_ok[:, None] & (kb[None, :] < K // 2), other=0)
+                ks = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+                scale = tl.load(s_base + ks[None, :], mask=col_ok[:, None] & (ks[None, :] < K // 32), other=0)
+                acc = tl.dot_scaled(a, None, DOT_FORMAT, tl.trans(packed), scale, "e2m1", acc=acc)
+            elif MXFP4:
+                # fp32 activations (no scaled-dot format): decode by hand. Byte j of a row holds elements 2j (low nibble) and 2j+1 (high): two dots, one over
                 # the even elements and one over the odd, so the nibbles never need interleaving.
                 kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
                 packed = tl.load(w_base + kb[None, :], mask=col_ok[:, None] & (kb[None, :] < K // 2), other=0)
@@ -130,6 +140,10 @@ def _matmul_kernel(
             if ROUTE_WEIGHT:
                 acc = acc * tl.load(route_w_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
             tl.store(out_base + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+# Activation dtypes tl.dot_scaled takes; others (fp32) use the hand-written decode.
+_DOT_FORMATS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def _tiles(m_rows: int, n: int, k: int, device: torch.device) -> tuple[int, int, int]:
@@ -190,6 +204,6 @@ def launch(
         MXFP4=mxfp4, SCHEDULED=schedule is not None, GATHER_A=a_rows is not None,
         SCATTER_OUT=out_rows is not None, ROUTE_WEIGHT=route_weights is not None,
         SWIGLU=swiglu is not None, HAS_BIAS=bias is not None, UPCAST=a.device.type != "cuda",
-        PRECISION="ieee" if a.dtype == torch.float32 else "tf32", alpha=float(alpha), limit=float(limit),
+        PRECISION="ieee" if a.dtype == torch.float32 else "tf32", DOT_FORMAT=_DOT_FORMATS.get(a.dtype, ""), alpha=float(alpha), limit=float(limit),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
     )
