@@ -97,22 +97,29 @@ GPT_OSS_20B = {"layers": 24, "hidden": 2880, "heads": 64, "kv_heads": 8, "head_d
                "top_k": 4, "inter": 2880, "vocab": 201088, "window": 128}
 
 
-def kernel_stack_decode(batches=(1, 8, 64), context: int = 1024, block_size: int = 16) -> dict:
+def kernel_stack_decode(
+    batches=(1, 8, 64), context: int = 1024, block_size: int = 16, config: dict | None = None, device: str = "cuda",
+    ops=None,
+) -> dict:
     """Time one gpt-oss-20b decode step composed directly from `kernels.triton_ops` (random weights).
 
     This is the kernels' own floor for a step (no model code around them): per layer
     norm, qkv, rope, KV write, paged attention with sinks (window 128 on every other
     layer), o-proj, norm, router, MXFP4 MoE; then the final norm and unembedding.
     Timed eagerly and, where capture works, as one CUDA graph. The engine's model
-    (engine.models) is timed separately when it exists.
+    (engine.models) is timed separately when it exists. `config`/`device`/`ops` shrink
+    it for a CPU run under the interpreter (or swap in `kernels.reference`); the
+    step's logits are returned there.
     """
     import torch
-    import triton.testing
 
-    from bench.kernels import random_mxfp4
-    from kernels import triton_ops as ops
+    from bench.kernels import Bench, random_mxfp4
 
-    c, dev, bf = GPT_OSS_20B, "cuda", torch.bfloat16
+    if ops is None:
+        from kernels import triton_ops as ops
+
+    c, dev, bf = config or GPT_OSS_20B, device, torch.bfloat16
+    timer = Bench(dev, smoke=dev != "cuda")
     h, d, nh, nkv, e, inter = c["hidden"], c["head_dim"], c["heads"], c["kv_heads"], c["experts"], c["inter"]
     qkv_out = (nh + 2 * nkv) * d
 
@@ -172,14 +179,17 @@ def kernel_stack_decode(batches=(1, 8, 64), context: int = 1024, block_size: int
             hs, _ = ops.rms_norm(x, final_norm, 1e-5, residual)
             return ops.linear(hs, unembed).float()
 
-        row = {"eager_ms": round(triton.testing.do_bench(step, warmup=3, rep=20, return_mode="median"), 3)}
+        row = {"eager_ms": round(timer.time_ms(step), 3)}
+        if dev != "cuda":
+            results[f"batch {batch}"] = row | {"logits": step()}
+            continue
         try:
             step()
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 step()
-            row["graph_ms"] = round(triton.testing.do_bench(graph.replay, warmup=3, rep=20, return_mode="median"), 3)
+            row["graph_ms"] = round(timer.time_ms(graph.replay), 3)
         except Exception as exc:
             row["graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
         best = row.get("graph_ms", row["eager_ms"])
