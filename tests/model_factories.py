@@ -67,8 +67,11 @@ def tiny_config(kind: str, **overrides):
     raise ValueError(f"unknown tiny model kind {kind!r}; choose one of {', '.join(KINDS)}")
 
 
-def tiny_model(kind: str, seed: int = 0, **overrides) -> torch.nn.Module:
-    """A random fp32 transformers causal LM of `kind`, in eval mode with eager attention."""
+def tiny_model(kind: str, seed: int = 0, weight_std: float = 0.2, **overrides) -> torch.nn.Module:
+    """A random fp32 transformers causal LM of `kind`, in eval mode with eager attention.
+
+    Embeddings get std 1, norms ~1, every other weight `weight_std`.
+    """
     import transformers as tf
 
     config = tiny_config(kind, **overrides)
@@ -82,13 +85,15 @@ def tiny_model(kind: str, seed: int = 0, **overrides) -> torch.nn.Module:
             elif "embed_tokens" in name:
                 param.normal_(0.0, 1.0)
             else:
-                param.normal_(0.0, 0.2)
+                param.normal_(0.0, weight_std)
     return model
 
 
-def save_tiny_model(kind: str, path: str | Path, seed: int = 0, **overrides) -> torch.nn.Module:
+def save_tiny_model(
+    kind: str, path: str | Path, seed: int = 0, weight_std: float = 0.2, **overrides
+) -> torch.nn.Module:
     """Build a tiny random model, `save_pretrained` it (fp32 safetensors) to `path`, and return it."""
-    model = tiny_model(kind, seed, **overrides)
+    model = tiny_model(kind, seed, weight_std, **overrides)
     model.save_pretrained(path)
     return model
 
@@ -103,13 +108,13 @@ def save_tiny_gpt_oss_mxfp4(path: str | Path, seed: int = 0, **overrides) -> tor
     model = tiny_model("gpt_oss", seed, **overrides)
     state = {name: t.detach().clone().contiguous() for name, t in model.state_dict().items()}
     with torch.no_grad():
-        for layer in model.model.layers:
+        for index, layer in enumerate(model.model.layers):
             experts = layer.mlp.experts
             for name in ("gate_up_proj", "down_proj"):
                 param = getattr(experts, name)  # transformers keeps [E, in, out]
                 packed = quantize(param.transpose(1, 2))  # [E, out, in]
                 param.copy_(packed.dequantize(torch.float32).transpose(1, 2))
-                prefix = f"model.layers.{model.model.layers.index(layer)}.mlp.experts.{name}"
+                prefix = f"model.layers.{index}.mlp.experts.{name}"
                 del state[prefix]
                 state[f"{prefix}_blocks"] = packed.blocks.contiguous()
                 state[f"{prefix}_scales"] = packed.scales.contiguous()
