@@ -160,7 +160,7 @@ def test_transformers_generations_are_corpus_english():
     torch.manual_seed(0)
     for prompt in PROMPTS + chats:
         ids = tok(prompt, return_tensors="pt").input_ids
-        out = model.generate(ids, max_new_tokens=24, do_sample=True, temperature=0.7, top_p=0.9,
+        out = model.generate(ids, max_new_tokens=20, do_sample=True, temperature=0.7, top_p=0.9,
                              pad_token_id=tok.pad_token_id)
         texts.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     assert corpus_word_fraction(texts) >= 0.9, texts
@@ -204,10 +204,50 @@ def test_llama_cpp_runs_the_gguf_like_transformers():
     assert np.mean(agree) >= 0.85
 
 
+def minerva_prefill_logits(path: Path, ids: list[int], block_size: int = 16) -> torch.Tensor:
+    """Logits of every prompt token from Minerva's own model (engine.models) in one paged prefill."""
+    from engine.attention_metadata import AttentionMetadata
+    from engine.loader import open_model
+    from engine.models import build_model
+
+    model = build_model(open_model(path), dtype=torch.float32)
+    blocks = -(-len(ids) // block_size)
+    shape = (blocks, block_size, model.num_kv_heads, model.head_dim)
+    model.bind_kv_caches([(torch.zeros(shape, dtype=model.kv_cache_dtype), torch.zeros(shape, dtype=model.kv_cache_dtype))
+                          for _ in range(model.num_layers)])
+    meta = AttentionMetadata(
+        slot_mapping=torch.arange(len(ids)),
+        block_tables=torch.arange(blocks, dtype=torch.int32)[None],
+        seq_lens=torch.tensor([len(ids)], dtype=torch.int32),
+        query_start_loc=torch.tensor([0, len(ids)], dtype=torch.int32),
+        num_prefill_tokens=len(ids),
+    )
+    with torch.no_grad():
+        return model.forward(torch.tensor(ids), torch.arange(len(ids)), meta)
+
+
+def test_minerva_logits_match_transformers():
+    """A 150-token prefill (past the 64-token sliding window) through both the safetensors and the GGUF."""
+    from transformers import GptOssForCausalLM, Mxfp4Config
+
+    ids = tokenizer()(HELDOUT.read_text()).input_ids[:150]
+    with torch.no_grad():
+        expected = reference_model()(input_ids=torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(minerva_prefill_logits(MODEL_DIR, ids), expected, rtol=1e-4, atol=1e-3)
+    # GGUF readers (llama.cpp, engine.loader) always truncate YaRN's correction range.
+    truncated = GptOssForCausalLM.from_pretrained(
+        MODEL_DIR, quantization_config=Mxfp4Config(dequantize=True), dtype=torch.float32,
+        rope_parameters={**config()["rope_parameters"], "truncate": True},
+    ).eval()
+    with torch.no_grad():
+        expected = truncated(input_ids=torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(minerva_prefill_logits(default_gguf_path(), ids), expected, rtol=1e-4, atol=1e-3)
+
+
 def test_minerva_generations_are_corpus_english():
     llm_module = pytest.importorskip("engine.llm", reason="engine.llm (the offline LLM) has not landed yet")
     from engine.sampling_params import SamplingParams
 
     llm = llm_module.LLM(str(MODEL_DIR))
-    outputs = llm.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0.7, top_p=0.9, seed=0))
+    outputs = llm.generate(PROMPTS, SamplingParams(max_tokens=20, temperature=0.7, top_p=0.9, seed=0))
     assert corpus_word_fraction([o.outputs[0].text for o in outputs]) >= 0.9
