@@ -20,17 +20,41 @@ import torch
 INTERPRET = not torch.cuda.is_available()
 
 
+def _rounding_convert_float(original):
+    """The interpreter (triton 3.9) narrows fp32 to bf16 by truncation; GPUs round to nearest even.
+
+    Truncation biases every bf16 store toward zero and compounds through a model, so
+    the interpreter's converter is wrapped to round like the hardware (via torch).
+    """
+
+    def convert(values, input_dtype, output_dtype, rounding_mode):
+        import numpy as np
+        import triton.language as tl
+
+        if input_dtype == tl.float32 and output_dtype == tl.bfloat16:
+            as_bf16 = torch.from_numpy(np.ascontiguousarray(values).view(np.float32)).to(torch.bfloat16)
+            return as_bf16.view(torch.int16).numpy().view(np.uint16)
+        return original(values, input_dtype, output_dtype, rounding_mode)
+
+    return convert
+
+
 @contextmanager
 def interpreter_env() -> Iterator[None]:
-    """TRITON_INTERPRET=1 for the duration (CPU only), the previous value restored after."""
+    """TRITON_INTERPRET=1 (with hardware-like bf16 rounding) for the duration, CPU only; restored after."""
     if not INTERPRET:
         yield
         return
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
+    from triton.runtime import interpreter  # first import of triton must see the switch
+
+    original = interpreter._convert_float
+    interpreter._convert_float = _rounding_convert_float(original)
     try:
         yield
     finally:
+        interpreter._convert_float = original
         if previous is None:
             del os.environ["TRITON_INTERPRET"]
         else:
