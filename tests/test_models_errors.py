@@ -60,6 +60,7 @@ def test_unsupported_architecture(llama):
         ({"hidden_size": "64"}, ("hidden_size",)),
         ({"rope_parameters": {"rope_theta": 1e4, "rope_type": "longrope"}}, ("rope", "longrope")),
         ({"layer_types": ["full_attention"]}, ("layer_types",)),
+        ({"mlp_bias": True}, ("mlp_bias",)),
     ],
 )
 def test_inconsistent_config_fields(llama, changes, fragments):

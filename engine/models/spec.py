@@ -93,6 +93,8 @@ def parse_spec(config: dict[str, Any]) -> ModelSpec:
         raise ModelConfigError(
             f"unsupported architecture (model_type {model_type!r}); supported: {', '.join(sorted(FAMILIES))}"
         )
+    if config.get("mlp_bias"):
+        raise ModelConfigError("config field 'mlp_bias' = true is not supported (no Llama-family MLP biases)")
     hidden = _positive_int(config, "hidden_size")
     heads = _positive_int(config, "num_attention_heads")
     kv_heads = _positive_int(config, "num_key_value_heads", heads)
