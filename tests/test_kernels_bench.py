@@ -47,3 +47,19 @@ def test_decode_stack_triton_equals_torch():
     rel = (got - want).abs().max() / want.abs().max()
     assert rel < 3e-2, rel  # bf16 through 2 layers
     assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+@pytest.mark.skipif(not INTERPRET, reason="tiny model is for the CPU interpreter")
+def test_engine_model_decode_harness():
+    """The GPU suite's engine.models decode benchmark on a tiny gpt-oss of random MXFP4 weights."""
+    import torch
+
+    from kernels import triton_ops
+
+    config = gpu_suite.gpt_oss_config(
+        layers=2, hidden=64, heads=4, kv_heads=2, head_dim=32, experts=4, top_k=2, inter=64, vocab=96, window=8
+    )
+    result = gpu_suite.engine_model_decode(config, device="cpu", batches=(3,), context=20, ops=triton_ops)
+    logits = result["batch 3"]["logits"]
+    assert logits.shape == (3, 96) and torch.isfinite(logits).all() and logits.abs().max() > 0
+    assert result["batch 3"]["eager_ms"] > 0
