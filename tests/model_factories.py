@@ -123,7 +123,9 @@ def save_tiny_gpt_oss_mxfp4(path: str | Path, seed: int = 0, **overrides) -> tor
     config = model.config.to_dict()
     config["quantization_config"] = {
         "quant_method": "mxfp4",
-        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"],
+        "modules_to_not_convert": [
+            "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head",
+        ],  # fmt: skip
     }
     (path / "config.json").write_text(json.dumps(config, indent=2))
     return model

@@ -35,7 +35,7 @@ class PagedBatcher:
         self.model, self.block_size = model, block_size
         shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)
         cache = dict(dtype=model.kv_cache_dtype, device=model.device)
-        model.bind_kv_caches([(torch.zeros(shape, **cache), torch.zeros(shape, **cache)) for _ in range(model.num_layers)])
+        model.bind_kv_caches([(torch.zeros(shape, **cache), torch.zeros(shape, **cache)) for _ in model.layers])
         self.free = list(range(num_blocks))
         random.Random(seed).shuffle(self.free)
         self.blocks: dict[int, list[int]] = {}

@@ -68,11 +68,13 @@ def test_inconsistent_config_fields(llama, changes, fragments):
 
 
 def test_config_disagreeing_with_tensors_names_the_tensor(llama):
-    expect_error(variant(llama, {"intermediate_size": 96}), "model.layers.0.mlp.gate_proj.weight", "(128, 64)", "(96, 64)")
+    changed = variant(llama, {"intermediate_size": 96})
+    expect_error(changed, "model.layers.0.mlp.gate_proj.weight", "(128, 64)", "(96, 64)")
 
 
 def test_missing_tensor_is_named(llama):
-    expect_error(variant(llama, drop={"model.layers.1.self_attn.k_proj.bias"}), "missing tensor", "layers.1.self_attn.k_proj.bias")
+    dropped = variant(llama, drop={"model.layers.1.self_attn.k_proj.bias"})
+    expect_error(dropped, "missing tensor", "model.layers.1.self_attn.k_proj.bias")
 
 
 def test_wrong_tensor_shape_is_named(llama):

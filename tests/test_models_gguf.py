@@ -101,7 +101,8 @@ def gguf_tensors(kind: str, hf) -> dict[str, tuple[np.ndarray, Q]]:
             name += ".weight"  # llama.cpp's gpt-oss converter does the same
         out[name] = (tensor.numpy(), Q.F32)
     if kind == "llama3":
-        out["rope_freqs.weight"] = (llama3_rope_factors(config.rope_parameters, config.hidden_size // config.num_attention_heads), Q.F32)
+        head_dim = config.hidden_size // config.num_attention_heads
+        out["rope_freqs.weight"] = (llama3_rope_factors(config.rope_parameters, head_dim), Q.F32)
     return out
 
 
@@ -151,8 +152,9 @@ def test_gguf_matches_safetensors_and_transformers(tmp_path, kind):
 
 
 def test_gguf_gpt_oss_mxfp4_matches_safetensors(tmp_path):
+    # llama.cpp always truncates the YaRN correction range, and the loader says so for GGUF.
     rope = {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
-            "truncate": True, "original_max_position_embeddings": 64}  # fmt: skip  (llama.cpp always truncates)
+            "truncate": True, "original_max_position_embeddings": 64}  # fmt: skip
     hf = save_tiny_gpt_oss_mxfp4(tmp_path / "hf", seed=4, rope_parameters=rope)
     from_st = build_model(open_model(tmp_path / "hf"))
     from_gguf = build_model(open_model(write_gguf(tmp_path / "m.gguf", "gpt_oss", hf)))

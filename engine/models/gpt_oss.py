@@ -62,13 +62,10 @@ def load_gpt_oss(spec: ModelSpec, r: WeightReader, ops: ModuleType, from_gguf: b
     for i in range(spec.num_layers):
         p = f"model.layers.{i}"
         a = f"{p}.self_attn"
+        sizes = {"q_proj": q, "k_proj": kv, "v_proj": kv}
         weights = AttentionWeights(
-            qkv=torch.cat(
-                (r.get(f"{a}.q_proj.weight", (q, h)), r.get(f"{a}.k_proj.weight", (kv, h)), r.get(f"{a}.v_proj.weight", (kv, h)))
-            ),
-            qkv_bias=torch.cat(
-                (r.get(f"{a}.q_proj.bias", (q,)), r.get(f"{a}.k_proj.bias", (kv,)), r.get(f"{a}.v_proj.bias", (kv,)))
-            ),
+            qkv=torch.cat([r.get(f"{a}.{proj}.weight", (rows, h)) for proj, rows in sizes.items()]),
+            qkv_bias=torch.cat([r.get(f"{a}.{proj}.bias", (rows,)) for proj, rows in sizes.items()]),
             o=r.get(f"{a}.o_proj.weight", (h, q)),
             o_bias=r.get(f"{a}.o_proj.bias", (h,)),
             sinks=r.get(f"{a}.sinks", (spec.num_heads,), torch.float32),
