@@ -67,11 +67,14 @@ class DecoderLM:
                 )
         self.kv_caches = list(kv_caches)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata
     ) -> torch.Tensor:
-        """Float32 logits `[len(logits_indices) or T, vocab]` for a flat batch of `T` new tokens."""
+        """Float32 logits `[len(logits_indices) or T, vocab]` for a flat batch of `T` new tokens.
+
+        no_grad rather than inference_mode: callers may modify the logits in place afterwards.
+        """
         if not self.kv_caches:
             raise RuntimeError("bind_kv_caches must be called before forward")
         ops, eps = self.ops, self.spec.rms_norm_eps
