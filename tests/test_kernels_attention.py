@@ -98,3 +98,11 @@ def test_rejects_bad_shapes(device):
     q, k_cache, v_cache, tables, lens, starts = _batch([1], [4], 4, 2, 32, 16, torch.float32, device)
     with pytest.raises(ValueError, match="power of two"):
         triton_paged_attention(q, k_cache, v_cache, tables, lens, starts, 0.2, num_splits=3)
+
+
+def test_inconsistent_metadata_raises_value_error():
+    q, k_cache, v_cache, tables, lens, starts = _batch([2, 1], [4, 3], 4, 2, 32, 16, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="sequence count"):
+        triton_ops.paged_attention(q, k_cache, v_cache, tables, lens, starts[:-1], 0.2)
+    with pytest.raises(ValueError, match="does not fit"):
+        triton_ops.paged_attention(q[..., :16], k_cache, v_cache, tables, lens, starts, 0.2)

@@ -116,3 +116,21 @@ def test_select_ops_picks_triton_on_cuda():
     assert select_ops("cuda") is triton_ops
     assert select_ops("cpu") is reference
     assert select_ops("cpu", backend="triton") is triton_ops
+
+
+def test_shape_mismatches_raise_value_error():
+    x = torch.randn(3, 16)
+    with pytest.raises(ValueError, match="weight"):
+        triton_ops.rms_norm(x, torch.ones(8), 1e-5)
+    with pytest.raises(ValueError, match="residual"):
+        triton_ops.rms_norm(x, torch.ones(16), 1e-5, torch.randn(2, 16))
+    q, k = torch.randn(3, 4, 16), torch.randn(3, 2, 16)
+    with pytest.raises(ValueError, match="head_dim >= 32"):
+        triton_ops.rope(q, k, torch.arange(3), torch.ones(16))
+    with pytest.raises(ValueError, match="tokens=2"):
+        triton_ops.rope(q, k, torch.arange(2), torch.ones(4))
+    cache = torch.zeros(2, 16, 2, 16)
+    with pytest.raises(ValueError, match="do not fit"):
+        triton_ops.write_kv_cache(q, q, cache, cache, torch.arange(3))
+    with pytest.raises(ValueError, match="one slot per token"):
+        triton_ops.write_kv_cache(k, k, cache, cache, torch.arange(2))

@@ -99,3 +99,14 @@ def test_moe_random_shapes(device, seed):
 def test_moe_no_tokens(device):
     args = _moe_inputs(0, 4, 2, 64, 32, True, torch.float32, device)
     assert triton_ops.moe_experts(*args).shape == (0, 64)
+
+
+def test_shape_mismatches_raise_value_error():
+    weight = mxfp4.quantize(torch.randn(8, 64))
+    with pytest.raises(ValueError, match="does not match MXFP4 weight"):
+        triton_ops.linear(torch.randn(2, 32), weight)
+    x, ids, probs, w_gate_up, b_gate_up, w_down, b_down = _moe_inputs(3, 4, 2, 64, 32, True, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="do not chain"):
+        triton_ops.moe_experts(x[:, :32], ids, probs, w_gate_up, b_gate_up, w_down, b_down)
+    with pytest.raises(ValueError, match="routing"):
+        triton_ops.moe_experts(x, ids[:2], probs[:2], w_gate_up, b_gate_up, w_down, b_down)

@@ -198,6 +198,10 @@ def paged_attention(
     """Same contract as `kernels.reference.paged_attention`; `num_splits` overrides the split-K choice."""
     tokens, num_heads, head_dim = q.shape
     _, page, num_kv_heads, _ = k_cache.shape
+    if k_cache.shape[3] != head_dim or v_cache.shape != k_cache.shape:
+        raise ValueError(f"paged_attention: q {tuple(q.shape)} does not fit caches {tuple(k_cache.shape)}")
+    if query_start_loc.shape != (seq_lens.shape[0] + 1,) or block_tables.shape[0] != seq_lens.shape[0]:
+        raise ValueError("paged_attention: seq_lens, query_start_loc and block_tables disagree on the sequence count")
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} query heads do not divide into {num_kv_heads} KV heads")
     if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:

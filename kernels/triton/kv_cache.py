@@ -38,6 +38,13 @@ def write_kv_cache(
     if v.stride(-1) != 1:
         v = v.contiguous()
     tokens, num_kv_heads, head_dim = k.shape
+    if v.shape != k.shape or k_cache.shape != v_cache.shape or tuple(k_cache.shape[2:]) != (num_kv_heads, head_dim):
+        raise ValueError(
+            f"write_kv_cache: k {tuple(k.shape)} / v {tuple(v.shape)} do not fit caches "
+            f"{tuple(k_cache.shape)} / {tuple(v_cache.shape)}"
+        )
+    if slot_mapping.shape != (tokens,):
+        raise ValueError(f"write_kv_cache: slot_mapping {tuple(slot_mapping.shape)} needs one slot per token ({tokens})")
     if tokens == 0:
         return
     _write_kv_kernel[(tokens,)](

@@ -69,6 +69,13 @@ def moe_experts(
     num_experts, two_i, hidden = w_gate_up.shape
     inter = two_i // 2
     out_hidden = w_down.shape[-2]
+    if x.shape[-1] != hidden or tuple(w_down.shape) != (num_experts, w_down.shape[1], inter) or two_i % 2:
+        raise ValueError(
+            f"moe_experts: x {tuple(x.shape)}, w_gate_up {tuple(w_gate_up.shape)} and w_down "
+            f"{tuple(w_down.shape)} do not chain as [T, H] -> [E, 2I, H] -> [E, H', I]"
+        )
+    if x.shape[0] != tokens or expert_weights.shape != expert_ids.shape:
+        raise ValueError(f"moe_experts: routing {tuple(expert_ids.shape)} does not match x {tuple(x.shape)}")
     if tokens == 0:
         return torch.zeros(0, out_hidden, dtype=x.dtype, device=x.device)
     if x.stride(-1) != 1:
@@ -106,6 +113,8 @@ def linear_mxfp4(x: torch.Tensor, weight: MXFP4Tensor, bias: torch.Tensor | None
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     n, k = weight.shape
+    if shape[-1] != k:
+        raise ValueError(f"linear: x {tuple(shape)} does not match MXFP4 weight [out={n}, in={k}]")
     packed, scales = weight_parts(weight)
     out = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
     bias2 = bias.view(1, n) if bias is not None else None

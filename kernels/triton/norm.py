@@ -31,8 +31,12 @@ def _rms_norm_kernel(
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as `kernels.reference.rms_norm`."""
+    """Same contract as `kernels.reference.rms_norm`; mismatched shapes raise ValueError."""
     shape = x.shape
+    if weight.shape != shape[-1:]:
+        raise ValueError(f"rms_norm weight {tuple(weight.shape)} does not match hidden size {shape[-1]}")
+    if residual is not None and residual.shape != shape:
+        raise ValueError(f"rms_norm residual {tuple(residual.shape)} does not match x {tuple(shape)}")
     x2 = x.reshape(-1, shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()

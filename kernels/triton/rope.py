@@ -54,7 +54,13 @@ def _rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, ms
 def rope(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, mscale: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as `kernels.reference.rope`."""
+    """Same contract as `kernels.reference.rope`; mismatched shapes raise ValueError."""
+    for name, x in (("q", q), ("k", k)):
+        if x.dim() != 3 or x.shape[0] != positions.shape[0] or 2 * inv_freq.numel() > x.shape[2]:
+            raise ValueError(
+                f"rope needs {name} [tokens={positions.shape[0]}, heads, head_dim >= {2 * inv_freq.numel()}], "
+                f"got {tuple(x.shape)}"
+            )
     inv_freq = inv_freq.float().contiguous()
     positions = positions.contiguous()
     return _rotate(q, positions, inv_freq, mscale), _rotate(k, positions, inv_freq, mscale)
