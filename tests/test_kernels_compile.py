@@ -46,7 +46,7 @@ def compile_elementwise() -> None:
     _compile(
         rope._rope_kernel,
         {"x_ptr": BF16, "out_ptr": BF16, "pos_ptr": "*i64", "inv_freq_ptr": "*fp32", "mscale": "fp32"},
-        {"BLOCK_HALF": 32, "BLOCK_D": 64},
+        {"BLOCK_H": 64, "BLOCK_HALF": 32, "BLOCK_D": 64},
     )
     _compile(
         activation._gated_kernel,

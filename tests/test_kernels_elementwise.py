@@ -134,3 +134,17 @@ def test_shape_mismatches_raise_value_error():
         triton_ops.write_kv_cache(q, q, cache, cache, torch.arange(3))
     with pytest.raises(ValueError, match="one slot per token"):
         triton_ops.write_kv_cache(k, k, cache, cache, torch.arange(2))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rope_many_heads(device):
+    # 70 heads of 128 span three head blocks per token, the last one partial.
+    q = torch.randn(3, 70, 128, device=device)
+    k = torch.randn(3, 6, 128, device=device)
+    positions = torch.tensor([0, 5, 900], device=device)
+    inv_freq, mscale = _inv_freq("yarn", 128)
+    got = triton_ops.rope(q, k, positions, inv_freq.to(device), mscale)
+    want = reference.rope(q, k, positions, inv_freq.to(device), mscale)
+    tol = torch.float16 if device == "cuda" else torch.float32
+    assert_close(got[0], want[0], tol)
+    assert_close(got[1], want[1], tol)

@@ -1,7 +1,8 @@
 """Rotary embedding (NeoX rotate-half): plain, llama3 and YaRN differ only in inv_freq and mscale.
 
-One program rotates one (token, head) row; cos/sin are computed in registers from
-the position and `inv_freq`, so no cos/sin cache has to match the position range.
+One program rotates a block of heads of one token; cos/sin are computed in registers
+from the position and `inv_freq` once per token, so no cos/sin cache has to match the
+position range.
 """
 
 from __future__ import annotations
@@ -14,25 +15,25 @@ import triton.language as tl
 @triton.jit
 def _rope_kernel(
     x_ptr, out_ptr, pos_ptr, inv_freq_ptr,
-    stride_xt, stride_xh, stride_ot, stride_oh, head_dim, half, mscale,
-    BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_xt, stride_xh, stride_ot, stride_oh, num_heads, head_dim, half, mscale,
+    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1).to(tl.int64)
-    src = x_ptr + token * stride_xt + head * stride_xh
-    dst = out_ptr + token * stride_ot + head * stride_oh
-    i = tl.arange(0, BLOCK_HALF)
-    rot_mask = i < half
-    freq = tl.load(pos_ptr + token).to(tl.float32) * tl.load(inv_freq_ptr + i, mask=rot_mask, other=0.0)
-    cos = tl.cos(freq) * mscale
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
+    src = x_ptr + token * stride_xt + h * stride_xh
+    dst = out_ptr + token * stride_ot + h * stride_oh
+    i = tl.arange(0, BLOCK_HALF)[None, :]
+    rot_mask = (h < num_heads) & (i < half)
+    freq = tl.load(pos_ptr + token).to(tl.float32) * tl.load(inv_freq_ptr + i, mask=i < half, other=0.0)
+    cos = tl.cos(freq) * mscale  # once per token, shared by its heads
     sin = tl.sin(freq) * mscale
     x1 = tl.load(src + i, mask=rot_mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + half + i, mask=rot_mask, other=0.0).to(tl.float32)
     tl.store(dst + i, (x1 * cos - x2 * sin).to(out_ptr.dtype.element_ty), mask=rot_mask)
     tl.store(dst + half + i, (x2 * cos + x1 * sin).to(out_ptr.dtype.element_ty), mask=rot_mask)
     # Dims past the rotary part pass through unchanged.
-    d = tl.arange(0, BLOCK_D)
-    rest = (d >= 2 * half) & (d < head_dim)
+    d = tl.arange(0, BLOCK_D)[None, :]
+    rest = (h < num_heads) & (d >= 2 * half) & (d < head_dim)
     tl.store(dst + d, tl.load(src + d, mask=rest), mask=rest)
 
 
@@ -42,11 +43,13 @@ def _rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, ms
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     tokens, heads, head_dim = x.shape
     half = inv_freq.numel()
+    block_d = triton.next_power_of_2(head_dim)
+    block_h = min(triton.next_power_of_2(heads), max(1, 4096 // block_d))
     if tokens and heads:
-        _rope_kernel[(tokens, heads)](
+        _rope_kernel[(tokens, triton.cdiv(heads, block_h))](
             x, out, positions, inv_freq,
-            x.stride(0), x.stride(1), out.stride(0), out.stride(1), head_dim, half, float(mscale),
-            BLOCK_HALF=triton.next_power_of_2(half), BLOCK_D=triton.next_power_of_2(head_dim),
+            x.stride(0), x.stride(1), out.stride(0), out.stride(1), heads, head_dim, half, float(mscale),
+            BLOCK_H=block_h, BLOCK_HALF=triton.next_power_of_2(half), BLOCK_D=block_d,
         )
     return out
 
