@@ -99,6 +99,7 @@ def compile_matmul() -> None:
     for flags in MATMUL_VARIANTS:
         _compile_matmul(flags, "bf16", (16, 64, 256))
     _compile_matmul(MATMUL_VARIANTS[0], "bf16", (128, 128, 64))  # prefill-sized tiles
+    _compile_matmul(MATMUL_VARIANTS[1], "bf16", (16, 32, 256))  # narrow decode tiles
     _compile_matmul(MATMUL_VARIANTS[-1], "fp32", (16, 64, 256))  # the hand-written decode for fp32 activations
 
 

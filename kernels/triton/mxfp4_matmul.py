@@ -185,11 +185,15 @@ def launch(
     mxfp4 = scales is not None
     bm, bn, bk = _tiles(rows_per_tile or a.shape[0], n, k, a.device)
     bm = block_m or bm
-    if swiglu is not None:
-        bn = max(bn, 2)
     num_m_tiles = schedule[0].shape[0] if schedule is not None else triton.cdiv(a.shape[0], bm)
     if num_m_tiles == 0 or n == 0:
         return
+    if a.device.type == "cuda" and bn > 32:
+        # Decode shapes give few programs (e.g. one expert's 2880 rows / 64): narrower column
+        # tiles put more SMs on the weight stream.
+        sms = torch.cuda.get_device_properties(a.device).multi_processor_count
+        if num_m_tiles * triton.cdiv(n, bn) < 2 * sms:
+            bn = 32
     dummy = out
     tile_expert, tile_start, expert_end = schedule if schedule is not None else (dummy, dummy, dummy)
     alpha, limit = swiglu if swiglu is not None else (0.0, 0.0)
