@@ -64,6 +64,17 @@ def interpreter_env() -> Iterator[None]:
 with interpreter_env():
     from kernels import triton_ops  # noqa: F401  (kernels decorated as interpreted on CPU)
 
+if INTERPRET:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from kernels.triton.norm import _rms_norm_kernel
+
+    if not isinstance(_rms_norm_kernel, InterpretedFunction):
+        raise RuntimeError(
+            "the Triton kernels were imported before tests/kernel_testing.py set TRITON_INTERPRET=1, "
+            "so they cannot run on this CPU; import kernel_testing before anything that imports kernels.triton"
+        )
+
 # Where the kernels can run here: the interpreter on CPU, or the GPU (marked `cuda`).
 DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="kernels run on the GPU here")),
