@@ -65,14 +65,15 @@ with interpreter_env():
     from kernels import triton_ops  # noqa: F401  (kernels decorated as interpreted on CPU)
 
 if INTERPRET:
+    import triton.language.standard
     from triton.runtime.interpreter import InterpretedFunction
 
     from kernels.triton.norm import _rms_norm_kernel
 
-    if not isinstance(_rms_norm_kernel, InterpretedFunction):
+    if not all(isinstance(f, InterpretedFunction) for f in (_rms_norm_kernel, triton.language.standard.sigmoid)):
         raise RuntimeError(
-            "the Triton kernels were imported before tests/kernel_testing.py set TRITON_INTERPRET=1, "
-            "so they cannot run on this CPU; import kernel_testing before anything that imports kernels.triton"
+            "triton or kernels.triton was imported before tests/kernel_testing.py set TRITON_INTERPRET=1, "
+            "so the kernels cannot run on this CPU; import kernel_testing first"
         )
 
 # Where the kernels can run here: the interpreter on CPU, or the GPU (marked `cuda`).
