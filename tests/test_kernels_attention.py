@@ -106,3 +106,10 @@ def test_inconsistent_metadata_raises_value_error():
         triton_ops.paged_attention(q, k_cache, v_cache, tables, lens, starts[:-1], 0.2)
     with pytest.raises(ValueError, match="does not fit"):
         triton_ops.paged_attention(q[..., :16], k_cache, v_cache, tables, lens, starts, 0.2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpt_oss_grouping(device, dtype):
+    # gpt-oss groups 8 query heads per KV head (8 new tokens per 64-row tile), window 5, sinks.
+    _check([11, 1, 3], [30, 17, 3], 16, 2, 64, 16, dtype, device, window=5, sinks=True)
