@@ -208,6 +208,8 @@ def paged_attention(
         raise ValueError("paged_attention needs K and V caches of one contiguous layout")
     if q.stride(-1) != 1:
         q = q.contiguous()
+    # One integer width for the in-kernel search (no-ops for the engine's int32 metadata).
+    seq_lens, query_start_loc = seq_lens.to(torch.int32), query_start_loc.to(torch.int32)
     group = num_heads // num_kv_heads
     num_seqs = seq_lens.shape[0]
     out = torch.empty((tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
