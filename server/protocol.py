@@ -100,6 +100,8 @@ def unsupported_fields(request: SamplingFields) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
     if request.logit_bias:
         problems.append(("logit_bias", "logit_bias is not supported"))
+    if request.stream_options is not None and not request.stream:
+        problems.append(("stream_options", "stream_options is only allowed when stream is true"))
     if request.best_of is not None and request.best_of != request.n:
         problems.append(("best_of", "best_of other than n is not supported"))
     if isinstance(request, CompletionRequest):

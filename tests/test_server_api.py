@@ -373,6 +373,7 @@ def assert_openai_error(response: httpx.Response, status: int, param: str | None
     ({"model": "tiny", "prompt": "x", "suffix": "y"}, "suffix"),
     ({"model": "tiny", "prompt": [[1, 2], [999999]]}, "prompt"),
     ({"model": "tiny", "prompt": "x", "logit_bias": {"5": 1.0}}, "logit_bias"),
+    ({"model": "tiny", "prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
 ])
 def test_invalid_completion_fields_are_400_naming_the_field(live, body, param):
     assert_openai_error(post(live, "/v1/completions", json=body), 400, param)
