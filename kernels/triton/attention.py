@@ -219,13 +219,17 @@ def paged_attention(
     block_m = max(16, triton.next_power_of_2(group)) if decode_only else max(64, triton.next_power_of_2(group))
     block_q = block_m // group
     num_tiles = tokens // block_q + num_seqs  # upper bound on sum_i ceil(q_len_i / block_q)
-    if num_splits is None:
-        num_splits = _num_splits(num_tiles * num_kv_heads, q.device) if decode_only else 1
-    if num_splits < 1 or num_splits & (num_splits - 1):
-        raise ValueError(f"num_splits must be a power of two, got {num_splits}")
     block_n = 64 if head_dim <= 64 else 32
     if q.device.type != "cuda":
         block_n = 16
+    if num_splits is None:
+        # The block table's width bounds every context: no split gets less than one key tile.
+        max_key_tiles = triton.cdiv(block_tables.shape[1] * page, block_n)
+        largest = 1 << (max(max_key_tiles, 1).bit_length() - 1)  # power of two <= max_key_tiles
+        num_splits = min(_num_splits(num_tiles * num_kv_heads, q.device), largest)
+        num_splits = num_splits if decode_only else 1
+    if num_splits < 1 or num_splits & (num_splits - 1):
+        raise ValueError(f"num_splits must be a power of two, got {num_splits}")
     window = sliding_window or 0
     if num_splits > 1:
         part_acc = torch.empty((tokens, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
