@@ -478,7 +478,7 @@ def _markdown(record: dict, args) -> str:
     env, ver = record["environment"], record["versions"]
     agree = "yes" if record["greedy"]["all_agree"] else "NO (see the JSON for texts)"
     return "\n".join([
-        f"# Minerva vs llama.cpp: {record['model']}",
+        f"# Minerva vs llama.cpp: {record['model']}" + ("" if "minerva" in record["series"] else " (llama.cpp only)"),
         "",
         f"- GGUF: `{Path(record['gguf']).name}`; {record['threads']} threads each; "
         f"synthetic prompts ~{args.input_len} words, max_tokens ~{args.output_len} (uniform +-25%), "
