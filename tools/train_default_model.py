@@ -1,6 +1,6 @@
 """Train Minerva's shipped default model: a tiny gpt-oss on English docstring prose, on one CPU thread.
 
-    .venv/bin/python tools/train_default_model.py --work /tmp/default-model --minutes 30
+    .venv/bin/python tools/train_default_model.py --work /tmp/default-model  # ~40 min on one busy thread
     .venv/bin/python tools/export_default_model.py --work /tmp/default-model
 
 Steps: corpus (tools/default_model_corpus.py) -> byte-level BPE tokenizer with gpt-oss-style
@@ -188,13 +188,13 @@ def prepare(work: Path) -> tuple[np.ndarray, np.ndarray]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True, help="directory for tokenizer, data, checkpoints")
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=2200)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--qat-fraction", type=float, default=0.15)
-    parser.add_argument("--checkpoint-every", type=int, default=200)
+    parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
 
