@@ -204,26 +204,40 @@ def test_llama_cpp_runs_the_gguf_like_transformers():
     assert np.mean(agree) >= 0.85
 
 
-def minerva_prefill_logits(path: Path, ids: list[int], block_size: int = 16) -> torch.Tensor:
-    """Logits of every prompt token from Minerva's own model (engine.models) in one paged prefill."""
-    from engine.attention_metadata import AttentionMetadata
-    from engine.loader import open_model
-    from engine.models import build_model
+class MinervaRunner:
+    """Minerva's own model (engine.models over engine.loader) driven like the engine: one sequence, paged KV."""
 
-    model = build_model(open_model(path), dtype=torch.float32)
-    blocks = -(-len(ids) // block_size)
-    shape = (blocks, block_size, model.num_kv_heads, model.head_dim)
-    model.bind_kv_caches([(torch.zeros(shape, dtype=model.kv_cache_dtype), torch.zeros(shape, dtype=model.kv_cache_dtype))
-                          for _ in range(model.num_layers)])
-    meta = AttentionMetadata(
-        slot_mapping=torch.arange(len(ids)),
-        block_tables=torch.arange(blocks, dtype=torch.int32)[None],
-        seq_lens=torch.tensor([len(ids)], dtype=torch.int32),
-        query_start_loc=torch.tensor([0, len(ids)], dtype=torch.int32),
-        num_prefill_tokens=len(ids),
-    )
-    with torch.no_grad():
-        return model.forward(torch.tensor(ids), torch.arange(len(ids)), meta)
+    def __init__(self, path: Path, block_size: int = 16, num_blocks: int = 32) -> None:
+        from engine.loader import open_model
+        from engine.models import build_model
+
+        self.model = build_model(open_model(path), dtype=torch.float32)
+        self.block_size, self.num_blocks, self.length = block_size, num_blocks, 0
+        shape = (num_blocks, block_size, self.model.num_kv_heads, self.model.head_dim)
+        dtype = self.model.kv_cache_dtype
+        self.model.bind_kv_caches([(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+                                   for _ in range(self.model.num_layers)])
+
+    def step(self, ids: list[int]) -> torch.Tensor:
+        """Logits `[len(ids), vocab]` for new tokens appended to the sequence."""
+        from engine.attention_metadata import AttentionMetadata
+
+        positions = torch.arange(self.length, self.length + len(ids))
+        self.length += len(ids)
+        meta = AttentionMetadata(
+            slot_mapping=positions.clone(),
+            block_tables=torch.arange(self.num_blocks, dtype=torch.int32)[None],
+            seq_lens=torch.tensor([self.length], dtype=torch.int32),
+            query_start_loc=torch.tensor([0, len(ids)], dtype=torch.int32),
+            num_prefill_tokens=len(ids) if len(ids) > 1 else 0,
+            num_decode_tokens=1 if len(ids) == 1 else 0,
+        )
+        with torch.no_grad():
+            return self.model.forward(torch.tensor(ids), positions, meta)
+
+
+def minerva_prefill_logits(path: Path, ids: list[int]) -> torch.Tensor:
+    return MinervaRunner(path).step(ids)
 
 
 def test_minerva_logits_match_transformers():
@@ -242,6 +256,21 @@ def test_minerva_logits_match_transformers():
     with torch.no_grad():
         expected = truncated(input_ids=torch.tensor([ids])).logits[0]
     torch.testing.assert_close(minerva_prefill_logits(default_gguf_path(), ids), expected, rtol=1e-4, atol=1e-3)
+
+
+def test_minerva_greedy_decode_matches_transformers():
+    """Prefill then token-by-token decode through the paged cache, past the 64-token window."""
+    ids = tokenizer()(HELDOUT.read_text()).input_ids[:56]
+    expected = list(ids)
+    with torch.no_grad():  # transformers' full forward each step: no cache, no stop-token handling
+        for _ in range(24):
+            expected.append(int(reference_model()(input_ids=torch.tensor([expected])).logits[0, -1].argmax()))
+    runner, generated = MinervaRunner(MODEL_DIR), []
+    logits = runner.step(ids)
+    for _ in range(24):
+        generated.append(int(logits[-1].argmax()))
+        logits = runner.step(generated[-1:])
+    assert generated == expected[len(ids):]
 
 
 def test_minerva_generations_are_corpus_english():
