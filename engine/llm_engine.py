@@ -1,0 +1,233 @@
+"""LLMEngine: add_request / step / abort over the scheduler, model runner, sampler and detokenizer."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from engine.config import EngineConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.kv_cache import BlockPool
+from engine.model_runner import ModelRunner, num_kv_blocks
+from engine.models.base import CausalLM
+from engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
+from engine.request import Sequence
+from engine.sampler import Sampler, SamplingRow
+from engine.sampling_params import InvalidRequestError, SamplingParams
+from engine.scheduler import Scheduler
+from engine.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    detoks: list[IncrementalDetokenizer]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    sent_tokens: list[int] = field(default_factory=list)  # per sample: token ids already reported
+
+    @property
+    def finished(self) -> bool:
+        return all(o.finished for o in self.outputs)
+
+
+class LLMEngine:
+    """Synchronous core: one `step()` = one scheduled batch = one forward pass."""
+
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer, config: EngineConfig, max_model_len: int,
+                 model_info: Any = None, num_blocks: int | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.model_info = model_info
+        self.max_model_len = max_model_len
+        if num_blocks is None:
+            num_blocks = num_kv_blocks(model, config.block_size, config.kv_cache_gib, config.gpu_memory_utilization)
+        needed = -(-max_model_len // config.block_size)
+        if num_blocks < needed:
+            raise InvalidRequestError(f"KV cache of {num_blocks} blocks cannot hold one {max_model_len}-token "
+                                      f"sequence ({needed} blocks): raise the KV budget or lower max_model_len",
+                                      "max_model_len")
+        self.pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.enable_chunked_prefill)
+        self.runner = ModelRunner(model, num_blocks, config.block_size)
+        self.sampler = Sampler(config.seed)
+        self.requests: dict[str, _Request] = {}
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "LLMEngine":
+        from engine.loader import open_model
+        from engine.models import build_model
+        from engine.tokenizer import load_tokenizer
+        from kernels import select_ops
+
+        path = config.model
+        if path is None:
+            from engine.assets import default_model_path
+
+            path = str(default_model_path())
+        loaded = open_model(path)
+        cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+        device = torch.device("cuda" if cuda else "cpu")
+        dtype = DTYPES.get(config.dtype, torch.bfloat16 if cuda else torch.float32)
+        backend = None if config.kernel_backend == "auto" else config.kernel_backend
+        model = build_model(loaded, device=device, dtype=dtype, ops=select_ops(device, backend))
+        context = loaded.info.context_length or 2048
+        max_model_len = min(config.max_model_len or context, context)
+        return cls(model, load_tokenizer(loaded), config, max_model_len, loaded.info)
+
+    # --- requests -------------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """Queue a request; raises InvalidRequestError for a duplicate id or a prompt that cannot fit."""
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already running", "request_id")
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise InvalidRequestError("the prompt is empty", "prompt")
+        if any(not 0 <= t < self.model.vocab_size for t in ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {self.model.vocab_size})", "prompt")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(f"the prompt has {len(ids)} tokens; this model's context is "
+                                      f"{self.max_model_len} tokens", "prompt")
+        max_tokens = params.max_tokens or self.max_model_len - len(ids)
+        if len(ids) + max_tokens > self.max_model_len:
+            raise InvalidRequestError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
+                                      f"context length {self.max_model_len}", "max_tokens")
+        if not self.config.enable_chunked_prefill and len(ids) + max_tokens > self.config.max_num_batched_tokens:
+            raise InvalidRequestError(f"with chunked prefill off a sequence may not exceed max_num_batched_tokens "
+                                      f"({self.config.max_num_batched_tokens})", "max_tokens")
+        seqs, detoks = [], []
+        for index in range(params.n):
+            generator = None
+            if params.seed is not None:
+                generator = torch.Generator().manual_seed(params.seed + index)
+            seqs.append(Sequence(request_id, index, ids, params, max_tokens, generator))
+            detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens))
+        request = _Request(request_id, ids, params, seqs, detoks,
+                           [CompletionOutput(i, "", [], logprobs=[] if params.logprobs is not None else None)
+                            for i in range(params.n)], [0] * params.n)
+        self.requests[request_id] = request
+        for seq in seqs:
+            self.scheduler.add(seq)
+        self.prompt_tokens_total += len(ids)
+        return ids
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Remove a request wherever it is; its blocks are free on return."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        return self._fail(request, None)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # --- the step ---------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model, sample, detokenize; outputs of every request that changed."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        sample_rows = [i for i, (seq, count) in enumerate(batch.items) if seq.num_computed_tokens + count == seq.num_tokens]
+        try:
+            logits = self.runner.run(batch.items, sample_rows)
+            rows = [self._sampling_row(batch.items[i][0]) for i in sample_rows]
+            result = self.sampler(logits, rows) if rows else None
+        except Exception as exc:  # a failing model fails this step's requests, not the engine
+            log.exception("engine step failed")
+            failed = {seq.request_id for seq, _ in batch.items}
+            return [self._fail(self.requests.pop(rid), f"{type(exc).__name__}: {exc}") for rid in failed
+                    if rid in self.requests]
+        self.scheduler.after_step(batch)
+        touched: dict[str, _Request] = {}
+        for row, item in enumerate(sample_rows):
+            seq = batch.items[item][0]
+            request = self.requests[seq.request_id]
+            self._append_token(request, seq, result, row)
+            touched[request.request_id] = request
+        outputs = [self._output(r) for r in touched.values()]
+        for request in touched.values():
+            if request.finished:
+                del self.requests[request.request_id]
+        return outputs
+
+    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+        p = seq.params
+        banned: list[int] = []
+        if len(seq.output_token_ids) < p.min_tokens:
+            banned = list(p.stop_token_ids) + ([] if p.ignore_eos else self.tokenizer.eos_token_ids)
+        return SamplingRow(p, seq.prompt_token_ids, seq.output_token_ids, seq.generator, banned)
+
+    def _append_token(self, request: _Request, seq: Sequence, result: Any, row: int) -> None:
+        token = result.token_ids[row]
+        seq.output_token_ids.append(token)
+        self.generation_tokens_total += 1
+        out = request.outputs[seq.index]
+        p = seq.params
+        if out.logprobs is not None and result.logprobs is not None:
+            top = [(t, self.tokenizer.decode([t], skip_special_tokens=False), lp) for t, lp in result.top_logprobs[row]]
+            out.logprobs.append(TokenLogprob(token, self.tokenizer.decode([token], skip_special_tokens=False),
+                                             result.logprobs[row], top))
+        detok = request.detoks[seq.index]
+        can_stop = len(seq.output_token_ids) >= p.min_tokens
+        is_stop_token = token in p.stop_token_ids or (not p.ignore_eos and token in self.tokenizer.eos_token_ids)
+        if not (can_stop and is_stop_token):  # a stop or EOS token adds no text
+            detok.add(token, check_stop=can_stop)
+        if can_stop and is_stop_token:
+            out.finish_reason, out.stop_reason = "stop", (token if token in p.stop_token_ids else None)
+        elif detok.stopped_by is not None:
+            out.finish_reason, out.stop_reason = "stop", detok.stopped_by
+        elif len(seq.output_token_ids) >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+            out.finish_reason = "length"
+        if out.finish_reason is not None:
+            self.scheduler.finish(seq)
+
+    def _output(self, request: _Request) -> RequestOutput:
+        for i, (out, seq, detok) in enumerate(zip(request.outputs, request.seqs, request.detoks)):
+            out.delta_text = detok.take_delta(out.finished)
+            out.text = detok.text[:detok.emitted]
+            out.token_ids = list(seq.output_token_ids)
+            out.delta_token_ids = out.token_ids[request.sent_tokens[i]:]
+            request.sent_tokens[i] = len(out.token_ids)
+        cached = min(seq.num_cached_tokens for seq in request.seqs)
+        return RequestOutput(request.request_id, request.prompt_token_ids,
+                             [_copy(o) for o in request.outputs], request.finished, cached)
+
+    def _fail(self, request: _Request, error: str | None) -> RequestOutput:
+        for seq, out in zip(request.seqs, request.outputs):
+            if not seq.finished:
+                self.scheduler.abort(seq)
+            if out.finish_reason is None:
+                out.finish_reason = "abort"
+                out.stop_reason = error
+        return self._output(request)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "num_running": len({s.request_id for s in self.scheduler.running}),
+            "num_waiting": len({s.request_id for s in self.scheduler.waiting}),
+            "kv_blocks_total": self.pool.num_blocks,
+            "kv_blocks_used": self.pool.num_used,
+            "kv_blocks_free": self.pool.num_free,
+            "prefix_cache_hit_rate": self.pool.hit_rate,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "prompt_tokens_total": self.prompt_tokens_total,
+            "generation_tokens_total": self.generation_tokens_total,
+        }
+
+
+def _copy(out: CompletionOutput) -> CompletionOutput:
+    return CompletionOutput(out.index, out.text, list(out.token_ids), out.delta_text, list(out.delta_token_ids),
+                            None if out.logprobs is None else list(out.logprobs), out.finish_reason, out.stop_reason)

@@ -1,0 +1,78 @@
+"""Batch -> flat tensors (AttentionMetadata) -> model forward -> logits; owns the paged KV caches."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.attention_metadata import AttentionMetadata
+from engine.models.base import CausalLM
+from engine.request import Sequence
+
+GIB = 1 << 30
+
+
+def kv_bytes_per_block(model: CausalLM, block_size: int) -> int:
+    element = torch.empty((), dtype=model.kv_cache_dtype).element_size()
+    return 2 * model.num_layers * block_size * model.num_kv_heads * model.head_dim * element
+
+
+def num_kv_blocks(model: CausalLM, block_size: int, kv_cache_gib: float, gpu_memory_utilization: float) -> int:
+    """Blocks that fit the budget: `kv_cache_gib` on CPU, the unreserved share of free GPU memory on CUDA."""
+    if model.device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(model.device)
+        budget = free - (1.0 - gpu_memory_utilization) * total
+    else:
+        budget = kv_cache_gib * GIB
+    return int(budget // kv_bytes_per_block(model, block_size))
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.device = model.device
+        shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=model.kv_cache_dtype, device=self.device),
+             torch.zeros(shape, dtype=model.kv_cache_dtype, device=self.device))
+            for _ in range(model.num_layers)
+        ]
+        model.bind_kv_caches(self.kv_caches)
+
+    def build_inputs(self, items: list[tuple[Sequence, int]], sample_rows: list[int]
+                     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Flat ids/positions and metadata for `(sequence, new tokens)` pairs; logits for `sample_rows` items."""
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seq_lens: list[int] = []
+        starts = [0]
+        bs = self.block_size
+        for seq, count in items:
+            begin, end = seq.num_computed_tokens, seq.num_computed_tokens + count
+            ids.extend(seq.token_ids[begin:end])
+            positions.extend(range(begin, end))
+            slots.extend(seq.block_ids[p // bs] * bs + p % bs for p in range(begin, end))
+            seq_lens.append(end)
+            starts.append(starts[-1] + count)
+        width = max(len(seq.block_ids) for seq, _ in items)
+        tables = [seq.block_ids + [0] * (width - len(seq.block_ids)) for seq, _ in items]
+        num_decode = sum(1 for _, count in items if count == 1)
+        device = self.device
+        metadata = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+            num_prefill_tokens=len(ids) - num_decode,
+            num_decode_tokens=num_decode,
+            logits_indices=torch.tensor([starts[i + 1] - 1 for i in sample_rows], dtype=torch.int64, device=device),
+        )
+        return (torch.tensor(ids, dtype=torch.int64, device=device),
+                torch.tensor(positions, dtype=torch.int64, device=device), metadata)
+
+    @torch.inference_mode()
+    def run(self, items: list[tuple[Sequence, int]], sample_rows: list[int]) -> torch.Tensor:
+        """Logits `[len(sample_rows), vocab]` (float32) for the chosen items' last new token."""
+        input_ids, positions, metadata = self.build_inputs(items, sample_rows)
+        return self.model.forward(input_ids, positions, metadata)

@@ -1,0 +1,160 @@
+"""Continuous batching: FCFS queues, a token budget per step, chunked prefill, prefix reuse, preemption.
+
+One rule (vLLM v1): each sequence has `num_computed_tokens` of `num_tokens`; a step gives each
+scheduled sequence some new tokens to compute. Running sequences come first (decodes, then
+unfinished prefill chunks), then waiting ones in arrival order. When blocks run out the newest
+running sequence is preempted (blocks freed, `num_computed_tokens = 0`, back to the head of the
+queue), so the oldest request always makes progress.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.kv_cache import BlockPool, block_hashes
+from engine.request import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    """What one step computes: `(sequence, number of new tokens)` pairs, in batch order."""
+
+    items: list[tuple[Sequence, int]] = field(default_factory=list)
+    num_preempted: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(count for _, count in self.items)
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+
+class Scheduler:
+    def __init__(self, pool: BlockPool, max_num_seqs: int, max_num_batched_tokens: int,
+                 enable_chunked_prefill: bool = True) -> None:
+        self.pool = pool
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # oldest first
+        self.num_preemptions = 0
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def abort(self, seq: Sequence) -> None:
+        """Remove `seq` wherever it is and free its blocks now."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self._release(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    def finish(self, seq: Sequence) -> None:
+        self.abort(seq)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        # Decodes first, then prefill chunks of already running sequences.
+        order = sorted(self.running, key=lambda s: (s.num_remaining > 1, s.arrival))
+        for seq in order:
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            count = min(seq.num_remaining, budget)
+            while not self._grow(seq, seq.num_computed_tokens + count):
+                victim = self.running[-1]
+                self._preempt(victim)
+                batch.num_preempted += 1
+                batch.items = [(s, c) for s, c in batch.items if s is not victim]
+                if victim is seq:
+                    break
+            if seq.status is SequenceStatus.RUNNING:
+                batch.items.append((seq, count))
+                budget -= count
+        budget = self.max_num_batched_tokens - batch.num_tokens
+        if batch.num_preempted == 0:
+            while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+                seq = self.waiting[0]
+                if not self._admit(seq, budget):
+                    break
+                self.waiting.popleft()
+                seq.status = SequenceStatus.RUNNING
+                self.running.append(seq)
+                self.running.sort(key=lambda s: s.arrival)
+                count = min(seq.num_remaining, budget)
+                batch.items.append((seq, count))
+                budget -= count
+        return batch
+
+    def after_step(self, batch: ScheduledBatch) -> None:
+        """Advance computed counts and publish newly full blocks to the prefix cache."""
+        for seq, count in batch.items:
+            seq.num_computed_tokens += count
+            self._commit_full_blocks(seq)
+
+    def _admit(self, seq: Sequence, budget: int) -> bool:
+        if seq.num_computed_tokens == 0 and not seq.block_ids and self.pool.enable_prefix_caching:
+            tokens = seq.token_ids
+            seq.block_hashes = block_hashes(tokens, self.pool.block_size, seq.block_hashes)
+            usable = (seq.num_tokens - 1) // self.pool.block_size  # always compute at least one token
+            seq.block_ids = self.pool.lookup_prefix(seq.block_hashes[:usable])
+            seq.num_computed_tokens = len(seq.block_ids) * self.pool.block_size
+            seq.num_committed_blocks = len(seq.block_ids)
+            seq.num_cached_tokens = max(seq.num_cached_tokens, seq.num_computed_tokens)
+        count = seq.num_remaining
+        if count > budget and not self.enable_chunked_prefill:
+            return self._undo_admit(seq)
+        if not self._grow(seq, seq.num_computed_tokens + min(count, budget)):
+            return self._undo_admit(seq)
+        return True
+
+    def _undo_admit(self, seq: Sequence) -> bool:
+        self._release(seq)
+        return False
+
+    def _grow(self, seq: Sequence, num_tokens: int) -> bool:
+        needed = -(-num_tokens // self.pool.block_size) - len(seq.block_ids)
+        if needed <= 0:
+            return True
+        if needed > self.pool.num_free:
+            return False
+        seq.block_ids.extend(self.pool.allocate(needed))
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._release(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.waiting = deque(sorted(self.waiting, key=lambda s: s.arrival))
+        self.num_preemptions += 1
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.block_ids:
+            self.pool.free(seq.block_ids)
+        seq.block_ids = []
+        seq.num_computed_tokens = 0
+        seq.num_committed_blocks = 0
+
+    def _commit_full_blocks(self, seq: Sequence) -> None:
+        if not self.pool.enable_prefix_caching:
+            return
+        full = seq.num_computed_tokens // self.pool.block_size
+        if full <= seq.num_committed_blocks:
+            return
+        seq.block_hashes = block_hashes(seq.token_ids[:full * self.pool.block_size], self.pool.block_size,
+                                        seq.block_hashes[:full])
+        for i in range(seq.num_committed_blocks, full):
+            self.pool.commit(seq.block_ids[i], seq.block_hashes[i])
+        seq.num_committed_blocks = full

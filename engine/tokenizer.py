@@ -1,0 +1,145 @@
+"""Tokenizers: HF tokenizer.json or a GGUF vocabulary, plus chat templates in a jinja2 sandbox."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, normalizers, pre_tokenizers
+
+
+class TokenizerError(ValueError):
+    """The model's tokenizer files or GGUF vocabulary cannot be used; the message says which and why."""
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class Tokenizer:
+    """Encode/decode plus chat templates; built `from_files` (HF) or `from_gguf` (GGUF key-values)."""
+
+    def __init__(self, backend: HFTokenizer, chat_template: str | None = None, bos_token: str | None = None,
+                 eos_token: str | None = None, eos_token_ids: list[int] | None = None,
+                 add_bos_token: bool = False) -> None:
+        self.backend = backend
+        self.chat_template = chat_template
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        ids = list(eos_token_ids or [])
+        if eos_token is not None and backend.token_to_id(eos_token) is not None:
+            ids.append(backend.token_to_id(eos_token))
+        self.eos_token_ids = sorted(set(ids))
+        self.add_bos_token = add_bos_token
+        self._bos_id = backend.token_to_id(bos_token) if bos_token else None
+        self._template = None
+        if chat_template:
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = _raise_template_error
+            self._template = env.from_string(chat_template)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self._template is not None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        if add_special_tokens and self.add_bos_token and self._bos_id is not None and ids[:1] != [self._bos_id]:
+            ids = [self._bos_id, *ids]
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str:
+        return self.backend.id_to_token(token_id) or ""
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **extra: Any) -> str:
+        if self._template is None:
+            raise TokenizerError("this model has no chat template")
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "", **extra)
+
+    @classmethod
+    def from_files(cls, files: Mapping[str, Path]) -> "Tokenizer":
+        """From an HF checkpoint's tokenizer.json (+ tokenizer_config.json, chat_template.jinja)."""
+        if "tokenizer.json" not in files:
+            raise TokenizerError("no tokenizer.json beside the model (only HF fast tokenizers are supported)")
+        backend = HFTokenizer.from_file(str(files["tokenizer.json"]))
+        config: dict[str, Any] = {}
+        if "tokenizer_config.json" in files:
+            config = json.loads(Path(files["tokenizer_config.json"]).read_text())
+        template = config.get("chat_template")
+        if isinstance(template, list):  # named templates: take the default one
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        if "chat_template.jinja" in files:
+            template = Path(files["chat_template.jinja"]).read_text()
+        eos_ids = []
+        if "generation_config.json" in files:
+            eos = json.loads(Path(files["generation_config.json"]).read_text()).get("eos_token_id")
+            eos_ids = eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else []
+        bos = _token_text(config.get("bos_token"))
+        post = backend.post_processor
+        adds_bos_itself = post is not None and bos is not None and bos in json.dumps(json.loads(backend.to_str()).get("post_processor"))
+        return cls(backend, template, bos, _token_text(config.get("eos_token")), eos_ids,
+                   add_bos_token=bool(config.get("add_bos_token")) and not adds_bos_itself)
+
+    @classmethod
+    def from_gguf(cls, fields: Mapping[str, Any]) -> "Tokenizer":
+        """From `tokenizer.ggml.*` keys: gpt2-style byte-level BPE or llama SentencePiece-style."""
+        kind = fields.get("tokenizer.ggml.model")
+        tokens = list(fields.get("tokenizer.ggml.tokens") or [])
+        if not tokens:
+            raise TokenizerError("GGUF has no tokenizer.ggml.tokens")
+        types = list(fields.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+        if kind == "gpt2":
+            merges = [tuple(m.split(" ", 1)) for m in fields.get("tokenizer.ggml.merges") or []]
+            backend = HFTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, ignore_merges=False))
+            backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+            backend.decoder = decoders.ByteLevel()
+        elif kind == "llama":
+            scores = list(fields.get("tokenizer.ggml.scores") or [0.0] * len(tokens))
+            unk = fields.get("tokenizer.ggml.unknown_token_id", 0)
+            backend = HFTokenizer(models.Unigram(list(zip(tokens, map(float, scores))), unk_id=int(unk),
+                                                 byte_fallback=True))
+            backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+            backend.pre_tokenizer = None
+            backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                                 decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+        else:
+            raise TokenizerError(f"unsupported GGUF tokenizer model {kind!r} (gpt2 and llama are supported)")
+        from tokenizers import AddedToken
+
+        special = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty in (3, 4)]
+        backend.add_special_tokens(special)
+        def token(key: str) -> str | None:
+            index = fields.get(f"tokenizer.ggml.{key}_token_id")
+            return tokens[int(index)] if index is not None and 0 <= int(index) < len(tokens) else None
+        eos_ids = [int(fields["tokenizer.ggml.eos_token_id"])] if "tokenizer.ggml.eos_token_id" in fields else []
+        eot = fields.get("tokenizer.ggml.eot_token_id")
+        if eot is not None:
+            eos_ids.append(int(eot))
+        add_bos = bool(fields.get("tokenizer.ggml.add_bos_token", kind == "llama"))
+        return cls(backend, fields.get("tokenizer.chat_template"), token("bos"), token("eos"), eos_ids,
+                   add_bos_token=add_bos)
+
+
+def _raise_template_error(message: str) -> None:
+    raise TokenizerError(f"chat template error: {message}")
+
+
+def load_tokenizer(loaded: Any) -> Tokenizer:
+    """The tokenizer of an `engine.loader.LoadedModel`."""
+    if loaded.gguf_fields is not None:
+        return Tokenizer.from_gguf(loaded.gguf_fields)
+    return Tokenizer.from_files(loaded.tokenizer_files)
