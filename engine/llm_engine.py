@@ -67,7 +67,8 @@ class LLMEngine:
         self.generation_tokens_total = 0
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> "LLMEngine":
+    def from_config(cls, config: EngineConfig, num_blocks: int | None = None) -> "LLMEngine":
+        """Open `config.model`, build it on its device and size the KV pool (or take `num_blocks`)."""
         from engine.loader import open_model
         from engine.models import build_model
         from engine.tokenizer import load_tokenizer
@@ -86,7 +87,7 @@ class LLMEngine:
         model = build_model(loaded, device=device, dtype=dtype, ops=select_ops(device, backend))
         context = loaded.info.context_length or 2048
         max_model_len = min(config.max_model_len or context, context)
-        return cls(model, load_tokenizer(loaded), config, max_model_len, loaded.info)
+        return cls(model, load_tokenizer(loaded), config, max_model_len, loaded.info, num_blocks)
 
     # --- requests -------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> list[int]:

@@ -65,7 +65,7 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     before = probs.cumsum(dim=-1) - probs  # mass strictly above each token
     drop = before >= top_p.unsqueeze(1)
     drop[:, 0] = False
-    drop |= probs < (min_p * probs[:, :1]).expand_as(probs)
+    drop |= probs < min_p.unsqueeze(1) * probs[:, :1]
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
