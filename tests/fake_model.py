@@ -1,0 +1,53 @@
+"""A CausalLM whose next token is a fixed function of the whole context, read back through the paged KV cache.
+
+Keys store token ids, values store positions; the logits come from what the block tables point at,
+so a wrong slot mapping, block table or sequence length changes the tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.attention_metadata import AttentionMetadata
+
+
+def next_token(context: list[int], vocab_size: int) -> int:
+    """The token the fake model predicts after `context` (the test's reference)."""
+    return sum((i + 1) * t for i, t in enumerate(context)) * 31 % vocab_size
+
+
+class FakeModel:
+    num_layers = 1
+    num_kv_heads = 1
+    head_dim = 2
+    dtype = torch.float64
+    device = torch.device("cpu")
+
+    def __init__(self, vocab_size: int = 97) -> None:
+        self.vocab_size = vocab_size
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    @property
+    def kv_cache_dtype(self) -> torch.dtype:
+        return torch.float64
+
+    def bind_kv_caches(self, kv_caches) -> None:
+        self.kv_caches = kv_caches
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        k_cache, v_cache = self.kv_caches[0]
+        block_size = k_cache.shape[1]
+        flat_k, flat_v = k_cache.view(-1, 2), v_cache.view(-1, 2)
+        flat_k[meta.slot_mapping, 0] = input_ids.double()
+        flat_v[meta.slot_mapping, 0] = positions.double()
+        rows = meta.logits_indices.tolist() if meta.logits_indices is not None else range(len(input_ids))
+        ends = meta.query_start_loc[1:].tolist()
+        logits = torch.zeros(len(rows), self.vocab_size)
+        for out, row in enumerate(rows):
+            seq = next(i for i, end in enumerate(ends) if row < end)
+            length = int(meta.seq_lens[seq]) - (ends[seq] - 1 - row)
+            slots = [int(meta.block_tables[seq, p // block_size]) * block_size + p % block_size for p in range(length)]
+            assert flat_v[slots, 0].tolist() == list(range(length)), "KV cache positions scrambled"
+            context = [int(t) for t in flat_k[slots, 0].tolist()]
+            logits[out, next_token(context, self.vocab_size)] = 1.0
+        return logits
