@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from engine.async_engine import EngineDeadError
 from engine.sampling_params import InvalidRequestError
 
 logger = logging.getLogger("minerva.server")
@@ -105,6 +106,11 @@ def install_error_handlers(app: FastAPI) -> None:
             phrase = "error"
         message = exc.detail if isinstance(exc.detail, str) and exc.detail != phrase else f"{phrase}: {request.url.path}"
         return error_response(APIError(exc.status_code, message), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(EngineDeadError)
+    async def _engine_dead(request: Request, exc: EngineDeadError) -> JSONResponse:
+        logger.error("engine unavailable for request %s: %s", request_id_of(request), exc)
+        return error_response(APIError(503, f"the model's engine is not running: {exc}", code="engine_unavailable"))
 
     @app.exception_handler(ClientDisconnected)
     async def _gone(request: Request, exc: ClientDisconnected) -> Response:

@@ -17,13 +17,15 @@ import openai
 import pytest
 import torch
 
+from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
+from engine.llm import LLM
+from engine.sampling_params import SamplingParams
 from engine.loader import read_model_info
 from server.app import create_app
-from server_fixtures import LiveServer, save_tiny_llama
+from server_fixtures import SPECIAL_TOKENS, LiveServer, save_tiny_llama
 
 pytestmark = pytest.mark.timeout(120)
-AsyncEngine = pytest.importorskip("engine.async_engine", reason="the engine (engine/async_engine.py) has not landed").AsyncEngine
 
 PROMPT = "The quick brown fox"
 MAX_TOKENS = 12
@@ -123,6 +125,15 @@ def test_greedy_completion_matches_transformers(client, hf):
         assert out.usage.completion_tokens == MAX_TOKENS
 
 
+def test_greedy_through_the_api_equals_llm_generate(client, model_dir):
+    llm = LLM(str(model_dir), device="cpu", dtype="float32", kernel_backend="torch", kv_cache_gib=0.02)
+    prompts = [PROMPT, "Hello world"]
+    offline = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
+    online = client.completions.create(model="tiny", prompt=prompts, max_tokens=MAX_TOKENS, temperature=0)
+    assert [c.text for c in online.choices] == [o.outputs[0].text for o in offline]
+    assert online.usage.completion_tokens == sum(len(o.outputs[0].token_ids) for o in offline)
+
+
 def test_token_id_prompts_and_multiple_prompts(client, hf):
     ids = hf[1].encode(PROMPT)
     by_ids = client.completions.create(model="tiny", prompt=ids, max_tokens=6, temperature=0)
@@ -210,7 +221,7 @@ def test_chat_logprobs_and_seeded_n(client):
     assert [c.message.content for c in out.choices] == [c.message.content for c in again.choices]
     for choice in out.choices:
         content = choice.logprobs.content
-        assert "".join(t.token for t in content) == choice.message.content
+        assert "".join(t.token for t in content if t.token not in SPECIAL_TOKENS) == choice.message.content
         assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
 
 
@@ -430,6 +441,13 @@ def test_api_key_guards_v1_routes_but_not_health(engines):
     assert_openai_error(asgi_get(app, "GET", "/v1/models", headers={"authorization": "Bearer wrong"}), 401)
     assert asgi_get(app, "GET", "/v1/models", headers={"authorization": "Bearer sekret"}).status_code == 200
     assert asgi_get(app, "GET", "/health").status_code == 200
+
+
+def test_an_engine_that_is_not_running_is_a_503(engines):
+    idle = AsyncEngine(engines["tiny-copy"].engine)  # same model, loop never started
+    app = create_app({"tiny": idle}, manage_engines=False)
+    error = assert_openai_error(asgi_get(app, "POST", "/v1/completions", json={"model": "tiny", "prompt": "x"}), 503)
+    assert error["code"] == "engine_unavailable"
 
 
 class FailingTokenizer:
