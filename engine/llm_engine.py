@@ -114,7 +114,7 @@ class LLMEngine:
             generator = None
             if params.seed is not None:
                 generator = torch.Generator().manual_seed(params.seed + index)
-            seqs.append(Sequence(request_id, index, ids, params, max_tokens, generator))
+            seqs.append(Sequence(request_id, index, ids, params, max_tokens, generator, lead=seqs[0] if seqs else None))
             detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens))
         request = _Request(request_id, ids, params, seqs, detoks,
                            [CompletionOutput(i, "", [], logprobs=[] if params.logprobs is not None else None)

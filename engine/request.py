@@ -38,6 +38,8 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     arrival: int = field(default_factory=lambda: next(_arrivals))
+    lead: "Sequence | None" = None  # sample 0 of the request, whose prompt blocks later samples reuse
+    prompt_done: bool = False  # the prompt has been computed once (its full blocks are in the prefix cache)
 
     @property
     def token_ids(self) -> list[int]:

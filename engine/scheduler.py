@@ -101,9 +101,13 @@ class Scheduler:
         """Advance computed counts and publish newly full blocks to the prefix cache."""
         for seq, count in batch.items:
             seq.num_computed_tokens += count
+            seq.prompt_done = seq.prompt_done or seq.num_computed_tokens >= len(seq.prompt_token_ids)
             self._commit_full_blocks(seq)
 
     def _admit(self, seq: Sequence, budget: int) -> bool:
+        lead = seq.lead
+        if lead is not None and self.pool.enable_prefix_caching and not (lead.prompt_done or lead.finished):
+            return False  # wait one prefill so this sample reuses sample 0's prompt blocks
         if seq.num_computed_tokens == 0 and not seq.block_ids and self.pool.enable_prefix_caching:
             tokens = seq.token_ids
             seq.block_hashes = block_hashes(tokens, self.pool.block_size, seq.block_hashes)

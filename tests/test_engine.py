@@ -115,3 +115,14 @@ def test_model_error_fails_only_that_step():
     assert_idle(engine)
     engine.add_request("b", PROMPTS[0], SamplingParams(max_tokens=4))
     assert run_to_completion(engine)["b"].outputs[0].finish_reason == "length"
+
+
+def test_n_samples_share_prompt_blocks():
+    engine = make_engine(block_size=4)
+    prompt = PROMPTS[3]
+    engine.add_request("n", prompt, SamplingParams(temperature=1.0, n=3, max_tokens=4, seed=1))
+    prompt_len = len(engine.requests["n"].prompt_token_ids)
+    out = run_to_completion(engine)["n"]
+    assert len(out.outputs) == 3 and all(len(o.token_ids) == 4 for o in out.outputs)
+    assert engine.pool.prefix_hits == 2 * ((prompt_len - 1) // 4)  # samples 1 and 2 reuse every full prompt block
+    assert_idle(engine)
