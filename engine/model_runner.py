@@ -71,7 +71,7 @@ class ModelRunner:
         return (torch.tensor(ids, dtype=torch.int64, device=device),
                 torch.tensor(positions, dtype=torch.int64, device=device), metadata)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: the sampler edits the logits in place
     def run(self, items: list[tuple[Sequence, int]], sample_rows: list[int]) -> torch.Tensor:
         """Logits `[len(sample_rows), vocab]` (float32) for the chosen items' last new token."""
         input_ids, positions, metadata = self.build_inputs(items, sample_rows)

@@ -126,3 +126,15 @@ def test_n_samples_share_prompt_blocks():
     assert len(out.outputs) == 3 and all(len(o.token_ids) == 4 for o in out.outputs)
     assert engine.pool.prefix_hits == 2 * ((prompt_len - 1) // 4)  # samples 1 and 2 reuse every full prompt block
     assert_idle(engine)
+
+
+def test_penalties_and_logprobs_through_the_engine():
+    engine = make_engine()
+    params = SamplingParams(temperature=0, max_tokens=6, repetition_penalty=1.5, frequency_penalty=1.0,
+                            logprobs=2, ignore_eos=True)
+    engine.add_request("p", PROMPTS[0], params)
+    out = run_to_completion(engine)["p"].outputs[0]
+    assert len(out.logprobs) == 6 and all(len(lp.top) == 2 for lp in out.logprobs)
+    assert all(lp.token_id == lp.top[0][0] and lp.logprob <= 0 for lp in out.logprobs)  # greedy = best
+    assert out.token_ids != reference_greedy(tuple(engine.tokenizer.encode(PROMPTS[0])), 6) or len(set(out.token_ids)) == 6
+    assert_idle(engine)
