@@ -138,3 +138,16 @@ def test_penalties_and_logprobs_through_the_engine():
     assert all(lp.token_id == lp.top[0][0] and lp.logprob <= 0 for lp in out.logprobs)  # greedy = best
     assert out.token_ids != reference_greedy(tuple(engine.tokenizer.encode(PROMPTS[0])), 6) or len(set(out.token_ids)) == 6
     assert_idle(engine)
+
+
+def test_offline_llm_generate_keeps_prompt_order():
+    from engine.llm import LLM
+    from tests.engine_testing import tiny_llama_dir
+
+    llm = LLM(str(tiny_llama_dir()), kv_cache_gib=0.01)
+    outs = llm.generate(PROMPTS[:3], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert [o.prompt_token_ids for o in outs] == [llm.tokenizer.encode(p) for p in PROMPTS[:3]]
+    for out in outs:
+        assert out.outputs[0].token_ids == reference_greedy(tuple(out.prompt_token_ids), 4)
+    assert llm.generate(PROMPTS[0], SamplingParams(max_tokens=2))[0].finished
+    assert_idle(llm.engine)
