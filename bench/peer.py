@@ -221,6 +221,14 @@ def transformers_greedy(model_dir: Path, prompts: Sequence[str], max_tokens: int
         from transformers import Mxfp4Config
 
         kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if rope.get("rope_type") == "yarn" and rope.get("truncate") is False:
+        # A GGUF cannot say truncate=false and llama.cpp always truncates: compare like for like.
+        from transformers import AutoConfig
+
+        hf_config = AutoConfig.from_pretrained(model_dir)
+        (getattr(hf_config, "rope_parameters", None) or hf_config.rope_scaling)["truncate"] = True
+        kwargs["config"] = hf_config
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kwargs).eval()
     stops = set()
@@ -360,11 +368,14 @@ def compare_greedy(outputs: dict[str, list[str]], prompts: Sequence[str]) -> dic
         texts = {name: out[i] for name, out in outputs.items()}
         values = list(texts.values())
         same = all(v == values[0] for v in values)
-        first_diff = None
+        first_diff, note = None, ""
         if not same:
             first_diff = next((j for j in range(min(map(len, values))) if len({v[j] for v in values}) > 1),
                               min(map(len, values)))
-        rows.append({"prompt": prompt, "texts": texts, "agree": same, "first_diff_char": first_diff})
+            longest = max(texts, key=lambda name: len(texts[name]))
+            if all(texts[longest].startswith(v) for v in values):
+                note = f"{longest} went on where the others stopped: it did not stop on their end token"
+        rows.append({"prompt": prompt, "texts": texts, "agree": same, "first_diff_char": first_diff, "note": note})
     return {"all_agree": all(r["agree"] for r in rows), "prompts": rows}
 
 

@@ -84,7 +84,9 @@ def test_greedy_comparison_and_ratio_table():
     same = peer.compare_greedy({"a": ["xy", "abc"], "b": ["xy", "abd"]}, ["p0", "p1"])
     assert not same["all_agree"]
     assert [r["agree"] for r in same["prompts"]] == [True, False]
-    assert same["prompts"][1]["first_diff_char"] == 2
+    assert same["prompts"][1]["first_diff_char"] == 2 and same["prompts"][1]["note"] == ""
+    longer = peer.compare_greedy({"a": ["end."], "b": ["end. more"]}, ["p"])["prompts"][0]
+    assert longer["first_diff_char"] == 4 and longer["note"].startswith("b went on")
 
     def summary(conc, tput):
         dist = {"mean": 1.0, "p50": 2.0, "p90": 3.0, "p99": 4.0}
