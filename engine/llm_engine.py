@@ -141,7 +141,8 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        sample_rows = [i for i, (seq, count) in enumerate(batch.items) if seq.num_computed_tokens + count == seq.num_tokens]
+        sample_rows = [i for i, (seq, count) in enumerate(batch.items)
+                       if seq.num_computed_tokens + count == seq.num_tokens]  # prompt done: sample
         try:
             logits = self.runner.run(batch.items, sample_rows)
             rows = [self._sampling_row(batch.items[i][0]) for i in sample_rows]

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
@@ -88,11 +89,9 @@ class Tokenizer:
         if "generation_config.json" in files:
             eos = json.loads(Path(files["generation_config.json"]).read_text()).get("eos_token_id")
             eos_ids = eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else []
-        bos = _token_text(config.get("bos_token"))
-        post = backend.post_processor
-        adds_bos_itself = post is not None and bos is not None and bos in json.dumps(json.loads(backend.to_str()).get("post_processor"))
-        return cls(backend, template, bos, _token_text(config.get("eos_token")), eos_ids,
-                   add_bos_token=bool(config.get("add_bos_token")) and not adds_bos_itself)
+        # encode() adds BOS only when the post-processor has not already put it first
+        return cls(backend, template, _token_text(config.get("bos_token")), _token_text(config.get("eos_token")),
+                   eos_ids, add_bos_token=bool(config.get("add_bos_token")))
 
     @classmethod
     def from_gguf(cls, fields: Mapping[str, Any]) -> "Tokenizer":
@@ -112,19 +111,20 @@ class Tokenizer:
             unk = fields.get("tokenizer.ggml.unknown_token_id", 0)
             backend = HFTokenizer(models.Unigram(list(zip(tokens, map(float, scores))), unk_id=int(unk),
                                                  byte_fallback=True))
-            backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+            backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"),
+                                                      normalizers.Replace(" ", "\u2581")])
             backend.pre_tokenizer = None
             backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
                                                  decoders.Fuse(), decoders.Strip(" ", 1, 0)])
         else:
             raise TokenizerError(f"unsupported GGUF tokenizer model {kind!r} (gpt2 and llama are supported)")
-        from tokenizers import AddedToken
-
         special = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty in (3, 4)]
         backend.add_special_tokens(special)
+
         def token(key: str) -> str | None:
             index = fields.get(f"tokenizer.ggml.{key}_token_id")
             return tokens[int(index)] if index is not None and 0 <= int(index) < len(tokens) else None
+
         eos_ids = [int(fields["tokenizer.ggml.eos_token_id"])] if "tokenizer.ggml.eos_token_id" in fields else []
         eot = fields.get("tokenizer.ggml.eot_token_id")
         if eot is not None:
