@@ -26,6 +26,14 @@ def num_kv_blocks(model: CausalLM, block_size: int, kv_cache_gib: float, gpu_mem
     return int(budget // kv_bytes_per_block(model, block_size))
 
 
+def _token_slice(seq: Sequence, begin: int, end: int) -> list[int]:
+    """`seq.token_ids[begin:end]` without building the whole list (a decode needs one token)."""
+    prompt = seq.prompt_token_ids
+    if begin >= len(prompt):
+        return seq.output_token_ids[begin - len(prompt):end - len(prompt)]
+    return prompt[begin:end] + seq.output_token_ids[:max(0, end - len(prompt))]
+
+
 class ModelRunner:
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int) -> None:
         self.model = model
@@ -50,18 +58,25 @@ class ModelRunner:
         bs = self.block_size
         for seq, count in items:
             begin, end = seq.num_computed_tokens, seq.num_computed_tokens + count
-            ids.extend(seq.token_ids[begin:end])
+            ids.extend(_token_slice(seq, begin, end))
             positions.extend(range(begin, end))
-            slots.extend(seq.block_ids[p // bs] * bs + p % bs for p in range(begin, end))
+            if count == 1:
+                slots.append(seq.block_ids[begin // bs] * bs + begin % bs)
+            else:
+                slots.extend(seq.block_ids[p // bs] * bs + p % bs for p in range(begin, end))
             seq_lens.append(end)
             starts.append(starts[-1] + count)
         width = max(len(seq.block_ids) for seq, _ in items)
-        tables = [seq.block_ids + [0] * (width - len(seq.block_ids)) for seq, _ in items]
+        flat_tables: list[int] = []
+        for seq, _ in items:
+            flat_tables += seq.block_ids
+            flat_tables += [0] * (width - len(seq.block_ids))
+        tables = torch.tensor(flat_tables, dtype=torch.int32).view(len(items), width)
         num_decode = sum(1 for _, count in items if count == 1)
         device = self.device
         metadata = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
+            block_tables=tables.to(device),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
             num_prefill_tokens=len(ids) - num_decode,
