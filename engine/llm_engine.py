@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from engine.config import EngineConfig
+from engine.config import ConfigError, EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import BlockPool
 from engine.model_runner import ModelRunner, num_kv_blocks
@@ -54,9 +54,9 @@ class LLMEngine:
             num_blocks = num_kv_blocks(model, config.block_size, config.kv_cache_gib, config.gpu_memory_utilization)
         needed = -(-max_model_len // config.block_size)
         if num_blocks < needed:
-            raise InvalidRequestError(f"KV cache of {num_blocks} blocks cannot hold one {max_model_len}-token "
-                                      f"sequence ({needed} blocks): raise the KV budget or lower max_model_len",
-                                      "max_model_len")
+            raise ConfigError(f"KV cache of {num_blocks} blocks cannot hold one {max_model_len}-token "
+                              f"sequence ({needed} blocks): raise kv_cache_gib / gpu_memory_utilization "
+                              "or lower max_model_len")
         self.pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.enable_chunked_prefill)

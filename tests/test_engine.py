@@ -151,3 +151,10 @@ def test_offline_llm_generate_keeps_prompt_order():
         assert out.outputs[0].token_ids == reference_greedy(tuple(out.prompt_token_ids), 4)
     assert llm.generate(PROMPTS[0], SamplingParams(max_tokens=2))[0].finished
     assert_idle(llm.engine)
+
+
+def test_pool_too_small_for_one_sequence_is_a_config_error():
+    from engine.config import ConfigError
+
+    with pytest.raises(ConfigError, match="max_model_len"):
+        make_engine(num_blocks=2, block_size=4, max_model_len=64)
