@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +66,7 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.load_seconds = 0.0  # set by from_config: opening, building and placing the weights
 
     @classmethod
     def from_config(cls, config: EngineConfig, num_blocks: int | None = None) -> "LLMEngine":
@@ -79,6 +81,7 @@ class LLMEngine:
             from engine.assets import default_model_path
 
             path = str(default_model_path())
+        started = time.perf_counter()
         loaded = open_model(path)
         cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
         device = torch.device("cuda" if cuda else "cpu")
@@ -87,7 +90,9 @@ class LLMEngine:
         model = build_model(loaded, device=device, dtype=dtype, ops=select_ops(device, backend))
         context = loaded.info.context_length or 2048
         max_model_len = min(config.max_model_len or context, context)
-        return cls(model, load_tokenizer(loaded), config, max_model_len, loaded.info, num_blocks)
+        engine = cls(model, load_tokenizer(loaded), config, max_model_len, loaded.info, num_blocks)
+        engine.load_seconds = time.perf_counter() - started
+        return engine
 
     # --- requests -------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> list[int]:
@@ -227,6 +232,7 @@ class LLMEngine:
             "num_preemptions": self.scheduler.num_preemptions,
             "prompt_tokens_total": self.prompt_tokens_total,
             "generation_tokens_total": self.generation_tokens_total,
+            "model_load_seconds": self.load_seconds,
         }
 
 

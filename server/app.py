@@ -1,33 +1,39 @@
-"""The FastAPI application: `create_app(engines)` serves one AsyncEngine per model name.
+"""The FastAPI application: `create_app(engines, settings)` serves one AsyncEngine per model name.
 
-Middleware-friendly: a request id is set first (pure ASGI), API keys are
-checked by a dependency on the /v1 routes, and every error leaves in OpenAI's
+Around the routes, outermost first: the request id, observability (metrics and
+the JSON request log, for every request, refused ones too), the body size cap,
+then the guard (API keys, rates, concurrency). Every error leaves in OpenAI's
 shape. The engines are started and shut down with the app's lifespan.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI
 
 from server import chat, completions, info_routes
-from server.errors import APIError, install_error_handlers
-from server.guard.keys import ApiKeys, AuthError
+from server.errors import install_error_handlers
+from server.guard.http import BodySizeLimit, GuardMiddleware
+from server.guard.keys import ApiKeys
+from server.guard.rate_limit import Admission
+from server.observability.http import ObservabilityMiddleware
+from server.observability.metrics import Metrics
 from server.request_id import RequestIdMiddleware
 from server.served_models import ServedModels
+from server.settings import ServerSettings
 
 logger = logging.getLogger("minerva.server")
 
 
-def create_app(engines: dict[str, Any], *, api_keys: Iterable[str] = (), allow_path_checks: bool = False,
-               device_name: str = "cpu", manage_engines: bool = True) -> FastAPI:
+def create_app(engines: dict[str, Any], settings: ServerSettings | None = None, *,
+               manage_engines: bool = True) -> FastAPI:
     """engines: served model name -> AsyncEngine. With `manage_engines` the app starts and stops them."""
+    settings = settings or ServerSettings()
     models = ServedModels(engines)
-    keys = ApiKeys(api_keys)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -42,24 +48,20 @@ def create_app(engines: dict[str, Any], *, api_keys: Iterable[str] = (), allow_p
             for model in started:
                 await model.engine.shutdown()
 
-    async def require_key(request: Request) -> None:
-        if not keys.enabled:
-            return
-        try:
-            request.state.key_id = keys.authenticate(request.headers.get("authorization"))
-        except AuthError as exc:
-            raise APIError(401, str(exc), code="invalid_api_key") from None
-
     app = FastAPI(title="Minerva", version=info_routes.minerva_version(), lifespan=lifespan)
     app.state.models = models
-    app.state.allow_path_checks = allow_path_checks
-    app.state.device_name = device_name
+    app.state.settings = settings
+    app.state.admission = Admission(settings.rate_limits)
+    app.state.metrics = Metrics(lambda: {m.name: m.engine.stats() for m in models})
     app.state.weight_profiles = {}
     install_error_handlers(app)
+    app.add_middleware(GuardMiddleware, keys=ApiKeys(settings.api_keys), admission=app.state.admission,
+                       protect_metrics=settings.protect_metrics)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.request_limits.max_body_bytes)
+    routers = (info_routes.public_router, info_routes.router, completions.router, chat.router)
+    app.add_middleware(ObservabilityMiddleware, metrics=app.state.metrics,
+                       routes=[route for router in routers for route in router.routes], log_prompts=settings.log_prompts)
     app.add_middleware(RequestIdMiddleware)
-    guarded = [Depends(require_key)]
-    app.include_router(info_routes.public_router)
-    app.include_router(info_routes.router, dependencies=guarded)
-    app.include_router(completions.router, dependencies=guarded)
-    app.include_router(chat.router, dependencies=guarded)
+    for router in routers:
+        app.include_router(router)
     return app

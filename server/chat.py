@@ -14,7 +14,9 @@ from server.choices import ChoiceTracker, new_id, now
 from server.errors import APIError
 from server.logprobs import chat_logprobs
 from server.protocol import ChatCompletionRequest, ChatMessage
-from server.request_params import refuse_unsupported, resolve_max_tokens, sampling_params
+from server.guard.http import reserve_tokens
+from server.observability.request_record import note_request, recorded
+from server.request_params import check_request, resolve_max_tokens, sampling_params
 from server.responses import collect, stream
 from server.served_models import ServedModel
 from server.streams import generate_many
@@ -64,15 +66,17 @@ def render_prompt(served: ServedModel, body: ChatCompletionRequest) -> list[int]
 @router.post("/v1/chat/completions", response_model=None)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> dict[str, Any] | Response:
     served: ServedModel = request.app.state.models.resolve(body.model)
-    refuse_unsupported(body)
+    check_request(body, request.app.state.settings.request_limits)
+    record = note_request(request, served.name, [m.model_dump(exclude_none=True) for m in body.messages])
     prompt = await asyncio.to_thread(render_prompt, served, body)  # templates + tokenizing stay off the loop
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = resolve_max_tokens(len(prompt), requested, served.engine.max_model_len, param)
+    reserve_tokens(request, len(prompt) + body.n * max_tokens)
     top = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(body, max_tokens=max_tokens, logprobs=top)
     completion_id, created = new_id("chatcmpl"), now()
-    outputs = generate_many(served.engine, [prompt], params, completion_id)
+    outputs = recorded(record, generate_many(served.engine, [prompt], params, completion_id))
     if body.stream:
         head = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": served.name,
                 "system_fingerprint": None}

@@ -13,21 +13,16 @@ from engine.outputs import RequestOutput
 from server.choices import ChoiceTracker, new_id, now
 from server.errors import APIError
 from server.logprobs import completion_logprobs, next_text_offset
-from server.protocol import CompletionRequest
-from server.request_params import refuse_unsupported, resolve_max_tokens, sampling_params
+from server.protocol import CompletionRequest, split_prompts
+from server.guard.http import reserve_tokens
+from server.observability.request_record import note_request, recorded
+from server.request_params import check_request, resolve_max_tokens, sampling_params
 from server.responses import collect, stream
 from server.served_models import ServedModel
 from server.streams import generate_many
 from server.tokens import encode
 
 router = APIRouter()
-
-
-def split_prompts(prompt: Any) -> list[str | list[int]]:
-    """OpenAI's four prompt shapes (string, strings, token ids, lists of token ids) as a list of prompts."""
-    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
-        return [prompt]
-    return list(prompt)
 
 
 def prompt_token_ids(served: ServedModel, prompts: list[str | list[int]]) -> list[list[int]]:
@@ -54,15 +49,17 @@ def echo_text(served: ServedModel, text: str | list[int], ids: list[int]) -> str
 @router.post("/v1/completions", response_model=None)
 async def create_completion(body: CompletionRequest, request: Request) -> dict[str, Any] | Response:
     served: ServedModel = request.app.state.models.resolve(body.model)
-    refuse_unsupported(body)
+    check_request(body, request.app.state.settings.request_limits)
+    record = note_request(request, served.name, body.prompt)
     texts = split_prompts(body.prompt)
     prompts = await asyncio.to_thread(prompt_token_ids, served, texts)  # long prompts must not stall the loop
     max_len = served.engine.max_model_len
     max_tokens = min(resolve_max_tokens(len(ids), body.max_tokens, max_len, "max_tokens") for ids in prompts)
+    reserve_tokens(request, sum(len(ids) + body.n * max_tokens for ids in prompts))
     params = sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs)
     completion_id, created = new_id("cmpl"), now()
     echoes = [echo_text(served, text, ids) if body.echo else "" for text, ids in zip(texts, prompts)]
-    outputs = generate_many(served.engine, prompts, params, completion_id)
+    outputs = recorded(record, generate_many(served.engine, prompts, params, completion_id))
     head = {"id": completion_id, "object": "text_completion", "created": created, "model": served.name}
     if body.stream:
         return await stream_completion(request, body, outputs, head, echoes)

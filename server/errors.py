@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from engine.async_engine import EngineDeadError
 from engine.sampling_params import InvalidRequestError
@@ -38,9 +39,10 @@ class APIError(Exception):
     """An error a route raises on purpose; becomes the matching HTTP status with OpenAI's body."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str | None = None) -> None:
+                 type: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers or {}
         self.message = message
         self.param = param
         self.code = code
@@ -61,7 +63,12 @@ def error_body(message: str, type: str, param: str | None = None, code: str | in
 
 def error_response(error: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
     body = error_body(error.message, error.type, error.param, error.code)
-    return JSONResponse(body, status_code=error.status, headers=headers)
+    return JSONResponse(body, status_code=error.status, headers={**error.headers, **(headers or {})})
+
+
+async def send_api_error(error: APIError, scope: Scope, receive: Receive, send: Send) -> None:
+    """Answer from inside a pure-ASGI middleware, before any route runs."""
+    await error_response(error)(scope, receive, send)
 
 
 def request_id_of(request: Request) -> str:

@@ -13,15 +13,17 @@ import importlib.metadata
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
 
 from engine.loader import ModelInfo, check_models
 from server.errors import APIError
+from server.observability.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from server.protocol import ModelCheckRequest
 from server.served_models import ServedModel, ServedModels
 from server.throughput import DEVICES, WeightProfile, device_key_for, estimate
 
 router = APIRouter()
-public_router = APIRouter()  # no API key: load balancers and probes call these
+public_router = APIRouter()  # no API key: load balancers, probes and scrapers call these
 
 
 def served_models(request: Request) -> ServedModels:
@@ -38,6 +40,12 @@ def minerva_version() -> str:
 @public_router.get("/health")
 async def health(request: Request) -> dict[str, Any]:
     return {"status": "ok", "models": {m.name: m.engine.stats() for m in served_models(request)}}
+
+
+@public_router.get("/metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    """Prometheus exposition; behind the API key when the server runs with --protect-metrics."""
+    return Response(request.app.state.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
 
 @public_router.get("/version")
@@ -76,7 +84,7 @@ async def check(body: ModelCheckRequest, request: Request) -> dict[str, list[dic
     for entry in body.models:
         if entry in served:
             results.append({"model": entry, "ok": True, "compact_id": served_compact_id(served[entry]), "error": None})
-        elif request.app.state.allow_path_checks:
+        elif request.app.state.settings.allow_path_checks:
             (result,) = await asyncio.to_thread(check_models, [entry])
             results.append({"model": entry, "ok": result.ok, "compact_id": result.compact_id, "error": result.error})
         else:
@@ -90,7 +98,7 @@ async def throughput(request: Request, model: str | None = None, device: str | N
                      ) -> dict[str, Any]:
     """Roofline decode estimate (see server/throughput.py and docs/server.md) for `device` or this server's own."""
     served = served_models(request).resolve(model)
-    key = device or device_key_for(request.app.state.device_name)
+    key = device or device_key_for(request.app.state.settings.device_name)
     if key not in DEVICES:
         raise APIError(400, f"unknown device {key!r}; known: {', '.join(DEVICES)}", param="device")
     profiles: dict[str, WeightProfile] = request.app.state.weight_profiles

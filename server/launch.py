@@ -9,6 +9,11 @@ from typing import Any
 
 from engine.config import ConfigError, EngineConfig
 from engine.loader import ModelLoadError
+from server.guard.keys import ApiKeys, read_keys_file
+from server.guard.rate_limit import Limits
+from server.guard.request_limits import RequestLimits
+from server.observability.request_log import configure_json_logging
+from server.settings import ServerSettings
 
 
 class LaunchError(Exception):
@@ -75,20 +80,53 @@ def device_name(configs: list[EngineConfig]) -> str:
     return "cpu"
 
 
+def server_settings(args: argparse.Namespace, configs: list[EngineConfig]) -> ServerSettings:
+    """The operator's flags as ServerSettings; a bad keys file or limit is a LaunchError."""
+    keys = list(args.api_key or [])
+    try:
+        if args.api_keys_file:
+            keys += read_keys_file(args.api_keys_file)
+        if args.protect_metrics and not keys:
+            raise ValueError("--protect-metrics needs --api-key or --api-keys-file")
+        request_limits = RequestLimits(max_body_bytes=args.max_body_bytes, max_n=args.max_n, max_stop=args.max_stop,
+                                       max_logprobs=args.max_logprobs, max_messages=args.max_messages,
+                                       max_prompts=args.max_prompts)
+        ApiKeys(keys)  # refuse empty or whitespace keys before the models load
+    except ValueError as exc:
+        raise LaunchError(str(exc)) from exc
+    rate_limits = Limits(requests_per_minute=args.rpm, tokens_per_minute=args.tpm,
+                         max_concurrent_per_client=args.max_concurrent_per_key, max_pending=args.max_pending)
+    return ServerSettings(api_keys=tuple(keys), protect_metrics=args.protect_metrics, rate_limits=rate_limits,
+                          request_limits=request_limits, log_prompts=args.log_prompts,
+                          allow_path_checks=args.allow_path_checks, device_name=device_name(configs))
+
+
 def serve_command(args: argparse.Namespace) -> int:
+    """Serve until SIGINT/SIGTERM; then stop accepting, let running requests finish (or abort them
+    after --shutdown-timeout seconds), shut the engines down and exit 0."""
+    import signal
+
     import uvicorn
 
     from server.app import create_app
 
+    if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
+        print("error: --ssl-keyfile and --ssl-certfile go together", file=sys.stderr)
+        return 2
+    configure_json_logging(args.log_level)
     try:
         configs = engine_configs(args)
+        settings = server_settings(args, configs)
         engines = build_engines(configs)
     except LaunchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    app = create_app(engines, api_keys=[args.api_key] if args.api_key else [],
-                     allow_path_checks=args.allow_path_checks, device_name=device_name(configs))
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=10)
+    # uvicorn re-raises the signal it stopped on once it is done; with the default SIGTERM action
+    # that would kill the process (status 143) after a clean shutdown, so the re-raise lands here.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    uvicorn.run(create_app(engines, settings), host=args.host, port=args.port, log_level=args.log_level,
+                log_config=None, access_log=False, timeout_graceful_shutdown=args.shutdown_timeout,
+                ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile)
     return 0
 
 
@@ -100,10 +138,49 @@ def add_serve_parser(commands: Any) -> None:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--served-model-name", action="append", metavar="NAME",
                        help="name clients use in `model` (repeat once per MODEL, in order)")
-    serve.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 routes")
     serve.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
     serve.add_argument("--config", metavar="FILE", help="TOML file with an [engine] table (see configs/)")
     serve.add_argument("--allow-path-checks", action="store_true",
                        help="let POST /v1/minerva/models/check read metadata of server-side file paths")
     serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    serve.add_argument("--log-prompts", action="store_true", help="put prompt text in the JSON request log")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                       help="on SIGTERM, how long running requests may finish before they are aborted")
+    serve.add_argument("--ssl-keyfile", metavar="FILE", help="serve HTTPS with this private key")
+    serve.add_argument("--ssl-certfile", metavar="FILE", help="serve HTTPS with this certificate")
+
+    access = serve.add_argument_group("access")
+    access.add_argument("--api-key", action="append", metavar="KEY",
+                        help="accept `Authorization: Bearer KEY` on /v1 routes (repeatable)")
+    access.add_argument("--api-keys-file", metavar="FILE", help="more keys, one per line ('#' comments)")
+    access.add_argument("--protect-metrics", action="store_true", help="/metrics needs a key too")
+
+    limits = serve.add_argument_group("rate limits (per API key, or per client address without keys)")
+    limits.add_argument("--rpm", type=positive_int, metavar="N", help="requests per minute")
+    limits.add_argument("--tpm", type=positive_int, metavar="N",
+                        help="tokens per minute (prompt + max_tokens reserved, unused ones refunded)")
+    limits.add_argument("--max-concurrent-per-key", type=positive_int, metavar="N",
+                        help="generation requests in flight per client; beyond it a 429")
+    limits.add_argument("--max-pending", type=positive_int, default=1024, metavar="N",
+                        help="generation requests in flight server-wide; beyond it a 503 (default 1024)")
+
+    request = serve.add_argument_group("request limits (a request over one is a 400 naming the field)")
+    defaults = RequestLimits()
+    request.add_argument("--max-body-bytes", type=positive_int, default=defaults.max_body_bytes, metavar="N")
+    request.add_argument("--max-n", type=positive_int, default=defaults.max_n, metavar="N", help="n and best_of")
+    request.add_argument("--max-prompts", type=positive_int, default=defaults.max_prompts, metavar="N",
+                         help="prompts in one /v1/completions request")
+    request.add_argument("--max-stop", type=positive_int, default=defaults.max_stop, metavar="N",
+                         help="stop sequences")
+    request.add_argument("--max-logprobs", type=int, default=defaults.max_logprobs, metavar="N",
+                         help="logprobs / top_logprobs")
+    request.add_argument("--max-messages", type=positive_int, default=defaults.max_messages, metavar="N",
+                         help="chat messages")
     serve.set_defaults(handler=serve_command)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value

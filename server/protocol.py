@@ -57,9 +57,11 @@ class CompletionRequest(SamplingFields):
     suffix: str | None = None
 
 
-class TextPart(APIModel):
-    type: Literal["text"]
-    text: str
+def split_prompts(prompt: Any) -> list[str | list[int]]:
+    """OpenAI's four prompt shapes (string, strings, token ids, lists of token ids) as a list of prompts."""
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        return [prompt]
+    return list(prompt)
 
 
 class ChatMessage(APIModel):

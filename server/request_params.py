@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from engine.sampling_params import SamplingParams
 from server.errors import APIError
+from server.guard.request_limits import RequestLimits, check_request_limits
 from server.protocol import SamplingFields, unsupported_fields
 
 
-def refuse_unsupported(request: SamplingFields) -> None:
+def check_request(request: SamplingFields, limits: RequestLimits) -> None:
+    """A 400 for the first field Minerva cannot honour or that is over this server's limits."""
     problems = unsupported_fields(request)
     if problems:
         param, why = problems[0]
         raise APIError(400, why, param=param, code="unsupported_parameter")
+    check_request_limits(request, limits)
 
 
 def resolve_max_tokens(prompt_tokens: int, requested: int | None, max_model_len: int, param: str) -> int:

@@ -105,3 +105,24 @@ class LiveServer:
         self.server.should_exit = True
         self._thread.join(timeout=30)
         self._sock.close()
+
+
+def tiny_engine(model_dir: Path, name: str = "tiny"):
+    """An AsyncEngine on the tiny Llama, fp32 on CPU with the torch kernels (not started)."""
+    from engine.async_engine import AsyncEngine
+    from engine.config import EngineConfig
+
+    return AsyncEngine.from_config(EngineConfig(model=str(model_dir), served_model_name=name, device="cpu",
+                                                dtype="float32", kernel_backend="torch", kv_cache_gib=0.02))
+
+
+def wait_until_idle(engine, timeout: float = 20.0) -> dict:
+    """The engine's stats once nothing runs, waits or holds a KV block (or whatever they are at the timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = engine.stats()
+        if stats["num_running"] == 0 and stats["num_waiting"] == 0 and stats["kv_blocks_used"] == 0:
+            return stats
+        if time.monotonic() > deadline:
+            return stats
+        time.sleep(0.05)

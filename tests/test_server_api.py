@@ -18,12 +18,12 @@ import pytest
 import torch
 
 from engine.async_engine import AsyncEngine
-from engine.config import EngineConfig
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 from engine.loader import read_model_info
 from server.app import create_app
-from server_fixtures import SPECIAL_TOKENS, LiveServer, save_tiny_llama
+from server.settings import ServerSettings
+from server_fixtures import SPECIAL_TOKENS, LiveServer, save_tiny_llama, tiny_engine, wait_until_idle
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -38,11 +38,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engines(model_dir):
-    def build(name: str):
-        return AsyncEngine.from_config(EngineConfig(model=str(model_dir), served_model_name=name, device="cpu",
-                                                    dtype="float32", kernel_backend="torch", kv_cache_gib=0.02))
-
-    return {"tiny": build("tiny"), "tiny-copy": build("tiny-copy")}
+    return {"tiny": tiny_engine(model_dir, "tiny"), "tiny-copy": tiny_engine(model_dir, "tiny-copy")}
 
 
 @pytest.fixture(scope="module")
@@ -317,17 +313,6 @@ def test_32_concurrent_streaming_clients_finish_with_exact_usage(live, client):
 # --- disconnects ------------------------------------------------------------------------------------------
 
 
-def wait_until_idle(engines, timeout: float = 20.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = engines["tiny"].stats()
-        if stats["num_running"] == 0 and stats.get("num_waiting", 0) == 0 and stats["kv_blocks_used"] == 0:
-            return stats
-        if time.monotonic() > deadline:
-            return stats
-        time.sleep(0.05)
-
-
 def start_long_request(live, stream: bool) -> socket.socket:
     """Send a long completion over a raw socket, so the test decides exactly when the client goes away."""
     body = json.dumps({"model": "tiny", "prompt": PROMPT, "max_tokens": 200, "temperature": 0, "ignore_eos": True,
@@ -340,7 +325,7 @@ def start_long_request(live, stream: bool) -> socket.socket:
 
 @pytest.mark.parametrize("stream", [True, False])
 def test_client_disconnect_aborts_and_frees_blocks(live, engines, stream):
-    assert wait_until_idle(engines)["kv_blocks_used"] == 0
+    assert wait_until_idle(engines["tiny"])["kv_blocks_used"] == 0
     sock = start_long_request(live, stream)
     try:
         if stream:
@@ -355,7 +340,7 @@ def test_client_disconnect_aborts_and_frees_blocks(live, engines, stream):
         assert engines["tiny"].stats()["kv_blocks_used"] > 0
     finally:
         sock.close()
-    stats = wait_until_idle(engines)
+    stats = wait_until_idle(engines["tiny"])
     assert stats["num_running"] == 0 and stats["kv_blocks_used"] == 0, stats
 
 
@@ -435,7 +420,7 @@ def asgi_get(app, method: str, path: str, **kwargs) -> httpx.Response:
 
 
 def test_api_key_guards_v1_routes_but_not_health(engines):
-    app = create_app(engines, api_keys=["sekret"], manage_engines=False)
+    app = create_app(engines, ServerSettings(api_keys=("sekret",)), manage_engines=False)
     error = assert_openai_error(asgi_get(app, "GET", "/v1/models"), 401)
     assert error["type"] == "authentication_error"
     assert_openai_error(asgi_get(app, "GET", "/v1/models", headers={"authorization": "Bearer wrong"}), 401)
@@ -482,7 +467,7 @@ def test_compact_ids_and_batch_check(live, engines, model_dir, tmp_path):
     assert checked[0]["ok"] and checked[0]["compact_id"] == compact[0]
     assert not checked[1]["ok"] and checked[1]["error"] == "not served by this server"
     (tmp_path / "broken.gguf").write_bytes(b"GGUF" + b"\0" * 8)
-    app = create_app(engines, allow_path_checks=True, manage_engines=False)
+    app = create_app(engines, ServerSettings(allow_path_checks=True), manage_engines=False)
     body = {"models": [str(model_dir), str(tmp_path / "broken.gguf")]}
     results = asgi_get(app, "POST", "/v1/minerva/models/check", json=body).json()["results"]
     assert results[0]["ok"] and results[0]["compact_id"] == info.compact_id

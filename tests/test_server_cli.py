@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from server.cli import build_parser, main
-from server.launch import LaunchError, engine_configs
+from server.launch import LaunchError, engine_configs, server_settings
 
 
 def parse(*argv: str):
@@ -14,7 +14,7 @@ def parse(*argv: str):
 
 def test_defaults_and_overrides():
     args = parse("a.gguf", "--port", "9000", "--api-key", "k")
-    assert (args.host, args.port, args.api_key) == ("127.0.0.1", 9000, "k")
+    assert (args.host, args.port, args.api_key) == ("127.0.0.1", 9000, ["k"])
     (config,) = engine_configs(parse("a.gguf", "--device", "cpu", "--served-model-name", "alpha"))
     assert (config.model, config.device, config.served_model_name) == ("a.gguf", "cpu", "alpha")
 
@@ -48,3 +48,24 @@ def test_no_model_means_the_shipped_default(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(engine.assets, "default_model_path", lambda: tmp_path / "missing", raising=False)
     assert main(["serve"]) == 2
     assert "no default model shipped" in capsys.readouterr().err
+
+
+def test_keys_limits_and_logging_flags_become_server_settings(tmp_path):
+    keys_file = tmp_path / "keys.txt"
+    keys_file.write_text("# ops\nsk-file\n")
+    args = parse("m", "--api-key", "sk-a", "--api-key", "sk-b", "--api-keys-file", str(keys_file), "--protect-metrics",
+                 "--rpm", "60", "--tpm", "1000", "--max-concurrent-per-key", "2", "--max-pending", "8",
+                 "--max-n", "4", "--max-stop", "2", "--max-body-bytes", "1000", "--log-prompts")
+    settings = server_settings(args, engine_configs(args))
+    assert settings.api_keys == ("sk-a", "sk-b", "sk-file") and settings.protect_metrics and settings.log_prompts
+    limits = settings.rate_limits
+    assert (limits.requests_per_minute, limits.tokens_per_minute, limits.max_concurrent_per_client,
+            limits.max_pending) == (60, 1000, 2, 8)
+    assert (settings.request_limits.max_n, settings.request_limits.max_stop,
+            settings.request_limits.max_body_bytes) == (4, 2, 1000)
+    with pytest.raises(LaunchError, match="--protect-metrics needs"):
+        server_settings(parse("m", "--protect-metrics"), [])
+    with pytest.raises(LaunchError, match="cannot read"):
+        server_settings(parse("m", "--api-keys-file", str(tmp_path / "missing")), [])
+    with pytest.raises(SystemExit):
+        parse("m", "--rpm", "0")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -26,6 +26,9 @@ _ENGINE_STATS = {
     "kv_blocks_free": ("minerva_kv_blocks_free", "KV-cache blocks free", "gauge"),
     "prefix_cache_hit_rate": ("minerva_prefix_cache_hit_rate", "Share of prompt tokens served from the prefix cache", "gauge"),
     "num_preemptions": ("minerva_preemptions", "Sequences preempted for lack of KV blocks", "counter"),
+    "prompt_tokens_total": ("minerva_prompt_tokens", "Prompt tokens taken in", "counter"),
+    "generation_tokens_total": ("minerva_generation_tokens", "Tokens generated", "counter"),
+    "model_load_seconds": ("minerva_model_load_seconds", "Seconds the model took to load", "gauge"),
 }
 
 StatsSource = Callable[[], Mapping[str, Mapping[str, Any]]]
@@ -112,22 +115,12 @@ class Metrics:
             "minerva_e2e_request_latency_seconds", "End-to-end generation latency", ["model"], buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.prompt_tokens = Counter("minerva_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
-        self.generation_tokens = Counter("minerva_generation_tokens", "Tokens generated", ["model"], registry=r)
-        self.model_load_seconds = Gauge("minerva_model_load_seconds", "Time the model took to load", ["model"], registry=r)
-        self.rejected = Counter(
-            "minerva_rejected_requests", "Requests refused before the engine (auth, limits, overload)", ["reason"],
-            registry=r,
-        )
         r.register(EngineCollector(engine_stats))
         self.gpu = GpuCollector()
         r.register(self.gpu)
 
-    def observe_generation(self, model: str, prompt_tokens: int, completion_tokens: int,
-                           ttft: float | None, e2e: float) -> None:
-        """Record one finished generation (streamed or not)."""
-        self.prompt_tokens.labels(model).inc(prompt_tokens)
-        self.generation_tokens.labels(model).inc(completion_tokens)
+    def observe_generation(self, model: str, completion_tokens: int, ttft: float | None, e2e: float) -> None:
+        """Record one finished generation (streamed or not); token totals come from the engine itself."""
         self.e2e.labels(model).observe(e2e)
         if ttft is not None:
             self.ttft.labels(model).observe(ttft)

@@ -5,13 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
 
 LOGGER_NAME = "minerva.requests"
-
-
-def new_request_id() -> str:
-    return "req-" + uuid.uuid4().hex[:24]
 
 
 class JsonFormatter(logging.Formatter):

@@ -1,0 +1,64 @@
+"""Caps on what one request may ask for, so a single client cannot make the server do unbounded work.
+
+Each violation is a 400 naming the offending field (OpenAI's `param`). The prompt
+length and max_tokens against the model's context are checked where the prompt is
+tokenized (server/request_params.py); the body size by BodySizeLimit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from server.errors import APIError
+from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, split_prompts
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_n: int = 16  # also caps best_of
+    max_prompts: int = 64  # prompts in one /v1/completions request
+    max_stop: int = 4  # stop strings, as OpenAI
+    max_stop_length: int = 256  # characters per stop string
+    max_stop_token_ids: int = 64
+    max_logprobs: int = 20  # completion `logprobs` and chat `top_logprobs`
+    max_messages: int = 512
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if value < 1 and not (name == "max_logprobs" and value == 0):
+                raise ValueError(f"{name} must be at least 1, got {value}")
+
+
+def _too_many(param: str, what: str, count: int, cap: int) -> APIError:
+    return APIError(400, f"{param}: {count} is over this server's limit of {cap} {what}", param=param,
+                    code="limit_exceeded")
+
+
+def check_request_limits(body: SamplingFields, limits: RequestLimits) -> None:
+    """Raise a 400 for the first field over its cap."""
+    if body.n > limits.max_n:
+        raise _too_many("n", "choices", body.n, limits.max_n)
+    if body.best_of is not None and body.best_of > limits.max_n:
+        raise _too_many("best_of", "candidates", body.best_of, limits.max_n)
+    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stops) > limits.max_stop:
+        raise _too_many("stop", "stop sequences", len(stops), limits.max_stop)
+    for index, stop in enumerate(stops):
+        if len(stop) > limits.max_stop_length:
+            param = "stop" if isinstance(body.stop, str) else f"stop.{index}"
+            raise APIError(400, f"{param}: a stop sequence of {len(stop)} characters exceeds this server's limit "
+                                f"of {limits.max_stop_length}", param=param, code="limit_exceeded")
+    if body.stop_token_ids and len(body.stop_token_ids) > limits.max_stop_token_ids:
+        raise _too_many("stop_token_ids", "stop token ids", len(body.stop_token_ids), limits.max_stop_token_ids)
+    if isinstance(body, CompletionRequest):
+        prompts = split_prompts(body.prompt)
+        if len(prompts) > limits.max_prompts:
+            raise _too_many("prompt", "prompts", len(prompts), limits.max_prompts)
+        if body.logprobs is not None and body.logprobs > limits.max_logprobs:
+            raise _too_many("logprobs", "logprobs per token", body.logprobs, limits.max_logprobs)
+    if isinstance(body, ChatCompletionRequest):
+        if len(body.messages) > limits.max_messages:
+            raise _too_many("messages", "messages", len(body.messages), limits.max_messages)
+        if body.top_logprobs is not None and body.top_logprobs > limits.max_logprobs:
+            raise _too_many("top_logprobs", "logprobs per token", body.top_logprobs, limits.max_logprobs)

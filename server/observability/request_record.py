@@ -1,0 +1,85 @@
+"""What one HTTP request did, filled in as it runs and read once it ends (logs, metrics, token refunds).
+
+The record lives in the ASGI scope's state, so the pure-ASGI middleware that
+creates it and the route that fills it share it without globals.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+
+from starlette.requests import Request
+from starlette.types import Scope
+
+from engine.outputs import RequestOutput
+
+STATE_KEY = "record"
+
+
+@dataclass
+class RequestRecord:
+    started: float = field(default_factory=time.monotonic)
+    client: str = ""  # the API key id, or the client's address when the server runs without keys
+    key_id: str | None = None
+    model: str | None = None
+    prompt: object = None  # the prompt or messages as sent; kept only when the server logs prompts
+    reserved_tokens: int = 0  # prompt + max completion, taken from the client's tokens-per-minute budget
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    _prompt_tokens: dict[int, int] = field(default_factory=dict)
+    _completion_tokens: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(self._prompt_tokens.values())
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(self._completion_tokens.values())
+
+    @property
+    def generated(self) -> bool:
+        return self.model is not None and bool(self._prompt_tokens)
+
+    def observe(self, prompt_index: int, output: RequestOutput) -> None:
+        """Count the tokens of one engine output (outputs are cumulative, so the latest wins)."""
+        self._prompt_tokens[prompt_index] = len(output.prompt_token_ids)
+        completion = sum(len(sample.token_ids) for sample in output.outputs)
+        self._completion_tokens[prompt_index] = completion
+        now = time.monotonic()
+        if completion and self.first_token_at is None:
+            self.first_token_at = now
+        self.finished_at = now
+
+
+def record_in(scope: Scope) -> RequestRecord:
+    """The request's record, made by whichever middleware (or route, in bare-app tests) asks first."""
+    state = scope.setdefault("state", {})
+    if STATE_KEY not in state:
+        state[STATE_KEY] = RequestRecord()
+    return state[STATE_KEY]
+
+
+def record_of(request: Request) -> RequestRecord:
+    return record_in(request.scope)
+
+
+async def recorded(record: RequestRecord,
+                   outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Pass the outputs through, counting tokens and the first token's time into `record`."""
+    async with aclosing(outputs):
+        async for prompt_index, output in outputs:
+            record.observe(prompt_index, output)
+            yield prompt_index, output
+
+
+def note_request(request: Request, model: str, prompt: object) -> RequestRecord:
+    """Name the model a generation request runs on (and keep its prompt if the server logs prompts)."""
+    record = record_of(request)
+    record.model = model
+    if request.app.state.settings.log_prompts:
+        record.prompt = prompt
+    return record
