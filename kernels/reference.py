@@ -18,6 +18,13 @@ Weight = torch.Tensor | MXFP4Tensor
 # Rows of an MXFP4 weight dequantized at once: bounds the temporary copy.
 _DEQUANT_ROWS = 2048
 
+# Packed MXFP4 weights are dequantized again at every call here, so a model loader
+# that can afford dense copies should make them once instead.
+DEQUANTIZES_MXFP4_PER_CALL = True
+
+# Decode steps attend all sequences in one padded batch while the padded keys stay this small.
+_DECODE_BATCH_ELEMENTS = 2**26
+
 
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
@@ -87,9 +94,12 @@ def paged_attention(
     num_heads, head_dim = q.shape[1], q.shape[2]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
+    lens = seq_lens.tolist()
+    if q.shape[0] == len(lens) and q.shape[0] * max(lens, default=0) * num_kv_heads * head_dim <= _DECODE_BATCH_ELEMENTS:
+        return _decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, sinks)
     out = torch.empty_like(q)
     starts = query_start_loc.tolist()
-    for i, seq_len in enumerate(seq_lens.tolist()):
+    for i, seq_len in enumerate(lens):
         q_i = q[starts[i] : starts[i + 1]].float()
         q_len = q_i.shape[0]
         if q_len == 0:
@@ -114,6 +124,41 @@ def paged_attention(
             probs = torch.softmax(scores, dim=-1)
         out[starts[i] : starts[i + 1]] = torch.einsum("hqk,khd->qhd", probs, v_i).to(q.dtype)
     return out
+
+
+def _decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None,
+    sinks: torch.Tensor | None,
+) -> torch.Tensor:
+    """paged_attention when every sequence brings one query: all sequences at once, keys padded to the longest."""
+    batch, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    longest = int(seq_lens.max())
+    tables = block_tables[:, : -(-longest // block_size)].long().clamp(min=0)  # unused entries are masked below
+    k = k_cache[tables].reshape(batch, -1, num_kv_heads, head_dim)[:, :longest].float()
+    v = v_cache[tables].reshape(batch, -1, num_kv_heads, head_dim)[:, :longest].float()
+    q_grouped = q.float().view(batch, num_kv_heads, group, head_dim)  # query head h reads kv head h // group
+    scores = torch.einsum("bkgd,bskd->bkgs", q_grouped, k) * scale
+    positions = (seq_lens.long() - 1).unsqueeze(1)
+    k_pos = torch.arange(longest, device=q.device).unsqueeze(0)
+    allowed = k_pos <= positions
+    if sliding_window is not None:
+        allowed &= k_pos > positions - sliding_window
+    scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))
+    if sinks is not None:
+        sink = sinks.float().view(1, num_kv_heads, group, 1).expand(batch, -1, -1, 1)
+        probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("bkgs,bskd->bkgd", probs, v)
+    return out.reshape(batch, num_heads, head_dim).to(q.dtype)
 
 
 def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:

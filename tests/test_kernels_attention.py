@@ -114,3 +114,26 @@ def test_inconsistent_metadata_raises_value_error():
 def test_gpt_oss_grouping(device, dtype):
     # gpt-oss groups 8 query heads per KV head (8 new tokens per 64-row tile), window 5, sinks.
     _check([11, 1, 3], [30, 17, 3], 16, 2, 64, 16, dtype, device, window=5, sinks=True)
+
+
+@pytest.mark.parametrize("window,sinks", [(None, False), (5, True), (None, True)])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
+def test_reference_decode_batch_equals_per_sequence_loop_and_sdpa(monkeypatch, window, sinks, heads, kv_heads):
+    """The reference's one-batch decode path against its per-sequence loop, and against torch SDPA."""
+    seq_lens = [1, 7, 19, 12]
+    q, k_cache, v_cache, tables, lens, starts = _batch([1] * 4, seq_lens, heads, kv_heads, 16, 4, torch.float32, "cpu")
+    sink = 2 * torch.randn(heads) if sinks else None
+    batched = reference.paged_attention(q, k_cache, v_cache, tables, lens, starts, 0.25, window, sink)
+    monkeypatch.setattr(reference, "_DECODE_BATCH_ELEMENTS", 0)
+    looped = reference.paged_attention(q, k_cache, v_cache, tables, lens, starts, 0.25, window, sink)
+    torch.testing.assert_close(batched, looped)
+    if sinks:
+        return
+    for i, seq_len in enumerate(seq_lens):
+        k = k_cache[tables[i].long()].flatten(0, 1)[:seq_len].repeat_interleave(heads // kv_heads, dim=1)
+        v = v_cache[tables[i].long()].flatten(0, 1)[:seq_len].repeat_interleave(heads // kv_heads, dim=1)
+        mask = torch.arange(seq_len) > seq_len - 1 - (window or seq_len)
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q[i : i + 1].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=0.25
+        ).transpose(0, 1)
+        torch.testing.assert_close(batched[i : i + 1], want)

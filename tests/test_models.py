@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import engine.models
 from engine.attention_metadata import AttentionMetadata
 from engine.loader import open_model
 from engine.models import build_model
@@ -158,11 +159,15 @@ def mxfp4_checkpoint(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
     return path, save_tiny_gpt_oss_mxfp4(path, seed=3)
 
 
-def test_gpt_oss_mxfp4_experts_stay_packed_and_match_transformers(mxfp4_checkpoint):
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "unpacked-once-on-cpu"])
+def test_gpt_oss_mxfp4_experts_match_transformers_packed_or_unpacked(mxfp4_checkpoint, monkeypatch, packed):
+    """Packed MXFP4 experts, or (the CPU default for small models) dense copies made once at load."""
     path, hf = mxfp4_checkpoint
+    if packed:
+        monkeypatch.setattr(engine.models, "UNPACK_MXFP4_LIMIT_BYTES", 0)
     model = build_model(open_model(path))
     moe = model.layers[0].mlp
-    assert isinstance(moe.gate_up, MXFP4Tensor) and isinstance(moe.down, MXFP4Tensor)
+    assert isinstance(moe.gate_up, MXFP4Tensor) == packed and isinstance(moe.down, MXFP4Tensor) == packed
     batch = prompts((7, 12), seed=4)
     out = PagedBatcher(model, block_size=4).step(dict(enumerate(batch)))
     # transformers' own MXFP4 integration dequantizes the checkpoint: checks the on-disk layout too.

@@ -42,8 +42,20 @@ def build_model(
     spec = parse_spec(loaded.config)
     from_gguf = loaded.info.format == "gguf"
     rename = gguf_renamer(spec.model_type) if from_gguf else (lambda name: name)
-    reader = WeightReader(loaded.tensors, device, dtype, rename)
+    reader = WeightReader(loaded.tensors, device, dtype, rename, unpack_mxfp4=unpack_mxfp4(device, dtype, ops, loaded))
     return _LOADERS[spec.family](spec, reader, ops, from_gguf)
+
+
+# Dense copies of MXFP4 weights up to this size are kept when the ops would otherwise
+# dequantize them again at every forward pass (the torch ops on CPU).
+UNPACK_MXFP4_LIMIT_BYTES = 4 * 2**30
+
+
+def unpack_mxfp4(device: torch.device, dtype: torch.dtype, ops: ModuleType, loaded: Any) -> bool:
+    """Whether to dequantize MXFP4 weights once at load: small models, on ops with no packed fast path."""
+    dense_bytes = loaded.info.parameters * torch.tensor([], dtype=dtype).element_size()
+    return bool(getattr(ops, "DEQUANTIZES_MXFP4_PER_CALL", False)) and device.type == "cpu" \
+        and dense_bytes <= UNPACK_MXFP4_LIMIT_BYTES
 
 
 __all__ = ["CausalLM", "DecoderLM", "ModelConfigError", "ModelSpec", "build_model", "parse_spec"]

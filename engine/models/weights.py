@@ -23,11 +23,13 @@ class WeightReader:
         device: torch.device,
         dtype: torch.dtype,
         rename: Callable[[str], str] = lambda name: name,
+        unpack_mxfp4: bool = False,
     ) -> None:
         self.tensors = tensors
         self.device = device
         self.dtype = dtype
         self.rename = rename
+        self.unpack_mxfp4 = unpack_mxfp4
 
     def _lazy(self, name: str) -> Any:
         stored = self.rename(name)
@@ -47,8 +49,9 @@ class WeightReader:
         tensor = lazy.load()
         return tensor.to(device=self.device, dtype=dtype or self.dtype, copy=tensor.device == self.device)
 
-    def mxfp4(self, name: str, shape: tuple[int, ...]) -> MXFP4Tensor:
-        """A packed MXFP4 weight of logical `shape` `[..., out, in]`, kept packed on the device."""
+    def mxfp4(self, name: str, shape: tuple[int, ...]) -> MXFP4Tensor | torch.Tensor:
+        """An MXFP4 weight of logical `shape` `[..., out, in]`: kept packed on the device, or, with
+        `unpack_mxfp4`, dequantized once (exactly) to the model's dtype."""
         stored = self.rename(name)
         try:
             weight = self.tensors.mxfp4(stored)
@@ -56,6 +59,8 @@ class WeightReader:
             raise ModelConfigError(f"missing MXFP4 tensor {stored} (or its _blocks/_scales pair)") from exc
         if tuple(weight.shape) != tuple(shape):
             raise ModelConfigError(f"MXFP4 tensor {stored} has shape {tuple(weight.shape)}, expected {tuple(shape)}")
+        if self.unpack_mxfp4:
+            return weight.dequantize(self.dtype).to(self.device)
         return weight.to(self.device)
 
     def is_mxfp4(self, name: str) -> bool:
