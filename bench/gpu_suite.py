@@ -99,6 +99,24 @@ GPT_OSS_20B = {"layers": 24, "hidden": 2880, "heads": 64, "kv_heads": 8, "head_d
                "top_k": 4, "inter": 2880, "vocab": 201088, "window": 128}
 
 
+def time_decode_step(step, batch: int, device: str, timer) -> dict:
+    """One decode step's time, eager and (on CUDA) as a CUDA graph; off CUDA the logits, for the harness test."""
+    row: dict = {"eager_ms": round(timer.time_ms(step), 3)}
+    if device != "cuda":
+        return row | {"logits": step()}
+    try:
+        step()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        row["graph_ms"] = round(timer.time_ms(graph.replay), 3)
+    except Exception as exc:
+        row["graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    row["tokens_per_s"] = round(batch / row.get("graph_ms", row["eager_ms"]) * 1e3, 1)
+    return row
+
+
 def kernel_stack_decode(
     batches=(1, 8, 64), context: int = 1024, block_size: int = 16, config: dict | None = None, device: str = "cuda",
     ops=None,
@@ -181,22 +199,7 @@ def kernel_stack_decode(
             hs, _ = ops.rms_norm(x, final_norm, 1e-5, residual)
             return ops.linear(hs, unembed).float()
 
-        row = {"eager_ms": round(timer.time_ms(step), 3)}
-        if dev != "cuda":
-            results[f"batch {batch}"] = row | {"logits": step()}
-            continue
-        try:
-            step()
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                step()
-            row["graph_ms"] = round(timer.time_ms(graph.replay), 3)
-        except Exception as exc:
-            row["graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
-        best = row.get("graph_ms", row["eager_ms"])
-        row["tokens_per_s"] = round(batch / best * 1e3, 1)
-        results[f"batch {batch}"] = row
+        results[f"batch {batch}"] = time_decode_step(step, batch, dev, timer)
         del caches
         torch.cuda.empty_cache()
     return results
@@ -317,21 +320,7 @@ def engine_model_decode(
         def step():
             return model.forward(ids, positions, meta)
 
-        row: dict = {"eager_ms": round(timer.time_ms(step), 3)}
-        if device != "cuda":
-            results[f"batch {batch}"] = row | {"logits": step()}
-            continue
-        try:
-            step()
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                step()
-            row["graph_ms"] = round(timer.time_ms(graph.replay), 3)
-        except Exception as exc:
-            row["graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
-        row["tokens_per_s"] = round(batch / row.get("graph_ms", row["eager_ms"]) * 1e3, 1)
-        results[f"batch {batch}"] = row
+        results[f"batch {batch}"] = time_decode_step(step, batch, device, timer)
     return results
 
 

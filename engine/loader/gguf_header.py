@@ -8,6 +8,7 @@ Large arrays (a 200k-token vocabulary) are skipped and decoded only when asked f
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from collections.abc import Iterator, Mapping
@@ -66,10 +67,7 @@ class GGUFTensorInfo:
 
     @property
     def numel(self) -> int:
-        count = 1
-        for dim in self.shape:
-            count *= dim
-        return count
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ Layout: an 8-byte little-endian header length N, N bytes of JSON
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +33,7 @@ class SafetensorsTensorInfo:
 
     @property
     def numel(self) -> int:
-        count = 1
-        for dim in self.shape:
-            count *= dim
-        return count
+        return math.prod(self.shape)
 
 
 @dataclass

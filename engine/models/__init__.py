@@ -53,9 +53,7 @@ UNPACK_MXFP4_LIMIT_BYTES = 4 * 2**30
 
 def unpack_mxfp4(device: torch.device, dtype: torch.dtype, ops: ModuleType, loaded: Any) -> bool:
     """Whether to dequantize MXFP4 weights once at load: small models, on ops with no packed fast path."""
-    dense_bytes = loaded.info.parameters * torch.tensor([], dtype=dtype).element_size()
-    return bool(getattr(ops, "DEQUANTIZES_MXFP4_PER_CALL", False)) and device.type == "cpu" \
-        and dense_bytes <= UNPACK_MXFP4_LIMIT_BYTES
-
-
-__all__ = ["CausalLM", "DecoderLM", "ModelConfigError", "ModelSpec", "build_model", "parse_spec"]
+    if device.type != "cpu" or not getattr(ops, "DEQUANTIZES_MXFP4_PER_CALL", False):
+        return False
+    parameters = getattr(loaded.info, "parameters", None)  # unknown: stay packed
+    return parameters is not None and parameters * torch.empty(0, dtype=dtype).element_size() <= UNPACK_MXFP4_LIMIT_BYTES
