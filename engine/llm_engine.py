@@ -87,7 +87,8 @@ class LLMEngine:
         device = torch.device("cuda" if cuda else "cpu")
         dtype = DTYPES.get(config.dtype, torch.bfloat16 if cuda else torch.float32)
         backend = None if config.kernel_backend == "auto" else config.kernel_backend
-        model = build_model(loaded, device=device, dtype=dtype, ops=select_ops(device, backend))
+        model = build_model(loaded, device=device, dtype=dtype, ops=select_ops(device, backend),
+                            unpack_mxfp4_gib=config.mxfp4_unpack_gib)
         context = loaded.info.context_length or 2048
         max_model_len = min(config.max_model_len or context, context)
         engine = cls(model, load_tokenizer(loaded), config, max_model_len, loaded.info, num_blocks)

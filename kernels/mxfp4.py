@@ -50,15 +50,28 @@ class MXFP4Tensor:
         return dequantize(self.blocks, self.scales, dtype)
 
 
+def _pair_table(device: torch.device) -> torch.Tensor:
+    """Byte -> (low-nibble value, high-nibble value): one lookup unpacks two elements."""
+    values = torch.tensor(FP4_VALUES, dtype=torch.float32, device=device)
+    return torch.stack((values.repeat(16), values.repeat_interleave(16)), dim=-1)
+
+
+def _scale_table(device: torch.device) -> torch.Tensor:
+    """E8M0 byte e -> 2^(e - 127), exact in float32 (2^-127 is a subnormal; 255, NaN in the spec, gives inf)."""
+    return torch.ldexp(torch.ones(256, device=device), torch.arange(256, device=device, dtype=torch.float32) - 127)
+
+
+_TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Unpack `[..., n, 16]` blocks and `[..., n]` scales to `[..., n * 32]` values."""
-    lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
-    lo = lut[(blocks & 0x0F).long()]
-    hi = lut[(blocks >> 4).long()]
-    values = torch.stack((lo, hi), dim=-1).flatten(-2)  # [..., n, 32]
-    exponent = scales.to(torch.int32) - 127
-    values = torch.ldexp(values, exponent.unsqueeze(-1).to(torch.float32))
-    return values.flatten(-2).to(dtype)
+    """Unpack `[..., n, 16]` blocks and `[..., n]` scales to `[..., n * 32]` values (table lookups)."""
+    if blocks.device not in _TABLES:
+        _TABLES[blocks.device] = (_pair_table(blocks.device), _scale_table(blocks.device))
+    pairs, powers = _TABLES[blocks.device]
+    values = pairs.index_select(0, blocks.reshape(-1).int()).view(*blocks.shape[:-1], BLOCK)
+    factors = powers.index_select(0, scales.reshape(-1).int()).view(*scales.shape, 1)
+    return (values * factors).flatten(-2).to(dtype)
 
 
 def quantize(weight: torch.Tensor) -> MXFP4Tensor:

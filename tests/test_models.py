@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import engine.models
 from engine.attention_metadata import AttentionMetadata
 from engine.loader import open_model
 from engine.models import build_model
@@ -160,12 +159,10 @@ def mxfp4_checkpoint(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
 
 
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "unpacked-once-on-cpu"])
-def test_gpt_oss_mxfp4_experts_match_transformers_packed_or_unpacked(mxfp4_checkpoint, monkeypatch, packed):
-    """Packed MXFP4 experts, or (the CPU default for small models) dense copies made once at load."""
+def test_gpt_oss_mxfp4_experts_match_transformers_packed_or_unpacked(mxfp4_checkpoint, packed):
+    """Packed MXFP4 experts (the default), or dense copies made once at load (the CPU engine's choice)."""
     path, hf = mxfp4_checkpoint
-    if packed:
-        monkeypatch.setattr(engine.models, "UNPACK_MXFP4_LIMIT_BYTES", 0)
-    model = build_model(open_model(path))
+    model = build_model(open_model(path), unpack_mxfp4_gib=0.0 if packed else 1.0)
     moe = model.layers[0].mlp
     assert isinstance(moe.gate_up, MXFP4Tensor) == packed and isinstance(moe.down, MXFP4Tensor) == packed
     batch = prompts((7, 12), seed=4)

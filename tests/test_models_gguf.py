@@ -17,7 +17,6 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from engine.loader import open_model
-import engine.models
 from engine.models import build_model
 from kernels.mxfp4 import MXFP4Tensor
 from model_factories import save_tiny_gpt_oss_mxfp4, save_tiny_model
@@ -152,8 +151,7 @@ def test_gguf_matches_safetensors_and_transformers(tmp_path, kind):
         assert rel_err(b, reference_logits(hf, tokens)) < FP32_TOL
 
 
-def test_gguf_gpt_oss_mxfp4_matches_safetensors(tmp_path, monkeypatch):
-    monkeypatch.setattr(engine.models, "UNPACK_MXFP4_LIMIT_BYTES", 0)  # keep the GGUF's own MXFP4 blocks
+def test_gguf_gpt_oss_mxfp4_matches_safetensors(tmp_path):
     # llama.cpp always truncates the YaRN correction range, and the loader says so for GGUF.
     rope = {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
             "truncate": True, "original_max_position_embeddings": 64}  # fmt: skip

@@ -25,6 +25,16 @@ def test_dequantize_matches_gguf(shape):
     assert torch.equal(ours, torch.from_numpy(np.asarray(gguf_vals, dtype=np.float32)))
 
 
+def test_every_byte_and_scale_matches_gguf():
+    """All 256 packed bytes under every finite E8M0 scale (2^-127 ... 2^127), subnormals included."""
+    blocks = torch.arange(256, dtype=torch.uint8).view(16, 16).repeat(255, 1, 1)  # [255 scales, 16 blocks, 16]
+    scales = torch.arange(255, dtype=torch.uint8).view(255, 1).expand(255, 16).contiguous()
+    q = MXFP4Tensor(blocks, scales)
+    with np.errstate(over="ignore"):  # 6 x 2^127 overflows to inf, on both sides
+        gguf_vals = quants.dequantize(_to_gguf_blocks(q).reshape(255, -1), GGMLQuantizationType.MXFP4)
+    assert torch.equal(q.dequantize(), torch.from_numpy(np.asarray(gguf_vals, dtype=np.float32)))
+
+
 def test_quantize_is_nearest_grid_point():
     w = torch.randn(8, 64)
     q = quantize(w)

@@ -28,10 +28,12 @@ def build_model(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     ops: ModuleType | None = None,
+    unpack_mxfp4_gib: float = 0.0,
 ) -> DecoderLM:
     """Validate `loaded.config`, read and check every tensor, and return the model on `device`.
 
     `loaded` needs `.config` (HF-style dict), `.tensors` (a TensorStore) and `.info.format`.
+    MXFP4 experts stay packed unless `unpack_mxfp4_gib` allows a dense copy (see unpack_mxfp4).
     Raises ModelConfigError naming the field or tensor when the checkpoint does not fit.
     """
     device = torch.device(device)
@@ -42,18 +44,20 @@ def build_model(
     spec = parse_spec(loaded.config)
     from_gguf = loaded.info.format == "gguf"
     rename = gguf_renamer(spec.model_type) if from_gguf else (lambda name: name)
-    reader = WeightReader(loaded.tensors, device, dtype, rename, unpack_mxfp4=unpack_mxfp4(device, dtype, ops, loaded))
+    unpack = unpack_mxfp4(device, dtype, ops, loaded, unpack_mxfp4_gib)
+    reader = WeightReader(loaded.tensors, device, dtype, rename, unpack_mxfp4=unpack)
     return _LOADERS[spec.family](spec, reader, ops, from_gguf)
 
 
-# Dense copies of MXFP4 weights up to this size are kept when the ops would otherwise
-# dequantize them again at every forward pass (the torch ops on CPU).
-UNPACK_MXFP4_LIMIT_BYTES = 4 * 2**30
+def unpack_mxfp4(device: torch.device, dtype: torch.dtype, ops: ModuleType, loaded: Any, limit_gib: float) -> bool:
+    """Whether to dequantize MXFP4 experts once at load instead of at every call.
 
-
-def unpack_mxfp4(device: torch.device, dtype: torch.dtype, ops: ModuleType, loaded: Any) -> bool:
-    """Whether to dequantize MXFP4 weights once at load: small models, on ops with no packed fast path."""
-    if device.type != "cpu" or not getattr(ops, "DEQUANTIZES_MXFP4_PER_CALL", False):
+    Only for ops that have no packed fast path (the torch ops, which would dequantize
+    every expert they touch at every step), on CPU, when the whole model in `dtype`
+    fits `limit_gib` (as transformers does on devices without MXFP4 kernels). The
+    dequantization is exact, so logits do not change; only memory is traded for speed.
+    """
+    if limit_gib <= 0 or device.type != "cpu" or not getattr(ops, "DEQUANTIZES_MXFP4_PER_CALL", False):
         return False
     parameters = getattr(loaded.info, "parameters", None)  # unknown: stay packed
-    return parameters is not None and parameters * torch.empty(0, dtype=dtype).element_size() <= UNPACK_MXFP4_LIMIT_BYTES
+    return parameters is not None and parameters * torch.empty(0, dtype=dtype).element_size() <= limit_gib * 2**30
