@@ -125,13 +125,25 @@ class Tokenizer:
             index = fields.get(f"tokenizer.ggml.{key}_token_id")
             return tokens[int(index)] if index is not None and 0 <= int(index) < len(tokens) else None
 
-        eos_ids = [int(fields["tokenizer.ggml.eos_token_id"])] if "tokenizer.ggml.eos_token_id" in fields else []
-        eot = fields.get("tokenizer.ggml.eot_token_id")
-        if eot is not None:
-            eos_ids.append(int(eot))
+        eos_ids = [int(fields[f"tokenizer.ggml.{key}_token_id"]) for key in ("eos", "eot", "eom")
+                   if f"tokenizer.ggml.{key}_token_id" in fields]
+        eos_ids += [i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (3, 4) and t in END_OF_GENERATION]
+        ending = {tokens[i] for i in eos_ids if 0 <= i < len(tokens)}
+        if {"<|return|>", "<|call|>"} <= ending:  # harmony (gpt-oss): <|end|> closes a message, not the turn
+            eos_ids = [i for i in eos_ids if tokens[i] != "<|end|>"]
         add_bos = bool(fields.get("tokenizer.ggml.add_bos_token", kind == "llama"))
         return cls(backend, fields.get("tokenizer.chat_template"), token("bos"), token("eos"), eos_ids,
                    add_bos_token=add_bos)
+
+
+# Special tokens that end a generation whatever the GGUF's eos/eot ids say, as llama.cpp's
+# vocabulary treats them (a GGUF export rarely carries the HF generation_config's eos list).
+# As in llama.cpp, a vocabulary with both <|return|> and <|call|> (gpt-oss's harmony format)
+# does not end on <|end|>, which there only closes one message (e.g. the analysis channel).
+END_OF_GENERATION = frozenset({
+    "<|endoftext|>", "<|end|>", "<|return|>", "<|call|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>",
+    "<end_of_turn>", "<EOT>", "<|end_of_text|>", "<｜end▁of▁sentence｜>",
+})
 
 
 def _raise_template_error(message: str) -> None:

@@ -71,6 +71,8 @@ def _gguf_fields(tmp_path, kind, tokens, **extra):
         writer.add_token_scores(extra["scores"])
     writer.add_bos_token_id(0)
     writer.add_eos_token_id(1)
+    if "eot" in extra:
+        writer.add_eot_token_id(extra["eot"])
     writer.add_chat_template("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -98,6 +100,18 @@ def test_gguf_llama_sentencepiece(tmp_path):
     ids = tok.encode("hello world")
     assert ids[0] == 0 and [tokens[i] for i in ids[1:]] == ["\u2581hello", "\u2581world"]
     assert tok.decode(ids) == "hello world"
+
+
+@pytest.mark.parametrize("specials,eot,ends", [
+    (["<|endoftext|>", "<|end|>"], None, ["</s>", "<|endoftext|>", "<|end|>"]),  # llama.cpp's end-of-generation set
+    (["<|end|>", "<|return|>", "<|call|>"], 5, ["</s>", "<|return|>", "<|call|>"]),  # harmony: <|end|> only ends a message
+    (["<|end|>", "<|return|>"], 5, ["</s>", "<|end|>", "<|return|>"]),
+])
+def test_gguf_end_of_generation_tokens_follow_llama_cpp(tmp_path, specials, eot, ends):
+    tokens = ["<s>", "</s>", "h", "i", "hi", *specials]
+    extra = {"merges": ["h i"]} | ({"eot": eot} if eot is not None else {})
+    tok = Tokenizer.from_gguf(_gguf_fields(tmp_path, "gpt2", tokens, **extra))
+    assert sorted(tokens[i] for i in tok.eos_token_ids) == sorted(ends)
 
 
 def test_gguf_unknown_model_rejected(tmp_path):
