@@ -119,7 +119,7 @@ class LLMEngine:
         for index in range(params.n):
             generator = None
             if params.seed is not None:
-                generator = torch.Generator().manual_seed(params.seed + index)
+                generator = torch.Generator().manual_seed((params.seed + index) % 2**64)  # n > 1: seed, seed+1, ...
             seqs.append(Sequence(request_id, index, ids, params, max_tokens, generator, lead=seqs[0] if seqs else None))
             detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens))
         request = _Request(request_id, ids, params, seqs, detoks,

@@ -13,6 +13,10 @@ class InvalidRequestError(ValueError):
         self.param = param
 
 
+# Seeds are 64-bit, signed or not (OpenAI documents an int64; torch generators take either).
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+
 @dataclass
 class SamplingParams:
     """vLLM-style sampling parameters; `temperature == 0` means greedy."""
@@ -51,6 +55,7 @@ class SamplingParams:
             (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "presence_penalty must be in [-2, 2]"),
             (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "frequency_penalty must be in [-2, 2]"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "logprobs must be in [0, 20]"),
+            (self.seed is None or SEED_MIN <= self.seed <= SEED_MAX, "seed", "seed must be a 64-bit integer"),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty strings"),
         ]
         for ok, param, message in checks:

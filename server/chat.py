@@ -60,7 +60,7 @@ def render_prompt(served: ServedModel, body: ChatCompletionRequest) -> list[int]
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt)
     except Exception as exc:  # jinja raises its own errors (e.g. "roles must alternate")
         raise APIError(400, f"the chat template rejected these messages: {exc}", param="messages") from exc
-    return encode(tokenizer, text, add_special_tokens=False)
+    return encode(tokenizer, text, add_special_tokens=False, param="messages")
 
 
 @router.post("/v1/chat/completions", response_model=None)

@@ -32,7 +32,10 @@ def prompt_token_ids(served: ServedModel, prompts: list[str | list[int]]) -> lis
     vocab = served.engine.model_info.vocab_size
     token_lists = []
     for item in prompts:
-        ids = encode(served.engine.tokenizer, item, add_special_tokens=True) if isinstance(item, str) else list(item)
+        if isinstance(item, str):
+            ids = encode(served.engine.tokenizer, item, add_special_tokens=True, param="prompt")
+        else:
+            ids = list(item)
         if not ids:
             raise APIError(400, "prompt must contain at least one token", param="prompt")
         bad = next((t for t in ids if t >= vocab), None)

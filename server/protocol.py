@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from engine.sampling_params import SEED_MIN, SEED_MAX
+
 NonNegativeInt = Annotated[int, Field(ge=0)]
 
 
@@ -34,7 +36,7 @@ class SamplingFields(APIModel):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(None, gt=0.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
     stop_token_ids: list[NonNegativeInt] | None = None
     ignore_eos: bool = False

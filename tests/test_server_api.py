@@ -149,6 +149,13 @@ def test_echo_prefixes_the_prompt(client):
     assert out.choices[0].text == PROMPT + plain.choices[0].text
 
 
+def test_seeds_span_64_bits_signed_or_not(client):
+    for seed in (-(2**63), 2**64 - 1):  # n=2 uses seed and seed+1, which wraps
+        texts = [[c.text for c in client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, n=2,
+                                                             seed=seed).choices] for _ in range(2)]
+        assert texts[0] == texts[1]
+
+
 def test_seeded_sampling_is_reproducible_and_n_gives_n_choices(client):
     kwargs = dict(model="tiny", prompt=PROMPT, max_tokens=8, temperature=1.0, seed=7, n=3, logprobs=0)
     first = client.completions.create(**kwargs)
@@ -370,9 +377,20 @@ def assert_openai_error(response: httpx.Response, status: int, param: str | None
     ({"model": "tiny", "prompt": [[1, 2], [999999]]}, "prompt"),
     ({"model": "tiny", "prompt": "x", "logit_bias": {"5": 1.0}}, "logit_bias"),
     ({"model": "tiny", "prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+    ({"model": "tiny", "prompt": "x", "seed": 2**70}, "seed"),
 ])
 def test_invalid_completion_fields_are_400_naming_the_field(live, body, param):
     assert_openai_error(post(live, "/v1/completions", json=body), 400, param)
+
+
+@pytest.mark.parametrize("path, raw, param", [
+    ("/v1/completions", rb'{"model": "tiny", "prompt": "a\ud800b"}', "prompt"),
+    ("/v1/chat/completions", rb'{"model": "tiny", "messages": [{"role": "user", "content": "\udfff"}]}', "messages"),
+])
+def test_lone_surrogates_are_400_not_500(live, path, raw, param):
+    """Valid JSON escapes that no UTF-8 text can hold."""
+    response = post(live, path, content=raw, headers={"content-type": "application/json"})
+    assert "not valid Unicode" in assert_openai_error(response, 400, param)["message"]
 
 
 def test_context_length_overflow_is_400_with_the_numbers(live, client, hf):
