@@ -7,7 +7,7 @@ its header, and a 3-shard safetensors checkpoint of the official layout. Each is
 posix_fadvise DONTNEED) and N times hot (warm). Prints a table of medians and writes JSON
 with device, commit and settings to bench/results/loader-<device>.json.
 
-    .venv/bin/python bench/loader.py [--repeats 21] [--workdir /tmp/minerva-bench-loader]
+    .venv/bin/python -m bench.loader [--repeats 21] [--workdir /tmp/minerva-bench-loader]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Scheduler overhead per decode step with 256 running sequences and a model that costs nothing.
 
-Run: .venv/bin/python bench/scheduler_overhead.py [--seqs 256] [--steps 200]
+Run: .venv/bin/python -m bench.scheduler_overhead [--seqs 256] [--steps 200]
 Prints the median milliseconds of schedule() + after_step() + token append, and the same plus the
 model runner's input tensors (ids, positions, slot mapping, block tables, ...), with no model or sampler.
 """

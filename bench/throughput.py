@@ -1,6 +1,6 @@
 """Offline throughput: N prompts generated together vs one at a time, through LLMEngine.
 
-Run: .venv/bin/python bench/throughput.py [--model PATH] [--num-prompts 32] [--max-tokens 32]
+Run: .venv/bin/python -m bench.throughput [--model PATH] [--num-prompts 32] [--max-tokens 32]
 Without --model a tiny random Llama is built (CPU). Writes a table to stdout and JSON to
 bench/results/throughput-<device>.json with device, commit and settings.
 """
