@@ -1,8 +1,9 @@
 """The FastAPI application: `create_app(engines, settings)` serves one AsyncEngine per model name.
 
 Around the routes, outermost first: the request id, observability (metrics and
-the JSON request log, for every request, refused ones too), the body size cap,
-then the guard (API keys, rates, concurrency). Every error leaves in OpenAI's
+the JSON request log, for every request, refused ones too), the guard (API keys,
+rates, concurrency: nobody unauthenticated gets a body buffered), then the body
+size cap. Every error leaves in OpenAI's
 shape. The engines are started and shut down with the app's lifespan.
 """
 
@@ -55,9 +56,9 @@ def create_app(engines: dict[str, Any], settings: ServerSettings | None = None, 
     app.state.metrics = Metrics(lambda: {m.name: m.engine.stats() for m in models})
     app.state.weight_profiles = {}
     install_error_handlers(app)
-    app.add_middleware(GuardMiddleware, keys=ApiKeys(settings.api_keys), admission=app.state.admission,
-                       protect_metrics=settings.protect_metrics)
     app.add_middleware(BodySizeLimit, max_bytes=settings.request_limits.max_body_bytes)
+    app.add_middleware(GuardMiddleware, keys=ApiKeys(settings.api_keys), admission=app.state.admission,
+                       protect_metrics=settings.protect_metrics)  # before any body is read
     routers = (info_routes.public_router, info_routes.router, completions.router, chat.router)
     app.add_middleware(ObservabilityMiddleware, metrics=app.state.metrics,
                        routes=[route for router in routers for route in router.routes], log_prompts=settings.log_prompts)

@@ -72,7 +72,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = resolve_max_tokens(len(prompt), requested, served.engine.max_model_len, param)
-    reserve_tokens(request, len(prompt) + body.n * max_tokens)
+    reserve_tokens(request, len(prompt) + body.n * (max_tokens if requested is not None else 0))  # else settled after
     top = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(body, max_tokens=max_tokens, logprobs=top)
     completion_id, created = new_id("chatcmpl"), now()

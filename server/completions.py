@@ -58,7 +58,8 @@ async def create_completion(body: CompletionRequest, request: Request) -> dict[s
     prompts = await asyncio.to_thread(prompt_token_ids, served, texts)  # long prompts must not stall the loop
     max_len = served.engine.max_model_len
     max_tokens = min(resolve_max_tokens(len(ids), body.max_tokens, max_len, "max_tokens") for ids in prompts)
-    reserve_tokens(request, sum(len(ids) + body.n * max_tokens for ids in prompts))
+    budget = max_tokens if body.max_tokens is not None else 0  # without a cap the use is settled afterwards
+    reserve_tokens(request, sum(len(ids) + body.n * budget for ids in prompts))
     params = sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs)
     completion_id, created = new_id("cmpl"), now()
     echoes = [echo_text(served, text, ids) if body.echo else "" for text, ids in zip(texts, prompts)]

@@ -58,7 +58,12 @@ CLIENT_CLOSED_REQUEST = 499
 
 
 def error_body(message: str, type: str, param: str | None = None, code: str | int | None = None) -> dict:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    """Messages may quote client input; lone surrogates in it would make the JSON unencodable."""
+    return {"error": {"message": _encodable(message), "type": type, "param": _encodable(param), "code": code}}
+
+
+def _encodable(text: str | None) -> str | None:
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def error_response(error: APIError, headers: dict[str, str] | None = None) -> JSONResponse:

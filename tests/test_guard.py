@@ -68,16 +68,35 @@ def test_requests_per_minute_and_retry_after():
     adm.check_request("a")
 
 
-def test_tokens_per_minute_reserve_and_refund():
+def test_tokens_per_minute_reserve_then_settle():
     clock = FakeClock()
     adm = Admission(Limits(tokens_per_minute=100), clock=clock)
     adm.check_tokens("a", 80)
     with pytest.raises(RateLimitError):
         adm.check_tokens("a", 30)
-    adm.refund_tokens("a", 50)  # the request used 30 of its 80
+    adm.settle_tokens("a", reserved=80, used=30)  # 50 come back
     adm.check_tokens("a", 60)
-    with pytest.raises(RateLimitError, match="Request too large"):
-        adm.check_tokens("a", 101)
+    adm.settle_tokens("a", reserved=60, used=90)  # no cap was sent: the extra 30 are charged after the fact
+    with pytest.raises(RateLimitError) as err:
+        adm.check_tokens("a", 1)
+    assert err.value.retry_after == 13  # 100 - 80 + 50 - 60 - 30 = -20: 21 tokens to wait for at 100/min = 12.6 s
+    with pytest.raises(RateLimitError, match="Request too large") as err:
+        adm.check_tokens("b", 101)
+    assert err.value.retry_after is None  # waiting cannot help
+
+
+def test_idle_clients_are_forgotten_so_memory_stays_bounded():
+    clock = FakeClock()
+    adm = Admission(Limits(requests_per_minute=10, tokens_per_minute=100), clock=clock)
+    for i in range(20_000):
+        adm.check_request(f"addr-{i}")
+        clock.now += 0.01  # 200 s in all: each bucket refills within a minute
+    assert len(adm._requests) < 12_000
+    adm.enter("busy")
+    adm.check_tokens("busy", 100)
+    clock.now += 120
+    adm._sweep()
+    assert set(adm._requests) == set() and set(adm._tokens) == {"busy"}  # in flight: kept
 
 
 def test_concurrency_cap_and_bounded_waiting_room():
@@ -94,5 +113,7 @@ def test_concurrency_cap_and_bounded_waiting_room():
     for client in ("a", "b", "c"):
         adm.leave(client)
     assert adm.pending == 0
+    with pytest.raises(RuntimeError, match="without a matching enter"):
+        adm.leave("a")
     adm.enter("a")
     adm.enter("a")

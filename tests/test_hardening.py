@@ -26,7 +26,8 @@ from server.settings import ServerSettings
 from server_fixtures import LiveServer, save_tiny_llama, tiny_engine, wait_until_idle
 
 PROMPT = "The quick brown fox"
-KEYS = ("sk-auth", "sk-rpm", "sk-tpm", "sk-conc", "sk-other", "sk-log")
+# One key per test where it matters: each key may make 3 requests a minute on the `guarded` server.
+KEYS = ("sk-auth", "sk-rpm", "sk-tpm", "sk-chat", "sk-conc", "sk-other", "sk-scrape", "sk-log")
 
 
 @pytest.fixture(scope="module")
@@ -78,11 +79,14 @@ def assert_openai_error(response: httpx.Response, status: int, param: str | None
     return error
 
 
-def start_stream(server: LiveServer, key: str | None = None, max_tokens: int = 200) -> socket.socket:
+def start_stream(server: LiveServer, key: str | None = None, max_tokens: int = 200,
+                 request_id: str | None = None) -> socket.socket:
     """A long streaming completion on a raw socket, read until its first token so it is surely running."""
     body = json.dumps({"model": "tiny", "prompt": PROMPT, "max_tokens": max_tokens, "ignore_eos": True,
                        "stream": True}).encode()
     auth = f"Authorization: Bearer {key}\r\n".encode() if key else b""
+    if request_id:
+        auth += f"X-Request-Id: {request_id}\r\n".encode()
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n" + auth
                  + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
@@ -114,9 +118,10 @@ def test_wrong_or_missing_keys_are_401_for_the_openai_client(guarded):
 def test_health_stays_open_and_metrics_can_be_protected(guarded):
     assert httpx.get(guarded.base_url + "/health").status_code == 200
     assert_openai_error(httpx.get(guarded.base_url + "/metrics"), 401)
-    httpx.get(guarded.base_url + "/v1/models")
-    samples = scrape(guarded, headers={"authorization": "Bearer sk-other"})
-    assert samples[("minerva_http_requests_total", (("route", "/v1/models"), ("status", "401")))] >= 1
+    key = ("minerva_http_requests_total", (("route", "/v1/models"), ("status", "401")))
+    before = scrape(guarded, headers={"authorization": "Bearer sk-scrape"}).get(key, 0)
+    httpx.get(guarded.base_url + "/v1/models")  # refused before routing, still counted under its route
+    assert scrape(guarded, headers={"authorization": "Bearer sk-scrape"})[key] == before + 1
 
 
 # --- rate limits ------------------------------------------------------------------------------------------
@@ -135,34 +140,51 @@ def test_requests_per_minute_per_key_is_a_429_with_retry_after(guarded):
 
 def test_tokens_per_minute_reserve_prompt_plus_max_tokens(guarded):
     tpm = client(guarded, "sk-tpm")
-    with pytest.raises(openai.RateLimitError, match="exceed the limit of 300 tokens per minute"):
+    with pytest.raises(openai.RateLimitError, match="exceed the limit of 300 tokens per minute") as caught:
         tpm.completions.create(model="tiny", prompt=PROMPT, max_tokens=200, n=2)  # never fits: 2 x 200 + prompt
+    assert "retry-after" not in caught.value.response.headers  # waiting cannot help
     done = tpm.completions.create(model="tiny", prompt=PROMPT, max_tokens=200, extra_body={"ignore_eos": True})
     assert done.usage.completion_tokens == 200
-    with pytest.raises(openai.RateLimitError) as caught:  # ~100 tokens left of 300
-        tpm.completions.create(model="tiny", prompt=PROMPT, max_tokens=150)
+    with pytest.raises(openai.RateLimitError) as caught:  # ~95 left of 300, refilling 5 a second: 13 s short
+        tpm.completions.create(model="tiny", prompt=PROMPT, max_tokens=250)
     assert int(caught.value.response.headers["retry-after"]) >= 1
 
 
-def test_concurrency_cap_per_key_refuses_at_once(guarded):
+def test_uncapped_chat_is_settled_after_the_fact_not_refused(guarded):
+    """Without max_tokens the reservation would be the whole context; the prompt is reserved and the
+    completion charged when it ends, so the next request waits for the debt instead."""
+    chat = client(guarded, "sk-chat")
+    done = chat.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                        extra_body={"ignore_eos": True})  # runs to the end of the context
+    assert done.usage.total_tokens == 256  # the whole context, more than the 300 - 256 = 44 now left
+    with pytest.raises(openai.RateLimitError) as caught:
+        chat.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=100)
+    assert int(caught.value.response.headers["retry-after"]) >= 10
+
+
+def wait_until_slots_free(server: LiveServer, timeout: float = 20.0) -> None:
+    """Until every generation slot is released (the server has seen the disconnects)."""
+    admission = server.server.config.app.state.admission
+    deadline = time.monotonic() + timeout
+    while admission.pending and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert admission.pending == 0
+
+
+def test_concurrency_cap_per_key_refuses_at_once_and_costs_no_request_budget(guarded):
     sock = start_stream(guarded, "sk-conc")
     try:
         started = time.monotonic()
-        with pytest.raises(openai.RateLimitError, match="at most 1 per client"):
-            client(guarded, "sk-conc").completions.create(model="tiny", prompt=PROMPT, max_tokens=2)
+        for _ in range(3):  # refusals for concurrency do not spend sk-conc's 3 requests a minute
+            with pytest.raises(openai.RateLimitError, match="at most 1 per client"):
+                client(guarded, "sk-conc").completions.create(model="tiny", prompt=PROMPT, max_tokens=2)
         assert time.monotonic() - started < 5
         assert client(guarded, "sk-other").completions.create(model="tiny", prompt=PROMPT, max_tokens=2).usage
     finally:
         sock.close()
     assert wait_until_idle(guarded.engine)["kv_blocks_used"] == 0
-    deadline = time.monotonic() + 10
-    while True:  # the slot frees once the server has seen the disconnect
-        try:
-            client(guarded, "sk-conc").completions.create(model="tiny", prompt=PROMPT, max_tokens=2)
-            break
-        except openai.RateLimitError:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+    wait_until_slots_free(guarded)
+    assert client(guarded, "sk-conc").completions.create(model="tiny", prompt=PROMPT, max_tokens=2).usage
 
 
 def test_a_full_server_is_a_503_at_once(limited):
@@ -175,6 +197,7 @@ def test_a_full_server_is_a_503_at_once(limited):
     finally:
         sock.close()
     assert wait_until_idle(limited.engine)["kv_blocks_used"] == 0
+    wait_until_slots_free(limited)
 
 
 # --- request limits ---------------------------------------------------------------------------------------
@@ -183,7 +206,7 @@ def test_a_full_server_is_a_503_at_once(limited):
 @pytest.mark.parametrize("path,body,param", [
     ("/v1/completions", {"prompt": PROMPT, "n": 5}, "n"),
     ("/v1/completions", {"prompt": PROMPT, "n": 5, "best_of": 5}, "n"),
-    ("/v1/completions", {"prompt": PROMPT, "best_of": 5}, "best_of"),
+    ("/v1/completions", {"prompt": PROMPT, "best_of": 5}, "best_of"),  # refused as unsupported: best_of != n
     ("/v1/completions", {"prompt": ["a", "b", "c", "d"]}, "prompt"),
     ("/v1/completions", {"prompt": PROMPT, "stop": ["a", "b", "c"]}, "stop"),
     ("/v1/completions", {"prompt": PROMPT, "stop": "x" * 9}, "stop"),
@@ -199,7 +222,8 @@ def test_a_full_server_is_a_503_at_once(limited):
 ])
 def test_requests_over_a_limit_are_400_naming_the_field(limited, path, body, param):
     response = httpx.post(limited.base_url + path, json={"model": "tiny", **body})
-    assert_openai_error(response, 400, param=param)
+    error = assert_openai_error(response, 400, param=param)
+    assert error["code"] in ("limit_exceeded", "unsupported_parameter", "context_length_exceeded")
 
 
 def test_bodies_over_the_size_cap_are_413_declared_or_chunked(limited):
@@ -248,15 +272,23 @@ def request_logs(caplog) -> list[dict]:
     return [dict(r.fields) for r in caplog.records if r.name == LOGGER_NAME]
 
 
+def logged(caplog, request_id: str, timeout: float = 10.0) -> dict:
+    """The request's log line, once the server has written it (after the response's last byte)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [f for f in request_logs(caplog) if f["request_id"] == request_id]
+        if found or time.monotonic() > deadline:
+            assert len(found) == 1, found
+            return found[0]
+        time.sleep(0.02)
+
+
 def test_request_log_has_ids_tokens_and_key_id_but_never_the_key(guarded, caplog):
     caplog.set_level(logging.INFO, logger=LOGGER_NAME)
     raw = client(guarded, "sk-log").completions.with_raw_response.create(model="tiny", prompt=PROMPT, max_tokens=5)
     completion = raw.parse()
     request_id = raw.headers["x-request-id"]
-    deadline = time.monotonic() + 5
-    while not any(f["request_id"] == request_id for f in request_logs(caplog)) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    (fields,) = [f for f in request_logs(caplog) if f["request_id"] == request_id]
+    fields = logged(caplog, request_id)
     assert fields["method"] == "POST" and fields["route"] == "/v1/completions" and fields["status"] == 200
     assert fields["latency_ms"] > 0 and fields["ttft_ms"] <= fields["latency_ms"]
     assert fields["prompt_tokens"] == completion.usage.prompt_tokens
@@ -268,17 +300,19 @@ def test_request_log_has_ids_tokens_and_key_id_but_never_the_key(guarded, caplog
     assert line["request_id"] == request_id and "sk-log" not in json.dumps(line)
 
 
-def test_request_log_leaves_prompts_out_by_default_and_logs_refusals(limited, caplog):
+def test_request_log_leaves_prompts_out_by_default_and_logs_refusals_and_departures(limited, caplog):
     caplog.set_level(logging.INFO, logger=LOGGER_NAME)
     ok = httpx.post(limited.base_url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 2},
                     headers={"x-request-id": "trace-ok-1"})
     refused = httpx.post(limited.base_url + "/v1/completions", json={"prompt": PROMPT, "n": 99},
                          headers={"x-request-id": "trace-bad-1"})
     assert ok.headers["x-request-id"] == "trace-ok-1" and refused.status_code == 400
-    time.sleep(0.2)
-    logs = {f["request_id"]: f for f in request_logs(caplog)}
-    assert "prompt" not in logs["trace-ok-1"] and logs["trace-ok-1"]["completion_tokens"] == 2
-    assert logs["trace-bad-1"]["status"] == 400 and "prompt_tokens" not in logs["trace-bad-1"]
+    assert "prompt" not in logged(caplog, "trace-ok-1") and logged(caplog, "trace-ok-1")["completion_tokens"] == 2
+    assert logged(caplog, "trace-bad-1")["status"] == 400 and "prompt_tokens" not in logged(caplog, "trace-bad-1")
+    start_stream(limited, request_id="trace-gone-1").close()  # leaves mid-stream, after a 200 header
+    gone = logged(caplog, "trace-gone-1")
+    assert gone["status"] == 499 and 0 < gone["completion_tokens"] < 200
+    wait_until_slots_free(limited)
 
 
 def scrape(server: LiveServer, **kwargs) -> dict[tuple[str, tuple], float]:

@@ -272,17 +272,17 @@ def test_tls_and_sigterm_lets_a_running_stream_finish_then_exits_0(tmp_path):
         with server.client() as http:
             ok = http.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 4}, headers={"x-request-id": "tls-1"})
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] <= 4
-        thread, result, started = stream_in_thread(server, max_tokens=200)
+        thread, result, started = stream_in_thread(server, max_tokens=400)  # ~2 s of decoding left
         assert started.wait(60)
         server.process.send_signal(signal.SIGTERM)
-        time.sleep(1.0)
+        time.sleep(0.5)
         with pytest.raises(httpx.TransportError):  # no new connections once shutting down
             httpx.get(server.base_url + "/health", verify=str(server.cert), timeout=5)
         thread.join(timeout=90)
         assert result["error"] is None, result["error"]
         assert result["events"][-1] == "[DONE]"
         usage = json.loads(result["events"][-2])["usage"]
-        assert usage["completion_tokens"] == 200
+        assert usage["completion_tokens"] == 400
         assert server.process.wait(timeout=60) == 0
     finally:
         code = server.stop()

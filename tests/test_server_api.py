@@ -393,6 +393,12 @@ def test_lone_surrogates_are_400_not_500(live, path, raw, param):
     assert "not valid Unicode" in assert_openai_error(response, 400, param)["message"]
 
 
+def test_error_messages_quoting_a_lone_surrogate_stay_encodable(live):
+    response = post(live, "/v1/completions", content=rb'{"model": "\ud800", "prompt": "x"}',
+                    headers={"content-type": "application/json"})
+    assert "\\ud800" in assert_openai_error(response, 404, "model")["message"]
+
+
 def test_context_length_overflow_is_400_with_the_numbers(live, client, hf):
     prompt_tokens = len(hf[1].encode(PROMPT))
     error = assert_openai_error(

@@ -19,7 +19,8 @@ GENERATION_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions"})
 
 
 def rate_limit_error(exc: RateLimitError) -> APIError:
-    return APIError(429, str(exc), code="rate_limit_exceeded", headers={"retry-after": str(exc.retry_after)})
+    headers = {} if exc.retry_after is None else {"retry-after": str(exc.retry_after)}
+    return APIError(429, str(exc), code="rate_limit_exceeded", headers=headers)
 
 
 class GuardMiddleware:
@@ -49,10 +50,15 @@ class GuardMiddleware:
         host = (scope.get("client") or ("unknown", 0))[0]
         record.client = record.key_id or f"addr-{host}"
         generation = scope["method"] == "POST" and scope["path"] in GENERATION_ROUTES
-        try:
-            self.admission.check_request(record.client)
+        try:  # a slot first, so that a refusal for concurrency or overload costs no request budget
             if generation:
                 self.admission.enter(record.client)
+            try:
+                self.admission.check_request(record.client)
+            except RateLimitError:
+                if generation:
+                    self.admission.leave(record.client)
+                raise
         except RateLimitError as exc:
             await send_api_error(rate_limit_error(exc), scope, receive, send)
             return
@@ -65,13 +71,14 @@ class GuardMiddleware:
         finally:
             if generation:
                 self.admission.leave(record.client)
-            unused = record.reserved_tokens - record.prompt_tokens - record.completion_tokens
-            if unused > 0:
-                self.admission.refund_tokens(record.client, unused)
+            if record.reserved_tokens is not None:
+                used = record.prompt_tokens + record.completion_tokens
+                self.admission.settle_tokens(record.client, record.reserved_tokens, used)
 
 
 def reserve_tokens(request: Request, tokens: int) -> None:
-    """Take prompt + max completion tokens from the client's per-minute budget (unused ones come back)."""
+    """Take prompt + max completion tokens from the client's per-minute budget; the guard settles the
+    difference with what the request really used once it ends."""
     record = record_of(request)
     admission: Admission = request.app.state.admission
     try:

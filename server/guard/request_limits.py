@@ -16,7 +16,7 @@ from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFi
 @dataclass(frozen=True)
 class RequestLimits:
     max_body_bytes: int = 4 * 1024 * 1024
-    max_n: int = 16  # also caps best_of
+    max_n: int = 16  # also caps best_of, which must equal n
     max_prompts: int = 64  # prompts in one /v1/completions request
     max_stop: int = 4  # stop strings, as OpenAI
     max_stop_length: int = 256  # characters per stop string
@@ -37,10 +37,8 @@ def _too_many(param: str, what: str, count: int, cap: int) -> APIError:
 
 def check_request_limits(body: SamplingFields, limits: RequestLimits) -> None:
     """Raise a 400 for the first field over its cap."""
-    if body.n > limits.max_n:
+    if body.n > limits.max_n:  # best_of is n or refused (server/protocol.py), so this caps it too
         raise _too_many("n", "choices", body.n, limits.max_n)
-    if body.best_of is not None and body.best_of > limits.max_n:
-        raise _too_many("best_of", "candidates", body.best_of, limits.max_n)
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stops) > limits.max_stop:
         raise _too_many("stop", "stop sequences", len(stops), limits.max_stop)

@@ -51,6 +51,9 @@ def log_fields(scope: Scope, record: RequestRecord, status: int, latency: float,
 
 
 class ObservabilityMiddleware:
+    """Records every HTTP request once it has ended; `routes` are the app's own (its `routes`
+    attribute wraps included routers in objects that hide the route patterns)."""
+
     def __init__(self, app: ASGIApp, metrics: Metrics, routes: Sequence[BaseRoute], log_prompts: bool = False) -> None:
         self.app = app
         self.routes = routes
@@ -63,11 +66,14 @@ class ObservabilityMiddleware:
             return
         record = record_in(scope)
         status: int | None = None
+        complete = False
 
         async def send_and_note_status(message: Message) -> None:
-            nonlocal status
+            nonlocal status, complete
             if message["type"] == "http.response.start":
                 status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                complete = True
             await send(message)
 
         failed = False
@@ -77,7 +83,12 @@ class ObservabilityMiddleware:
             failed = True
             raise
         finally:
-            final = status if status is not None else (500 if failed else CLIENT_CLOSED_REQUEST)
+            if failed and status is None:
+                final = 500
+            elif complete:
+                final = status
+            else:  # the client left before the response (or the rest of its stream) went out
+                final = CLIENT_CLOSED_REQUEST
             self.record(scope, record, final)
 
     def record(self, scope: Scope, record: RequestRecord, status: int) -> None:
@@ -87,5 +98,5 @@ class ObservabilityMiddleware:
         self.metrics.request_latency.labels(route).observe(latency)
         if record.generated:
             ttft = None if record.first_token_at is None else record.first_token_at - record.started
-            self.metrics.observe_generation(record.model, record.completion_tokens, ttft, latency)
+            self.metrics.observe_generation(record.model, record.longest_sample, ttft, latency)
         log_request(log_fields(scope, record, status, latency, self.log_prompts))

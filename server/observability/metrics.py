@@ -119,13 +119,16 @@ class Metrics:
         self.gpu = GpuCollector()
         r.register(self.gpu)
 
-    def observe_generation(self, model: str, completion_tokens: int, ttft: float | None, e2e: float) -> None:
-        """Record one finished generation (streamed or not); token totals come from the engine itself."""
+    def observe_generation(self, model: str, longest_sample: int, ttft: float | None, e2e: float) -> None:
+        """Record one finished generation (streamed or not); token totals come from the engine itself.
+
+        Time per output token follows the longest sample: the samples of one request decode side by side.
+        """
         self.e2e.labels(model).observe(e2e)
         if ttft is not None:
             self.ttft.labels(model).observe(ttft)
-            if completion_tokens > 1:
-                self.tpot.labels(model).observe((e2e - ttft) / (completion_tokens - 1))
+            if longest_sample > 1:
+                self.tpot.labels(model).observe((e2e - ttft) / (longest_sample - 1))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -26,11 +26,11 @@ class RequestRecord:
     key_id: str | None = None
     model: str | None = None
     prompt: object = None  # the prompt or messages as sent; kept only when the server logs prompts
-    reserved_tokens: int = 0  # prompt + max completion, taken from the client's tokens-per-minute budget
+    reserved_tokens: int | None = None  # taken from the client's tokens-per-minute budget, if any
     first_token_at: float | None = None
-    finished_at: float | None = None
     _prompt_tokens: dict[int, int] = field(default_factory=dict)
     _completion_tokens: dict[int, int] = field(default_factory=dict)
+    longest_sample: int = 0  # tokens of the longest sample: samples decode side by side
 
     @property
     def prompt_tokens(self) -> int:
@@ -49,10 +49,9 @@ class RequestRecord:
         self._prompt_tokens[prompt_index] = len(output.prompt_token_ids)
         completion = sum(len(sample.token_ids) for sample in output.outputs)
         self._completion_tokens[prompt_index] = completion
-        now = time.monotonic()
+        self.longest_sample = max([self.longest_sample, *(len(sample.token_ids) for sample in output.outputs)])
         if completion and self.first_token_at is None:
-            self.first_token_at = now
-        self.finished_at = now
+            self.first_token_at = time.monotonic()
 
 
 def record_in(scope: Scope) -> RequestRecord:
