@@ -128,9 +128,9 @@ class Tokenizer:
         eos_ids = [int(fields[f"tokenizer.ggml.{key}_token_id"]) for key in ("eos", "eot", "eom")
                    if f"tokenizer.ggml.{key}_token_id" in fields]
         eos_ids += [i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (3, 4) and t in END_OF_GENERATION]
-        ending = {tokens[i] for i in eos_ids if 0 <= i < len(tokens)}
-        if {"<|return|>", "<|call|>"} <= ending:  # harmony (gpt-oss): <|end|> closes a message, not the turn
-            eos_ids = [i for i in eos_ids if tokens[i] != "<|end|>"]
+        ending = {tokens[i]: i for i in eos_ids if 0 <= i < len(tokens)}
+        if {"<|return|>", "<|call|>"} <= ending.keys():  # harmony (gpt-oss): <|end|> closes a message, not the turn
+            eos_ids = [i for i in eos_ids if i != ending.get("<|end|>")]
         add_bos = bool(fields.get("tokenizer.ggml.add_bos_token", kind == "llama"))
         return cls(backend, fields.get("tokenizer.chat_template"), token("bos"), token("eos"), eos_ids,
                    add_bos_token=add_bos)

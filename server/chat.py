@@ -67,7 +67,7 @@ def render_prompt(served: ServedModel, body: ChatCompletionRequest) -> list[int]
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> dict[str, Any] | Response:
     served: ServedModel = request.app.state.models.resolve(body.model)
     check_request(body, request.app.state.settings.request_limits)
-    record = note_request(request, served.name, [m.model_dump(exclude_none=True) for m in body.messages])
+    record = note_request(request, served.name, lambda: [m.model_dump(exclude_none=True) for m in body.messages])
     prompt = await asyncio.to_thread(render_prompt, served, body)  # templates + tokenizing stay off the loop
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens

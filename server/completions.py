@@ -53,7 +53,7 @@ def echo_text(served: ServedModel, text: str | list[int], ids: list[int]) -> str
 async def create_completion(body: CompletionRequest, request: Request) -> dict[str, Any] | Response:
     served: ServedModel = request.app.state.models.resolve(body.model)
     check_request(body, request.app.state.settings.request_limits)
-    record = note_request(request, served.name, body.prompt)
+    record = note_request(request, served.name, lambda: body.prompt)
     texts = split_prompts(body.prompt)
     prompts = await asyncio.to_thread(prompt_token_ids, served, texts)  # long prompts must not stall the loop
     max_len = served.engine.max_model_len

@@ -158,7 +158,7 @@ def add_serve_parser(commands: Any) -> None:
     limits = serve.add_argument_group("rate limits (per API key, or per client address without keys)")
     limits.add_argument("--rpm", type=positive_int, metavar="N", help="requests per minute")
     limits.add_argument("--tpm", type=positive_int, metavar="N",
-                        help="tokens per minute (prompt + max_tokens reserved, unused ones refunded)")
+                        help="tokens per minute (prompt + max_tokens reserved, settled with the real use at the end)")
     limits.add_argument("--max-concurrent-per-key", type=positive_int, metavar="N",
                         help="generation requests in flight per client; beyond it a 429")
     limits.add_argument("--max-pending", type=positive_int, default=1024, metavar="N",

@@ -60,4 +60,4 @@ def unpack_mxfp4(device: torch.device, dtype: torch.dtype, ops: ModuleType, load
     if limit_gib <= 0 or device.type != "cpu" or not getattr(ops, "DEQUANTIZES_MXFP4_PER_CALL", False):
         return False
     parameters = getattr(loaded.info, "parameters", None)  # unknown: stay packed
-    return parameters is not None and parameters * torch.empty(0, dtype=dtype).element_size() <= limit_gib * 2**30
+    return parameters is not None and parameters * dtype.itemsize <= limit_gib * 2**30

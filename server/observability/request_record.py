@@ -7,7 +7,7 @@ creates it and the route that fills it share it without globals.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
@@ -75,10 +75,10 @@ async def recorded(record: RequestRecord,
             yield prompt_index, output
 
 
-def note_request(request: Request, model: str, prompt: object) -> RequestRecord:
-    """Name the model a generation request runs on (and keep its prompt if the server logs prompts)."""
+def note_request(request: Request, model: str, prompt: Callable[[], object]) -> RequestRecord:
+    """Name the model a generation request runs on; `prompt` is called only if the server logs prompts."""
     record = record_of(request)
     record.model = model
     if request.app.state.settings.log_prompts:
-        record.prompt = prompt
+        record.prompt = prompt()
     return record
