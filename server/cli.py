@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from engine.loader import ModelInfo, ModelLoadError, read_model_info
-from engine.loader.compact import format_size
+from engine.loader import format_size
 from server.launch import add_serve_parser
 
 INSPECT_COLUMNS: tuple[tuple[str, Callable[[ModelInfo], object]], ...] = (

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.loader import ModelLoadError, ModelRegistry, check_models, compact_id, read_model_info
-from engine.loader.compact import format_size
+from engine.loader import ModelLoadError, ModelRegistry, check_models, read_model_info
+from engine.loader import format_size
 from server.cli import main
 
 
@@ -87,7 +87,7 @@ def test_registry_errors(models_dir, tmp_path):
 def test_compact_id_fields(models_dir):
     info = read_model_info(models_dir / "qwen-tiny.gguf")
     size = (models_dir / "qwen-tiny.gguf").stat().st_size
-    assert compact_id(info) == info.compact_id == f"qwen-tiny|F32|{format_size(size)}|1|2|20"
+    assert info.compact_id == f"qwen-tiny|F32|{format_size(size)}|1|2|20"
     assert [format_size(n) for n in (812, 52_000, 3_400_000, 12_100_000_000)] == ["812B", "52.0KB", "3.4MB", "12.1GB"]
 
 

@@ -3,9 +3,9 @@
 See docs/loader.md. Metadata never reads tensor bytes; tensors are memory-mapped on demand.
 """
 
-from engine.loader.compact import ModelCheck, check_models, compact_id
+from engine.loader.checks import ModelCheck, check_models
 from engine.loader.errors import ModelLoadError
-from engine.loader.model_info import ModelInfo
+from engine.loader.model_info import ModelInfo, format_size
 from engine.loader.open import LoadedModel, detect_format, open_model, read_model_info
 from engine.loader.registry import ModelRegistry
 from engine.loader.tensors import LazyTensor, TensorStore
@@ -19,8 +19,8 @@ __all__ = [
     "ModelRegistry",
     "TensorStore",
     "check_models",
-    "compact_id",
     "detect_format",
+    "format_size",
     "open_model",
     "read_model_info",
 ]

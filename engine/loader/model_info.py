@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +34,24 @@ class ModelInfo:
     rope_scaling: dict[str, Any] | None
     chat_template: bool
     name: str | None = None  # display name, e.g. GGUF general.name
-    compact_id: str = field(init=False)
 
-    def __post_init__(self) -> None:
-        from engine.loader.compact import compact_id
-
-        self.compact_id = compact_id(self)
+    @property
+    def compact_id(self) -> str:
+        """The prototype's one-line id `model|quant|size|tensors|layers|vocab`, e.g. `gpt-oss-20b|MXFP4|12.1GB|459|24|201088`."""
+        fields = (self.id, self.quantization, format_size(self.file_size), self.tensor_count, self.layers,
+                  self.vocab_size)
+        return "|".join(str(value) for value in fields)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "compact_id": self.compact_id}
+
+
+def format_size(num_bytes: int) -> str:
+    """Decimal units with one decimal place: 12.1GB, 3.4MB, 52.0KB, 812B."""
+    for unit, scale in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.1f}{unit}"
+    return f"{num_bytes}B"
 
 
 def rope_settings(config: dict[str, Any]) -> tuple[float | None, dict[str, Any] | None]:
