@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.loader.config_fields import read_field, rope_parameters, rope_type, text_config
+
 
 @dataclass
 class ModelInfo:
@@ -55,13 +57,13 @@ def format_size(num_bytes: int) -> str:
 
 
 def rope_settings(config: dict[str, Any]) -> tuple[float | None, dict[str, Any] | None]:
-    """(theta, scaling) from either the classic `rope_theta`/`rope_scaling` keys or transformers 5's `rope_parameters`."""
-    params = config.get("rope_parameters") or {}
-    theta = config.get("rope_theta", params.get("rope_theta"))
-    scaling = config.get("rope_scaling")
-    if scaling is None and params.get("rope_type", "default") != "default":
-        scaling = params
-    scaling = {k: v for k, v in scaling.items() if k != "rope_theta"} if isinstance(scaling, dict) else None
+    """(theta, scaling) for display: scaling is None for plain RoPE or an unreadable `rope_scaling`."""
+    try:
+        params = rope_parameters(config)
+    except ValueError:
+        return None, None
+    theta = params.pop("rope_theta")
+    scaling = params if rope_type(params) != "default" else None
     return (float(theta) if theta is not None else None), scaling
 
 
@@ -86,12 +88,9 @@ def summarize_quantization(tensor_types: list[tuple[str, int, int]]) -> tuple[st
     return name, dict(sorted(breakdown.items(), key=lambda item: -item[1]))
 
 
-def _int(config: dict[str, Any], *keys: str, default: int | None = None) -> int | None:
-    for key in keys:
-        value = config.get(key)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return default
+def _int(config: dict[str, Any], name: str, default: int | None = None) -> int | None:
+    value = read_field(config, name)
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
 
 
 def info_from_config(
@@ -107,9 +106,9 @@ def info_from_config(
     name: str | None = None,
 ) -> ModelInfo:
     """Build ModelInfo from an HF config dict plus facts about the stored tensors."""
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    hidden = _int(text, "hidden_size", "n_embd", default=0)
-    heads = _int(text, "num_attention_heads", "n_head", default=0)
+    text = text_config(config)
+    hidden = _int(text, "hidden_size", default=0)
+    heads = _int(text, "num_attention_heads", default=0)
     kv_heads = _int(text, "num_key_value_heads", default=heads)
     head_dim = _int(text, "head_dim", default=hidden // heads if heads else 0)
     theta, scaling = rope_settings(text)
@@ -124,15 +123,15 @@ def info_from_config(
         parameters=sum(params for _, _, params in tensor_types),
         file_size=file_size,
         tensor_count=tensor_count,
-        layers=_int(text, "num_hidden_layers", "n_layer", default=0),
+        layers=_int(text, "num_hidden_layers", default=0),
         hidden_size=hidden,
         attention_heads=heads,
         kv_heads=kv_heads,
         head_dim=head_dim,
         vocab_size=_int(text, "vocab_size", default=0),
-        context_length=_int(text, "max_position_embeddings", "n_positions", default=0),
-        experts=_int(text, "num_local_experts", "num_experts", "n_routed_experts"),
-        active_experts=_int(text, "num_experts_per_tok", "experts_per_token"),
+        context_length=_int(text, "max_position_embeddings", default=0),
+        experts=_int(text, "num_local_experts"),
+        active_experts=_int(text, "num_experts_per_tok"),
         rope_theta=theta,
         rope_scaling=scaling,
         chat_template=chat_template,

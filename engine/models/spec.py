@@ -1,8 +1,8 @@
 """ModelSpec: the validated shapes and switches of a model, read once from its HF-style config dict.
 
-Every format's loader produces the same config dict shape (GGUF included), so this is the
-only place that interprets config fields; a bad or missing field is a ModelConfigError here,
-before any tensor is read.
+Every format's loader produces the same config dict shape (GGUF included). The fields are read
+by `engine.loader.config_fields` (the same reader ModelInfo uses); this is where they are
+validated: a bad or missing field is a ModelConfigError here, before any tensor is read.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.layers.rotary import Rotary, build_rotary
+from engine.loader.config_fields import read_field, text_config
+from engine.loader.config_fields import rope_parameters as read_rope_parameters
 from engine.models.errors import ModelConfigError
 
 # HF model_type -> the forward-pass family that runs it.
@@ -52,8 +54,8 @@ class ModelSpec:
 
 
 def _positive_int(config: dict[str, Any], key: str, default: int | None = None) -> int:
-    value = config.get(key, default)
-    if value is None and default is not None:
+    value = read_field(config, key)
+    if value is None:
         value = default
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ModelConfigError(f"config field {key!r} must be a positive integer, got {value!r}")
@@ -61,15 +63,14 @@ def _positive_int(config: dict[str, Any], key: str, default: int | None = None) 
 
 
 def rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
-    """transformers 5's `rope_parameters`, or the classic `rope_theta` + `rope_scaling` pair."""
-    params = config.get("rope_parameters")
-    if isinstance(params, dict) and "rope_theta" in params:
-        return dict(params)
-    scaling = config.get("rope_scaling") or {}
-    if not isinstance(scaling, dict):
-        raise ModelConfigError(f"config field 'rope_scaling' must be an object, got {scaling!r}")
-    theta = config.get("rope_theta", 150000.0 if config.get("model_type") == "gpt_oss" else 10000.0)
-    return {"rope_theta": theta, **scaling}
+    """The rope settings with the family's default theta when the config gives none."""
+    try:
+        params = read_rope_parameters(config)
+    except ValueError as exc:
+        raise ModelConfigError(str(exc)) from None
+    if params["rope_theta"] is None:
+        params["rope_theta"] = 150000.0 if config.get("model_type") == "gpt_oss" else 10000.0
+    return params
 
 
 def _sliding_windows(config: dict[str, Any], model_type: str, layers: int) -> tuple[int | None, ...]:
@@ -89,6 +90,7 @@ def _sliding_windows(config: dict[str, Any], model_type: str, layers: int) -> tu
 def parse_spec(config: dict[str, Any]) -> ModelSpec:
     """Validate `config` and derive every shape the forward pass needs."""
     model_type = config.get("model_type")
+    config = {**text_config(config), "model_type": model_type}
     if model_type not in FAMILIES:
         raise ModelConfigError(
             f"unsupported architecture (model_type {model_type!r}); supported: {', '.join(sorted(FAMILIES))}"
@@ -100,7 +102,7 @@ def parse_spec(config: dict[str, Any]) -> ModelSpec:
     kv_heads = _positive_int(config, "num_key_value_heads", heads)
     if heads % kv_heads:
         raise ModelConfigError(f"num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})")
-    if config.get("head_dim") is None and hidden % heads:
+    if read_field(config, "head_dim") is None and hidden % heads:
         raise ModelConfigError(f"num_attention_heads ({heads}) does not divide hidden_size ({hidden})")
     head_dim = _positive_int(config, "head_dim", hidden // heads)
     layers = _positive_int(config, "num_hidden_layers")
@@ -111,7 +113,7 @@ def parse_spec(config: dict[str, Any]) -> ModelSpec:
     if rotary_dim % 2 or not 0 < rotary_dim <= head_dim:
         raise ModelConfigError(f"partial_rotary_factor {partial} gives an invalid rotary dim {rotary_dim}")
     try:
-        rotary = build_rotary(params, rotary_dim, int(config.get("max_position_embeddings") or 0))
+        rotary = build_rotary(params, rotary_dim, int(read_field(config, "max_position_embeddings") or 0))
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
         raise ModelConfigError(f"config rope settings {params!r}: {exc}") from exc
     attention_bias = bool(config.get("attention_bias", False))
