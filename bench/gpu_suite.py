@@ -124,8 +124,8 @@ def kernel_stack_decode(
     """Time one gpt-oss-20b decode step composed directly from `kernels.triton_ops` (random weights).
 
     This is the kernels' own floor for a step (no model code around them): per layer
-    norm, qkv, rope, KV write, paged attention with sinks (window 128 on every other
-    layer), o-proj, norm, router, MXFP4 MoE; then the final norm and unembedding.
+    norm, qkv, rope fused with the KV write, paged attention with sinks (window 128 on every other
+    layer), o-proj, norm, router, MXFP4 MoE (routing, gate_up, down with the combine); then the final norm and unembedding.
     Timed eagerly and, where capture works, as one CUDA graph. The engine's model
     (engine.models) is timed separately when it exists. `config`/`device`/`ops` shrink
     it for a CPU run under the interpreter (or swap in `kernels.reference`); the
@@ -188,14 +188,13 @@ def kernel_stack_decode(
                 q = qkv[:, : nh * d].view(batch, nh, d)
                 k = qkv[:, nh * d : (nh + nkv) * d].view(batch, nkv, d)
                 v = qkv[:, (nh + nkv) * d :].view(batch, nkv, d)
-                q, k = ops.rope(q, k, positions, inv_freq, 1.0)
-                ops.write_kv_cache(k, v, k_cache, v_cache, slots)
+                q = ops.rope_write_kv(q, k, v, positions, inv_freq, 1.0, k_cache, v_cache, slots)
                 window = c["window"] if i % 2 == 0 else None
                 attn = ops.paged_attention(q, k_cache, v_cache, tables, seq_lens, starts, d**-0.5, window, w["sinks"])
                 x = ops.linear(attn.view(batch, nh * d), w["o"], w["o_b"])
                 hs, residual = ops.rms_norm(x, w["norm2"], 1e-5, residual)
-                probs, ids = ops.moe_route(ops.linear(hs, w["router"], w["router_b"]), c["top_k"])
-                x = ops.moe_experts(hs, ids, probs, w["gate_up"], w["gate_up_b"], w["down"], w["down_b"])
+                logits = ops.linear(hs, w["router"], w["router_b"])
+                x = ops.moe(hs, logits, c["top_k"], w["gate_up"], w["gate_up_b"], w["down"], w["down_b"])
             hs, _ = ops.rms_norm(x, final_norm, 1e-5, residual)
             return ops.linear(hs, unembed).float()
 
@@ -277,6 +276,20 @@ class RandomGptOssStore(dict):
         return MXFP4Tensor(self[f"{prefix}_blocks"].load(), self[f"{prefix}_scales"].load())
 
 
+def random_gpt_oss_model(config: dict, device: str, ops=None):
+    """An engine gpt-oss model (engine.models.build_model, bf16) over random weights of `config`'s shapes."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from engine.models import build_model
+
+    loaded = SimpleNamespace(
+        config=config, tensors=RandomGptOssStore(config, device), info=SimpleNamespace(format="safetensors")
+    )
+    return build_model(loaded, device=device, dtype=torch.bfloat16, ops=ops)
+
+
 def engine_model_decode(
     config: dict | None = None, device: str = "cuda", batches=(1, 8, 64), context: int = 1024, block_size: int = 16,
     ops=None,
@@ -284,19 +297,13 @@ def engine_model_decode(
     """One decode step of gpt-oss-20b (real shapes, random weights made on the device) built through
     engine.models.build_model and driven like the engine; eager and, where capture works, as a CUDA
     graph. `config`/`device`/`ops` shrink it for a CPU run under the interpreter (logits returned)."""
-    from types import SimpleNamespace
-
     import torch
 
     from bench.kernels import Bench
     from engine.attention_metadata import AttentionMetadata
-    from engine.models import build_model
 
     config = config or gpt_oss_config()
-    loaded = SimpleNamespace(
-        config=config, tensors=RandomGptOssStore(config, device), info=SimpleNamespace(format="safetensors")
-    )
-    model = build_model(loaded, device=device, dtype=torch.bfloat16, ops=ops)
+    model = random_gpt_oss_model(config, device, ops)
     timer = Bench(device, smoke=device != "cuda")
     results: dict = {"context": context}
     for batch in batches:

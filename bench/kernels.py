@@ -9,6 +9,9 @@ in the same run), and the speedup over a torch baseline:
 - paged attention: K/V gathered through the block table, then `F.scaled_dot_product_attention`;
 - norm/rope/activations/KV write: `kernels.reference`.
 
+It first prints how many device dispatches one gpt-oss decode layer issues
+(`bench/launches.py`: kernels stubbed, aten ops counted; the budget is 12).
+
     python -m bench.kernels [--only mxfp4,moe,attention,elementwise] [--json out.json]
     TRITON_INTERPRET=1 python -m bench.kernels --smoke   # tiny shapes on CPU: checks the harness only
 """
@@ -26,7 +29,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels import mxfp4, reference
+from bench import launches
+from kernels import mxfp4, reference, routing
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,8 @@ def bench_mxfp4_linear(b: Bench, models: list[Shapes]) -> None:
 
 
 def bench_moe(b: Bench, models: list[Shapes]) -> None:
+    from kernels.triton import routing as triton_routing
+
     ops = _ops()
     for m in models:
         if not m.experts:
@@ -173,15 +179,22 @@ def bench_moe(b: Bench, models: list[Shapes]) -> None:
         per_expert //= m.experts
         for tokens in _batches(b):
             x = torch.randn(tokens, m.hidden, device=b.device, dtype=torch.bfloat16)
-            probs, ids = reference.moe_route(torch.randn(tokens, m.experts, device=b.device), m.top_k)
-            touched = int(ids.unique().numel())
+            logits = torch.randn(tokens, m.experts, device=b.device)
+            touched = int(reference.moe_route(logits, m.top_k)[1].unique().numel())
             flops = 2 * tokens * m.top_k * 3 * m.hidden * m.intermediate
             nbytes = touched * per_expert + 2 * tokens * m.hidden * 2
             b.record(
                 "mxfp4_moe", m.name, f"E{m.experts} top{m.top_k} ({touched} experts hit)", tokens,
-                lambda: ops.moe_experts(x, ids, probs, w_gate_up, b_gate_up, w_down, b_down), nbytes, flops,
+                lambda: ops.moe(x, logits, m.top_k, w_gate_up, b_gate_up, w_down, b_down), nbytes, flops,
                 "torch bf16 experts",
-                lambda: reference.moe_experts(x, ids, probs, dense_gate_up, b_gate_up, dense_down, b_down),
+                lambda: reference.moe(x, logits, m.top_k, dense_gate_up, b_gate_up, dense_down, b_down),
+            )
+            b.record(
+                "moe_routing", m.name, f"E{m.experts} top{m.top_k}", tokens,
+                lambda: triton_routing.route(m.top_k, m.experts, 16, router_logits=logits),
+                logits.numel() * 4 + tokens * m.top_k * 16, 0,
+                "torch top-k + sort + schedule",
+                lambda: routing.route(*reversed(reference.moe_route(logits, m.top_k)), m.experts, 16),
             )
         del w_gate_up, w_down, dense_gate_up, dense_down
 
@@ -299,6 +312,8 @@ def run(only: list[str] | None = None, smoke: bool = False, device: str | None =
     torch.manual_seed(0)
     b.measure_device()
     print(f"device {device}: copy {b.copy_gb_per_s:.0f} GB/s, bf16 matmul {b.bf16_tflop_per_s:.1f} TFLOP/s", flush=True)
+    layer_dispatches = launches.gpt_oss_decode_layer()
+    print(launches.summary(layer_dispatches), flush=True)
     models = [TINY] if smoke else [GPT_OSS_20B, LLAMA3_8B]
     errors = {}
     for name in only or list(SUITES):
@@ -313,6 +328,7 @@ def run(only: list[str] | None = None, smoke: bool = False, device: str | None =
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)",
         "copy_gb_per_s": b.copy_gb_per_s,
         "bf16_tflop_per_s": b.bf16_tflop_per_s,
+        "decode_layer_dispatches": dict(layer_dispatches),
         "results": [asdict(r) for r in b.results],
         "errors": errors,
     }

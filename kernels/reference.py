@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels import routing
 from kernels.mxfp4 import MXFP4Tensor
 
 Weight = torch.Tensor | MXFP4Tensor
@@ -71,6 +72,23 @@ def write_kv_cache(
     slots = slot_mapping[keep].long()
     k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
     v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
+
+
+def rope_write_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    mscale: float,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """`rope` on q and k, then `write_kv_cache` of the rotated k and v; returns the rotated q."""
+    q, k = rope(q, k, positions, inv_freq, mscale)
+    write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+    return q
 
 
 def paged_attention(
@@ -190,9 +208,8 @@ def swiglu_oss(gate_up: torch.Tensor, alpha: float = 1.702, limit: float = 7.0) 
 
 
 def moe_route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k experts per token, then a softmax over those k logits (gpt-oss's router)."""
-    values, ids = torch.topk(router_logits.float(), top_k, dim=-1)
-    return torch.softmax(values, dim=-1), ids
+    """Top-k experts per token (ties to the lower id), then a softmax over those k logits (gpt-oss's router)."""
+    return routing.top_k(router_logits, top_k)
 
 
 def moe_experts(
@@ -205,12 +222,15 @@ def moe_experts(
     b_down: torch.Tensor | None,
     alpha: float = 1.702,
     limit: float = 7.0,
+    deterministic: bool = False,
 ) -> torch.Tensor:
     """Mixture of gpt-oss experts: `sum_k weight_k * down_e(swiglu_oss(gate_up_e(x)))`.
 
     Weights are `[E, out, in]` (dense or MXFP4): `w_gate_up` `[E, 2I, H]` with
     interleaved gate/up rows, `w_down` `[E, H, I]`; biases `[E, out]`. Only the
-    experts some token picked are touched, one at a time.
+    experts some token picked are touched, one at a time. The k products are summed
+    in fp32 and rounded once. `deterministic` asks a kernel for a fixed summation
+    order (no atomics); this path always has one.
     """
     out = torch.zeros(x.shape[0], w_down.shape[-2], dtype=torch.float32, device=x.device)
     for e in expert_ids.unique().tolist():
@@ -220,3 +240,20 @@ def moe_experts(
         h = linear(h, w_down[e], None if b_down is None else b_down[e])
         out.index_add_(0, token_idx, h.float() * expert_weights[token_idx, slot].float().unsqueeze(-1))
     return out.to(x.dtype)
+
+
+def moe(
+    x: torch.Tensor,
+    router_logits: torch.Tensor,
+    top_k: int,
+    w_gate_up: Weight,
+    b_gate_up: torch.Tensor | None,
+    w_down: Weight,
+    b_down: torch.Tensor | None,
+    alpha: float = 1.702,
+    limit: float = 7.0,
+    deterministic: bool = False,
+) -> torch.Tensor:
+    """`moe_experts` routed by `moe_route(router_logits, top_k)`: the whole gpt-oss MoE after its router."""
+    weights, ids = moe_route(router_logits, top_k)
+    return moe_experts(x, ids, weights, w_gate_up, b_gate_up, w_down, b_down, alpha, limit, deterministic)

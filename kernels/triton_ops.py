@@ -2,8 +2,9 @@
 
 `kernels.select_ops` swaps this module in on CUDA. Dense bf16 linears stay on
 cuBLAS (`F.linear`), which Triton does not beat; MXFP4 weights, attention, the KV
-cache, norms, rotary, activations and the grouped MoE run Triton kernels. The
-router's top-k over a few dozen logits stays in torch.
+cache, norms, rotary, activations, the MoE routing and the grouped MoE run Triton
+kernels. `moe_route` alone (top-k of a few dozen logits, for callers that want the
+choice itself) stays in torch; `moe` routes inside its own routing launch.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from kernels.reference import moe_route
 from kernels.triton.activation import silu_and_mul, swiglu_oss
 from kernels.triton.attention import paged_attention
 from kernels.triton.kv_cache import write_kv_cache
-from kernels.triton.moe import linear_mxfp4, moe_experts
+from kernels.triton.moe import linear_mxfp4, moe, moe_experts
 from kernels.triton.norm import rms_norm
-from kernels.triton.rope import rope
+from kernels.triton.rope import rope, rope_write_kv
 
 Weight = torch.Tensor | MXFP4Tensor
 
@@ -26,12 +27,14 @@ __all__ = [
     "rms_norm",
     "rope",
     "write_kv_cache",
+    "rope_write_kv",
     "paged_attention",
     "linear",
     "silu_and_mul",
     "swiglu_oss",
     "moe_route",
     "moe_experts",
+    "moe",
 ]
 
 

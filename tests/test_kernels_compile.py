@@ -3,7 +3,10 @@
 The interpreter runs kernels as numpy and forgives what the compiler refuses
 (loop-carried type changes, bad casts, unsupported shapes), and it never takes
 the bf16 tensor-core branch; compiling each kernel's CUDA configuration down to a
-cubin with Triton's bundled ptxas catches those here.
+cubin with Triton's bundled ptxas catches those here. Each cubin's resource use
+(registers per thread, shared memory, local memory = spills) is read back with
+Triton's bundled cuobjdump: the gpt-oss-20b decode configurations must not spill.
+`python tests/test_kernels_compile.py figures` prints them as the table in docs/kernels.md.
 
 Each group compiles in a fresh Python process: in this one the kernels may
 already be decorated for the interpreter (tests/kernel_testing.py).
@@ -13,17 +16,24 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 BF16 = "*bf16"
+# Hopper's shared memory per block (opt-in maximum).
+SMEM_LIMIT = 227 * 1024
 
 
-def _compile(kernel, pointer_types: dict[str, str], constexprs: dict[str, object]) -> None:
-    """Compile with `pointer_types` for the named arguments, i32 for the others, `constexprs` bound."""
+def _compile(
+    kernel, pointer_types: dict[str, str], constexprs: dict[str, object], num_warps: int = 4, num_stages: int = 3
+) -> dict:
+    """Compile with `pointer_types` for the named arguments, i32 for the others, `constexprs` bound;
+    returns the cubin's resource use."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -31,18 +41,74 @@ def _compile(kernel, pointer_types: dict[str, str], constexprs: dict[str, object
     params = list(inspect.signature(kernel.fn).parameters)
     signature = {p: "constexpr" if p in constexprs else pointer_types.get(p, "i32") for p in params}
     bound = {(params.index(name),): value for name, value in constexprs.items()}
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=bound), target=GPUTarget("cuda", 90, 32))
+    compiled = triton.compile(
+        ASTSource(fn=kernel, signature=signature, constexprs=bound), target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": num_warps, "num_stages": num_stages},
+    )
     assert compiled.asm["cubin"]
+    return _resources(compiled, num_warps, num_stages)
 
 
-def compile_elementwise() -> None:
-    from kernels.triton import activation, kv_cache, norm, rope
+def _resources(compiled, num_warps: int, num_stages: int) -> dict:
+    """Registers, static + dynamic shared memory and local (spill) bytes of a compiled kernel."""
+    import triton
 
-    _compile(
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([str(cuobjdump), "-res-usage", f.name], capture_output=True, text=True, check=True)
+    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage.stdout))
+    return {
+        "registers": int(fields["REG"]),
+        "shared_bytes": int(fields["SHARED"]) + compiled.metadata.shared,
+        "spill_bytes": int(fields["LOCAL"]) + int(fields["STACK"]),
+        "num_warps": num_warps,
+        "num_stages": num_stages,
+    }
+
+
+def _rms_norm() -> dict:
+    from kernels.triton import norm
+
+    return _compile(
         norm._rms_norm_kernel,
         {"x_ptr": BF16, "res_ptr": BF16, "w_ptr": BF16, "out_ptr": BF16, "sum_ptr": BF16, "eps": "fp32"},
         {"HAS_RESIDUAL": True, "BLOCK": 4096},
     )
+
+
+def _rope_write_kv() -> dict:
+    from kernels.triton import rope
+
+    return _compile(
+        rope._rope_write_kv_kernel,
+        {"q_ptr": BF16, "k_ptr": BF16, "v_ptr": BF16, "q_out_ptr": BF16, "k_cache_ptr": BF16, "v_cache_ptr": BF16,
+         "pos_ptr": "*i64", "inv_freq_ptr": "*fp32", "slot_ptr": "*i64", "mscale": "fp32"},
+        {"BLOCK_HQ": 64, "BLOCK_HKV": 8, "BLOCK_HALF": 32, "BLOCK_D": 64},
+    )
+
+
+def _routing(from_logits: bool = True) -> dict:
+    """gpt-oss-20b: top-4 of 32 experts, 32-token chunks, decode-sized row tiles."""
+    from kernels.triton import routing
+
+    return _compile(
+        routing._routing_kernel,
+        {"logits_ptr": BF16, "ids_in_ptr": "*i64", "weights_in_ptr": "*fp32", "ids_ptr": "*i32",
+         "weights_ptr": "*fp32", "row_pair_ptr": "*i32", "row_weight_ptr": "*fp32", "tile_expert_ptr": "*i32",
+         "tile_start_ptr": "*i32", "expert_end_ptr": "*i32", "zero_ptr": "*fp32"},
+        {"TOP_K": 4, "K_PAD": 4, "BLOCK_T": 32, "BLOCK_E": 32, "BLOCK_M": 16, "BLOCK_TILES": 64,
+         "FROM_LOGITS": from_logits, "ZERO_BLOCK": 4096},
+    )
+
+
+def compile_elementwise() -> None:
+    from kernels.triton import activation, kv_cache, moe, rope
+
+    _rms_norm()
+    _rope_write_kv()
+    _routing(from_logits=False)
     _compile(
         rope._rope_kernel,
         {"x_ptr": BF16, "out_ptr": BF16, "pos_ptr": "*i64", "inv_freq_ptr": "*fp32", "mscale": "fp32"},
@@ -58,17 +124,13 @@ def compile_elementwise() -> None:
         {"k_ptr": BF16, "v_ptr": BF16, "k_cache_ptr": BF16, "v_cache_ptr": BF16, "slot_ptr": "*i64"},
         {"BLOCK_H": 8, "BLOCK_D": 64},
     )
+    _compile(moe._sum_slots_kernel, {"y_ptr": "*fp32", "out_ptr": BF16}, {"TOP_K": 4, "BLOCK": 1024})
 
 
-def compile_attention() -> None:
-    for num_splits, block_q, block_m in [(1, 8, 64), (8, 2, 16)]:
-        _compile_attention(num_splits, block_q, block_m)
-
-
-def _compile_attention(num_splits: int, block_q: int, block_m: int) -> None:
+def _attention(num_splits: int, block_q: int, block_m: int) -> dict:
     from kernels.triton import attention
 
-    _compile(
+    return _compile(
         attention._paged_attention_kernel,
         {
             "q_ptr": BF16, "k_cache_ptr": BF16, "v_cache_ptr": BF16, "out_ptr": BF16,
@@ -81,55 +143,111 @@ def _compile_attention(num_splits: int, block_q: int, block_m: int) -> None:
             "NUM_SPLITS": num_splits, "HAS_WINDOW": True, "HAS_SINKS": True, "UPCAST": False, "PRECISION": "tf32",
         },
     )
-    _compile(
+
+
+def _merge_splits() -> dict:
+    from kernels.triton import attention
+
+    return _compile(
         attention._merge_splits_kernel,
         {"part_acc_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", "sinks_ptr": BF16, "out_ptr": BF16},
-        {"NUM_SPLITS": 8, "BLOCK_D": 128, "HAS_SINKS": True},
+        {"NUM_SPLITS": 8, "BLOCK_D": 64, "HAS_SINKS": True},
     )
 
 
-MATMUL_VARIANTS = [  # MoE gate_up (gather + SwiGLU), MoE down (route weight + scatter), dense
-    {"SCHEDULED": True, "GATHER_A": True, "SCATTER_OUT": False, "ROUTE_WEIGHT": False, "SWIGLU": True},
-    {"SCHEDULED": True, "GATHER_A": False, "SCATTER_OUT": True, "ROUTE_WEIGHT": True, "SWIGLU": False},
-    {"SCHEDULED": False, "GATHER_A": False, "SCATTER_OUT": False, "ROUTE_WEIGHT": False, "SWIGLU": False},
-]
+def compile_attention() -> None:
+    _attention(1, 8, 64)  # prefill tiles
 
 
-def compile_matmul() -> None:
-    for flags in MATMUL_VARIANTS:
-        _compile_matmul(flags, "bf16", (16, 64, 256))
-    _compile_matmul(MATMUL_VARIANTS[0], "bf16", (128, 128, 64))  # prefill-sized tiles
-    _compile_matmul(MATMUL_VARIANTS[1], "bf16", (16, 32, 256))  # narrow decode tiles
-    _compile_matmul(MATMUL_VARIANTS[-1], "fp32", (16, 64, 256))  # the hand-written decode for fp32 activations
+# MoE gate_up (gather + SwiGLU), MoE down (route weight, atomically combined per token, split-K),
+# MoE down deterministic (route weight, scattered to pair order), dense linear.
+GATE_UP = {"SCHEDULED": True, "GATHER_A": True, "SCATTER_OUT": False, "ROUTE_WEIGHT": False, "SWIGLU": True,
+           "ATOMIC_ADD": False}
+DOWN = {"SCHEDULED": True, "GATHER_A": False, "SCATTER_OUT": True, "ROUTE_WEIGHT": True, "SWIGLU": False,
+        "ATOMIC_ADD": True}
+DOWN_DETERMINISTIC = {**DOWN, "ATOMIC_ADD": False}
+DENSE = {"SCHEDULED": False, "GATHER_A": False, "SCATTER_OUT": False, "ROUTE_WEIGHT": False, "SWIGLU": False,
+         "ATOMIC_ADD": False}
 
 
-def _compile_matmul(flags: dict[str, bool], activations: str, tiles: tuple[int, int, int]) -> None:
+def _matmul(flags: dict, shape_class: str, split_k: int = 1, activations: str = "bf16", block_n: int | None = None) -> dict:
     from kernels.triton import mxfp4_matmul
 
-    _compile(
+    t = mxfp4_matmul.HOPPER_TILES[shape_class]
+    return _compile(
         mxfp4_matmul._matmul_kernel,
         {
-            "a_ptr": f"*{activations}", "w_ptr": "*u8", "s_ptr": "*u8", "bias_ptr": BF16, "out_ptr": BF16,
+            "a_ptr": f"*{activations}", "w_ptr": "*u8", "s_ptr": "*u8", "bias_ptr": BF16,
+            "out_ptr": "*fp32" if flags["ATOMIC_ADD"] or flags is DOWN_DETERMINISTIC else BF16,
             "a_rows_ptr": "*i32", "out_rows_ptr": "*i32", "route_w_ptr": "*fp32", "tile_expert_ptr": "*i32",
             "tile_start_ptr": "*i32", "expert_end_ptr": "*i32", "alpha": "fp32", "limit": "fp32",
         },
-        {**flags, "MXFP4": True, "HAS_BIAS": True, "UPCAST": False,
+        {**flags, "MXFP4": True, "HAS_BIAS": True, "UPCAST": False, "SPLIT_K": split_k,
          "PRECISION": "ieee" if activations == "fp32" else "tf32",
          "DOT_FORMAT": "" if activations == "fp32" else activations,
-         "BLOCK_M": tiles[0], "BLOCK_N": tiles[1], "BLOCK_K": tiles[2]},
+         "BLOCK_M": t.block_m, "BLOCK_N": block_n or t.block_n, "BLOCK_K": t.block_k},
+        t.num_warps, t.num_stages,
     )
 
 
-@pytest.mark.parametrize("group", ["elementwise", "attention", "matmul"])
+def compile_matmul() -> None:
+    _matmul(GATE_UP, "large")  # prefill tiles
+    _matmul(DOWN, "large")
+    _matmul(DOWN_DETERMINISTIC, "decode")
+    _matmul(DENSE, "decode", block_n=32)  # a decode-sized dense linear narrowed to fill the GPU
+    _matmul(DENSE, "decode", activations="fp32")  # the hand-written decode for fp32 activations
+
+
+def decode_figures() -> list[tuple[str, str, dict]]:
+    """(kernel, gpt-oss-20b decode configuration, resources) for every Triton launch of a decode layer
+    (the qkv, o and router projections are cuBLAS)."""
+    return [
+        ("rms_norm (+residual)", "hidden 2880, BLOCK 4096", _rms_norm()),
+        ("rope_write_kv", "64 q / 8 kv heads x 64", _rope_write_kv()),
+        ("paged_attention", "GROUP 8, BLOCK_M 16, split-K 8", _attention(8, 2, 16)),
+        ("merge_splits", "8 splits, head_dim 64", _merge_splits()),
+        ("moe routing", "top-4 of 32, 32-token chunks", _routing()),
+        ("mxfp4 gate_up + SwiGLU", "decode tiles", _matmul(GATE_UP, "decode")),
+        ("mxfp4 down + combine", "decode tiles, split-K 2", _matmul(DOWN, "decode", split_k=2)),
+        ("mxfp4 gate_up + SwiGLU", "batch 256: small tiles", _matmul(GATE_UP, "small")),
+        ("mxfp4 down + combine", "batch 256: small tiles", _matmul(DOWN, "small")),
+    ]
+
+
+def check_decode_figures() -> None:
+    for name, config, r in decode_figures():
+        assert r["spill_bytes"] == 0, f"{name} ({config}) spills {r['spill_bytes']} bytes"
+        assert r["shared_bytes"] <= SMEM_LIMIT, f"{name} ({config}) needs {r['shared_bytes']} bytes of shared memory"
+
+
+def print_figures() -> None:
+    print("| kernel | gpt-oss-20b decode configuration | warps | stages | registers/thread | shared memory | spills |")
+    print("|---|---|---|---|---|---|---|")
+    for name, config, r in decode_figures():
+        print(
+            f"| {name} | {config} | {r['num_warps']} | {r['num_stages']} | {r['registers']} | "
+            f"{r['shared_bytes'] / 1024:.1f} KiB | {r['spill_bytes']} B |"
+        )
+
+
+GROUPS = {
+    "elementwise": compile_elementwise,
+    "attention": compile_attention,
+    "matmul": compile_matmul,
+    "decode": check_decode_figures,
+}
+
+
+@pytest.mark.parametrize("group", list(GROUPS))
 def test_kernels_compile_for_hopper(group):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     result = subprocess.run(
-        [sys.executable, __file__, group], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, __file__, group], env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-4000:]
 
 
 if __name__ == "__main__":
-    {"elementwise": compile_elementwise, "attention": compile_attention, "matmul": compile_matmul}[sys.argv[1]]()
+    {**GROUPS, "figures": print_figures}[sys.argv[1]]()

@@ -148,3 +148,30 @@ def test_rope_many_heads(device):
     tol = torch.float16 if device == "cuda" else torch.float32
     assert_close(got[0], want[0], tol)
     assert_close(got[1], want[1], tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,head_dim,rot", [(4, 2, 32, 32), (6, 3, 24, 16)])
+def test_rope_write_kv(device, dtype, heads, kv_heads, head_dim, rot):
+    """The fused rotation + cache write equals rope then write_kv_cache: q and the written
+    slots bit-near, padding tokens (slot -1) and unwritten slots untouched."""
+    tokens, block_size, num_blocks = 7, 16, 3
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, device=device).to(dtype)
+    q, k, v = (
+        t.view(tokens, -1, head_dim) for t in qkv.split((heads * head_dim, kv_heads * head_dim, kv_heads * head_dim), -1)
+    )
+    positions = torch.randint(0, 3000, (tokens,), device=device)
+    slots = torch.randperm(num_blocks * block_size, device=device)[:tokens]
+    slots[3] = -1
+    inv_freq, mscale = _inv_freq("yarn", rot)
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    caches = [torch.full(shape, float("nan"), device=device, dtype=dtype) for _ in range(4)]
+    got = triton_ops.rope_write_kv(q, k, v, positions, inv_freq.to(device), mscale, caches[0], caches[1], slots)
+    want = reference.rope_write_kv(q, k, v, positions, inv_freq.to(device), mscale, caches[2], caches[3], slots)
+    tol = torch.float16 if dtype == torch.float32 and device == "cuda" else dtype
+    assert_close(got, want, tol)
+    assert torch.equal(caches[0].isnan(), caches[2].isnan())
+    assert caches[0].isnan().sum() == (num_blocks * block_size - (tokens - 1)) * kv_heads * head_dim
+    assert_close(caches[0].nan_to_num(), caches[2].nan_to_num(), tol)
+    torch.testing.assert_close(caches[1], caches[3], rtol=0, atol=0, equal_nan=True)

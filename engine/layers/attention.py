@@ -1,4 +1,5 @@
-"""Self-attention over the paged KV cache: fused qkv projection, rope, cache write, paged attention, output."""
+"""Self-attention over the paged KV cache: fused qkv projection, rope fused with the cache write, paged
+attention, output projection."""
 
 from __future__ import annotations
 
@@ -54,9 +55,10 @@ class PagedAttention:
         q = q.reshape(tokens, self.num_heads, self.head_dim)
         k = k.reshape(tokens, self.num_kv_heads, self.head_dim)
         v = v.reshape(tokens, self.num_kv_heads, self.head_dim)
-        q, k = self.ops.rope(q, k, positions, self.rotary.inv_freq, self.rotary.mscale)
         k_cache, v_cache = kv_cache
-        self.ops.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        q = self.ops.rope_write_kv(
+            q, k, v, positions, self.rotary.inv_freq, self.rotary.mscale, k_cache, v_cache, meta.slot_mapping
+        )
         out = self.ops.paged_attention(
             q,
             k_cache,

@@ -45,7 +45,6 @@ class MoE:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.ops.linear(x, self.router, self.router_bias)
-        weights, ids = self.ops.moe_route(logits, self.top_k)
-        return self.ops.moe_experts(
-            x, ids, weights, self.gate_up, self.gate_up_bias, self.down, self.down_bias, self.alpha, self.limit
+        return self.ops.moe(
+            x, logits, self.top_k, self.gate_up, self.gate_up_bias, self.down, self.down_bias, self.alpha, self.limit
         )

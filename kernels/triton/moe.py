@@ -1,19 +1,23 @@
-"""gpt-oss mixture of experts on the grouped MXFP4 matmul: route, sort by expert, two launches, combine.
+"""gpt-oss mixture of experts on the grouped MXFP4 matmul: three launches, no host sync.
 
-The (token, slot) pairs are sorted by expert on the device (no host sync), a
-schedule maps each row tile of the sorted list to its expert, then:
-1. gate_up + bias + clamped SwiGLU, rows gathered from the tokens, stored in sorted order;
-2. down + bias, times the routing weight, scattered back to pair order;
-the k outputs of each token are summed in fp32.
+1. routing (`kernels.triton.routing`): top-k + softmax, rows sorted by expert, the row-tile
+   schedule, and the zeroing of the fp32 output, in one launch;
+2. gate_up + bias + clamped SwiGLU, rows gathered from their tokens, stored in sorted order;
+3. down + bias, times the routing weight, added atomically into the token's fp32 output
+   row: the top-k combine happens in this epilogue (and small grids may split K).
+A cast to the activation dtype ends it. `deterministic=True` trades the atomics for a
+fixed summation order: the down projection stores each (token, slot) row and one more
+launch sums a token's k rows in slot order.
 """
 
 from __future__ import annotations
 
 import torch
 import triton
+import triton.language as tl
 
 from kernels.mxfp4 import MXFP4Tensor
-from kernels.triton import mxfp4_matmul
+from kernels.triton import mxfp4_matmul, routing
 
 Weight = torch.Tensor | MXFP4Tensor
 
@@ -27,30 +31,76 @@ def weight_parts(weight: Weight) -> tuple[torch.Tensor, torch.Tensor | None]:
     return weight.contiguous(), None
 
 
-def _schedule(
-    sorted_experts: torch.Tensor, num_experts: int, block_m: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(tile_expert, tile_start, expert_end) for row tiles of `block_m` over expert-sorted pairs.
+@triton.jit
+def _sum_slots_kernel(y_ptr, out_ptr, n, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+    """out[t] = sum over slots s of y[t * TOP_K + s], in slot order (fp32), rounded once."""
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n
+    acc = tl.zeros([BLOCK], tl.float32)
+    for s in tl.static_range(TOP_K):
+        acc += tl.load(y_ptr + (token * TOP_K + s) * n + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + token * n + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
-    The tile count is bounded on the host by `pairs / block_m + experts`; unused tiles
-    get expert id `num_experts` and exit at once, so the host never waits on the device
-    (and the whole MoE can be captured in a CUDA graph).
-    """
-    pairs = sorted_experts.shape[0]
-    # scatter_add, not bincount: bincount reads the max back to the host, which breaks CUDA graphs.
-    counts = torch.zeros(num_experts, dtype=torch.long, device=sorted_experts.device)
-    counts.scatter_add_(0, sorted_experts, torch.ones_like(sorted_experts))
-    expert_end = torch.cumsum(counts, 0)
-    expert_start = expert_end - counts
-    tiles = (counts + block_m - 1) // block_m
-    tile_end = torch.cumsum(tiles, 0)
-    max_tiles = pairs // block_m + min(num_experts, pairs)
-    tile_ids = torch.arange(max_tiles, device=sorted_experts.device)
-    tile_expert = torch.searchsorted(tile_end, tile_ids, right=True)
-    clamped = tile_expert.clamp(max=num_experts - 1)
-    first_tile = tile_end[clamped] - tiles[clamped]
-    tile_start = expert_start[clamped] + (tile_ids - first_tile) * block_m
-    return tile_expert.to(torch.int32), tile_start.to(torch.int32), expert_end.to(torch.int32)
+
+def _check_shapes(x: torch.Tensor, tokens: int, w_gate_up: Weight, w_down: Weight) -> None:
+    num_experts, two_i, hidden = w_gate_up.shape
+    if x.shape[-1] != hidden or tuple(w_down.shape) != (num_experts, w_down.shape[1], two_i // 2) or two_i % 2:
+        raise ValueError(
+            f"moe_experts: x {tuple(x.shape)}, w_gate_up {tuple(w_gate_up.shape)} and w_down "
+            f"{tuple(w_down.shape)} do not chain as [T, H] -> [E, 2I, H] -> [E, H', I]"
+        )
+    if x.shape[0] != tokens:
+        raise ValueError(f"moe_experts: routing for {tokens} tokens does not match x {tuple(x.shape)}")
+
+
+def _experts(
+    x: torch.Tensor,
+    top_k: int,
+    w_gate_up: Weight,
+    b_gate_up: torch.Tensor | None,
+    w_down: Weight,
+    b_down: torch.Tensor | None,
+    alpha: float,
+    limit: float,
+    deterministic: bool,
+    **route_inputs: torch.Tensor,
+) -> torch.Tensor:
+    """Route (`route_inputs` as `routing.route` takes them), then the two grouped matmuls."""
+    num_experts, two_i, hidden = w_gate_up.shape
+    inter, out_hidden, tokens = two_i // 2, w_down.shape[-2], x.shape[0]
+    if tokens == 0:
+        return torch.zeros(0, out_hidden, dtype=x.dtype, device=x.device)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    pairs = tokens * top_k
+    rows_per_expert = max(1, pairs // num_experts)
+    block_m = mxfp4_matmul.tiles(rows_per_expert, hidden, x.device).block_m
+    acc = None if deterministic else torch.empty(tokens, out_hidden, dtype=torch.float32, device=x.device)
+    r = routing.route(top_k, num_experts, block_m, zero=acc, **route_inputs)
+    schedule = (r.tile_expert, r.tile_start, r.expert_end)
+    common = dict(schedule=schedule, block_m=block_m, rows_per_tile=rows_per_expert)
+
+    h = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)
+    mxfp4_matmul.launch(
+        x, weight_parts(w_gate_up), b_gate_up, h, two_i, hidden, num_experts,
+        a_rows=(r.row_pair, top_k), swiglu=(alpha, limit), **common,
+    )
+    if not deterministic:
+        mxfp4_matmul.launch(
+            h, weight_parts(w_down), b_down, acc, out_hidden, inter, num_experts,
+            out_rows=(r.row_pair, top_k), route_weights=r.row_weight, atomic_add=True, **common,
+        )
+        return acc.to(x.dtype)
+    y = torch.empty(pairs, out_hidden, dtype=torch.float32, device=x.device)
+    mxfp4_matmul.launch(
+        h, weight_parts(w_down), b_down, y, out_hidden, inter, num_experts,
+        out_rows=(r.row_pair, 1), route_weights=r.row_weight, **common,
+    )
+    out = torch.empty(tokens, out_hidden, dtype=x.dtype, device=x.device)
+    block = min(1024, triton.next_power_of_2(out_hidden))
+    _sum_slots_kernel[(tokens, triton.cdiv(out_hidden, block))](y, out, out_hidden, TOP_K=top_k, BLOCK=block)
+    return out
 
 
 def moe_experts(
@@ -63,47 +113,35 @@ def moe_experts(
     b_down: torch.Tensor | None,
     alpha: float = 1.702,
     limit: float = 7.0,
+    deterministic: bool = False,
 ) -> torch.Tensor:
-    """Same contract as `kernels.reference.moe_experts`, all experts of the layer in one launch per matmul."""
-    tokens, top_k = expert_ids.shape
-    num_experts, two_i, hidden = w_gate_up.shape
-    inter = two_i // 2
-    out_hidden = w_down.shape[-2]
-    if x.shape[-1] != hidden or tuple(w_down.shape) != (num_experts, w_down.shape[1], inter) or two_i % 2:
-        raise ValueError(
-            f"moe_experts: x {tuple(x.shape)}, w_gate_up {tuple(w_gate_up.shape)} and w_down "
-            f"{tuple(w_down.shape)} do not chain as [T, H] -> [E, 2I, H] -> [E, H', I]"
-        )
-    if x.shape[0] != tokens or expert_weights.shape != expert_ids.shape:
-        raise ValueError(f"moe_experts: routing {tuple(expert_ids.shape)} does not match x {tuple(x.shape)}")
-    if tokens == 0:
-        return torch.zeros(0, out_hidden, dtype=x.dtype, device=x.device)
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    pairs = tokens * top_k
-    flat_experts = expert_ids.reshape(-1).long()
-    sorted_experts, order = torch.sort(flat_experts, stable=True)
-    order32 = order.to(torch.int32)
-    token_of_row = (order // top_k).to(torch.int32)
-    route = expert_weights.reshape(-1)[order].float().contiguous()
-
-    rows_per_expert = max(1, pairs // num_experts)
-    block_m = mxfp4_matmul._tiles(rows_per_expert, two_i, hidden, x.device)[0]
-    schedule = _schedule(sorted_experts, num_experts, block_m)
-
-    h = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)
-    mxfp4_matmul.launch(
-        x, weight_parts(w_gate_up), b_gate_up, h, two_i, hidden, num_experts,
-        schedule=schedule, a_rows=token_of_row, swiglu=(alpha, limit), block_m=block_m,
-        rows_per_tile=rows_per_expert,
+    """Same contract as `kernels.reference.moe_experts`, with the routing already chosen."""
+    _check_shapes(x, expert_ids.shape[0], w_gate_up, w_down)
+    if expert_weights.shape != expert_ids.shape:
+        raise ValueError(f"moe_experts: routing {tuple(expert_ids.shape)} vs weights {tuple(expert_weights.shape)}")
+    return _experts(
+        x, expert_ids.shape[1], w_gate_up, b_gate_up, w_down, b_down, alpha, limit, deterministic,
+        expert_ids=expert_ids, expert_weights=expert_weights,
     )
-    y = torch.empty(pairs, out_hidden, dtype=x.dtype, device=x.device)
-    mxfp4_matmul.launch(
-        h, weight_parts(w_down), b_down, y, out_hidden, inter, num_experts,
-        schedule=schedule, out_rows=order32, route_weights=route, block_m=block_m,
-        rows_per_tile=rows_per_expert,
+
+
+def moe(
+    x: torch.Tensor,
+    router_logits: torch.Tensor,
+    top_k: int,
+    w_gate_up: Weight,
+    b_gate_up: torch.Tensor | None,
+    w_down: Weight,
+    b_down: torch.Tensor | None,
+    alpha: float = 1.702,
+    limit: float = 7.0,
+    deterministic: bool = False,
+) -> torch.Tensor:
+    """Same contract as `kernels.reference.moe`: the top-k routing runs inside the routing launch."""
+    _check_shapes(x, router_logits.shape[0], w_gate_up, w_down)
+    return _experts(
+        x, top_k, w_gate_up, b_gate_up, w_down, b_down, alpha, limit, deterministic, router_logits=router_logits
     )
-    return y.view(tokens, top_k, out_hidden).float().sum(1).to(x.dtype)
 
 
 def linear_mxfp4(x: torch.Tensor, weight: MXFP4Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -5,15 +5,18 @@ kernel serves the dense linear (one "expert", rows in order) and the grouped MoE
 (every expert of a layer in one launch over rows sorted by expert): a row tile
 learns its expert and row range from a small schedule, may gather its input rows
 (token of each (token, expert) pair), may fuse gpt-oss's SwiGLU or the routing
-weight into the epilogue, and may scatter its output rows. Weights are read once
-per row tile, so decode-sized M (one tile) stays bandwidth-bound; the weight
-bytes are never expanded to a bf16 copy in memory.
+weight into the epilogue, and may scatter its output rows or add them atomically
+into an fp32 output (the MoE's top-k combine; this also allows split-K on small
+grids). Weights are read once per row tile, so decode-sized M (one tile) stays
+bandwidth-bound; the weight bytes are never expanded to a bf16 copy in memory.
 
 Dense (unquantized) expert weights go through the same kernel with `MXFP4=False`.
 Hopper has no FP4 tensor cores, so the dot runs in the activation dtype.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -50,16 +53,18 @@ def _e8m0_to_f32_times_2_14(scale):
 def _matmul_kernel(
     a_ptr, w_ptr, s_ptr, bias_ptr, out_ptr,
     a_rows_ptr, out_rows_ptr, route_w_ptr, tile_expert_ptr, tile_start_ptr, expert_end_ptr,
-    M, N, K, num_experts,
+    M, N, K, num_experts, a_rows_div, out_rows_div,
     stride_am, stride_we, stride_wn, stride_se, stride_sn, stride_be, stride_om,
     MXFP4: tl.constexpr, SCHEDULED: tl.constexpr, GATHER_A: tl.constexpr, SCATTER_OUT: tl.constexpr,
     ROUTE_WEIGHT: tl.constexpr, SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    ATOMIC_ADD: tl.constexpr, SPLIT_K: tl.constexpr,
     PRECISION: tl.constexpr, DOT_FORMAT: tl.constexpr,
     alpha, limit,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    split = tl.program_id(2)
     if SCHEDULED:
         expert = tl.load(tile_expert_ptr + pid_m)
         row_start = tl.load(tile_start_ptr + pid_m)
@@ -72,8 +77,8 @@ def _matmul_kernel(
         rows = row_start + tl.arange(0, BLOCK_M)
         row_ok = rows < row_end
         a_rows = rows
-        if GATHER_A:
-            a_rows = tl.load(a_rows_ptr + rows, mask=row_ok, other=0)
+        if GATHER_A:  # e.g. the token of each (token, slot) pair: pair // top_k
+            a_rows = tl.load(a_rows_ptr + rows, mask=row_ok, other=0) // a_rows_div
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
         expert64 = expert.to(tl.int64)
@@ -81,7 +86,10 @@ def _matmul_kernel(
         w_base = w_ptr + expert64 * stride_we + cols.to(tl.int64)[:, None] * stride_wn
         s_base = s_ptr + expert64 * stride_se + cols.to(tl.int64)[:, None] * stride_sn
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        # Split-K: this program's share of the K blocks (its partial sum is added atomically).
+        k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+        k_begin = split * k_per_split
+        for k0 in range(k_begin, tl.minimum(k_begin + k_per_split, K), BLOCK_K):
             if MXFP4 and DOT_FORMAT != "":
                 # 16-bit activations: Triton's scaled dot upcasts the E2M1 codes and E8M0 scales in
                 # registers with its own conversion sequences and feeds the tensor cores.
@@ -123,12 +131,15 @@ def _matmul_kernel(
                 else:
                     acc += tl.dot(a, tl.trans(w.to(a.dtype)), input_precision=PRECISION)
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + expert64 * stride_be + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        # Round to the activation dtype as a separate linear would, before any epilogue.
-        acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+            bias = tl.load(bias_ptr + expert64 * stride_be + cols, mask=col_ok, other=0.0).to(tl.float32)
+            acc += (bias * (split == 0).to(tl.float32))[None, :]  # one split adds the bias
+        if SPLIT_K == 1:
+            # Round to the activation dtype as a separate linear would, before any epilogue
+            # (a split-K partial cannot be rounded: those sums stay fp32).
+            acc = acc.to(a_ptr.dtype.element_ty).to(tl.float32)
         out_rows = rows
-        if SCATTER_OUT:
-            out_rows = tl.load(out_rows_ptr + rows, mask=row_ok, other=0)
+        if SCATTER_OUT:  # e.g. rows back to pair order, or to their token (pair // top_k)
+            out_rows = tl.load(out_rows_ptr + rows, mask=row_ok, other=0) // out_rows_div
         out_base = out_ptr + out_rows.to(tl.int64)[:, None] * stride_om
         if SWIGLU:  # interleaved gate/up columns -> half as many outputs
             gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))
@@ -139,23 +150,57 @@ def _matmul_kernel(
         else:
             if ROUTE_WEIGHT:
                 acc = acc * tl.load(route_w_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-            tl.store(out_base + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+            mask = row_ok[:, None] & col_ok[None, :]
+            if ATOMIC_ADD:  # fp32 accumulation: the k experts of a token (and split-K partials) meet here
+                tl.atomic_add(out_base + cols[None, :], acc, mask=mask, sem="relaxed")
+            else:
+                tl.store(out_base + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # Activation dtypes tl.dot_scaled takes; others (fp32) use the hand-written decode.
 _DOT_FORMATS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def _tiles(m_rows: int, n: int, k: int, device: torch.device) -> tuple[int, int, int]:
-    """Tile sizes: small row tiles and narrow column tiles for decode (many programs, one weight pass)."""
-    block_k = 128 if k >= 128 else max(32, triton.next_power_of_2(k))
+@dataclass(frozen=True)
+class Tiles:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# Hopper tiles per shape class (rows per expert tile), chosen once here rather than autotuned
+# while serving. Wide column tiles (BLOCK_N 128) let fewer column tiles re-read the activation
+# tile; small grids are filled by split-K where the output is accumulated (MoE down), not by
+# narrower tiles. The bound is registers: the E2M1 -> bf16 upcast lives in registers next to
+# the accumulator, and sm_90 compiles of wider or deeper tiles spill (16x256x128, 64x128x128
+# and 128x128x64 all do at 8 warps), so each entry is the widest that compiles without spills.
+# Register, shared-memory and spill figures: docs/kernels.md (tests/test_kernels_compile.py).
+HOPPER_TILES = {
+    "decode": Tiles(16, 128, 128, 8, 3),  # <= 16 rows per expert: weight-stream bound
+    "small": Tiles(64, 128, 64, 8, 3),  # <= 64 rows (batch-256 decode lands here)
+    "large": Tiles(128, 64, 64, 8, 3),  # prefill: tall row tiles read each weight tile fewer times
+}
+
+
+def shape_class(m_rows: int) -> str:
+    return "decode" if m_rows <= 16 else "small" if m_rows <= 64 else "large"
+
+
+def tiles(m_rows: int, k: int, device: torch.device) -> Tiles:
+    """The table's tiles on CUDA; small tiles for the CPU interpreter (speed, not performance)."""
     if device.type != "cuda":
-        return 16, 32, block_k
-    if m_rows <= 16:
-        return 16, 64, 256 if k >= 256 else block_k
-    if m_rows <= 64:
-        return 64, 64, block_k
-    return 128, 128, 64
+        return Tiles(16, 32, 128 if k >= 128 else max(32, triton.next_power_of_2(k)), 4, 1)
+    return HOPPER_TILES[shape_class(m_rows)]
+
+
+def split_k(grid: int, k: int, block_k: int, device: torch.device) -> int:
+    """K splits that bring a small grid to about two programs per SM, each keeping >= 4 K blocks."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(2 * sms // max(grid, 1), triton.cdiv(k, block_k) // 4))
 
 
 def launch(
@@ -168,10 +213,12 @@ def launch(
     num_experts: int,
     *,
     schedule: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    a_rows: torch.Tensor | None = None,
-    out_rows: torch.Tensor | None = None,
+    a_rows: tuple[torch.Tensor, int] | None = None,
+    out_rows: tuple[torch.Tensor, int] | None = None,
     route_weights: torch.Tensor | None = None,
     swiglu: tuple[float, float] | None = None,
+    atomic_add: bool = False,
+    num_splits: int | None = None,
     rows_per_tile: int | None = None,
     block_m: int | None = None,
 ) -> None:
@@ -179,35 +226,45 @@ def launch(
 
     `weight_parts` is (packed blocks `[E, N, K/2]` uint8, scales `[E, N, K/32]`) or
     (dense `[E, N, K]`, None). `schedule` = (tile_expert, tile_start, expert_end) for
-    grouped rows; without it rows 0..M-1 use expert 0.
+    grouped rows; without it rows 0..M-1 use expert 0. `a_rows` / `out_rows` are
+    (index tensor, divisor): row r reads `a[index[r] // divisor]` / writes
+    `out[index[r] // divisor]`. `atomic_add` adds fp32 results into a zeroed `out`
+    instead of storing, which also allows split-K (`num_splits`, default: by grid size).
     """
     w, scales = weight_parts
     mxfp4 = scales is not None
-    bm, bn, bk = _tiles(rows_per_tile or a.shape[0], n, k, a.device)
-    bm = block_m or bm
+    t = tiles(rows_per_tile or a.shape[0], k, a.device)
+    bm, bn = block_m or t.block_m, t.block_n
     num_m_tiles = schedule[0].shape[0] if schedule is not None else triton.cdiv(a.shape[0], bm)
     if num_m_tiles == 0 or n == 0:
         return
-    if a.device.type == "cuda" and bn > 32:
-        # Decode shapes give few programs (e.g. one expert's 2880 rows / 64): narrower column
-        # tiles put more SMs on the weight stream.
-        sms = torch.cuda.get_device_properties(a.device).multi_processor_count
-        if num_m_tiles * triton.cdiv(n, bn) < 2 * sms:
-            bn = 32
+    if atomic_add:
+        splits = num_splits or split_k(num_m_tiles * triton.cdiv(n, bn), k, t.block_k, a.device)
+    else:
+        splits = 1
+        if a.device.type == "cuda" and swiglu is None and schedule is None:
+            # A plain linear cannot split K into its rounded output: a decode-sized grid
+            # (few column tiles) narrows its columns instead to put more SMs on the weights.
+            sms = torch.cuda.get_device_properties(a.device).multi_processor_count
+            while bn > 32 and num_m_tiles * triton.cdiv(n, bn) < 2 * sms:
+                bn //= 2
     dummy = out
     tile_expert, tile_start, expert_end = schedule if schedule is not None else (dummy, dummy, dummy)
+    a_index, a_div = a_rows if a_rows is not None else (dummy, 1)
+    out_index, out_div = out_rows if out_rows is not None else (dummy, 1)
     alpha, limit = swiglu if swiglu is not None else (0.0, 0.0)
     s = scales if mxfp4 else w
-    _matmul_kernel[(num_m_tiles, triton.cdiv(n, bn))](
+    _matmul_kernel[(num_m_tiles, triton.cdiv(n, bn), splits)](
         a, w, s, bias if bias is not None else dummy, out,
-        a_rows if a_rows is not None else dummy, out_rows if out_rows is not None else dummy,
-        route_weights if route_weights is not None else dummy, tile_expert, tile_start, expert_end,
-        a.shape[0], n, k, num_experts,
+        a_index, out_index, route_weights if route_weights is not None else dummy, tile_expert, tile_start, expert_end,
+        a.shape[0], n, k, num_experts, a_div, out_div,
         a.stride(0), w.stride(0), w.stride(1), s.stride(0), s.stride(1),
         bias.stride(0) if bias is not None else 0, out.stride(0),
         MXFP4=mxfp4, SCHEDULED=schedule is not None, GATHER_A=a_rows is not None,
         SCATTER_OUT=out_rows is not None, ROUTE_WEIGHT=route_weights is not None,
         SWIGLU=swiglu is not None, HAS_BIAS=bias is not None, UPCAST=a.device.type != "cuda",
-        PRECISION="ieee" if a.dtype == torch.float32 else "tf32", DOT_FORMAT=_DOT_FORMATS.get(a.dtype, ""), alpha=float(alpha), limit=float(limit),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        ATOMIC_ADD=atomic_add, SPLIT_K=splits,
+        PRECISION="ieee" if a.dtype == torch.float32 else "tf32", DOT_FORMAT=_DOT_FORMATS.get(a.dtype, ""),
+        alpha=float(alpha), limit=float(limit),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=t.block_k, num_warps=t.num_warps, num_stages=t.num_stages,
     )
