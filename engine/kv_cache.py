@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 
 class NoFreeBlocksError(RuntimeError):
-    """The pool cannot supply the blocks asked for; the scheduler preempts instead of crashing."""
+    """The pool cannot supply the blocks asked for: a caller's bug, since the scheduler checks `num_free`
+    before it allocates (and preempts when too few are free)."""
 
 
 def block_hashes(token_ids: Sequence[int], block_size: int, start: Sequence[int] = ()) -> list[int]:

@@ -76,9 +76,11 @@ class Scheduler:
                 victim = self.running[-1]
                 self._preempt(victim)
                 batch.num_preempted += 1
+                budget += sum(c for s, c in batch.items if s is victim)  # a scheduled victim's tokens come back
                 batch.items = [(s, c) for s, c in batch.items if s is not victim]
                 if victim is seq:
                     break
+                count = min(seq.num_remaining, budget)
             if seq.status is SequenceStatus.RUNNING:
                 batch.items.append((seq, count))
                 budget -= count

@@ -111,3 +111,30 @@ def test_oldest_request_is_never_preempted():
                 seq.output_token_ids.append(0)
         assert seqs[0] in scheduler.running
     assert scheduler.num_preemptions > 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 12), st.integers(1, 6), st.integers(0, 6)), min_size=2, max_size=6),
+       st.integers(3, 10), st.integers(2, 9))
+def test_preempted_tokens_return_to_the_budget(seqs, num_blocks, budget):
+    """A scheduled sequence preempted as a victim gives its tokens back: a clipped chunk means a full step."""
+    pool = BlockPool(num_blocks, 2, enable_prefix_caching=False)
+    scheduler = Scheduler(pool, 8, budget)
+    pending = [(arrival, Sequence("r", 0, list(range(prompt)), SamplingParams(), outputs))
+               for prompt, outputs, arrival in seqs if -(-(prompt + outputs) // 2) <= num_blocks]  # each fits alone
+    for step in range(500):
+        for arrival, seq in [p for p in pending if p[0] <= step]:
+            scheduler.add(seq)
+            pending.remove((arrival, seq))
+        if not (pending or scheduler.has_work):
+            break
+        batch = scheduler.schedule()
+        if any(count < seq.num_remaining for seq, count in batch.items):
+            assert batch.num_tokens == budget
+        scheduler.after_step(batch)
+        for seq, _ in batch.items:
+            if seq.num_remaining == 0:
+                seq.output_token_ids.append(0)
+                if len(seq.output_token_ids) >= seq.max_tokens:
+                    scheduler.finish(seq)
+    assert not scheduler.has_work and pool.num_free == num_blocks
