@@ -112,8 +112,19 @@ def test_inconsistent_metadata_raises_value_error():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpt_oss_grouping(device, dtype):
-    # gpt-oss groups 8 query heads per KV head (8 new tokens per 64-row tile), window 5, sinks.
+    # gpt-oss groups 8 query heads per KV head (16 new tokens per 128-row prefill tile), window 5, sinks.
     _check([11, 1, 3], [30, 17, 3], 16, 2, 64, 16, dtype, device, window=5, sinks=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "q_lens,seq_lens,window",
+    [([40, 1], [50, 30], None), ([40, 1], [50, 30], 20), ([80], [80], 47)],  # 47: key 32 just leaves the last tile's window
+)
+def test_long_prefill_interior_and_diagonal_tiles(device, q_lens, seq_lens, window):
+    # Several query tiles (after a cached prefix): key tiles fully visible (unmasked), on the
+    # diagonal, at the window's edge, and past the context's end all meet in one launch.
+    _check(q_lens, seq_lens, 16, 2, 64, 16, torch.float32, device, window=window, sinks=True)
 
 
 @pytest.mark.parametrize("window,sinks", [(None, False), (5, True), (None, True)])

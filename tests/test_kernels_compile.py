@@ -127,7 +127,7 @@ def compile_elementwise() -> None:
     _compile(moe._sum_slots_kernel, {"y_ptr": "*fp32", "out_ptr": BF16}, {"TOP_K": 4, "BLOCK": 1024})
 
 
-def _attention(num_splits: int, block_q: int, block_m: int) -> dict:
+def _attention(num_splits: int, block_q: int, block_m: int, num_warps: int = 4) -> dict:
     from kernels.triton import attention
 
     return _compile(
@@ -142,6 +142,7 @@ def _attention(num_splits: int, block_q: int, block_m: int) -> dict:
             "GROUP": 8, "BLOCK_Q": block_q, "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_D": 64, "PAGE": 16,
             "NUM_SPLITS": num_splits, "HAS_WINDOW": True, "HAS_SINKS": True, "UPCAST": False, "PRECISION": "tf32",
         },
+        num_warps,
     )
 
 
@@ -156,7 +157,7 @@ def _merge_splits() -> dict:
 
 
 def compile_attention() -> None:
-    _attention(1, 8, 64)  # prefill tiles
+    _attention(1, 32, 128, num_warps=8)  # prefill tiles of a 4-head group
 
 
 # MoE gate_up (gather + SwiGLU), MoE down (route weight, atomically combined per token, split-K),
@@ -199,13 +200,14 @@ def compile_matmul() -> None:
 
 
 def decode_figures() -> list[tuple[str, str, dict]]:
-    """(kernel, gpt-oss-20b decode configuration, resources) for every Triton launch of a decode layer
-    (the qkv, o and router projections are cuBLAS)."""
+    """(kernel, gpt-oss-20b configuration, resources) for every Triton launch of a decode layer (the qkv,
+    o and router projections are cuBLAS), and the prefill attention tile."""
     return [
         ("rms_norm (+residual)", "hidden 2880, BLOCK 4096", _rms_norm()),
         ("rope_write_kv", "64 q / 8 kv heads x 64", _rope_write_kv()),
         ("paged_attention", "GROUP 8, BLOCK_M 16, split-K 8", _attention(8, 2, 16)),
         ("merge_splits", "8 splits, head_dim 64", _merge_splits()),
+        ("paged_attention", "prefill: BLOCK_M 128 (16 tokens x 8 heads)", _attention(1, 16, 128, num_warps=8)),
         ("moe routing", "top-4 of 32, 32-token chunks", _routing()),
         ("mxfp4 gate_up + SwiGLU", "decode tiles", _matmul(GATE_UP, "decode")),
         ("mxfp4 down + combine", "decode tiles, split-K 2", _matmul(DOWN, "decode", split_k=2)),
@@ -221,7 +223,7 @@ def check_decode_figures() -> None:
 
 
 def print_figures() -> None:
-    print("| kernel | gpt-oss-20b decode configuration | warps | stages | registers/thread | shared memory | spills |")
+    print("| kernel | gpt-oss-20b configuration (decode unless said) | warps | stages | registers/thread | shared memory | spills |")
     print("|---|---|---|---|---|---|---|")
     for name, config, r in decode_figures():
         print(

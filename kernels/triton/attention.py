@@ -81,10 +81,11 @@ def _paged_attention_kernel(
             q = q.to(tl.float32)
 
         # Keys this tile can see, then this split's share of them.
-        last_pos = tl.minimum(context + (q_tile + 1) * BLOCK_Q, seq_len) - 1
+        first_pos = context + q_tile * BLOCK_Q
+        last_pos = tl.minimum(first_pos + BLOCK_Q, seq_len) - 1
         kv_lo = 0
         if HAS_WINDOW:
-            kv_lo = tl.maximum(context + q_tile * BLOCK_Q - window + 1, 0)
+            kv_lo = tl.maximum(first_pos - window + 1, 0)
         first_block = kv_lo // BLOCK_N
         num_blocks = tl.cdiv(last_pos + 1, BLOCK_N) - first_block
         per_split = tl.cdiv(num_blocks, NUM_SPLITS)
@@ -113,10 +114,16 @@ def _paged_attention_kernel(
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-            allowed = (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :]
+            # Only tiles crossing the causal diagonal, the window's edge or the context's end
+            # need a mask: every key of an interior tile is visible to every query of this tile.
+            interior = blk * BLOCK_N + BLOCK_N - 1 <= first_pos
             if HAS_WINDOW:
-                allowed = allowed & (k_pos[None, :] > q_pos[:, None] - window)
-            s = tl.where(allowed, s, float("-inf"))
+                interior = interior & (blk * BLOCK_N > last_pos - window)
+            if not interior:
+                allowed = (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :]
+                if HAS_WINDOW:
+                    allowed = allowed & (k_pos[None, :] > q_pos[:, None] - window)
+                s = tl.where(allowed, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet
             p = tl.exp2(s - m_safe[:, None])
@@ -216,7 +223,11 @@ def paged_attention(
     if tokens == 0:
         return out
     decode_only = tokens <= num_seqs
-    block_m = max(16, triton.next_power_of_2(group)) if decode_only else max(64, triton.next_power_of_2(group))
+    # Prefill: 128 query rows (16 tokens x 8 heads for gpt-oss) share each K/V tile read; with
+    # 8 warps that compiles without spills where 64 rows at 4 warps sit at the register limit
+    # (sm_90 figures in docs/kernels.md). Decode: one MMA tile of 16 rows.
+    block_m = max(16, triton.next_power_of_2(group)) if decode_only else max(128, triton.next_power_of_2(group))
+    num_warps = 4 if decode_only else 8
     block_q = block_m // group
     num_tiles = tokens // block_q + num_seqs  # upper bound on sum_i ceil(q_len_i / block_q)
     block_n = 64 if head_dim <= 64 else 32
@@ -248,7 +259,7 @@ def paged_attention(
         num_heads, head_dim,
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PAGE=page,
         NUM_SPLITS=num_splits, HAS_WINDOW=sliding_window is not None, HAS_SINKS=sinks is not None,
-        UPCAST=q.device.type != "cuda", PRECISION=_precision(q.dtype),
+        UPCAST=q.device.type != "cuda", PRECISION=_precision(q.dtype), num_warps=num_warps,
     )
     if num_splits > 1:
         _merge_splits_kernel[(tokens, num_heads)](
