@@ -1,4 +1,5 @@
-"""The whole GPU check in one command: kernel tests, kernel benchmarks, a gpt-oss-20b decode benchmark.
+"""The whole GPU check in one command: kernel tests, kernel benchmarks, gpt-oss-20b decode (a whole step
+and one layer), and the MoE kernels next to triton_kernels' where that package can be imported.
 
 Every part runs in its own subprocess with its own time limit (a CUDA fault or a
 hang in one part cannot take the others down), under one overall budget that
@@ -75,22 +76,28 @@ def run_tests(timeout: float) -> dict:
     return part
 
 
-def run_kernel_bench(suite: str, timeout: float, smoke: bool) -> dict:
+def _run_json(cmd: list[str], timeout: float) -> dict:
+    """Run a part that writes its results to the JSON file named after `cmd` (kept as part["report"])."""
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "bench.json"
-        cmd = [sys.executable, "-m", "bench.kernels", "--only", suite, "--json", str(out)]
-        part = _run(cmd + (["--smoke"] if smoke else []), timeout)
+        out = Path(tmp) / "part.json"
+        part = _run([*cmd, str(out)], timeout)
         if out.exists():
             part["report"] = json.loads(out.read_text())
     return part
 
 
+def run_kernel_bench(suite: str, timeout: float, smoke: bool) -> dict:
+    smoke_flag = ["--smoke"] if smoke else []
+    return _run_json([sys.executable, "-m", "bench.kernels", "--only", suite, *smoke_flag, "--json"], timeout)
+
+
 def run_model_decode(timeout: float) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "model.json"
-        part = _run([sys.executable, "-m", "bench.gpu_suite", "--model-decode-json", str(out)], timeout)
-        if out.exists():
-            part["report"] = json.loads(out.read_text())
+    return _run_json([sys.executable, "-m", "bench.gpu_suite", "--model-decode-json"], timeout)
+
+
+def run_peer_kernels(timeout: float) -> dict:
+    part = _run_json([sys.executable, "-m", "bench.peer_kernels", "--json"], timeout)
+    part["summary"] = part.get("report", {}).get("skipped", "")
     return part
 
 
@@ -402,14 +409,19 @@ def markdown(report: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--budget", type=float, default=540, help="seconds for all parts together")
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: tests,bench,model")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: tests,bench,model,peer")
     parser.add_argument("--out", type=Path, default=RESULTS, help="report folder")
     parser.add_argument("--smoke", action="store_true", help="tiny benchmark shapes (harness check, CPU ok)")
     parser.add_argument("--model-decode-json", help=argparse.SUPPRESS)  # worker mode of the model_decode part
     args = parser.parse_args()
     if args.model_decode_json:
         result = {}
-        for name, fn in (("engine_models", engine_model_decode), ("kernel_stack", kernel_stack_decode)):
+        one_layer = GPT_OSS_20B | {"layers": 1, "vocab": 128}  # one decode layer (+ final norm, 128-row unembed)
+        for name, fn in (
+            ("engine_models", engine_model_decode),
+            ("kernel_stack", kernel_stack_decode),
+            ("decode_layer", lambda: kernel_stack_decode(batches=(1, 8, 64, 256), config=one_layer)),
+        ):
             try:
                 result[name] = fn()
             except Exception as exc:
@@ -429,6 +441,7 @@ def main() -> None:
     plan = [("tests", 200)] if "tests" not in skip else []
     plan += [(f"bench_{s}", 70) for s in KERNEL_SUITES] if "bench" not in skip else []
     plan += [("model_decode", 90)] if "model" not in skip else []
+    plan += [("peer_kernels", 40)] if "peer" not in skip else []
     for i, (name, share) in enumerate(plan):
         reserve = sum(s for _, s in plan[i + 1 :]) * 0.5  # later parts keep at least half their share
         limit = min(max(share, left() - reserve), left())
@@ -441,6 +454,8 @@ def main() -> None:
                 part = run_tests(limit)
             elif name == "model_decode":
                 part = run_model_decode(limit)
+            elif name == "peer_kernels":
+                part = run_peer_kernels(limit)
             else:
                 part = run_kernel_bench(name.removeprefix("bench_"), limit, args.smoke)
         except Exception as exc:

@@ -63,3 +63,13 @@ def test_engine_model_decode_harness():
     logits = result["batch 3"]["logits"]
     assert logits.shape == (3, 96) and torch.isfinite(logits).all() and logits.abs().max() > 0
     assert result["batch 3"]["eager_ms"] > 0
+
+
+def test_peer_kernels_report_why_they_were_skipped(monkeypatch):
+    import sys
+
+    from bench import peer_kernels
+
+    monkeypatch.setitem(sys.modules, "triton_kernels", None)  # as where it is not installed
+    report = peer_kernels.run("cpu")
+    assert report["results"] == [] and "triton_kernels cannot be imported" in report["skipped"]
