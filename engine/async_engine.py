@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from engine.config import EngineConfig
+from engine.distributed.group import ParallelGroupError
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -31,6 +32,8 @@ class AsyncEngine:
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self.failure: str | None = None  # why the engine stopped for good (a tensor-parallel rank died)
+        self.on_fatal: Callable[[str], None] | None = None  # the server's exit, called once on such a failure
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "AsyncEngine":
@@ -56,7 +59,7 @@ class AsyncEngine:
         return self.engine.stats()
 
     async def start(self) -> None:
-        if self._task is None or self._task.done():
+        if self.failure is None and (self._task is None or self._task.done()):
             self._lock = asyncio.Lock()
             self._wake = asyncio.Event()
             self._task = asyncio.create_task(self._loop(), name="minerva-engine-loop")
@@ -74,10 +77,13 @@ class AsyncEngine:
                 self._deliver(self.engine.abort(request_id))
         for queue in self._queues.values():
             queue.put_nowait(EngineDeadError("the engine shut down"))
+        self.engine.close()
 
     async def generate(self, prompt: str | list[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
         """Stream this request's outputs; leaving the loop early (or being cancelled) aborts it."""
+        if self.failure is not None:
+            raise EngineDeadError(self.failure)
         if self._task is None or self._task.done():
             raise EngineDeadError("the engine is not running: call start() first")
         queue: asyncio.Queue = asyncio.Queue()
@@ -122,9 +128,25 @@ class AsyncEngine:
             async with self._lock:
                 try:
                     outputs = await asyncio.to_thread(self.engine.step)
+                except ParallelGroupError as exc:
+                    self._fail_for_good(str(exc))
+                    return
                 except Exception:  # the engine fails requests itself; this is a last resort
                     log.exception("engine step crashed")
                     outputs = [self.engine.abort(rid) for rid in list(self.engine.requests)]
             for output in outputs:
                 self._deliver(output)
             await asyncio.sleep(0)  # let handlers add and abort between steps
+
+    def _fail_for_good(self, reason: str) -> None:
+        """Every request in flight gets EngineDeadError (a 503), later ones too; the server is told to exit."""
+        log.critical("engine stopped: %s", reason)
+        self.failure = reason
+        for request_id in list(self.engine.requests):
+            self.engine.abort(request_id)
+        for queue in self._queues.values():
+            queue.put_nowait(EngineDeadError(reason))
+        self._queues.clear()
+        self.engine.close()
+        if self.on_fatal is not None:
+            self.on_fatal(reason)

@@ -11,8 +11,9 @@ import torch
 
 from engine.config import ConfigError, EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
+from engine.distributed.group import ParallelGroupError
 from engine.kv_cache import BlockPool
-from engine.model_runner import ModelRunner, num_kv_blocks
+from engine.model_runner import ModelRunner, kv_bytes_per_block, num_kv_blocks
 from engine.models.base import CausalLM
 from engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from engine.request import Sequence
@@ -87,11 +88,23 @@ class LLMEngine:
         device = torch.device("cuda" if cuda else "cpu")
         dtype = DTYPES.get(config.dtype, torch.bfloat16 if cuda else torch.float32)
         backend = None if config.kernel_backend == "auto" else config.kernel_backend
-        model = build_model(loaded, device=device, dtype=dtype, ops=select_ops(device, backend),
-                            unpack_mxfp4_gib=config.mxfp4_unpack_gib)
+        if config.tensor_parallel_size > 1:
+            from engine.distributed.executor import start_tensor_parallel
+
+            model = start_tensor_parallel(loaded, path, config.tensor_parallel_size, device, dtype, backend,
+                                          config.mxfp4_unpack_gib, config.tensor_parallel_timeout_s)
+        else:
+            model = build_model(loaded, device=device, dtype=dtype, ops=select_ops(device, backend),
+                                unpack_mxfp4_gib=config.mxfp4_unpack_gib)
         context = loaded.info.context_length or 2048
         max_model_len = min(config.max_model_len or context, context)
-        engine = cls(model, load_tokenizer(loaded), config, max_model_len, loaded.info, num_blocks)
+        try:
+            engine = cls(model, load_tokenizer(loaded), config, max_model_len, loaded.info, num_blocks)
+        except Exception:
+            shutdown = getattr(model, "shutdown", None)
+            if shutdown is not None:
+                shutdown()
+            raise
         engine.load_seconds = time.perf_counter() - started
         return engine
 
@@ -153,6 +166,8 @@ class LLMEngine:
             logits = self.runner.run(batch.items, sample_rows)
             rows = [self._sampling_row(batch.items[i][0]) for i in sample_rows]
             result = self.sampler(logits, rows) if rows else None
+        except ParallelGroupError:  # a rank is gone: no later step can run either (AsyncEngine stops)
+            raise
         except Exception as exc:  # a failing model fails this step's requests, not the engine
             log.exception("engine step failed")
             failed = {seq.request_id for seq, _ in batch.items}
@@ -229,12 +244,26 @@ class LLMEngine:
             "kv_blocks_total": self.pool.num_blocks,
             "kv_blocks_used": self.pool.num_used,
             "kv_blocks_free": self.pool.num_free,
+            "kv_cache_tokens": self.pool.num_blocks * self.config.block_size,
+            "kv_cache_bytes": self.pool.num_blocks * kv_bytes_per_block(self.model, self.config.block_size)
+            * self.tensor_parallel_size,  # every rank holds its heads' share of each block
             "prefix_cache_hit_rate": self.pool.hit_rate,
             "num_preemptions": self.scheduler.num_preemptions,
             "prompt_tokens_total": self.prompt_tokens_total,
             "generation_tokens_total": self.generation_tokens_total,
             "model_load_seconds": self.load_seconds,
+            "tensor_parallel_size": self.tensor_parallel_size,
         }
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return getattr(self.model, "world_size", 1)
+
+    def close(self) -> None:
+        """Stop the model's other processes (tensor parallelism); a one-process model has nothing to stop."""
+        shutdown = getattr(self.model, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
 
 
 def _copy(out: CompletionOutput) -> CompletionOutput:

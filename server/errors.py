@@ -57,6 +57,11 @@ class ClientDisconnected(Exception):
 CLIENT_CLOSED_REQUEST = 499
 
 
+def engine_unavailable(exc: EngineDeadError) -> APIError:
+    """The 503 for a request the engine can no longer serve (before or in the middle of its stream)."""
+    return APIError(503, f"the model's engine is not running: {exc}", code="engine_unavailable")
+
+
 def error_body(message: str, type: str, param: str | None = None, code: str | int | None = None) -> dict:
     """Messages may quote client input; lone surrogates in it would make the JSON unencodable."""
     return {"error": {"message": _encodable(message), "type": type, "param": _encodable(param), "code": code}}
@@ -122,7 +127,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EngineDeadError)
     async def _engine_dead(request: Request, exc: EngineDeadError) -> JSONResponse:
         logger.error("engine unavailable for request %s: %s", request_id_of(request), exc)
-        return error_response(APIError(503, f"the model's engine is not running: {exc}", code="engine_unavailable"))
+        return error_response(engine_unavailable(exc))
 
     @app.exception_handler(ClientDisconnected)
     async def _gone(request: Request, exc: ClientDisconnected) -> Response:

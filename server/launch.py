@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,8 @@ def engine_configs(args: argparse.Namespace) -> list[EngineConfig]:
         raise LaunchError("--served-model-name values must be distinct")
     configs = []
     for index, model in enumerate(models):
-        overrides = {"model": model, "served_model_name": names[index] if names else None, "device": args.device}
+        overrides = {"model": model, "served_model_name": names[index] if names else None, "device": args.device,
+                     "tensor_parallel_size": args.tensor_parallel_size}
         try:
             if args.config:
                 configs.append(EngineConfig.from_toml(args.config, **overrides))
@@ -51,6 +53,8 @@ def engine_configs(args: argparse.Namespace) -> list[EngineConfig]:
                 configs.append(EngineConfig(**{k: v for k, v in overrides.items() if v is not None}))
         except ConfigError as exc:
             raise LaunchError(str(exc)) from exc
+    if sum(c.tensor_parallel_size > 1 for c in configs) > 1:
+        raise LaunchError("only one model per server can be tensor-parallel (the ranks share one process group)")
     return configs
 
 
@@ -103,7 +107,8 @@ def server_settings(args: argparse.Namespace, configs: list[EngineConfig]) -> Se
 
 def serve_command(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM; then stop accepting, let running requests finish (or abort them
-    after --shutdown-timeout seconds), shut the engines down and exit 0."""
+    after --shutdown-timeout seconds), shut the engines down and exit 0 (1 if an engine died: a
+    tensor-parallel rank gone)."""
     import signal
 
     import uvicorn
@@ -124,10 +129,15 @@ def serve_command(args: argparse.Namespace) -> int:
     # uvicorn re-raises the signal it stopped on once it is done; with the default SIGTERM action
     # that would kill the process (status 143) after a clean shutdown, so the re-raise lands here.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    for engine in engines.values():  # a dead tensor-parallel rank: drain like a SIGTERM, then exit 1
+        engine.on_fatal = lambda reason: os.kill(os.getpid(), signal.SIGTERM)
     uvicorn.run(create_app(engines, settings), host=args.host, port=args.port, log_level=args.log_level,
                 log_config=None, access_log=False, timeout_graceful_shutdown=args.shutdown_timeout,
                 ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile)
-    return 0
+    failures = [f"{name}: {engine.failure}" for name, engine in engines.items() if engine.failure]
+    for failure in failures:
+        print(f"error: engine stopped: {failure}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def add_serve_parser(commands: Any) -> None:
@@ -140,6 +150,8 @@ def add_serve_parser(commands: Any) -> None:
                        help="name clients use in `model` (repeat once per MODEL, in order)")
     serve.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
     serve.add_argument("--config", metavar="FILE", help="TOML file with an [engine] table (see configs/)")
+    serve.add_argument("--tensor-parallel-size", type=positive_int, default=None, metavar="N",
+                       help="split the model over N GPUs (or N CPU processes) with torch.distributed (default 1)")
     serve.add_argument("--allow-path-checks", action="store_true",
                        help="let POST /v1/minerva/models/check read metadata of server-side file paths")
     serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))

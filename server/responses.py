@@ -11,9 +11,10 @@ import anyio
 from fastapi.responses import StreamingResponse
 from starlette.requests import Request
 
+from engine.async_engine import EngineDeadError
 from engine.outputs import RequestOutput
 from server.choices import Collected
-from server.errors import APIError, error_body
+from server.errors import APIError, engine_unavailable, error_body
 from server.sse import DONE, HEADERS, MEDIA_TYPE, sse_data
 from server.streams import unless_disconnected
 
@@ -64,8 +65,9 @@ async def stream(request: Request, outputs: Outputs,
                         yield sse_data(chunk)
             for chunk in finish():
                 yield sse_data(chunk)
-        except APIError as exc:
-            yield sse_data(error_body(exc.message, exc.type, exc.param, exc.code))
+        except (APIError, EngineDeadError) as exc:
+            error = engine_unavailable(exc) if isinstance(exc, EngineDeadError) else exc
+            yield sse_data(error_body(error.message, error.type, error.param, error.code))
         except Exception:
             logger.exception("internal error while streaming request %s", request_id)
             yield sse_data(error_body(f"internal server error (request id {request_id})", "server_error"))

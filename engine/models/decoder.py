@@ -9,6 +9,7 @@ from types import ModuleType
 import torch
 
 from engine.attention_metadata import AttentionMetadata
+from engine.distributed.context import SINGLE, ParallelContext
 from engine.layers.attention import PagedAttention
 from engine.models.errors import ModelConfigError
 from engine.models.spec import ModelSpec
@@ -25,7 +26,8 @@ class DecoderLayer:
 class DecoderLM:
     """Embedding -> N x (norm, attention, norm, MLP/MoE, residuals) -> norm -> unembedding.
 
-    Implements engine.models.base.CausalLM; every op goes through `ops`.
+    Implements engine.models.base.CausalLM; every op goes through `ops`. Under tensor parallelism
+    `parallel` joins the slices: after the embedding, attention and MLP/MoE, and the logits.
     """
 
     def __init__(
@@ -36,6 +38,7 @@ class DecoderLM:
         final_norm: torch.Tensor,
         lm_head: torch.Tensor,
         ops: ModuleType,
+        parallel: ParallelContext = SINGLE,
     ) -> None:
         self.spec = spec
         self.embed = embed
@@ -43,6 +46,7 @@ class DecoderLM:
         self.final_norm = final_norm
         self.lm_head = lm_head
         self.ops = ops
+        self.parallel = parallel  # tensor parallelism: this rank's slice and its collectives (engine/distributed)
         self.num_layers = spec.num_layers
         self.num_kv_heads = spec.num_kv_heads
         self.head_dim = spec.head_dim
@@ -77,8 +81,8 @@ class DecoderLM:
         """
         if not self.kv_caches:
             raise RuntimeError("bind_kv_caches must be called before forward")
-        ops, eps = self.ops, self.spec.rms_norm_eps
-        hidden = self.embed[input_ids]
+        ops, eps, parallel = self.ops, self.spec.rms_norm_eps, self.parallel
+        hidden = parallel.embed(self.embed, input_ids, self.vocab_size)
         residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.layers, self.kv_caches):
             if residual is None:
@@ -86,12 +90,12 @@ class DecoderLM:
                 x = ops.rms_norm(hidden, layer.input_norm, eps)
             else:
                 x, residual = ops.rms_norm(hidden, layer.input_norm, eps, residual)
-            hidden = layer.attention(x, positions, attn_metadata, kv_cache)
+            hidden = parallel.all_reduce(layer.attention(x, positions, attn_metadata, kv_cache))
             x, residual = ops.rms_norm(hidden, layer.post_attention_norm, eps, residual)
-            hidden = layer.mlp(x)
+            hidden = parallel.all_reduce(layer.mlp(x))
         x, _ = ops.rms_norm(hidden, self.final_norm, eps, residual)
         if attn_metadata.logits_indices is not None:
             x = x[attn_metadata.logits_indices]
-        return ops.linear(x, self.lm_head).float()
+        return parallel.gather_vocab(ops.linear(x, self.lm_head).float(), self.vocab_size)
 
     __call__ = forward

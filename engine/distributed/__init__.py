@@ -1,0 +1,12 @@
+"""Tensor parallelism over torch.distributed: one model split across ranks (gloo on CPU, NCCL on GPUs).
+
+- `context.ParallelContext`: this rank's place in the group and its collectives, passed to the model
+  explicitly (like AttentionMetadata), a no-op for one rank;
+- `shard.shard_model`: cut a loaded model into this rank's slice (heads, MLP/expert width, vocabulary);
+- `group`: start the process group with timeouts, so a dead rank is an error, never a hang;
+- `step_inputs`: rank 0 broadcasts each step's flat inputs to the other ranks;
+- `worker`: the process every other rank runs; `executor.TensorParallelModel`: rank 0's model,
+  which starts them and drives every forward.
+
+See docs/deploy.md (tensor parallelism) and docs/models.md.
+"""

@@ -1,0 +1,159 @@
+"""Cut a loaded DecoderLM into one rank's slice (Megatron-style column/row parallelism).
+
+- attention: query heads split evenly; KV heads split when there are at least as many as ranks,
+  otherwise each rank keeps the one KV head its query heads read (replicated); qkv rows are the
+  column-parallel part, o_proj columns the row-parallel part; sinks follow their heads;
+- Llama MLP: gate and up rows (column) and down columns (row) split over the intermediate width;
+- gpt-oss MoE: every rank holds every expert's slice of the intermediate width (interleaved gate/up
+  rows, down columns); MXFP4 down weights are cut between 32-element blocks, so no block is split;
+- embedding and LM head: vocab rows split (see ParallelContext.embed / gather_vocab);
+- biases added after a row-parallel projection stay on rank 0 only, so the sum counts them once;
+- norms and the MoE router are replicated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from engine.distributed.context import ParallelContext
+from engine.layers.attention import AttentionWeights, PagedAttention
+from engine.layers.mlp import GatedMLP, MoE, Weight
+from engine.models.decoder import DecoderLayer, DecoderLM
+from engine.models.errors import ModelConfigError
+from kernels.mxfp4 import BLOCK, MXFP4Tensor
+
+
+@dataclass(frozen=True)
+class HeadSlice:
+    """This rank's query heads `[q_begin, q_begin + q_count)` and KV heads `[kv_begin, kv_begin + kv_count)`."""
+
+    q_begin: int
+    q_count: int
+    kv_begin: int
+    kv_count: int
+
+
+def head_slice(num_heads: int, num_kv_heads: int, ctx: ParallelContext) -> HeadSlice:
+    n = ctx.world_size
+    if num_heads % n:
+        raise ModelConfigError(f"tensor_parallel_size {n} does not divide the {num_heads} attention heads")
+    if num_kv_heads % n and n % num_kv_heads:
+        raise ModelConfigError(f"tensor_parallel_size {n} and the {num_kv_heads} KV heads must divide one another")
+    q_count = num_heads // n
+    group = num_heads // num_kv_heads  # query heads per KV head
+    q_begin = ctx.rank * q_count
+    return HeadSlice(q_begin, q_count, q_begin // group, max(1, num_kv_heads // n))
+
+
+def width_slice(width: int, ctx: ParallelContext, what: str, multiple: int = 1) -> slice:
+    """Rank's share of an intermediate dimension; `multiple` keeps quantization blocks whole."""
+    n = ctx.world_size
+    if width % (n * multiple):
+        raise ModelConfigError(f"tensor_parallel_size {n} does not split {what} ({width}) "
+                               f"into equal parts of a multiple of {multiple}")
+    share = width // n
+    return slice(ctx.rank * share, (ctx.rank + 1) * share)
+
+
+def _own(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A compact copy on `device`: a view would keep the whole unsharded tensor alive."""
+    return t.to(device, copy=True).contiguous()
+
+
+def _rows(t: torch.Tensor | None, s: slice, device: torch.device) -> torch.Tensor | None:
+    return None if t is None else _own(t[s], device)
+
+
+def _attention(att: PagedAttention, ctx: ParallelContext, device: torch.device) -> PagedAttention:
+    heads = head_slice(att.num_heads, att.num_kv_heads, ctx)
+    d = att.head_dim
+    q_size, kv_size = att.num_heads * d, att.num_kv_heads * d
+    q = slice(heads.q_begin * d, (heads.q_begin + heads.q_count) * d)
+    kv = slice(heads.kv_begin * d, (heads.kv_begin + heads.kv_count) * d)
+    k = slice(q_size + kv.start, q_size + kv.stop)
+    v = slice(q_size + kv_size + kv.start, q_size + kv_size + kv.stop)
+
+    def qkv_rows(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else _own(torch.cat((t[q], t[k], t[v])), device)
+
+    w = att.w
+    weights = AttentionWeights(
+        qkv=qkv_rows(w.qkv),
+        o=_own(w.o[:, q], device),
+        qkv_bias=qkv_rows(w.qkv_bias),
+        o_bias=_rows(w.o_bias, slice(None), device) if ctx.rank == 0 else None,
+        sinks=_rows(w.sinks, slice(heads.q_begin, heads.q_begin + heads.q_count), device),
+    )
+    return PagedAttention(weights, heads.q_count, heads.kv_count, d, att.rotary.to(device), att.sliding_window,
+                          att.ops)
+
+
+def _gated_mlp(mlp: GatedMLP, ctx: ParallelContext, device: torch.device) -> GatedMLP:
+    width = mlp.down.shape[1]
+    s = width_slice(width, ctx, "intermediate_size")
+    gate_up = torch.cat((mlp.gate_up[s], mlp.gate_up[width + s.start:width + s.stop]))
+    return GatedMLP(gate_up=_own(gate_up, device), down=_own(mlp.down[:, s], device), ops=mlp.ops)
+
+
+def _expert_rows(w: Weight, s: slice, device: torch.device) -> Weight:
+    """`[E, out, in]` rows `s` of every expert (packed weights keep their blocks: a row is whole blocks)."""
+    if isinstance(w, MXFP4Tensor):
+        return MXFP4Tensor(_own(w.blocks[:, s], device), _own(w.scales[:, s], device))
+    return _own(w[:, s], device)
+
+
+def _expert_columns(w: Weight, s: slice, device: torch.device) -> Weight:
+    """`[E, out, in]` input columns `s` of every expert; packed weights are cut between 32-element blocks."""
+    if isinstance(w, MXFP4Tensor):
+        blocks = slice(s.start // BLOCK, s.stop // BLOCK)
+        return MXFP4Tensor(_own(w.blocks[:, :, blocks], device), _own(w.scales[:, :, blocks], device))
+    return _own(w[:, :, s], device)
+
+
+def _moe(moe: MoE, ctx: ParallelContext, device: torch.device) -> MoE:
+    width = moe.down.shape[-1]
+    packed = isinstance(moe.down, MXFP4Tensor)
+    s = width_slice(width, ctx, "the expert intermediate_size", BLOCK if packed else 1)
+    pairs = slice(2 * s.start, 2 * s.stop)  # gate/up rows interleave: intermediate unit i is rows 2i, 2i+1
+    down_bias = moe.down_bias if ctx.rank == 0 else torch.zeros_like(moe.down_bias)
+    return replace(
+        moe,
+        router=moe.router.to(device),
+        router_bias=moe.router_bias.to(device),
+        gate_up=_expert_rows(moe.gate_up, pairs, device),
+        gate_up_bias=_own(moe.gate_up_bias[:, pairs], device),
+        down=_expert_columns(moe.down, s, device),
+        down_bias=down_bias.to(device),
+    )
+
+
+def _mlp(mlp, ctx: ParallelContext, device: torch.device):
+    if isinstance(mlp, GatedMLP):
+        return _gated_mlp(mlp, ctx, device)
+    if isinstance(mlp, MoE):
+        return _moe(mlp, ctx, device)
+    raise ModelConfigError(f"tensor parallelism does not know how to split {type(mlp).__name__}")
+
+
+def shard_model(model: DecoderLM, ctx: ParallelContext, device: torch.device) -> DecoderLM:
+    """This rank's slice of `model` (loaded whole, usually on the CPU) on `device`, joined by `ctx`.
+
+    Each full layer is released as soon as its slice exists, so the peak is one full model plus slices.
+    """
+    vocab = slice(*ctx.vocab_range(model.vocab_size))
+    embed = _own(model.embed[vocab], device)
+    lm_head = embed if model.lm_head is model.embed else _own(model.lm_head[vocab], device)
+    layers = []
+    while model.layers:
+        layer = model.layers.pop(0)
+        layers.append(DecoderLayer(
+            input_norm=layer.input_norm.to(device),
+            attention=_attention(layer.attention, ctx, device),
+            post_attention_norm=layer.post_attention_norm.to(device),
+            mlp=_mlp(layer.mlp, ctx, device),
+        ))
+    sharded = DecoderLM(model.spec, embed, layers, model.final_norm.to(device), lm_head, model.ops, parallel=ctx)
+    sharded.num_kv_heads = layers[0].attention.num_kv_heads
+    return sharded
