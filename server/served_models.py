@@ -23,6 +23,9 @@ class ServedModel:
         card = {"id": self.name, "object": "model", "created": self.created, "owned_by": "minerva"}
         card.update(info)
         card["max_model_len"] = self.engine.max_model_len
+        stats = self.engine.stats()  # the KV cache of the whole tensor-parallel group, not one rank's
+        card.update({key: stats[key] for key in ("kv_cache_tokens", "kv_cache_bytes", "tensor_parallel_size")
+                     if key in stats})
         return card
 
 
