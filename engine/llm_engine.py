@@ -101,9 +101,7 @@ class LLMEngine:
         try:
             engine = cls(model, load_tokenizer(loaded), config, max_model_len, loaded.info, num_blocks)
         except Exception:
-            shutdown = getattr(model, "shutdown", None)
-            if shutdown is not None:
-                shutdown()
+            stop_model(model)
             raise
         engine.load_seconds = time.perf_counter() - started
         return engine
@@ -260,10 +258,14 @@ class LLMEngine:
         return getattr(self.model, "world_size", 1)
 
     def close(self) -> None:
-        """Stop the model's other processes (tensor parallelism); a one-process model has nothing to stop."""
-        shutdown = getattr(self.model, "shutdown", None)
-        if shutdown is not None:
-            shutdown()
+        stop_model(self.model)
+
+
+def stop_model(model: CausalLM) -> None:
+    """Stop the model's other processes (tensor parallelism); a one-process model has nothing to stop."""
+    shutdown = getattr(model, "shutdown", None)
+    if shutdown is not None:
+        shutdown()
 
 
 def _copy(out: CompletionOutput) -> CompletionOutput:

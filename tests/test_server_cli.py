@@ -69,3 +69,16 @@ def test_keys_limits_and_logging_flags_become_server_settings(tmp_path):
         server_settings(parse("m", "--api-keys-file", str(tmp_path / "missing")), [])
     with pytest.raises(SystemExit):
         parse("m", "--rpm", "0")
+
+
+def test_tensor_parallel_size_from_flag_or_toml_and_one_parallel_model_per_server(tmp_path):
+    (config,) = engine_configs(parse("m", "--tensor-parallel-size", "2"))
+    assert config.tensor_parallel_size == 2
+    toml = tmp_path / "engine.toml"
+    toml.write_text("[engine]\ntensor_parallel_size = 4\ntensor_parallel_timeout_s = 5\n")
+    (config,) = engine_configs(parse("m", "--config", str(toml)))
+    assert (config.tensor_parallel_size, config.tensor_parallel_timeout_s) == (4, 5)
+    with pytest.raises(LaunchError, match="only one model per server can be tensor-parallel"):
+        engine_configs(parse("a", "b", "--served-model-name", "x", "--served-model-name", "y", "--config", str(toml)))
+    with pytest.raises(SystemExit):
+        parse("m", "--tensor-parallel-size", "0")

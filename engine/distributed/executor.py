@@ -19,7 +19,7 @@ import torch
 from engine.attention_metadata import AttentionMetadata
 from engine.distributed import step_inputs
 from engine.distributed.context import ParallelContext
-from engine.distributed.group import ParallelGroupError, free_port, join_group, leave_group, share_cores
+from engine.distributed.group import ParallelGroupError, free_port, join_group, leave_group
 from engine.distributed.worker import load_slice, worker_main
 from engine.models.decoder import DecoderLM
 from engine.models.errors import ModelConfigError
@@ -125,7 +125,6 @@ def start_tensor_parallel(loaded: Any, model_path: str, world_size: int, device:
     for worker in workers:
         worker.start()
     ctx = ParallelContext(0, world_size)
-    share_cores(ctx, device)
     try:
         local = load_slice(loaded, ctx, device, dtype, kernel_backend, unpack_mxfp4_gib)
         join_group(ctx, port, device, timeout_s)

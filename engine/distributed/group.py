@@ -49,7 +49,8 @@ def join_group(ctx: ParallelContext, port: int, device: torch.device, timeout_s:
 
 
 def share_cores(ctx: ParallelContext, device: torch.device) -> None:
-    """CPU ranks split the host's cores instead of each oversubscribing all of them."""
+    """CPU worker ranks split the host's cores instead of each oversubscribing all of them (rank 0, the
+    server process, keeps torch's setting: other engines may share it)."""
     if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.world_size))
 
