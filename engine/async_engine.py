@@ -129,7 +129,7 @@ class AsyncEngine:
                 try:
                     outputs = await asyncio.to_thread(self.engine.step)
                 except ParallelGroupError as exc:
-                    self._fail_for_good(str(exc))
+                    await self._fail_for_good(str(exc))
                     return
                 except Exception:  # the engine fails requests itself; this is a last resort
                     log.exception("engine step crashed")
@@ -138,7 +138,7 @@ class AsyncEngine:
                 self._deliver(output)
             await asyncio.sleep(0)  # let handlers add and abort between steps
 
-    def _fail_for_good(self, reason: str) -> None:
+    async def _fail_for_good(self, reason: str) -> None:
         """Every request in flight gets EngineDeadError (a 503), later ones too; the server is told to exit."""
         log.critical("engine stopped: %s", reason)
         self.failure = reason
@@ -147,6 +147,6 @@ class AsyncEngine:
         for queue in self._queues.values():
             queue.put_nowait(EngineDeadError(reason))
         self._queues.clear()
-        self.engine.close()
+        await asyncio.to_thread(self.engine.close)  # may wait for a stuck rank before killing it
         if self.on_fatal is not None:
             self.on_fatal(reason)

@@ -105,3 +105,21 @@ def test_one_rank_runs_no_collective():
     table = torch.randn(10, 4)
     assert torch.equal(ctx.embed(table, torch.tensor([1, 9]), 10), table[[1, 9]])
     assert not ctx.counts
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (NCCL)")
+def test_two_gpus_match_one(tmp_path):
+    """The GPU row: NCCL between two cards, bf16 weights, the same greedy tokens as one card."""
+    model_dir, _ = save_tp_model("gpt-oss-mxfp4", tmp_path / "gpt-oss")
+    outputs = {}
+    for tp in (1, 2):
+        config = EngineConfig(model=str(model_dir), device="cuda", tensor_parallel_size=tp, max_model_len=64)
+        engine = LLMEngine.from_config(config, num_blocks=48)
+        try:
+            for i, prompt in enumerate(PROMPTS):
+                engine.add_request(f"r{i}", prompt, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+            outputs[tp] = {rid: out.outputs[0].token_ids for rid, out in run_to_completion(engine).items()}
+        finally:
+            engine.close()
+    assert outputs[2] == outputs[1]

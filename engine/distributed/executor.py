@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing.process
+import time
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -20,11 +21,13 @@ from engine.attention_metadata import AttentionMetadata
 from engine.distributed import step_inputs
 from engine.distributed.context import ParallelContext
 from engine.distributed.group import ParallelGroupError, free_port, join_group, leave_group
-from engine.distributed.worker import load_slice, worker_main
+from engine.distributed.worker import READY, load_slice, worker_main
 from engine.models.decoder import DecoderLM
 from engine.models.errors import ModelConfigError
 
 log = logging.getLogger(__name__)
+
+STARTUP_LIMIT_S = 1800.0  # loading a slice of the largest checkpoints from slow disks
 
 
 class TensorParallelModel:
@@ -104,6 +107,23 @@ class TensorParallelModel:
         leave_group()
 
 
+def wait_until_loaded(workers: list[multiprocessing.process.BaseProcess], doorbells: list[Connection],
+                      limit_s: float = STARTUP_LIMIT_S) -> None:
+    """Block until every worker reports its slice loaded, so joining the group waits only moments.
+
+    A worker that exits first is an error at once; one still loading after `limit_s` too.
+    """
+    deadline = time.monotonic() + limit_s
+    for worker, bell in zip(workers, doorbells):
+        while not bell.poll(0.2):
+            if not worker.is_alive():
+                raise ParallelGroupError(f"{worker.name} exited while loading (exit code {worker.exitcode})")
+            if time.monotonic() > deadline:
+                raise ParallelGroupError(f"{worker.name} did not load its slice within {limit_s:.0f} s")
+        if bell.recv_bytes() != READY:
+            raise ParallelGroupError(f"{worker.name} sent an unexpected start-up message")
+
+
 def start_tensor_parallel(loaded: Any, model_path: str, world_size: int, device: torch.device, dtype: torch.dtype,
                           kernel_backend: str | None, unpack_mxfp4_gib: float, timeout_s: float
                           ) -> TensorParallelModel:
@@ -117,16 +137,17 @@ def start_tensor_parallel(loaded: Any, model_path: str, world_size: int, device:
     spawn = mp.get_context("spawn")
     workers, doorbells = [], []
     for rank in range(1, world_size):
-        bell_in, bell_out = spawn.Pipe(duplex=False)
+        mine, theirs = spawn.Pipe()
         workers.append(spawn.Process(target=worker_main, name=f"minerva-tp-rank-{rank}", daemon=True,
                                      args=(rank, world_size, port, model_path, device.type, dtype, kernel_backend,
-                                           unpack_mxfp4_gib, timeout_s, bell_in)))
-        doorbells.append(bell_out)
+                                           unpack_mxfp4_gib, timeout_s, theirs)))
+        doorbells.append(mine)
     for worker in workers:
         worker.start()
     ctx = ParallelContext(0, world_size)
     try:
         local = load_slice(loaded, ctx, device, dtype, kernel_backend, unpack_mxfp4_gib)
+        wait_until_loaded(workers, doorbells)
         join_group(ctx, port, device, timeout_s)
     except Exception as exc:
         for worker in workers:

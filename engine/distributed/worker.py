@@ -16,6 +16,8 @@ from engine.distributed.shard import shard_model
 
 log = logging.getLogger(__name__)
 
+READY = b"ready"
+
 
 def load_slice(loaded: Any, ctx: ParallelContext, device: torch.device, dtype: torch.dtype, kernel_backend: str | None,
                unpack_mxfp4_gib: float):
@@ -33,9 +35,10 @@ def worker_main(rank: int, world_size: int, port: int, model_path: str, device_t
                 kernel_backend: str | None, unpack_mxfp4_gib: float, timeout_s: float, doorbell: Connection) -> None:
     """Serve forwards until rank 0 says STOP; any failure exits non-zero, which rank 0 sees as a broken group.
 
-    Between steps the worker waits on `doorbell` (rank 0 rings it before each command), as long as
-    it takes; once rung, the collectives follow at once and their timeout applies. Rank 0 gone
-    closes the doorbell, which ends the worker too.
+    `doorbell` is a pipe to rank 0: the worker reports READY on it once its slice is loaded, then,
+    between steps, waits on it (rank 0 rings it before each command) as long as it takes; once
+    rung, the collectives follow at once and their timeout applies. Rank 0 gone closes the
+    doorbell, which ends the worker too.
     """
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s tp-rank-{rank} %(levelname)s %(message)s")
     try:
@@ -45,6 +48,7 @@ def worker_main(rank: int, world_size: int, port: int, model_path: str, device_t
         ctx = ParallelContext(rank, world_size)
         share_cores(ctx, device)
         model = load_slice(open_model(model_path), ctx, device, dtype, kernel_backend, unpack_mxfp4_gib)
+        doorbell.send_bytes(READY)  # rank 0 joins the group once every rank has loaded
         join_group(ctx, port, device, timeout_s)
         with torch.no_grad():
             while True:
