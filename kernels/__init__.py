@@ -1,20 +1,20 @@
 """Minerva's compute kernels: Triton on CUDA, each beside its plain-torch reference.
 
-`select_ops` is the one switch the engine uses; both namespaces expose the same
-functions with the same signatures as `kernels.reference`.
+`select_ops` is the one switch the engine uses; both backends satisfy `kernels.ops.Ops`
+(the same functions with the same signatures as `kernels.reference`).
 """
 
 from __future__ import annotations
 
 import os
-from types import ModuleType
-
 import torch
+
+from kernels.ops import Ops
 
 BACKENDS = ("auto", "torch", "triton")
 
 
-def select_ops(device: torch.device | str, backend: str | None = None) -> ModuleType:
+def select_ops(device: torch.device | str, backend: str | None = None) -> Ops:
     """Torch reference on CPU, Triton kernels on CUDA; `MINERVA_BACKEND` or `backend` overrides."""
     backend = backend or os.environ.get("MINERVA_BACKEND", "auto")
     if backend not in BACKENDS:

@@ -23,6 +23,9 @@ from kernels.triton.rope import rope, rope_write_kv
 
 Weight = torch.Tensor | MXFP4Tensor
 
+# The MXFP4 kernels read packed FP4 and dequantize in registers: no dense copy is worth making.
+DEQUANTIZES_MXFP4_PER_CALL = False
+
 __all__ = [
     "rms_norm",
     "rope",

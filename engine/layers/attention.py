@@ -4,12 +4,12 @@ attention, output projection."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import ModuleType
 
 import torch
 
 from engine.attention_metadata import AttentionMetadata
 from engine.layers.rotary import Rotary
+from kernels.ops import Ops
 
 
 @dataclass
@@ -32,7 +32,7 @@ class PagedAttention:
         head_dim: int,
         rotary: Rotary,
         sliding_window: int | None,
-        ops: ModuleType,
+        ops: Ops,
     ) -> None:
         self.w = weights
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import ModuleType
 
 import torch
 
 from kernels.mxfp4 import MXFP4Tensor
+from kernels.ops import Ops
 
 Weight = torch.Tensor | MXFP4Tensor
 
@@ -18,7 +18,7 @@ class GatedMLP:
 
     gate_up: torch.Tensor
     down: torch.Tensor
-    ops: ModuleType
+    ops: Ops
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.ops.linear(self.ops.silu_and_mul(self.ops.linear(x, self.gate_up)), self.down)
@@ -41,7 +41,7 @@ class MoE:
     top_k: int
     alpha: float
     limit: float
-    ops: ModuleType
+    ops: Ops
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.ops.linear(x, self.router, self.router_bias)

@@ -6,7 +6,6 @@ safetensors or GGUF) into a CausalLM (engine.models.base); see docs/models.md.
 
 from __future__ import annotations
 
-from types import ModuleType
 from typing import Any
 
 import torch
@@ -19,6 +18,7 @@ from engine.models.gpt_oss import load_gpt_oss
 from engine.models.llama import load_llama
 from engine.models.spec import ModelSpec, parse_spec
 from engine.models.weights import WeightReader
+from kernels.ops import Ops
 
 _LOADERS = {"llama": load_llama, "gpt_oss": load_gpt_oss}
 
@@ -27,7 +27,7 @@ def build_model(
     loaded: Any,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
-    ops: ModuleType | None = None,
+    ops: Ops | None = None,
     unpack_mxfp4_gib: float = 0.0,
 ) -> DecoderLM:
     """Validate `loaded.config`, read and check every tensor, and return the model on `device`.
@@ -49,7 +49,7 @@ def build_model(
     return _LOADERS[spec.family](spec, reader, ops, from_gguf)
 
 
-def unpack_mxfp4(device: torch.device, dtype: torch.dtype, ops: ModuleType, loaded: Any, limit_gib: float) -> bool:
+def unpack_mxfp4(device: torch.device, dtype: torch.dtype, ops: Ops, loaded: Any, limit_gib: float) -> bool:
     """Whether to dequantize MXFP4 experts once at load instead of at every call.
 
     Only for ops that have no packed fast path (the torch ops, which would dequantize
@@ -57,7 +57,7 @@ def unpack_mxfp4(device: torch.device, dtype: torch.dtype, ops: ModuleType, load
     fits `limit_gib` (as transformers does on devices without MXFP4 kernels). The
     dequantization is exact, so logits do not change; only memory is traded for speed.
     """
-    if limit_gib <= 0 or device.type != "cpu" or not getattr(ops, "DEQUANTIZES_MXFP4_PER_CALL", False):
+    if limit_gib <= 0 or device.type != "cpu" or not ops.DEQUANTIZES_MXFP4_PER_CALL:
         return False
     parameters = getattr(loaded.info, "parameters", None)  # unknown: stay packed
     return parameters is not None and parameters * dtype.itemsize <= limit_gib * 2**30

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import ModuleType
 
 import torch
 
@@ -13,6 +12,7 @@ from engine.distributed.context import SINGLE, ParallelContext
 from engine.layers.attention import PagedAttention
 from engine.models.errors import ModelConfigError
 from engine.models.spec import ModelSpec
+from kernels.ops import Ops
 
 
 @dataclass
@@ -37,7 +37,7 @@ class DecoderLM:
         layers: list[DecoderLayer],
         final_norm: torch.Tensor,
         lm_head: torch.Tensor,
-        ops: ModuleType,
+        ops: Ops,
         parallel: ParallelContext = SINGLE,
     ) -> None:
         self.spec = spec

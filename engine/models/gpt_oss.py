@@ -9,8 +9,6 @@ Expert layouts read here (all become `[E, out, in]`, gate/up rows interleaved):
 
 from __future__ import annotations
 
-from types import ModuleType
-
 import torch
 
 from engine.layers.attention import AttentionWeights, PagedAttention
@@ -19,6 +17,7 @@ from engine.models.decoder import DecoderLayer, DecoderLM
 from engine.models.spec import ModelSpec
 from engine.models.weights import WeightReader
 from kernels.mxfp4 import MXFP4Tensor
+from kernels.ops import Ops
 
 
 def interleave_rows(gate: Weight, up: Weight) -> Weight:
@@ -55,7 +54,7 @@ def _experts(spec: ModelSpec, r: WeightReader, p: str, from_gguf: bool) -> tuple
     return gate_up, r.get(f"{p}.gate_up_proj_bias", (e, 2 * i)), down
 
 
-def load_gpt_oss(spec: ModelSpec, r: WeightReader, ops: ModuleType, from_gguf: bool) -> DecoderLM:
+def load_gpt_oss(spec: ModelSpec, r: WeightReader, ops: Ops, from_gguf: bool) -> DecoderLM:
     h, v, q, kv, e = spec.hidden_size, spec.vocab_size, spec.q_size, spec.kv_size, spec.num_experts
     rotary = spec.rotary.to(r.device)
     layers = []

@@ -6,8 +6,6 @@ fused, and llama-arch GGUF files carry llama.cpp's Q/K row permutation, undone h
 
 from __future__ import annotations
 
-from types import ModuleType
-
 import torch
 
 from engine.layers.attention import AttentionWeights, PagedAttention
@@ -16,6 +14,7 @@ from engine.layers.rotary import Rotary
 from engine.models.decoder import DecoderLayer, DecoderLM
 from engine.models.spec import ModelSpec
 from engine.models.weights import WeightReader
+from kernels.ops import Ops
 
 # GGUF architectures whose llama.cpp converter permutes Q/K rows for its interleaved (non-NeoX) rope.
 PERMUTED_QK = ("llama", "mistral")
@@ -58,7 +57,7 @@ def _attention_weights(spec: ModelSpec, r: WeightReader, prefix: str, from_gguf:
     return AttentionWeights(qkv=qkv, o=o, qkv_bias=qkv_bias, o_bias=o_bias)
 
 
-def _mlp(spec: ModelSpec, r: WeightReader, prefix: str, ops: ModuleType) -> GatedMLP:
+def _mlp(spec: ModelSpec, r: WeightReader, prefix: str, ops: Ops) -> GatedMLP:
     h, i = spec.hidden_size, spec.intermediate_size
     if spec.model_type == "phi3":
         gate_up = r.get(f"{prefix}.gate_up_proj.weight", (2 * i, h))
@@ -67,7 +66,7 @@ def _mlp(spec: ModelSpec, r: WeightReader, prefix: str, ops: ModuleType) -> Gate
     return GatedMLP(gate_up=gate_up, down=r.get(f"{prefix}.down_proj.weight", (h, i)), ops=ops)
 
 
-def load_llama(spec: ModelSpec, r: WeightReader, ops: ModuleType, from_gguf: bool) -> DecoderLM:
+def load_llama(spec: ModelSpec, r: WeightReader, ops: Ops, from_gguf: bool) -> DecoderLM:
     h, v = spec.hidden_size, spec.vocab_size
     rotary = rotary_for(spec, r).to(r.device)
     layers = []
