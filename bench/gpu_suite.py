@@ -70,6 +70,7 @@ def run_tests(timeout: float) -> dict:
     # The kernel tests and the models' Triton twins; their CPU variants skip themselves on a GPU.
     patterns = ("test_kernels*.py", "test_models_triton.py")
     tests = sorted(str(p.relative_to(ROOT)) for pattern in patterns for p in (ROOT / "tests").glob(pattern))
+    tests.append("tests/test_tensor_parallel.py::test_two_gpus_match_one")  # NCCL row: skips with fewer than 2 GPUs
     part = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], timeout)
     match = re.findall(r"^=*\s*(.*(?:passed|failed|error).*?)\s*=*$", part["tail"], re.MULTILINE)
     part["summary"] = match[-1] if match else "no pytest summary (see tail)"

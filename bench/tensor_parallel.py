@@ -23,6 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import torch  # noqa: E402
+
 from bench.throughput import RESULTS, commit  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.distributed.context import ParallelContext  # noqa: E402
@@ -55,6 +57,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    # One thread per rank: torch's thread pool on an oversubscribed CPU (this one is shared) can be
+    # 20x slower than one thread, which would swamp the comparison. Workers take cores / ranks (1 here).
+    torch.set_num_threads(1)
     engines = {tp: LLMEngine.from_config(EngineConfig(
         model=args.model, device="cpu", dtype="float32", kernel_backend="torch", tensor_parallel_size=tp,
         kv_cache_gib=0.05, max_model_len=256)) for tp in (1, 2)}
@@ -85,7 +90,8 @@ def main() -> None:
     print(f"same greedy tokens: {same}")
     result = {"benchmark": "tensor-parallel", "device": f"cpu ({platform.processor() or platform.machine()}, "
               f"{os.cpu_count()} cores)", "commit": commit(),
-              "settings": vars(args) | {"backend": "gloo", "dtype": "float32", "model": args.model or "shipped default"},
+              "settings": vars(args) | {"backend": "gloo", "dtype": "float32", "model": args.model or "shipped default",
+                                        "threads_rank0": 1, "threads_per_worker": max(1, (os.cpu_count() or 1) // 2)},
               "rows": rows, "same_tokens": same, "load_average_1m": os.getloadavg()[0],
               "note": "both engines alive in one run, rounds alternated; the CPU was shared with other processes"}
     RESULTS.mkdir(exist_ok=True)
