@@ -138,12 +138,13 @@ def start_tensor_parallel(loaded: Any, model_path: str, world_size: int, device:
     workers, doorbells = [], []
     for rank in range(1, world_size):
         mine, theirs = spawn.Pipe()
-        workers.append(spawn.Process(target=worker_main, name=f"minerva-tp-rank-{rank}", daemon=True,
-                                     args=(rank, world_size, port, model_path, device.type, dtype, kernel_backend,
-                                           unpack_mxfp4_gib, timeout_s, theirs)))
-        doorbells.append(mine)
-    for worker in workers:
+        worker = spawn.Process(target=worker_main, name=f"minerva-tp-rank-{rank}", daemon=True,
+                               args=(rank, world_size, port, model_path, device.type, dtype, kernel_backend,
+                                     unpack_mxfp4_gib, timeout_s, theirs))
         worker.start()
+        theirs.close()  # the worker holds its end now
+        workers.append(worker)
+        doorbells.append(mine)
     ctx = ParallelContext(0, world_size)
     try:
         local = load_slice(loaded, ctx, device, dtype, kernel_backend, unpack_mxfp4_gib)

@@ -1,4 +1,4 @@
-"""The process each rank other than 0 runs: join the group, load its slice, then run every forward rank 0 sends."""
+"""The process each rank other than 0 runs: load its slice, join the group, then run every forward rank 0 sends."""
 
 from __future__ import annotations
 
