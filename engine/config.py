@@ -25,20 +25,21 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.90  # fraction of free GPU memory for weights + KV cache
     kv_cache_gib: float = 0.25  # KV cache budget on CPU
     max_model_len: int | None = None  # None = the model's context length
-    max_num_seqs: int = 64
+    max_num_seqs: int | None = None  # None = by device (engine.scheduler.default_max_num_seqs)
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     seed: int = 0
     tensor_parallel_size: int = 1  # ranks (GPUs, or CPU processes) one model is split over (engine/distributed)
     tensor_parallel_timeout_s: float = 30.0  # a collective waiting longer means a rank is gone: fail, never hang
+    enforce_eager: bool = False  # CUDA: never capture or replay CUDA graphs
     mxfp4_unpack_gib: float = 4.0  # CPU torch ops: dense MXFP4 experts made once at load if the model fits (0 = packed)
 
     def __post_init__(self) -> None:
         positive = ("block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size",
                     "tensor_parallel_timeout_s")
         for name in positive:
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")

@@ -7,7 +7,7 @@ from typing import Any
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
-from engine.outputs import RequestOutput
+from engine.outputs import RequestAccumulator, RequestOutput
 from engine.sampling_params import SamplingParams
 
 
@@ -28,16 +28,15 @@ class LLM:
 
     def generate(self, prompts: str | list[int] | list[str] | list[list[int]],
                  params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Run every prompt to completion together; outputs in prompt order."""
+        """Run every prompt to completion together; whole completions (deltas merged) in prompt order."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         ids = [f"offline-{next(self._ids)}" for _ in prompts]
         for request_id, prompt, p in zip(ids, prompts, params_list):
             self.engine.add_request(request_id, prompt, p)
-        final: dict[str, RequestOutput] = {}
+        merged = {request_id: RequestAccumulator() for request_id in ids}
         while self.engine.has_unfinished():
             for output in self.engine.step():
-                if output.finished:
-                    final[output.request_id] = output
-        return [final[i] for i in ids]
+                merged[output.request_id].add(output)
+        return [merged[i].result(i) for i in ids]

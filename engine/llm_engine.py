@@ -17,14 +17,25 @@ from engine.model_runner import ModelRunner, kv_bytes_per_block, num_kv_blocks
 from engine.models.base import CausalLM
 from engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from engine.request import Sequence
-from engine.sampler import Sampler, SamplingRow
+from engine.sampler import SampleResult, Sampler, SamplingRow
 from engine.sampling_params import InvalidRequestError, SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import Scheduler, default_max_num_seqs
 from engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class _Sample:
+    """Per-sample progress between two outputs of a request."""
+
+    reported_tokens: int = 0  # output token ids already sent in a delta
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # not sent yet
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    reported_finish: bool = False
 
 
 @dataclass
@@ -34,12 +45,11 @@ class _Request:
     params: SamplingParams
     seqs: list[Sequence]
     detoks: list[IncrementalDetokenizer]
-    outputs: list[CompletionOutput] = field(default_factory=list)
-    sent_tokens: list[int] = field(default_factory=list)  # per sample: token ids already reported
+    samples: list[_Sample]
 
     @property
     def finished(self) -> bool:
-        return all(o.finished for o in self.outputs)
+        return all(s.finish_reason is not None for s in self.samples)
 
 
 class LLMEngine:
@@ -60,7 +70,8 @@ class LLMEngine:
                               f"sequence ({needed} blocks): raise kv_cache_gib / gpu_memory_utilization "
                               "or lower max_model_len")
         self.pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_num_batched_tokens,
+        max_num_seqs = config.max_num_seqs or default_max_num_seqs(model.device)
+        self.scheduler = Scheduler(self.pool, max_num_seqs, config.max_num_batched_tokens,
                                    config.enable_chunked_prefill)
         self.runner = ModelRunner(model, num_blocks, config.block_size)
         self.sampler = Sampler(config.seed)
@@ -129,14 +140,11 @@ class LLMEngine:
         seqs, detoks = [], []
         for index in range(params.n):
             generator = None
-            if params.seed is not None:
-                generator = torch.Generator().manual_seed((params.seed + index) % 2**64)  # n > 1: seed, seed+1, ...
+            if params.seed is not None:  # n > 1: seed, seed+1, ...; on the device the sampler draws on
+                generator = torch.Generator(device=self.model.device).manual_seed((params.seed + index) % 2**64)
             seqs.append(Sequence(request_id, index, ids, params, max_tokens, generator, lead=seqs[0] if seqs else None))
             detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens))
-        request = _Request(request_id, ids, params, seqs, detoks,
-                           [CompletionOutput(i, "", [], logprobs=[] if params.logprobs is not None else None)
-                            for i in range(params.n)], [0] * params.n)
-        self.requests[request_id] = request
+        self.requests[request_id] = _Request(request_id, ids, params, seqs, detoks, [_Sample() for _ in seqs])
         for seq in seqs:
             self.scheduler.add(seq)
         self.prompt_tokens_total += len(ids)
@@ -154,7 +162,7 @@ class LLMEngine:
 
     # --- the step ---------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model, sample, detokenize; outputs of every request that changed."""
+        """Schedule, run the model, sample, detokenize; a delta output for every request that changed."""
         batch = self.scheduler.schedule()
         if not batch:
             return []
@@ -164,6 +172,7 @@ class LLMEngine:
             logits = self.runner.run(batch.items, sample_rows)
             rows = [self._sampling_row(batch.items[i][0]) for i in sample_rows]
             result = self.sampler(logits, rows) if rows else None
+            token_ids = result.token_ids if result is not None else []  # the step's one wait on the device
         except ParallelGroupError:  # a rank is gone: no later step can run either (AsyncEngine stops)
             raise
         except Exception as exc:  # a failing model fails this step's requests, not the engine
@@ -176,7 +185,7 @@ class LLMEngine:
         for row, item in enumerate(sample_rows):
             seq = batch.items[item][0]
             request = self.requests[seq.request_id]
-            self._append_token(request, seq, result, row)
+            self._append_token(request, seq, token_ids[row], result, row)
             touched[request.request_id] = request
         outputs = [self._output(r) for r in touched.values()]
         for request in touched.values():
@@ -189,50 +198,63 @@ class LLMEngine:
         banned: list[int] = []
         if len(seq.output_token_ids) < p.min_tokens:
             banned = list(p.stop_token_ids) + ([] if p.ignore_eos else self.tokenizer.eos_token_ids)
-        return SamplingRow(p, seq.prompt_token_ids, seq.output_token_ids, seq.generator, banned)
+        return SamplingRow(p, seq.generator, banned, seq, seq.prompt_token_ids)
 
-    def _append_token(self, request: _Request, seq: Sequence, result: Any, row: int) -> None:
-        token = result.token_ids[row]
+    def _append_token(self, request: _Request, seq: Sequence, token: int, result: SampleResult, row: int) -> None:
         seq.output_token_ids.append(token)
         self.generation_tokens_total += 1
-        out = request.outputs[seq.index]
+        sample = request.samples[seq.index]
         p = seq.params
-        if out.logprobs is not None and result.logprobs is not None:
-            top = [(t, self.tokenizer.decode([t], skip_special_tokens=False), lp) for t, lp in result.top_logprobs[row]]
-            out.logprobs.append(TokenLogprob(token, self.tokenizer.decode([token], skip_special_tokens=False),
-                                             result.logprobs[row], top))
+        if p.logprobs is not None:
+            decode = self.tokenizer.decode
+            top = [(t, decode([t], skip_special_tokens=False), lp) for t, lp in result.top_logprobs[row][:p.logprobs]]
+            sample.logprobs.append(TokenLogprob(token, decode([token], skip_special_tokens=False),
+                                                result.logprobs[row], top))
         detok = request.detoks[seq.index]
         can_stop = len(seq.output_token_ids) >= p.min_tokens
         is_stop_token = token in p.stop_token_ids or (not p.ignore_eos and token in self.tokenizer.eos_token_ids)
         if not (can_stop and is_stop_token):  # a stop or EOS token adds no text
             detok.add(token, check_stop=can_stop)
         if can_stop and is_stop_token:
-            out.finish_reason, out.stop_reason = "stop", (token if token in p.stop_token_ids else None)
+            sample.finish_reason, sample.stop_reason = "stop", (token if token in p.stop_token_ids else None)
         elif detok.stopped_by is not None:
-            out.finish_reason, out.stop_reason = "stop", detok.stopped_by
+            sample.finish_reason, sample.stop_reason = "stop", detok.stopped_by
         elif len(seq.output_token_ids) >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
-            out.finish_reason = "length"
-        if out.finish_reason is not None:
+            sample.finish_reason = "length"
+        if sample.finish_reason is not None:
+            self._retire(seq)
+
+    def _retire(self, seq: Sequence) -> None:
+        """A finished or aborted sample leaves the scheduler (its blocks are freed) and the sampler."""
+        if not seq.finished:
             self.scheduler.finish(seq)
+        self.sampler.release(seq)
 
     def _output(self, request: _Request) -> RequestOutput:
-        for i, (out, seq, detok) in enumerate(zip(request.outputs, request.seqs, request.detoks)):
-            out.delta_text = detok.take_delta(out.finished)
-            out.text = detok.text[:detok.emitted]
-            out.token_ids = list(seq.output_token_ids)
-            out.delta_token_ids = out.token_ids[request.sent_tokens[i]:]
-            request.sent_tokens[i] = len(out.token_ids)
+        """What changed since the request's previous output: new ids, text and logprobs per sample."""
+        deltas = []
+        for seq, detok, sample in zip(request.seqs, request.detoks, request.samples):
+            finished = sample.finish_reason is not None
+            new_ids = seq.output_token_ids[sample.reported_tokens:]
+            text = detok.take_delta(finished)
+            if not (new_ids or text or (finished and not sample.reported_finish)):
+                continue
+            logprobs = None
+            if seq.params.logprobs is not None:
+                logprobs, sample.logprobs = sample.logprobs, []
+            sample.reported_tokens = len(seq.output_token_ids)
+            sample.reported_finish = finished
+            deltas.append(CompletionOutput(seq.index, text, new_ids, logprobs, sample.finish_reason,
+                                           sample.stop_reason, len(seq.output_token_ids)))
         cached = min(seq.num_cached_tokens for seq in request.seqs)
-        return RequestOutput(request.request_id, request.prompt_token_ids,
-                             [_copy(o) for o in request.outputs], request.finished, cached)
+        return RequestOutput(request.request_id, request.prompt_token_ids, deltas, request.finished, cached)
 
     def _fail(self, request: _Request, error: str | None) -> RequestOutput:
-        for seq, out in zip(request.seqs, request.outputs):
-            if not seq.finished:
-                self.scheduler.abort(seq)
-            if out.finish_reason is None:
-                out.finish_reason = "abort"
-                out.stop_reason = error
+        for seq, sample in zip(request.seqs, request.samples):
+            self._retire(seq)
+            if sample.finish_reason is None:
+                sample.finish_reason = "abort"
+                sample.stop_reason = error
         return self._output(request)
 
     def stats(self) -> dict[str, Any]:
@@ -266,8 +288,3 @@ def stop_model(model: CausalLM) -> None:
     shutdown = getattr(model, "shutdown", None)
     if shutdown is not None:
         shutdown()
-
-
-def _copy(out: CompletionOutput) -> CompletionOutput:
-    return CompletionOutput(out.index, out.text, list(out.token_ids), out.delta_text, list(out.delta_token_ids),
-                            None if out.logprobs is None else list(out.logprobs), out.finish_reason, out.stop_reason)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from engine.attention_metadata import AttentionMetadata
+from engine.host_device import upload
 from engine.models.base import CausalLM
 from engine.request import Sequence
 
@@ -71,20 +72,18 @@ class ModelRunner:
         for seq, _ in items:
             flat_tables += seq.block_ids
             flat_tables += [0] * (width - len(seq.block_ids))
-        tables = torch.tensor(flat_tables, dtype=torch.int32).view(len(items), width)
         num_decode = sum(1 for _, count in items if count == 1)
         device = self.device
         metadata = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-            block_tables=tables.to(device),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+            slot_mapping=upload(slots, torch.int64, device),
+            block_tables=upload(flat_tables, torch.int32, device).view(len(items), width),
+            seq_lens=upload(seq_lens, torch.int32, device),
+            query_start_loc=upload(starts, torch.int32, device),
             num_prefill_tokens=len(ids) - num_decode,
             num_decode_tokens=num_decode,
-            logits_indices=torch.tensor([starts[i + 1] - 1 for i in sample_rows], dtype=torch.int64, device=device),
+            logits_indices=upload([starts[i + 1] - 1 for i in sample_rows], torch.int64, device),
         )
-        return (torch.tensor(ids, dtype=torch.int64, device=device),
-                torch.tensor(positions, dtype=torch.int64, device=device), metadata)
+        return upload(ids, torch.int64, device), upload(positions, torch.int64, device), metadata
 
     @torch.no_grad()  # not inference_mode: the sampler edits the logits in place
     def run(self, items: list[tuple[Sequence, int]], sample_rows: list[int]) -> torch.Tensor:

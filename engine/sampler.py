@@ -1,19 +1,28 @@
-"""Turn a step's logits into tokens: penalties, temperature, top-k/top-p/min-p, seeds, logprobs.
+"""Turn a step's logits into tokens on the logits' device: masks, penalties, temperature, filters, a draw.
 
-Order (vLLM's): min_tokens masking, repetition/presence/frequency penalties, logprobs (of the
-penalised distribution at temperature 1), then temperature, top-k, top-p, min-p and a draw.
-A draw is `argmax(probs / q)` with `q ~ Exp(1)` (the exponential race), so a row with its own
-seeded generator gets the same token whatever else shares the batch.
+Order (vLLM's): grammar bitmask, min_tokens bans, repetition/presence/frequency penalties,
+logprobs (of the penalised distribution at temperature 1), then temperature, top-k, top-p,
+min-p and a draw. A draw is `argmax(probs / q)` with `q ~ Exp(1)` (the exponential race), so
+a row with its own seeded generator gets the same token whatever else shares the batch.
+
+Every per-row parameter is one small tensor uploaded per step, each operation runs once
+for the whole batch (or the rows that use it: greedy rows never see noise, only top-p rows
+are sorted), and the step's result leaves the device in exactly one copy (`SampleResult`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from engine.host_device import HostCopy, upload
 from engine.sampling_params import SamplingParams
+
+NEG_INF = float("-inf")
 
 
 @dataclass
@@ -21,88 +30,257 @@ class SamplingRow:
     """What the sampler needs to know about one row of logits."""
 
     params: SamplingParams
-    prompt_token_ids: Seq[int]
-    output_token_ids: Seq[int]
-    generator: torch.Generator | None = None
+    generator: torch.Generator | None = None  # a seeded row's own generator, on the logits' device
     banned_token_ids: Seq[int] = ()  # EOS / stop ids while fewer than min_tokens were generated
+    penalty_key: Hashable | None = None  # the sequence whose token counts the penalties read (None: no penalties)
+    prompt_token_ids: Seq[int] = ()  # read once, the first time `penalty_key` is seen (repetition penalty)
+
+    @property
+    def penalised(self) -> bool:
+        p = self.params
+        return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
-@dataclass
 class SampleResult:
-    token_ids: list[int]
-    logprobs: list[float] | None  # chosen token's logprob per row (None when no row asked)
-    top_logprobs: list[list[tuple[int, float]]] | None
+    """A step's sampled tokens: `device_token_ids` at once, the host lists after the one copy lands."""
+
+    def __init__(self, device_token_ids: torch.Tensor, copy: HostCopy, logprob_rows: list[int], top_k: int) -> None:
+        self.device_token_ids = device_token_ids
+        self._copy = copy
+        self._logprob_rows = logprob_rows
+        self._top_k = top_k
+        self._resolved = False
+
+    def _resolve(self) -> None:
+        flat = self._copy.wait().numpy()
+        batch, rows, k = self.device_token_ids.shape[0], len(self._logprob_rows), self._top_k
+        self._token_ids: list[int] = flat[:batch].tolist()
+        chosen = flat[batch:batch + rows].view(np.float32).tolist()
+        top_ids = flat[batch + rows:batch + rows + rows * k].reshape(rows, k).tolist()
+        top_values = flat[batch + rows + rows * k:].view(np.float32).reshape(rows, k).tolist()
+        self._logprobs: list[float | None] = [None] * batch
+        self._top: list[list[tuple[int, float]] | None] = [None] * batch
+        for j, row in enumerate(self._logprob_rows):
+            self._logprobs[row] = chosen[j]
+            self._top[row] = list(zip(top_ids[j], top_values[j]))
+        self._resolved = True
+
+    @property
+    def token_ids(self) -> list[int]:
+        if not self._resolved:
+            self._resolve()
+        return self._token_ids
+
+    @property
+    def logprobs(self) -> list[float | None]:
+        """The chosen token's logprob for rows that asked, None for the others."""
+        if not self._resolved:
+            self._resolve()
+        return self._logprobs
+
+    @property
+    def top_logprobs(self) -> list[list[tuple[int, float]] | None]:
+        """Per asking row the best `(token id, logprob)` pairs (at least as many as it asked for), best first."""
+        if not self._resolved:
+            self._resolve()
+        return self._top
 
 
-def apply_penalties(logits: torch.Tensor, rows: Seq[SamplingRow]) -> None:
-    """In place: repetition penalty over prompt+output tokens, presence/frequency over output tokens."""
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """In place: -inf where xgrammar's bitmask (bit j of word i allows token 32*i+j) forbids the token.
+
+    Tokens past the mask's width (a model vocab padded beyond the tokenizer's) stay allowed only
+    in unconstrained rows (all -1).
+    """
     vocab = logits.shape[-1]
-    for i, row in enumerate(rows):
-        p = row.params
-        if row.banned_token_ids:
-            logits[i, torch.tensor(list(row.banned_token_ids), dtype=torch.long)] = float("-inf")
-        if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(row.prompt_token_ids) | set(row.output_token_ids)), dtype=torch.long)
-            if seen.numel():
-                values = logits[i, seen]
-                logits[i, seen] = torch.where(values > 0, values / p.repetition_penalty,
-                                              values * p.repetition_penalty)
-        if (p.presence_penalty or p.frequency_penalty) and row.output_token_ids:
-            counts = torch.bincount(torch.tensor(list(row.output_token_ids), dtype=torch.long),
-                                    minlength=vocab)[:vocab].to(logits.dtype)
-            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, :vocab]
+    if allowed.shape[1] < vocab:
+        unconstrained = (bitmask == -1).all(dim=-1, keepdim=True)
+        allowed = torch.cat([allowed, unconstrained.expand(-1, vocab - allowed.shape[1])], dim=1)
+    logits.masked_fill_(~allowed, NEG_INF)
 
 
-def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """Mask to -inf what top-k (0 = off), top-p (1 = off) and min-p (0 = off) exclude, row by row."""
+def top_k_mask(logits: torch.Tensor, k: torch.Tensor, max_k: int) -> torch.Tensor:
+    """Keep each row's `k` largest logits (ties at the k-th value survive): one `topk`, no sort."""
+    kth = logits.topk(max_k, dim=-1).values.gather(1, (k - 1).unsqueeze(1))
+    return logits.masked_fill(logits < kth, NEG_INF)
+
+
+def top_k_top_p_mask(logits: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Top-k (0 = off) then top-p over the survivors: a full sort, for the rows that use top-p only."""
     vocab = logits.shape[-1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     ranks = torch.arange(vocab, device=logits.device).expand_as(sorted_logits)
-    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab)).clamp(max=vocab)
-    drop = ranks >= k.unsqueeze(1)
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    k = torch.where(k > 0, k, torch.full_like(k, vocab)).clamp(max=vocab)
+    sorted_logits = sorted_logits.masked_fill(ranks >= k.unsqueeze(1), NEG_INF)
     probs = sorted_logits.softmax(dim=-1)
     before = probs.cumsum(dim=-1) - probs  # mass strictly above each token
-    drop = before >= top_p.unsqueeze(1)
+    drop = before >= p.unsqueeze(1)
     drop[:, 0] = False
-    drop |= probs < min_p.unsqueeze(1) * probs[:, :1]
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    sorted_logits = sorted_logits.masked_fill(drop, NEG_INF)
+    return torch.full_like(logits, NEG_INF).scatter(-1, order, sorted_logits)
+
+
+class TokenCounts:
+    """Per sequence, on the device: how often each token was generated and which tokens the prompt holds.
+
+    A sequence gets a row the first time it is sampled with a penalty; each sampled token adds one
+    to its row, so penalties never rebuild anything from token lists.
+    """
+
+    def __init__(self) -> None:
+        self.row_of: dict[Hashable, int] = {}
+        self.free: list[int] = []
+        self.counts: torch.Tensor | None = None  # int32 [capacity, vocab]
+        self.in_prompt: torch.Tensor | None = None  # bool [capacity, vocab]
+
+    def rows(self, rows: Seq[SamplingRow], vocab: int, device: torch.device) -> list[int]:
+        return [self.row_of[r.penalty_key] if r.penalty_key in self.row_of else self._add(r, vocab, device)
+                for r in rows]
+
+    def _add(self, row: SamplingRow, vocab: int, device: torch.device) -> int:
+        if not self.free:
+            self._grow(vocab, device)
+        index = self.free.pop()
+        self.row_of[row.penalty_key] = index
+        self.counts[index].zero_()
+        self.in_prompt[index].zero_()
+        if row.prompt_token_ids:
+            self.in_prompt[index, upload(list(row.prompt_token_ids), torch.long, device)] = True
+        return index
+
+    def _grow(self, vocab: int, device: torch.device) -> None:
+        old = 0 if self.counts is None else self.counts.shape[0]
+        new = max(8, 2 * old)
+        counts = torch.zeros(new, vocab, dtype=torch.int32, device=device)
+        in_prompt = torch.zeros(new, vocab, dtype=torch.bool, device=device)
+        if self.counts is not None:
+            counts[:old] = self.counts
+            in_prompt[:old] = self.in_prompt
+        self.counts, self.in_prompt = counts, in_prompt
+        self.free.extend(range(new - 1, old - 1, -1))
+
+    def add_tokens(self, rows: torch.Tensor, token_ids: torch.Tensor) -> None:
+        self.counts.index_put_((rows, token_ids), torch.ones_like(token_ids, dtype=torch.int32), accumulate=True)
+
+    def release(self, key: Hashable) -> None:
+        index = self.row_of.pop(key, None)
+        if index is not None:
+            self.free.append(index)
 
 
 class Sampler:
     def __init__(self, seed: int = 0) -> None:
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self.token_counts = TokenCounts()
 
-    def __call__(self, logits: torch.Tensor, rows: Seq[SamplingRow]) -> SampleResult:
-        logits = logits.float().cpu()
-        apply_penalties(logits, rows)
-        want = [r.params.logprobs for r in rows if r.params.logprobs is not None]
-        logprobs = top = None
-        log_probs = logits.log_softmax(dim=-1) if want else None
-        greedy = logits.argmax(dim=-1)
-        chosen = greedy.clone()
+    def release(self, key: Hashable) -> None:
+        """Forget a finished sequence's token counts."""
+        self.token_counts.release(key)
+
+    @torch.no_grad()
+    def __call__(self, logits: torch.Tensor, rows: Seq[SamplingRow],
+                 token_bitmask: torch.Tensor | None = None) -> SampleResult:
+        """Sample one token per row; `token_bitmask` (int32 `[rows, ceil(vocab/32)]`) constrains rows to a grammar."""
+        logits = logits.float()
+        device = logits.device
+        if token_bitmask is not None:
+            apply_token_bitmask(logits, token_bitmask)
+        self._ban(logits, rows)
+        penalised = [i for i, r in enumerate(rows) if r.penalised]
+        if penalised:
+            index = upload(penalised, torch.long, device)
+            counted = upload(self.token_counts.rows([rows[i] for i in penalised], logits.shape[-1], device),
+                             torch.long, device)
+            self._penalise(logits, [rows[i].params for i in penalised], index, counted)
+        logprob_rows = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        top_k = max((rows[i].params.logprobs for i in logprob_rows), default=0)
+        if logprob_rows:
+            lp_logits = logits[upload(logprob_rows, torch.long, device)]  # a copy, taken before temperature
+            lse = lp_logits.logsumexp(dim=-1, keepdim=True)
+        tokens = self._draw(logits, rows)
+        parts = [tokens.to(torch.int32)]
+        if logprob_rows:
+            chosen = lp_logits.gather(1, tokens[upload(logprob_rows, torch.long, device)].unsqueeze(1)) - lse
+            parts.append(chosen.flatten().view(torch.int32))
+            if top_k:
+                values, ids = lp_logits.topk(top_k, dim=-1)
+                parts += [ids.to(torch.int32).flatten(), (values - lse).flatten().view(torch.int32)]
+        if penalised:
+            self.token_counts.add_tokens(counted, tokens[index])
+        packed = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return SampleResult(tokens, HostCopy(packed), logprob_rows, top_k)
+
+    def _ban(self, logits: torch.Tensor, rows: Seq[SamplingRow]) -> None:
+        row_index = [i for i, r in enumerate(rows) for _ in r.banned_token_ids]
+        if row_index:
+            token_index = [t for r in rows for t in r.banned_token_ids]
+            logits[upload(row_index, torch.long, logits.device), upload(token_index, torch.long, logits.device)] = NEG_INF
+
+    def _penalise(self, logits: torch.Tensor, params: list[SamplingParams], index: torch.Tensor,
+                  counted: torch.Tensor) -> None:
+        """Repetition over prompt+output tokens, presence/frequency over output tokens, from the count rows."""
+        params = upload([[p.repetition_penalty, p.presence_penalty, p.frequency_penalty] for p in params],
+                        torch.float32, logits.device)
+        repetition, presence, frequency = (params[:, j:j + 1] for j in range(3))
+        counts = self.token_counts.counts[counted].float()
+        generated = counts > 0
+        seen = generated | self.token_counts.in_prompt[counted]
+        sub = logits[index]
+        sub = torch.where(seen, torch.where(sub > 0, sub / repetition, sub * repetition), sub)
+        sub = sub - frequency * counts - presence * generated.float()
+        logits[index] = sub
+
+    def _draw(self, logits: torch.Tensor, rows: Seq[SamplingRow]) -> torch.Tensor:
+        """Greedy rows take the argmax; the others race exponential noise through their filtered probabilities."""
+        device, vocab = logits.device, logits.shape[-1]
+        tokens = logits.argmax(dim=-1)
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
-        if sampled:
-            index = torch.tensor(sampled)
-            sub = logits[index] / torch.tensor([rows[i].params.temperature for i in sampled]).unsqueeze(1)
-            sub = filter_logits(
-                sub,
-                torch.tensor([rows[i].params.top_k for i in sampled]),
-                torch.tensor([rows[i].params.top_p for i in sampled], dtype=torch.float32),
-                torch.tensor([rows[i].params.min_p for i in sampled], dtype=torch.float32),
-            )
-            probs = sub.softmax(dim=-1)
-            noise = torch.stack([self._exponential(probs.shape[-1], rows[i].generator) for i in sampled])
-            chosen[index] = (probs / noise).argmax(dim=-1)
-        if log_probs is not None:
-            logprobs = log_probs.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
-            top = []
-            for i, row in enumerate(rows):
-                k = row.params.logprobs or 0
-                values, ids = log_probs[i].topk(k) if k else (torch.empty(0), torch.empty(0, dtype=torch.long))
-                top.append(list(zip(ids.tolist(), values.tolist())))
-        return SampleResult(chosen.tolist(), logprobs, top)
+        if not sampled:
+            return tokens
+        every_row = len(sampled) == len(rows)
+        index = None if every_row else upload(sampled, torch.long, device)
+        params = [rows[i].params for i in sampled]
+        sub = logits if every_row else logits[index]
+        values = upload([[p.temperature, p.top_p, p.min_p, max(p.top_k, 0)] for p in params], torch.float32, device)
+        sub.div_(values[:, :1])
+        top_p_rows = [j for j, p in enumerate(params) if p.top_p < 1.0]
+        top_k_rows = [j for j, p in enumerate(params) if p.top_k > 0 and p.top_p >= 1.0]
+        if top_p_rows:
+            sub = self._on_rows(sub, top_p_rows, lambda x, v: top_k_top_p_mask(x, v[:, 3].long(), v[:, 1]), values)
+        if top_k_rows:
+            max_k = min(max(params[j].top_k for j in top_k_rows), vocab)
+            sub = self._on_rows(sub, top_k_rows,
+                                lambda x, v: top_k_mask(x, v[:, 3].long().clamp(max=vocab), max_k), values)
+        probs = sub.softmax(dim=-1)
+        min_p_rows = [j for j, p in enumerate(params) if p.min_p > 0.0]
+        if min_p_rows:
+            probs = self._on_rows(probs, min_p_rows, lambda x, v: x.masked_fill(
+                x < v[:, 2:3] * x.max(dim=-1, keepdim=True).values, 0.0), values)
+        noise = torch.empty_like(probs)
+        if any(rows[i].generator is None for i in sampled):
+            noise.exponential_(generator=self._generator(device))
+        for j, i in enumerate(sampled):
+            if rows[i].generator is not None:
+                noise[j].exponential_(generator=rows[i].generator)
+        chosen = (probs / noise).argmax(dim=-1)
+        if every_row:
+            return chosen
+        tokens[index] = chosen
+        return tokens
 
-    def _exponential(self, size: int, generator: torch.Generator | None) -> torch.Tensor:
-        return torch.empty(size).exponential_(generator=generator or self.generator)
+    @staticmethod
+    def _on_rows(x: torch.Tensor, rows: list[int], op, values: torch.Tensor) -> torch.Tensor:
+        """`op(x[rows], values[rows])` written back into those rows; all rows without indexing."""
+        if len(rows) == x.shape[0]:
+            return op(x, values)
+        index = upload(rows, torch.long, x.device)
+        x[index] = op(x[index], values[index])
+        return x
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[device]

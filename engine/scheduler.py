@@ -12,8 +12,21 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+import torch
+
 from engine.kv_cache import BlockPool, block_hashes
 from engine.request import Sequence, SequenceStatus
+
+
+LARGE_GPU_BYTES = 70 * 2**30
+
+
+def default_max_num_seqs(device: torch.device) -> int:
+    """Sequences running at once when the config leaves it open: vLLM's 1024 on a large GPU (an H100's
+    80 GB serving gpt-oss), 256 on a smaller one, 128 on CPU where each step's host work is the limit."""
+    if device.type == "cuda":
+        return 1024 if torch.cuda.get_device_properties(device).total_memory >= LARGE_GPU_BYTES else 256
+    return 128
 
 
 @dataclass

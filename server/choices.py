@@ -6,7 +6,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
+from engine.outputs import CompletionOutput, RequestAccumulator, RequestOutput, TokenLogprob
 
 
 def new_id(prefix: str) -> str:
@@ -19,29 +19,23 @@ def now() -> int:
 
 @dataclass
 class ChoiceDelta:
-    """What one engine output adds to one choice since the previous chunk."""
+    """What one engine output adds to one choice: the engine's delta, placed at its OpenAI choice index."""
 
     index: int
-    text: str
-    logprobs: list[TokenLogprob]
+    text: str  # new text
+    token_ids: list[int]  # new token ids
+    logprobs: list[TokenLogprob]  # one per new token id when logprobs were asked for
     finish_reason: str | None  # set once, on the output that finishes the choice
     first: bool  # the first delta of this choice (chat sends the role with it)
 
 
 @dataclass
 class ChoiceTracker:
-    """Maps (prompt index, sample index) to OpenAI's choice index and tracks per-choice progress and usage.
-
-    Deltas are cut from the cumulative text and logprobs, so outputs the engine
-    coalesced (or updated in place) while the client was slow lose nothing.
-    """
+    """Maps (prompt index, sample index) to OpenAI's choice index and counts usage from the engine's deltas."""
 
     n: int
     prompt_tokens: dict[int, int] = field(default_factory=dict)
     completion_tokens: dict[int, int] = field(default_factory=dict)
-    text_sent: dict[int, int] = field(default_factory=dict)
-    logprobs_seen: dict[int, int] = field(default_factory=dict)
-    finished: dict[int, str] = field(default_factory=dict)
 
     def choice_index(self, prompt_index: int, sample: CompletionOutput) -> int:
         return prompt_index * self.n + sample.index
@@ -51,20 +45,10 @@ class ChoiceTracker:
         deltas = []
         for sample in output.outputs:
             index = self.choice_index(prompt_index, sample)
-            if index in self.finished:
-                continue
             first = index not in self.completion_tokens
-            self.completion_tokens[index] = len(sample.token_ids)
-            sent = self.text_sent.get(index, 0)
-            new_text = sample.text[sent:]
-            self.text_sent[index] = sent + len(new_text)
-            seen = self.logprobs_seen.get(index, 0)
-            new_logprobs = (sample.logprobs or [])[seen:]
-            self.logprobs_seen[index] = seen + len(new_logprobs)
-            if sample.finish_reason is not None:
-                self.finished[index] = sample.finish_reason
-            if new_text or new_logprobs or sample.finish_reason or first:
-                deltas.append(ChoiceDelta(index, new_text, new_logprobs, sample.finish_reason, first))
+            self.completion_tokens[index] = sample.num_generated
+            deltas.append(ChoiceDelta(index, sample.text, sample.token_ids, sample.logprobs or [],
+                                      sample.finish_reason, first))
         return deltas
 
     def usage(self) -> dict[str, int]:
@@ -75,22 +59,20 @@ class ChoiceTracker:
 
 @dataclass
 class Collected:
-    """The end state of every sample of every prompt of a non-streamed request."""
+    """Every sample of every prompt of a non-streamed request, its deltas merged."""
 
     n: int
-    prompt_token_ids: dict[int, list[int]] = field(default_factory=dict)
-    samples: dict[int, CompletionOutput] = field(default_factory=dict)  # by choice index
+    requests: dict[int, RequestAccumulator] = field(default_factory=dict)  # by prompt index
 
     def add(self, prompt_index: int, output: RequestOutput) -> None:
-        self.prompt_token_ids[prompt_index] = output.prompt_token_ids
-        for sample in output.outputs:
-            self.samples[prompt_index * self.n + sample.index] = sample
+        self.requests.setdefault(prompt_index, RequestAccumulator()).add(output)
 
     def choices(self) -> list[tuple[int, int, CompletionOutput]]:
-        """(choice index, prompt index, sample) in choice order."""
-        return [(index, index // self.n, self.samples[index]) for index in sorted(self.samples)]
+        """(choice index, prompt index, whole sample) in choice order."""
+        return sorted((prompt_index * self.n + sample.index, prompt_index, sample)
+                      for prompt_index, merged in self.requests.items() for sample in merged.samples())
 
     def usage(self) -> dict[str, int]:
-        prompt = sum(len(ids) for ids in self.prompt_token_ids.values())
-        completion = sum(len(s.token_ids) for s in self.samples.values())
+        prompt = sum(len(merged.prompt_token_ids) for merged in self.requests.values())
+        completion = sum(len(sample.token_ids) for _, _, sample in self.choices())
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

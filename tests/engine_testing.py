@@ -9,7 +9,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
-from engine.outputs import RequestOutput
+from engine.outputs import RequestAccumulator, RequestOutput
 
 
 @functools.lru_cache(maxsize=1)
@@ -45,16 +45,17 @@ def _hf_model():
 
 
 def run_to_completion(engine: LLMEngine, max_steps: int = 10_000) -> dict[str, RequestOutput]:
-    finals: dict[str, RequestOutput] = {}
+    """Step until idle; each request's deltas merged into its whole completion."""
+    merged: dict[str, RequestAccumulator] = {}
     for _ in range(max_steps):
         if not engine.has_unfinished():
             break
         for output in engine.step():
-            assert output.request_id not in finals, "output after the request finished"
-            if output.finished:
-                finals[output.request_id] = output
+            accumulator = merged.setdefault(output.request_id, RequestAccumulator())
+            assert not accumulator.finished, "output after the request finished"
+            accumulator.add(output)
     assert not engine.has_unfinished(), "engine did not finish"
-    return finals
+    return {rid: acc.result(rid) for rid, acc in merged.items() if acc.finished}
 
 
 def assert_idle(engine: LLMEngine) -> None:

@@ -51,3 +51,50 @@ class FakeModel:
             context = [int(t) for t in flat_k[slots, 0].tolist()]
             logits[out, next_token(context, self.vocab_size)] = 1.0
         return logits
+
+
+class IdTokenizer:
+    """Token ids as text; enough for the engine's detokenizer."""
+
+    eos_token_ids: list[int] = []
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(f"<{i}>" for i in ids)
+
+    def encode(self, text, add_special_tokens=True):
+        return [ord(c) % 97 for c in text]
+
+
+class TensorOpsModel:
+    """A CausalLM made only of tensor operations (no host reads), for counting a step's device syncs.
+
+    It writes its keys through the slot mapping and reads them back through the block tables,
+    so the runner's metadata is used the way a GPU kernel uses it.
+    """
+
+    num_layers = 1
+    num_kv_heads = 1
+    head_dim = 8
+    dtype = torch.float32
+    device = torch.device("cpu")
+    kv_cache_dtype = torch.float32
+
+    def __init__(self, vocab_size: int = 97, wrap=lambda t: t) -> None:
+        self.vocab_size = vocab_size
+        generator = torch.Generator().manual_seed(0)
+        self.embed = wrap(torch.randn(vocab_size, self.head_dim, generator=generator))
+        self.lm_head = wrap(torch.randn(vocab_size, self.head_dim, generator=generator))
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def bind_kv_caches(self, kv_caches) -> None:
+        self.kv_caches = kv_caches
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        k_cache, _ = self.kv_caches[0]
+        hidden = self.embed[input_ids] * (1 + positions.unsqueeze(1) * 0.01)
+        k_cache.view(-1, self.head_dim).index_copy_(0, meta.slot_mapping, hidden)
+        keys = k_cache[meta.block_tables.long()].flatten(1, 4)  # [seqs, context slots * head_dim]
+        slots = torch.arange(keys.shape[1] // self.head_dim, device=keys.device)
+        visible = (slots < meta.seq_lens.unsqueeze(1)).repeat_interleave(self.head_dim, dim=1)
+        context = (keys * visible).mean()
+        return (hidden[meta.logits_indices] + context) @ self.lm_head.T

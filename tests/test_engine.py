@@ -74,17 +74,18 @@ def test_stop_string_min_tokens_and_deltas():
     ids = engine.add_request("a", PROMPTS[0], SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
     full = engine.tokenizer.decode(reference_greedy(tuple(ids), MAX_TOKENS))
     stop = full[3:6]
-    deltas = []
-    finals = {}
+    deltas, new_ids = [], []
     while engine.has_unfinished():
         for out in engine.step():
-            deltas.append(out.outputs[0].delta_text)
-            finals[out.request_id] = out
+            deltas.append(out.outputs[0].text)
+            new_ids.append(out.outputs[0].token_ids)
+            assert out.outputs[0].num_generated == sum(map(len, new_ids))
     engine.add_request("b", PROMPTS[0], SamplingParams(temperature=0, max_tokens=MAX_TOKENS, stop=[stop]))
     stopped = run_to_completion(engine)["b"].outputs[0]
     assert stopped.finish_reason == "stop" and stopped.stop_reason == stop
     assert stopped.text == full[:full.find(stop)]
-    assert "".join(deltas) == finals["a"].outputs[0].text == full
+    assert "".join(deltas) == full
+    assert all(len(ids) == 1 for ids in new_ids)  # one new token per step, not the whole list again
     assert_idle(engine)
 
 

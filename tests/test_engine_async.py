@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from engine.async_engine import AsyncEngine, EngineDeadError
+from engine.outputs import RequestAccumulator
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from tests.engine_testing import assert_idle, make_engine, reference_greedy
 
@@ -23,8 +24,11 @@ def test_concurrent_streams_and_cancel():
             outs = [o async for o in engine.generate(prompt, SamplingParams(temperature=0, max_tokens=max_tokens,
                                                                              ignore_eos=True), rid)]
             assert outs[-1].finished and not any(o.finished for o in outs[:-1])
-            assert sum(len(o.outputs[0].delta_token_ids) for o in outs) == max_tokens
-            return outs[-1]
+            merged = RequestAccumulator()
+            for out in outs:
+                merged.add(out)
+            assert len(merged.samples()[0].token_ids) == max_tokens == outs[-1].outputs[0].num_generated
+            return merged.result(rid)
 
         async def cancelled():
             async for _ in engine.generate("Hello there", SamplingParams(max_tokens=200), "gone"):

@@ -8,23 +8,12 @@ from hypothesis import strategies as st
 from engine.config import EngineConfig
 from engine.kv_cache import BlockPool
 from engine.llm_engine import LLMEngine
+from engine.outputs import RequestAccumulator
 from engine.request import Sequence
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from tests.engine_testing import assert_idle
-from tests.fake_model import FakeModel, next_token
-
-
-class IdTokenizer:
-    """Token ids as text; enough for the engine's detokenizer."""
-
-    eos_token_ids: list[int] = []
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(f"<{i}>" for i in ids)
-
-    def encode(self, text, add_special_tokens=True):
-        return [ord(c) % 97 for c in text]
+from tests.fake_model import FakeModel, IdTokenizer, next_token
 
 
 def expected(prompt: list[int], max_tokens: int, vocab: int) -> list[int]:
@@ -47,7 +36,7 @@ def test_random_traffic(reqs, num_blocks, block_size, max_seqs, budget, chunked,
     max_len = min(num_blocks * block_size, 38)
     engine = LLMEngine(FakeModel(), IdTokenizer(), config, max_model_len=max_len, num_blocks=num_blocks)
     pending = list(enumerate(reqs))
-    finals, aborted, step = {}, set(), 0
+    merged, finals, aborted, step = {}, {}, set(), 0
     while pending or engine.has_unfinished():
         # arrivals: one request joins at each step whose index matches its arrival delay
         for i, (prompt, max_tokens, arrive, abort) in list(pending):
@@ -60,8 +49,9 @@ def test_random_traffic(reqs, num_blocks, block_size, max_seqs, budget, chunked,
         assert len(batch_check.running) <= max_seqs
         for out in outs:
             assert out.request_id not in finals
+            merged.setdefault(out.request_id, RequestAccumulator()).add(out)
             if out.finished:
-                finals[out.request_id] = out
+                finals[out.request_id] = merged[out.request_id].result(out.request_id)
         for i, (prompt, _, arrive, abort) in enumerate(reqs):
             if abort and arrive + 2 == step and str(i) in engine.requests:
                 finals[str(i)] = engine.abort(str(i))

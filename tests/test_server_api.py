@@ -265,6 +265,21 @@ def test_streamed_chat_equals_unstreamed(client):
     assert all(c.object == "chat.completion.chunk" and c.id.startswith("chatcmpl-") for c in chunks)
 
 
+def test_streamed_n2_stop_and_logprobs_equal_unstreamed(client):
+    """Deltas joined per choice give the non-streamed choices: text, stop, finish reasons, logprob tokens."""
+    kw = dict(model="tiny", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0.8, seed=5, n=2, logprobs=2)
+    stop = client.completions.create(**kw).choices[0].text[3:5]
+    assert stop
+    plain = client.completions.create(**kw, stop=[stop])
+    chunks = list(client.completions.create(**kw, stop=[stop], stream=True))
+    for choice in plain.choices:
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == choice.index]
+        assert "".join(c.text for c in mine) == choice.text
+        assert [c.finish_reason for c in mine if c.finish_reason] == [choice.finish_reason]
+        assert [t for c in mine if c.logprobs for t in c.logprobs.tokens] == choice.logprobs.tokens
+    assert plain.choices[0].finish_reason == "stop" and stop not in plain.choices[0].text
+
+
 def test_sse_wire_format_ends_with_done(live):
     body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 3, "stream": True}
     with httpx.stream("POST", live.base_url + "/v1/completions", json=body, timeout=60) as response:

@@ -29,7 +29,7 @@ class RequestRecord:
     reserved_tokens: int | None = None  # taken from the client's tokens-per-minute budget, if any
     first_token_at: float | None = None
     _prompt_tokens: dict[int, int] = field(default_factory=dict)
-    _completion_tokens: dict[int, int] = field(default_factory=dict)
+    _completion_tokens: dict[tuple[int, int], int] = field(default_factory=dict)  # by (prompt, sample)
     longest_sample: int = 0  # tokens of the longest sample: samples decode side by side
 
     @property
@@ -45,12 +45,12 @@ class RequestRecord:
         return self.model is not None and bool(self._prompt_tokens)
 
     def observe(self, prompt_index: int, output: RequestOutput) -> None:
-        """Count the tokens of one engine output (outputs are cumulative, so the latest wins)."""
+        """Count the tokens of one engine output (a delta: each sample reports its running total)."""
         self._prompt_tokens[prompt_index] = len(output.prompt_token_ids)
-        completion = sum(len(sample.token_ids) for sample in output.outputs)
-        self._completion_tokens[prompt_index] = completion
-        self.longest_sample = max([self.longest_sample, *(len(sample.token_ids) for sample in output.outputs)])
-        if completion and self.first_token_at is None:
+        for sample in output.outputs:
+            self._completion_tokens[prompt_index, sample.index] = sample.num_generated
+        self.longest_sample = max([self.longest_sample, *(sample.num_generated for sample in output.outputs)])
+        if self.completion_tokens and self.first_token_at is None:
             self.first_token_at = time.monotonic()
 
 

@@ -1,0 +1,160 @@
+"""Host time of one decode step with a model that costs nothing: what the engine itself adds per step.
+
+Run: python -m bench.step_overhead [--seqs 256 1024] [--generated 16 4096] [--steps 30]
+
+Each step is a real `LLMEngine.step()` (scheduling, input building, the sampler's bookkeeping,
+token append, detokenizing, stop checks, delta outputs) over a model that returns ready-made
+logits. The sampler's tensor math is timed on its own and reported apart. The tokenizer is a
+table lookup, so the numbers are the engine's, not a tokenizer library's. Sequences are fast-
+forwarded to `--generated` output tokens (ids appended, KV blocks allocated) before timing, so
+"16 vs 4096" isolates how per-step cost grows with length. Saves bench/results/step-overhead-<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+
+RESULTS = Path(__file__).resolve().parent / "results"
+VOCAB = 256
+PROMPT_LEN = 32
+
+
+class TableTokenizer:
+    """Decoding is a table lookup (token i is the text `t<i> `)."""
+
+    eos_token_ids: list[int] = []
+
+    def __init__(self) -> None:
+        self.pieces = [f"t{i} " for i in range(VOCAB)]
+
+    def decode(self, ids, skip_special_tokens=True) -> str:
+        return "".join(self.pieces[i] for i in ids)
+
+    def encode(self, text, add_special_tokens=True) -> list[int]:
+        return [ord(c) % VOCAB for c in text]
+
+
+class ZeroCostModel:
+    """KV-cache shape fields and logits that are already there: the forward does no work."""
+
+    num_layers, num_kv_heads, head_dim, vocab_size = 1, 1, 1, VOCAB
+    dtype, kv_cache_dtype, device = torch.float32, torch.float32, torch.device("cpu")
+
+    def __init__(self, max_rows: int) -> None:
+        self.logits = torch.zeros(max_rows, VOCAB)
+        self.logits[:, 7] = 1.0
+
+    def bind_kv_caches(self, kv_caches) -> None:
+        pass
+
+    def forward(self, input_ids, positions, attn_metadata):
+        return self.logits[: attn_metadata.logits_indices.shape[0]].clone()
+
+
+class TimedSampler:
+    """Wraps the engine's sampler to time its tensor math apart from the rest of the step."""
+
+    def __init__(self, sampler) -> None:
+        self.sampler, self.seconds = sampler, 0.0
+
+    def __call__(self, *args, **kwargs):
+        start = time.perf_counter()
+        result = self.sampler(*args, **kwargs)
+        _ = result.token_ids  # the device-to-host copy belongs to the sampler's share
+        self.seconds += time.perf_counter() - start
+        return result
+
+    def __getattr__(self, name):
+        return getattr(self.sampler, name)
+
+
+def fast_forward(engine: LLMEngine, generated: int) -> None:
+    """Give every running sequence `generated` output tokens, as if it had decoded them (KV blocks included)."""
+    for seq in engine.scheduler.running:
+        extra = generated - len(seq.output_token_ids)
+        seq.output_token_ids.extend([7] * extra)
+        assert engine.scheduler._grow(seq, seq.num_tokens - 1), "KV pool too small"
+        seq.num_computed_tokens = seq.num_tokens - 1
+
+
+def measure(num_seqs: int, generated: int, steps: int) -> dict[str, float]:
+    block_size = 16
+    max_len = PROMPT_LEN + generated + steps + 8
+    config = EngineConfig(block_size=block_size, max_num_seqs=num_seqs,
+                          max_num_batched_tokens=max(num_seqs * PROMPT_LEN, 2048), enable_prefix_caching=False)
+    num_blocks = num_seqs * (-(-max_len // block_size) + 1)
+    engine = LLMEngine(ZeroCostModel(num_seqs), TableTokenizer(), config, max_model_len=max_len, num_blocks=num_blocks)
+    timed = TimedSampler(engine.sampler)
+    engine.sampler = timed
+    params = SamplingParams(temperature=0, max_tokens=max_len - PROMPT_LEN, ignore_eos=True)
+    for i in range(num_seqs):
+        engine.add_request(str(i), [(i + j) % VOCAB for j in range(PROMPT_LEN)], params)
+    engine.step()  # every prefill
+    fast_forward(engine, generated)
+    for _ in range(3):
+        engine.step()  # warm up (the fast-forwarded tokens reported once, first block commits)
+    totals, sampler_shares = [], []
+    for _ in range(steps):
+        timed.seconds = 0.0
+        start = time.perf_counter()
+        outputs = engine.step()
+        totals.append(time.perf_counter() - start)
+        sampler_shares.append(timed.seconds)
+        assert len(outputs) == num_seqs
+    host = [t - s for t, s in zip(totals, sampler_shares)]
+    return {"host_ms": statistics.median(host) * 1e3, "sampler_ms": statistics.median(sampler_shares) * 1e3,
+            "total_ms": statistics.median(totals) * 1e3}
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seqs", type=int, nargs="+", default=[256, 1024])
+    parser.add_argument("--generated", type=int, nargs="+", default=[16, 4096])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--out", type=Path, default=RESULTS / "step-overhead-cpu.json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # tensors here are tiny; worker threads would only contend for the shared cores
+    rows = []
+    print(f"{'seqs':>6} {'generated':>10} {'host ms/step':>13} {'sampler ms':>11} {'total ms':>9}")
+    for num_seqs in args.seqs:
+        for generated in args.generated:
+            result = {"seqs": num_seqs, "generated": generated, **measure(num_seqs, generated, args.steps)}
+            rows.append(result)
+            print(f"{num_seqs:>6} {generated:>10} {result['host_ms']:>13.3f} {result['sampler_ms']:>11.3f} "
+                  f"{result['total_ms']:>9.3f}")
+    for num_seqs in args.seqs:
+        by_len = {r["generated"]: r["host_ms"] for r in rows if r["seqs"] == num_seqs}
+        if len(by_len) > 1:
+            print(f"{num_seqs} seqs: host time at {max(by_len)} / at {min(by_len)} generated tokens = "
+                  f"{by_len[max(by_len)] / by_len[min(by_len)]:.2f}x")
+    report = {"device": f"cpu ({platform.processor() or platform.machine()})", "commit": commit(),
+              "settings": {"steps": args.steps, "prompt_len": PROMPT_LEN, "vocab": VOCAB, "greedy": True,
+                           "tokenizer": "table lookup", "note": "2-core CPU shared with other processes"},
+              "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()
