@@ -73,7 +73,11 @@ class LLMEngine:
         max_num_seqs = config.max_num_seqs or default_max_num_seqs(model.device)
         self.scheduler = Scheduler(self.pool, max_num_seqs, config.max_num_batched_tokens,
                                    config.enable_chunked_prefill)
-        self.runner = ModelRunner(model, num_blocks, config.block_size)
+        cuda_graphs = model.device.type == "cuda" and not config.enforce_eager
+        self.runner = ModelRunner(model, num_blocks, config.block_size, max_num_seqs, config.max_num_batched_tokens,
+                                  max_model_len, pad_decodes=cuda_graphs)
+        if cuda_graphs:
+            self.runner.capture_graphs()
         self.sampler = Sampler(config.seed)
         self.requests: dict[str, _Request] = {}
         self.prompt_tokens_total = 0
@@ -225,10 +229,11 @@ class LLMEngine:
             self._retire(seq)
 
     def _retire(self, seq: Sequence) -> None:
-        """A finished or aborted sample leaves the scheduler (its blocks are freed) and the sampler."""
+        """A finished or aborted sample leaves the scheduler (its blocks are freed), the sampler and the runner."""
         if not seq.finished:
             self.scheduler.finish(seq)
         self.sampler.release(seq)
+        self.runner.release(seq)
 
     def _output(self, request: _Request) -> RequestOutput:
         """What changed since the request's previous output: new ids, text and logprobs per sample."""

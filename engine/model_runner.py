@@ -1,13 +1,27 @@
-"""Batch -> flat tensors (AttentionMetadata) -> model forward -> logits; owns the paged KV caches."""
+"""Batch -> step inputs in persistent buffers -> model forward (eager or a replayed CUDA graph) -> logits.
+
+Owns the paged KV caches and the input buffers. Buffers are allocated once (pinned on the host
+on CUDA) and filled in place each step with numpy; a sequence's block-table row lives in the
+runner and only grows by the blocks it gained, so no step rebuilds tables from Python lists.
+Decode-only batches can be padded to a bucket size (`pad_decodes`): padded rows read and write a
+scratch KV block no sequence owns, which is what lets `CudaGraphs` replay one captured graph
+per bucket.
+"""
 
 from __future__ import annotations
 
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
 from engine.attention_metadata import AttentionMetadata
-from engine.host_device import upload
 from engine.models.base import CausalLM
 from engine.request import Sequence
+
+log = logging.getLogger(__name__)
 
 GIB = 1 << 30
 
@@ -18,75 +32,252 @@ def kv_bytes_per_block(model: CausalLM, block_size: int) -> int:
 
 
 def num_kv_blocks(model: CausalLM, block_size: int, kv_cache_gib: float, gpu_memory_utilization: float) -> int:
-    """Blocks that fit the budget: `kv_cache_gib` on CPU, the unreserved share of free GPU memory on CUDA."""
+    """Blocks that fit the budget: `kv_cache_gib` on CPU, the unreserved share of free GPU memory on CUDA.
+
+    One block is kept back as the scratch block that padded decode rows write to.
+    """
     if model.device.type == "cuda":
         free, total = torch.cuda.mem_get_info(model.device)
         budget = free - (1.0 - gpu_memory_utilization) * total
     else:
         budget = kv_cache_gib * GIB
-    return int(budget // kv_bytes_per_block(model, block_size))
+    return int(budget // kv_bytes_per_block(model, block_size)) - 1
 
 
-def _token_slice(seq: Sequence, begin: int, end: int) -> list[int]:
-    """`seq.token_ids[begin:end]` without building the whole list (a decode needs one token)."""
-    prompt = seq.prompt_token_ids
-    if begin >= len(prompt):
-        return seq.output_token_ids[begin - len(prompt):end - len(prompt)]
-    return prompt[begin:end] + seq.output_token_ids[:max(0, end - len(prompt))]
+def decode_buckets(max_num_seqs: int) -> list[int]:
+    """Padded decode batch sizes (vLLM's): 1, 2, 4, 8, then every multiple of 8 up to `max_num_seqs`."""
+    sizes = [1, 2, 4] + list(range(8, max_num_seqs + 8, 8))
+    return sorted({min(size, max_num_seqs) for size in sizes})
+
+
+@dataclass
+class StepInputs:
+    """Everything one forward reads, already on the device: what a tensor-parallel leader broadcasts.
+
+    `num_rows` sequences (padded ones included) bring `input_ids.shape[0]` tokens; the logits of
+    the first `num_sampled` rows of the model's output are the step's real ones.
+    """
+
+    input_ids: torch.Tensor  # int64 [T]
+    positions: torch.Tensor  # int64 [T]
+    metadata: AttentionMetadata
+    num_sampled: int
+    decode_bucket: int | None = None  # set when the batch is decode-only and padded to this size
+
+
+class InputBuffers:
+    """Host staging (pinned on CUDA) and device tensors of fixed size, reused by every step."""
+
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, device: torch.device) -> None:
+        pin = device.type == "cuda"
+
+        def pair(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
+            host = torch.zeros(shape, dtype=dtype, pin_memory=pin)
+            return host, host.numpy(), torch.zeros(shape, dtype=dtype, device=device)
+
+        self.input_ids = pair((max_tokens,), torch.int64)
+        self.positions = pair((max_tokens,), torch.int64)
+        self.slot_mapping = pair((max_tokens,), torch.int64)
+        self.seq_lens = pair((max_seqs,), torch.int32)
+        self.query_start_loc = pair((max_seqs + 1,), torch.int32)
+        self.logits_indices = pair((max_seqs,), torch.int64)
+        self.block_tables = pair((max_seqs, max_blocks), torch.int32)
+
+    @staticmethod
+    def upload(buffer: tuple[torch.Tensor, np.ndarray, torch.Tensor], *extent: int) -> torch.Tensor:
+        """Copy the first `extent` of a buffer to the device (non-blocking from pinned memory); the device view."""
+        host, _, device = buffer
+        index = tuple(slice(0, n) for n in extent)
+        device[index].copy_(host[index], non_blocking=True)
+        return device[index]
+
+
+class BlockTableRows:
+    """Each sequence's block ids in a fixed row of one host array, extended by appending."""
+
+    def __init__(self, max_rows: int, max_blocks: int) -> None:
+        self.table = np.zeros((max_rows, max_blocks), dtype=np.int32)
+        self.row_of: dict[Sequence, tuple[int, int, int]] = {}  # seq -> (row, blocks written, table version)
+        self.free = list(range(max_rows - 1, -1, -1))
+
+    def row(self, seq: Sequence) -> int:
+        """`seq`'s row, brought up to date with its block ids."""
+        row, written, version = self.row_of.get(seq, (-1, 0, seq.block_table_version))
+        if row < 0:
+            row = self._take()
+        if version != seq.block_table_version:  # preempted since: its blocks were given back
+            written = 0
+        blocks = seq.block_ids
+        if len(blocks) > written:
+            self.table[row, written:len(blocks)] = blocks[written:]
+        self.row_of[seq] = (row, len(blocks), seq.block_table_version)
+        return row
+
+    def _take(self) -> int:
+        if not self.free:  # rows of sequences that are not running (finished or preempted) go back
+            for seq in [s for s in self.row_of if not s.is_running]:
+                self.release(seq)
+        return self.free.pop()
+
+    def release(self, seq: Sequence) -> None:
+        entry = self.row_of.pop(seq, None)
+        if entry is not None:
+            self.free.append(entry[0])
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, num_blocks: int, block_size: int) -> None:
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, max_num_seqs: int,
+                 max_num_batched_tokens: int, max_model_len: int, pad_decodes: bool = False) -> None:
         self.model = model
         self.block_size = block_size
         self.device = model.device
-        shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)
+        self.scratch_block = num_blocks  # one block past the pool: padded rows write here
+        shape = (num_blocks + 1, block_size, model.num_kv_heads, model.head_dim)
         self.kv_caches = [
             (torch.zeros(shape, dtype=model.kv_cache_dtype, device=self.device),
              torch.zeros(shape, dtype=model.kv_cache_dtype, device=self.device))
             for _ in range(model.num_layers)
         ]
         model.bind_kv_caches(self.kv_caches)
+        self.max_num_seqs = max_num_seqs
+        self.max_blocks = -(-max_model_len // block_size)
+        self.buffers = InputBuffers(max(max_num_batched_tokens, max_num_seqs), max_num_seqs, self.max_blocks,
+                                    self.device)
+        self.rows = BlockTableRows(2 * max_num_seqs, self.max_blocks)
+        self.buckets = decode_buckets(max_num_seqs) if pad_decodes else []
+        self.graphs: CudaGraphs | None = None
 
-    def build_inputs(self, items: list[tuple[Sequence, int]], sample_rows: list[int]
-                     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """Flat ids/positions and metadata for `(sequence, new tokens)` pairs; logits for `sample_rows` items."""
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        seq_lens: list[int] = []
-        starts = [0]
-        bs = self.block_size
+    def release(self, seq: Sequence) -> None:
+        """Forget a finished sequence's block-table row."""
+        self.rows.release(seq)
+
+    def prepare(self, items: list[tuple[Sequence, int]], sample_rows: list[int]) -> StepInputs:
+        """Fill the buffers for `(sequence, new tokens)` pairs; logits for the `sample_rows` items."""
+        b, bs = self.buffers, self.block_size
+        num_seqs = len(items)
+        counts = np.fromiter((count for _, count in items), dtype=np.int64, count=num_seqs)
+        begins = np.fromiter((seq.num_computed_tokens for seq, _ in items), dtype=np.int64, count=num_seqs)
+        rows = np.fromiter((self.rows.row(seq) for seq, _ in items), dtype=np.int64, count=num_seqs)
+        num_tokens = int(counts.sum())
+        ids = b.input_ids[1]
+        offset = 0
         for seq, count in items:
-            begin, end = seq.num_computed_tokens, seq.num_computed_tokens + count
-            ids.extend(_token_slice(seq, begin, end))
-            positions.extend(range(begin, end))
             if count == 1:
-                slots.append(seq.block_ids[begin // bs] * bs + begin % bs)
+                ids[offset] = seq.token_at(seq.num_computed_tokens)
             else:
-                slots.extend(seq.block_ids[p // bs] * bs + p % bs for p in range(begin, end))
-            seq_lens.append(end)
-            starts.append(starts[-1] + count)
-        width = max(len(seq.block_ids) for seq, _ in items)
-        flat_tables: list[int] = []
-        for seq, _ in items:
-            flat_tables += seq.block_ids
-            flat_tables += [0] * (width - len(seq.block_ids))
-        num_decode = sum(1 for _, count in items if count == 1)
-        device = self.device
+                ids[offset:offset + count] = seq.token_slice(seq.num_computed_tokens, seq.num_computed_tokens + count)
+            offset += count
+        starts = b.query_start_loc[1]
+        starts[0] = 0
+        np.cumsum(counts, out=starts[1:num_seqs + 1], dtype=np.int32)
+        token_rows = np.repeat(rows, counts)
+        positions = np.arange(num_tokens, dtype=np.int64) + np.repeat(begins - starts[:num_seqs], counts)
+        b.positions[1][:num_tokens] = positions
+        table = self.rows.table
+        b.slot_mapping[1][:num_tokens] = table[token_rows, positions // bs].astype(np.int64) * bs + positions % bs
+        b.seq_lens[1][:num_seqs] = begins + counts
+        bucket = self._bucket(items, sample_rows)
+        rows_out, tokens_out = num_seqs, num_tokens
+        if bucket is not None:  # decode-only, padded: extra rows attend to one token in the scratch block
+            pad = slice(num_seqs, bucket)
+            ids[pad] = 0
+            b.positions[1][pad] = 0
+            b.slot_mapping[1][pad] = self.scratch_block * bs
+            b.seq_lens[1][pad] = 1
+            starts[num_seqs + 1:bucket + 1] = np.arange(num_seqs + 1, bucket + 1)
+            b.block_tables[1][pad, 0] = self.scratch_block
+            rows_out = tokens_out = bucket
+            width = self.max_blocks
+            b.logits_indices[1][:bucket] = np.arange(bucket)
+            num_logits = bucket
+        else:
+            width = max(len(seq.block_ids) for seq, _ in items)
+            b.logits_indices[1][:len(sample_rows)] = starts[np.asarray(sample_rows, dtype=np.int64) + 1] - 1
+            num_logits = len(sample_rows)
+        b.block_tables[1][:num_seqs, :width] = table[rows, :width]
+        num_decode = int((counts == 1).sum())
         metadata = AttentionMetadata(
-            slot_mapping=upload(slots, torch.int64, device),
-            block_tables=upload(flat_tables, torch.int32, device).view(len(items), width),
-            seq_lens=upload(seq_lens, torch.int32, device),
-            query_start_loc=upload(starts, torch.int32, device),
-            num_prefill_tokens=len(ids) - num_decode,
-            num_decode_tokens=num_decode,
-            logits_indices=upload([starts[i + 1] - 1 for i in sample_rows], torch.int64, device),
+            slot_mapping=b.upload(b.slot_mapping, tokens_out),
+            block_tables=b.upload(b.block_tables, rows_out, width),
+            seq_lens=b.upload(b.seq_lens, rows_out),
+            query_start_loc=b.upload(b.query_start_loc, rows_out + 1),
+            num_prefill_tokens=num_tokens - num_decode,
+            num_decode_tokens=num_decode + (tokens_out - num_tokens),
+            logits_indices=b.upload(b.logits_indices, num_logits),
         )
-        return upload(ids, torch.int64, device), upload(positions, torch.int64, device), metadata
+        return StepInputs(b.upload(b.input_ids, tokens_out), b.upload(b.positions, tokens_out), metadata,
+                          len(sample_rows), bucket)
+
+    def _bucket(self, items: list[tuple[Sequence, int]], sample_rows: list[int]) -> int | None:
+        """The padded size of a decode-only batch whose every row samples; None runs it as it is."""
+        if not self.buckets or len(sample_rows) != len(items) or any(count != 1 for _, count in items):
+            return None
+        return next(size for size in self.buckets if size >= len(items))
 
     @torch.no_grad()  # not inference_mode: the sampler edits the logits in place
     def run(self, items: list[tuple[Sequence, int]], sample_rows: list[int]) -> torch.Tensor:
         """Logits `[len(sample_rows), vocab]` (float32) for the chosen items' last new token."""
-        input_ids, positions, metadata = self.build_inputs(items, sample_rows)
-        return self.model.forward(input_ids, positions, metadata)
+        return self.forward(self.prepare(items, sample_rows))
+
+    @torch.no_grad()
+    def forward(self, inputs: StepInputs) -> torch.Tensor:
+        if self.graphs is not None and inputs.decode_bucket in self.graphs.logits:
+            logits = self.graphs.replay(inputs.decode_bucket)
+        else:
+            logits = self.model.forward(inputs.input_ids, inputs.positions, inputs.metadata)
+        return logits[:inputs.num_sampled] if logits.shape[0] != inputs.num_sampled else logits
+
+    def capture_graphs(self) -> None:
+        """CUDA: record one decode graph per bucket (largest first, sharing one memory pool)."""
+        self.graphs = CudaGraphs(self)
+        self.graphs.capture()
+
+
+class CudaGraphs:
+    """One captured decode forward per padded batch size; replay reads the runner's device buffers."""
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+
+    def _inputs(self, bucket: int) -> StepInputs:
+        """A decode batch of `bucket` padding rows: the shapes and buffers every replay of this size uses."""
+        r, b, bs = self.runner, self.runner.buffers, self.runner.block_size
+        b.input_ids[1][:bucket] = 0
+        b.positions[1][:bucket] = 0
+        b.slot_mapping[1][:bucket] = r.scratch_block * bs
+        b.seq_lens[1][:bucket] = 1
+        b.query_start_loc[1][:bucket + 1] = np.arange(bucket + 1)
+        b.block_tables[1][:bucket, :] = r.scratch_block
+        b.logits_indices[1][:bucket] = np.arange(bucket)
+        metadata = AttentionMetadata(
+            slot_mapping=b.upload(b.slot_mapping, bucket),
+            block_tables=b.upload(b.block_tables, bucket, r.max_blocks),
+            seq_lens=b.upload(b.seq_lens, bucket),
+            query_start_loc=b.upload(b.query_start_loc, bucket + 1),
+            num_prefill_tokens=0, num_decode_tokens=bucket,
+            logits_indices=b.upload(b.logits_indices, bucket),
+        )
+        return StepInputs(b.upload(b.input_ids, bucket), b.upload(b.positions, bucket), metadata, bucket, bucket)
+
+    @torch.no_grad()
+    def capture(self) -> None:
+        model, pool = self.runner.model, None
+        started = time.perf_counter()
+        for bucket in reversed(self.runner.buckets):
+            inputs = self._inputs(bucket)
+            model.forward(inputs.input_ids, inputs.positions, inputs.metadata)  # compiles the kernels first
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = model.forward(inputs.input_ids, inputs.positions, inputs.metadata)
+            pool = graph.pool()
+            self.graphs[bucket], self.logits[bucket] = graph, logits
+        torch.cuda.synchronize()
+        log.info("captured %d decode CUDA graphs (batch %d..%d) in %.1f s", len(self.graphs),
+                 self.runner.buckets[0], self.runner.buckets[-1], time.perf_counter() - started)
+
+    def replay(self, bucket: int) -> torch.Tensor:
+        self.graphs[bucket].replay()
+        return self.logits[bucket]

@@ -40,10 +40,22 @@ class Sequence:
     arrival: int = field(default_factory=lambda: next(_arrivals))
     lead: "Sequence | None" = None  # sample 0 of the request, whose prompt blocks later samples reuse
     prompt_done: bool = False  # the prompt has been computed once (its full blocks are in the prefix cache)
+    block_table_version: int = 0  # bumped whenever the blocks are given back, so copies of the table go stale
 
     @property
     def token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    def token_at(self, index: int) -> int:
+        prompt = self.prompt_token_ids
+        return prompt[index] if index < len(prompt) else self.output_token_ids[index - len(prompt)]
+
+    def token_slice(self, begin: int, end: int) -> list[int]:
+        """`token_ids[begin:end]` without building the whole list."""
+        prompt = self.prompt_token_ids
+        if begin >= len(prompt):
+            return self.output_token_ids[begin - len(prompt):end - len(prompt)]
+        return prompt[begin:end] + self.output_token_ids[:max(0, end - len(prompt))]
 
     @property
     def num_tokens(self) -> int:
@@ -56,3 +68,7 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    @property
+    def is_running(self) -> bool:
+        return self.status is SequenceStatus.RUNNING

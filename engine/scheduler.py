@@ -163,6 +163,7 @@ class Scheduler:
         if seq.block_ids:
             self.pool.free(seq.block_ids)
         seq.block_ids = []
+        seq.block_table_version += 1
         seq.num_computed_tokens = 0
         seq.num_committed_blocks = 0
 

@@ -285,7 +285,8 @@ def logged(caplog, request_id: str, timeout: float = 10.0) -> dict:
 
 def test_request_log_has_ids_tokens_and_key_id_but_never_the_key(guarded, caplog):
     caplog.set_level(logging.INFO, logger=LOGGER_NAME)
-    raw = client(guarded, "sk-log").completions.with_raw_response.create(model="tiny", prompt=PROMPT, max_tokens=5)
+    raw = client(guarded, "sk-log").completions.with_raw_response.create(model="tiny", prompt=PROMPT, max_tokens=5,
+                                                                        extra_body={"ignore_eos": True})
     completion = raw.parse()
     request_id = raw.headers["x-request-id"]
     fields = logged(caplog, request_id)
