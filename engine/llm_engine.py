@@ -76,8 +76,8 @@ class LLMEngine:
         cuda_graphs = model.device.type == "cuda" and not config.enforce_eager
         self.runner = ModelRunner(model, num_blocks, config.block_size, max_num_seqs, config.max_num_batched_tokens,
                                   max_model_len, pad_decodes=cuda_graphs)
-        if cuda_graphs:
-            self.runner.capture_graphs()
+        if model.device.type == "cuda":
+            self.runner.warm_up(cuda_graphs)
         self.sampler = Sampler(config.seed)
         self.requests: dict[str, _Request] = {}
         self.prompt_tokens_total = 0

@@ -227,10 +227,43 @@ class ModelRunner:
             logits = self.model.forward(inputs.input_ids, inputs.positions, inputs.metadata)
         return logits[:inputs.num_sampled] if logits.shape[0] != inputs.num_sampled else logits
 
-    def capture_graphs(self) -> None:
-        """CUDA: record one decode graph per bucket (largest first, sharing one memory pool)."""
-        self.graphs = CudaGraphs(self)
-        self.graphs.capture()
+    def scratch_inputs(self, num_seqs: int, tokens_per_seq: int) -> StepInputs:
+        """A batch whose every token reads and writes only the scratch block: for warm-up and graph capture."""
+        b, bs = self.buffers, self.block_size
+        num_tokens = num_seqs * tokens_per_seq
+        b.input_ids[1][:num_tokens] = 0
+        b.positions[1][:num_tokens] = np.tile(np.arange(tokens_per_seq), num_seqs)
+        b.slot_mapping[1][:num_tokens] = self.scratch_block * bs
+        b.seq_lens[1][:num_seqs] = tokens_per_seq
+        b.query_start_loc[1][:num_seqs + 1] = np.arange(num_seqs + 1) * tokens_per_seq
+        b.block_tables[1][:num_seqs, :] = self.scratch_block
+        b.logits_indices[1][:num_seqs] = np.arange(1, num_seqs + 1) * tokens_per_seq - 1
+        decode = tokens_per_seq == 1
+        metadata = AttentionMetadata(
+            slot_mapping=b.upload(b.slot_mapping, num_tokens),
+            block_tables=b.upload(b.block_tables, num_seqs, self.max_blocks),
+            seq_lens=b.upload(b.seq_lens, num_seqs),
+            query_start_loc=b.upload(b.query_start_loc, num_seqs + 1),
+            num_prefill_tokens=0 if decode else num_tokens, num_decode_tokens=num_tokens if decode else 0,
+            logits_indices=b.upload(b.logits_indices, num_seqs),
+        )
+        return StepInputs(b.upload(b.input_ids, num_tokens), b.upload(b.positions, num_tokens), metadata, num_seqs,
+                          num_seqs if decode else None)
+
+    @torch.no_grad()
+    def warm_up(self, cuda_graphs: bool) -> None:
+        """CUDA: run (and so JIT-compile) the prefill and every decode bucket before traffic; capture graphs."""
+        started = time.perf_counter()
+        longest = min(self.buffers.input_ids[0].shape[0], self.max_blocks * self.block_size)
+        for num_seqs, tokens_per_seq in ((1, longest), (2, 16), *((size, 1) for size in decode_buckets(self.max_num_seqs))):
+            inputs = self.scratch_inputs(num_seqs, tokens_per_seq)
+            self.model.forward(inputs.input_ids, inputs.positions, inputs.metadata)
+        torch.cuda.synchronize()
+        log.info("warm-up compiled the prefill and %d decode batch sizes in %.1f s",
+                 len(decode_buckets(self.max_num_seqs)), time.perf_counter() - started)
+        if cuda_graphs:
+            self.graphs = CudaGraphs(self)
+            self.graphs.capture()
 
 
 class CudaGraphs:
@@ -241,33 +274,13 @@ class CudaGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
 
-    def _inputs(self, bucket: int) -> StepInputs:
-        """A decode batch of `bucket` padding rows: the shapes and buffers every replay of this size uses."""
-        r, b, bs = self.runner, self.runner.buffers, self.runner.block_size
-        b.input_ids[1][:bucket] = 0
-        b.positions[1][:bucket] = 0
-        b.slot_mapping[1][:bucket] = r.scratch_block * bs
-        b.seq_lens[1][:bucket] = 1
-        b.query_start_loc[1][:bucket + 1] = np.arange(bucket + 1)
-        b.block_tables[1][:bucket, :] = r.scratch_block
-        b.logits_indices[1][:bucket] = np.arange(bucket)
-        metadata = AttentionMetadata(
-            slot_mapping=b.upload(b.slot_mapping, bucket),
-            block_tables=b.upload(b.block_tables, bucket, r.max_blocks),
-            seq_lens=b.upload(b.seq_lens, bucket),
-            query_start_loc=b.upload(b.query_start_loc, bucket + 1),
-            num_prefill_tokens=0, num_decode_tokens=bucket,
-            logits_indices=b.upload(b.logits_indices, bucket),
-        )
-        return StepInputs(b.upload(b.input_ids, bucket), b.upload(b.positions, bucket), metadata, bucket, bucket)
-
     @torch.no_grad()
     def capture(self) -> None:
+        """Largest bucket first, all graphs sharing one memory pool (the runner's warm-up compiled the kernels)."""
         model, pool = self.runner.model, None
         started = time.perf_counter()
         for bucket in reversed(self.runner.buckets):
-            inputs = self._inputs(bucket)
-            model.forward(inputs.input_ids, inputs.positions, inputs.metadata)  # compiles the kernels first
+            inputs = self.runner.scratch_inputs(bucket, 1)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):

@@ -108,3 +108,29 @@ def test_decode_buckets():
     assert decode_buckets(1) == [1]
     assert decode_buckets(20) == [1, 2, 4, 8, 16, 20]
     assert decode_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+
+
+@pytest.mark.cuda
+def test_cuda_graph_replay_equals_eager_on_the_gpu():
+    from tests.engine_testing import make_engine
+
+    texts = ["The quick brown fox", "Hello", "Paged attention keeps the key value cache in fixed size blocks."]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    results = []
+    for eager in (True, False):
+        engine = make_engine(device="cuda", dtype="float32", enforce_eager=eager, max_num_seqs=8)
+        assert (engine.runner.graphs is None) == eager
+        replays = []
+        if not eager:
+            replay = engine.runner.graphs.replay
+            engine.runner.graphs.replay = lambda bucket: replays.append(bucket) or replay(bucket)
+        for i, text in enumerate(texts):
+            engine.add_request(str(i), text, params)
+        tokens: dict[str, list[int]] = {}
+        while engine.has_unfinished():
+            for out in engine.step():
+                tokens.setdefault(out.request_id, []).extend(t for o in out.outputs for t in o.token_ids)
+        assert_idle(engine)
+        assert eager or replays, "decode steps replayed a graph"
+        results.append(tokens)
+    assert results[0] == results[1]
