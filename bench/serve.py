@@ -565,14 +565,31 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build_requests(args: argparse.Namespace) -> list[BenchRequest]:
+def build_requests(args: argparse.Namespace, seed: int | None = None, num: int | None = None) -> list[BenchRequest]:
     counter = TokenCounter(args.tokenizer)
+    seed = args.seed if seed is None else seed
+    num = args.num_prompts if num is None else num
     if args.dataset == "synthetic":
         return synthetic_requests(
-            args.num_prompts, args.input_len, args.output_len, args.length_dist, args.range_ratio, args.seed, counter
+            num, args.input_len, args.output_len, args.length_dist, args.range_ratio, seed, counter
         )
     path = DATASETS_DIR / "sharegpt_sample.jsonl" if args.dataset == "sharegpt-sample" else Path(args.dataset)
-    return sharegpt_requests(path, args.num_prompts, args.seed, counter, args.max_output_len)
+    return sharegpt_requests(path, num, seed, counter, args.max_output_len)
+
+
+def requests_per_level(args: argparse.Namespace) -> list[tuple[list[BenchRequest], list[BenchRequest]]]:
+    """(warm-up, measured) prompts for each concurrency level, each drawn with its own seed.
+
+    Reusing one prompt set at every level would let a server with prefix caching skip most of
+    the prefill from the second level on; synthetic prompts drawn afresh share no prefix (a
+    ShareGPT file with fewer conversations than requested still repeats them).
+    """
+    levels = []
+    for level in range(len(args.concurrency)):
+        seed = args.seed + 2 * level
+        warmup = build_requests(args, seed + 1, args.warmup) if args.warmup else []
+        levels.append((warmup, build_requests(args, seed)))
+    return levels
 
 
 async def first_model_id(base_url: str, api_key: str | None = None) -> str:
@@ -587,8 +604,9 @@ async def first_model_id(base_url: str, api_key: str | None = None) -> str:
         raise BenchmarkError(f"cannot list models at {base_url}: {exc}") from exc
 
 
-async def sweep(args: argparse.Namespace, requests: list[BenchRequest]) -> list[RunResult]:
-    """One run per concurrency level, each after a short warmup."""
+async def sweep(args: argparse.Namespace,
+                levels: list[tuple[list[BenchRequest], list[BenchRequest]]]) -> list[RunResult]:
+    """One run per concurrency level, each after a short warmup, each with its own prompts."""
     model = args.model or await first_model_id(args.base_url, args.api_key)
     args.model = model
     try:
@@ -599,9 +617,9 @@ async def sweep(args: argparse.Namespace, requests: list[BenchRequest]) -> list[
         endpoint=args.endpoint, usage=not args.no_usage, extra_body=extra, api_key=args.api_key, timeout=args.timeout
     )
     runs = []
-    for conc in args.concurrency:
-        if args.warmup:
-            await run_benchmark(args.base_url, model, requests[: args.warmup], **common)
+    for conc, (warmup, requests) in zip(args.concurrency, levels):
+        if warmup:
+            await run_benchmark(args.base_url, model, warmup, **common)
         run = await run_benchmark(
             args.base_url, model, requests, args.request_rate, conc or None,
             seed=args.seed, progress=not args.no_progress, **common,
@@ -614,8 +632,7 @@ async def sweep(args: argparse.Namespace, requests: list[BenchRequest]) -> list[
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     try:
-        requests = build_requests(args)
-        runs = asyncio.run(sweep(args, requests))
+        runs = asyncio.run(sweep(args, requests_per_level(args)))
     except BenchmarkError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -624,6 +641,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         record = {
             "settings": {k: v for k, v in vars(args).items() if k != "api_key"},
+            "prompts": {"fresh_per_level": True, "seeds": [args.seed + 2 * i for i in range(len(runs))],
+                        "prefix_cache_could_hit": args.dataset != "synthetic"},
             "environment": environment(),
             "runs": [run_record(r) for r in runs],
         }

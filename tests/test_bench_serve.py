@@ -235,8 +235,19 @@ def test_cli_sweep_writes_json_and_png(fake, tmp_path, capsys):
     assert record["settings"]["request_rate"] is None  # inf, stored as null
     assert record["environment"]["commit"]
     assert [r["summary"]["concurrency"] for r in record["runs"]] == [1, 4]
+    assert record["prompts"] == {"fresh_per_level": True, "seeds": [0, 2], "prefix_cache_could_hit": False}
     serial, parallel = (r["summary"] for r in record["runs"])
     assert parallel["output_throughput"] > 2 * serial["output_throughput"]
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "TTFT" in capsys.readouterr().out
     assert serve.main(["--base-url", url, "--dataset", str(tmp_path / "missing.jsonl")]) == 2
+
+
+def test_each_concurrency_level_gets_fresh_prompts():
+    args = serve._parse_args(["--num-prompts", "5", "--input-len", "16", "--concurrency", "1", "4", "16"])
+    levels = serve.requests_per_level(args)
+    prompts = [{r.prompt for r in warmup + measured} for warmup, measured in levels]
+    assert [len(measured) for _, measured in levels] == [5, 5, 5]
+    assert all(not (a & b) for i, a in enumerate(prompts) for b in prompts[i + 1:])  # no prefix to reuse
+    again = serve.requests_per_level(args)
+    assert [[r.prompt for r in m] for _, m in again] == [[r.prompt for r in m] for _, m in levels]  # seeded
