@@ -1,24 +1,31 @@
-"""AsyncEngine: one background asyncio task owns the LLMEngine and feeds per-request output queues.
+"""AsyncEngine: the LLMEngine steps in its own thread; asyncio handlers talk to it through queues.
 
-The blocking `step()` runs in a worker thread (`asyncio.to_thread`), so the event loop keeps
-serving HTTP while the model computes. All engine calls happen on that one loop task or under
-its lock, so the LLMEngine never sees two threads at once.
+vLLM's EngineCore shape, in a thread: the engine thread runs step after step without waiting
+for the event loop, so HTTP and SSE work can never sit between two steps; requests are
+validated on the caller's side and handed over (like aborts) through a command queue that the
+engine thread drains between steps, so neither waits for a step. Each step's outputs go back
+to the event loop in one `call_soon_threadsafe`. Only the engine thread touches the LLMEngine's
+state after `start()` (`stats()` reads counters).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import queue
+import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from engine.config import EngineConfig
 from engine.distributed.group import ParallelGroupError
-from engine.llm_engine import LLMEngine
+from engine.llm_engine import EngineRequest, LLMEngine
 from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import InvalidRequestError, SamplingParams
 
 log = logging.getLogger(__name__)
+
+_STOP = object()
 
 
 class EngineDeadError(RuntimeError):
@@ -29,9 +36,9 @@ class AsyncEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
         self._queues: dict[str, asyncio.Queue] = {}
-        self._lock = asyncio.Lock()
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.failure: str | None = None  # why the engine stopped for good (a tensor-parallel rank died)
         self.on_fatal: Callable[[str], None] | None = None  # the server's exit, called once on such a failure
 
@@ -58,43 +65,47 @@ class AsyncEngine:
     def stats(self) -> dict[str, Any]:
         return self.engine.stats()
 
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     async def start(self) -> None:
-        if self.failure is None and (self._task is None or self._task.done()):
-            self._lock = asyncio.Lock()
-            self._wake = asyncio.Event()
-            self._task = asyncio.create_task(self._loop(), name="minerva-engine-loop")
+        if self.running or self.failure is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._commands = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="minerva-engine", daemon=True)
+        self._thread.start()
 
     async def shutdown(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-        async with self._lock:
-            for request_id in list(self.engine.requests):
-                self._deliver(self.engine.abort(request_id))
-        for queue in self._queues.values():
-            queue.put_nowait(EngineDeadError("the engine shut down"))
-        self.engine.close()
+        """Stop the engine thread; every request still running ends with finish_reason "abort"."""
+        thread, self._thread = self._thread, None
+        if thread is not None and thread.is_alive():
+            self._commands.put(_STOP)
+            await asyncio.to_thread(thread.join)
+        await asyncio.sleep(0)  # the thread's last outputs are delivered first
+        for request_queue in self._queues.values():
+            request_queue.put_nowait(EngineDeadError("the engine shut down"))
+        if self.failure is None:  # after a failure the engine thread closed the model itself
+            self.engine.close()
 
     async def generate(self, prompt: str | list[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
         """Stream this request's outputs; leaving the loop early (or being cancelled) aborts it."""
         if self.failure is not None:
             raise EngineDeadError(self.failure)
-        if self._task is None or self._task.done():
+        if not self.running:
             raise EngineDeadError("the engine is not running: call start() first")
-        queue: asyncio.Queue = asyncio.Queue()
-        async with self._lock:
-            self.engine.add_request(request_id, prompt, params)  # InvalidRequestError propagates
-            self._queues[request_id] = queue
-        self._wake.set()
+        if request_id in self._queues:
+            raise InvalidRequestError(f"request id {request_id!r} is already running", "request_id")
+        request = self.engine.prepare_request(request_id, prompt, params)  # InvalidRequestError propagates
+        request_queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = request_queue
+        self._commands.put(request)
         finished = False
         try:
             while not finished:
-                item = await queue.get()
+                item = await request_queue.get()
                 if isinstance(item, Exception):
                     raise item
                 finished = item.finished
@@ -105,48 +116,88 @@ class AsyncEngine:
                 await asyncio.shield(self.abort(request_id))
 
     async def abort(self, request_id: str) -> None:
-        async with self._lock:
-            output = self.engine.abort(request_id)
-        if output is not None:
-            self._deliver(output)
+        """Ask the engine thread to drop the request at its next step boundary; returns at once."""
+        self._commands.put(request_id)
 
-    def _deliver(self, output: RequestOutput | None) -> None:
-        if output is None:
-            return
-        queue = self._queues.get(output.request_id)
-        if queue is not None:
-            queue.put_nowait(output)
-            if output.finished:
-                self._queues.pop(output.request_id, None)
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            request_queue = self._queues.get(output.request_id)
+            if request_queue is not None:
+                request_queue.put_nowait(output)
+                if output.finished:
+                    self._queues.pop(output.request_id, None)
 
-    async def _loop(self) -> None:
-        while True:
-            if not self.engine.has_unfinished():
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            async with self._lock:
+    # --- the engine thread -------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while self._apply_commands():
+                if not self.engine.has_unfinished():
+                    continue
                 try:
-                    outputs = await asyncio.to_thread(self.engine.step)
+                    outputs = self.engine.step()
                 except ParallelGroupError as exc:
-                    await self._fail_for_good(str(exc))
+                    self._fail_for_good(str(exc))
                     return
                 except Exception:  # the engine fails requests itself; this is a last resort
                     log.exception("engine step crashed")
                     outputs = [self.engine.abort(rid) for rid in list(self.engine.requests)]
-            for output in outputs:
-                self._deliver(output)
-            await asyncio.sleep(0)  # let handlers add and abort between steps
+                self._send(outputs)
+        except Exception:
+            log.exception("the engine thread died")
+            self._send([self.engine.abort(rid) for rid in list(self.engine.requests)])
 
-    async def _fail_for_good(self, reason: str) -> None:
+    def _fail_for_good(self, reason: str) -> None:
         """Every request in flight gets EngineDeadError (a 503), later ones too; the server is told to exit."""
         log.critical("engine stopped: %s", reason)
         self.failure = reason
         for request_id in list(self.engine.requests):
             self.engine.abort(request_id)
-        for queue in self._queues.values():
-            queue.put_nowait(EngineDeadError(reason))
-        self._queues.clear()
-        await asyncio.to_thread(self.engine.close)  # may wait for a stuck rank before killing it
+        self._call(self._fail_queues, reason)
+        self.engine.close()  # may wait for a stuck rank before killing it
         if self.on_fatal is not None:
-            self.on_fatal(reason)
+            self._call(self.on_fatal, reason)
+
+    def _fail_queues(self, reason: str) -> None:
+        for request_queue in self._queues.values():
+            request_queue.put_nowait(EngineDeadError(reason))
+        self._queues.clear()
+
+    def _apply_commands(self) -> bool:
+        """Adds and aborts queued since the last step (waiting for one when idle); False once told to stop."""
+        block = not self.engine.has_unfinished()
+        outputs = []
+        try:
+            while True:
+                command = self._commands.get(block=block)
+                block = False
+                if command is _STOP:
+                    self._send([self.engine.abort(rid) for rid in list(self.engine.requests)])
+                    return False
+                if isinstance(command, EngineRequest):
+                    try:
+                        self.engine.add_prepared(command)
+                    except InvalidRequestError as exc:
+                        self._send_error(command.request_id, exc)
+                else:
+                    outputs.append(self.engine.abort(command))
+        except queue.Empty:
+            pass
+        self._send([o for o in outputs if o is not None])
+        return True
+
+    def _call(self, function: Callable, *args: Any) -> None:
+        """Run `function(*args)` on the event loop (it owns the request queues)."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(function, *args)
+
+    def _send(self, outputs: list[RequestOutput]) -> None:
+        if outputs:
+            self._call(self._deliver, outputs)
+
+    def _send_error(self, request_id: str, error: Exception) -> None:
+        def put() -> None:
+            request_queue = self._queues.pop(request_id, None)
+            if request_queue is not None:
+                request_queue.put_nowait(error)
+
+        self._call(put)

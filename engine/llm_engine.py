@@ -39,7 +39,9 @@ class _Sample:
 
 
 @dataclass
-class _Request:
+class EngineRequest:
+    """A validated request and its per-sample engine state."""
+
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
@@ -79,7 +81,7 @@ class LLMEngine:
         if model.device.type == "cuda":
             self.runner.warm_up(cuda_graphs)
         self.sampler = Sampler(config.seed)
-        self.requests: dict[str, _Request] = {}
+        self.requests: dict[str, EngineRequest] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.load_seconds = 0.0  # set by from_config: opening, building and placing the weights
@@ -124,6 +126,12 @@ class LLMEngine:
     # --- requests -------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> list[int]:
         """Queue a request; raises InvalidRequestError for a duplicate id or a prompt that cannot fit."""
+        request = self.prepare_request(request_id, prompt, params)
+        self.add_prepared(request)
+        return request.prompt_token_ids
+
+    def prepare_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> EngineRequest:
+        """Validate and tokenize a request without touching the running state (callable from another thread)."""
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already running", "request_id")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -148,11 +156,16 @@ class LLMEngine:
                 generator = torch.Generator(device=self.model.device).manual_seed((params.seed + index) % 2**64)
             seqs.append(Sequence(request_id, index, ids, params, max_tokens, generator, lead=seqs[0] if seqs else None))
             detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens))
-        self.requests[request_id] = _Request(request_id, ids, params, seqs, detoks, [_Sample() for _ in seqs])
-        for seq in seqs:
+        return EngineRequest(request_id, ids, params, seqs, detoks, [_Sample() for _ in seqs])
+
+    def add_prepared(self, request: EngineRequest) -> None:
+        """Queue a request made by `prepare_request`."""
+        if request.request_id in self.requests:
+            raise InvalidRequestError(f"request id {request.request_id!r} is already running", "request_id")
+        self.requests[request.request_id] = request
+        for seq in request.seqs:
             self.scheduler.add(seq)
-        self.prompt_tokens_total += len(ids)
-        return ids
+        self.prompt_tokens_total += len(request.prompt_token_ids)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Remove a request wherever it is; its blocks are free on return."""
@@ -185,7 +198,7 @@ class LLMEngine:
             return [self._fail(self.requests.pop(rid), f"{type(exc).__name__}: {exc}") for rid in failed
                     if rid in self.requests]
         self.scheduler.after_step(batch)
-        touched: dict[str, _Request] = {}
+        touched: dict[str, EngineRequest] = {}
         for row, item in enumerate(sample_rows):
             seq = batch.items[item][0]
             request = self.requests[seq.request_id]
@@ -204,7 +217,7 @@ class LLMEngine:
             banned = list(p.stop_token_ids) + ([] if p.ignore_eos else self.tokenizer.eos_token_ids)
         return SamplingRow(p, seq.generator, banned, seq, seq.prompt_token_ids)
 
-    def _append_token(self, request: _Request, seq: Sequence, token: int, result: SampleResult, row: int) -> None:
+    def _append_token(self, request: EngineRequest, seq: Sequence, token: int, result: SampleResult, row: int) -> None:
         seq.output_token_ids.append(token)
         self.generation_tokens_total += 1
         sample = request.samples[seq.index]
@@ -235,7 +248,7 @@ class LLMEngine:
         self.sampler.release(seq)
         self.runner.release(seq)
 
-    def _output(self, request: _Request) -> RequestOutput:
+    def _output(self, request: EngineRequest) -> RequestOutput:
         """What changed since the request's previous output: new ids, text and logprobs per sample."""
         deltas = []
         for seq, detok, sample in zip(request.seqs, request.detoks, request.samples):
@@ -254,7 +267,7 @@ class LLMEngine:
         cached = min(seq.num_cached_tokens for seq in request.seqs)
         return RequestOutput(request.request_id, request.prompt_token_ids, deltas, request.finished, cached)
 
-    def _fail(self, request: _Request, error: str | None) -> RequestOutput:
+    def _fail(self, request: EngineRequest, error: str | None) -> RequestOutput:
         for seq, sample in zip(request.seqs, request.samples):
             self._retire(seq)
             if sample.finish_reason is None:
