@@ -205,9 +205,9 @@ class LLMEngine:
             self._append_token(request, seq, token_ids[row], result, row)
             touched[request.request_id] = request
         outputs = [self._output(r) for r in touched.values()]
-        for request in touched.values():
-            if request.finished:
-                del self.requests[request.request_id]
+        for output in outputs:
+            if output.finished:
+                del self.requests[output.request_id]
         return outputs
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:

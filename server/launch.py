@@ -45,7 +45,8 @@ def engine_configs(args: argparse.Namespace) -> list[EngineConfig]:
     configs = []
     for index, model in enumerate(models):
         overrides = {"model": model, "served_model_name": names[index] if names else None, "device": args.device,
-                     "tensor_parallel_size": args.tensor_parallel_size}
+                     "tensor_parallel_size": args.tensor_parallel_size,
+                     "enforce_eager": args.enforce_eager}
         try:
             if args.config:
                 configs.append(EngineConfig.from_toml(args.config, **overrides))
@@ -152,6 +153,8 @@ def add_serve_parser(commands: Any) -> None:
     serve.add_argument("--config", metavar="FILE", help="TOML file with an [engine] table (see configs/)")
     serve.add_argument("--tensor-parallel-size", type=positive_int, default=None, metavar="N",
                        help="split the model over N GPUs (or N CPU processes) with torch.distributed (default 1)")
+    serve.add_argument("--enforce-eager", action="store_true", default=None,
+                       help="CUDA: run every step eagerly (no CUDA graph capture or replay)")
     serve.add_argument("--allow-path-checks", action="store_true",
                        help="let POST /v1/minerva/models/check read metadata of server-side file paths")
     serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))

@@ -17,6 +17,9 @@ def test_defaults_and_overrides():
     assert (args.host, args.port, args.api_key) == ("127.0.0.1", 9000, ["k"])
     (config,) = engine_configs(parse("a.gguf", "--device", "cpu", "--served-model-name", "alpha"))
     assert (config.model, config.device, config.served_model_name) == ("a.gguf", "cpu", "alpha")
+    assert not config.enforce_eager and config.max_num_seqs is None  # None: chosen by the device
+    (config,) = engine_configs(parse("a.gguf", "--enforce-eager"))
+    assert config.enforce_eager
 
 
 def test_one_name_per_model():
