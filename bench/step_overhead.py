@@ -16,12 +16,12 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
+from bench.throughput import commit
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
@@ -116,14 +116,6 @@ def measure(num_seqs: int, generated: int, steps: int) -> dict[str, float]:
     host = [t - s for t, s in zip(totals, sampler_shares)]
     return {"host_ms": statistics.median(host) * 1e3, "sampler_ms": statistics.median(sampler_shares) * 1e3,
             "total_ms": statistics.median(totals) * 1e3}
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def main() -> None:
