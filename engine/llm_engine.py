@@ -75,7 +75,8 @@ class LLMEngine:
         max_num_seqs = config.max_num_seqs or default_max_num_seqs(model.device)
         self.scheduler = Scheduler(self.pool, max_num_seqs, config.max_num_batched_tokens,
                                    config.enable_chunked_prefill)
-        cuda_graphs = model.device.type == "cuda" and not config.enforce_eager
+        # A graph cannot hold the tensor-parallel broadcasts (headers built on the host): such engines run eagerly.
+        cuda_graphs = model.device.type == "cuda" and not config.enforce_eager and self.tensor_parallel_size == 1
         self.runner = ModelRunner(model, num_blocks, config.block_size, max_num_seqs, config.max_num_batched_tokens,
                                   max_model_len, pad_decodes=cuda_graphs)
         if model.device.type == "cuda":
