@@ -24,8 +24,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 # Allocations without a kernel behind them.
 _NO_KERNEL = {"empty.memory_format", "empty_strided.default", "empty_like.default"}
 
-# A small gpt-oss: the layer's dispatches do not depend on its sizes.
-SMALL_GPT_OSS = dict(hidden=64, heads=8, kv_heads=2, head_dim=16, experts=8, top_k=4, inter=64, vocab=96, window=8)
+# A small gpt-oss with gpt-oss-20b's routing (top-4 of 32), the only sizes that can change the count.
+SMALL_GPT_OSS = dict(hidden=64, heads=8, kv_heads=2, head_dim=16, experts=32, top_k=4, inter=64, vocab=96, window=8)
 
 
 class _AtenCounter(TorchDispatchMode):

@@ -89,17 +89,38 @@ def _rope_write_kv() -> dict:
     )
 
 
+ROUTING_POINTERS = {
+    "logits_ptr": BF16, "ids_in_ptr": "*i64", "weights_in_ptr": "*fp32", "ids_ptr": "*i32", "weights_ptr": "*fp32",
+    "chunk_counts_ptr": "*i32", "row_pair_ptr": "*i32", "row_weight_ptr": "*fp32", "tile_expert_ptr": "*i32",
+    "tile_start_ptr": "*i32", "expert_end_ptr": "*i32", "zero_ptr": "*fp32",
+}
+# gpt-oss-20b: top-4 of 32 experts; 64-token chunks (the one-hot bound); decode-sized row tiles.
+ROUTING_GPT_OSS = {"TOP_K": 4, "K_PAD": 4, "BLOCK_T": 64, "BLOCK_E": 32}
+
+
 def _routing(from_logits: bool = True) -> dict:
-    """gpt-oss-20b: top-4 of 32 experts, 32-token chunks, decode-sized row tiles."""
     from kernels.triton import routing
 
     return _compile(
-        routing._routing_kernel,
-        {"logits_ptr": BF16, "ids_in_ptr": "*i64", "weights_in_ptr": "*fp32", "ids_ptr": "*i32",
-         "weights_ptr": "*fp32", "row_pair_ptr": "*i32", "row_weight_ptr": "*fp32", "tile_expert_ptr": "*i32",
-         "tile_start_ptr": "*i32", "expert_end_ptr": "*i32", "zero_ptr": "*fp32"},
-        {"TOP_K": 4, "K_PAD": 4, "BLOCK_T": 32, "BLOCK_E": 32, "BLOCK_M": 16, "BLOCK_TILES": 64,
-         "FROM_LOGITS": from_logits, "ZERO_BLOCK": 4096},
+        routing._route_one_launch_kernel, ROUTING_POINTERS,
+        {**ROUTING_GPT_OSS, "BLOCK_M": 16, "BLOCK_TILES": 64, "FROM_LOGITS": from_logits, "ZERO_BLOCK": 4096},
+    )
+
+
+def _routing_count() -> dict:
+    from kernels.triton import routing
+
+    return _compile(
+        routing._route_count_kernel, ROUTING_POINTERS, {**ROUTING_GPT_OSS, "FROM_LOGITS": True, "ZERO_BLOCK": 4096}
+    )
+
+
+def _routing_place() -> dict:
+    from kernels.triton import routing
+
+    return _compile(
+        routing._route_place_kernel, ROUTING_POINTERS,
+        {**ROUTING_GPT_OSS, "BLOCK_M": 128, "BLOCK_TILES": 64, "BLOCK_C": 64},
     )
 
 
@@ -208,7 +229,9 @@ def decode_figures() -> list[tuple[str, str, dict]]:
         ("paged_attention", "GROUP 8, BLOCK_M 16, split-K 8", _attention(8, 2, 16)),
         ("merge_splits", "8 splits, head_dim 64", _merge_splits()),
         ("paged_attention", "prefill: BLOCK_M 128 (16 tokens x 8 heads)", _attention(1, 16, 128, num_warps=8)),
-        ("moe routing", "top-4 of 32, 32-token chunks", _routing()),
+        ("moe routing (one launch)", "top-4 of 32, up to 256 tokens", _routing()),
+        ("moe routing, launch 1 of 2", "prefill: 64-token chunks", _routing_count()),
+        ("moe routing, launch 2 of 2", "prefill: 64-token chunks", _routing_place()),
         ("mxfp4 gate_up + SwiGLU", "decode tiles", _matmul(GATE_UP, "decode")),
         ("mxfp4 down + combine", "decode tiles, split-K 2", _matmul(DOWN, "decode", split_k=2)),
         ("mxfp4 gate_up + SwiGLU", "batch 256: small tiles", _matmul(GATE_UP, "small")),

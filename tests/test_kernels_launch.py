@@ -6,6 +6,7 @@ the count is what the GPU runs (attention in its split-K decode form).
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import kernel_testing  # noqa: F401  (kernels imported the interpreter's way, as the other kernel tests need)
@@ -14,10 +15,11 @@ from bench import launches
 LAYER_BUDGET = 12
 
 
-def test_gpt_oss_decode_layer_launch_budget():
-    counts = launches.gpt_oss_decode_layer()
+@pytest.mark.parametrize("batch", [1, 256])
+def test_gpt_oss_decode_layer_launch_budget(batch):
+    counts = launches.gpt_oss_decode_layer(batch)
     assert sum(counts.values()) <= LAYER_BUDGET, launches.summary(counts)
-    assert counts["triton._routing_kernel"] == 1  # top-k, sort, schedule and output zeroing in one launch
+    assert counts["triton._route_one_launch_kernel"] == 1  # top-k, sort, schedule and output zeroing
     assert counts["triton._matmul_kernel"] == 2  # gate_up and down (the top-k combine is its epilogue)
     assert "aten._local_scalar_dense.default" not in counts, "a host sync in the layer breaks CUDA graphs"
 

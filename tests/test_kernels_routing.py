@@ -38,10 +38,11 @@ def _logits(case: str, tokens: int, experts: int, device: str) -> torch.Tensor:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", ["random", "ties", "one expert"])
 @pytest.mark.parametrize("tokens,experts,top_k,block_m", [(1, 4, 2, 16), (37, 8, 3, 4), (70, 6, 1, 16), (9, 5, 5, 2)])
-def test_routing_from_logits(device, case, tokens, experts, top_k, block_m):
+@pytest.mark.parametrize("block_t", [None, 16, 2])  # one launch of one chunk, of up to 4 chunks; two launches
+def test_routing_from_logits(device, case, tokens, experts, top_k, block_m, block_t):
     logits = _logits(case, tokens, experts, device)
     zero = torch.full((tokens, 5), float("nan"), device=device)
-    got = triton_routing.route(top_k, experts, block_m, router_logits=logits, zero=zero)
+    got = triton_routing.route(top_k, experts, block_m, router_logits=logits, zero=zero, block_t=block_t)
     weights, ids = reference.moe_route(logits, top_k)
     _assert_same_routing(got, routing.route(ids, weights, experts, block_m))
     assert torch.equal(zero, torch.zeros_like(zero))
@@ -51,8 +52,9 @@ def test_routing_from_logits(device, case, tokens, experts, top_k, block_m):
 def test_routing_from_chosen_experts_and_bf16_logits(device):
     ids = torch.tensor([[3, 0], [3, 1], [0, 3], [2, 3]], device=device)
     weights = torch.rand(4, 2, device=device)
-    got = triton_routing.route(2, 6, 2, expert_ids=ids, expert_weights=weights)
-    _assert_same_routing(got, routing.route(ids, weights, 6, 2))
+    for block_t in (None, 2):
+        got = triton_routing.route(2, 6, 2, expert_ids=ids, expert_weights=weights, block_t=block_t)
+        _assert_same_routing(got, routing.route(ids, weights, 6, 2))
     logits = torch.randn(5, 32, device=device).to(torch.bfloat16)
     got = triton_routing.route(4, 32, 16, router_logits=logits)
     w, i = reference.moe_route(logits, 4)
@@ -117,3 +119,12 @@ def test_split_k_partials_add_up(device, splits):
 def test_route_rejects_bad_top_k():
     with pytest.raises(ValueError, match="top-5 of 4"):
         triton_routing.route(5, 4, 16, router_logits=torch.randn(3, 4))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_routing_with_more_chunks_than_one_count_block(device):
+    # 70 one-token chunks: the placing programs sum the chunk counts over two blocks of 64.
+    logits = _logits("random", 70, 4, device)
+    got = triton_routing.route(2, 4, 8, router_logits=logits, block_t=1)
+    weights, ids = reference.moe_route(logits, 2)
+    _assert_same_routing(got, routing.route(ids, weights, 4, 8))
