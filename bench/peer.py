@@ -427,12 +427,10 @@ def ratio_table(series: dict[str, list[dict]], ours: str = "minerva", peer: str 
 
 
 def default_model_gguf() -> Path | None:
-    """The shipped default model's GGUF export, when the package ships one."""
-    try:
-        from engine.assets import default_gguf_path
-    except ImportError:
-        return None
-    path = Path(default_gguf_path())
+    """The shipped tiny gpt-oss's GGUF export (the 'default' row: it was the default model when measured)."""
+    from engine.assets import tiny_gpt_oss_gguf
+
+    path = tiny_gpt_oss_gguf()
     return path if path.is_file() else None
 
 
@@ -541,9 +539,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if gguf_path is None:
                 print("skipping 'default': no shipped default model GGUF (engine.assets)", file=sys.stderr)
                 continue
-            from engine.assets import default_model_path
+            from engine.assets import tiny_gpt_oss_dir
 
-            hf_dir = default_model_path() if (default_model_path() / "config.json").is_file() else None
+            hf_dir = tiny_gpt_oss_dir() if (tiny_gpt_oss_dir() / "config.json").is_file() else None
         else:
             gguf_path = Path(name)
         tag = name if name in ("tiny-llama", "default") else gguf_path.stem

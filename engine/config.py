@@ -7,24 +7,32 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.errors import MinervaError
 
-class ConfigError(ValueError):
+
+class ConfigError(MinervaError, ValueError):
     """A config file or setting is malformed; the message names the file and key."""
+
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "float16", "bfloat16")  # auto: bf16 on CUDA, fp32 on CPU
+KERNEL_BACKENDS = ("auto", "torch", "triton")  # auto: Triton on CUDA, torch on CPU
+CPU_KV_MEMORY_FRACTION = 0.10  # the CPU KV budget without kv_cache_gib: this share of MemAvailable (kv_budget.py)
 
 
 @dataclass
 class EngineConfig:
     """Every knob of one served model; see README 'Config files'."""
 
-    model: str | None = None  # path; None = the shipped default model
+    model: str | None = None  # path or built-in name (engine/assets); None = the default built-in model
     served_model_name: str | None = None
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16
     kernel_backend: str = "auto"  # auto | torch | triton
     block_size: int = 16
     gpu_memory_utilization: float = 0.90  # fraction of free GPU memory for weights + KV cache
-    kv_cache_gib: float = 0.25  # KV cache budget on CPU
-    max_model_len: int | None = None  # None = the model's context length
+    kv_cache_gib: float | None = None  # KV cache budget on CPU; None = a share of available memory (kv_budget.py)
+    max_model_len: int | None = None  # None = the model's context, or the longest the KV cache holds
     max_num_seqs: int | None = None  # None = by device (engine.scheduler.default_max_num_seqs)
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
@@ -41,16 +49,17 @@ class EngineConfig:
         for name in positive:
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len <= 0:
+            raise ConfigError(f"max_model_len must be positive, got {self.max_model_len}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.mxfp4_unpack_gib < 0:
             raise ConfigError(f"mxfp4_unpack_gib must be >= 0, got {self.mxfp4_unpack_gib}")
-        if self.kv_cache_gib <= 0:
+        if self.kv_cache_gib is not None and self.kv_cache_gib <= 0:
             raise ConfigError(f"kv_cache_gib must be positive, got {self.kv_cache_gib}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
-        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
-            raise ConfigError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
+        for name, allowed in (("device", DEVICES), ("dtype", DTYPES), ("kernel_backend", KERNEL_BACKENDS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides) -> "EngineConfig":

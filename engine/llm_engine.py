@@ -9,11 +9,12 @@ from typing import Any
 
 import torch
 
-from engine.config import ConfigError, EngineConfig
+from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.distributed.group import ParallelGroupError
 from engine.kv_cache import BlockPool
-from engine.model_runner import ModelRunner, kv_bytes_per_block, num_kv_blocks
+from engine.kv_budget import fit_context, kv_cache_blocks
+from engine.model_runner import ModelRunner, kv_bytes_per_block
 from engine.models.base import CausalLM
 from engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from engine.request import Sequence
@@ -63,22 +64,18 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.config = config
         self.model_info = model_info
-        self.max_model_len = max_model_len
-        if num_blocks is None:
-            num_blocks = num_kv_blocks(model, config.block_size, config.kv_cache_gib, config.gpu_memory_utilization)
-        needed = -(-max_model_len // config.block_size)
-        if num_blocks < needed:
-            raise ConfigError(f"KV cache of {num_blocks} blocks cannot hold one {max_model_len}-token "
-                              f"sequence ({needed} blocks): raise kv_cache_gib / gpu_memory_utilization "
-                              "or lower max_model_len")
-        self.pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
         max_num_seqs = config.max_num_seqs or default_max_num_seqs(model.device)
+        if num_blocks is None:
+            num_blocks = kv_cache_blocks(model, config, max_model_len, max_num_seqs)
+        self.max_model_len = fit_context(num_blocks, config.block_size, max_model_len,
+                                         explicit=config.max_model_len is not None)
+        self.pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.pool, max_num_seqs, config.max_num_batched_tokens,
                                    config.enable_chunked_prefill)
         # A graph cannot hold the tensor-parallel broadcasts (headers built on the host): such engines run eagerly.
         cuda_graphs = model.device.type == "cuda" and not config.enforce_eager and self.tensor_parallel_size == 1
         self.runner = ModelRunner(model, num_blocks, config.block_size, max_num_seqs, config.max_num_batched_tokens,
-                                  max_model_len, pad_decodes=cuda_graphs)
+                                  self.max_model_len, pad_decodes=cuda_graphs)
         if model.device.type == "cuda":
             self.runner.warm_up(cuda_graphs)
         self.sampler = Sampler(config.seed)
@@ -90,18 +87,15 @@ class LLMEngine:
     @classmethod
     def from_config(cls, config: EngineConfig, num_blocks: int | None = None) -> "LLMEngine":
         """Open `config.model`, build it on its device and size the KV pool (or take `num_blocks`)."""
+        from engine.assets import resolve_model
         from engine.loader import open_model
         from engine.models import build_model
         from engine.tokenizer import load_tokenizer
         from kernels import select_ops
 
-        path = config.model
-        if path is None:
-            from engine.assets import default_model_path
-
-            path = str(default_model_path())
         started = time.perf_counter()
-        loaded = open_model(path)
+        path, builtin_name = resolve_model(config.model)
+        loaded = open_model(path, builtin_name)
         cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
         device = torch.device("cuda" if cuda else "cpu")
         dtype = DTYPES.get(config.dtype, torch.bfloat16 if cuda else torch.float32)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.errors import MinervaError
 
-class InvalidRequestError(ValueError):
+
+class InvalidRequestError(MinervaError, ValueError):
     """A request field is out of range; `param` names the field (OpenAI's error `param`)."""
 
     def __init__(self, message: str, param: str | None = None) -> None:

@@ -7,13 +7,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
+from engine.errors import MinervaError
 
-class TokenizerError(ValueError):
+
+class TokenizerError(MinervaError, ValueError):
     """The model's tokenizer files or GGUF vocabulary cannot be used; the message says which and why."""
 
 
@@ -43,7 +46,10 @@ class Tokenizer:
         if chat_template:
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
             env.globals["raise_exception"] = _raise_template_error
-            self._template = env.from_string(chat_template)
+            try:
+                self._template = env.from_string(chat_template)
+            except TemplateError as exc:
+                raise TokenizerError(f"the chat template cannot be parsed: {exc}") from exc
 
     @property
     def vocab_size(self) -> int:
@@ -76,10 +82,11 @@ class Tokenizer:
         """From an HF checkpoint's tokenizer.json (+ tokenizer_config.json, chat_template.jinja)."""
         if "tokenizer.json" not in files:
             raise TokenizerError("no tokenizer.json beside the model (only HF fast tokenizers are supported)")
-        backend = HFTokenizer.from_file(str(files["tokenizer.json"]))
-        config: dict[str, Any] = {}
-        if "tokenizer_config.json" in files:
-            config = json.loads(Path(files["tokenizer_config.json"]).read_text())
+        try:
+            backend = HFTokenizer.from_file(str(files["tokenizer.json"]))
+        except Exception as exc:  # the tokenizers library raises a bare Exception for a malformed file
+            raise TokenizerError(f"tokenizer.json: cannot read the tokenizer: {exc}") from exc
+        config = _json_object(files, "tokenizer_config.json")
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: take the default one
             template = next((t.get("template") for t in template if t.get("name") == "default"), None)
@@ -87,7 +94,7 @@ class Tokenizer:
             template = Path(files["chat_template.jinja"]).read_text()
         eos_ids = []
         if "generation_config.json" in files:
-            eos = json.loads(Path(files["generation_config.json"]).read_text()).get("eos_token_id")
+            eos = _json_object(files, "generation_config.json").get("eos_token_id")
             eos_ids = eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else []
         # encode() adds BOS only when the post-processor has not already put it first
         return cls(backend, template, _token_text(config.get("bos_token")), _token_text(config.get("eos_token")),
@@ -144,6 +151,19 @@ END_OF_GENERATION = frozenset({
     "<|endoftext|>", "<|end|>", "<|return|>", "<|call|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>",
     "<end_of_turn>", "<EOT>", "<|end_of_text|>", "<｜end▁of▁sentence｜>",
 })
+
+
+def _json_object(files: Mapping[str, Path], name: str) -> dict[str, Any]:
+    """One of the tokenizer's JSON side files as a dict ({} when absent); malformed is a TokenizerError."""
+    if name not in files:
+        return {}
+    try:
+        data = json.loads(Path(files[name]).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TokenizerError(f"{name}: cannot read: {exc}") from exc
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{name}: expected a JSON object")
+    return data
 
 
 def _raise_template_error(message: str) -> None:

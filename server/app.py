@@ -3,7 +3,7 @@
 Around the routes, outermost first: the request id, observability (metrics and
 the JSON request log, for every request, refused ones too), the guard (API keys,
 rates, concurrency: nobody unauthenticated gets a body buffered), then the body
-size cap. Every error leaves in OpenAI's
+size cap; with --allowed-origins, CORS outside them all. Every error leaves in OpenAI's
 shape. The engines are started and shut down with the app's lifespan.
 """
 
@@ -15,8 +15,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
-from server import chat, completions, info_routes
+from server import chat, completions, info_routes, tokenize_routes
 from server.errors import install_error_handlers
 from server.guard.http import BodySizeLimit, GuardMiddleware
 from server.guard.keys import ApiKeys
@@ -26,6 +27,7 @@ from server.observability.metrics import Metrics
 from server.request_id import RequestIdMiddleware
 from server.served_models import ServedModels
 from server.settings import ServerSettings
+from server.version import minerva_version
 
 logger = logging.getLogger("minerva.server")
 
@@ -49,7 +51,7 @@ def create_app(engines: dict[str, Any], settings: ServerSettings | None = None, 
             for model in started:
                 await model.engine.shutdown()
 
-    app = FastAPI(title="Minerva", version=info_routes.minerva_version(), lifespan=lifespan)
+    app = FastAPI(title="Minerva", version=minerva_version(), lifespan=lifespan)
     app.state.models = models
     app.state.settings = settings
     app.state.admission = Admission(settings.rate_limits)
@@ -59,10 +61,13 @@ def create_app(engines: dict[str, Any], settings: ServerSettings | None = None, 
     app.add_middleware(BodySizeLimit, max_bytes=settings.request_limits.max_body_bytes)
     app.add_middleware(GuardMiddleware, keys=ApiKeys(settings.api_keys), admission=app.state.admission,
                        protect_metrics=settings.protect_metrics)  # before any body is read
-    routers = (info_routes.public_router, info_routes.router, completions.router, chat.router)
+    routers = (info_routes.public_router, info_routes.router, completions.router, chat.router, tokenize_routes.router)
     app.add_middleware(ObservabilityMiddleware, metrics=app.state.metrics,
                        routes=[route for router in routers for route in router.routes], log_prompts=settings.log_prompts)
     app.add_middleware(RequestIdMiddleware)
+    if settings.allowed_origins:  # outermost: a browser's preflight is answered before the guard asks for a key
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins),
+                           allow_methods=list(settings.allowed_methods), allow_headers=list(settings.allowed_headers))
     for router in routers:
         app.include_router(router)
     return app

@@ -1,4 +1,9 @@
-"""The `minerva` command line: one subcommand per job (`inspect` here, `serve` in server/launch.py)."""
+"""The `minerva` command line: one subcommand per job (`inspect` and `models` here, `serve` in server/launch.py).
+
+Tool commands (`inspect`, `models`, `--version`) import neither torch nor FastAPI: each
+subcommand imports its heavy modules inside its handler. Any MinervaError (a bad file,
+setting or flag value) ends the command with `error: <message>` and exit status 2.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,12 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
+from engine.assets import builtin_models
+from engine.errors import MinervaError
 from engine.loader import ModelInfo, ModelLoadError, read_model_info
 from engine.loader import format_size
 from server.launch import add_serve_parser
+from server.version import minerva_version
 
 INSPECT_COLUMNS: tuple[tuple[str, Callable[[ModelInfo], object]], ...] = (
     ("id", lambda i: i.id),
@@ -70,9 +78,35 @@ def inspect_command(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def models_command(args: argparse.Namespace) -> int:
+    """The built-in model names `serve`, `chat` and `generate` accept, and where each one's files are."""
+    rows = [("name", "where", "what")]
+    for model in builtin_models():
+        rows.append((model.name, str(model.path) if model.path else f"not installed: {model.missing_hint}",
+                     model.description))
+    widths = [max(len(row[col]) for row in rows) for col in range(2)]
+    for name, where, what in rows:
+        print(f"{name.ljust(widths[0])}  {where.ljust(widths[1])}  {what}".rstrip())
+    return 0
+
+
+class VersionAction(argparse.Action):
+    """`--version`: the installed version, looked up only when asked (package metadata costs ~40 ms)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print Minerva's version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        print(f"minerva {minerva_version()}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minerva", description="Minerva: an OpenAI-compatible LLM inference server")
+    parser.add_argument("--version", action=VersionAction)
     commands = parser.add_subparsers(dest="command", required=True)
+    models = commands.add_parser("models", help="list the built-in models and where their files are")
+    models.set_defaults(handler=models_command)
     inspect = commands.add_parser("inspect", help="print model metadata without reading tensor data")
     inspect.add_argument("paths", nargs="+", metavar="PATH", help=".gguf file, .safetensors file or HF checkpoint dir")
     inspect.add_argument("--json", action="store_true", help="one JSON object per model (ModelInfo field names)")
@@ -83,7 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except MinervaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

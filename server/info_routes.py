@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import importlib.metadata
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
@@ -20,6 +19,7 @@ from server.errors import APIError
 from server.observability.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from server.protocol import ModelCheckRequest
 from server.served_models import ServedModel, ServedModels
+from server.version import minerva_version
 from server.throughput import DEVICES, WeightProfile, device_key_for, estimate
 
 router = APIRouter()
@@ -28,13 +28,6 @@ public_router = APIRouter()  # no API key: load balancers, probes and scrapers c
 
 def served_models(request: Request) -> ServedModels:
     return request.app.state.models
-
-
-def minerva_version() -> str:
-    try:
-        return importlib.metadata.version("minerva")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 @public_router.get("/health")

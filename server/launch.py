@@ -1,74 +1,55 @@
-"""`minerva serve`: build one engine per model from the command line (and an optional TOML), then run uvicorn."""
+"""`minerva serve`: build one engine per model from the command line (and an optional TOML), then run uvicorn.
+
+Imports nothing heavy at module level: the parser it adds is built for every `minerva`
+command, `inspect` included, which must not pay for torch or FastAPI.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
-from engine.config import ConfigError, EngineConfig
-from engine.loader import ModelLoadError
+from engine.config import EngineConfig
+from server.engine_args import LaunchError, add_engine_flags, engine_config, positive_int
 from server.guard.keys import ApiKeys, read_keys_file
 from server.guard.rate_limit import Limits
-from server.guard.request_limits import RequestLimits
 from server.observability.request_log import configure_json_logging
-from server.settings import ServerSettings
+from server.settings import RequestLimits, ServerSettings
 
-
-class LaunchError(Exception):
-    """The command line cannot be turned into served models; the message says why."""
-
-
-def default_model() -> str:
-    """The shipped default model's path, or a clear error while none is shipped."""
-    try:
-        from engine.assets import default_model_path
-    except ImportError:
-        raise LaunchError("no default model shipped: pass a MODEL path (a .gguf, .safetensors or HF directory)") from None
-    path = default_model_path()
-    if path is None or not Path(path).exists():
-        raise LaunchError(f"no default model shipped (expected at {path}): pass a MODEL path")
-    return str(path)
+log = logging.getLogger("minerva.server")
 
 
 def engine_configs(args: argparse.Namespace) -> list[EngineConfig]:
-    """One EngineConfig per MODEL; --config supplies the defaults, the command line wins."""
-    models = list(args.models) or [default_model()]
+    """One EngineConfig per MODEL (none given: the `--config` file's model, else the default built-in)."""
+    models = list(args.models) or [None]
     names = list(args.served_model_name or [])
     if names and len(names) != len(models):
         raise LaunchError(f"--served-model-name given {len(names)} time(s) for {len(models)} model(s): "
                           "give one name per model, in the same order")
     if len(set(names)) != len(names):
         raise LaunchError("--served-model-name values must be distinct")
-    configs = []
-    for index, model in enumerate(models):
-        overrides = {"model": model, "served_model_name": names[index] if names else None, "device": args.device,
-                     "tensor_parallel_size": args.tensor_parallel_size,
-                     "enforce_eager": args.enforce_eager}
-        try:
-            if args.config:
-                configs.append(EngineConfig.from_toml(args.config, **overrides))
-            else:
-                configs.append(EngineConfig(**{k: v for k, v in overrides.items() if v is not None}))
-        except ConfigError as exc:
-            raise LaunchError(str(exc)) from exc
+    configs = [engine_config(args, model, names[index] if names else None) for index, model in enumerate(models)]
     if sum(c.tensor_parallel_size > 1 for c in configs) > 1:
         raise LaunchError("only one model per server can be tensor-parallel (the ranks share one process group)")
     return configs
 
 
 def build_engines(configs: list[EngineConfig]) -> dict[str, Any]:
-    """served name -> AsyncEngine; two models under one name is an error."""
+    """served name -> AsyncEngine; a model that cannot load raises its MinervaError, two under one name a LaunchError."""
     from engine.async_engine import AsyncEngine
+    from engine.models.errors import ModelConfigError
+    from engine.tokenizer import TokenizerError
 
     engines: dict[str, Any] = {}
     for config in configs:
         try:
             engine = AsyncEngine.from_config(config)
-        except (ModelLoadError, ConfigError) as exc:
-            raise LaunchError(str(exc)) from exc
+        except (ModelConfigError, TokenizerError) as exc:  # these name the field or file, not the model
+            raise LaunchError(f"{config.model or 'the default model'}: {exc}") from exc
         name = config.served_model_name or engine.model_info.id
         if name in engines:
             raise LaunchError(f"two models would be served as {name!r}: use --served-model-name")
@@ -83,6 +64,19 @@ def device_name(configs: list[EngineConfig]) -> str:
     if any(c.device in ("auto", "cuda") for c in configs) and torch.cuda.is_available():
         return torch.cuda.get_device_name()
     return "cpu"
+
+
+def cors_list(text: str) -> tuple[str, ...]:
+    """A CORS flag's value: a JSON list as vLLM takes it ('["*"]'), or comma-separated ('a,b')."""
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"not a JSON list: {exc}") from exc
+        if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+            raise argparse.ArgumentTypeError("must be a JSON list of strings")
+        return tuple(items)
+    return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
 def server_settings(args: argparse.Namespace, configs: list[EngineConfig]) -> ServerSettings:
@@ -103,7 +97,23 @@ def server_settings(args: argparse.Namespace, configs: list[EngineConfig]) -> Se
                          max_concurrent_per_client=args.max_concurrent_per_key, max_pending=args.max_pending)
     return ServerSettings(api_keys=tuple(keys), protect_metrics=args.protect_metrics, rate_limits=rate_limits,
                           request_limits=request_limits, log_prompts=args.log_prompts,
-                          allow_path_checks=args.allow_path_checks, device_name=device_name(configs))
+                          allow_path_checks=args.allow_path_checks, device_name=device_name(configs),
+                          allowed_origins=args.allowed_origins, allowed_methods=args.allowed_methods,
+                          allowed_headers=args.allowed_headers)
+
+
+def banner_lines(engines: dict[str, Any], url: str) -> list[str]:
+    """One line per served model: where, what context, how many tokens the KV cache holds, on what."""
+    lines = []
+    for name, engine in engines.items():
+        core = engine.engine
+        stats = core.stats()
+        backend = {"kernels.reference": "torch", "kernels.triton_ops": "triton"}.get(core.model.ops.__name__,
+                                                                                      core.model.ops.__name__)
+        lines.append(f"Minerva serving {name!r} at {url}/v1: context {core.max_model_len} tokens, KV cache "
+                     f"{stats['kv_blocks_total'] * core.config.block_size} tokens, device {core.model.device}, "
+                     f"{str(core.model.dtype).removeprefix('torch.')}, {backend} kernels")
+    return lines
 
 
 def serve_command(args: argparse.Namespace) -> int:
@@ -117,16 +127,14 @@ def serve_command(args: argparse.Namespace) -> int:
     from server.app import create_app
 
     if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
-        print("error: --ssl-keyfile and --ssl-certfile go together", file=sys.stderr)
-        return 2
+        raise LaunchError("--ssl-keyfile and --ssl-certfile go together")
     configure_json_logging(args.log_level)
-    try:
-        configs = engine_configs(args)
-        settings = server_settings(args, configs)
-        engines = build_engines(configs)
-    except LaunchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    configs = engine_configs(args)
+    settings = server_settings(args, configs)
+    engines = build_engines(configs)
+    scheme = "https" if args.ssl_certfile else "http"
+    for line in banner_lines(engines, f"{scheme}://{args.host}:{args.port}"):
+        log.info(line)
     # uvicorn re-raises the signal it stopped on once it is done; with the default SIGTERM action
     # that would kill the process (status 143) after a clean shutdown, so the re-raise lands here.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
@@ -142,27 +150,33 @@ def serve_command(args: argparse.Namespace) -> int:
 
 
 def add_serve_parser(commands: Any) -> None:
-    serve = commands.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API")
+    serve = commands.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API",
+                                description="Serve models over an OpenAI-compatible HTTP API.")
     serve.add_argument("models", nargs="*", metavar="MODEL",
-                       help="model paths (.gguf, .safetensors, HF dir); none = the shipped default model")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+                       help="built-in model names (`minerva models`) or paths (.gguf, .safetensors, HF dir); "
+                            "none = the default built-in model")
     serve.add_argument("--served-model-name", action="append", metavar="NAME",
                        help="name clients use in `model` (repeat once per MODEL, in order)")
-    serve.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
-    serve.add_argument("--config", metavar="FILE", help="TOML file with an [engine] table (see configs/)")
-    serve.add_argument("--tensor-parallel-size", type=positive_int, default=None, metavar="N",
-                       help="split the model over N GPUs (or N CPU processes) with torch.distributed (default 1)")
-    serve.add_argument("--enforce-eager", action="store_true", default=None,
-                       help="CUDA: run every step eagerly (no CUDA graph capture or replay)")
-    serve.add_argument("--allow-path-checks", action="store_true",
-                       help="let POST /v1/minerva/models/check read metadata of server-side file paths")
-    serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
-    serve.add_argument("--log-prompts", action="store_true", help="put prompt text in the JSON request log")
-    serve.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
-                       help="on SIGTERM, how long running requests may finish before they are aborted")
-    serve.add_argument("--ssl-keyfile", metavar="FILE", help="serve HTTPS with this private key")
-    serve.add_argument("--ssl-certfile", metavar="FILE", help="serve HTTPS with this certificate")
+    add_engine_flags(serve)
+
+    http = serve.add_argument_group("HTTP")
+    http.add_argument("--host", default="127.0.0.1")
+    http.add_argument("--port", type=int, default=8000)
+    http.add_argument("--ssl-keyfile", metavar="FILE", help="serve HTTPS with this private key")
+    http.add_argument("--ssl-certfile", metavar="FILE", help="serve HTTPS with this certificate")
+    http.add_argument("--allowed-origins", type=cors_list, default=(), metavar="LIST",
+                      help='CORS: browser origins allowed to call the server, e.g. \'["*"]\' or '
+                           '"http://localhost:3000,https://app.example" (default: none)')
+    http.add_argument("--allowed-methods", type=cors_list, default=("*",), metavar="LIST",
+                      help="CORS: methods allowed from those origins (default: all)")
+    http.add_argument("--allowed-headers", type=cors_list, default=("*",), metavar="LIST",
+                      help="CORS: request headers allowed from those origins (default: all)")
+    http.add_argument("--allow-path-checks", action="store_true",
+                      help="let POST /v1/minerva/models/check read metadata of server-side file paths")
+    http.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    http.add_argument("--log-prompts", action="store_true", help="put prompt text in the JSON request log")
+    http.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                      help="on SIGTERM, how long running requests may finish before they are aborted")
 
     access = serve.add_argument_group("access")
     access.add_argument("--api-key", action="append", metavar="KEY",
@@ -192,10 +206,3 @@ def add_serve_parser(commands: Any) -> None:
     request.add_argument("--max-messages", type=positive_int, default=defaults.max_messages, metavar="N",
                          help="chat messages")
     serve.set_defaults(handler=serve_command)
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value

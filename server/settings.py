@@ -5,7 +5,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from server.guard.rate_limit import Limits
-from server.guard.request_limits import RequestLimits
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Caps on what one request may ask for; server/guard/request_limits.py enforces them."""
+
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_n: int = 16  # also caps best_of, which must equal n
+    max_prompts: int = 64  # prompts in one /v1/completions request
+    max_stop: int = 4  # stop strings, as OpenAI
+    max_stop_length: int = 256  # characters per stop string
+    max_stop_token_ids: int = 64
+    max_logprobs: int = 20  # completion `logprobs` and chat `top_logprobs`
+    max_messages: int = 512
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if value < 1 and not (name == "max_logprobs" and value == 0):
+                raise ValueError(f"{name} must be at least 1, got {value}")
 
 
 @dataclass(frozen=True)
@@ -17,3 +35,6 @@ class ServerSettings:
     log_prompts: bool = False  # prompt text in the request log
     allow_path_checks: bool = False  # /v1/minerva/models/check may read server-side paths
     device_name: str = "cpu"  # what the throughput estimate assumes by default
+    allowed_origins: tuple[str, ...] = ()  # CORS: browser origins that may call the server ("*": any); none by default
+    allowed_methods: tuple[str, ...] = ("*",)  # CORS, once an origin is allowed
+    allowed_headers: tuple[str, ...] = ("*",)

@@ -18,10 +18,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from engine.assets import default_gguf_path, default_model_path
+from engine.assets import tiny_gpt_oss_dir, tiny_gpt_oss_gguf
 from kernels.mxfp4 import dequantize
 
-MODEL_DIR = default_model_path()
+MODEL_DIR = tiny_gpt_oss_dir()
 WORDS = Path(__file__).parent / "data" / "default_model_words.txt"
 HELDOUT = Path(__file__).parent / "data" / "default_model_heldout.txt"
 MAX_HELDOUT_LOSS = 4.1  # nats/token on held-out prose; the shipped model scores 3.82, an untrained one ln(4096) = 8.3
@@ -75,7 +75,7 @@ def test_package_ships_a_few_megabytes_of_model_files():
     names = {p.name for p in MODEL_DIR.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "generation_config.json"} <= names
-    sizes = [p.stat().st_size for p in MODEL_DIR.iterdir()] + [default_gguf_path().stat().st_size]
+    sizes = [p.stat().st_size for p in MODEL_DIR.iterdir()] + [tiny_gpt_oss_gguf().stat().st_size]
     assert sum(sizes) < 12e6
 
 
@@ -115,7 +115,7 @@ def test_transformers_dequantizes_the_experts_as_kernels_mxfp4_does():
 
 
 def test_gguf_holds_the_same_tensors():
-    reader = gguf.GGUFReader(default_gguf_path())
+    reader = gguf.GGUFReader(tiny_gpt_oss_gguf())
     arch = reader.fields["general.architecture"]
     assert bytes(arch.parts[arch.data[0]]).decode() == "gpt-oss"
     got = {t.name: t for t in reader.tensors}
@@ -180,7 +180,7 @@ def test_llama_cpp_runs_the_gguf_like_transformers():
     """llama.cpp's own gpt-oss graph on the GGUF agrees with transformers on the safetensors."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
     model, tok = reference_model(), tokenizer()
-    llm = llama_cpp.Llama(model_path=str(default_gguf_path()), n_ctx=512, logits_all=True, verbose=False,
+    llm = llama_cpp.Llama(model_path=str(tiny_gpt_oss_gguf()), n_ctx=512, logits_all=True, verbose=False,
                           n_threads=1, type_k=0, type_v=0)
     worst, agree = [], []
     try:
@@ -255,7 +255,7 @@ def test_minerva_logits_match_transformers():
     ).eval()
     with torch.no_grad():
         expected = truncated(input_ids=torch.tensor([ids])).logits[0]
-    torch.testing.assert_close(minerva_prefill_logits(default_gguf_path(), ids), expected, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(minerva_prefill_logits(tiny_gpt_oss_gguf(), ids), expected, rtol=1e-4, atol=1e-3)
 
 
 def test_minerva_greedy_decode_matches_transformers():
@@ -274,12 +274,12 @@ def test_minerva_greedy_decode_matches_transformers():
 
 
 def test_minerva_generations_are_corpus_english():
-    """Minerva's offline engine with no model path serves the shipped one; completions and chats read as English."""
+    """Minerva's offline engine serving the built-in tiny-gpt-oss by name; completions and chats read as English."""
     from engine.llm import LLM
     from engine.sampling_params import SamplingParams
 
     prompts = PROMPTS + [chat_prompt(q) for q in QUESTIONS]
-    outputs = LLM().generate(prompts, SamplingParams(max_tokens=20, temperature=0.7, top_p=0.9, seed=0))
+    outputs = LLM("tiny-gpt-oss").generate(prompts, SamplingParams(max_tokens=20, temperature=0.7, top_p=0.9, seed=0))
     assert corpus_word_fraction([o.outputs[0].text for o in outputs]) >= 0.9
     chat_answers = outputs[len(PROMPTS):]
     assert all(o.outputs[0].finish_reason == "stop" for o in chat_answers)  # ended by <|return|>

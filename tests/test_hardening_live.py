@@ -202,7 +202,7 @@ def free_port() -> int:
 
 
 class ServeProcess:
-    """`minerva serve` (the shipped default model) over HTTPS in a subprocess, its stderr kept in a file."""
+    """`minerva serve tiny-gpt-oss` (the fast built-in test model) over HTTPS in a subprocess, its stderr kept in a file."""
 
     def __init__(self, directory: Path, shutdown_timeout: float) -> None:
         self.key, self.cert = self_signed_certificate(directory)
@@ -210,7 +210,7 @@ class ServeProcess:
         self.base_url = f"https://127.0.0.1:{self.port}"
         self.log_path = directory / f"serve-{self.port}.log"
         self._log = self.log_path.open("w")
-        command = [sys.executable, "-m", "server.cli", "serve", "--device", "cpu", "--port", str(self.port),
+        command = [sys.executable, "-m", "server.cli", "serve", "tiny-gpt-oss", "--device", "cpu", "--port", str(self.port),
                    "--ssl-keyfile", str(self.key), "--ssl-certfile", str(self.cert),
                    "--shutdown-timeout", str(shutdown_timeout)]
         self.process = subprocess.Popen(command, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,

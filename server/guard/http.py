@@ -16,6 +16,7 @@ from server.guard.rate_limit import Admission, OverloadedError, RateLimitError
 from server.observability.request_record import record_in, record_of
 
 GENERATION_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions"})
+TOKENIZER_ROUTES = frozenset({"/tokenize", "/detokenize"})  # outside /v1 as in vLLM, guarded all the same
 
 
 def rate_limit_error(exc: RateLimitError) -> APIError:
@@ -24,7 +25,8 @@ def rate_limit_error(exc: RateLimitError) -> APIError:
 
 
 class GuardMiddleware:
-    """Authenticates /v1 (and, if asked, /metrics), then admits the request under the client's limits."""
+    """Authenticates /v1 and the tokenizer routes (and, if asked, /metrics), then admits the request under
+    the client's limits."""
 
     def __init__(self, app: ASGIApp, keys: ApiKeys, admission: Admission, protect_metrics: bool = False) -> None:
         self.app = app
@@ -33,7 +35,7 @@ class GuardMiddleware:
         self.protect_metrics = protect_metrics
 
     def _guarded(self, path: str) -> bool:
-        return path.startswith("/v1/") or (self.protect_metrics and path == "/metrics")
+        return path.startswith("/v1/") or path in TOKENIZER_ROUTES or (self.protect_metrics and path == "/metrics")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self._guarded(scope["path"]):

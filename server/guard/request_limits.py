@@ -7,27 +7,9 @@ tokenized (server/request_params.py); the body size by BodySizeLimit.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from server.errors import APIError
 from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, split_prompts
-
-
-@dataclass(frozen=True)
-class RequestLimits:
-    max_body_bytes: int = 4 * 1024 * 1024
-    max_n: int = 16  # also caps best_of, which must equal n
-    max_prompts: int = 64  # prompts in one /v1/completions request
-    max_stop: int = 4  # stop strings, as OpenAI
-    max_stop_length: int = 256  # characters per stop string
-    max_stop_token_ids: int = 64
-    max_logprobs: int = 20  # completion `logprobs` and chat `top_logprobs`
-    max_messages: int = 512
-
-    def __post_init__(self) -> None:
-        for name, value in vars(self).items():
-            if value < 1 and not (name == "max_logprobs" and value == 0):
-                raise ValueError(f"{name} must be at least 1, got {value}")
+from server.settings import RequestLimits
 
 
 def _too_many(param: str, what: str, count: int, cap: int) -> APIError:

@@ -26,10 +26,10 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_json_logging(level: str = "info") -> None:
-    """Send Minerva's loggers to stderr as JSON lines."""
+    """Send Minerva's loggers (server and engine) to stderr as JSON lines."""
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter())
-    for name in ("minerva", "uvicorn.error"):
+    for name in ("minerva", "engine", "uvicorn.error"):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
         logger.setLevel(level.upper())
