@@ -43,8 +43,8 @@ class AsyncEngine:
         self.on_fatal: Callable[[str], None] | None = None  # the server's exit, called once on such a failure
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> "AsyncEngine":
-        return cls(LLMEngine.from_config(config))
+    def from_config(cls, config: EngineConfig, on_progress: Callable[[int, int], None] | None = None) -> "AsyncEngine":
+        return cls(LLMEngine.from_config(config, on_progress=on_progress))
 
     @property
     def tokenizer(self) -> Any:

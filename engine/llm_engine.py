@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,8 +86,10 @@ class LLMEngine:
         self.load_seconds = 0.0  # set by from_config: opening, building and placing the weights
 
     @classmethod
-    def from_config(cls, config: EngineConfig, num_blocks: int | None = None) -> "LLMEngine":
-        """Open `config.model`, build it on its device and size the KV pool (or take `num_blocks`)."""
+    def from_config(cls, config: EngineConfig, num_blocks: int | None = None,
+                    on_progress: Callable[[int, int], None] | None = None) -> "LLMEngine":
+        """Open `config.model`, build it on its device and size the KV pool (or take `num_blocks`);
+        `on_progress(read, total)` hears the weight bytes read while the model builds."""
         from engine.assets import resolve_model
         from engine.loader import open_model
         from engine.models import build_model
@@ -107,7 +110,7 @@ class LLMEngine:
                                           config.mxfp4_unpack_gib, config.tensor_parallel_timeout_s)
         else:
             model = build_model(loaded, device=device, dtype=dtype, ops=select_ops(device, backend),
-                                unpack_mxfp4_gib=config.mxfp4_unpack_gib)
+                                unpack_mxfp4_gib=config.mxfp4_unpack_gib, on_progress=on_progress)
         context = loaded.info.context_length or 2048
         max_model_len = min(config.max_model_len or context, context)
         try:

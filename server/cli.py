@@ -1,4 +1,5 @@
-"""The `minerva` command line: one subcommand per job (`inspect` and `models` here, `serve` in server/launch.py).
+"""The `minerva` command line: one subcommand per job (`inspect` and `models` here, `serve` in
+server/launch.py, `chat` and `generate` in server/chat_cli.py).
 
 Tool commands (`inspect`, `models`, `--version`) import neither torch nor FastAPI: each
 subcommand imports its heavy modules inside its handler. Any MinervaError (a bad file,
@@ -16,6 +17,7 @@ from engine.assets import builtin_models
 from engine.errors import MinervaError
 from engine.loader import ModelInfo, ModelLoadError, read_model_info
 from engine.loader import format_size
+from server.chat_cli import add_chat_parsers
 from server.launch import add_serve_parser
 from server.version import minerva_version
 
@@ -112,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="one JSON object per model (ModelInfo field names)")
     inspect.set_defaults(handler=inspect_command)
     add_serve_parser(commands)
+    add_chat_parsers(commands)
     return parser
 
 

@@ -17,6 +17,7 @@ from engine.config import EngineConfig
 from server.engine_args import LaunchError, add_engine_flags, engine_config, positive_int
 from server.guard.keys import ApiKeys, read_keys_file
 from server.guard.rate_limit import Limits
+from server.load_progress import LoadProgress
 from server.observability.request_log import configure_json_logging
 from server.settings import RequestLimits, ServerSettings
 
@@ -46,10 +47,14 @@ def build_engines(configs: list[EngineConfig]) -> dict[str, Any]:
 
     engines: dict[str, Any] = {}
     for config in configs:
+        progress = LoadProgress.for_terminal(config.model or "the default model")
         try:
-            engine = AsyncEngine.from_config(config)
+            engine = AsyncEngine.from_config(config, on_progress=progress)
         except (ModelConfigError, TokenizerError) as exc:  # these name the field or file, not the model
             raise LaunchError(f"{config.model or 'the default model'}: {exc}") from exc
+        finally:
+            if progress is not None:
+                progress.close()
         name = config.served_model_name or engine.model_info.id
         if name in engines:
             raise LaunchError(f"two models would be served as {name!r}: use --served-model-name")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.metadata
-
 
 def minerva_version() -> str:
+    import importlib.metadata  # here, not at the top: `minerva inspect` should not pay for it
+
     try:
         return importlib.metadata.version("minerva")
     except importlib.metadata.PackageNotFoundError:

@@ -133,3 +133,30 @@ def test_cors_flags_take_json_lists_or_commas():
     assert server_settings(parse("m"), []).allowed_origins == ()
     with pytest.raises(SystemExit):
         parse("m", "--allowed-origins", '["unclosed"')
+
+
+def test_tool_commands_import_neither_torch_nor_fastapi():
+    """`minerva inspect`, `models` and `--version` stay fast: bench/cli_startup.py times them."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from engine.assets import tiny_gpt_oss_gguf
+
+    script = ("import sys\nfrom server.cli import main\n"
+              f"main(['inspect', {str(tiny_gpt_oss_gguf())!r}])\nmain(['models'])\n"
+              "try:\n    main(['--version'])\nexcept SystemExit:\n    pass\n"
+              "heavy = sorted(m for m in ('torch', 'fastapi', 'numpy', 'pydantic') if m in sys.modules)\n"
+              "print('HEAVY', heavy)\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "minerva-tiny-gpt-oss" in result.stdout and "minerva " in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "HEAVY []"
+
+
+def test_shipped_config_files_parse():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml")):
+        assert EngineConfig.from_toml(path).model

@@ -162,3 +162,39 @@ def test_a_real_process_prints_no_traceback(tmp_path):
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and result.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_weight_loading_reports_progress_up_to_every_byte():
+    import io
+
+    from server.load_progress import LoadProgress
+
+    calls = []
+    LLMEngine.from_config(EngineConfig(model=str(tiny_llama_dir()), kv_cache_gib=0.01),
+                          on_progress=lambda done, total: calls.append((done, total)))
+    total = calls[-1][1]
+    assert total == (tiny_llama_dir() / "model.safetensors").stat().st_size - 8 - _header_bytes(tiny_llama_dir())
+    assert calls[-1][0] == total and [d for d, _ in calls] == sorted(d for d, _ in calls)
+    stream = io.StringIO()
+    bar = LoadProgress("tiny", stream)
+    bar(total // 2, total)
+    bar(total, total)
+    assert stream.getvalue().startswith("\rloading tiny [") and stream.getvalue().endswith("MiB\n")
+
+
+def _header_bytes(folder: Path) -> int:
+    import struct
+
+    with open(folder / "model.safetensors", "rb") as handle:
+        return struct.unpack("<Q", handle.read(8))[0]
+
+
+def test_banner_names_url_context_kv_tokens_device_and_kernels():
+    from engine.async_engine import AsyncEngine
+    from server.launch import banner_lines
+
+    engine = AsyncEngine.from_config(EngineConfig(model=str(tiny_llama_dir()), device="cpu", kv_cache_gib=0.01))
+    (line,) = banner_lines({"tiny": engine}, "http://127.0.0.1:8000")
+    tokens = engine.engine.pool.num_blocks * 16
+    assert line == (f"Minerva serving 'tiny' at http://127.0.0.1:8000/v1: context 256 tokens, KV cache {tokens} "
+                    "tokens, device cpu, float32, torch kernels")

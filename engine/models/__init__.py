@@ -6,6 +6,7 @@ safetensors or GGUF) into a CausalLM (engine.models.base); see docs/models.md.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,11 +30,13 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     ops: Ops | None = None,
     unpack_mxfp4_gib: float = 0.0,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> DecoderLM:
     """Validate `loaded.config`, read and check every tensor, and return the model on `device`.
 
     `loaded` needs `.config` (HF-style dict), `.tensors` (a TensorStore) and `.info.format`.
     MXFP4 experts stay packed unless `unpack_mxfp4_gib` allows a dense copy (see unpack_mxfp4).
+    `on_progress(read, total)` hears the bytes of weights read so far (a progress bar's feed).
     Raises ModelConfigError naming the field or tensor when the checkpoint does not fit.
     """
     device = torch.device(device)
@@ -45,7 +48,7 @@ def build_model(
     from_gguf = loaded.info.format == "gguf"
     rename = gguf_renamer(spec.model_type) if from_gguf else (lambda name: name)
     unpack = unpack_mxfp4(device, dtype, ops, loaded, unpack_mxfp4_gib)
-    reader = WeightReader(loaded.tensors, device, dtype, rename, unpack_mxfp4=unpack)
+    reader = WeightReader(loaded.tensors, device, dtype, rename, unpack_mxfp4=unpack, on_progress=on_progress)
     return _LOADERS[spec.family](spec, reader, ops, from_gguf)
 
 

@@ -24,12 +24,21 @@ class WeightReader:
         dtype: torch.dtype,
         rename: Callable[[str], str] = lambda name: name,
         unpack_mxfp4: bool = False,
+        on_progress: Callable[[int, int], None] | None = None,
     ) -> None:
         self.tensors = tensors
         self.device = device
         self.dtype = dtype
         self.rename = rename
         self.unpack_mxfp4 = unpack_mxfp4
+        self.on_progress = on_progress  # (bytes read so far, bytes of all tensors): a load progress bar
+        self._total_bytes = sum(t.nbytes for t in tensors.values()) if on_progress else 0
+        self._read_bytes = 0
+
+    def _count(self, *stored: str) -> None:
+        if self.on_progress is not None:
+            self._read_bytes += sum(self.tensors[name].nbytes for name in stored if name in self.tensors)
+            self.on_progress(self._read_bytes, self._total_bytes)
 
     def _lazy(self, name: str) -> Any:
         stored = self.rename(name)
@@ -47,6 +56,7 @@ class WeightReader:
         if tuple(lazy.shape) != tuple(shape):
             raise ModelConfigError(f"tensor {self.rename(name)} has shape {tuple(lazy.shape)}, expected {tuple(shape)}")
         tensor = lazy.load()
+        self._count(self.rename(name))
         return tensor.to(device=self.device, dtype=dtype or self.dtype, copy=tensor.device == self.device)
 
     def mxfp4(self, name: str, shape: tuple[int, ...]) -> MXFP4Tensor | torch.Tensor:
@@ -59,6 +69,7 @@ class WeightReader:
             raise ModelConfigError(f"missing MXFP4 tensor {stored} (or its _blocks/_scales pair)") from exc
         if tuple(weight.shape) != tuple(shape):
             raise ModelConfigError(f"MXFP4 tensor {stored} has shape {tuple(weight.shape)}, expected {tuple(shape)}")
+        self._count(stored, f"{stored}_blocks", f"{stored}_scales")
         if self.unpack_mxfp4:
             return weight.dequantize(self.dtype).to(self.device)
         return weight.to(self.device)
