@@ -19,7 +19,7 @@ import logging
 import os
 
 from engine.config import CPU_KV_MEMORY_FRACTION, ConfigError, EngineConfig
-from engine.model_runner import GIB, kv_bytes_per_block, num_kv_blocks
+from engine.model_runner import kv_bytes_per_block, num_kv_blocks
 from engine.models.base import CausalLM
 
 log = logging.getLogger(__name__)
@@ -40,20 +40,13 @@ def available_memory_bytes() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def auto_cpu_kv_cache_gib(model: CausalLM, block_size: int, max_model_len: int, max_num_seqs: int) -> float:
-    """The CPU KV budget when kv_cache_gib is unset: a fraction of available memory, capped by what
-    max_num_seqs sequences of max_model_len tokens can fill."""
-    blocks_per_seq = -(-max_model_len // block_size)
-    usable = max_num_seqs * blocks_per_seq * kv_bytes_per_block(model, block_size)
-    return min(CPU_KV_MEMORY_FRACTION * available_memory_bytes(), usable) / GIB
-
-
 def kv_cache_blocks(model: CausalLM, config: EngineConfig, max_model_len: int, max_num_seqs: int) -> int:
     """The pool size for `model` under `config`'s budget (see the module docstring)."""
-    gib = config.kv_cache_gib
-    if gib is None and model.device.type == "cpu":
-        gib = auto_cpu_kv_cache_gib(model, config.block_size, max_model_len, max_num_seqs)
-    return num_kv_blocks(model, config.block_size, gib or 0.0, config.gpu_memory_utilization)
+    if config.kv_cache_gib is None and model.device.type == "cpu":
+        per_block = kv_bytes_per_block(model, config.block_size)
+        memory_blocks = int(CPU_KV_MEMORY_FRACTION * available_memory_bytes() // per_block)
+        return min(memory_blocks, max_num_seqs * -(-max_model_len // config.block_size))
+    return num_kv_blocks(model, config.block_size, config.kv_cache_gib or 0.0, config.gpu_memory_utilization)
 
 
 def fit_context(num_blocks: int, block_size: int, wanted: int, explicit: bool) -> int:
