@@ -62,6 +62,11 @@ class AsyncEngine:
     def config(self) -> EngineConfig:
         return self.engine.config
 
+    @property
+    def grammars(self) -> Any:
+        """engine.structured.GrammarCompiler: thread-safe, so the server compiles in a worker thread."""
+        return self.engine.grammars
+
     def stats(self) -> dict[str, Any]:
         return self.engine.stats()
 

@@ -22,6 +22,7 @@ from engine.request import Sequence
 from engine.sampler import SampleResult, Sampler, SamplingRow
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from engine.scheduler import Scheduler, default_max_num_seqs
+from engine.structured import GrammarCompiler, GrammarError, unconstrained_bitmask
 from engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,14 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.load_seconds = 0.0  # set by from_config: opening, building and placing the weights
+        self._grammars: GrammarCompiler | None = None
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """Compiled-grammar cache, built on first use (servers that never constrain output never import xgrammar)."""
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, self.model.vocab_size)
+        return self._grammars
 
     @classmethod
     def from_config(cls, config: EngineConfig, num_blocks: int | None = None,
@@ -147,12 +156,19 @@ class LLMEngine:
         if not self.config.enable_chunked_prefill and len(ids) + max_tokens > self.config.max_num_batched_tokens:
             raise InvalidRequestError(f"with chunked prefill off a sequence may not exceed max_num_batched_tokens "
                                       f"({self.config.max_num_batched_tokens})", "max_tokens")
+        grammars = []
+        if params.structured is not None:
+            try:  # a cache hit when the server compiled it beforehand (off the step loop)
+                grammars = [self.grammars.matcher(params.structured) for _ in range(params.n)]
+            except GrammarError as exc:
+                raise InvalidRequestError(f"the output schema cannot be compiled: {exc}", "response_format") from exc
         seqs, detoks = [], []
         for index in range(params.n):
             generator = None
             if params.seed is not None:  # n > 1: seed, seed+1, ...; on the device the sampler draws on
                 generator = torch.Generator(device=self.model.device).manual_seed((params.seed + index) % 2**64)
-            seqs.append(Sequence(request_id, index, ids, params, max_tokens, generator, lead=seqs[0] if seqs else None))
+            seqs.append(Sequence(request_id, index, ids, params, max_tokens, generator, lead=seqs[0] if seqs else None,
+                                 grammar=grammars[index] if grammars else None))
             detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens))
         return EngineRequest(request_id, ids, params, seqs, detoks, [_Sample() for _ in seqs])
 
@@ -186,7 +202,8 @@ class LLMEngine:
         try:
             logits = self.runner.run(batch.items, sample_rows)
             rows = [self._sampling_row(batch.items[i][0]) for i in sample_rows]
-            result = self.sampler(logits, rows) if rows else None
+            bitmask = self._grammar_bitmask([batch.items[i][0] for i in sample_rows])
+            result = self.sampler(logits, rows, bitmask) if rows else None
             token_ids = result.token_ids if result is not None else []  # the step's one wait on the device
         except ParallelGroupError:  # a rank is gone: no later step can run either (AsyncEngine stops)
             raise
@@ -207,6 +224,16 @@ class LLMEngine:
             if output.finished:
                 del self.requests[output.request_id]
         return outputs
+
+    def _grammar_bitmask(self, seqs: list[Sequence]) -> torch.Tensor | None:
+        """The allowed-token bitmask of this step's sampled rows; None when no row is constrained (they pay nothing)."""
+        if not any(seq.grammar is not None for seq in seqs):
+            return None
+        bitmask = unconstrained_bitmask(len(seqs), self.model.vocab_size)
+        for row, seq in enumerate(seqs):
+            if seq.grammar is not None:
+                seq.grammar.fill_bitmask(bitmask, row)
+        return bitmask.to(self.model.device)  # the sampler applies it on the logits' device
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
         p = seq.params
@@ -230,8 +257,11 @@ class LLMEngine:
         is_stop_token = token in p.stop_token_ids or (not p.ignore_eos and token in self.tokenizer.eos_token_ids)
         if not (can_stop and is_stop_token):  # a stop or EOS token adds no text
             detok.add(token, check_stop=can_stop)
+        grammar_done = seq.grammar is not None and (not seq.grammar.accept(token) or seq.grammar.terminated)
         if can_stop and is_stop_token:
             sample.finish_reason, sample.stop_reason = "stop", (token if token in p.stop_token_ids else None)
+        elif grammar_done:
+            sample.finish_reason = "stop"
         elif detok.stopped_by is not None:
             sample.finish_reason, sample.stop_reason = "stop", detok.stopped_by
         elif len(seq.output_token_ids) >= seq.max_tokens or seq.num_tokens >= self.max_model_len:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.sampling_params import SamplingParams
+from engine.structured.matcher import GrammarMatcher
 
 _arrivals = itertools.count()
 
@@ -41,6 +42,7 @@ class Sequence:
     lead: "Sequence | None" = None  # sample 0 of the request, whose prompt blocks later samples reuse
     prompt_done: bool = False  # the prompt has been computed once (its full blocks are in the prefix cache)
     block_table_version: int = 0  # bumped whenever the blocks are given back, so copies of the table go stale
+    grammar: GrammarMatcher | None = None  # constrained decoding: what this sample may generate next
 
     @property
     def token_ids(self) -> list[int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.errors import MinervaError
+from engine.structured.spec import StructuredOutput
 
 
 class InvalidRequestError(MinervaError, ValueError):
@@ -39,6 +40,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top logprobs per generated token; 0 = only the chosen one
     skip_special_tokens: bool = True
+    structured: StructuredOutput | None = None  # output must match this grammar (JSON schema/object)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -1,0 +1,24 @@
+"""What a request asks its output to match, in a form that is hashable and cheap to carry."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """`json_object`: any JSON object; `json_schema`: a JSON document valid under `schema` (canonical JSON text)."""
+
+    kind: Literal["json_object", "json_schema"]
+    schema: str | None = None
+
+    @classmethod
+    def json_object(cls) -> "StructuredOutput":
+        return cls("json_object")
+
+    @classmethod
+    def from_schema(cls, schema: dict[str, Any] | bool) -> "StructuredOutput":
+        """Canonical text (sorted keys) so that equal schemas share one compiled grammar."""
+        return cls("json_schema", json.dumps(schema, sort_keys=True, separators=(",", ":")))
