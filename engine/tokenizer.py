@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,8 @@ class Tokenizer:
         if chat_template:
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
             env.globals["raise_exception"] = _raise_template_error
+            env.globals["strftime_now"] = _strftime_now
+            env.filters["tojson"] = _tojson
             try:
                 self._template = env.from_string(chat_template)
             except TemplateError as exc:
@@ -164,6 +167,17 @@ def _json_object(files: Mapping[str, Path], name: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise TokenizerError(f"{name}: expected a JSON object")
     return data
+
+
+def _tojson(value: Any, indent: int | None = None, separators: tuple[str, str] | None = None,
+            sort_keys: bool = False, ensure_ascii: bool = False) -> str:
+    """transformers' `tojson`: plain JSON (jinja's own escapes <, > and & for HTML, which tool schemas must not get)."""
+    return json.dumps(value, indent=indent, separators=separators, sort_keys=sort_keys, ensure_ascii=ensure_ascii)
+
+
+def _strftime_now(format: str) -> str:
+    """transformers' template global (Llama 3.x templates date their system prompt with it)."""
+    return datetime.now().strftime(format)
 
 
 def _raise_template_error(message: str) -> None:

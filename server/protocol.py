@@ -66,17 +66,59 @@ def split_prompts(prompt: Any) -> list[str | list[int]]:
     return list(prompt)
 
 
+class FunctionCall(APIModel):
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class MessageToolCall(APIModel):
+    """A call an assistant message made earlier in the conversation."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(APIModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[MessageToolCall] | None = None
     tool_call_id: str | None = None
+    reasoning_content: str | None = None  # an earlier turn's reasoning, as this server returned it
+
+
+class FunctionDefinition(APIModel):
+    name: str = Field(min_length=1, max_length=128)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON Schema; absent means a function without arguments
+    strict: bool | None = None
+
+
+class ChatTool(APIModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(APIModel):
+    name: str
+
+
+class NamedToolChoice(APIModel):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class JsonSchemaFormat(APIModel):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
+    strict: bool | None = None
 
 
 class ResponseFormat(APIModel):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
+    json_schema: JsonSchemaFormat | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -88,9 +130,20 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: auto with tools
+    parallel_tool_calls: bool = True
+    reasoning_effort: Literal["low", "medium", "high"] | None = None
     add_generation_prompt: bool = True
+
+    @property
+    def tool_mode(self) -> str:
+        """How tools take part: "none", "auto", "required" or "named" (tool_choice names one function)."""
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or "auto"
 
 
 class ModelCheckRequest(APIModel):
@@ -114,11 +167,29 @@ def unsupported_fields(request: SamplingFields) -> list[tuple[str, str]]:
         if request.echo and request.logprobs is not None:
             problems.append(("echo", "echo together with logprobs (prompt logprobs) is not supported"))
     if isinstance(request, ChatCompletionRequest):
-        if request.response_format and request.response_format.type != "text":
-            problems.append(("response_format", f"response_format {request.response_format.type} is not supported; "
-                                                "only text"))
-        if request.tools and request.tool_choice != "none":
-            problems.append(("tools", "tool calling is not supported"))
+        problems += tool_problems(request)
         if request.top_logprobs is not None and not request.logprobs:
             problems.append(("top_logprobs", "top_logprobs requires logprobs to be true"))
+    return problems
+
+
+def tool_problems(request: ChatCompletionRequest) -> list[tuple[str, str]]:
+    """A tool_choice that cannot be met by these tools, or that fights response_format for the output."""
+    problems: list[tuple[str, str]] = []
+    choice = request.tool_choice
+    if choice is not None and choice != "none" and choice != "auto" and not request.tools:
+        problems.append(("tool_choice", "tool_choice requires tools"))
+    names = [tool.function.name for tool in request.tools or []]
+    if isinstance(choice, NamedToolChoice) and request.tools and choice.function.name not in names:
+        problems.append(("tool_choice", f"tool_choice names function {choice.function.name!r}, which is not "
+                                        f"among the tools ({', '.join(names)})"))
+    if len(set(names)) != len(names):
+        problems.append(("tools", "tool function names must be unique"))
+    response_format = request.response_format
+    if response_format and response_format.type == "json_schema" and (
+            response_format.json_schema is None or response_format.json_schema.schema_ is None):
+        problems.append(("response_format.json_schema", "response_format json_schema needs json_schema.schema"))
+    if response_format and response_format.type != "text" and request.tool_mode in ("required", "named"):
+        problems.append(("response_format", "response_format cannot be combined with tool_choice "
+                                            "required or a named function"))
     return problems

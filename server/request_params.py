@@ -18,19 +18,15 @@ def check_request(request: SamplingFields, limits: RequestLimits) -> None:
 
 
 def resolve_max_tokens(prompt_tokens: int, requested: int | None, max_model_len: int, param: str) -> int:
-    """The completion budget; a prompt plus budget over the context length is a 400 that gives the numbers."""
+    """The completion budget, clamped to what the context has left (as llama.cpp's server does: agents ask
+    for more than small models hold, and the response then ends with finish_reason "length").
+    Only a prompt that fills the context alone is a 400."""
     if prompt_tokens >= max_model_len:
         raise APIError(400, f"This model's maximum context length is {max_model_len} tokens, but the prompt has "
                             f"{prompt_tokens} tokens, leaving no room for a completion.",
                        param="prompt" if param == "max_tokens" else "messages", code="context_length_exceeded")
-    if requested is None:
-        return max_model_len - prompt_tokens
-    if prompt_tokens + requested > max_model_len:
-        raise APIError(400, f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-                            f"{prompt_tokens + requested} tokens ({prompt_tokens} in the prompt, {requested} in "
-                            f"{param}). Please reduce the prompt or {param}.",
-                       param=param, code="context_length_exceeded")
-    return requested
+    left = max_model_len - prompt_tokens
+    return left if requested is None else min(requested, left)
 
 
 def sampling_params(request: SamplingFields, *, max_tokens: int, logprobs: int | None) -> SamplingParams:

@@ -38,3 +38,4 @@ class ServerSettings:
     allowed_origins: tuple[str, ...] = ()  # CORS: browser origins that may call the server ("*": any); none by default
     allowed_methods: tuple[str, ...] = ("*",)  # CORS, once an origin is allowed
     allowed_headers: tuple[str, ...] = ("*",)
+    tool_call_parser: str | None = None  # None: picked per model from its chat template and architecture

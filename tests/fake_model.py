@@ -23,8 +23,9 @@ class FakeModel:
     dtype = torch.float64
     device = torch.device("cpu")
 
-    def __init__(self, vocab_size: int = 97) -> None:
+    def __init__(self, vocab_size: int = 97, predict=next_token) -> None:
         self.vocab_size = vocab_size
+        self.predict = predict  # (context, vocab_size) -> the next token
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     @property
@@ -49,7 +50,7 @@ class FakeModel:
             slots = [int(meta.block_tables[seq, p // block_size]) * block_size + p % block_size for p in range(length)]
             assert flat_v[slots, 0].tolist() == list(range(length)), "KV cache positions scrambled"
             context = [int(t) for t in flat_k[slots, 0].tolist()]
-            logits[out, next_token(context, self.vocab_size)] = 1.0
+            logits[out, self.predict(context, self.vocab_size)] = 1.0
         return logits
 
 

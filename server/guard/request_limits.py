@@ -1,7 +1,7 @@
 """Caps on what one request may ask for, so a single client cannot make the server do unbounded work.
 
 Each violation is a 400 naming the offending field (OpenAI's `param`). The prompt
-length and max_tokens against the model's context are checked where the prompt is
+length against the model's context is checked (and max_tokens clamped to what it leaves) where the prompt is
 tokenized (server/request_params.py); the body size by BodySizeLimit.
 """
 
