@@ -18,6 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 from engine.async_engine import EngineDeadError
 from engine.sampling_params import InvalidRequestError
+from server.observability.request_record import record_in
 
 logger = logging.getLogger("minerva.server")
 
@@ -71,14 +72,17 @@ def _encodable(text: str | None) -> str | None:
     return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def error_response(error: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(error: APIError, headers: dict[str, str] | None = None, scope: Scope | None = None) -> JSONResponse:
+    """The error as OpenAI's JSON; with the request's `scope` its code and message also go into the request log."""
     body = error_body(error.message, error.type, error.param, error.code)
+    if scope is not None:
+        record_in(scope).error = {"code": error.code or error.type, "message": body["error"]["message"]}
     return JSONResponse(body, status_code=error.status, headers={**error.headers, **(headers or {})})
 
 
 async def send_api_error(error: APIError, scope: Scope, receive: Receive, send: Send) -> None:
     """Answer from inside a pure-ASGI middleware, before any route runs."""
-    await error_response(error)(scope, receive, send)
+    await error_response(error, scope=scope)(scope, receive, send)
 
 
 def request_id_of(request: Request) -> str:
@@ -104,16 +108,16 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc)
+        return error_response(exc, scope=request.scope)
 
     @app.exception_handler(InvalidRequestError)
     async def _invalid(request: Request, exc: InvalidRequestError) -> JSONResponse:
-        return error_response(APIError(400, str(exc), param=exc.param))
+        return error_response(APIError(400, str(exc), param=exc.param), scope=request.scope)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = validation_message(exc)
-        return error_response(APIError(400, message, param=param))
+        return error_response(APIError(400, message, param=param), scope=request.scope)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -122,12 +126,13 @@ def install_error_handlers(app: FastAPI) -> None:
         except ValueError:
             phrase = "error"
         message = exc.detail if isinstance(exc.detail, str) and exc.detail != phrase else f"{phrase}: {request.url.path}"
-        return error_response(APIError(exc.status_code, message), headers=getattr(exc, "headers", None))
+        return error_response(APIError(exc.status_code, message), headers=getattr(exc, "headers", None),
+                              scope=request.scope)
 
     @app.exception_handler(EngineDeadError)
     async def _engine_dead(request: Request, exc: EngineDeadError) -> JSONResponse:
         logger.error("engine unavailable for request %s: %s", request_id_of(request), exc)
-        return error_response(engine_unavailable(exc))
+        return error_response(engine_unavailable(exc), scope=request.scope)
 
     @app.exception_handler(ClientDisconnected)
     async def _gone(request: Request, exc: ClientDisconnected) -> Response:
@@ -140,4 +145,4 @@ def install_error_handlers(app: FastAPI) -> None:
         logger.exception("internal error in request %s", request_id, exc_info=exc)
         error = APIError(500, f"internal server error (request id {request_id})", type="server_error")
         # This handler runs outside every middleware, so it sets the request id header itself.
-        return error_response(error, headers={"x-request-id": request_id})
+        return error_response(error, headers={"x-request-id": request_id}, scope=request.scope)

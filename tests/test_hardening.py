@@ -309,6 +309,8 @@ def test_request_log_leaves_prompts_out_by_default_and_logs_refusals_and_departu
     assert ok.headers["x-request-id"] == "trace-ok-1" and refused.status_code == 400
     assert "prompt" not in logged(caplog, "trace-ok-1") and logged(caplog, "trace-ok-1")["completion_tokens"] == 2
     assert logged(caplog, "trace-bad-1")["status"] == 400 and "prompt_tokens" not in logged(caplog, "trace-bad-1")
+    assert logged(caplog, "trace-bad-1")["error"] == {"code": "limit_exceeded", "message": refused.json()["error"]["message"]}
+    assert "error" not in logged(caplog, "trace-ok-1")
     start_stream(limited, request_id="trace-gone-1").close()  # leaves mid-stream, after a 200 header
     gone = logged(caplog, "trace-gone-1")
     assert gone["status"] == 499 and 0 < gone["completion_tokens"] < 200

@@ -45,6 +45,8 @@ def log_fields(scope: Scope, record: RequestRecord, status: int, latency: float,
                       completion_tokens=record.completion_tokens)
         if record.first_token_at is not None:
             fields["ttft_ms"] = round((record.first_token_at - record.started) * 1000, 2)
+    if record.error is not None:
+        fields["error"] = record.error
     if log_prompts and record.prompt is not None:
         fields["prompt"] = record.prompt
     return fields

@@ -31,6 +31,7 @@ class RequestRecord:
     _prompt_tokens: dict[int, int] = field(default_factory=dict)
     _completion_tokens: dict[tuple[int, int], int] = field(default_factory=dict)  # by (prompt, sample)
     longest_sample: int = 0  # tokens of the longest sample: samples decode side by side
+    error: dict[str, str] | None = None  # a refused request's error code and message, for the request log
 
     @property
     def prompt_tokens(self) -> int:
