@@ -15,6 +15,7 @@ from server.chat_tools import ToolCallStream, assistant_message, finish_reason, 
 from server.choices import ChoiceDelta, ChoiceTracker, new_id, now
 from server.errors import APIError
 from server.logprobs import chat_logprobs
+from server.harmony import HarmonyParser, HarmonyStream, constrained_header, render_harmony, uses_harmony
 from server.protocol import ChatCompletionRequest, ChatMessage, MessageToolCall
 from server.guard.http import reserve_tokens
 from server.observability.request_record import note_request, recorded
@@ -77,6 +78,9 @@ def template_message(message: ChatMessage, index: int, keep_developer: bool) -> 
 
 def render_prompt(served: ServedModel, body: ChatCompletionRequest) -> list[int]:
     tokenizer = served.engine.tokenizer
+    if uses_harmony(served.engine.model_info.architecture, tokenizer):
+        texts = [message_text(message, i) for i, message in enumerate(body.messages)]
+        return render_harmony(body, texts) + constrained_header(body)
     if not tokenizer.has_chat_template:
         raise APIError(400, f"model {served.name} has no chat template; use /v1/completions", param="messages")
     keep_developer = served.engine.model_info.architecture in DEVELOPER_ROLE_ARCHITECTURES
@@ -101,8 +105,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     prompt = await asyncio.to_thread(render_prompt, served, body)  # templates + tokenizing stay off the loop
     constraint = await compile_constraint(served.engine, body)
     engine = served.engine
-    parser = tool_parser_for(body, engine.model_info.architecture, engine.tokenizer.chat_template,
-                             request.app.state.settings.tool_call_parser)
+    harmony = uses_harmony(engine.model_info.architecture, engine.tokenizer)
+    parser = (HarmonyParser() if harmony and body.tool_mode in ("none", "auto") else
+              tool_parser_for(body, engine.tokenizer.chat_template, request.app.state.settings.tool_call_parser))
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = resolve_max_tokens(len(prompt), requested, served.engine.max_model_len, param)
@@ -137,7 +142,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
 async def stream_chat(request: Request, body: ChatCompletionRequest, outputs, head: dict[str, Any],
                       top: int | None, parser: ToolParser | None) -> Response:
     tracker = ChoiceTracker(body.n)
-    tool_streams: dict[int, ToolCallStream] = {}
+    tool_streams: dict[int, ToolCallStream | HarmonyStream] = {}
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     usage_field = {"usage": None} if include_usage else {}
 
@@ -161,7 +166,11 @@ async def stream_chat(request: Request, body: ChatCompletionRequest, outputs, he
     def render_tools(delta: ChoiceDelta) -> Iterator[dict[str, Any]]:
         """Content and tool-call deltas; logprobs ride on the first chunk of the step that produced them."""
         assert parser is not None
-        tools = tool_streams.setdefault(delta.index, ToolCallStream(parser, body.parallel_tool_calls))
+        if delta.index not in tool_streams:
+            tool_streams[delta.index] = (HarmonyStream(parser, body.parallel_tool_calls)
+                                         if isinstance(parser, HarmonyParser) else
+                                         ToolCallStream(parser, body.parallel_tool_calls))
+        tools = tool_streams[delta.index]
         pieces = tools.feed(delta.text)
         reason = delta.finish_reason
         if reason:
