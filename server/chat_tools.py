@@ -14,8 +14,7 @@ from server.tool_parsers import (NamedFunctionParser, ParsedMessage, RequiredToo
                                  detect_parser_name, parser_named)
 
 
-def tool_parser_for(body: ChatCompletionRequest, architecture: str | None, chat_template: str | None,
-                    override: str | None) -> ToolParser | None:
+def tool_parser_for(body: ChatCompletionRequest, chat_template: str | None, override: str | None) -> ToolParser | None:
     """None when the request has no tools in play; else the parser its output goes through."""
     mode = body.tool_mode
     if mode == "none":
@@ -25,7 +24,7 @@ def tool_parser_for(body: ChatCompletionRequest, architecture: str | None, chat_
         return NamedFunctionParser(body.tool_choice.function.name)
     if mode == "required":
         return RequiredToolsParser()
-    return parser_named(override or detect_parser_name(architecture, chat_template))
+    return parser_named(override or detect_parser_name(chat_template))
 
 
 def parse_completion(parser: ToolParser, text: str, parallel: bool) -> ParsedMessage:

@@ -20,6 +20,7 @@ from server.guard.rate_limit import Limits
 from server.load_progress import LoadProgress
 from server.observability.request_log import configure_json_logging
 from server.settings import RequestLimits, ServerSettings
+from server.tool_parsers import PARSERS
 
 log = logging.getLogger("minerva.server")
 
@@ -104,7 +105,7 @@ def server_settings(args: argparse.Namespace, configs: list[EngineConfig]) -> Se
                           request_limits=request_limits, log_prompts=args.log_prompts,
                           allow_path_checks=args.allow_path_checks, device_name=device_name(configs),
                           allowed_origins=args.allowed_origins, allowed_methods=args.allowed_methods,
-                          allowed_headers=args.allowed_headers)
+                          allowed_headers=args.allowed_headers, tool_call_parser=args.tool_call_parser)
 
 
 def banner_lines(engines: dict[str, Any], url: str) -> list[str]:
@@ -180,6 +181,9 @@ def add_serve_parser(commands: Any) -> None:
                       help="let POST /v1/minerva/models/check read metadata of server-side file paths")
     http.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     http.add_argument("--log-prompts", action="store_true", help="put prompt text in the JSON request log")
+    http.add_argument("--tool-call-parser", choices=sorted(PARSERS), default=None,
+                      help="how tool calls are read from completions (default: picked from the chat template; "
+                           "gpt-oss always uses harmony)")
     http.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
                       help="on SIGTERM, how long running requests may finish before they are aborted")
 

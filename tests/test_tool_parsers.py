@@ -103,7 +103,7 @@ def test_parallel_false_keeps_one_call_and_finish_reasons():
     ("<|im_start|>{{ m.content }}", "hermes"),
 ])
 def test_parser_detection(template, name):
-    assert detect_parser_name("llama", template) == name
+    assert detect_parser_name(template) == name
 
 
 COMPLETIONS = [
@@ -151,3 +151,13 @@ def test_named_function_arguments_stream_as_generated():
     assert first[1]["tool_calls"][0]["function"] == {"arguments": '{"a"'}
     assert stream.feed(": 1}") == [{"tool_calls": [{"index": 0, "function": {"arguments": ": 1}"}}]}]
     assert stream.finish()[0] == []
+
+
+def test_tool_call_parser_flag_reaches_the_settings():
+    from server.cli import build_parser
+    from server.launch import server_settings
+
+    args = build_parser().parse_args(["serve", "m.gguf", "--tool-call-parser", "mistral"])
+    assert server_settings(args, []).tool_call_parser == "mistral"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "m.gguf", "--tool-call-parser", "nonsense"])

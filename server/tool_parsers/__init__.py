@@ -1,4 +1,6 @@
-"""Tool-call parsers per model family, picked from the architecture and chat template (or `--tool-call-parser`)."""
+"""Tool-call parsers per model family, picked from the chat template (or `--tool-call-parser`).
+
+gpt-oss's harmony format is parsed by server/harmony.py (it also splits out reasoning)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ PARSERS: dict[str, type[ToolParser]] = {
 }
 
 
-def detect_parser_name(architecture: str | None, chat_template: str | None) -> str:
+def detect_parser_name(chat_template: str | None) -> str:
     """The family whose call markers the chat template writes; hermes (ChatML's convention) otherwise."""
     template = chat_template or ""
     if "[TOOL_CALLS]" in template:
