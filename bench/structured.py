@@ -98,7 +98,7 @@ def throughput(engine: LLMEngine, concurrency: int, max_tokens: int, constrained
     started, generated = time.perf_counter(), 0
     while engine.has_unfinished():
         for output in engine.step():
-            generated += len(output.outputs[0].delta_token_ids)
+            generated += sum(len(sample.token_ids) for sample in output.outputs)  # deltas
     elapsed = time.perf_counter() - started
     return {"seconds": elapsed, "tokens": generated, "tokens_per_s": generated / elapsed}
 
