@@ -203,7 +203,7 @@ class LLMEngine:
             logits = self.runner.run(batch.items, sample_rows)
             rows = [self._sampling_row(batch.items[i][0]) for i in sample_rows]
             bitmask = self._grammar_bitmask([batch.items[i][0] for i in sample_rows])
-            result = self.sampler(logits, rows, bitmask) if rows else None
+            result = self.sampler(logits, rows, token_bitmask=bitmask) if rows else None
             token_ids = result.token_ids if result is not None else []  # the step's one wait on the device
         except ParallelGroupError:  # a rank is gone: no later step can run either (AsyncEngine stops)
             raise
