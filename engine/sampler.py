@@ -2,8 +2,10 @@
 
 Order (vLLM's): grammar bitmask, min_tokens bans, repetition/presence/frequency penalties,
 logprobs (of the penalised distribution at temperature 1), then temperature, top-k, top-p,
-min-p and a draw. A draw is `argmax(probs / q)` with `q ~ Exp(1)` (the exponential race), so
-a row with its own seeded generator gets the same token whatever else shares the batch.
+min-p and a draw. A seeded row draws `argmax(probs / q)` with `q ~ Exp(1)` from its own generator (the exponential
+race), so it gets the same token whatever else shares the batch; the other rows draw by inverse CDF
+(one uniform per row against the cumulative probabilities), which on CPU costs a cumulative sum
+instead of a vocabulary's worth of exponential noise per row.
 
 Every per-row parameter is one small tensor uploaded per step, each operation runs once
 for the whole batch (or the rows that use it: greedy rows never see noise, only top-p rows
@@ -259,17 +261,24 @@ class Sampler:
         if min_p_rows:
             probs = self._on_rows(probs, min_p_rows, lambda x, v: x.masked_fill(
                 x < v[:, 2:3] * x.max(dim=-1, keepdim=True).values, 0.0), values)
-        noise = torch.empty_like(probs)
-        if any(rows[i].generator is None for i in sampled):
-            noise.exponential_(generator=self._generator(device))
+        chosen = self._inverse_cdf(probs, self._generator(device))
         for j, i in enumerate(sampled):
-            if rows[i].generator is not None:
-                noise[j].exponential_(generator=rows[i].generator)
-        chosen = (probs / noise).argmax(dim=-1)
+            if rows[i].generator is not None:  # the exponential race on the row's own stream: batch-invariant
+                chosen[j] = (probs[j] / torch.empty_like(probs[j]).exponential_(generator=rows[i].generator)).argmax()
         if every_row:
             return chosen
         tokens[index] = chosen
         return tokens
+
+    @staticmethod
+    def _inverse_cdf(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """One draw per row from one uniform per row: a cumulative sum instead of a vocabulary of noise.
+
+        `right=True` never lands on a zero-probability token (its cumulative mass equals its predecessor's).
+        """
+        cdf = probs.cumsum(dim=-1)
+        target = torch.rand(probs.shape[0], 1, device=probs.device, generator=generator) * cdf[:, -1:]
+        return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
 
     @staticmethod
     def _on_rows(x: torch.Tensor, rows: list[int], op, values: torch.Tensor) -> torch.Tensor:
