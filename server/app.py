@@ -12,11 +12,11 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from engine.client import EngineClient
 from server import chat, completions, info_routes, tokenize_routes
 from server.errors import install_error_handlers
 from server.guard.http import BodySizeLimit, GuardMiddleware
@@ -32,7 +32,7 @@ from server.version import minerva_version
 logger = logging.getLogger("minerva.server")
 
 
-def create_app(engines: dict[str, Any], settings: ServerSettings | None = None, *,
+def create_app(engines: dict[str, EngineClient], settings: ServerSettings | None = None, *,
                manage_engines: bool = True) -> FastAPI:
     """engines: served model name -> AsyncEngine. With `manage_engines` the app starts and stops them."""
     settings = settings or ServerSettings()

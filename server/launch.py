@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.config import EngineConfig
 from server.engine_args import LaunchError, add_engine_flags, engine_config, positive_int
@@ -21,6 +21,9 @@ from server.load_progress import LoadProgress
 from server.observability.request_log import configure_json_logging
 from server.settings import RequestLimits, ServerSettings
 from server.tool_parsers import PARSERS
+
+if TYPE_CHECKING:
+    from engine.async_engine import AsyncEngine
 
 log = logging.getLogger("minerva.server")
 
@@ -40,13 +43,13 @@ def engine_configs(args: argparse.Namespace) -> list[EngineConfig]:
     return configs
 
 
-def build_engines(configs: list[EngineConfig]) -> dict[str, Any]:
+def build_engines(configs: list[EngineConfig]) -> dict[str, AsyncEngine]:
     """served name -> AsyncEngine; a model that cannot load raises its MinervaError, two under one name a LaunchError."""
     from engine.async_engine import AsyncEngine
     from engine.models.errors import ModelConfigError
     from engine.tokenizer import TokenizerError
 
-    engines: dict[str, Any] = {}
+    engines: dict[str, AsyncEngine] = {}
     for config in configs:
         progress = LoadProgress.for_terminal(config.model or "the default model")
         try:
@@ -108,7 +111,7 @@ def server_settings(args: argparse.Namespace, configs: list[EngineConfig]) -> Se
                           allowed_headers=args.allowed_headers, tool_call_parser=args.tool_call_parser)
 
 
-def banner_lines(engines: dict[str, Any], url: str) -> list[str]:
+def banner_lines(engines: dict[str, AsyncEngine], url: str) -> list[str]:
     """One line per served model: where, what context, how many tokens the KV cache holds, on what."""
     lines = []
     for name, engine in engines.items():

@@ -6,13 +6,14 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from engine.client import EngineClient
 from server.errors import APIError
 
 
 @dataclass
 class ServedModel:
     name: str
-    engine: Any  # engine.async_engine.AsyncEngine (duck-typed so the app factory stays engine-agnostic)
+    engine: EngineClient
     created: int  # the weight file's modification time, stable across restarts
 
     def card(self) -> dict[str, Any]:
@@ -39,7 +40,7 @@ def file_created(path: str) -> int:
 class ServedModels:
     """Name -> ServedModel; resolving an unknown name is OpenAI's 404 `model_not_found`."""
 
-    def __init__(self, engines: dict[str, Any]) -> None:
+    def __init__(self, engines: dict[str, EngineClient]) -> None:
         if not engines:
             raise ValueError("at least one engine must be served")
         self._models = {

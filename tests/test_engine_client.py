@@ -1,0 +1,37 @@
+"""AsyncEngine satisfies EngineClient, the server's only view of an engine."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from engine.async_engine import AsyncEngine
+from engine.client import EngineClient
+
+MEMBERS = [name for name in vars(EngineClient) if not name.startswith("_")]
+
+
+def test_protocol_names_what_the_server_uses():
+    assert {"tokenizer", "model_info", "max_model_len", "stats", "generate", "abort", "start", "shutdown"} <= set(MEMBERS)
+    assert set(EngineClient.__annotations__) == {"failure", "on_fatal"}
+
+
+@pytest.mark.parametrize("name", MEMBERS)
+def test_async_engine_has_each_member_in_its_kind(name):
+    expected, got = vars(EngineClient)[name], inspect.getattr_static(AsyncEngine, name, None)
+    assert got is not None, f"AsyncEngine has no {name}"
+    if isinstance(expected, property):
+        assert isinstance(got, property)
+        return
+    assert inspect.signature(got).parameters.keys() == inspect.signature(expected).parameters.keys()
+    assert inspect.iscoroutinefunction(got) == inspect.iscoroutinefunction(expected)
+    if name == "generate":  # the protocol says "returns an async iterator"; AsyncEngine is an async generator
+        assert inspect.isasyncgenfunction(got)
+
+
+def test_async_engine_sets_the_attributes():
+    engine = AsyncEngine.__new__(AsyncEngine)
+    AsyncEngine.__init__(engine, engine=None)  # the LLMEngine is only stored
+    for name in EngineClient.__annotations__:
+        assert hasattr(engine, name)
