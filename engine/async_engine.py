@@ -19,7 +19,8 @@ from typing import Any
 
 from engine.config import EngineConfig
 from engine.distributed.group import ParallelGroupError
-from engine.llm_engine import EngineRequest, LLMEngine
+from engine.llm_engine import LLMEngine
+from engine.request import Request
 from engine.outputs import RequestOutput
 from engine.sampling_params import InvalidRequestError, SamplingParams
 
@@ -178,7 +179,7 @@ class AsyncEngine:
                 if command is _STOP:
                     self._send([self.engine.abort(rid) for rid in list(self.engine.requests)])
                     return False
-                if isinstance(command, EngineRequest):
+                if isinstance(command, Request):
                     try:
                         self.engine.add_prepared(command)
                     except InvalidRequestError as exc:

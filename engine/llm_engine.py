@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,7 +17,7 @@ from engine.kv_budget import fit_context, kv_cache_blocks
 from engine.model_runner import ModelRunner, kv_bytes_per_block
 from engine.models.base import CausalLM
 from engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
-from engine.request import Sequence
+from engine.request import Request, Sample, SampleProgress
 from engine.sampler import SampleResult, Sampler, SamplingRow
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from engine.scheduler import Scheduler, default_max_num_seqs
@@ -28,33 +27,6 @@ from engine.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass
-class _Sample:
-    """Per-sample progress between two outputs of a request."""
-
-    reported_tokens: int = 0  # output token ids already sent in a delta
-    logprobs: list[TokenLogprob] = field(default_factory=list)  # not sent yet
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
-    reported_finish: bool = False
-
-
-@dataclass
-class EngineRequest:
-    """A validated request and its per-sample engine state."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    seqs: list[Sequence]
-    detoks: list[IncrementalDetokenizer]
-    samples: list[_Sample]
-
-    @property
-    def finished(self) -> bool:
-        return all(s.finish_reason is not None for s in self.samples)
 
 
 class LLMEngine:
@@ -81,7 +53,7 @@ class LLMEngine:
         if model.device.type == "cuda":
             self.runner.warm_up(cuda_graphs)
         self.sampler = Sampler(config.seed)
-        self.requests: dict[str, EngineRequest] = {}
+        self.requests: dict[str, Request] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.load_seconds = 0.0  # set by from_config: opening, building and placing the weights
@@ -137,7 +109,7 @@ class LLMEngine:
         self.add_prepared(request)
         return request.prompt_token_ids
 
-    def prepare_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> EngineRequest:
+    def prepare_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> Request:
         """Validate and tokenize a request without touching the running state (callable from another thread)."""
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already running", "request_id")
@@ -167,17 +139,17 @@ class LLMEngine:
             generator = None
             if params.seed is not None:  # n > 1: seed, seed+1, ...; on the device the sampler draws on
                 generator = torch.Generator(device=self.model.device).manual_seed((params.seed + index) % 2**64)
-            seqs.append(Sequence(request_id, index, ids, params, max_tokens, generator, lead=seqs[0] if seqs else None,
+            seqs.append(Sample(request_id, index, ids, params, max_tokens, generator, lead=seqs[0] if seqs else None,
                                  grammar=grammars[index] if grammars else None))
             detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens))
-        return EngineRequest(request_id, ids, params, seqs, detoks, [_Sample() for _ in seqs])
+        return Request(request_id, ids, params, seqs, detoks, [SampleProgress() for _ in seqs])
 
-    def add_prepared(self, request: EngineRequest) -> None:
+    def add_prepared(self, request: Request) -> None:
         """Queue a request made by `prepare_request`."""
         if request.request_id in self.requests:
             raise InvalidRequestError(f"request id {request.request_id!r} is already running", "request_id")
         self.requests[request.request_id] = request
-        for seq in request.seqs:
+        for seq in request.samples:
             self.scheduler.add(seq)
         self.prompt_tokens_total += len(request.prompt_token_ids)
 
@@ -213,7 +185,7 @@ class LLMEngine:
             return [self._fail(self.requests.pop(rid), f"{type(exc).__name__}: {exc}") for rid in failed
                     if rid in self.requests]
         self.scheduler.after_step(batch)
-        touched: dict[str, EngineRequest] = {}
+        touched: dict[str, Request] = {}
         for row, item in enumerate(sample_rows):
             seq = batch.items[item][0]
             request = self.requests[seq.request_id]
@@ -225,7 +197,7 @@ class LLMEngine:
                 del self.requests[output.request_id]
         return outputs
 
-    def _grammar_bitmask(self, seqs: list[Sequence]) -> torch.Tensor | None:
+    def _grammar_bitmask(self, seqs: list[Sample]) -> torch.Tensor | None:
         """The allowed-token bitmask of this step's sampled rows; None when no row is constrained (they pay nothing)."""
         if not any(seq.grammar is not None for seq in seqs):
             return None
@@ -235,17 +207,17 @@ class LLMEngine:
                 seq.grammar.fill_bitmask(bitmask, row)
         return bitmask.to(self.model.device)  # the sampler applies it on the logits' device
 
-    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+    def _sampling_row(self, seq: Sample) -> SamplingRow:
         p = seq.params
         banned: list[int] = []
         if len(seq.output_token_ids) < p.min_tokens:
             banned = list(p.stop_token_ids) + ([] if p.ignore_eos else self.tokenizer.eos_token_ids)
         return SamplingRow(p, seq.generator, banned, seq, seq.prompt_token_ids)
 
-    def _append_token(self, request: EngineRequest, seq: Sequence, token: int, result: SampleResult, row: int) -> None:
+    def _append_token(self, request: Request, seq: Sample, token: int, result: SampleResult, row: int) -> None:
         seq.output_token_ids.append(token)
         self.generation_tokens_total += 1
-        sample = request.samples[seq.index]
+        sample = request.progress[seq.index]
         p = seq.params
         if p.logprobs is not None:
             decode = self.tokenizer.decode
@@ -269,17 +241,17 @@ class LLMEngine:
         if sample.finish_reason is not None:
             self._retire(seq)
 
-    def _retire(self, seq: Sequence) -> None:
+    def _retire(self, seq: Sample) -> None:
         """A finished or aborted sample leaves the scheduler (its blocks are freed), the sampler and the runner."""
         if not seq.finished:
-            self.scheduler.finish(seq)
+            self.scheduler.remove(seq)
         self.sampler.release(seq)
         self.runner.release(seq)
 
-    def _output(self, request: EngineRequest) -> RequestOutput:
+    def _output(self, request: Request) -> RequestOutput:
         """What changed since the request's previous output: new ids, text and logprobs per sample."""
         deltas = []
-        for seq, detok, sample in zip(request.seqs, request.detoks, request.samples):
+        for seq, detok, sample in zip(request.samples, request.detoks, request.progress):
             finished = sample.finish_reason is not None
             new_ids = seq.output_token_ids[sample.reported_tokens:]
             text = detok.take_delta(finished)
@@ -292,11 +264,11 @@ class LLMEngine:
             sample.reported_finish = finished
             deltas.append(CompletionOutput(seq.index, text, new_ids, logprobs, sample.finish_reason,
                                            sample.stop_reason, len(seq.output_token_ids)))
-        cached = min(seq.num_cached_tokens for seq in request.seqs)
+        cached = min(seq.num_cached_tokens for seq in request.samples)
         return RequestOutput(request.request_id, request.prompt_token_ids, deltas, request.finished, cached)
 
-    def _fail(self, request: EngineRequest, error: str | None) -> RequestOutput:
-        for seq, sample in zip(request.seqs, request.samples):
+    def _fail(self, request: Request, error: str | None) -> RequestOutput:
+        for seq, sample in zip(request.samples, request.progress):
             self._retire(seq)
             if sample.finish_reason is None:
                 sample.finish_reason = "abort"

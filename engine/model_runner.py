@@ -19,7 +19,7 @@ import torch
 
 from engine.attention_metadata import AttentionMetadata
 from engine.models.base import CausalLM
-from engine.request import Sequence
+from engine.request import Sample
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +97,10 @@ class BlockTableRows:
 
     def __init__(self, max_rows: int, max_blocks: int) -> None:
         self.table = np.zeros((max_rows, max_blocks), dtype=np.int32)
-        self.row_of: dict[Sequence, tuple[int, int, int]] = {}  # seq -> (row, blocks written, table version)
+        self.row_of: dict[Sample, tuple[int, int, int]] = {}  # seq -> (row, blocks written, table version)
         self.free = list(range(max_rows - 1, -1, -1))
 
-    def row(self, seq: Sequence) -> int:
+    def row(self, seq: Sample) -> int:
         """`seq`'s row, brought up to date with its block ids."""
         row, written, version = self.row_of.get(seq, (-1, 0, seq.block_table_version))
         if row < 0:
@@ -119,7 +119,7 @@ class BlockTableRows:
                 self.release(seq)
         return self.free.pop()
 
-    def release(self, seq: Sequence) -> None:
+    def release(self, seq: Sample) -> None:
         entry = self.row_of.pop(seq, None)
         if entry is not None:
             self.free.append(entry[0])
@@ -147,11 +147,11 @@ class ModelRunner:
         self.buckets = decode_buckets(max_num_seqs) if pad_decodes else []
         self.graphs: CudaGraphs | None = None
 
-    def release(self, seq: Sequence) -> None:
+    def release(self, seq: Sample) -> None:
         """Forget a finished sequence's block-table row."""
         self.rows.release(seq)
 
-    def prepare(self, items: list[tuple[Sequence, int]], sample_rows: list[int]) -> StepInputs:
+    def prepare(self, items: list[tuple[Sample, int]], sample_rows: list[int]) -> StepInputs:
         """Fill the buffers for `(sequence, new tokens)` pairs; logits for the `sample_rows` items."""
         b, bs = self.buffers, self.block_size
         num_seqs = len(items)
@@ -208,14 +208,14 @@ class ModelRunner:
         return StepInputs(b.upload(b.input_ids, tokens_out), b.upload(b.positions, tokens_out), metadata,
                           len(sample_rows), bucket)
 
-    def _bucket(self, items: list[tuple[Sequence, int]], sample_rows: list[int]) -> int | None:
+    def _bucket(self, items: list[tuple[Sample, int]], sample_rows: list[int]) -> int | None:
         """The padded size of a decode-only batch whose every row samples; None runs it as it is."""
         if not self.buckets or len(sample_rows) != len(items) or any(count != 1 for _, count in items):
             return None
         return next(size for size in self.buckets if size >= len(items))
 
     @torch.no_grad()  # not inference_mode: the sampler edits the logits in place
-    def run(self, items: list[tuple[Sequence, int]], sample_rows: list[int]) -> torch.Tensor:
+    def run(self, items: list[tuple[Sample, int]], sample_rows: list[int]) -> torch.Tensor:
         """Logits `[len(sample_rows), vocab]` (float32) for the chosen items' last new token."""
         return self.forward(self.prepare(items, sample_rows))
 

@@ -1,4 +1,4 @@
-"""Engine-side state of one request and of each of its `n` sample sequences."""
+"""Engine-side state of one request (`Request`) and of each of its `n` samples (`Sample`)."""
 
 from __future__ import annotations
 
@@ -8,21 +8,26 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.detokenizer import IncrementalDetokenizer
+from engine.outputs import TokenLogprob
 from engine.sampling_params import SamplingParams
 from engine.structured.matcher import GrammarMatcher
 
 _arrivals = itertools.count()
 
 
-class SequenceStatus(enum.Enum):
+class SampleStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
 
 
 @dataclass(eq=False)
-class Sequence:
-    """One sample stream: the scheduler's unit. vLLM v1 shape: `num_computed_tokens` of `num_tokens`."""
+class Sample:
+    """One of a request's `n` samples, as a token sequence: the scheduler's unit.
+
+    vLLM v1 shape: `num_computed_tokens` of `num_tokens`; its blocks, prefix hashes and status live here.
+    """
 
     request_id: str
     index: int  # which of the request's n samples
@@ -36,10 +41,9 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)
     num_committed_blocks: int = 0
     num_cached_tokens: int = 0
-    status: SequenceStatus = SequenceStatus.WAITING
-    finish_reason: str | None = None
+    status: SampleStatus = SampleStatus.WAITING
     arrival: int = field(default_factory=lambda: next(_arrivals))
-    lead: "Sequence | None" = None  # sample 0 of the request, whose prompt blocks later samples reuse
+    lead: "Sample | None" = None  # sample 0 of the request, whose prompt blocks later samples reuse
     prompt_done: bool = False  # the prompt has been computed once (its full blocks are in the prefix cache)
     block_table_version: int = 0  # bumped whenever the blocks are given back, so copies of the table go stale
     grammar: GrammarMatcher | None = None  # constrained decoding: what this sample may generate next
@@ -69,8 +73,35 @@ class Sequence:
 
     @property
     def finished(self) -> bool:
-        return self.status is SequenceStatus.FINISHED
+        return self.status is SampleStatus.FINISHED
 
     @property
     def is_running(self) -> bool:
-        return self.status is SequenceStatus.RUNNING
+        return self.status is SampleStatus.RUNNING
+
+
+@dataclass
+class SampleProgress:
+    """What a sample has reported: the delta bookkeeping between two outputs of its request."""
+
+    reported_tokens: int = 0  # output token ids already sent in a delta
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # not sent yet
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    reported_finish: bool = False
+
+
+@dataclass
+class Request:
+    """A validated request and its per-sample engine state."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    samples: list[Sample]
+    detoks: list[IncrementalDetokenizer]
+    progress: list[SampleProgress]
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.progress)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.kv_cache import BlockPool, block_hashes
-from engine.request import Sequence, SequenceStatus
+from engine.request import Sample, SampleStatus
 
 
 LARGE_GPU_BYTES = 70 * 2**30
@@ -33,7 +33,7 @@ def default_max_num_seqs(device: torch.device) -> int:
 class ScheduledBatch:
     """What one step computes: `(sequence, number of new tokens)` pairs, in batch order."""
 
-    items: list[tuple[Sequence, int]] = field(default_factory=list)
+    items: list[tuple[Sample, int]] = field(default_factory=list)
     num_preempted: int = 0
 
     @property
@@ -51,28 +51,25 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # oldest first
+        self.waiting: deque[Sample] = deque()
+        self.running: list[Sample] = []  # oldest first
         self.num_preemptions = 0
 
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: Sample) -> None:
         self.waiting.append(seq)
 
-    def abort(self, seq: Sequence) -> None:
-        """Remove `seq` wherever it is and free its blocks now."""
+    def remove(self, seq: Sample) -> None:
+        """Take `seq` out wherever it is (it finished or was aborted) and free its blocks now."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self._release(seq)
-        seq.status = SequenceStatus.FINISHED
-
-    def finish(self, seq: Sequence) -> None:
-        self.abort(seq)
+        seq.status = SampleStatus.FINISHED
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
@@ -82,7 +79,7 @@ class Scheduler:
         for seq in order:
             if budget == 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING:
+            if seq.status is not SampleStatus.RUNNING:
                 continue  # preempted earlier in this loop
             count = min(seq.num_remaining, budget)
             while not self._grow(seq, seq.num_computed_tokens + count):
@@ -94,7 +91,7 @@ class Scheduler:
                 if victim is seq:
                     break
                 count = min(seq.num_remaining, budget)
-            if seq.status is SequenceStatus.RUNNING:
+            if seq.status is SampleStatus.RUNNING:
                 batch.items.append((seq, count))
                 budget -= count
         budget = self.max_num_batched_tokens - batch.num_tokens
@@ -104,7 +101,7 @@ class Scheduler:
                 if not self._admit(seq, budget):
                     break
                 self.waiting.popleft()
-                seq.status = SequenceStatus.RUNNING
+                seq.status = SampleStatus.RUNNING
                 self.running.append(seq)
                 self.running.sort(key=lambda s: s.arrival)
                 count = min(seq.num_remaining, budget)
@@ -119,7 +116,7 @@ class Scheduler:
             seq.prompt_done = seq.prompt_done or seq.num_computed_tokens >= len(seq.prompt_token_ids)
             self._commit_full_blocks(seq)
 
-    def _admit(self, seq: Sequence, budget: int) -> bool:
+    def _admit(self, seq: Sample, budget: int) -> bool:
         lead = seq.lead
         if lead is not None and self.pool.enable_prefix_caching and not (lead.prompt_done or lead.finished):
             return False  # wait one prefill so this sample reuses sample 0's prompt blocks
@@ -138,11 +135,11 @@ class Scheduler:
             return self._undo_admit(seq)
         return True
 
-    def _undo_admit(self, seq: Sequence) -> bool:
+    def _undo_admit(self, seq: Sample) -> bool:
         self._release(seq)
         return False
 
-    def _grow(self, seq: Sequence, num_tokens: int) -> bool:
+    def _grow(self, seq: Sample, num_tokens: int) -> bool:
         needed = -(-num_tokens // self.pool.block_size) - len(seq.block_ids)
         if needed <= 0:
             return True
@@ -151,15 +148,15 @@ class Scheduler:
         seq.block_ids.extend(self.pool.allocate(needed))
         return True
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: Sample) -> None:
         self.running.remove(seq)
         self._release(seq)
-        seq.status = SequenceStatus.WAITING
+        seq.status = SampleStatus.WAITING
         self.waiting.appendleft(seq)
         self.waiting = deque(sorted(self.waiting, key=lambda s: s.arrival))
         self.num_preemptions += 1
 
-    def _release(self, seq: Sequence) -> None:
+    def _release(self, seq: Sample) -> None:
         if seq.block_ids:
             self.pool.free(seq.block_ids)
         seq.block_ids = []
@@ -167,7 +164,7 @@ class Scheduler:
         seq.num_computed_tokens = 0
         seq.num_committed_blocks = 0
 
-    def _commit_full_blocks(self, seq: Sequence) -> None:
+    def _commit_full_blocks(self, seq: Sample) -> None:
         if not self.pool.enable_prefix_caching:
             return
         full = seq.num_computed_tokens // self.pool.block_size

@@ -9,7 +9,7 @@ from engine.config import EngineConfig
 from engine.kv_cache import BlockPool
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestAccumulator
-from engine.request import Sequence
+from engine.request import Sample
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from tests.engine_testing import assert_idle
@@ -75,7 +75,7 @@ def test_schedule_respects_budget(lengths, max_seqs, budget):
     pool = BlockPool(64, 4)
     scheduler = Scheduler(pool, max_seqs, budget)
     for n in lengths:
-        scheduler.add(Sequence("r", 0, list(range(n)), SamplingParams(), 1))
+        scheduler.add(Sample("r", 0, list(range(n)), SamplingParams(), 1))
     while scheduler.has_work:
         batch = scheduler.schedule()
         assert 0 < batch.num_tokens <= budget and len(batch.items) <= max_seqs
@@ -83,14 +83,14 @@ def test_schedule_respects_budget(lengths, max_seqs, budget):
         scheduler.after_step(batch)
         for seq, _ in batch.items:
             if seq.num_remaining == 0:
-                scheduler.finish(seq)
+                scheduler.remove(seq)
     assert pool.num_free == 64
 
 
 def test_oldest_request_is_never_preempted():
     pool = BlockPool(6, 2, enable_prefix_caching=False)
     scheduler = Scheduler(pool, 8, 64)
-    seqs = [Sequence(str(i), 0, [1, 2, 3], SamplingParams(), 8) for i in range(3)]
+    seqs = [Sample(str(i), 0, [1, 2, 3], SamplingParams(), 8) for i in range(3)]
     for seq in seqs:
         scheduler.add(seq)
     for _ in range(6):
@@ -110,7 +110,7 @@ def test_preempted_tokens_return_to_the_budget(seqs, num_blocks, budget):
     """A scheduled sequence preempted as a victim gives its tokens back: a clipped chunk means a full step."""
     pool = BlockPool(num_blocks, 2, enable_prefix_caching=False)
     scheduler = Scheduler(pool, 8, budget)
-    pending = [(arrival, Sequence("r", 0, list(range(prompt)), SamplingParams(), outputs))
+    pending = [(arrival, Sample("r", 0, list(range(prompt)), SamplingParams(), outputs))
                for prompt, outputs, arrival in seqs if -(-(prompt + outputs) // 2) <= num_blocks]  # each fits alone
     for step in range(500):
         for arrival, seq in [p for p in pending if p[0] <= step]:
@@ -126,5 +126,5 @@ def test_preempted_tokens_return_to_the_budget(seqs, num_blocks, budget):
             if seq.num_remaining == 0:
                 seq.output_token_ids.append(0)
                 if len(seq.output_token_ids) >= seq.max_tokens:
-                    scheduler.finish(seq)
+                    scheduler.remove(seq)
     assert not scheduler.has_work and pool.num_free == num_blocks
