@@ -17,6 +17,7 @@ from engine.kv_budget import fit_context, kv_cache_blocks
 from engine.model_runner import ModelRunner, kv_bytes_per_block
 from engine.models.base import CausalLM
 from engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
+from engine.prompt_rules import check_prompt_ids, completion_budget
 from engine.request import Request, Sample, SampleProgress
 from engine.sampler import SampleResult, Sampler, SamplingRow
 from engine.sampling_params import InvalidRequestError, SamplingParams
@@ -114,17 +115,8 @@ class LLMEngine:
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already running", "request_id")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if not ids:
-            raise InvalidRequestError("the prompt is empty", "prompt")
-        if any(not 0 <= t < self.model.vocab_size for t in ids):
-            raise InvalidRequestError(f"prompt token ids must be in [0, {self.model.vocab_size})", "prompt")
-        if len(ids) >= self.max_model_len:
-            raise InvalidRequestError(f"the prompt has {len(ids)} tokens; this model's context is "
-                                      f"{self.max_model_len} tokens", "prompt")
-        max_tokens = params.max_tokens or self.max_model_len - len(ids)
-        if len(ids) + max_tokens > self.max_model_len:
-            raise InvalidRequestError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
-                                      f"context length {self.max_model_len}", "max_tokens")
+        check_prompt_ids(ids, self.model.vocab_size)
+        max_tokens = completion_budget(len(ids), params.max_tokens, self.max_model_len)
         if not self.config.enable_chunked_prefill and len(ids) + max_tokens > self.config.max_num_batched_tokens:
             raise InvalidRequestError(f"with chunked prefill off a sequence may not exceed max_num_batched_tokens "
                                       f"({self.config.max_num_batched_tokens})", "max_tokens")

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from engine.outputs import RequestOutput
+from engine.prompt_rules import completion_budget
 from server.chat_tools import ToolCallStream, assistant_message, finish_reason, parse_completion, tool_parser_for
 from server.choices import ChoiceDelta, ChoiceTracker, new_id, now
 from server.errors import APIError
@@ -19,7 +20,7 @@ from server.harmony import HarmonyParser, HarmonyStream, constrained_header, ren
 from server.protocol import ChatCompletionRequest, ChatMessage, MessageToolCall
 from server.guard.http import reserve_tokens
 from server.observability.request_record import note_request, recorded
-from server.request_params import check_request, resolve_max_tokens, sampling_params
+from server.request_params import check_request, sampling_params
 from server.responses import collect, stream
 from server.served_models import ServedModel
 from server.streams import generate_many
@@ -108,9 +109,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     harmony = uses_harmony(engine.model_info.architecture, engine.tokenizer)
     parser = (HarmonyParser() if harmony and body.tool_mode in ("none", "auto") else
               tool_parser_for(body, engine.tokenizer.chat_template, request.app.state.settings.tool_call_parser))
-    param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    max_tokens = resolve_max_tokens(len(prompt), requested, served.engine.max_model_len, param)
+    max_tokens = completion_budget(len(prompt), requested, served.engine.max_model_len, param="messages")
     reserve_tokens(request, len(prompt) + body.n * (max_tokens if requested is not None else 0))  # else settled after
     top = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(body, max_tokens=max_tokens, logprobs=top)

@@ -10,13 +10,14 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from engine.outputs import RequestOutput
+from engine.prompt_rules import check_prompt_ids, completion_budget
 from server.choices import ChoiceTracker, new_id, now
 from server.errors import APIError
 from server.logprobs import completion_logprobs, next_text_offset
 from server.protocol import CompletionRequest, split_prompts
 from server.guard.http import reserve_tokens
 from server.observability.request_record import note_request, recorded
-from server.request_params import check_request, resolve_max_tokens, sampling_params
+from server.request_params import check_request, sampling_params
 from server.responses import collect, stream
 from server.served_models import ServedModel
 from server.streams import generate_many
@@ -26,21 +27,16 @@ router = APIRouter()
 
 
 def prompt_token_ids(served: ServedModel, prompts: list[str | list[int]]) -> list[list[int]]:
-    """Each prompt as token ids: strings are tokenized (with BOS), id lists are checked against the vocab."""
+    """Each prompt as token ids: strings are tokenized (with BOS); every list is held to the engine's rule."""
     if not prompts:
         raise APIError(400, "prompt must not be empty", param="prompt")
-    vocab = served.engine.model_info.vocab_size
     token_lists = []
     for item in prompts:
         if isinstance(item, str):
             ids = encode(served.engine.tokenizer, item, add_special_tokens=True, param="prompt")
         else:
             ids = list(item)
-        if not ids:
-            raise APIError(400, "prompt must contain at least one token", param="prompt")
-        bad = next((t for t in ids if t >= vocab), None)
-        if bad is not None:
-            raise APIError(400, f"prompt token id {bad} is out of range for a vocabulary of {vocab}", param="prompt")
+        check_prompt_ids(ids, served.engine.model_info.vocab_size)
         token_lists.append(ids)
     return token_lists
 
@@ -57,7 +53,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> dict[s
     texts = split_prompts(body.prompt)
     prompts = await asyncio.to_thread(prompt_token_ids, served, texts)  # long prompts must not stall the loop
     max_len = served.engine.max_model_len
-    max_tokens = min(resolve_max_tokens(len(ids), body.max_tokens, max_len, "max_tokens") for ids in prompts)
+    max_tokens = min(completion_budget(len(ids), body.max_tokens, max_len) for ids in prompts)
     budget = max_tokens if body.max_tokens is not None else 0  # without a cap the use is settled afterwards
     reserve_tokens(request, sum(len(ids) + body.n * budget for ids in prompts))
     params = sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs)

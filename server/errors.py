@@ -112,7 +112,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(InvalidRequestError)
     async def _invalid(request: Request, exc: InvalidRequestError) -> JSONResponse:
-        return error_response(APIError(400, str(exc), param=exc.param), scope=request.scope)
+        return error_response(APIError(400, str(exc), param=exc.param, code=exc.code), scope=request.scope)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

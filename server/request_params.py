@@ -1,4 +1,5 @@
-"""From an OpenAI request to what the engine takes: SamplingParams and a checked token budget."""
+"""From an OpenAI request to what the engine takes: SamplingParams (the token budget is the engine's rule,
+`engine.prompt_rules.completion_budget`)."""
 
 from __future__ import annotations
 
@@ -15,18 +16,6 @@ def check_request(request: SamplingFields, limits: RequestLimits) -> None:
         param, why = problems[0]
         raise APIError(400, why, param=param, code="unsupported_parameter")
     check_request_limits(request, limits)
-
-
-def resolve_max_tokens(prompt_tokens: int, requested: int | None, max_model_len: int, param: str) -> int:
-    """The completion budget, clamped to what the context has left (as llama.cpp's server does: agents ask
-    for more than small models hold, and the response then ends with finish_reason "length").
-    Only a prompt that fills the context alone is a 400."""
-    if prompt_tokens >= max_model_len:
-        raise APIError(400, f"This model's maximum context length is {max_model_len} tokens, but the prompt has "
-                            f"{prompt_tokens} tokens, leaving no room for a completion.",
-                       param="prompt" if param == "max_tokens" else "messages", code="context_length_exceeded")
-    left = max_model_len - prompt_tokens
-    return left if requested is None else min(requested, left)
 
 
 def sampling_params(request: SamplingFields, *, max_tokens: int, logprobs: int | None) -> SamplingParams:

@@ -99,10 +99,19 @@ def test_abort_frees_blocks_and_bad_requests_rejected():
     assert_idle(engine)
     with pytest.raises(InvalidRequestError) as err:
         engine.add_request("b", list(range(5)) * 13, SamplingParams())
+    assert err.value.param == "prompt" and err.value.code == "context_length_exceeded"
+    with pytest.raises(InvalidRequestError, match="out of range") as err:
+        engine.add_request("v", [1, engine.model.vocab_size], SamplingParams())
     assert err.value.param == "prompt"
-    with pytest.raises(InvalidRequestError) as err:
-        engine.add_request("c", [1, 2, 3], SamplingParams(max_tokens=62))
-    assert err.value.param == "max_tokens"
+    # max_tokens beyond what the context has left is clamped (the server's rule too): ends with "length"
+    engine.add_request("c", [1, 2, 3], SamplingParams(max_tokens=62, ignore_eos=True))
+    finals = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            finals.setdefault(out.request_id, []).append(out)
+    generated = sum(len(o.outputs[0].token_ids) for o in finals["c"])
+    assert generated == 64 - 3 and finals["c"][-1].outputs[0].finish_reason == "length"
+    assert_idle(engine)
 
 
 def test_model_error_fails_only_that_step():
