@@ -48,6 +48,11 @@ class SamplingFields(APIModel):
     logit_bias: dict[str, float] | None = None
     best_of: int | None = None
 
+    @property
+    def stop_sequences(self) -> list[str]:
+        """`stop` as a list, whichever of OpenAI's two shapes the client sent."""
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
 
 class CompletionRequest(SamplingFields):
     """POST /v1/completions."""

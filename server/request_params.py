@@ -20,7 +20,6 @@ def check_request(request: SamplingFields, limits: RequestLimits) -> None:
 
 def sampling_params(request: SamplingFields, *, max_tokens: int, logprobs: int | None) -> SamplingParams:
     """OpenAI defaults where the request leaves a field out: temperature 1, top_p 1, no penalties."""
-    stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     return SamplingParams(
         n=request.n,
         max_tokens=max_tokens,
@@ -33,7 +32,7 @@ def sampling_params(request: SamplingFields, *, max_tokens: int, logprobs: int |
         presence_penalty=0.0 if request.presence_penalty is None else request.presence_penalty,
         frequency_penalty=0.0 if request.frequency_penalty is None else request.frequency_penalty,
         seed=request.seed,
-        stop=stop,
+        stop=request.stop_sequences,
         stop_token_ids=list(request.stop_token_ids or []),
         ignore_eos=request.ignore_eos,
         logprobs=logprobs,

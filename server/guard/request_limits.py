@@ -21,7 +21,7 @@ def check_request_limits(body: SamplingFields, limits: RequestLimits) -> None:
     """Raise a 400 for the first field over its cap."""
     if body.n > limits.max_n:  # best_of is n or refused (server/protocol.py), so this caps it too
         raise _too_many("n", "choices", body.n, limits.max_n)
-    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    stops = body.stop_sequences
     if len(stops) > limits.max_stop:
         raise _too_many("stop", "stop sequences", len(stops), limits.max_stop)
     for index, stop in enumerate(stops):
