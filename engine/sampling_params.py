@@ -20,6 +20,35 @@ class InvalidRequestError(MinervaError, ValueError):
 # Seeds are 64-bit, signed or not (OpenAI documents an int64; torch generators take either).
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
+# Each numeric field's range, in pydantic's terms: SamplingParams enforces them here and the HTTP
+# protocol declares the same ones (so they reach the OpenAPI schema), so a range is written once.
+FIELD_BOUNDS: dict[str, dict[str, float]] = {
+    "n": {"ge": 1},
+    "max_tokens": {"ge": 1},
+    "min_tokens": {"ge": 0},
+    "temperature": {"ge": 0.0, "le": 2.0},
+    "top_p": {"gt": 0.0, "le": 1.0},
+    "top_k": {"ge": -1},  # -1 and 0: disabled
+    "min_p": {"ge": 0.0, "le": 1.0},
+    "repetition_penalty": {"gt": 0.0},
+    "presence_penalty": {"ge": -2.0, "le": 2.0},
+    "frequency_penalty": {"ge": -2.0, "le": 2.0},
+    "logprobs": {"ge": 0, "le": 20},
+    "seed": {"ge": SEED_MIN, "le": SEED_MAX},
+}
+_TESTS = {"ge": (lambda v, b: v >= b, ">="), "gt": (lambda v, b: v > b, ">"),
+          "le": (lambda v, b: v <= b, "<="), "lt": (lambda v, b: v < b, "<")}
+
+
+def bounds_problem(name: str, value: float | None) -> str | None:
+    """Why `value` is outside `FIELD_BOUNDS[name]`, or None (None values are "not set")."""
+    if value is None:
+        return None
+    bounds = FIELD_BOUNDS[name]
+    if all(_TESTS[kind][0](value, bound) for kind, bound in bounds.items()):
+        return None
+    return f"{name} must be " + " and ".join(f"{_TESTS[kind][1]} {bound}" for kind, bound in bounds.items())
+
 
 @dataclass
 class SamplingParams:
@@ -46,26 +75,14 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        checks = [
-            (self.n >= 1, "n", "n must be at least 1"),
-            (self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "max_tokens must be at least 1"),
-            (self.min_tokens >= 0, "min_tokens", "min_tokens must be non-negative"),
-            (self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
-             "min_tokens must not exceed max_tokens"),
-            (0.0 <= self.temperature <= 2.0, "temperature", "temperature must be in [0, 2]"),
-            (0.0 < self.top_p <= 1.0, "top_p", "top_p must be in (0, 1]"),
-            (self.top_k >= -1, "top_k", "top_k must be -1, 0 (disabled) or positive"),
-            (0.0 <= self.min_p <= 1.0, "min_p", "min_p must be in [0, 1]"),
-            (self.repetition_penalty > 0.0, "repetition_penalty", "repetition_penalty must be positive"),
-            (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "presence_penalty must be in [-2, 2]"),
-            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "frequency_penalty must be in [-2, 2]"),
-            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "logprobs must be in [0, 20]"),
-            (self.seed is None or SEED_MIN <= self.seed <= SEED_MAX, "seed", "seed must be a 64-bit integer"),
-            (all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty strings"),
-        ]
-        for ok, param, message in checks:
-            if not ok:
-                raise InvalidRequestError(message, param)
+        for name in FIELD_BOUNDS:
+            problem = bounds_problem(name, getattr(self, name))
+            if problem:
+                raise InvalidRequestError(problem, name)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise InvalidRequestError("min_tokens must not exceed max_tokens", "min_tokens")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise InvalidRequestError("stop strings must be non-empty strings", "stop")
 
     @property
     def greedy(self) -> bool:

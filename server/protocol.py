@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.sampling_params import SEED_MIN, SEED_MAX
+from engine.sampling_params import FIELD_BOUNDS
 
 NonNegativeInt = Annotated[int, Field(ge=0)]
 
@@ -28,19 +28,19 @@ class SamplingFields(APIModel):
     """The sampling knobs shared by /v1/completions and /v1/chat/completions."""
 
     model: str | None = None  # None: the only (or first) served model
-    n: int = Field(1, ge=1, le=128)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(None, gt=0.0)
-    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    n: int = Field(1, **FIELD_BOUNDS["n"], le=128)  # 128: a protocol cap (operators lower it with --max-n)
+    temperature: float | None = Field(None, **FIELD_BOUNDS["temperature"])
+    top_p: float | None = Field(None, **FIELD_BOUNDS["top_p"])
+    top_k: int | None = Field(None, **FIELD_BOUNDS["top_k"])
+    min_p: float | None = Field(None, **FIELD_BOUNDS["min_p"])
+    presence_penalty: float | None = Field(None, **FIELD_BOUNDS["presence_penalty"])
+    frequency_penalty: float | None = Field(None, **FIELD_BOUNDS["frequency_penalty"])
+    repetition_penalty: float | None = Field(None, **FIELD_BOUNDS["repetition_penalty"])
+    seed: int | None = Field(None, **FIELD_BOUNDS["seed"])
     stop: str | list[str] | None = None
     stop_token_ids: list[NonNegativeInt] | None = None
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: int = Field(0, **FIELD_BOUNDS["min_tokens"])
     skip_special_tokens: bool = True
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -58,8 +58,8 @@ class CompletionRequest(SamplingFields):
     """POST /v1/completions."""
 
     prompt: str | list[str] | list[NonNegativeInt] | list[list[NonNegativeInt]]
-    max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=20)
+    max_tokens: int | None = Field(16, **FIELD_BOUNDS["max_tokens"])
+    logprobs: int | None = Field(None, **FIELD_BOUNDS["logprobs"])
     echo: bool = False
     suffix: str | None = None
 
@@ -130,10 +130,10 @@ class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, **FIELD_BOUNDS["max_tokens"])
+    max_completion_tokens: int | None = Field(None, **FIELD_BOUNDS["max_tokens"])
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, **FIELD_BOUNDS["logprobs"])
     response_format: ResponseFormat | None = None
     tools: list[ChatTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: auto with tools
