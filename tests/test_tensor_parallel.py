@@ -123,3 +123,19 @@ def test_two_gpus_match_one(tmp_path):
         finally:
             engine.close()
     assert outputs[2] == outputs[1]
+
+
+def test_build_model_hands_each_layer_to_place_layer_as_it_is_built(tmp_path):
+    """The hook tensor parallelism slices through: called once per layer, in order, its result kept."""
+    from engine.loader import open_model
+    from engine.models import build_model
+
+    model_dir, layers = save_tp_model("gpt-oss-mxfp4", tmp_path / "gpt-oss")
+    seen = []
+
+    def place(layer):
+        seen.append(layer)
+        return layer
+
+    model = build_model(open_model(str(model_dir)), place_layer=place)
+    assert len(seen) == layers and all(a is b for a, b in zip(model.layers, seen))

@@ -2,7 +2,7 @@
 
 - `context.ParallelContext`: this rank's place in the group and its collectives, passed to the model
   explicitly (like AttentionMetadata), a no-op for one rank;
-- `shard.shard_model`: cut a loaded model into this rank's slice (heads, MLP/expert width, vocabulary);
+- `shard`: cut each layer into this rank's slice as it loads (heads, MLP/expert width), then the vocabulary;
 - `group`: start the process group with timeouts, so a dead rank is an error, never a hang;
 - `step_inputs`: rank 0 broadcasts each step's flat inputs to the other ranks;
 - `worker`: the process every other rank runs; `executor.TensorParallelModel`: rank 0's model,

@@ -1,4 +1,4 @@
-"""Cut a loaded DecoderLM into one rank's slice (Megatron-style column/row parallelism).
+"""Cut a model into one rank's slice (Megatron-style column/row parallelism), layer by layer as it loads.
 
 - attention: query heads split evenly; KV heads split when there are at least as many as ranks,
   otherwise each rank keeps the one KV head its query heads read (replicated); qkv rows are the
@@ -137,23 +137,22 @@ def _mlp(mlp, ctx: ParallelContext, device: torch.device):
     raise ModelConfigError(f"tensor parallelism does not know how to split {type(mlp).__name__}")
 
 
-def shard_model(model: DecoderLM, ctx: ParallelContext, device: torch.device) -> DecoderLM:
-    """This rank's slice of `model` (loaded whole, usually on the CPU) on `device`, joined by `ctx`.
+def slice_layer(layer: DecoderLayer, ctx: ParallelContext, device: torch.device) -> DecoderLayer:
+    """This rank's slice of one whole layer, on `device` (build_model's `place_layer` hook)."""
+    return DecoderLayer(
+        input_norm=layer.input_norm.to(device),
+        attention=_attention(layer.attention, ctx, device),
+        post_attention_norm=layer.post_attention_norm.to(device),
+        mlp=_mlp(layer.mlp, ctx, device),
+    )
 
-    Each full layer is released as soon as its slice exists, so the peak is one full model plus slices.
-    """
+
+def slice_vocab(model: DecoderLM, ctx: ParallelContext, device: torch.device) -> DecoderLM:
+    """The rank's model: `model`'s layers (already sliced by `slice_layer`) with its vocabulary rows of the
+    embedding and LM head, joined by `ctx`."""
     vocab = slice(*ctx.vocab_range(model.vocab_size))
     embed = _own(model.embed[vocab], device)
     lm_head = embed if model.lm_head is model.embed else _own(model.lm_head[vocab], device)
-    layers = []
-    while model.layers:
-        layer = model.layers.pop(0)
-        layers.append(DecoderLayer(
-            input_norm=layer.input_norm.to(device),
-            attention=_attention(layer.attention, ctx, device),
-            post_attention_norm=layer.post_attention_norm.to(device),
-            mlp=_mlp(layer.mlp, ctx, device),
-        ))
-    sharded = DecoderLM(model.spec, embed, layers, model.final_norm.to(device), lm_head, model.ops, parallel=ctx)
-    sharded.num_kv_heads = layers[0].attention.num_kv_heads
-    return sharded
+    sliced = DecoderLM(model.spec, embed, model.layers, model.final_norm.to(device), lm_head, model.ops, parallel=ctx)
+    sliced.num_kv_heads = model.layers[0].attention.num_kv_heads
+    return sliced

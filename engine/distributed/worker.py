@@ -12,7 +12,7 @@ import torch
 from engine.distributed import step_inputs
 from engine.distributed.context import ParallelContext
 from engine.distributed.group import join_group, leave_group, rank_device, share_cores
-from engine.distributed.shard import shard_model
+from engine.distributed.shard import slice_layer, slice_vocab
 
 log = logging.getLogger(__name__)
 
@@ -21,14 +21,16 @@ READY = b"ready"
 
 def load_slice(loaded: Any, ctx: ParallelContext, device: torch.device, dtype: torch.dtype, kernel_backend: str | None,
                unpack_mxfp4_gib: float):
-    """This rank's DecoderLM slice: the checkpoint read whole on the CPU, then cut (engine/distributed/shard)."""
+    """This rank's DecoderLM slice: each layer read whole on the CPU and cut at once (engine/distributed/shard),
+    so the host holds one whole layer at a time, plus the whole embedding and LM head until they are cut."""
     from engine.models import build_model
     from kernels import select_ops
 
     ops = select_ops(device, kernel_backend)
-    whole = build_model(loaded, device="cpu", dtype=dtype, ops=ops,
-                        unpack_mxfp4_gib=unpack_mxfp4_gib if device.type == "cpu" else 0.0)
-    return shard_model(whole, ctx, device)
+    model = build_model(loaded, device="cpu", dtype=dtype, ops=ops,
+                        unpack_mxfp4_gib=unpack_mxfp4_gib if device.type == "cpu" else 0.0,
+                        place_layer=lambda layer: slice_layer(layer, ctx, device))
+    return slice_vocab(model, ctx, device)
 
 
 def worker_main(rank: int, world_size: int, port: int, model_path: str, device_type: str, dtype: torch.dtype,

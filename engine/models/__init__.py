@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from engine.models.base import CausalLM
-from engine.models.decoder import DecoderLM
+from engine.models.decoder import DecoderLM, PlaceLayer, keep_layer
 from engine.models.errors import ModelConfigError
 from engine.models.gguf_names import gguf_renamer
 from engine.models.gpt_oss import load_gpt_oss
@@ -31,12 +31,15 @@ def build_model(
     ops: Ops | None = None,
     unpack_mxfp4_gib: float = 0.0,
     on_progress: Callable[[int, int], None] | None = None,
+    place_layer: PlaceLayer = keep_layer,
 ) -> DecoderLM:
     """Validate `loaded.config`, read and check every tensor, and return the model on `device`.
 
     `loaded` needs `.config` (HF-style dict), `.tensors` (a TensorStore) and `.info.format`.
     MXFP4 experts stay packed unless `unpack_mxfp4_gib` allows a dense copy (see unpack_mxfp4).
     `on_progress(read, total)` hears the bytes of weights read so far (a progress bar's feed).
+    Each layer passes through `place_layer` as soon as it is built: tensor parallelism slices it
+    there, so no more than one whole layer is ever held (engine/distributed).
     Raises ModelConfigError naming the field or tensor when the checkpoint does not fit.
     """
     device = torch.device(device)
@@ -49,7 +52,7 @@ def build_model(
     rename = gguf_renamer(spec.model_type) if from_gguf else (lambda name: name)
     unpack = unpack_mxfp4(device, dtype, ops, loaded, unpack_mxfp4_gib)
     reader = WeightReader(loaded.tensors, device, dtype, rename, unpack_mxfp4=unpack, on_progress=on_progress)
-    return _LOADERS[spec.family](spec, reader, ops, from_gguf)
+    return _LOADERS[spec.family](spec, reader, ops, from_gguf, place_layer)
 
 
 def unpack_mxfp4(device: torch.device, dtype: torch.dtype, ops: Ops, loaded: Any, limit_gib: float) -> bool:

@@ -23,6 +23,13 @@ class DecoderLayer:
     mlp: Callable[[torch.Tensor], torch.Tensor]
 
 
+PlaceLayer = Callable[[DecoderLayer], DecoderLayer]  # what a loader does with each layer it has built
+
+
+def keep_layer(layer: DecoderLayer) -> DecoderLayer:
+    return layer
+
+
 class DecoderLM:
     """Embedding -> N x (norm, attention, norm, MLP/MoE, residuals) -> norm -> unembedding.
 

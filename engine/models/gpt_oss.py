@@ -13,7 +13,7 @@ import torch
 
 from engine.layers.attention import AttentionWeights, PagedAttention
 from engine.layers.mlp import MoE, Weight
-from engine.models.decoder import DecoderLayer, DecoderLM
+from engine.models.decoder import DecoderLayer, DecoderLM, PlaceLayer, keep_layer
 from engine.models.spec import ModelSpec
 from engine.models.weights import WeightReader
 from kernels.mxfp4 import MXFP4Tensor
@@ -54,7 +54,8 @@ def _experts(spec: ModelSpec, r: WeightReader, p: str, from_gguf: bool) -> tuple
     return gate_up, r.get(f"{p}.gate_up_proj_bias", (e, 2 * i)), down
 
 
-def load_gpt_oss(spec: ModelSpec, r: WeightReader, ops: Ops, from_gguf: bool) -> DecoderLM:
+def load_gpt_oss(spec: ModelSpec, r: WeightReader, ops: Ops, from_gguf: bool,
+               place_layer: PlaceLayer = keep_layer) -> DecoderLM:
     h, v, q, kv, e = spec.hidden_size, spec.vocab_size, spec.q_size, spec.kv_size, spec.num_experts
     rotary = spec.rotary.to(r.device)
     layers = []
@@ -85,14 +86,14 @@ def load_gpt_oss(spec: ModelSpec, r: WeightReader, ops: Ops, from_gguf: bool) ->
             limit=spec.swiglu_limit,
             ops=ops,
         )
-        layers.append(
+        layers.append(place_layer(
             DecoderLayer(
                 input_norm=r.get(f"{p}.input_layernorm.weight", (h,)),
                 attention=attention,
                 post_attention_norm=r.get(f"{p}.post_attention_layernorm.weight", (h,)),
                 mlp=moe,
             )
-        )
+        ))
     embed = r.get("model.embed_tokens.weight", (v, h))
     lm_head = embed if spec.tie_word_embeddings else r.get("lm_head.weight", (v, h))
     return DecoderLM(spec, embed, layers, r.get("model.norm.weight", (h,)), lm_head, ops)

@@ -11,7 +11,7 @@ import torch
 from engine.layers.attention import AttentionWeights, PagedAttention
 from engine.layers.mlp import GatedMLP
 from engine.layers.rotary import Rotary
-from engine.models.decoder import DecoderLayer, DecoderLM
+from engine.models.decoder import DecoderLayer, DecoderLM, PlaceLayer, keep_layer
 from engine.models.spec import ModelSpec
 from engine.models.weights import WeightReader
 from kernels.ops import Ops
@@ -66,7 +66,8 @@ def _mlp(spec: ModelSpec, r: WeightReader, prefix: str, ops: Ops) -> GatedMLP:
     return GatedMLP(gate_up=gate_up, down=r.get(f"{prefix}.down_proj.weight", (h, i)), ops=ops)
 
 
-def load_llama(spec: ModelSpec, r: WeightReader, ops: Ops, from_gguf: bool) -> DecoderLM:
+def load_llama(spec: ModelSpec, r: WeightReader, ops: Ops, from_gguf: bool,
+               place_layer: PlaceLayer = keep_layer) -> DecoderLM:
     h, v = spec.hidden_size, spec.vocab_size
     rotary = rotary_for(spec, r).to(r.device)
     layers = []
@@ -81,14 +82,14 @@ def load_llama(spec: ModelSpec, r: WeightReader, ops: Ops, from_gguf: bool) -> D
             spec.sliding_windows[i],
             ops,
         )
-        layers.append(
+        layers.append(place_layer(
             DecoderLayer(
                 input_norm=r.get(f"{p}.input_layernorm.weight", (h,)),
                 attention=attention,
                 post_attention_norm=r.get(f"{p}.post_attention_layernorm.weight", (h,)),
                 mlp=_mlp(spec, r, f"{p}.mlp", ops),
             )
-        )
+        ))
     embed = r.get("model.embed_tokens.weight", (v, h))
     lm_head = embed if spec.tie_word_embeddings else r.get("lm_head.weight", (v, h))
     return DecoderLM(spec, embed, layers, r.get("model.norm.weight", (h,)), lm_head, ops)
