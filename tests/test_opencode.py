@@ -73,7 +73,7 @@ def test_opencode_run_with_tools_exits_zero(server, tmp_path):
                                  "models": {"smollm2": {"name": "SmolLM2", "limit": {"context": 8192, "output": 32}}}}},
         "model": "minerva/smollm2",
     }))
-    env = {**os.environ, "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"),
+    env = {**os.environ, "PWD": str(work), "HOME": str(home),  # opencode takes its project from $PWD "XDG_CONFIG_HOME": str(home / ".config"),
            "XDG_DATA_HOME": str(home / ".local/share"), "XDG_CACHE_HOME": str(home / ".cache"),
            "XDG_STATE_HOME": str(home / ".local/state")}
     run = subprocess.run([binary, "run", "-m", "minerva/smollm2", "Say hello in one short sentence."], cwd=work,
