@@ -12,14 +12,13 @@ bench/results/cli-startup-<device>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from bench.loader import RESULTS, device_name, write_sparse_gguf
+from bench.loader import device_name, save_result, write_sparse_gguf
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,10 +61,7 @@ def main() -> None:
     record = {"benchmark": "cli.startup (process wall time)", "device": device, "commit": commit,
               "settings": {"repeats": args.repeats, "gguf": "gpt-oss-20b-shaped, 459 tensors, no vocabulary"},
               "results": results}
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"cli-startup-{'cuda' if 'NVIDIA' in device else 'cpu'}.json"
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"saved {out}")
+    save_result("cli-startup", device, record)
 
 
 if __name__ == "__main__":

@@ -191,6 +191,15 @@ def measure(path: Path, repeats: int) -> dict:
     }  # fmt: skip
 
 
+def save_result(name: str, device: str, record: dict) -> Path:
+    """Write `record` to bench/results/{name}-{cuda|cpu}.json (one file per benchmark and device kind)."""
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"{name}-{'cuda' if 'NVIDIA' in device else 'cpu'}.json"
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"saved {out}")
+    return out
+
+
 def device_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -232,11 +241,7 @@ def main() -> None:
         "settings": {"repeats": args.repeats, "cold": "posix_fadvise DONTNEED before each read", "python": platform.python_version()},
         "results": results,
     }  # fmt: skip
-    RESULTS.mkdir(exist_ok=True)
-    slug = "cuda" if "NVIDIA" in device else "cpu"
-    out = RESULTS / f"loader-{slug}.json"
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"saved {out}")
+    save_result("loader", device, record)
 
 
 if __name__ == "__main__":

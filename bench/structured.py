@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from bench.loader import device_name
+from bench.loader import device_name, save_result
 from bench.throughput import commit, tiny_model
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
@@ -22,7 +22,6 @@ from engine.sampling_params import SamplingParams
 from engine.structured import StructuredOutput
 from engine.tokenizer import Tokenizer
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SCHEMA = {"type": "object", "properties": {
     "city": {"type": "string", "maxLength": 24}, "days": {"type": "integer", "minimum": 1, "maximum": 14},
     "unit": {"enum": ["c", "f"]}, "tags": {"type": "array", "items": {"type": "string", "maxLength": 12},
@@ -128,10 +127,7 @@ def main() -> None:
                            "vocab_size": engine.model.vocab_size, "note": "CPU shared with other processes"},
               "mask_costs": masks, "throughput": {"unconstrained": free, "json_schema": constrained,
                                                   "ratio": ratio}}
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"structured-{'cuda' if 'NVIDIA' in device else 'cpu'}.json"
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"saved {out}")
+    save_result("structured", device, record)
 
 
 if __name__ == "__main__":
