@@ -31,7 +31,6 @@ def test_async_engine_has_each_member_in_its_kind(name):
 
 
 def test_async_engine_sets_the_attributes():
-    engine = AsyncEngine.__new__(AsyncEngine)
-    AsyncEngine.__init__(engine, engine=None)  # the LLMEngine is only stored
+    engine = AsyncEngine(engine=None)  # the LLMEngine is only stored
     for name in EngineClient.__annotations__:
         assert hasattr(engine, name)
