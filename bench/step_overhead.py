@@ -3,8 +3,11 @@
 Run: python -m bench.step_overhead [--seqs 256 1024] [--generated 16 4096] [--steps 30]
 
 Each step is a real `LLMEngine.step()` (scheduling, input building, the sampler's bookkeeping,
-token append, detokenizing, stop checks, delta outputs) over a model that returns ready-made
-logits. The sampler's tensor math is timed on its own and reported apart. The tokenizer is a
+token append, stop-token and length rules, then detokenizing, stop strings and delta outputs)
+over a model that returns ready-made logits. Three shares are reported apart: "host" is the
+engine's own step (everything but the two below), "outputs" the output processor (text, stop
+strings, delta RequestOutputs: under async scheduling it runs while the device computes the next
+step), and the sampler's tensor math. The tokenizer is a
 table lookup, so the numbers are the engine's, not a tokenizer library's. Sequences are fast-
 forwarded to `--generated` output tokens (ids appended, KV blocks allocated) before timing, so
 "16 vs 4096" isolates how per-step cost grows with length. Saves bench/results/step-overhead-<device>.json.
@@ -80,6 +83,25 @@ class TimedSampler:
         return getattr(self.sampler, name)
 
 
+class TimedOutputs:
+    """Wraps the engine's output processor (detokenizing, stop strings, delta outputs) to time it apart."""
+
+    def __init__(self, outputs) -> None:
+        self.outputs, self.seconds = outputs, 0.0
+
+    def add_tokens(self, *args, **kwargs):
+        start = time.perf_counter()
+        result = self.outputs.add_tokens(*args, **kwargs)
+        self.seconds += time.perf_counter() - start
+        return result
+
+    def output(self, request):
+        start = time.perf_counter()
+        result = self.outputs.output(request)
+        self.seconds += time.perf_counter() - start
+        return result
+
+
 def fast_forward(engine: LLMEngine, generated: int) -> None:
     """Give every running sequence `generated` output tokens, as if it had decoded them (KV blocks included)."""
     for seq in engine.scheduler.running:
@@ -98,6 +120,8 @@ def measure(num_seqs: int, generated: int, steps: int) -> dict[str, float]:
     engine = LLMEngine(ZeroCostModel(num_seqs), TableTokenizer(), config, max_model_len=max_len, num_blocks=num_blocks)
     timed = TimedSampler(engine.sampler)
     engine.sampler = timed
+    timed_outputs = TimedOutputs(engine.outputs)
+    engine.outputs = timed_outputs
     params = SamplingParams(temperature=0, max_tokens=max_len - PROMPT_LEN, ignore_eos=True)
     for i in range(num_seqs):
         engine.add_request(str(i), [(i + j) % VOCAB for j in range(PROMPT_LEN)], params)
@@ -105,17 +129,20 @@ def measure(num_seqs: int, generated: int, steps: int) -> dict[str, float]:
     fast_forward(engine, generated)
     for _ in range(3):
         engine.step()  # warm up (the fast-forwarded tokens reported once, first block commits)
-    totals, sampler_shares = [], []
+    totals, sampler_shares, output_shares = [], [], []
     for _ in range(steps):
-        timed.seconds = 0.0
+        timed.seconds = timed_outputs.seconds = 0.0
         start = time.perf_counter()
         outputs = engine.step()
         totals.append(time.perf_counter() - start)
         sampler_shares.append(timed.seconds)
+        output_shares.append(timed_outputs.seconds)
         assert len(outputs) == num_seqs
-    host = [t - s for t, s in zip(totals, sampler_shares)]
-    return {"host_ms": statistics.median(host) * 1e3, "sampler_ms": statistics.median(sampler_shares) * 1e3,
-            "total_ms": statistics.median(totals) * 1e3}
+    core = [t - s - o for t, s, o in zip(totals, sampler_shares, output_shares)]
+    median_ms = lambda values: statistics.median(values) * 1e3
+    return {"host_ms": median_ms(core), "outputs_ms": median_ms(output_shares),
+            "host_with_outputs_ms": median_ms([c + o for c, o in zip(core, output_shares)]),
+            "sampler_ms": median_ms(sampler_shares), "total_ms": median_ms(totals)}
 
 
 def main() -> None:
@@ -127,13 +154,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)  # tensors here are tiny; worker threads would only contend for the shared cores
     rows = []
-    print(f"{'seqs':>6} {'generated':>10} {'host ms/step':>13} {'sampler ms':>11} {'total ms':>9}")
+    print(f"{'seqs':>6} {'generated':>10} {'host ms/step':>13} {'outputs ms':>11} {'host+outputs':>13} "
+          f"{'sampler ms':>11} {'total ms':>9}")
     for num_seqs in args.seqs:
         for generated in args.generated:
             result = {"seqs": num_seqs, "generated": generated, **measure(num_seqs, generated, args.steps)}
             rows.append(result)
-            print(f"{num_seqs:>6} {generated:>10} {result['host_ms']:>13.3f} {result['sampler_ms']:>11.3f} "
-                  f"{result['total_ms']:>9.3f}")
+            print(f"{num_seqs:>6} {generated:>10} {result['host_ms']:>13.3f} {result['outputs_ms']:>11.3f} "
+                  f"{result['host_with_outputs_ms']:>13.3f} {result['sampler_ms']:>11.3f} {result['total_ms']:>9.3f}")
     for num_seqs in args.seqs:
         by_len = {r["generated"]: r["host_ms"] for r in rows if r["seqs"] == num_seqs}
         if len(by_len) > 1:

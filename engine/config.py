@@ -41,6 +41,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1  # ranks (GPUs, or CPU processes) one model is split over (engine/distributed)
     tensor_parallel_timeout_s: float = 30.0  # a collective waiting longer means a rank is gone: fail, never hang
     enforce_eager: bool = False  # CUDA: never capture or replay CUDA graphs
+    async_scheduling: bool | None = None  # launch step N+1 before reading step N's tokens; None = on CUDA, one rank
     mxfp4_unpack_gib: float = 4.0  # CPU torch ops: dense MXFP4 experts made once at load if the model fits (0 = packed)
 
     def __post_init__(self) -> None:

@@ -19,11 +19,14 @@ class NoFreeBlocksError(RuntimeError):
 def block_hashes(token_ids: Sequence[int], block_size: int, start: Sequence[int] = ()) -> list[int]:
     """Chained hashes of every full block of `token_ids`; `start` are hashes already known for its first blocks."""
     hashes = list(start)
-    parent = hashes[-1] if hashes else None
     for begin in range(len(hashes) * block_size, len(token_ids) - block_size + 1, block_size):
-        parent = hash((parent, tuple(token_ids[begin:begin + block_size])))
-        hashes.append(parent)
+        hashes.append(chain_hash(hashes[-1] if hashes else None, token_ids[begin:begin + block_size]))
     return hashes
+
+
+def chain_hash(parent: int | None, block_token_ids: Sequence[int]) -> int:
+    """A full block's hash: its tokens and everything before it (through the parent's hash)."""
+    return hash((parent, tuple(block_token_ids)))
 
 
 class BlockPool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,18 +15,33 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.distributed.group import ParallelGroupError
 from engine.kv_cache import BlockPool
 from engine.kv_budget import fit_context, kv_cache_blocks
-from engine.model_runner import ModelRunner, kv_bytes_per_block
+from engine.model_runner import ModelRunner, PendingTokens, kv_bytes_per_block
 from engine.models.base import CausalLM
-from engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
+from engine.output_processor import OutputProcessor
+from engine.outputs import RequestOutput
 from engine.prompt_rules import check_prompt_ids, completion_budget
 from engine.request import Request, Sample, SampleProgress
 from engine.sampler import SampleResult, Sampler, SamplingRow
 from engine.sampling_params import InvalidRequestError, SamplingParams
-from engine.scheduler import Scheduler, default_max_num_seqs
+from engine.scheduler import ScheduledBatch, Scheduler, default_max_num_seqs
 from engine.structured import GrammarCompiler, GrammarError, unconstrained_bitmask
 from engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+@dataclass
+class InFlight:
+    """A launched batch whose sampled ids are still on the device: `samples[i]` drew row i of `result`."""
+
+    samples: list[Sample]
+    result: SampleResult | None
+
+    def pending_inputs(self) -> PendingTokens | None:
+        """Where the next batch finds these samples' input ids (on the device, not yet read back)."""
+        if self.result is None:
+            return None
+        return PendingTokens(self.result.device_token_ids, {seq: row for row, seq in enumerate(self.samples)})
+
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -54,6 +70,10 @@ class LLMEngine:
         if model.device.type == "cuda":
             self.runner.warm_up(cuda_graphs)
         self.sampler = Sampler(config.seed)
+        self.outputs = OutputProcessor(tokenizer)
+        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
+                                 else model.device.type == "cuda" and self.tensor_parallel_size == 1)
+        self._in_flight: InFlight | None = None
         self.requests: dict[str, Request] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -126,13 +146,15 @@ class LLMEngine:
                 grammars = [self.grammars.matcher(params.structured) for _ in range(params.n)]
             except GrammarError as exc:
                 raise InvalidRequestError(f"the output schema cannot be compiled: {exc}", "response_format") from exc
+        stop_token_ids = frozenset(params.stop_token_ids) | frozenset(() if params.ignore_eos
+                                                                      else self.tokenizer.eos_token_ids)
         seqs, detoks = [], []
         for index in range(params.n):
             generator = None
             if params.seed is not None:  # n > 1: seed, seed+1, ...; on the device the sampler draws on
                 generator = torch.Generator(device=self.model.device).manual_seed((params.seed + index) % 2**64)
             seqs.append(Sample(request_id, index, ids, params, max_tokens, generator, lead=seqs[0] if seqs else None,
-                                 grammar=grammars[index] if grammars else None))
+                               grammar=grammars[index] if grammars else None, stop_token_ids=stop_token_ids))
             detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens))
         return Request(request_id, ids, params, seqs, detoks, [SampleProgress() for _ in seqs])
 
@@ -157,37 +179,81 @@ class LLMEngine:
 
     # --- the step ---------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model, sample, detokenize; a delta output for every request that changed."""
+        """Schedule and launch a batch, then turn a finished batch's tokens into delta outputs.
+
+        Synchronous scheduling finishes the batch it launched. Async scheduling (vLLM v1's) first
+        launches the next batch, counting each sampling sequence's pending token as already there
+        (its input id is read from the device), and only then reads back and processes the previous
+        batch, so on a GPU the host work of one step runs while the device computes the next.
+        """
+        previous, self._in_flight = self._in_flight, None
+        outputs: list[RequestOutput] = []
         batch = self.scheduler.schedule()
-        if not batch:
-            return []
+        launched = self._launch(batch, previous, outputs) if batch else None
+        if self.async_scheduling:
+            self._in_flight, launched = launched, previous
+        if launched is not None:
+            outputs.extend(self._complete(launched))
+        return outputs
+
+    def _launch(self, batch: ScheduledBatch, previous: InFlight | None,
+                outputs: list[RequestOutput]) -> InFlight | None:
+        """Forward and sample `batch` (the device result is not waited for); a failure fails its requests."""
         sample_rows = [i for i, (seq, count) in enumerate(batch.items)
                        if seq.num_computed_tokens + count == seq.num_tokens]  # prompt done: sample
+        samples = [batch.items[i][0] for i in sample_rows]
         try:
-            logits = self.runner.run(batch.items, sample_rows)
-            rows = [self._sampling_row(batch.items[i][0]) for i in sample_rows]
-            bitmask = self._grammar_bitmask([batch.items[i][0] for i in sample_rows])
+            pending = previous.pending_inputs() if previous is not None else None
+            logits = self.runner.run(batch.items, sample_rows, pending)
+            rows = [self._sampling_row(seq) for seq in samples]
+            bitmask = self._grammar_bitmask(samples)
             result = self.sampler(logits, rows, token_bitmask=bitmask) if rows else None
-            token_ids = result.token_ids if result is not None else []  # the step's one wait on the device
         except ParallelGroupError:  # a rank is gone: no later step can run either (AsyncEngine stops)
             raise
         except Exception as exc:  # a failing model fails this step's requests, not the engine
             log.exception("engine step failed")
             failed = {seq.request_id for seq, _ in batch.items}
-            return [self._fail(self.requests.pop(rid), f"{type(exc).__name__}: {exc}") for rid in failed
-                    if rid in self.requests]
+            outputs.extend(self._fail(self.requests.pop(rid), f"{type(exc).__name__}: {exc}") for rid in failed
+                           if rid in self.requests)
+            return None
         self.scheduler.after_step(batch)
-        touched: dict[str, Request] = {}
-        for row, item in enumerate(sample_rows):
-            seq = batch.items[item][0]
-            request = self.requests[seq.request_id]
-            self._append_token(request, seq, token_ids[row], result, row)
-            touched[request.request_id] = request
-        outputs = [self._output(r) for r in touched.values()]
+        for seq in samples:
+            seq.num_in_flight += 1
+        return InFlight(samples, result)
+
+    def _complete(self, launched: InFlight) -> list[RequestOutput]:
+        """Append the batch's tokens (the step's one wait on the device), apply the token rules, emit deltas."""
+        token_ids = launched.result.token_ids if launched.result is not None else []
+        samples, rows = [], []
+        for row, (seq, token) in enumerate(zip(launched.samples, token_ids)):
+            seq.num_in_flight -= 1
+            if seq.finished:  # ended (a stop, an abort) after this batch was launched: its token is dropped
+                continue
+            self._append_token(seq, token)
+            samples.append(seq)
+            rows.append(row)
+        touched, stopped = self.outputs.add_tokens(self.requests, samples, rows, launched.result)
+        for seq in stopped:
+            self._retire(seq)
+        outputs = [self.outputs.output(r) for r in touched]
         for output in outputs:
             if output.finished:
                 del self.requests[output.request_id]
         return outputs
+
+    def _append_token(self, seq: Sample, token: int) -> None:
+        """The rules that need no text: stop and EOS tokens, the grammar, max_tokens and the context length."""
+        seq.output_token_ids.append(token)
+        self.generation_tokens_total += 1
+        if seq.stopped_by_token():
+            seq.finish_reason, seq.stop_reason = "stop", (token if token in seq.params.stop_token_ids else None)
+        elif seq.grammar is not None and (not seq.grammar.accept(token) or seq.grammar.terminated):
+            seq.finish_reason = "stop"
+        elif len(seq.output_token_ids) >= seq.max_tokens or seq.num_known_tokens >= self.max_model_len:
+            seq.finish_reason = "length"
+        else:
+            return
+        self._retire(seq)
 
     def _grammar_bitmask(self, seqs: list[Sample]) -> torch.Tensor | None:
         """The allowed-token bitmask of this step's sampled rows; None when no row is constrained (they pay nothing)."""
@@ -200,38 +266,15 @@ class LLMEngine:
         return bitmask.to(self.model.device)  # the sampler applies it on the logits' device
 
     def _sampling_row(self, seq: Sample) -> SamplingRow:
-        p = seq.params
-        banned: list[int] = []
-        if len(seq.output_token_ids) < p.min_tokens:
-            banned = list(p.stop_token_ids) + ([] if p.ignore_eos else self.tokenizer.eos_token_ids)
-        return SamplingRow(p, seq.generator, banned, seq, seq.prompt_token_ids)
-
-    def _append_token(self, request: Request, seq: Sample, token: int, result: SampleResult, row: int) -> None:
-        seq.output_token_ids.append(token)
-        self.generation_tokens_total += 1
-        sample = request.progress[seq.index]
-        p = seq.params
-        if p.logprobs is not None:
-            decode = self.tokenizer.decode
-            top = [(t, decode([t], skip_special_tokens=False), lp) for t, lp in result.top_logprobs[row][:p.logprobs]]
-            sample.logprobs.append(TokenLogprob(token, decode([token], skip_special_tokens=False),
-                                                result.logprobs[row], top))
-        detok = request.detoks[seq.index]
-        can_stop = len(seq.output_token_ids) >= p.min_tokens
-        is_stop_token = token in p.stop_token_ids or (not p.ignore_eos and token in self.tokenizer.eos_token_ids)
-        if not (can_stop and is_stop_token):  # a stop or EOS token adds no text
-            detok.add(token, check_stop=can_stop)
-        grammar_done = seq.grammar is not None and (not seq.grammar.accept(token) or seq.grammar.terminated)
-        if can_stop and is_stop_token:
-            sample.finish_reason, sample.stop_reason = "stop", (token if token in p.stop_token_ids else None)
-        elif grammar_done:
-            sample.finish_reason = "stop"
-        elif detok.stopped_by is not None:
-            sample.finish_reason, sample.stop_reason = "stop", detok.stopped_by
-        elif len(seq.output_token_ids) >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
-            sample.finish_reason = "length"
-        if sample.finish_reason is not None:
-            self._retire(seq)
+        """The sequence's sampler row, made once; min_tokens bans stay on until enough tokens are out."""
+        row = seq.sampling_row
+        if row is None:
+            row = seq.sampling_row = SamplingRow(seq.params, seq.generator, (), seq, seq.prompt_token_ids)
+        if row.banned_token_ids and len(seq.output_token_ids) + seq.num_in_flight >= seq.params.min_tokens:
+            row.banned_token_ids = ()
+        elif not row.banned_token_ids and len(seq.output_token_ids) + seq.num_in_flight < seq.params.min_tokens:
+            row.banned_token_ids = tuple(seq.stop_token_ids)
+        return row
 
     def _retire(self, seq: Sample) -> None:
         """A finished or aborted sample leaves the scheduler (its blocks are freed), the sampler and the runner."""
@@ -240,32 +283,13 @@ class LLMEngine:
         self.sampler.release(seq)
         self.runner.release(seq)
 
-    def _output(self, request: Request) -> RequestOutput:
-        """What changed since the request's previous output: new ids, text and logprobs per sample."""
-        deltas = []
-        for seq, detok, sample in zip(request.samples, request.detoks, request.progress):
-            finished = sample.finish_reason is not None
-            new_ids = seq.output_token_ids[sample.reported_tokens:]
-            text = detok.take_delta(finished)
-            if not (new_ids or text or (finished and not sample.reported_finish)):
-                continue
-            logprobs = None
-            if seq.params.logprobs is not None:
-                logprobs, sample.logprobs = sample.logprobs, []
-            sample.reported_tokens = len(seq.output_token_ids)
-            sample.reported_finish = finished
-            deltas.append(CompletionOutput(seq.index, text, new_ids, logprobs, sample.finish_reason,
-                                           sample.stop_reason, len(seq.output_token_ids)))
-        cached = min(seq.num_cached_tokens for seq in request.samples)
-        return RequestOutput(request.request_id, request.prompt_token_ids, deltas, request.finished, cached)
-
     def _fail(self, request: Request, error: str | None) -> RequestOutput:
-        for seq, sample in zip(request.samples, request.progress):
+        for seq in request.samples:
             self._retire(seq)
-            if sample.finish_reason is None:
-                sample.finish_reason = "abort"
-                sample.stop_reason = error
-        return self._output(request)
+            if seq.finish_reason is None:
+                seq.finish_reason = "abort"
+                seq.stop_reason = error
+        return self.outputs.output(request)
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from engine.attention_metadata import AttentionMetadata
+from engine.host_device import upload
 from engine.models.base import CausalLM
 from engine.request import Sample
 
@@ -65,6 +66,14 @@ class StepInputs:
     decode_bucket: int | None = None  # set when the batch is decode-only and padded to this size
 
 
+@dataclass
+class PendingTokens:
+    """Sampled ids still on the device (async scheduling): a sequence's next input id is `token_ids[row_of[seq]]`."""
+
+    token_ids: torch.Tensor
+    row_of: dict[Sample, int]
+
+
 class InputBuffers:
     """Host staging (pinned on CUDA) and device tensors of fixed size, reused by every step."""
 
@@ -82,6 +91,19 @@ class InputBuffers:
         self.query_start_loc = pair((max_seqs + 1,), torch.int32)
         self.logits_indices = pair((max_seqs,), torch.int64)
         self.block_tables = pair((max_seqs, max_blocks), torch.int32)
+        self._uploaded: torch.cuda.Event | None = None
+
+    def reusable(self) -> None:
+        """Wait until the previous step's copies have left the host staging (async scheduling writes it
+        again while the device may not have run them yet); a no-op on CPU and usually already true."""
+        if self._uploaded is not None:
+            self._uploaded.synchronize()
+
+    def uploads_queued(self) -> None:
+        """Mark the end of this step's uploads on the stream (CUDA)."""
+        if self.input_ids[2].device.type == "cuda":
+            self._uploaded = torch.cuda.Event()
+            self._uploaded.record()
 
     @staticmethod
     def upload(buffer: tuple[torch.Tensor, np.ndarray, torch.Tensor], *extent: int) -> torch.Tensor:
@@ -102,7 +124,10 @@ class BlockTableRows:
 
     def row(self, seq: Sample) -> int:
         """`seq`'s row, brought up to date with its block ids."""
-        row, written, version = self.row_of.get(seq, (-1, 0, seq.block_table_version))
+        entry = self.row_of.get(seq)
+        if entry is not None and entry[1] == len(seq.block_ids) and entry[2] == seq.block_table_version:
+            return entry[0]  # most steps: no new block
+        row, written, version = entry or (-1, 0, seq.block_table_version)
         if row < 0:
             row = self._take()
         if version != seq.block_table_version:  # preempted since: its blocks were given back
@@ -151,22 +176,48 @@ class ModelRunner:
         """Forget a finished sequence's block-table row."""
         self.rows.release(seq)
 
-    def prepare(self, items: list[tuple[Sample, int]], sample_rows: list[int]) -> StepInputs:
-        """Fill the buffers for `(sequence, new tokens)` pairs; logits for the `sample_rows` items."""
+    def prepare(self, items: list[tuple[Sample, int]], sample_rows: list[int],
+                pending: PendingTokens | None = None) -> StepInputs:
+        """Fill the buffers for `(sequence, new tokens)` pairs; logits for the `sample_rows` items.
+
+        A decode whose input token is still in flight (async scheduling) reads it from `pending` on the device.
+        """
         b, bs = self.buffers, self.block_size
+        b.reusable()
         num_seqs = len(items)
-        counts = np.fromiter((count for _, count in items), dtype=np.int64, count=num_seqs)
-        begins = np.fromiter((seq.num_computed_tokens for seq, _ in items), dtype=np.int64, count=num_seqs)
-        rows = np.fromiter((self.rows.row(seq) for seq, _ in items), dtype=np.int64, count=num_seqs)
-        num_tokens = int(counts.sum())
         ids = b.input_ids[1]
+        decode_ids, begin_list, row_list, count_list = [], [], [], []
+        in_flight_at, in_flight_rows = [], []
+        row_of = self.rows.row
         offset = 0
-        for seq, count in items:
+        for seq, count in items:  # one pass in Python: each sequence's input ids, start, count and table row
+            begin = seq.num_computed_tokens
+            begin_list.append(begin)
+            count_list.append(count)
+            row_list.append(row_of(seq))
             if count == 1:
-                ids[offset] = seq.token_at(seq.num_computed_tokens)
+                prompt, out = seq.prompt_token_ids, seq.output_token_ids
+                index = begin - len(prompt)
+                if index < 0:
+                    decode_ids.append(prompt[index])
+                elif index < len(out):
+                    decode_ids.append(out[index])
+                else:  # sampled by the previous batch, not read back yet
+                    decode_ids.append(0)
+                    in_flight_at.append(offset)
+                    in_flight_rows.append(pending.row_of[seq])
             else:
-                ids[offset:offset + count] = seq.token_slice(seq.num_computed_tokens, seq.num_computed_tokens + count)
+                if decode_ids:
+                    ids[offset - len(decode_ids):offset] = decode_ids
+                    decode_ids = []
+                ids[offset:offset + count] = seq.token_slice(begin, begin + count)
             offset += count
+        if decode_ids:
+            ids[offset - len(decode_ids):offset] = decode_ids
+        counts = np.array(count_list, dtype=np.int64)
+        begins = np.array(begin_list, dtype=np.int64)
+        rows = np.array(row_list, dtype=np.int64)
+        num_tokens = offset
         starts = b.query_start_loc[1]
         starts[0] = 0
         np.cumsum(counts, out=starts[1:num_seqs + 1], dtype=np.int32)
@@ -205,8 +256,13 @@ class ModelRunner:
             num_decode_tokens=num_decode + (tokens_out - num_tokens),
             logits_indices=b.upload(b.logits_indices, num_logits),
         )
-        return StepInputs(b.upload(b.input_ids, tokens_out), b.upload(b.positions, tokens_out), metadata,
-                          len(sample_rows), bucket)
+        input_ids = b.upload(b.input_ids, tokens_out)
+        if in_flight_at:
+            input_ids[upload(in_flight_at, torch.long, self.device)] = \
+                pending.token_ids[upload(in_flight_rows, torch.long, self.device)]
+        inputs = StepInputs(input_ids, b.upload(b.positions, tokens_out), metadata, len(sample_rows), bucket)
+        b.uploads_queued()
+        return inputs
 
     def _bucket(self, items: list[tuple[Sample, int]], sample_rows: list[int]) -> int | None:
         """The padded size of a decode-only batch whose every row samples; None runs it as it is."""
@@ -215,9 +271,10 @@ class ModelRunner:
         return next(size for size in self.buckets if size >= len(items))
 
     @torch.no_grad()  # not inference_mode: the sampler edits the logits in place
-    def run(self, items: list[tuple[Sample, int]], sample_rows: list[int]) -> torch.Tensor:
+    def run(self, items: list[tuple[Sample, int]], sample_rows: list[int],
+            pending: PendingTokens | None = None) -> torch.Tensor:
         """Logits `[len(sample_rows), vocab]` (float32) for the chosen items' last new token."""
-        return self.forward(self.prepare(items, sample_rows))
+        return self.forward(self.prepare(items, sample_rows, pending))
 
     @torch.no_grad()
     def forward(self, inputs: StepInputs) -> torch.Tensor:

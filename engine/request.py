@@ -10,6 +10,7 @@ import torch
 
 from engine.detokenizer import IncrementalDetokenizer
 from engine.outputs import TokenLogprob
+from engine.sampler import SamplingRow
 from engine.sampling_params import SamplingParams
 from engine.structured.matcher import GrammarMatcher
 
@@ -47,6 +48,11 @@ class Sample:
     prompt_done: bool = False  # the prompt has been computed once (its full blocks are in the prefix cache)
     block_table_version: int = 0  # bumped whenever the blocks are given back, so copies of the table go stale
     grammar: GrammarMatcher | None = None  # constrained decoding: what this sample may generate next
+    stop_token_ids: frozenset[int] = frozenset()  # ids that end it once min_tokens are out (EOS unless ignored)
+    num_in_flight: int = 0  # async scheduling: tokens sampled on the device whose ids have not come back yet
+    finish_reason: str | None = None  # "stop" | "length" | "abort" once it ended
+    sampling_row: "SamplingRow | None" = None  # the sampler's view of it, made on its first sampled step
+    stop_reason: str | int | None = None  # the stop string or token id that ended it (an error message on abort)
 
     @property
     def token_ids(self) -> list[int]:
@@ -65,7 +71,17 @@ class Sample:
 
     @property
     def num_tokens(self) -> int:
+        """Tokens the scheduler counts: known ones plus any still in flight (their KV comes next)."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_in_flight
+
+    @property
+    def num_known_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def stopped_by_token(self) -> bool:
+        """The newest token is a stop or EOS token that may end the sample (min_tokens are out)."""
+        out = self.output_token_ids
+        return bool(out) and out[-1] in self.stop_token_ids and len(out) >= self.params.min_tokens
 
     @property
     def num_remaining(self) -> int:
@@ -86,8 +102,6 @@ class SampleProgress:
 
     reported_tokens: int = 0  # output token ids already sent in a delta
     logprobs: list[TokenLogprob] = field(default_factory=list)  # not sent yet
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
     reported_finish: bool = False
 
 
@@ -104,4 +118,7 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        return all(s.finish_reason is not None for s in self.progress)
+        for sample in self.samples:  # a loop, not all(genexpr): this runs for every request every step
+            if sample.finish_reason is None:
+                return False
+        return True

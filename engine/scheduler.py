@@ -5,6 +5,11 @@ scheduled sequence some new tokens to compute. Running sequences come first (dec
 unfinished prefill chunks), then waiting ones in arrival order. When blocks run out the newest
 running sequence is preempted (blocks freed, `num_computed_tokens = 0`, back to the head of the
 queue), so the oldest request always makes progress.
+
+Under async scheduling a sequence may have a token in flight (sampled on the device, not read
+back): it counts in `num_tokens`, so the sequence is scheduled as a decode whose input the runner
+reads on the device; a grammar-constrained sequence waits for it instead (its mask needs the token),
+and a preempted one is not readmitted until it lands.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.kv_cache import BlockPool, block_hashes
+from engine.kv_cache import BlockPool, block_hashes, chain_hash
 from engine.request import Sample, SampleStatus
 
 
@@ -74,14 +79,22 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
-        # Decodes first, then prefill chunks of already running sequences.
-        order = sorted(self.running, key=lambda s: (s.num_remaining > 1, s.arrival))
-        for seq in order:
+        # Decodes first, then prefill chunks of already running sequences (`running` is in arrival order).
+        remaining = [(seq, seq.num_remaining) for seq in self.running]
+        order = [item for item in remaining if item[1] <= 1] + [item for item in remaining if item[1] > 1]
+        size = self.pool.block_size
+        for seq, count in order:
             if budget == 0:
                 break
             if seq.status is not SampleStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            count = min(seq.num_remaining, budget)
+            if seq.num_in_flight and seq.grammar is not None:
+                continue  # async scheduling: a grammar needs the pending token before it can mask the next one
+            count = min(count, budget)
+            if seq.num_computed_tokens + count <= len(seq.block_ids) * size:  # its blocks hold the new tokens
+                batch.items.append((seq, count))
+                budget -= count
+                continue
             while not self._grow(seq, seq.num_computed_tokens + count):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -98,7 +111,7 @@ class Scheduler:
         if batch.num_preempted == 0:
             while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 seq = self.waiting[0]
-                if not self._admit(seq, budget):
+                if seq.num_in_flight or not self._admit(seq, budget):  # preempted with a token still in flight
                     break
                 self.waiting.popleft()
                 seq.status = SampleStatus.RUNNING
@@ -111,10 +124,13 @@ class Scheduler:
 
     def after_step(self, batch: ScheduledBatch) -> None:
         """Advance computed counts and publish newly full blocks to the prefix cache."""
+        caching, size = self.pool.enable_prefix_caching, self.pool.block_size
         for seq, count in batch.items:
             seq.num_computed_tokens += count
-            seq.prompt_done = seq.prompt_done or seq.num_computed_tokens >= len(seq.prompt_token_ids)
-            self._commit_full_blocks(seq)
+            if not seq.prompt_done:
+                seq.prompt_done = seq.num_computed_tokens >= len(seq.prompt_token_ids)
+            if caching and seq.num_computed_tokens >= (seq.num_committed_blocks + 1) * size:
+                self._commit_full_blocks(seq)
 
     def _admit(self, seq: Sample, budget: int) -> bool:
         lead = seq.lead
@@ -165,13 +181,12 @@ class Scheduler:
         seq.num_committed_blocks = 0
 
     def _commit_full_blocks(self, seq: Sample) -> None:
-        if not self.pool.enable_prefix_caching:
-            return
-        full = seq.num_computed_tokens // self.pool.block_size
-        if full <= seq.num_committed_blocks:
-            return
-        seq.block_hashes = block_hashes(seq.token_ids[:full * self.pool.block_size], self.pool.block_size,
-                                        seq.block_hashes[:full])
+        """Publish blocks whose every token is computed and known; each block is hashed once, from its own tokens."""
+        size = self.pool.block_size
+        full = min(seq.num_computed_tokens, seq.num_known_tokens) // size  # an in-flight token is not known yet
+        hashes = seq.block_hashes
         for i in range(seq.num_committed_blocks, full):
-            self.pool.commit(seq.block_ids[i], seq.block_hashes[i])
-        seq.num_committed_blocks = full
+            if i == len(hashes):
+                hashes.append(chain_hash(hashes[-1] if hashes else None, seq.token_slice(i * size, (i + 1) * size)))
+            self.pool.commit(seq.block_ids[i], hashes[i])
+        seq.num_committed_blocks = max(seq.num_committed_blocks, full)

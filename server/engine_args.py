@@ -60,6 +60,9 @@ ENGINE_FLAGS: dict[str, tuple[dict[str, Any], str]] = {
     "tensor_parallel_timeout_s": ({"type": positive_float, "metavar": "SECONDS"},
                                   "a collective waiting longer means a rank is gone: fail, never hang"),
     "enforce_eager": ({"action": "store_true"}, "CUDA: run every step eagerly (no CUDA graph capture or replay)"),
+    "async_scheduling": ({"action": argparse.BooleanOptionalAction},
+                         "launch each step before the previous step's tokens are read back, so host work overlaps "
+                         "the device (default: on for one CUDA device; structured-output requests opt out)"),
     "mxfp4_unpack_gib": ({"type": float, "metavar": "GIB"},
                          "on CPU with the torch ops: dequantize MXFP4 experts once at load when the model fits "
                          "this many GiB dense (0: keep them packed)"),

@@ -1,0 +1,71 @@
+"""From a step's token ids to what people read: text, stop strings, logprob text, delta RequestOutputs.
+
+vLLM v1 splits the same way: the engine's step only appends token ids and applies the rules that
+need no text (stop tokens, lengths, grammars), which keeps the step loop's per-sequence work to a
+list append and a few comparisons. Everything that decodes text happens here, after the next
+forward has been launched (async scheduling), so on a GPU it runs while the device computes. A
+stop string found here finishes the sample (`finish_reason` "stop"); the engine then retires it
+and drops any token it already computed past the stop.
+"""
+
+from __future__ import annotations
+
+from engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
+from engine.request import Request, Sample
+from engine.sampler import SampleResult
+from engine.tokenizer import Tokenizer
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def add_tokens(self, requests: dict[str, Request], samples: list[Sample], rows: list[int],
+                   result: SampleResult | None) -> tuple[list[Request], list[Sample]]:
+        """Detokenize each sample's newest token (`rows[i]` of `result` holds its logprobs).
+
+        Returns the requests that changed and the samples a stop string has just finished.
+        """
+        touched: dict[str, Request] = {}
+        stopped = []
+        for seq, row in zip(samples, rows):
+            request = requests[seq.request_id]
+            touched[seq.request_id] = request
+            token = seq.output_token_ids[-1]
+            p = seq.params
+            if p.logprobs is not None:
+                request.progress[seq.index].logprobs.append(self._logprob(token, result, row, p.logprobs))
+            if seq.stopped_by_token():
+                continue  # a stop or EOS token adds no text
+            detok = request.detoks[seq.index]
+            detok.add(token, check_stop=len(seq.output_token_ids) >= p.min_tokens)
+            if detok.stopped_by is not None and seq.finish_reason in (None, "length"):
+                if seq.finish_reason is None:
+                    stopped.append(seq)
+                seq.finish_reason, seq.stop_reason = "stop", detok.stopped_by
+        return list(touched.values()), stopped
+
+    def _logprob(self, token: int, result: SampleResult | None, row: int, top_n: int) -> TokenLogprob:
+        decode = self.tokenizer.decode
+        top = [(t, decode([t], skip_special_tokens=False), lp) for t, lp in result.top_logprobs[row][:top_n]]
+        return TokenLogprob(token, decode([token], skip_special_tokens=False), result.logprobs[row], top)
+
+    @staticmethod
+    def output(request: Request) -> RequestOutput:
+        """What changed since the request's previous output: new ids, text and logprobs per sample."""
+        deltas = []
+        for seq, detok, sample in zip(request.samples, request.detoks, request.progress):
+            finished = seq.finish_reason is not None
+            new_ids = seq.output_token_ids[sample.reported_tokens:]
+            text = detok.take_delta(finished)
+            if not (new_ids or text or (finished and not sample.reported_finish)):
+                continue
+            logprobs = None
+            if seq.params.logprobs is not None:
+                logprobs, sample.logprobs = sample.logprobs, []
+            sample.reported_tokens = len(seq.output_token_ids)
+            sample.reported_finish = finished
+            deltas.append(CompletionOutput(seq.index, text, new_ids, logprobs, seq.finish_reason,
+                                           seq.stop_reason, len(seq.output_token_ids)))
+        cached = min(seq.num_cached_tokens for seq in request.samples)
+        return RequestOutput(request.request_id, request.prompt_token_ids, deltas, request.finished, cached)
