@@ -159,8 +159,8 @@ def kernel_stack_decode(
             "norm1": torch.ones(h, device=dev, dtype=bf), "norm2": torch.ones(h, device=dev, dtype=bf),
             "qkv": dense(qkv_out, h), "qkv_b": dense(qkv_out), "o": dense(h, nh * d), "o_b": dense(h),
             "sinks": dense(nh), "router": dense(e, h), "router_b": dense(e),
-            "gate_up": random_mxfp4((e, 2 * inter, h), dev), "gate_up_b": dense(e, 2 * inter),
-            "down": random_mxfp4((e, h, inter), dev), "down_b": dense(e, h),
+            "gate_up": ops.prepare_weight(random_mxfp4((e, 2 * inter, h), dev)), "gate_up_b": dense(e, 2 * inter),
+            "down": ops.prepare_weight(random_mxfp4((e, h, inter), dev)), "down_b": dense(e, h),
         }
         for _ in range(c["layers"])
     ]

@@ -149,18 +149,19 @@ def bench_mxfp4_linear(b: Bench, models: list[Shapes]) -> None:
             weight = random_mxfp4((n, k), b.device)
             dense = weight.dequantize(torch.bfloat16)
             wbytes = weight.blocks.numel() + weight.scales.numel()
+            swizzled = ops.prepare_weight(weight)
             for tokens in _batches(b):
                 x = torch.randn(tokens, k, device=b.device, dtype=torch.bfloat16)
                 b.record(
                     "mxfp4_linear", m.name, f"{name} {n}x{k}", tokens,
-                    lambda: ops.linear(x, weight), wbytes + 2 * tokens * (n + k), 2 * tokens * n * k,
+                    lambda: ops.linear(x, swizzled), wbytes + 2 * tokens * (n + k), 2 * tokens * n * k,
                     "dequant+F.linear", lambda: F.linear(x, weight.dequantize(torch.bfloat16)),
                 )
                 b.record(
                     "bf16_linear(F.linear)", m.name, f"{name} {n}x{k}", tokens,
                     lambda: F.linear(x, dense), 2 * n * k + 2 * tokens * (n + k), 2 * tokens * n * k,
                 )
-            del weight, dense
+            del weight, dense, swizzled
 
 
 def bench_moe(b: Bench, models: list[Shapes]) -> None:
@@ -177,6 +178,7 @@ def bench_moe(b: Bench, models: list[Shapes]) -> None:
         dense_gate_up, dense_down = w_gate_up.dequantize(torch.bfloat16), w_down.dequantize(torch.bfloat16)
         per_expert = sum(t.numel() for t in (w_gate_up.blocks, w_gate_up.scales, w_down.blocks, w_down.scales))
         per_expert //= m.experts
+        swizzled_gate_up, swizzled_down = ops.prepare_weight(w_gate_up), ops.prepare_weight(w_down)
         for tokens in _batches(b):
             x = torch.randn(tokens, m.hidden, device=b.device, dtype=torch.bfloat16)
             logits = torch.randn(tokens, m.experts, device=b.device)
@@ -185,7 +187,7 @@ def bench_moe(b: Bench, models: list[Shapes]) -> None:
             nbytes = touched * per_expert + 2 * tokens * m.hidden * 2
             b.record(
                 "mxfp4_moe", m.name, f"E{m.experts} top{m.top_k} ({touched} experts hit)", tokens,
-                lambda: ops.moe(x, logits, m.top_k, w_gate_up, b_gate_up, w_down, b_down), nbytes, flops,
+                lambda: ops.moe(x, logits, m.top_k, swizzled_gate_up, b_gate_up, swizzled_down, b_down), nbytes, flops,
                 "torch bf16 experts",
                 lambda: reference.moe(x, logits, m.top_k, dense_gate_up, b_gate_up, dense_down, b_down),
             )
@@ -196,7 +198,7 @@ def bench_moe(b: Bench, models: list[Shapes]) -> None:
                 "torch top-k + sort + schedule",
                 lambda: routing.route(*reversed(reference.moe_route(logits, m.top_k)), m.experts, 16),
             )
-        del w_gate_up, w_down, dense_gate_up, dense_down
+        del w_gate_up, w_down, dense_gate_up, dense_down, swizzled_gate_up, swizzled_down
 
 
 def _paged_kv(b: Bench, m: Shapes, batch: int, context: int, block_size: int = 16):

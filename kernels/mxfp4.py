@@ -4,6 +4,9 @@ A weight `[..., out, in]` is stored as `blocks` uint8 `[..., out, in/32, 16]` (t
 values per byte, low nibble = even element) and `scales` uint8 `[..., out, in/32]`
 (E8M0: value = 2^(e - 127)). Dequantization is always done a slice at a time so the
 full-precision copy of a whole weight never exists in memory.
+
+`swizzle` rearranges such a weight once, at load, into `SwizzledMXFP4`: the layout the
+Triton matmul reads (see its docstring).
 """
 
 from __future__ import annotations
@@ -93,3 +96,82 @@ def quantize(weight: torch.Tensor) -> MXFP4Tensor:
     blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
     scales = (exponent + 127).to(torch.uint8)
     return MXFP4Tensor(blocks.contiguous(), scales.contiguous())
+
+
+# K elements per swizzled block: the matmul's BLOCK_K (K's remainder takes a block of 64 and/or 32).
+TILE_K = 128
+# Threads sharing one row of a Hopper MMA operand tile: thread t holds bytes t, t + 4, t + 8, ...
+MMA_THREADS_PER_ROW = 4
+
+
+@dataclass(frozen=True)
+class SwizzledMXFP4:
+    """An MXFP4 weight `[..., N, K]` in the Triton matmul's layout, made once at load by `swizzle`.
+
+    Per leading index (an expert), K is cut into blocks of `TILE_K` (a remainder of 32, 64 or
+    96 into trailing blocks of 64 and/or 32) and each block stores all N rows one after another, so the `BLOCK_N x TILE_K`
+    tile the kernel reads is one contiguous run of bytes. Inside a row of a block of W bytes,
+    byte j sits at `(j % 4) * (W / 4) + j // 4`: Hopper's MMA operand layout gives thread t
+    of a row group bytes t, t + 4, t + 8, ..., which this makes adjacent (one 16-byte load
+    instead of sixteen 1-byte ones). Scales follow the same blocks, rows in order
+    (`[N, TILE_K / 32]` per block), unpermuted: a thread reads its row's whole run of them.
+    `blocks` is `[..., N * K / 2]`, `scales` `[..., N * K / 32]`, both uint8.
+    """
+
+    blocks: torch.Tensor
+    scales: torch.Tensor
+    shape: torch.Size
+
+    @property
+    def device(self) -> torch.device:
+        return self.blocks.device
+
+    def __getitem__(self, index: int) -> "SwizzledMXFP4":
+        """One leading index (e.g. one expert)."""
+        return SwizzledMXFP4(self.blocks[index], self.scales[index], self.shape[1:])
+
+    def to(self, device: torch.device | str) -> "SwizzledMXFP4":
+        return SwizzledMXFP4(self.blocks.to(device), self.scales.to(device), self.shape)
+
+    def unswizzle(self) -> MXFP4Tensor:
+        """The checkpoint layout back (tests; the kernels never need it)."""
+        *lead, n, k = self.shape
+        rows = []
+        for start, width in _k_blocks(k):
+            offset, size = n * start // 2, n * width // 2
+            b = self.blocks[..., offset : offset + size].reshape(*lead, n, MMA_THREADS_PER_ROW, width // 8)
+            rows.append(b.transpose(-1, -2).reshape(*lead, n, width // 2))
+        blocks = torch.cat(rows, dim=-1).reshape(*lead, n, k // BLOCK, BLOCK // 2)
+        scales = torch.cat(
+            [self.scales[..., n * s // BLOCK : n * (s + w) // BLOCK].reshape(*lead, n, w // BLOCK) for s, w in _k_blocks(k)],
+            dim=-1,
+        )
+        return MXFP4Tensor(blocks.contiguous(), scales.contiguous())
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.unswizzle().dequantize(dtype)
+
+
+def _k_blocks(k: int) -> list[tuple[int, int]]:
+    """(first K element, width) of each swizzled block: full `TILE_K` blocks, then 64 and/or 32 for the rest."""
+    blocks = [(start, TILE_K) for start in range(0, k - k % TILE_K, TILE_K)]
+    start = k - k % TILE_K
+    for width in (TILE_K // 2, TILE_K // 4):
+        if (k - start) >= width:
+            blocks.append((start, width))
+            start += width
+    return blocks
+
+
+def swizzle(weight: MXFP4Tensor) -> SwizzledMXFP4:
+    """`weight` rearranged into the matmul's tile layout (a copy; see `SwizzledMXFP4`)."""
+    *lead, n, k = weight.shape
+    blocks = weight.blocks.reshape(*lead, n, k // 2)
+    b_parts, s_parts = [], []
+    for start, width in _k_blocks(k):
+        b = blocks[..., start // 2 : (start + width) // 2].reshape(*lead, n, width // 8, MMA_THREADS_PER_ROW)
+        b_parts.append(b.transpose(-1, -2).reshape(*lead, n * width // 2))
+        s_parts.append(weight.scales[..., start // BLOCK : (start + width) // BLOCK].reshape(*lead, n * width // BLOCK))
+    return SwizzledMXFP4(
+        torch.cat(b_parts, dim=-1).contiguous(), torch.cat(s_parts, dim=-1).contiguous(), weight.shape
+    )

@@ -13,15 +13,19 @@ from typing import Protocol
 
 import torch
 
-from kernels.mxfp4 import MXFP4Tensor
+from kernels.mxfp4 import MXFP4Tensor, SwizzledMXFP4
 
-Weight = torch.Tensor | MXFP4Tensor
+# A backend's MXFP4 weights are what its `prepare_weight` made of the checkpoint's MXFP4Tensor.
+Weight = torch.Tensor | MXFP4Tensor | SwizzledMXFP4
 
 
 class Ops(Protocol):
     # Capability: packed MXFP4 weights are dequantized on every call, so a loader that can afford
     # one dense copy at load time should make it (the torch path); False where kernels read FP4 directly.
     DEQUANTIZES_MXFP4_PER_CALL: bool
+
+    def prepare_weight(self, weight: torch.Tensor | MXFP4Tensor) -> Weight:
+        """The weight in the layout this backend's kernels read, made once at load (MXFP4 swizzled on Triton)."""
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
                  ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

@@ -27,6 +27,11 @@ DEQUANTIZES_MXFP4_PER_CALL = True
 _DECODE_BATCH_ELEMENTS = 2**26
 
 
+def prepare_weight(weight: torch.Tensor | MXFP4Tensor) -> Weight:
+    """The weight in the layout these ops read, made once at load: the checkpoint's own here."""
+    return weight
+
+
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

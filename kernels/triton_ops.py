@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.mxfp4 import MXFP4Tensor
+from kernels.mxfp4 import MXFP4Tensor, SwizzledMXFP4, swizzle
 from kernels.reference import moe_route
 from kernels.triton.activation import silu_and_mul, swiglu_oss
 from kernels.triton.attention import paged_attention
@@ -21,7 +21,7 @@ from kernels.triton.moe import linear_mxfp4, moe, moe_experts
 from kernels.triton.norm import rms_norm
 from kernels.triton.rope import rope, rope_write_kv
 
-Weight = torch.Tensor | MXFP4Tensor
+Weight = torch.Tensor | SwizzledMXFP4
 
 # The MXFP4 kernels read packed FP4 and dequantize in registers: no dense copy is worth making.
 DEQUANTIZES_MXFP4_PER_CALL = False
@@ -38,11 +38,17 @@ __all__ = [
     "moe_route",
     "moe_experts",
     "moe",
+    "prepare_weight",
 ]
 
 
+def prepare_weight(weight: torch.Tensor | MXFP4Tensor) -> Weight:
+    """MXFP4 weights swizzled into the matmul's tile layout (`kernels.mxfp4.SwizzledMXFP4`), once at load."""
+    return swizzle(weight) if isinstance(weight, MXFP4Tensor) else weight
+
+
 def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`x @ weight.T + bias` for a dense `[out, in]` weight (cuBLAS) or an MXFP4 one (Triton)."""
+    """`x @ weight.T + bias` for a dense `[out, in]` weight (cuBLAS) or a swizzled MXFP4 one (Triton)."""
     if isinstance(weight, torch.Tensor):
         return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
     return linear_mxfp4(x, weight, bias)

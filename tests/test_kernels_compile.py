@@ -3,7 +3,12 @@
 The interpreter runs kernels as numpy and forgives what the compiler refuses
 (loop-carried type changes, bad casts, unsupported shapes), and it never takes
 the bf16 tensor-core branch; compiling each kernel's CUDA configuration down to a
-cubin with Triton's bundled ptxas catches those here. Each cubin's resource use
+cubin with Triton's bundled ptxas catches those here. Arguments are specialized as a
+launch specializes them (Triton's own rule): every pointer as 16-byte aligned (torch
+allocates so, and every launch passes whole tensors or 16-byte-aligned views) and the
+integers given with their gpt-oss-20b values (multiples of 16 marked so, 1 made a
+constant); without that, loads cannot be vectorized or pipelined and the figures
+describe code the GPU never runs. Each cubin's resource use
 (registers per thread, shared memory, local memory = spills) is read back with
 Triton's bundled cuobjdump: the gpt-oss-20b decode configurations must not spill.
 `python tests/test_kernels_compile.py figures` prints them as the table in docs/kernels.md.
@@ -24,25 +29,43 @@ from pathlib import Path
 
 import pytest
 
+from kernels.mxfp4 import TILE_K
+
 BF16 = "*bf16"
 # Hopper's shared memory per block (opt-in maximum).
 SMEM_LIMIT = 227 * 1024
 
 
 def _compile(
-    kernel, pointer_types: dict[str, str], constexprs: dict[str, object], num_warps: int = 4, num_stages: int = 3
+    kernel, pointer_types: dict[str, str], constexprs: dict[str, object], num_warps: int = 4, num_stages: int = 3,
+    ints: dict[str, int] | None = None,
 ) -> dict:
-    """Compile with `pointer_types` for the named arguments, i32 for the others, `constexprs` bound;
-    returns the cubin's resource use."""
+    """Compile with `pointer_types` for the named arguments (pointers 16-byte aligned), `ints` specialized
+    on their values as a launch would, i32 for the other arguments, `constexprs` bound; returns the
+    cubin's resource use."""
     import triton
-    from triton.backends.compiler import GPUTarget
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend, GPUTarget
     from triton.compiler import ASTSource
 
     params = list(inspect.signature(kernel.fn).parameters)
-    signature = {p: "constexpr" if p in constexprs else pointer_types.get(p, "i32") for p in params}
+    constexprs, signature, attrs = dict(constexprs), {}, {}
+    for p in params:
+        if p in (ints or {}):
+            kind, key = native_specialize_impl(BaseBackend, ints[p], False, True, True)
+            if kind == "constexpr":
+                constexprs[p] = key
+            else:
+                signature[p] = kind
+                attrs[(params.index(p),)] = BaseBackend.parse_attr(key)
+        elif p not in constexprs:
+            signature[p] = pointer_types.get(p, "i32")
+            if signature[p].startswith("*"):
+                attrs[(params.index(p),)] = BaseBackend.parse_attr("D")
+    signature = {p: "constexpr" if p in constexprs else signature[p] for p in params}
     bound = {(params.index(name),): value for name, value in constexprs.items()}
     compiled = triton.compile(
-        ASTSource(fn=kernel, signature=signature, constexprs=bound), target=GPUTarget("cuda", 90, 32),
+        ASTSource(fn=kernel, signature=signature, constexprs=bound, attrs=attrs), target=GPUTarget("cuda", 90, 32),
         options={"num_warps": num_warps, "num_stages": num_stages},
     )
     assert compiled.asm["cubin"]
@@ -120,7 +143,7 @@ def _routing_place() -> dict:
 
     return _compile(
         routing._route_place_kernel, ROUTING_POINTERS,
-        {**ROUTING_GPT_OSS, "BLOCK_M": 128, "BLOCK_TILES": 64, "BLOCK_C": 64},
+        {**ROUTING_GPT_OSS, "BLOCK_M": 128, "BLOCK_TILES": 64, "BLOCK_C": 64}, num_warps=routing.PLACE_WARPS,
     )
 
 
@@ -192,7 +215,27 @@ DENSE = {"SCHEDULED": False, "GATHER_A": False, "SCATTER_OUT": False, "ROUTE_WEI
          "ATOMIC_ADD": False}
 
 
-def _matmul(flags: dict, shape_class: str, split_k: int = 1, activations: str = "bf16", block_n: int | None = None) -> dict:
+# gpt-oss-20b: hidden 2880, expert width 2880, 32 experts, top-4.
+HIDDEN, INTER, EXPERTS, TOP_K = 2880, 2880, 32, 4
+
+
+def _matmul_ints(flags: dict, tokens: int) -> dict[str, int]:
+    """The integer arguments of the gpt-oss-20b launch (as `kernels.triton.moe` passes them) for `tokens`."""
+    if flags is DENSE:  # a plain [2880, 2880] MXFP4 linear
+        n, k, m, experts, a_div, out_div = HIDDEN, HIDDEN, tokens, 1, 1, 1
+    elif flags["SWIGLU"]:  # gate_up [E, 2I, H], rows gathered from their token
+        n, k, m, experts, a_div, out_div = 2 * INTER, HIDDEN, tokens * TOP_K, EXPERTS, TOP_K, 1
+    else:  # down [E, H, I], rows scattered to their token (atomic) or to their pair
+        n, k, m, experts, a_div, out_div = HIDDEN, INTER, tokens * TOP_K, EXPERTS, 1, TOP_K if flags["ATOMIC_ADD"] else 1
+    return {
+        "M": m, "N": n, "K": k, "num_experts": experts, "a_rows_div": a_div, "out_rows_div": out_div,
+        "stride_am": k, "stride_we": n * k // 2, "stride_wn": 0, "stride_se": n * k // 32, "stride_be": n,
+        "stride_om": n // 2 if flags["SWIGLU"] else n,
+    }
+
+
+def _matmul(flags: dict, shape_class: str, tokens: int, split_k: int = 1, activations: str = "bf16",
+            block_n: int | None = None) -> dict:
     from kernels.triton import mxfp4_matmul
 
     t = mxfp4_matmul.HOPPER_TILES[shape_class]
@@ -207,17 +250,23 @@ def _matmul(flags: dict, shape_class: str, split_k: int = 1, activations: str = 
         {**flags, "MXFP4": True, "HAS_BIAS": True, "UPCAST": False, "SPLIT_K": split_k,
          "PRECISION": "ieee" if activations == "fp32" else "tf32",
          "DOT_FORMAT": "" if activations == "fp32" else activations,
-         "BLOCK_M": t.block_m, "BLOCK_N": block_n or t.block_n, "BLOCK_K": t.block_k},
-        t.num_warps, t.num_stages,
+         "BLOCK_M": t.block_m, "BLOCK_N": block_n or t.block_n, "BLOCK_K": TILE_K},
+        t.num_warps, t.num_stages, _matmul_ints(flags, tokens),
     )
 
 
 def compile_matmul() -> None:
-    _matmul(GATE_UP, "large")  # prefill tiles
-    _matmul(DOWN, "large")
-    _matmul(DOWN_DETERMINISTIC, "decode")
-    _matmul(DENSE, "decode", block_n=32)  # a decode-sized dense linear narrowed to fill the GPU
-    _matmul(DENSE, "decode", activations="fp32")  # the hand-written decode for fp32 activations
+    _matmul(DOWN, "large", 2048)  # prefill tiles (gate_up's are among the figures)
+    _matmul(DOWN_DETERMINISTIC, "decode", 1)
+    _matmul(DENSE, "decode", 1, block_n=32)  # a decode-sized dense linear narrowed to fill the GPU
+    _matmul(DENSE, "decode", 1, activations="fp32")  # the hand-written decode for fp32 activations
+
+
+def _tiles(shape_class: str) -> str:
+    from kernels.triton import mxfp4_matmul
+
+    t = mxfp4_matmul.HOPPER_TILES[shape_class]
+    return f"{shape_class} tiles {t.block_m}x{t.block_n}x{TILE_K}"
 
 
 def decode_figures() -> list[tuple[str, str, dict]]:
@@ -232,10 +281,11 @@ def decode_figures() -> list[tuple[str, str, dict]]:
         ("moe routing (one launch)", "top-4 of 32, up to 256 tokens", _routing()),
         ("moe routing, launch 1 of 2", "prefill: 64-token chunks", _routing_count()),
         ("moe routing, launch 2 of 2", "prefill: 64-token chunks", _routing_place()),
-        ("mxfp4 gate_up + SwiGLU", "decode tiles", _matmul(GATE_UP, "decode")),
-        ("mxfp4 down + combine", "decode tiles, split-K 2", _matmul(DOWN, "decode", split_k=2)),
-        ("mxfp4 gate_up + SwiGLU", "batch 256: small tiles", _matmul(GATE_UP, "small")),
-        ("mxfp4 down + combine", "batch 256: small tiles", _matmul(DOWN, "small")),
+        ("mxfp4 gate_up + SwiGLU", f"batch 1: {_tiles('decode')}", _matmul(GATE_UP, "decode", 1)),
+        ("mxfp4 down + combine", f"batch 1: {_tiles('decode')}, split-K 2", _matmul(DOWN, "decode", 1, split_k=2)),
+        ("mxfp4 gate_up + SwiGLU", f"batch 256: {_tiles('small')}", _matmul(GATE_UP, "small", 256)),
+        ("mxfp4 down + combine", f"batch 256: {_tiles('small')}", _matmul(DOWN, "small", 256)),
+        ("mxfp4 gate_up + SwiGLU", f"prefill 2048: {_tiles('large')}", _matmul(GATE_UP, "large", 2048)),
     ]
 
 

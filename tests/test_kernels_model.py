@@ -15,6 +15,7 @@ from engine.loader import open_model
 from engine.models import build_model
 from kernel_testing import DEVICES, interpreter, poisoned_outputs  # noqa: F401
 from kernels import reference, triton_ops
+from kernels.mxfp4 import MXFP4Tensor, SwizzledMXFP4
 from model_factories import save_tiny_gpt_oss_mxfp4, save_tiny_model
 
 BLOCK_SIZE = 16
@@ -83,3 +84,16 @@ def test_triton_logits_equal_torch_logits(checkpoints, device, kind):
         torch_loss = _rel(runs["torch bf16"][step], truth)
         triton_loss = _rel(runs["triton bf16"][step], truth)
         assert triton_loss < max(2 * torch_loss, 1e-2), f"{kind} bf16 step {step}: {triton_loss:.3g} vs {torch_loss:.3g}"
+
+
+def test_gpt_oss_experts_are_swizzled_once_at_load_for_triton(checkpoints):
+    """The Triton backend's model holds its MXFP4 experts in the matmul's tile layout, made at load from
+    the same bytes the torch backend keeps in the checkpoint's layout."""
+    torch_model = build_model(open_model(checkpoints / "gpt_oss_mxfp4"), device="cpu", ops=reference)
+    triton_model = build_model(open_model(checkpoints / "gpt_oss_mxfp4"), device="cpu", ops=triton_ops)
+    for ours, theirs in zip(triton_model.layers, torch_model.layers):
+        for name in ("gate_up", "down"):
+            swizzled, packed = getattr(ours.mlp, name), getattr(theirs.mlp, name)
+            assert isinstance(swizzled, SwizzledMXFP4) and isinstance(packed, MXFP4Tensor)
+            back = swizzled.unswizzle()
+            assert torch.equal(back.blocks, packed.blocks) and torch.equal(back.scales, packed.scales)

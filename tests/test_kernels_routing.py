@@ -80,16 +80,23 @@ def _moe_weights(experts, hidden, inter, device, dtype):
     return w_gate_up, b_gate_up, w_down, b_down
 
 
+def _swizzled(weights):
+    """The MoE weights as the Triton backend prepares them at load (the reference reads the checkpoint's)."""
+    w_gate_up, b_gate_up, w_down, b_down = weights
+    return triton_ops.prepare_weight(w_gate_up), b_gate_up, triton_ops.prepare_weight(w_down), b_down
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("case", ["random", "ties", "one expert"])
 def test_moe_routes_inside(device, dtype, deterministic, case):
-    tokens, experts, top_k, hidden, inter = 11, 6, 2, 64, 32
+    # K of gate_up 160 = a full swizzled block of 128 + 32; K of down 96 = blocks of 64 + 32.
+    tokens, experts, top_k, hidden, inter = 11, 6, 2, 160, 96
     x = (torch.randn(tokens, hidden, device=device) * 0.5).to(dtype)
     logits = _logits(case, tokens, experts, device)
     w = _moe_weights(experts, hidden, inter, device, dtype)
-    got = triton_ops.moe(x, logits, top_k, *w, 1.702, 7.0, deterministic)
+    got = triton_ops.moe(x, logits, top_k, *_swizzled(w), 1.702, 7.0, deterministic)
     assert_close(got, reference.moe(x, logits, top_k, *w))
 
 
@@ -97,7 +104,7 @@ def test_moe_routes_inside(device, dtype, deterministic, case):
 def test_deterministic_moe_repeats_bit_for_bit(device):
     x = torch.randn(9, 64, device=device)
     logits = torch.randn(9, 4, device=device)
-    w = _moe_weights(4, 64, 32, device, torch.float32)
+    w = _swizzled(_moe_weights(4, 64, 32, device, torch.float32))
     first = triton_ops.moe(x, logits, 2, *w, deterministic=True)
     assert torch.equal(first, triton_ops.moe(x, logits, 2, *w, deterministic=True))
 
@@ -106,13 +113,14 @@ def test_deterministic_moe_repeats_bit_for_bit(device):
 @pytest.mark.parametrize("splits", [2, 3])
 def test_split_k_partials_add_up(device, splits):
     """Split-K (each split's partial added atomically, bias once) equals the reference linear."""
-    m, n, k = 5, 48, 512
+    m, n, k = 5, 48, 544  # 4 full K blocks and a remainder of 32 (taken by the last split)
     weight = mxfp4.quantize(torch.randn(n, k)).to(device)
     bias = torch.randn(n, device=device)
     x = torch.randn(m, k, device=device)
     out = torch.zeros(m, n, device=device)
-    packed, scales = weight.blocks.reshape(1, n, k // 2), weight.scales.reshape(1, n, k // 32)
-    mxfp4_matmul.launch(x, (packed, scales), bias.view(1, n), out, n, k, 1, atomic_add=True, num_splits=splits)
+    tiles = mxfp4.swizzle(weight)
+    parts = (tiles.blocks.view(1, -1), tiles.scales.view(1, -1))
+    mxfp4_matmul.launch(x, parts, bias.view(1, n), out, n, k, 1, atomic_add=True, num_splits=splits)
     assert_close(out, reference.linear(x, weight, bias))
 
 

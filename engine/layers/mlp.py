@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from kernels.mxfp4 import MXFP4Tensor
-from kernels.ops import Ops
-
-Weight = torch.Tensor | MXFP4Tensor
+from kernels.ops import Ops, Weight
 
 
 @dataclass
@@ -29,7 +26,8 @@ class MoE:
     """gpt-oss MoE: router top-k with a softmax over the chosen logits, clamped-SwiGLU experts.
 
     Expert weights are `[E, out, in]`, dense or packed MXFP4 (dequantized tile by tile inside
-    the matmul, never as a whole); `gate_up` rows interleave gate and up.
+    the matmul, never as a whole); `gate_up` rows interleave gate and up. A loader builds it
+    with the checkpoint's layout (which tensor parallelism slices), then `for_kernels` once.
     """
 
     router: torch.Tensor  # [E, H]
@@ -42,6 +40,10 @@ class MoE:
     alpha: float
     limit: float
     ops: Ops
+
+    def for_kernels(self) -> "MoE":
+        """This MoE with its experts in the layout its ops read (MXFP4 swizzled for Triton's matmul)."""
+        return replace(self, gate_up=self.ops.prepare_weight(self.gate_up), down=self.ops.prepare_weight(self.down))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.ops.linear(x, self.router, self.router_bias)

@@ -86,14 +86,16 @@ def load_gpt_oss(spec: ModelSpec, r: WeightReader, ops: Ops, from_gguf: bool,
             limit=spec.swiglu_limit,
             ops=ops,
         )
-        layers.append(place_layer(
+        layer = place_layer(
             DecoderLayer(
                 input_norm=r.get(f"{p}.input_layernorm.weight", (h,)),
                 attention=attention,
                 post_attention_norm=r.get(f"{p}.post_attention_layernorm.weight", (h,)),
                 mlp=moe,
             )
-        ))
+        )
+        layer.mlp = layer.mlp.for_kernels()  # placed (maybe sliced) in the checkpoint's layout, then swizzled once
+        layers.append(layer)
     embed = r.get("model.embed_tokens.weight", (v, h))
     lm_head = embed if spec.tie_word_embeddings else r.get("lm_head.weight", (v, h))
     return DecoderLM(spec, embed, layers, r.get("model.norm.weight", (h,)), lm_head, ops)

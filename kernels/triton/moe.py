@@ -16,18 +16,19 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.mxfp4 import MXFP4Tensor
+from kernels.mxfp4 import MXFP4Tensor, SwizzledMXFP4
 from kernels.triton import mxfp4_matmul, routing
 
-Weight = torch.Tensor | MXFP4Tensor
+Weight = torch.Tensor | SwizzledMXFP4
 
 
 def weight_parts(weight: Weight) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`[E, N, K]` weight as the kernel reads it: (packed `[E, N, K/2]`, scales) or (dense, None)."""
+    """`[E, N, K]` weight as the kernel reads it: (swizzled blocks, scales) or (dense, None)."""
+    if isinstance(weight, SwizzledMXFP4):
+        return weight.blocks, weight.scales
     if isinstance(weight, MXFP4Tensor):
-        blocks = weight.blocks.contiguous()
-        packed = blocks.view(*blocks.shape[:-2], blocks.shape[-2] * blocks.shape[-1])
-        return packed, weight.scales.contiguous()
+        raise TypeError("the Triton MXFP4 matmul reads swizzled weights: prepare them once with "
+                        "kernels.triton_ops.prepare_weight (kernels.mxfp4.swizzle)")
     return weight.contiguous(), None
 
 
@@ -75,7 +76,7 @@ def _experts(
         x = x.contiguous()
     pairs = tokens * top_k
     rows_per_expert = max(1, pairs // num_experts)
-    block_m = mxfp4_matmul.tiles(rows_per_expert, hidden, x.device).block_m
+    block_m = mxfp4_matmul.tiles(rows_per_expert, x.device).block_m
     acc = None if deterministic else torch.empty(tokens, out_hidden, dtype=torch.float32, device=x.device)
     r = routing.route(top_k, num_experts, block_m, zero=acc, **route_inputs)
     schedule = (r.tile_expert, r.tile_start, r.expert_end)
@@ -144,8 +145,8 @@ def moe(
     )
 
 
-def linear_mxfp4(x: torch.Tensor, weight: MXFP4Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`x @ weight.T + bias` for an MXFP4 `[out, in]` weight (any leading dims on x)."""
+def linear_mxfp4(x: torch.Tensor, weight: SwizzledMXFP4, bias: torch.Tensor | None) -> torch.Tensor:
+    """`x @ weight.T + bias` for a swizzled MXFP4 `[out, in]` weight (any leading dims on x)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x2.stride(-1) != 1:
@@ -156,5 +157,5 @@ def linear_mxfp4(x: torch.Tensor, weight: MXFP4Tensor, bias: torch.Tensor | None
     packed, scales = weight_parts(weight)
     out = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
     bias2 = bias.view(1, n) if bias is not None else None
-    mxfp4_matmul.launch(x2, (packed.view(1, n, k // 2), scales.view(1, n, k // 32)), bias2, out, n, k, 1)
+    mxfp4_matmul.launch(x2, (packed.view(1, -1), scales.view(1, -1)), bias2, out, n, k, 1)
     return out.view(*shape[:-1], n)

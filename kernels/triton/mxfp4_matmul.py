@@ -10,7 +10,9 @@ into an fp32 output (the MoE's top-k combine; this also allows split-K on small
 grids). Weights are read once per row tile, so decode-sized M (one tile) stays
 bandwidth-bound; the weight bytes are never expanded to a bf16 copy in memory.
 
-Dense (unquantized) expert weights go through the same kernel with `MXFP4=False`.
+MXFP4 weights come in the layout `kernels.mxfp4.swizzle` makes once at load (a weight
+tile of one K block is one contiguous read, each MMA thread's bytes side by side);
+dense (unquantized) expert weights go through the same kernel with `MXFP4=False`.
 Hopper has no FP4 tensor cores, so the dot runs in the activation dtype.
 """
 
@@ -22,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.mxfp4 import TILE_K
 from kernels.triton.activation import swiglu_oss_math
 
 
@@ -50,11 +53,53 @@ def _e8m0_to_f32_times_2_14(scale):
 
 
 @triton.jit
+def _mxfp4_block(
+    acc, a_base, row_ok, w_tile, s_tile, k0,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, DOT_FORMAT: tl.constexpr,
+    BLOCK_N: tl.constexpr, WIDTH: tl.constexpr,
+):
+    """acc += a[:, k0:k0+WIDTH] @ w[cols, k0:k0+WIDTH].T for one swizzled K block of the weight.
+
+    `w_tile` / `s_tile` point at the tile's rows (`[BLOCK_N, WIDTH/2]` bytes, `[BLOCK_N, WIDTH/32]`
+    scales, rows contiguous: a masked row reads nothing). The bytes of a row are stored
+    thread-major (`kernels.mxfp4.SwizzledMXFP4`); the reshape + permute below restores K order
+    in registers, which is the operand layout the tensor cores want, so it costs no data movement.
+    """
+    packed = tl.load(w_tile + tl.arange(0, WIDTH // 2)[None, :])
+    packed = tl.reshape(tl.permute(tl.reshape(packed, (BLOCK_N, 4, WIDTH // 8)), (0, 2, 1)), (BLOCK_N, WIDTH // 2))
+    scale = tl.load(s_tile + tl.arange(0, WIDTH // 32)[None, :])
+    if DOT_FORMAT != "":
+        # 16-bit activations: Triton's scaled dot upcasts the E2M1 codes and E8M0 scales in
+        # registers with its own conversion sequences and feeds the tensor cores.
+        a = tl.load(a_base + k0 + tl.arange(0, WIDTH)[None, :], mask=row_ok[:, None], other=0.0)
+        acc = tl.dot_scaled(a, None, DOT_FORMAT, tl.trans(packed), scale, "e2m1", acc=acc)
+    else:
+        # fp32 activations (no scaled-dot format): decode by hand. Byte j of a row holds elements
+        # 2j (low nibble) and 2j+1 (high): two dots, one over the even elements and one over the
+        # odd, so the nibbles never need interleaving.
+        scale = _e8m0_to_f32_times_2_14(scale)[:, :, None]
+        lo = tl.reshape(_e2m1_to_f32_div_2_14(packed & 0xF), (BLOCK_N, WIDTH // 32, 16)) * scale
+        hi = tl.reshape(_e2m1_to_f32_div_2_14(packed >> 4), (BLOCK_N, WIDTH // 32, 16)) * scale
+        lo = tl.reshape(lo, (BLOCK_N, WIDTH // 2))
+        hi = tl.reshape(hi, (BLOCK_N, WIDTH // 2))
+        even = k0 + 2 * tl.arange(0, WIDTH // 2)
+        a_even = tl.load(a_base + even[None, :], mask=row_ok[:, None], other=0.0)
+        a_odd = tl.load(a_base + even[None, :] + 1, mask=row_ok[:, None], other=0.0)
+        if UPCAST:
+            acc += tl.dot(a_even.to(tl.float32), tl.trans(lo), input_precision=PRECISION)
+            acc += tl.dot(a_odd.to(tl.float32), tl.trans(hi), input_precision=PRECISION)
+        else:
+            acc += tl.dot(a_even, tl.trans(lo.to(a_even.dtype)), input_precision=PRECISION)
+            acc += tl.dot(a_odd, tl.trans(hi.to(a_odd.dtype)), input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def _matmul_kernel(
     a_ptr, w_ptr, s_ptr, bias_ptr, out_ptr,
     a_rows_ptr, out_rows_ptr, route_w_ptr, tile_expert_ptr, tile_start_ptr, expert_end_ptr,
     M, N, K, num_experts, a_rows_div, out_rows_div,
-    stride_am, stride_we, stride_wn, stride_se, stride_sn, stride_be, stride_om,
+    stride_am, stride_we, stride_wn, stride_se, stride_be, stride_om,
     MXFP4: tl.constexpr, SCHEDULED: tl.constexpr, GATHER_A: tl.constexpr, SCATTER_OUT: tl.constexpr,
     ROUTE_WEIGHT: tl.constexpr, SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
     ATOMIC_ADD: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -83,46 +128,36 @@ def _matmul_kernel(
         col_ok = cols < N
         expert64 = expert.to(tl.int64)
         a_base = a_ptr + a_rows.to(tl.int64)[:, None] * stride_am
-        w_base = w_ptr + expert64 * stride_we + cols.to(tl.int64)[:, None] * stride_wn
-        s_base = s_ptr + expert64 * stride_se + cols.to(tl.int64)[:, None] * stride_sn
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         # Split-K: this program's share of the K blocks (its partial sum is added atomically).
-        k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
-        k_begin = split * k_per_split
-        for k0 in range(k_begin, tl.minimum(k_begin + k_per_split, K), BLOCK_K):
-            if MXFP4 and DOT_FORMAT != "":
-                # 16-bit activations: Triton's scaled dot upcasts the E2M1 codes and E8M0 scales in
-                # registers with its own conversion sequences and feeds the tensor cores.
-                k = k0 + tl.arange(0, BLOCK_K)
-                a = tl.load(a_base + k[None, :], mask=row_ok[:, None] & (k[None, :] < K), other=0.0)
-                kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-                packed = tl.load(w_base + kb[None, :], mask=col_ok[:, None] & (kb[None, :] < K // 2), other=0)
-                ks = k0 // 32 + tl.arange(0, BLOCK_K // 32)
-                scale = tl.load(s_base + ks[None, :], mask=col_ok[:, None] & (ks[None, :] < K // 32), other=0)
-                acc = tl.dot_scaled(a, None, DOT_FORMAT, tl.trans(packed), scale, "e2m1", acc=acc)
-            elif MXFP4:
-                # fp32 activations (no scaled-dot format): decode by hand. Byte j of a row holds elements 2j (low nibble) and 2j+1 (high): two dots, one over
-                # the even elements and one over the odd, so the nibbles never need interleaving.
-                kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-                packed = tl.load(w_base + kb[None, :], mask=col_ok[:, None] & (kb[None, :] < K // 2), other=0)
-                ks = k0 // 32 + tl.arange(0, BLOCK_K // 32)
-                scale = tl.load(s_base + ks[None, :], mask=col_ok[:, None] & (ks[None, :] < K // 32), other=0)
-                scale = _e8m0_to_f32_times_2_14(scale)[:, :, None]
-                lo = tl.reshape(_e2m1_to_f32_div_2_14(packed & 0xF), (BLOCK_N, BLOCK_K // 32, 16)) * scale
-                hi = tl.reshape(_e2m1_to_f32_div_2_14(packed >> 4), (BLOCK_N, BLOCK_K // 32, 16)) * scale
-                lo = tl.reshape(lo, (BLOCK_N, BLOCK_K // 2))
-                hi = tl.reshape(hi, (BLOCK_N, BLOCK_K // 2))
-                even = k0 + 2 * tl.arange(0, BLOCK_K // 2)
-                a_mask = row_ok[:, None] & (even[None, :] < K)
-                a_even = tl.load(a_base + even[None, :], mask=a_mask, other=0.0)
-                a_odd = tl.load(a_base + even[None, :] + 1, mask=a_mask, other=0.0)
-                if UPCAST:
-                    acc += tl.dot(a_even.to(tl.float32), tl.trans(lo), input_precision=PRECISION)
-                    acc += tl.dot(a_odd.to(tl.float32), tl.trans(hi), input_precision=PRECISION)
-                else:
-                    acc += tl.dot(a_even, tl.trans(lo.to(a_even.dtype)), input_precision=PRECISION)
-                    acc += tl.dot(a_odd, tl.trans(hi.to(a_odd.dtype)), input_precision=PRECISION)
-            else:
+        blocks_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
+        first_block = split * blocks_per_split
+        if MXFP4:
+            # Swizzled layout (kernels.mxfp4.SwizzledMXFP4): K block b holds rows [N, BLOCK_K/2] bytes
+            # at b * N * BLOCK_K/2; column tiles past N clamp to the last row (their results are masked).
+            tile_rows = tl.minimum(cols, N - 1).to(tl.int64)[:, None]
+            w_base = w_ptr + expert64 * stride_we + tile_rows * (BLOCK_K // 2)
+            s_base = s_ptr + expert64 * stride_se + tile_rows * (BLOCK_K // 32)
+            full_blocks = K // BLOCK_K
+            for b in range(first_block, tl.minimum(first_block + blocks_per_split, full_blocks)):
+                acc = _mxfp4_block(
+                    acc, a_base, row_ok, w_base + b * (BLOCK_K // 2) * N, s_base + b * (BLOCK_K // 32) * N,
+                    b * BLOCK_K, UPCAST, PRECISION, DOT_FORMAT, BLOCK_N, BLOCK_K,
+                )
+            # K's remainder (32, 64 or 96): a block of 64 and/or one of 32 after the full ones, last split only.
+            k0 = full_blocks * BLOCK_K
+            for i in tl.static_range(1, 3):
+                if (K - k0 >= BLOCK_K >> i) & (split == SPLIT_K - 1):
+                    acc = _mxfp4_block(
+                        acc, a_base, row_ok,
+                        w_ptr + expert64 * stride_we + k0 // 2 * N + tile_rows * ((BLOCK_K >> i) // 2),
+                        s_ptr + expert64 * stride_se + k0 // 32 * N + tile_rows * ((BLOCK_K >> i) // 32),
+                        k0, UPCAST, PRECISION, DOT_FORMAT, BLOCK_N, BLOCK_K >> i,
+                    )
+                    k0 += BLOCK_K >> i
+        else:
+            w_base = w_ptr + expert64 * stride_we + cols.to(tl.int64)[:, None] * stride_wn
+            for k0 in range(first_block * BLOCK_K, tl.minimum((first_block + blocks_per_split) * BLOCK_K, K), BLOCK_K):
                 k = k0 + tl.arange(0, BLOCK_K)
                 a = tl.load(a_base + k[None, :], mask=row_ok[:, None] & (k[None, :] < K), other=0.0)
                 w = tl.load(w_base + k[None, :], mask=col_ok[:, None] & (k[None, :] < K), other=0.0)
@@ -163,24 +198,25 @@ _DOT_FORMATS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 @dataclass(frozen=True)
 class Tiles:
+    """Rows x columns of an output tile (K is walked `kernels.mxfp4.TILE_K` at a time: the swizzled layout's block)."""
+
     block_m: int
     block_n: int
-    block_k: int
     num_warps: int
     num_stages: int
 
 
 # Hopper tiles per shape class (rows per expert tile), chosen once here rather than autotuned
-# while serving. Wide column tiles (BLOCK_N 128) let fewer column tiles re-read the activation
-# tile; small grids are filled by split-K where the output is accumulated (MoE down), not by
-# narrower tiles. The bound is registers: the E2M1 -> bf16 upcast lives in registers next to
-# the accumulator, and sm_90 compiles of wider or deeper tiles spill (16x256x128, 64x128x128
-# and 128x128x64 all do at 8 warps), so each entry is the widest that compiles without spills.
-# Register, shared-memory and spill figures: docs/kernels.md (tests/test_kernels_compile.py).
+# while serving; K is walked 128 at a time (the swizzled weight's block). Wide column tiles let
+# fewer column tiles re-read the activation tile; small grids are filled by split-K where the
+# output is accumulated (MoE down), not by narrower tiles. Every entry compiles for sm_90
+# without spills (registers, shared memory: docs/kernels.md, tests/test_kernels_compile.py):
+# decode at 8 warps needs 79 registers/thread, so three CTAs share an SM and four stages keep
+# ~40 KiB of weights in flight per CTA.
 HOPPER_TILES = {
-    "decode": Tiles(16, 128, 128, 8, 3),  # <= 16 rows per expert: weight-stream bound
-    "small": Tiles(64, 128, 64, 8, 3),  # <= 64 rows (batch-256 decode lands here)
-    "large": Tiles(128, 64, 64, 8, 3),  # prefill: tall row tiles read each weight tile fewer times
+    "decode": Tiles(16, 128, 8, 4),  # <= 16 rows per expert: weight-stream bound
+    "small": Tiles(64, 256, 8, 3),  # <= 64 rows (batch-256 decode lands here): half the activation re-reads
+    "large": Tiles(128, 128, 8, 3),  # prefill: tall row tiles read each weight tile fewer times
 }
 
 
@@ -188,19 +224,19 @@ def shape_class(m_rows: int) -> str:
     return "decode" if m_rows <= 16 else "small" if m_rows <= 64 else "large"
 
 
-def tiles(m_rows: int, k: int, device: torch.device) -> Tiles:
+def tiles(m_rows: int, device: torch.device) -> Tiles:
     """The table's tiles on CUDA; small tiles for the CPU interpreter (speed, not performance)."""
     if device.type != "cuda":
-        return Tiles(16, 32, 128 if k >= 128 else max(32, triton.next_power_of_2(k)), 4, 1)
+        return Tiles(16, 32, 4, 1)
     return HOPPER_TILES[shape_class(m_rows)]
 
 
-def split_k(grid: int, k: int, block_k: int, device: torch.device) -> int:
+def split_k(grid: int, k: int, device: torch.device) -> int:
     """K splits that bring a small grid to about two programs per SM, each keeping >= 4 K blocks."""
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(2 * sms // max(grid, 1), triton.cdiv(k, block_k) // 4))
+    return max(1, min(2 * sms // max(grid, 1), triton.cdiv(k, TILE_K) // 4))
 
 
 def launch(
@@ -224,8 +260,8 @@ def launch(
 ) -> None:
     """Run the matmul kernel.
 
-    `weight_parts` is (packed blocks `[E, N, K/2]` uint8, scales `[E, N, K/32]`) or
-    (dense `[E, N, K]`, None). `schedule` = (tile_expert, tile_start, expert_end) for
+    `weight_parts` is (swizzled blocks `[E, N*K/2]` uint8, scales `[E, N*K/32]`; see
+    `kernels.mxfp4.SwizzledMXFP4`) or (dense `[E, N, K]`, None). `schedule` = (tile_expert, tile_start, expert_end) for
     grouped rows; without it rows 0..M-1 use expert 0. `a_rows` / `out_rows` are
     (index tensor, divisor): row r reads `a[index[r] // divisor]` / writes
     `out[index[r] // divisor]`. `atomic_add` adds fp32 results into a zeroed `out`
@@ -233,13 +269,13 @@ def launch(
     """
     w, scales = weight_parts
     mxfp4 = scales is not None
-    t = tiles(rows_per_tile or a.shape[0], k, a.device)
+    t = tiles(rows_per_tile or a.shape[0], a.device)
     bm, bn = block_m or t.block_m, t.block_n
     num_m_tiles = schedule[0].shape[0] if schedule is not None else triton.cdiv(a.shape[0], bm)
     if num_m_tiles == 0 or n == 0:
         return
     if atomic_add:
-        splits = num_splits or split_k(num_m_tiles * triton.cdiv(n, bn), k, t.block_k, a.device)
+        splits = num_splits or split_k(num_m_tiles * triton.cdiv(n, bn), k, a.device)
     else:
         splits = 1
         if a.device.type == "cuda" and swiglu is None and schedule is None:
@@ -254,11 +290,12 @@ def launch(
     out_index, out_div = out_rows if out_rows is not None else (dummy, 1)
     alpha, limit = swiglu if swiglu is not None else (0.0, 0.0)
     s = scales if mxfp4 else w
+    stride_wn = 0 if mxfp4 else w.stride(1)  # the swizzled layout's row stride is fixed by BLOCK_K
     _matmul_kernel[(num_m_tiles, triton.cdiv(n, bn), splits)](
         a, w, s, bias if bias is not None else dummy, out,
         a_index, out_index, route_weights if route_weights is not None else dummy, tile_expert, tile_start, expert_end,
         a.shape[0], n, k, num_experts, a_div, out_div,
-        a.stride(0), w.stride(0), w.stride(1), s.stride(0), s.stride(1),
+        a.stride(0), w.stride(0), stride_wn, s.stride(0),
         bias.stride(0) if bias is not None else 0, out.stride(0),
         MXFP4=mxfp4, SCHEDULED=schedule is not None, GATHER_A=a_rows is not None,
         SCATTER_OUT=out_rows is not None, ROUTE_WEIGHT=route_weights is not None,
@@ -266,5 +303,5 @@ def launch(
         ATOMIC_ADD=atomic_add, SPLIT_K=splits,
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32", DOT_FORMAT=_DOT_FORMATS.get(a.dtype, ""),
         alpha=float(alpha), limit=float(limit),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=t.block_k, num_warps=t.num_warps, num_stages=t.num_stages,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=TILE_K, num_warps=t.num_warps, num_stages=t.num_stages,
     )

@@ -219,6 +219,11 @@ def _route_place_kernel(
            TOP_K, K_PAD, BLOCK_T, BLOCK_E)  # fmt: skip
 
 
+# The placing launch holds a chunk's one-hot placement and the chunk-count sums at once: at 4 warps
+# its sm_90 compile (pointers aligned, as launched) spills; at 8 it needs 128 registers/thread.
+PLACE_WARPS = 8
+
+
 def route(
     top_k: int,
     num_experts: int,
@@ -284,5 +289,6 @@ def route(
             tokens, num_experts, chunks, num_tiles,
             TOP_K=top_k, K_PAD=k_pad, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_M=block_m, BLOCK_TILES=tile_blocks,
             BLOCK_C=min(64, triton.next_power_of_2(chunks)),
+            num_warps=PLACE_WARPS,
         )
     return Routing(ids, weights, row_pair, row_weight, tile_expert, tile_start, expert_end)
