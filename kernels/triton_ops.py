@@ -47,8 +47,11 @@ def prepare_weight(weight: torch.Tensor | MXFP4Tensor) -> Weight:
     return swizzle(weight) if isinstance(weight, MXFP4Tensor) else weight
 
 
-def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`x @ weight.T + bias` for a dense `[out, in]` weight (cuBLAS) or a swizzled MXFP4 one (Triton)."""
+def linear(
+    x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None, num_splits: int | None = None
+) -> torch.Tensor:
+    """`x @ weight.T + bias` for a dense `[out, in]` weight (cuBLAS) or a swizzled MXFP4 one (Triton;
+    `num_splits` overrides its split-K choice)."""
     if isinstance(weight, torch.Tensor):
         return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
-    return linear_mxfp4(x, weight, bias)
+    return linear_mxfp4(x, weight, bias, num_splits)

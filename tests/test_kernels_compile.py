@@ -148,7 +148,7 @@ def _routing_place() -> dict:
 
 
 def compile_elementwise() -> None:
-    from kernels.triton import activation, kv_cache, moe, rope
+    from kernels.triton import activation, kv_cache, mxfp4_matmul, rope
 
     _rms_norm()
     _rope_write_kv()
@@ -168,7 +168,7 @@ def compile_elementwise() -> None:
         {"k_ptr": BF16, "v_ptr": BF16, "k_cache_ptr": BF16, "v_cache_ptr": BF16, "slot_ptr": "*i64"},
         {"BLOCK_H": 8, "BLOCK_D": 64},
     )
-    _compile(moe._sum_slots_kernel, {"y_ptr": "*fp32", "out_ptr": BF16}, {"TOP_K": 4, "BLOCK": 1024})
+    _compile(mxfp4_matmul._sum_row_groups_kernel, {"y_ptr": "*fp32", "out_ptr": BF16}, {"GROUP": 4, "BLOCK": 1024})
 
 
 def _attention(num_splits: int, block_q: int, block_m: int, num_warps: int = 4) -> dict:
@@ -234,8 +234,7 @@ def _matmul_ints(flags: dict, tokens: int) -> dict[str, int]:
     }
 
 
-def _matmul(flags: dict, shape_class: str, tokens: int, split_k: int = 1, activations: str = "bf16",
-            block_n: int | None = None) -> dict:
+def _matmul(flags: dict, shape_class: str, tokens: int, split_k: int = 1, activations: str = "bf16") -> dict:
     from kernels.triton import mxfp4_matmul
 
     t = mxfp4_matmul.HOPPER_TILES[shape_class]
@@ -243,14 +242,14 @@ def _matmul(flags: dict, shape_class: str, tokens: int, split_k: int = 1, activa
         mxfp4_matmul._matmul_kernel,
         {
             "a_ptr": f"*{activations}", "w_ptr": "*u8", "s_ptr": "*u8", "bias_ptr": BF16,
-            "out_ptr": "*fp32" if flags["ATOMIC_ADD"] or flags is DOWN_DETERMINISTIC else BF16,
+            "out_ptr": "*fp32" if flags["ATOMIC_ADD"] or flags is DOWN_DETERMINISTIC or split_k > 1 else BF16,
             "a_rows_ptr": "*i32", "out_rows_ptr": "*i32", "route_w_ptr": "*fp32", "tile_expert_ptr": "*i32",
             "tile_start_ptr": "*i32", "expert_end_ptr": "*i32", "alpha": "fp32", "limit": "fp32",
         },
         {**flags, "MXFP4": True, "HAS_BIAS": True, "UPCAST": False, "SPLIT_K": split_k,
          "PRECISION": "ieee" if activations == "fp32" else "tf32",
          "DOT_FORMAT": "" if activations == "fp32" else activations,
-         "BLOCK_M": t.block_m, "BLOCK_N": block_n or t.block_n, "BLOCK_K": TILE_K},
+         "BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": TILE_K},
         t.num_warps, t.num_stages, _matmul_ints(flags, tokens),
     )
 
@@ -258,7 +257,6 @@ def _matmul(flags: dict, shape_class: str, tokens: int, split_k: int = 1, activa
 def compile_matmul() -> None:
     _matmul(DOWN, "large", 2048)  # prefill tiles (gate_up's are among the figures)
     _matmul(DOWN_DETERMINISTIC, "decode", 1)
-    _matmul(DENSE, "decode", 1, block_n=32)  # a decode-sized dense linear narrowed to fill the GPU
     _matmul(DENSE, "decode", 1, activations="fp32")  # the hand-written decode for fp32 activations
 
 
@@ -286,6 +284,8 @@ def decode_figures() -> list[tuple[str, str, dict]]:
         ("mxfp4 gate_up + SwiGLU", f"batch 256: {_tiles('small')}", _matmul(GATE_UP, "small", 256)),
         ("mxfp4 down + combine", f"batch 256: {_tiles('small')}", _matmul(DOWN, "small", 256)),
         ("mxfp4 gate_up + SwiGLU", f"prefill 2048: {_tiles('large')}", _matmul(GATE_UP, "large", 2048)),
+        ("mxfp4 linear (not in gpt-oss)", f"[2880, 2880], batch 1: {_tiles('decode')}, split-K 5 partials",
+         _matmul(DENSE, "decode", 1, split_k=5)),
     ]
 
 

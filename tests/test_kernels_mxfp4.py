@@ -51,6 +51,19 @@ def test_linear_mxfp4(device, dtype, m, n, k, bias):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,k,splits", [(1, 544, 2), (5, 544, 3), (3, 224, 2), (2, 1024, 5)])
+def test_linear_split_k_partials_sum_to_the_reference(device, dtype, m, k, splits):
+    # Split-K for small grids: fp32 partials (the last split also takes K's remainder blocks), summed in
+    # order with the bias once and rounded once, as the reference rounds.
+    weight = _mxfp4((40, k), device)
+    b = torch.randn(40, device=device).to(dtype)
+    x = torch.randn(m, k, device=device).to(dtype)
+    got = triton_ops.linear(x, triton_ops.prepare_weight(weight), b, num_splits=splits)
+    assert_close(got, reference.linear(x, weight, b))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_linear_keeps_leading_dims_and_dense_weights(device):
     x = torch.randn(2, 3, 64, device=device)
     weight = _mxfp4((48, 64), device)

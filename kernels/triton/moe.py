@@ -7,14 +7,12 @@
    row: the top-k combine happens in this epilogue (and small grids may split K).
 A cast to the activation dtype ends it. `deterministic=True` trades the atomics for a
 fixed summation order: the down projection stores each (token, slot) row and one more
-launch sums a token's k rows in slot order.
+launch (`mxfp4_matmul.sum_row_groups`) sums a token's k rows in slot order.
 """
 
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from kernels.mxfp4 import MXFP4Tensor, SwizzledMXFP4
 from kernels.triton import mxfp4_matmul, routing
@@ -30,18 +28,6 @@ def weight_parts(weight: Weight) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise TypeError("the Triton MXFP4 matmul reads swizzled weights: prepare them once with "
                         "kernels.triton_ops.prepare_weight (kernels.mxfp4.swizzle)")
     return weight.contiguous(), None
-
-
-@triton.jit
-def _sum_slots_kernel(y_ptr, out_ptr, n, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
-    """out[t] = sum over slots s of y[t * TOP_K + s], in slot order (fp32), rounded once."""
-    token = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < n
-    acc = tl.zeros([BLOCK], tl.float32)
-    for s in tl.static_range(TOP_K):
-        acc += tl.load(y_ptr + (token * TOP_K + s) * n + cols, mask=mask, other=0.0)
-    tl.store(out_ptr + token * n + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _check_shapes(x: torch.Tensor, tokens: int, w_gate_up: Weight, w_down: Weight) -> None:
@@ -99,8 +85,7 @@ def _experts(
         out_rows=(r.row_pair, 1), route_weights=r.row_weight, **common,
     )
     out = torch.empty(tokens, out_hidden, dtype=x.dtype, device=x.device)
-    block = min(1024, triton.next_power_of_2(out_hidden))
-    _sum_slots_kernel[(tokens, triton.cdiv(out_hidden, block))](y, out, out_hidden, TOP_K=top_k, BLOCK=block)
+    mxfp4_matmul.sum_row_groups(y, out, top_k)
     return out
 
 
@@ -145,8 +130,13 @@ def moe(
     )
 
 
-def linear_mxfp4(x: torch.Tensor, weight: SwizzledMXFP4, bias: torch.Tensor | None) -> torch.Tensor:
-    """`x @ weight.T + bias` for a swizzled MXFP4 `[out, in]` weight (any leading dims on x)."""
+def linear_mxfp4(
+    x: torch.Tensor, weight: SwizzledMXFP4, bias: torch.Tensor | None, num_splits: int | None = None
+) -> torch.Tensor:
+    """`x @ weight.T + bias` for a swizzled MXFP4 `[out, in]` weight (any leading dims on x).
+
+    Grids too small to fill the GPU split K (`num_splits` overrides the choice): two launches.
+    """
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x2.stride(-1) != 1:
@@ -154,8 +144,14 @@ def linear_mxfp4(x: torch.Tensor, weight: SwizzledMXFP4, bias: torch.Tensor | No
     n, k = weight.shape
     if shape[-1] != k:
         raise ValueError(f"linear: x {tuple(shape)} does not match MXFP4 weight [out={n}, in={k}]")
-    packed, scales = weight_parts(weight)
+    parts = tuple(t.view(1, -1) for t in weight_parts(weight))
     out = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
     bias2 = bias.view(1, n) if bias is not None else None
-    mxfp4_matmul.launch(x2, (packed.view(1, -1), scales.view(1, -1)), bias2, out, n, k, 1)
+    splits = num_splits or mxfp4_matmul.split_k(mxfp4_matmul.grid_tiles(x2.shape[0], n, x.device), k, x.device)
+    if splits == 1:
+        mxfp4_matmul.launch(x2, parts, bias2, out, n, k, 1)
+    else:  # a small grid: K split over more programs, their fp32 partials summed in order and rounded once
+        partials = torch.empty(x2.shape[0] * splits, n, dtype=torch.float32, device=x.device)
+        mxfp4_matmul.launch(x2, parts, bias2, partials, n, k, 1, num_splits=splits)
+        mxfp4_matmul.sum_row_groups(partials, out, splits)
     return out.view(*shape[:-1], n)

@@ -7,7 +7,8 @@ learns its expert and row range from a small schedule, may gather its input rows
 (token of each (token, expert) pair), may fuse gpt-oss's SwiGLU or the routing
 weight into the epilogue, and may scatter its output rows or add them atomically
 into an fp32 output (the MoE's top-k combine; this also allows split-K on small
-grids). Weights are read once per row tile, so decode-sized M (one tile) stays
+grids; without atomics, split-K stores fp32 partials that one more launch sums in
+order). Weights are read once per row tile, so decode-sized M (one tile) stays
 bandwidth-bound; the weight bytes are never expanded to a bf16 copy in memory.
 
 MXFP4 weights come in the layout `kernels.mxfp4.swizzle` makes once at load (a weight
@@ -175,6 +176,8 @@ def _matmul_kernel(
         out_rows = rows
         if SCATTER_OUT:  # e.g. rows back to pair order, or to their token (pair // top_k)
             out_rows = tl.load(out_rows_ptr + rows, mask=row_ok, other=0) // out_rows_div
+        if (SPLIT_K > 1) & (not ATOMIC_ADD):  # fp32 partials, row r's splits side by side: summed in order later
+            out_rows = out_rows * SPLIT_K + split
         out_base = out_ptr + out_rows.to(tl.int64)[:, None] * stride_om
         if SWIGLU:  # interleaved gate/up columns -> half as many outputs
             gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))
@@ -190,6 +193,25 @@ def _matmul_kernel(
                 tl.atomic_add(out_base + cols[None, :], acc, mask=mask, sem="relaxed")
             else:
                 tl.store(out_base + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sum_row_groups_kernel(y_ptr, out_ptr, n, GROUP: tl.constexpr, BLOCK: tl.constexpr):
+    """out[r] = sum over g of y[r * GROUP + g], in order (fp32), rounded once."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n
+    acc = tl.zeros([BLOCK], tl.float32)
+    for g in tl.static_range(GROUP):
+        acc += tl.load(y_ptr + (row * GROUP + g) * n + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + row * n + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def sum_row_groups(y: torch.Tensor, out: torch.Tensor, group: int) -> None:
+    """`out[r] = sum(y[r * group : (r + 1) * group])` in a fixed order: a token's k expert rows, or split-K partials."""
+    rows, n = out.shape
+    block = min(1024, triton.next_power_of_2(n))
+    _sum_row_groups_kernel[(rows, triton.cdiv(n, block))](y, out, n, GROUP=group, BLOCK=block)
 
 
 # Activation dtypes tl.dot_scaled takes; others (fp32) use the hand-written decode.
@@ -208,11 +230,11 @@ class Tiles:
 
 # Hopper tiles per shape class (rows per expert tile), chosen once here rather than autotuned
 # while serving; K is walked 128 at a time (the swizzled weight's block). Wide column tiles let
-# fewer column tiles re-read the activation tile; small grids are filled by split-K where the
-# output is accumulated (MoE down), not by narrower tiles. Every entry compiles for sm_90
-# without spills (registers, shared memory: docs/kernels.md, tests/test_kernels_compile.py):
-# decode at 8 warps needs 79 registers/thread, so three CTAs share an SM and four stages keep
-# ~40 KiB of weights in flight per CTA.
+# fewer column tiles re-read the activation tile; small grids are filled by split-K (MoE down:
+# atomically; a plain linear: fp32 partials summed by one more launch), not by narrower tiles.
+# Every entry compiles for sm_90 without spills (registers, shared memory: docs/kernels.md,
+# tests/test_kernels_compile.py): decode at 8 warps needs 80 registers/thread, so three CTAs
+# share an SM and four stages keep ~40 KiB of weights in flight per CTA.
 HOPPER_TILES = {
     "decode": Tiles(16, 128, 8, 4),  # <= 16 rows per expert: weight-stream bound
     "small": Tiles(64, 256, 8, 3),  # <= 64 rows (batch-256 decode lands here): half the activation re-reads
@@ -229,6 +251,12 @@ def tiles(m_rows: int, device: torch.device) -> Tiles:
     if device.type != "cuda":
         return Tiles(16, 32, 4, 1)
     return HOPPER_TILES[shape_class(m_rows)]
+
+
+def grid_tiles(m_rows: int, n: int, device: torch.device) -> int:
+    """Output tiles of a plain (unscheduled) `[m_rows, n]` product."""
+    t = tiles(m_rows, device)
+    return triton.cdiv(m_rows, t.block_m) * triton.cdiv(n, t.block_n)
 
 
 def split_k(grid: int, k: int, device: torch.device) -> int:
@@ -266,6 +294,8 @@ def launch(
     (index tensor, divisor): row r reads `a[index[r] // divisor]` / writes
     `out[index[r] // divisor]`. `atomic_add` adds fp32 results into a zeroed `out`
     instead of storing, which also allows split-K (`num_splits`, default: by grid size).
+    Without it, `num_splits` > 1 stores fp32 partials: output row r, split s goes to
+    `out[r * num_splits + s]` (sum them with `sum_row_groups`).
     """
     w, scales = weight_parts
     mxfp4 = scales is not None
@@ -274,16 +304,9 @@ def launch(
     num_m_tiles = schedule[0].shape[0] if schedule is not None else triton.cdiv(a.shape[0], bm)
     if num_m_tiles == 0 or n == 0:
         return
-    if atomic_add:
-        splits = num_splits or split_k(num_m_tiles * triton.cdiv(n, bn), k, a.device)
-    else:
-        splits = 1
-        if a.device.type == "cuda" and swiglu is None and schedule is None:
-            # A plain linear cannot split K into its rounded output: a decode-sized grid
-            # (few column tiles) narrows its columns instead to put more SMs on the weights.
-            sms = torch.cuda.get_device_properties(a.device).multi_processor_count
-            while bn > 32 and num_m_tiles * triton.cdiv(n, bn) < 2 * sms:
-                bn //= 2
+    splits = num_splits or (split_k(num_m_tiles * triton.cdiv(n, bn), k, a.device) if atomic_add else 1)
+    if splits > 1 and swiglu is not None:
+        raise ValueError("split-K cannot feed the SwiGLU epilogue: it needs whole sums")
     dummy = out
     tile_expert, tile_start, expert_end = schedule if schedule is not None else (dummy, dummy, dummy)
     a_index, a_div = a_rows if a_rows is not None else (dummy, 1)
