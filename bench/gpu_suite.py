@@ -299,7 +299,7 @@ def random_gpt_oss_model(config: dict, device: str, ops=None):
 
 
 def engine_model_decode(
-    config: dict | None = None, device: str = "cuda", batches=(1, 8, 64), context: int = 1024, block_size: int = 16,
+    config: dict | None = None, device: str = "cuda", batches=(1, 64, 256), context: int = 1024, block_size: int = 16,
     ops=None,
 ) -> dict:
     """One decode step of gpt-oss-20b (real shapes, random weights made on the device) built through

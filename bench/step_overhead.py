@@ -1,6 +1,6 @@
 """Host time of one decode step with a model that costs nothing: what the engine itself adds per step.
 
-Run: python -m bench.step_overhead [--seqs 256 1024] [--generated 16 4096] [--steps 30]
+Run: python -m bench.step_overhead [--seqs 256 1024] [--generated 16 4096] [--steps 60] [--rounds 6]
 
 Each step is a real `LLMEngine.step()` (scheduling, input building, the sampler's bookkeeping,
 token append, stop-token and length rules, then detokenizing, stop strings and delta outputs)
@@ -8,7 +8,8 @@ over a model that returns ready-made logits. Three shares are reported apart: "h
 engine's own step (everything but the two below), "outputs" the output processor (text, stop
 strings, delta RequestOutputs: under async scheduling it runs while the device computes the next
 step), and the sampler's tensor math. The tokenizer is a
-table lookup, so the numbers are the engine's, not a tokenizer library's. Sequences are fast-
+word-level table in the tokenizers library (no merges), so the numbers are the engine's, not a
+vocabulary's. Sequences are fast-
 forwarded to `--generated` output tokens (ids appended, KV blocks allocated) before timing, so
 "16 vs 4096" isolates how per-step cost grows with length. Saves bench/results/step-overhead-<device>.json.
 """
@@ -23,30 +24,25 @@ import time
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models
 
 from bench.throughput import commit
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
+from engine.tokenizer import Tokenizer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VOCAB = 256
 PROMPT_LEN = 32
 
 
-class TableTokenizer:
-    """Decoding is a table lookup (token i is the text `t<i> `)."""
-
-    eos_token_ids: list[int] = []
-
-    def __init__(self) -> None:
-        self.pieces = [f"t{i} " for i in range(VOCAB)]
-
-    def decode(self, ids, skip_special_tokens=True) -> str:
-        return "".join(self.pieces[i] for i in ids)
-
-    def encode(self, text, add_special_tokens=True) -> list[int]:
-        return [ord(c) % VOCAB for c in text]
+def table_tokenizer() -> Tokenizer:
+    """Token i is the word `t<i> `: decoding is a lookup in the tokenizers library, no merges, no byte fallback."""
+    backend = HFTokenizer(models.WordLevel({f"t{i} ": i for i in range(VOCAB)}, unk_token="t0 "))
+    backend.decoder = decoders.Fuse()
+    return Tokenizer(backend)
 
 
 class ZeroCostModel:
@@ -111,45 +107,67 @@ def fast_forward(engine: LLMEngine, generated: int) -> None:
         seq.num_computed_tokens = seq.num_tokens - 1
 
 
-def measure(num_seqs: int, generated: int, steps: int) -> dict[str, float]:
-    block_size = 16
-    max_len = PROMPT_LEN + generated + steps + 8
-    config = EngineConfig(block_size=block_size, max_num_seqs=num_seqs,
-                          max_num_batched_tokens=max(num_seqs * PROMPT_LEN, 2048), enable_prefix_caching=False)
-    num_blocks = num_seqs * (-(-max_len // block_size) + 1)
-    engine = LLMEngine(ZeroCostModel(num_seqs), TableTokenizer(), config, max_model_len=max_len, num_blocks=num_blocks)
-    timed = TimedSampler(engine.sampler)
-    engine.sampler = timed
-    timed_outputs = TimedOutputs(engine.outputs)
-    engine.outputs = timed_outputs
-    params = SamplingParams(temperature=0, max_tokens=max_len - PROMPT_LEN, ignore_eos=True)
-    for i in range(num_seqs):
-        engine.add_request(str(i), [(i + j) % VOCAB for j in range(PROMPT_LEN)], params)
-    engine.step()  # every prefill
-    fast_forward(engine, generated)
-    for _ in range(3):
-        engine.step()  # warm up (the fast-forwarded tokens reported once, first block commits)
-    totals, sampler_shares, output_shares = [], [], []
-    for _ in range(steps):
-        timed.seconds = timed_outputs.seconds = 0.0
-        start = time.perf_counter()
-        outputs = engine.step()
-        totals.append(time.perf_counter() - start)
-        sampler_shares.append(timed.seconds)
-        output_shares.append(timed_outputs.seconds)
-        assert len(outputs) == num_seqs
-    core = [t - s - o for t, s, o in zip(totals, sampler_shares, output_shares)]
-    median_ms = lambda values: statistics.median(values) * 1e3
-    return {"host_ms": median_ms(core), "outputs_ms": median_ms(output_shares),
-            "host_with_outputs_ms": median_ms([c + o for c, o in zip(core, output_shares)]),
-            "sampler_ms": median_ms(sampler_shares), "total_ms": median_ms(totals)}
+class StepTimer:
+    """One engine with `num_seqs` sequences fast-forwarded to `generated` tokens; times steps in rounds."""
+
+    def __init__(self, num_seqs: int, generated: int, max_steps: int) -> None:
+        block_size = 16
+        max_len = PROMPT_LEN + generated + max_steps + 8
+        config = EngineConfig(block_size=block_size, max_num_seqs=num_seqs, async_scheduling=False,
+                              max_num_batched_tokens=max(num_seqs * PROMPT_LEN, 2048), enable_prefix_caching=False)
+        num_blocks = num_seqs * (-(-max_len // block_size) + 1)
+        self.engine = LLMEngine(ZeroCostModel(num_seqs), table_tokenizer(), config, max_model_len=max_len,
+                                num_blocks=num_blocks)
+        self.sampler = self.engine.sampler = TimedSampler(self.engine.sampler)
+        self.outputs = self.engine.outputs = TimedOutputs(self.engine.outputs)
+        self.num_seqs = num_seqs
+        params = SamplingParams(temperature=0, max_tokens=max_len - PROMPT_LEN, ignore_eos=True)
+        for i in range(num_seqs):
+            self.engine.add_request(str(i), [(i + j) % VOCAB for j in range(PROMPT_LEN)], params)
+        self.engine.step()  # every prefill
+        fast_forward(self.engine, generated)
+        for _ in range(3):
+            self.engine.step()  # warm up (the fast-forwarded tokens reported once, first block commits)
+        self.totals: list[float] = []
+        self.sampler_shares: list[float] = []
+        self.output_shares: list[float] = []
+
+    def run(self, steps: int) -> None:
+        for _ in range(steps):
+            self.sampler.seconds = self.outputs.seconds = 0.0
+            start = time.perf_counter()
+            outputs = self.engine.step()
+            self.totals.append(time.perf_counter() - start)
+            self.sampler_shares.append(self.sampler.seconds)
+            self.output_shares.append(self.outputs.seconds)
+            assert len(outputs) == self.num_seqs
+
+    def result(self) -> dict[str, float]:
+        core = [t - s - o for t, s, o in zip(self.totals, self.sampler_shares, self.output_shares)]
+        median_ms = lambda values: statistics.median(values) * 1e3
+        return {"host_ms": median_ms(core), "outputs_ms": median_ms(self.output_shares),
+                "host_with_outputs_ms": median_ms([c + o for c, o in zip(core, self.output_shares)]),
+                "sampler_ms": median_ms(self.sampler_shares), "total_ms": median_ms(self.totals),
+                "steps": len(self.totals)}
+
+
+def measure(num_seqs: int, lengths: list[int], steps: int, rounds: int) -> dict[int, dict[str, float]]:
+    """The lengths' engines take turns (`rounds` rounds of `steps / rounds` steps), so load from other
+    processes on the shared CPU falls on all of them alike; medians over every timed step."""
+    per_round = max(1, steps // rounds)
+    timers = {generated: StepTimer(num_seqs, generated, per_round * rounds) for generated in lengths}
+    for _ in range(rounds):
+        for timer in timers.values():
+            timer.run(per_round)
+    return {generated: timer.result() for generated, timer in timers.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seqs", type=int, nargs="+", default=[256, 1024])
     parser.add_argument("--generated", type=int, nargs="+", default=[16, 4096])
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=6, help="turns the lengths take, to share out outside load")
     parser.add_argument("--out", type=Path, default=RESULTS / "step-overhead-cpu.json")
     args = parser.parse_args()
     torch.set_num_threads(1)  # tensors here are tiny; worker threads would only contend for the shared cores
@@ -157,8 +175,8 @@ def main() -> None:
     print(f"{'seqs':>6} {'generated':>10} {'host ms/step':>13} {'outputs ms':>11} {'host+outputs':>13} "
           f"{'sampler ms':>11} {'total ms':>9}")
     for num_seqs in args.seqs:
-        for generated in args.generated:
-            result = {"seqs": num_seqs, "generated": generated, **measure(num_seqs, generated, args.steps)}
+        for generated, measured in measure(num_seqs, args.generated, args.steps, args.rounds).items():
+            result = {"seqs": num_seqs, "generated": generated, **measured}
             rows.append(result)
             print(f"{num_seqs:>6} {generated:>10} {result['host_ms']:>13.3f} {result['outputs_ms']:>11.3f} "
                   f"{result['host_with_outputs_ms']:>13.3f} {result['sampler_ms']:>11.3f} {result['total_ms']:>9.3f}")
@@ -168,8 +186,8 @@ def main() -> None:
             print(f"{num_seqs} seqs: host time at {max(by_len)} / at {min(by_len)} generated tokens = "
                   f"{by_len[max(by_len)] / by_len[min(by_len)]:.2f}x")
     report = {"device": f"cpu ({platform.processor() or platform.machine()})", "commit": commit(),
-              "settings": {"steps": args.steps, "prompt_len": PROMPT_LEN, "vocab": VOCAB, "greedy": True,
-                           "tokenizer": "table lookup", "note": "2-core CPU shared with other processes"},
+              "settings": {"steps": args.steps, "rounds": args.rounds, "async_scheduling": False, "prompt_len": PROMPT_LEN, "vocab": VOCAB, "greedy": True,
+                           "tokenizer": "tokenizers WordLevel table", "note": "2-core CPU shared with other processes"},
               "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

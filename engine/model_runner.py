@@ -91,6 +91,7 @@ class InputBuffers:
         self.query_start_loc = pair((max_seqs + 1,), torch.int32)
         self.logits_indices = pair((max_seqs,), torch.int64)
         self.block_tables = pair((max_seqs, max_blocks), torch.int32)
+        self.table_rows = pair((max_seqs,), torch.int64)  # each batch row's row of BlockTableRows
         self._uploaded: torch.cuda.Event | None = None
 
     def reusable(self) -> None:
@@ -115,10 +116,21 @@ class InputBuffers:
 
 
 class BlockTableRows:
-    """Each sequence's block ids in a fixed row of one host array, extended by appending."""
+    """Each sequence's block ids in a fixed row of a host table and of its device twin, extended by appending.
 
-    def __init__(self, max_rows: int, max_blocks: int) -> None:
-        self.table = np.zeros((max_rows, max_blocks), dtype=np.int32)
+    A step uploads only the entries written since the previous one (on CPU the twin shares the host
+    table's memory), and the batch's block table is gathered from the twin on the device, so no
+    step copies whole rows from the host: the host work does not grow with the sequences' length.
+    The last row is all scratch block, for padded batch rows.
+    """
+
+    def __init__(self, max_rows: int, max_blocks: int, scratch_block: int, device: torch.device) -> None:
+        self.table = np.zeros((max_rows + 1, max_blocks), dtype=np.int32)
+        self.padding_row = max_rows
+        self.table[self.padding_row] = scratch_block
+        host = torch.from_numpy(self.table)
+        self.device_table = host if device.type == "cpu" else host.to(device)
+        self._written: list[tuple[int, int, int]] = []  # (row, first column, end column) not uploaded yet
         self.row_of: dict[Sample, tuple[int, int, int]] = {}  # seq -> (row, blocks written, table version)
         self.free = list(range(max_rows - 1, -1, -1))
 
@@ -135,8 +147,20 @@ class BlockTableRows:
         blocks = seq.block_ids
         if len(blocks) > written:
             self.table[row, written:len(blocks)] = blocks[written:]
+            self._written.append((row, written, len(blocks)))
         self.row_of[seq] = (row, len(blocks), seq.block_table_version)
         return row
+
+    def upload_written(self) -> None:
+        """Copy the entries written since the last call to the device twin (one small scatter)."""
+        written, self._written = self._written, []
+        if not written or self.device_table.device.type == "cpu":
+            return
+        rows = np.concatenate([np.full(end - begin, row) for row, begin, end in written])
+        columns = np.concatenate([np.arange(begin, end) for _, begin, end in written])
+        device = self.device_table.device
+        self.device_table[upload(rows.tolist(), torch.long, device), upload(columns.tolist(), torch.long, device)] = \
+            upload(self.table[rows, columns].tolist(), torch.int32, device)
 
     def _take(self) -> int:
         if not self.free:  # rows of sequences that are not running (finished or preempted) go back
@@ -168,7 +192,7 @@ class ModelRunner:
         self.max_blocks = -(-max_model_len // block_size)
         self.buffers = InputBuffers(max(max_num_batched_tokens, max_num_seqs), max_num_seqs, self.max_blocks,
                                     self.device)
-        self.rows = BlockTableRows(2 * max_num_seqs, self.max_blocks)
+        self.rows = BlockTableRows(2 * max_num_seqs, self.max_blocks, self.scratch_block, self.device)
         self.buckets = decode_buckets(max_num_seqs) if pad_decodes else []
         self.graphs: CudaGraphs | None = None
 
@@ -189,12 +213,13 @@ class ModelRunner:
         decode_ids, begin_list, row_list, count_list = [], [], [], []
         in_flight_at, in_flight_rows = [], []
         row_of = self.rows.row
-        offset = 0
+        offset = width = 0
         for seq, count in items:  # one pass in Python: each sequence's input ids, start, count and table row
             begin = seq.num_computed_tokens
             begin_list.append(begin)
             count_list.append(count)
             row_list.append(row_of(seq))
+            width = max(width, len(seq.block_ids))
             if count == 1:
                 prompt, out = seq.prompt_token_ids, seq.output_token_ids
                 index = begin - len(prompt)
@@ -236,20 +261,24 @@ class ModelRunner:
             b.slot_mapping[1][pad] = self.scratch_block * bs
             b.seq_lens[1][pad] = 1
             starts[num_seqs + 1:bucket + 1] = np.arange(num_seqs + 1, bucket + 1)
-            b.block_tables[1][pad, 0] = self.scratch_block
+            b.table_rows[1][pad] = self.rows.padding_row
             rows_out = tokens_out = bucket
-            width = self.max_blocks
             b.logits_indices[1][:bucket] = np.arange(bucket)
             num_logits = bucket
         else:
-            width = max(len(seq.block_ids) for seq, _ in items)
             b.logits_indices[1][:len(sample_rows)] = starts[np.asarray(sample_rows, dtype=np.int64) + 1] - 1
             num_logits = len(sample_rows)
-        b.block_tables[1][:num_seqs, :width] = table[rows, :width]
+        b.table_rows[1][:num_seqs] = rows
+        self.rows.upload_written()
+        table_rows = b.upload(b.table_rows, rows_out)
+        if bucket is not None:  # gathered into the static buffer a CUDA graph reads, at full width
+            block_tables = torch.index_select(self.rows.device_table, 0, table_rows, out=b.block_tables[2][:bucket])
+        else:
+            block_tables = self.rows.device_table[:, :width].index_select(0, table_rows)
         num_decode = int((counts == 1).sum())
         metadata = AttentionMetadata(
             slot_mapping=b.upload(b.slot_mapping, tokens_out),
-            block_tables=b.upload(b.block_tables, rows_out, width),
+            block_tables=block_tables,
             seq_lens=b.upload(b.seq_lens, rows_out),
             query_start_loc=b.upload(b.query_start_loc, rows_out + 1),
             num_prefill_tokens=num_tokens - num_decode,

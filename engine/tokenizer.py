@@ -13,6 +13,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers
+from tokenizers.decoders import DecodeStream
 
 from engine.errors import MinervaError
 
@@ -70,6 +71,9 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def text_stream(self, context_ids: list[int], skip_special_tokens: bool = True) -> "TextStream":
+        return TextStream(self.backend, context_ids, skip_special_tokens)
 
     def id_to_token(self, token_id: int) -> str:
         return self.backend.id_to_token(token_id) or ""
@@ -178,6 +182,23 @@ def _tojson(value: Any, indent: int | None = None, separators: tuple[str, str] |
 def _strftime_now(format: str) -> str:
     """transformers' template global (Llama 3.x templates date their system prompt with it)."""
     return datetime.now().strftime(format)
+
+
+class TextStream:
+    """The text of token ids fed one at a time, by tokenizers' DecodeStream (one Rust call per token,
+    ~9x cheaper than decoding two windows in Python per token); a piece comes out only once it is whole
+    UTF-8. `context_ids` (a prompt's tail) are fed first and their text dropped, so the first new
+    token keeps the leading space a decoder would strip at the start of a text."""
+
+    def __init__(self, backend: HFTokenizer, context_ids: list[int], skip_special_tokens: bool) -> None:
+        self._backend = backend
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        if context_ids:
+            self._stream.step(backend, list(context_ids))
+
+    def step(self, token_id: int) -> str:
+        """The text `token_id` completes ("" while a character is still partial or the id has no text)."""
+        return self._stream.step(self._backend, token_id) or ""
 
 
 def _raise_template_error(message: str) -> None:

@@ -7,8 +7,11 @@ so a wrong slot mapping, block table or sequence length changes the tokens.
 from __future__ import annotations
 
 import torch
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models
 
 from engine.attention_metadata import AttentionMetadata
+from engine.tokenizer import TextStream
 
 
 def next_token(context: list[int], vocab_size: int) -> int:
@@ -55,12 +58,20 @@ class FakeModel:
 
 
 class IdTokenizer:
-    """Token ids as text; enough for the engine's detokenizer."""
+    """Token ids as text ("<7>"); enough for the engine's detokenizer, whose text stream reads a real
+    tokenizers backend: one word per id, joined without spaces."""
 
     eos_token_ids: list[int] = []
 
+    def __init__(self, vocab_size: int = 4096) -> None:
+        self.backend = HFTokenizer(models.WordLevel({f"<{i}>": i for i in range(vocab_size)}, unk_token="<0>"))
+        self.backend.decoder = decoders.Fuse()
+
     def decode(self, ids, skip_special_tokens=True):
         return "".join(f"<{i}>" for i in ids)
+
+    def text_stream(self, context_ids, skip_special_tokens=True) -> TextStream:
+        return TextStream(self.backend, context_ids, skip_special_tokens)
 
     def encode(self, text, add_special_tokens=True):
         return [ord(c) % 97 for c in text]
