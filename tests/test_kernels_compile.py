@@ -91,6 +91,14 @@ def _resources(compiled, num_warps: int, num_stages: int) -> dict:
     }
 
 
+# gpt-oss-20b: hidden 2880, 64 query / 8 KV heads of 64, expert width 2880, 32 experts, top-4;
+# KV cache pages of 16 tokens, block tables wide enough for its 131072-token context.
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, EXPERTS, TOP_K = 2880, 64, 8, 64, 2880, 32, 4
+PAGE, TABLE_WIDTH, WINDOW = 16, 131072 // 16, 128
+QKV_WIDTH = (HEADS + 2 * KV_HEADS) * HEAD_DIM  # q, k and v are views of one fused projection
+Q_STRIDES = {"stride_qt": HEADS * HEAD_DIM, "stride_qh": HEAD_DIM, "stride_ot": HEADS * HEAD_DIM, "stride_oh": HEAD_DIM}
+
+
 def _rms_norm() -> dict:
     from kernels.triton import norm
 
@@ -98,6 +106,7 @@ def _rms_norm() -> dict:
         norm._rms_norm_kernel,
         {"x_ptr": BF16, "res_ptr": BF16, "w_ptr": BF16, "out_ptr": BF16, "sum_ptr": BF16, "eps": "fp32"},
         {"HAS_RESIDUAL": True, "BLOCK": 4096},
+        ints={name: HIDDEN for name in ("n_cols", "stride_x", "stride_r", "stride_o", "stride_s")},
     )
 
 
@@ -109,6 +118,12 @@ def _rope_write_kv() -> dict:
         {"q_ptr": BF16, "k_ptr": BF16, "v_ptr": BF16, "q_out_ptr": BF16, "k_cache_ptr": BF16, "v_cache_ptr": BF16,
          "pos_ptr": "*i64", "inv_freq_ptr": "*fp32", "slot_ptr": "*i64", "mscale": "fp32"},
         {"BLOCK_HQ": 64, "BLOCK_HKV": 8, "BLOCK_HALF": 32, "BLOCK_D": 64},
+        ints={
+            "stride_qt": QKV_WIDTH, "stride_qh": HEAD_DIM, "stride_kt": QKV_WIDTH, "stride_kh": HEAD_DIM,
+            "stride_vt": QKV_WIDTH, "stride_vh": HEAD_DIM, "stride_ot": HEADS * HEAD_DIM, "stride_oh": HEAD_DIM,
+            "stride_cs": KV_HEADS * HEAD_DIM, "stride_ch": HEAD_DIM, "num_heads": HEADS, "num_kv_heads": KV_HEADS,
+            "head_dim": HEAD_DIM, "half": HEAD_DIM // 2,
+        },
     )
 
 
@@ -117,24 +132,31 @@ ROUTING_POINTERS = {
     "chunk_counts_ptr": "*i32", "row_pair_ptr": "*i32", "row_weight_ptr": "*fp32", "tile_expert_ptr": "*i32",
     "tile_start_ptr": "*i32", "expert_end_ptr": "*i32", "zero_ptr": "*fp32",
 }
-# gpt-oss-20b: top-4 of 32 experts; 64-token chunks (the one-hot bound); decode-sized row tiles.
+# gpt-oss-20b: top-4 of 32 experts; 64-token chunks (the one-hot bound).
 ROUTING_GPT_OSS = {"TOP_K": 4, "K_PAD": 4, "BLOCK_T": 64, "BLOCK_E": 32}
 
 
 def _routing(from_logits: bool = True) -> dict:
+    """One launch, batch-256 decode: 4 chunks of 64 tokens, 1024 pairs in row tiles of 64 (48 tiles at most)."""
     from kernels.triton import routing
 
     return _compile(
         routing._route_one_launch_kernel, ROUTING_POINTERS,
-        {**ROUTING_GPT_OSS, "BLOCK_M": 16, "BLOCK_TILES": 64, "FROM_LOGITS": from_logits, "ZERO_BLOCK": 4096},
+        {**ROUTING_GPT_OSS, "BLOCK_M": 64, "BLOCK_TILES": 64, "FROM_LOGITS": from_logits, "ZERO_BLOCK": 4096},
+        ints={"zero_numel": 256 * HIDDEN, "T": 256, "num_experts": EXPERTS, "num_tiles": 48, "stride_l": EXPERTS},
     )
+
+
+# Two launches, a 2048-token prefill: 32 chunks, 8192 pairs in row tiles of 128 (96 tiles at most).
+PREFILL_ROUTING = {"T": 2048, "num_experts": EXPERTS, "num_chunks": 32}
 
 
 def _routing_count() -> dict:
     from kernels.triton import routing
 
     return _compile(
-        routing._route_count_kernel, ROUTING_POINTERS, {**ROUTING_GPT_OSS, "FROM_LOGITS": True, "ZERO_BLOCK": 4096}
+        routing._route_count_kernel, ROUTING_POINTERS, {**ROUTING_GPT_OSS, "FROM_LOGITS": True, "ZERO_BLOCK": 4096},
+        ints={**PREFILL_ROUTING, "zero_numel": 2048 * HIDDEN, "stride_l": EXPERTS},
     )
 
 
@@ -143,7 +165,8 @@ def _routing_place() -> dict:
 
     return _compile(
         routing._route_place_kernel, ROUTING_POINTERS,
-        {**ROUTING_GPT_OSS, "BLOCK_M": 128, "BLOCK_TILES": 64, "BLOCK_C": 64}, num_warps=routing.PLACE_WARPS,
+        {**ROUTING_GPT_OSS, "BLOCK_M": 128, "BLOCK_TILES": 64, "BLOCK_C": 32}, num_warps=routing.PLACE_WARPS,
+        ints={**PREFILL_ROUTING, "num_tiles": 96},
     )
 
 
@@ -172,6 +195,7 @@ def compile_elementwise() -> None:
 
 
 def _attention(num_splits: int, block_q: int, block_m: int, num_warps: int = 4) -> dict:
+    """Four sequences (decode: split-K 8 is what 4 x 8 KV heads get on 132 SMs), a windowed layer."""
     from kernels.triton import attention
 
     return _compile(
@@ -187,6 +211,11 @@ def _attention(num_splits: int, block_q: int, block_m: int, num_warps: int = 4) 
             "NUM_SPLITS": num_splits, "HAS_WINDOW": True, "HAS_SINKS": True, "UPCAST": False, "PRECISION": "tf32",
         },
         num_warps,
+        ints={
+            "num_seqs": 4, "window": WINDOW, **Q_STRIDES, "stride_cb": PAGE * KV_HEADS * HEAD_DIM,
+            "stride_cs": KV_HEADS * HEAD_DIM, "stride_ch": HEAD_DIM, "stride_bt": TABLE_WIDTH, "num_heads": HEADS,
+            "head_dim": HEAD_DIM,
+        },
     )
 
 
@@ -197,6 +226,7 @@ def _merge_splits() -> dict:
         attention._merge_splits_kernel,
         {"part_acc_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", "sinks_ptr": BF16, "out_ptr": BF16},
         {"NUM_SPLITS": 8, "BLOCK_D": 64, "HAS_SINKS": True},
+        ints={"stride_ot": HEADS * HEAD_DIM, "stride_oh": HEAD_DIM, "num_heads": HEADS, "head_dim": HEAD_DIM},
     )
 
 
@@ -213,10 +243,6 @@ DOWN = {"SCHEDULED": True, "GATHER_A": False, "SCATTER_OUT": True, "ROUTE_WEIGHT
 DOWN_DETERMINISTIC = {**DOWN, "ATOMIC_ADD": False}
 DENSE = {"SCHEDULED": False, "GATHER_A": False, "SCATTER_OUT": False, "ROUTE_WEIGHT": False, "SWIGLU": False,
          "ATOMIC_ADD": False}
-
-
-# gpt-oss-20b: hidden 2880, expert width 2880, 32 experts, top-4.
-HIDDEN, INTER, EXPERTS, TOP_K = 2880, 2880, 32, 4
 
 
 def _matmul_ints(flags: dict, tokens: int) -> dict[str, int]:
@@ -273,12 +299,12 @@ def decode_figures() -> list[tuple[str, str, dict]]:
     return [
         ("rms_norm (+residual)", "hidden 2880, BLOCK 4096", _rms_norm()),
         ("rope_write_kv", "64 q / 8 kv heads x 64", _rope_write_kv()),
-        ("paged_attention", "GROUP 8, BLOCK_M 16, split-K 8", _attention(8, 2, 16)),
+        ("paged_attention", "batch 4, GROUP 8, BLOCK_M 16, split-K 8", _attention(8, 2, 16)),
         ("merge_splits", "8 splits, head_dim 64", _merge_splits()),
         ("paged_attention", "prefill: BLOCK_M 128 (16 tokens x 8 heads)", _attention(1, 16, 128, num_warps=8)),
-        ("moe routing (one launch)", "top-4 of 32, up to 256 tokens", _routing()),
-        ("moe routing, launch 1 of 2", "prefill: 64-token chunks", _routing_count()),
-        ("moe routing, launch 2 of 2", "prefill: 64-token chunks", _routing_place()),
+        ("moe routing (one launch)", "top-4 of 32, batch 256 (4 chunks of 64)", _routing()),
+        ("moe routing, launch 1 of 2", "prefill 2048: 64-token chunks", _routing_count()),
+        ("moe routing, launch 2 of 2", "prefill 2048: 64-token chunks", _routing_place()),
         ("mxfp4 gate_up + SwiGLU", f"batch 1: {_tiles('decode')}", _matmul(GATE_UP, "decode", 1)),
         ("mxfp4 down + combine", f"batch 1: {_tiles('decode')}, split-K 2", _matmul(DOWN, "decode", 1, split_k=2)),
         ("mxfp4 gate_up + SwiGLU", f"batch 256: {_tiles('small')}", _matmul(GATE_UP, "small", 256)),

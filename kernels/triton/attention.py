@@ -223,9 +223,9 @@ def paged_attention(
     if tokens == 0:
         return out
     decode_only = tokens <= num_seqs
-    # Prefill: 128 query rows (16 tokens x 8 heads for gpt-oss) share each K/V tile read; with
-    # 8 warps that compiles without spills where 64 rows at 4 warps sit at the register limit
-    # (sm_90 figures in docs/kernels.md). Decode: one MMA tile of 16 rows.
+    # Prefill: 128 query rows (16 tokens x 8 heads for gpt-oss) share each K/V tile read, twice
+    # the reuse of 64; at 8 warps it compiles without spills (sm_90 figures in docs/kernels.md).
+    # Decode: one MMA tile of 16 rows.
     block_m = max(16, triton.next_power_of_2(group)) if decode_only else max(128, triton.next_power_of_2(group))
     num_warps = 4 if decode_only else 8
     block_q = block_m // group
