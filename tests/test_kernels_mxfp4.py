@@ -61,6 +61,7 @@ def test_linear_split_k_partials_sum_to_the_reference(device, dtype, m, k, split
     x = torch.randn(m, k, device=device).to(dtype)
     got = triton_ops.linear(x, triton_ops.prepare_weight(weight), b, num_splits=splits)
     assert_close(got, reference.linear(x, weight, b))
+    assert triton_ops.linear(x[:0], triton_ops.prepare_weight(weight), b, num_splits=splits).shape == (0, 40)
 
 
 @pytest.mark.parametrize("device", DEVICES)

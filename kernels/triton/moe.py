@@ -148,7 +148,7 @@ def linear_mxfp4(
     out = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
     bias2 = bias.view(1, n) if bias is not None else None
     splits = num_splits or mxfp4_matmul.split_k(mxfp4_matmul.grid_tiles(x2.shape[0], n, x.device), k, x.device)
-    if splits == 1:
+    if splits == 1 or x2.shape[0] == 0:
         mxfp4_matmul.launch(x2, parts, bias2, out, n, k, 1)
     else:  # a small grid: K split over more programs, their fp32 partials summed in order and rounded once
         partials = torch.empty(x2.shape[0] * splits, n, dtype=torch.float32, device=x.device)
