@@ -96,7 +96,7 @@ def main() -> None:
     config.write_text("[engine]\n" + "".join(f"{key} = {value}\n" for key, value in ENGINE.items()))
     command = minerva_command(model, args.port) + ["--config", str(config)]
     with running("minerva", command, thread_env(THREADS), args.port, log) as server:
-        served_run(server, 2, 0.0, serve.synthetic_requests(2, args.input_len, 4, seed=args.seed - 1))  # warm-up
+        served_run(server, 2, 0.0, serve.synthetic_requests(2, args.input_len, 4, seed=args.seed + 99))  # warm-up
         for plan in plans:  # served and offline take turns: outside load falls on both alike
             for concurrency, temperature, requests in plan:
                 rates[concurrency, temperature]["served"].append(served_run(server, concurrency, temperature, requests))

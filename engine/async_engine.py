@@ -6,6 +6,12 @@ validated on the caller's side and handed over (like aborts) through a command q
 engine thread drains between steps, so neither waits for a step. Each step's outputs go back
 to the event loop in one `call_soon_threadsafe`. Only the engine thread touches the LLMEngine's
 state after `start()` (`stats()` reads counters).
+
+`from_config` also loads the model on that same thread: every torch operation of a served model
+then runs on one thread, so OpenMP keeps one thread pool. A second pool (the model loaded on the
+main thread, stepped on another) makes libgomp throttle its spin-waits once its threads outnumber
+the cores, which cost SmolLM2 on 2 cores ~25% of its decode throughput (measured: 58-61 vs 72-81
+tok/s offline in a second thread vs the loading thread; 85-92 when loaded and run on one worker).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from typing import Any
 
 from engine.config import EngineConfig
@@ -29,23 +36,57 @@ log = logging.getLogger(__name__)
 _STOP = object()
 
 
+class EngineThread:
+    """One daemon thread that runs the callables given to `submit`, in order (a daemon, unlike a
+    ThreadPoolExecutor's worker, never holds up the interpreter's exit while the step loop waits)."""
+
+    def __init__(self) -> None:
+        self._work: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name="minerva-engine", daemon=True).start()
+
+    def submit(self, function: Callable, *args: Any, **kwargs: Any) -> Future:
+        done: Future = Future()
+        self._work.put((done, function, args, kwargs))
+        return done
+
+    def close(self) -> None:
+        self._work.put(None)
+
+    def _serve(self) -> None:
+        while (item := self._work.get()) is not None:
+            done, function, args, kwargs = item
+            if done.set_running_or_notify_cancel():
+                try:
+                    done.set_result(function(*args, **kwargs))
+                except BaseException as exc:
+                    done.set_exception(exc)
+
+
 class EngineDeadError(RuntimeError):
     """The engine loop is not running (never started, shut down, or crashed)."""
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, engine_thread: EngineThread | None = None) -> None:
+        """`engine_thread`: the thread the engine was built on (its step loop runs there too)."""
         self.engine = engine
+        self._engine_thread = engine_thread or EngineThread()
         self._queues: dict[str, asyncio.Queue] = {}
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._loop_done: Future | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.failure: str | None = None  # why the engine stopped for good (a tensor-parallel rank died)
         self.on_fatal: Callable[[str], None] | None = None  # the server's exit, called once on such a failure
 
     @classmethod
     def from_config(cls, config: EngineConfig, on_progress: Callable[[int, int], None] | None = None) -> "AsyncEngine":
-        return cls(LLMEngine.from_config(config, on_progress=on_progress))
+        engine_thread = EngineThread()
+        try:
+            engine = engine_thread.submit(LLMEngine.from_config, config, on_progress=on_progress).result()
+        except BaseException:
+            engine_thread.close()
+            raise
+        return cls(engine, engine_thread)
 
     @property
     def tokenizer(self) -> Any:
@@ -73,27 +114,27 @@ class AsyncEngine:
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._loop_done is not None and not self._loop_done.done()
 
     async def start(self) -> None:
         if self.running or self.failure is not None:
             return
         self._loop = asyncio.get_running_loop()
         self._commands = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="minerva-engine", daemon=True)
-        self._thread.start()
+        self._loop_done = self._engine_thread.submit(self._run)
 
     async def shutdown(self) -> None:
         """Stop the engine thread; every request still running ends with finish_reason "abort"."""
-        thread, self._thread = self._thread, None
-        if thread is not None and thread.is_alive():
+        loop_done, self._loop_done = self._loop_done, None
+        if loop_done is not None and not loop_done.done():
             self._commands.put(_STOP)
-            await asyncio.to_thread(thread.join)
+            await asyncio.wrap_future(loop_done)
         await asyncio.sleep(0)  # the thread's last outputs are delivered first
         for request_queue in self._queues.values():
             request_queue.put_nowait(EngineDeadError("the engine shut down"))
         if self.failure is None:  # after a failure the engine thread closed the model itself
             self.engine.close()
+        self._engine_thread.close()
 
     async def generate(self, prompt: str | list[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:

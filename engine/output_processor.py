@@ -67,5 +67,6 @@ class OutputProcessor:
             sample.reported_finish = finished
             deltas.append(CompletionOutput(seq.index, text, new_ids, logprobs, seq.finish_reason,
                                            seq.stop_reason, len(seq.output_token_ids)))
-        cached = min(seq.num_cached_tokens for seq in request.samples)
+        samples = request.samples
+        cached = samples[0].num_cached_tokens if len(samples) == 1 else min(s.num_cached_tokens for s in samples)
         return RequestOutput(request.request_id, request.prompt_token_ids, deltas, request.finished, cached)
