@@ -270,10 +270,8 @@ class LLMEngine:
         row = seq.sampling_row
         if row is None:
             row = seq.sampling_row = SamplingRow(seq.params, seq.generator, (), seq, seq.prompt_token_ids)
-        if row.banned_token_ids and len(seq.output_token_ids) + seq.num_in_flight >= seq.params.min_tokens:
-            row.banned_token_ids = ()
-        elif not row.banned_token_ids and len(seq.output_token_ids) + seq.num_in_flight < seq.params.min_tokens:
-            row.banned_token_ids = tuple(seq.stop_token_ids)
+        generated = len(seq.output_token_ids) + seq.num_in_flight  # the token drawn now is number `generated`
+        row.banned_token_ids = tuple(seq.stop_token_ids) if generated < seq.params.min_tokens else ()
         return row
 
     def _retire(self, seq: Sample) -> None:

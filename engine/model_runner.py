@@ -90,7 +90,8 @@ class InputBuffers:
         self.seq_lens = pair((max_seqs,), torch.int32)
         self.query_start_loc = pair((max_seqs + 1,), torch.int32)
         self.logits_indices = pair((max_seqs,), torch.int64)
-        self.block_tables = pair((max_seqs, max_blocks), torch.int32)
+        # Device only: each step gathers its rows from BlockTableRows' device table (CUDA graphs read this buffer).
+        self.block_tables = torch.zeros((max_seqs, max_blocks), dtype=torch.int32, device=device)
         self.table_rows = pair((max_seqs,), torch.int64)  # each batch row's row of BlockTableRows
         self._uploaded: torch.cuda.Event | None = None
 
@@ -221,16 +222,12 @@ class ModelRunner:
             row_list.append(row_of(seq))
             width = max(width, len(seq.block_ids))
             if count == 1:
-                prompt, out = seq.prompt_token_ids, seq.output_token_ids
-                index = begin - len(prompt)
-                if index < 0:
-                    decode_ids.append(prompt[index])
-                elif index < len(out):
-                    decode_ids.append(out[index])
-                else:  # sampled by the previous batch, not read back yet
-                    decode_ids.append(0)
+                token = seq.token_at(begin)
+                if token is None:  # sampled by the previous batch, not read back yet
+                    token = 0
                     in_flight_at.append(offset)
                     in_flight_rows.append(pending.row_of[seq])
+                decode_ids.append(token)
             else:
                 if decode_ids:
                     ids[offset - len(decode_ids):offset] = decode_ids
@@ -272,7 +269,7 @@ class ModelRunner:
         self.rows.upload_written()
         table_rows = b.upload(b.table_rows, rows_out)
         if bucket is not None:  # gathered into the static buffer a CUDA graph reads, at full width
-            block_tables = torch.index_select(self.rows.device_table, 0, table_rows, out=b.block_tables[2][:bucket])
+            block_tables = torch.index_select(self.rows.device_table, 0, table_rows, out=b.block_tables[:bucket])
         else:
             block_tables = self.rows.device_table[:, :width].index_select(0, table_rows)
         num_decode = int((counts == 1).sum())
@@ -322,12 +319,13 @@ class ModelRunner:
         b.slot_mapping[1][:num_tokens] = self.scratch_block * bs
         b.seq_lens[1][:num_seqs] = tokens_per_seq
         b.query_start_loc[1][:num_seqs + 1] = np.arange(num_seqs + 1) * tokens_per_seq
-        b.block_tables[1][:num_seqs, :] = self.scratch_block
+        b.table_rows[1][:num_seqs] = self.rows.padding_row
         b.logits_indices[1][:num_seqs] = np.arange(1, num_seqs + 1) * tokens_per_seq - 1
         decode = tokens_per_seq == 1
+        table_rows = b.upload(b.table_rows, num_seqs)
         metadata = AttentionMetadata(
             slot_mapping=b.upload(b.slot_mapping, num_tokens),
-            block_tables=b.upload(b.block_tables, num_seqs, self.max_blocks),
+            block_tables=torch.index_select(self.rows.device_table, 0, table_rows, out=b.block_tables[:num_seqs]),
             seq_lens=b.upload(b.seq_lens, num_seqs),
             query_start_loc=b.upload(b.query_start_loc, num_seqs + 1),
             num_prefill_tokens=0 if decode else num_tokens, num_decode_tokens=num_tokens if decode else 0,

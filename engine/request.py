@@ -51,16 +51,21 @@ class Sample:
     stop_token_ids: frozenset[int] = frozenset()  # ids that end it once min_tokens are out (EOS unless ignored)
     num_in_flight: int = 0  # async scheduling: tokens sampled on the device whose ids have not come back yet
     finish_reason: str | None = None  # "stop" | "length" | "abort" once it ended
-    sampling_row: "SamplingRow | None" = None  # the sampler's view of it, made on its first sampled step
     stop_reason: str | int | None = None  # the stop string or token id that ended it (an error message on abort)
+    sampling_row: "SamplingRow | None" = None  # the sampler's view of it, made on its first sampled step
 
     @property
     def token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
-    def token_at(self, index: int) -> int:
+    def token_at(self, index: int) -> int | None:
+        """`token_ids[index]` without building the list; None for a token still in flight (async scheduling)."""
         prompt = self.prompt_token_ids
-        return prompt[index] if index < len(prompt) else self.output_token_ids[index - len(prompt)]
+        if index < len(prompt):
+            return prompt[index]
+        index -= len(prompt)
+        out = self.output_token_ids
+        return out[index] if index < len(out) else None
 
     def token_slice(self, begin: int, end: int) -> list[int]:
         """`token_ids[begin:end]` without building the whole list."""
