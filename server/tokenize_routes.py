@@ -15,7 +15,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import Field
 
-from server.chat import render_prompt
+from server.chat import conversation_of
+from server.conversation import render_prompt
 from server.errors import APIError
 from server.protocol import APIModel, ChatCompletionRequest, ChatMessage, NonNegativeInt
 from server.served_models import ServedModel
@@ -44,7 +45,7 @@ def tokenize(served: ServedModel, body: TokenizeRequest) -> list[int]:
     if body.messages is not None:
         chat = ChatCompletionRequest(model=body.model, messages=body.messages,
                                      add_generation_prompt=body.add_generation_prompt)
-        return render_prompt(served, chat)
+        return render_prompt(served.engine, conversation_of(chat))
     return encode(served.engine.tokenizer, body.prompt, add_special_tokens=body.add_special_tokens, param="prompt")
 
 

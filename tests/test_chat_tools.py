@@ -23,7 +23,8 @@ from engine.llm_engine import LLMEngine
 from engine.tokenizer import Tokenizer
 from fake_model import FakeModel
 from server.app import create_app
-from server.chat import render_prompt
+from server.chat import conversation_of
+from server.conversation import render_prompt
 from server.protocol import ChatCompletionRequest
 from server_fixtures import LiveServer, save_tiny_llama, tiny_engine, wait_until_idle
 
@@ -95,8 +96,7 @@ def test_tools_and_tool_results_render_as_transformers_renders_them(model_dir, e
         {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
     ]
     body = ChatCompletionRequest(model="tiny", messages=messages, tools=[WEATHER, ADD])
-    served = SimpleNamespace(name="tiny", engine=engine)
-    ours = render_prompt(served, body)
+    ours = render_prompt(engine, conversation_of(body))
     hf_messages = [dict(m) for m in messages]
     hf_messages[1] = {**messages[1], "tool_calls": [{"id": "call_1", "type": "function", "function": {
         "name": "get_weather", "arguments": {"city": "Paris", "days": 2}}}]}

@@ -9,9 +9,11 @@ import pytest
 
 oh = pytest.importorskip("openai_harmony")
 
-from server.chat_tools import parse_completion  # noqa: E402
-from server.harmony import (HarmonyParser, HarmonyStream, constrained_header, harmony_encoding,  # noqa: E402
-                            render_harmony)
+from server.chat import conversation_of  # noqa: E402
+from server.conversation import ReasoningDelta, TextDelta  # noqa: E402
+from server.conversation.harmony import (HarmonyParser, HarmonyStream, constrained_header,  # noqa: E402
+                                         harmony_encoding, render_harmony)
+from server.conversation.parsing import parse_completion  # noqa: E402
 from server.protocol import ChatCompletionRequest, NamedToolChoice, ResponseFormat  # noqa: E402
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
@@ -56,8 +58,8 @@ def test_round_trip_final_answer_and_streaming_equal():
         pieces = [harmony_encoding().decode(tokens[i:i + size]) for i in range(0, len(tokens), size)]
         deltas = [d for piece in pieces for d in stream.feed(piece)]
         deltas += stream.finish()[0]
-        assert "".join(d.get("reasoning_content", "") for d in deltas) == "Short thought."
-        assert "".join(d.get("content", "") for d in deltas) == "It is sunny in Paris."
+        assert "".join(d.text for d in deltas if isinstance(d, ReasoningDelta)) == "Short thought."
+        assert "".join(d.text for d in deltas if isinstance(d, TextDelta)) == "It is sunny in Paris."
 
 
 @pytest.mark.parametrize("text", [
@@ -81,17 +83,16 @@ def test_prompt_carries_effort_instructions_tools_and_earlier_turns():
             {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
     ])
-    texts = [m.content if isinstance(m.content, str) else "" for m in body.messages]
-    prompt = harmony_encoding().decode(render_harmony(body, texts))
+    prompt = harmony_encoding().decode(render_harmony(conversation_of(body)))
     assert "Reasoning: high" in prompt
     assert "# Instructions\n\nAnswer briefly." in prompt and "type get_weather" in prompt
     assert ('<|start|>assistant to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>'
             '{"city":"Paris"}<|call|>') in prompt
     assert "<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>sunny<|end|>" in prompt
     assert prompt.endswith("<|start|>assistant")
-    assert harmony_encoding().decode(constrained_header(body)) == ""
+    assert harmony_encoding().decode(constrained_header(conversation_of(body))) == ""
     named = body.model_copy(update={"tool_choice": NamedToolChoice(type="function", function={"name": "get_weather"})})
-    assert (harmony_encoding().decode(constrained_header(named))
+    assert (harmony_encoding().decode(constrained_header(conversation_of(named)))
             == "<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>")
     json_format = body.model_copy(update={"response_format": ResponseFormat(type="json_object")})
-    assert harmony_encoding().decode(constrained_header(json_format)) == "<|channel|>final<|message|>"
+    assert harmony_encoding().decode(constrained_header(conversation_of(json_format))) == "<|channel|>final<|message|>"

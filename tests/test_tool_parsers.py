@@ -9,7 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.chat_tools import ToolCallStream, assistant_message, finish_reason, parse_completion
+from server.chat import assistant_message, chat_delta
+from server.conversation import TextDelta, ToolCallArguments, ToolCallStart, fold
+from server.conversation.parsing import ToolCallStream, call_events, finish_reason, parse_completion
 from server.tool_parsers import (HermesParser, Llama3JsonParser, MistralParser, NamedFunctionParser,
                                  RequiredToolsParser, detect_parser_name)
 
@@ -92,8 +94,13 @@ def test_parallel_false_keeps_one_call_and_finish_reasons():
     assert finish_reason(parser, parsed, "stop") == "tool_calls"
     assert finish_reason(parser, parsed, "length") == "length"
     assert finish_reason(NamedFunctionParser("a"), parsed, "stop") == "stop"  # OpenAI's for a forced function
-    message = assistant_message(parsed)
+    message = message_of(parsed)
     assert message["content"] is None and message["tool_calls"][0]["function"] == {"name": "a", "arguments": "{}"}
+
+
+def message_of(parsed):
+    """The non-streamed chat message of a whole completion's split."""
+    return assistant_message(fold([TextDelta(parsed.content)] + call_events(parsed)))
 
 
 @pytest.mark.parametrize("template, name", [
@@ -128,7 +135,7 @@ def test_streamed_deltas_reassemble_to_the_message(text, cuts, family, parallel)
         position += size
     deltas += stream.feed(text[position:])
     more, _ = stream.finish()
-    deltas += more
+    deltas = [chat_delta(event) for event in deltas + more]
     content = "".join(d.get("content", "") for d in deltas)
     streamed_calls: dict[int, dict] = {}
     for delta in deltas:
@@ -138,7 +145,7 @@ def test_streamed_deltas_reassemble_to_the_message(text, cuts, family, parallel)
                 assert call["type"] == "function" and call["function"]["arguments"] == ""  # OpenAI's first delta
                 entry["name"] = call["function"]["name"]
             entry["arguments"] += call["function"]["arguments"]
-    expected = assistant_message(parse_completion(parser, text, parallel))
+    expected = message_of(parse_completion(parser, text, parallel))
     assert (content or None) == (expected["content"] or None)
     assert [streamed_calls[i] for i in sorted(streamed_calls)] == [
         c["function"] for c in expected.get("tool_calls", [])]
@@ -146,10 +153,10 @@ def test_streamed_deltas_reassemble_to_the_message(text, cuts, family, parallel)
 
 def test_named_function_arguments_stream_as_generated():
     stream = ToolCallStream(NamedFunctionParser("f"), True)
-    first = stream.feed('{"a"')
-    assert first[0]["tool_calls"][0]["function"] == {"name": "f", "arguments": ""}
-    assert first[1]["tool_calls"][0]["function"] == {"arguments": '{"a"'}
-    assert stream.feed(": 1}") == [{"tool_calls": [{"index": 0, "function": {"arguments": ": 1}"}}]}]
+    start, first = stream.feed('{"a"')
+    assert isinstance(start, ToolCallStart) and (start.index, start.name) == (0, "f")
+    assert first == ToolCallArguments(0, '{"a"')
+    assert stream.feed(": 1}") == [ToolCallArguments(0, ": 1}")]
     assert stream.finish()[0] == []
 
 

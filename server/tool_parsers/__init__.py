@@ -1,6 +1,6 @@
 """Tool-call parsers per model family, picked from the chat template (or `--tool-call-parser`).
 
-gpt-oss's harmony format is parsed by server/harmony.py (it also splits out reasoning)."""
+gpt-oss's harmony format is parsed by server/conversation/harmony.py (it also splits out reasoning)."""
 
 from __future__ import annotations
 

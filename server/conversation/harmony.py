@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server.chat_tools import parse_completion, tool_call_deltas
+from server.conversation.events import Event, ReasoningDelta, TextDelta
+from server.conversation.items import Conversation
+from server.conversation.parsing import call_events, parse_completion
 from server.errors import APIError
-from server.protocol import ChatCompletionRequest, NamedToolChoice
 from server.tool_parsers.base import ParsedMessage, ToolCall, ToolParser
 
 CHANNEL_TOKEN_ID = 200005  # <|channel|> in o200k_harmony: the vocabulary the package renders with
@@ -56,63 +57,65 @@ def _vocab_dir() -> Path:
     return cache
 
 
-def render_harmony(body: ChatCompletionRequest, texts: list[str]) -> list[int]:
-    """Prompt token ids for `body.messages` (their text already extracted as `texts`).
+def render_harmony(conversation: Conversation) -> list[int]:
+    """Prompt token ids for the conversation, plus the header grammar-constrained output starts after.
 
     As in vLLM: the system message is harmony's own (with reasoning_effort); the client's
     system/developer text and the tools form the developer message; earlier tool calls and
-    results go on the commentary channel.
+    results go on the commentary channel, earlier reasoning on the analysis channel.
     """
     import openai_harmony as oh
 
     system = oh.SystemContent.new()
-    if body.reasoning_effort is not None:
-        system = system.with_reasoning_effort(oh.ReasoningEffort(body.reasoning_effort.capitalize()))
-    instructions = "\n".join(t for m, t in zip(body.messages, texts) if m.role in ("system", "developer"))
+    if conversation.reasoning_effort is not None:
+        system = system.with_reasoning_effort(oh.ReasoningEffort(conversation.reasoning_effort.capitalize()))
+    instructions = "\n".join(t.text for t in conversation.turns if t.role in ("system", "developer"))
     messages = [oh.Message.from_role_and_content(oh.Role.SYSTEM, system)]
-    tools = body.tools if body.tool_mode != "none" else None
+    tools = conversation.tools if conversation.tool_mode != "none" else []
     if instructions or tools:
         developer = oh.DeveloperContent.new()
         if instructions:
             developer = developer.with_instructions(instructions)
         if tools:
             developer = developer.with_function_tools([
-                oh.ToolDescription.new(t.function.name, t.function.description or "",
-                                       parameters=t.function.parameters) for t in tools])
+                oh.ToolDescription.new(t.name, t.description, parameters=t.schema) for t in tools])
         messages.append(oh.Message.from_role_and_content(oh.Role.DEVELOPER, developer))
     call_names: dict[str, str] = {}
-    for message, text in zip(body.messages, texts):
-        if message.role == "user":
-            messages.append(oh.Message.from_role_and_content(oh.Role.USER, text))
-        elif message.role == "assistant":
-            if message.reasoning_content:
-                messages.append(oh.Message.from_role_and_content(oh.Role.ASSISTANT, message.reasoning_content)
+    for turn in conversation.turns:
+        if turn.role == "user":
+            messages.append(oh.Message.from_role_and_content(oh.Role.USER, turn.text))
+        elif turn.role == "assistant":
+            if turn.reasoning:
+                messages.append(oh.Message.from_role_and_content(oh.Role.ASSISTANT, turn.reasoning)
                                 .with_channel("analysis"))
-            if text:
-                messages.append(oh.Message.from_role_and_content(oh.Role.ASSISTANT, text).with_channel("final"))
-            for call in message.tool_calls or []:
-                call_names[call.id] = call.function.name
-                messages.append(oh.Message.from_role_and_content(oh.Role.ASSISTANT, call.function.arguments)
-                                .with_channel("commentary").with_recipient(f"functions.{call.function.name}")
+            if turn.text:
+                messages.append(oh.Message.from_role_and_content(oh.Role.ASSISTANT, turn.text).with_channel("final"))
+            for call in turn.tool_calls:
+                call_names[call.call_id] = call.name
+                messages.append(oh.Message.from_role_and_content(oh.Role.ASSISTANT, call.arguments_json())
+                                .with_channel("commentary").with_recipient(f"functions.{call.name}")
                                 .with_content_type("<|constrain|>json"))
-        elif message.role == "tool":
-            name = call_names.get(message.tool_call_id or "", message.name or "")
+        elif turn.role == "tool":
+            name = call_names.get(turn.call_id or "", turn.name or "")
             if not name:
-                raise APIError(400, "a tool message must answer an earlier tool call (tool_call_id)",
-                               param="messages")
+                raise APIError(400, "a tool result must answer an earlier tool call (its call id)",
+                               param=conversation.param)
             author = oh.Author.new(oh.Role.TOOL, f"functions.{name}")
-            messages.append(oh.Message.from_author_and_content(author, text).with_channel("commentary")
+            messages.append(oh.Message.from_author_and_content(author, turn.text).with_channel("commentary")
                             .with_recipient("assistant"))
-    conversation = oh.Conversation.from_messages(messages)
-    return list(harmony_encoding().render_conversation_for_completion(conversation, oh.Role.ASSISTANT))
+    rendered = oh.Conversation.from_messages(messages)
+    prompt = list(harmony_encoding().render_conversation_for_completion(rendered, oh.Role.ASSISTANT))
+    return prompt + constrained_header(conversation)
 
 
-def constrained_header(body: ChatCompletionRequest) -> list[int]:
-    """Where grammar-constrained output begins: a named call's commentary message to the function, or the
-    final channel for response_format JSON (the grammar writes only the JSON, the model its header never)."""
-    if isinstance(body.tool_choice, NamedToolChoice) and body.tool_mode == "named":
-        text = f"<|channel|>commentary to=functions.{body.tool_choice.function.name} <|constrain|>json<|message|>"
-    elif body.response_format is not None and body.response_format.type != "text":
+def constrained_header(conversation: Conversation) -> list[int]:
+    """Where grammar-constrained output begins: a named call's commentary message to the function (JSON for a
+    function, free text for a custom tool), or the final channel for JSON output; the grammar writes only the body."""
+    named = conversation.named_tool
+    if named is not None:
+        constrain = "<|constrain|>json" if named.kind == "function" else ""
+        text = f"<|channel|>commentary to=functions.{named.name} {constrain}<|message|>"
+    elif conversation.output_format is not None:
         text = "<|channel|>final<|message|>"
     else:
         return []
@@ -142,7 +145,7 @@ class _HarmonyState:
     parser: Any = None
     text: str = ""  # everything fed
     failed_text: str = ""  # text after the format broke: returned as content
-    done: list[tuple[str | None, str | None, str]] = field(default_factory=list)  # (channel, recipient, text)
+    reasoning_tokens: int = 0  # tokens read while the analysis channel was open
 
     def __post_init__(self) -> None:
         import openai_harmony as oh
@@ -158,6 +161,7 @@ class _HarmonyState:
         for index, token in enumerate(tokens):
             try:
                 self.parser.process(token)
+                self.reasoning_tokens += self.parser.current_channel == "analysis"
             except Exception:  # HarmonyError: not the harmony format from here on
                 self.failed_text = harmony_encoding().decode(tokens[index:])
                 return
@@ -195,7 +199,7 @@ def _arguments(text: str) -> str:
 
 @dataclass
 class HarmonyStream:
-    """Streamed deltas: reasoning_content and content as their channels grow, calls when the completion ends.
+    """Streamed events: reasoning and text as their channels grow, calls when the completion ends.
 
     Deltas are whole tokens' text (as the engine emits them), so a special token never arrives split.
     """
@@ -207,7 +211,11 @@ class HarmonyStream:
     sent_reasoning: str = ""
     sent_content: str = ""
 
-    def feed(self, delta: str) -> list[dict[str, Any]]:
+    @property
+    def reasoning_tokens(self) -> int:
+        return self.state.reasoning_tokens
+
+    def feed(self, delta: str) -> list[Event]:
         self.text += delta
         self.state.feed(delta)
         if not self.state.messages():  # until a message opens, this may not be harmony: wait for the end
@@ -215,19 +223,17 @@ class HarmonyStream:
         now = self.state.result()
         return self._grow(now.reasoning_content or "", now.content)
 
-    def finish(self) -> tuple[list[dict[str, Any]], ParsedMessage]:
+    def finish(self) -> tuple[list[Event], ParsedMessage]:
         parsed = parse_completion(self.parser, self.text, self.parallel)
-        deltas = self._grow(parsed.reasoning_content or "", parsed.content)
-        for index, call in enumerate(parsed.tool_calls):
-            deltas += tool_call_deltas(index, call.id, call.name, call.arguments)
-        return deltas, parsed
+        events = self._grow(parsed.reasoning_content or "", parsed.content)
+        return events + call_events(parsed), parsed
 
-    def _grow(self, reasoning: str, content: str) -> list[dict[str, Any]]:
-        deltas = []
+    def _grow(self, reasoning: str, content: str) -> list[Event]:
+        events: list[Event] = []
         if len(reasoning) > len(self.sent_reasoning) and reasoning.startswith(self.sent_reasoning):
-            deltas.append({"reasoning_content": reasoning[len(self.sent_reasoning):]})
+            events.append(ReasoningDelta(reasoning[len(self.sent_reasoning):]))
             self.sent_reasoning = reasoning
         if len(content) > len(self.sent_content) and content.startswith(self.sent_content):
-            deltas.append({"content": content[len(self.sent_content):]})
+            events.append(TextDelta(content[len(self.sent_content):]))
             self.sent_content = content
-        return deltas
+        return events

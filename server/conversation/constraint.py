@@ -1,0 +1,54 @@
+"""The grammar a conversation's output must follow: its output format, or tool_choice required / a named tool.
+
+Compiled in a worker thread before the request reaches the engine (so the step loop never
+compiles), with an invalid or unsupported schema answered as a 400 naming the field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from engine.structured import GrammarError, StructuredOutput
+from server.conversation.items import Conversation
+from server.errors import APIError
+
+logger = logging.getLogger("minerva.server")
+
+
+def output_constraint(conversation: Conversation) -> tuple[StructuredOutput, str] | None:
+    """(what the output must match, the request field it came from), or None for free text."""
+    mode = conversation.tool_mode
+    named = conversation.named_tool
+    if named is not None:
+        if named.kind == "custom":  # free text; a grammar the engine cannot run leaves it free
+            if named.grammar is not None:
+                logger.warning("custom tool %r: %s grammars are not enforced; its input is free text",
+                               named.name, named.grammar.syntax)
+            return None
+        return StructuredOutput.from_schema(named.schema), f"{named.param}.parameters"
+    if mode == "required":
+        calls = [{"type": "object", "properties": {"name": {"const": t.name}, "parameters": t.schema},
+                  "required": ["name", "parameters"], "additionalProperties": False} for t in conversation.tools]
+        schema: dict[str, Any] = {"type": "array", "items": {"anyOf": calls}, "minItems": 1}
+        if not conversation.parallel_tool_calls:
+            schema["maxItems"] = 1
+        return StructuredOutput.from_schema(schema), "tools"
+    if conversation.output_format is None:
+        return None
+    return conversation.output_format, conversation.output_format_param
+
+
+async def compile_constraint(engine: Any, conversation: Conversation) -> StructuredOutput | None:
+    """The conversation's constraint, compiled (and cached) off the event loop and off the engine's step loop."""
+    found = output_constraint(conversation)
+    if found is None:
+        return None
+    spec, param = found
+    try:
+        await asyncio.to_thread(engine.grammars.compile, spec)
+    except GrammarError as exc:
+        raise APIError(400, f"{param}: this schema cannot be used for constrained decoding: {exc}",
+                       param=param, code="invalid_schema") from exc
+    return spec

@@ -1,0 +1,115 @@
+"""The one internal conversation every protocol (chat completions, Responses, Messages) translates into.
+
+A protocol module fills these from its request shape and names, in `param`, where each piece
+came from, so errors found later (bad call arguments, a schema the grammar engine refuses)
+still name the client's field.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from engine.structured import StructuredOutput
+from server.errors import APIError
+
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+ToolKind = Literal["function", "custom"]
+NO_ARGUMENTS: dict[str, Any] = {"type": "object", "properties": {}}
+CUSTOM_INPUT = "input"  # a free-form (custom) tool is shown to the model as a function of one string
+
+
+@dataclass
+class Grammar:
+    """A custom tool's input grammar, as OpenAI's `format: {type: grammar, syntax, definition}`."""
+
+    syntax: Literal["lark", "regex"]
+    definition: str
+
+
+@dataclass
+class Tool:
+    """A tool the model may call: a JSON-schema function, or a custom tool taking free text."""
+
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] | None = None  # functions only; None: no arguments
+    kind: ToolKind = "function"
+    grammar: Grammar | None = None  # custom tools only
+    param: str = "tools"  # the request field it came from
+
+    @property
+    def schema(self) -> dict[str, Any]:
+        """The JSON schema of its arguments; a custom tool's is `{"input": string}` (templates know only functions)."""
+        if self.kind == "custom":
+            return {"type": "object", "properties": {CUSTOM_INPUT: {"type": "string"}}, "required": [CUSTOM_INPUT]}
+        return self.parameters or NO_ARGUMENTS
+
+
+@dataclass
+class ToolCallItem:
+    """A call the assistant made earlier; `arguments` is JSON text for functions, the raw input for custom tools."""
+
+    call_id: str
+    name: str
+    arguments: str
+    kind: ToolKind = "function"
+    param: str = "messages"
+
+    def arguments_object(self) -> dict[str, Any]:
+        """The arguments as templates take them (`| tojson` of an object); a 400 naming `param` if not an object."""
+        if self.kind == "custom":
+            return {CUSTOM_INPUT: self.arguments}
+        try:
+            arguments = json.loads(self.arguments or "{}")
+        except json.JSONDecodeError as exc:
+            raise APIError(400, f"tool call arguments are not valid JSON: {exc}", param=self.param) from exc
+        if not isinstance(arguments, dict):
+            raise APIError(400, "tool call arguments must be a JSON object", param=self.param)
+        return arguments
+
+    def arguments_json(self) -> str:
+        return json.dumps(self.arguments_object(), ensure_ascii=False) if self.kind == "custom" else self.arguments
+
+
+@dataclass
+class Turn:
+    """One message: system/developer/user text, an assistant turn (reasoning, text, calls) or a tool result."""
+
+    role: Role
+    text: str = ""
+    reasoning: str | None = None  # assistant: its chain of thought, when the client sends it back
+    tool_calls: list[ToolCallItem] = field(default_factory=list)
+    call_id: str | None = None  # tool: the call it answers
+    name: str | None = None  # tool: the tool's name (else looked up from the call); others: a speaker name
+
+
+@dataclass
+class Conversation:
+    """Everything a prompt is rendered from, and what constrains and parses the output."""
+
+    turns: list[Turn]
+    tools: list[Tool] = field(default_factory=list)
+    tool_choice: Literal["none", "auto", "required"] | str = "auto"  # a str other than those: the named tool
+    parallel_tool_calls: bool = True
+    output_format: StructuredOutput | None = None  # response_format / text.format (json_object or json_schema)
+    output_format_param: str = "response_format"
+    reasoning_effort: Literal["low", "medium", "high"] | None = None
+    add_generation_prompt: bool = True
+    param: str = "messages"  # the request field holding the turns (named when the prompt is too long)
+
+    @property
+    def tool_mode(self) -> Literal["none", "auto", "required", "named"]:
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        if self.tool_choice in ("auto", "required"):
+            return self.tool_choice  # type: ignore[return-value]
+        return "named"
+
+    def tool(self, name: str) -> Tool | None:
+        return next((tool for tool in self.tools if tool.name == name), None)
+
+    @property
+    def named_tool(self) -> Tool | None:
+        return self.tool(self.tool_choice) if self.tool_mode == "named" else None
