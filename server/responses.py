@@ -36,13 +36,23 @@ async def collect(request: Request, outputs: Outputs, n: int) -> Collected:
     return await unless_disconnected(request, drain())
 
 
+def error_chunks(error: APIError) -> Iterable[dict[str, Any]]:
+    """OpenAI's chat/completions in-band error: one chunk with the error body."""
+    return [error_body(error.message, error.type, error.param, error.code)]
+
+
 async def stream(request: Request, outputs: Outputs,
                  render: Callable[[int, RequestOutput], Iterable[dict[str, Any]]],
-                 finish: Callable[[], Iterable[dict[str, Any]]]) -> StreamingResponse:
-    """SSE: `render` turns each engine output into chunks, `finish` adds the usage chunk; then `[DONE]`.
+                 finish: Callable[[], Iterable[dict[str, Any]]], *,
+                 encode: Callable[[dict[str, Any]], str] = sse_data,
+                 on_error: Callable[[APIError], Iterable[dict[str, Any]]] = error_chunks,
+                 done: str = DONE) -> StreamingResponse:
+    """SSE: `render` turns each engine output into chunks, `finish` adds the last ones; then `done`.
 
     The first engine output is awaited before the response starts, so a request the
     engine refuses still gets a proper HTTP error status instead of a broken stream.
+    `encode` writes one chunk as SSE and `on_error` the chunks of an error met mid-stream
+    (protocols with named events, like Responses and Messages, set both and `done=""`).
     """
     iterator = aiter(outputs)
     try:
@@ -59,21 +69,25 @@ async def stream(request: Request, outputs: Outputs,
         try:
             if first is not None:
                 for chunk in render(*first):
-                    yield sse_data(chunk)
+                    yield encode(chunk)
                 async for prompt_index, output in iterator:
                     for chunk in render(prompt_index, output):
-                        yield sse_data(chunk)
+                        yield encode(chunk)
             for chunk in finish():
-                yield sse_data(chunk)
+                yield encode(chunk)
         except (APIError, EngineDeadError) as exc:
             error = engine_unavailable(exc) if isinstance(exc, EngineDeadError) else exc
-            yield sse_data(error_body(error.message, error.type, error.param, error.code))
+            for chunk in on_error(error):
+                yield encode(chunk)
         except Exception:
             logger.exception("internal error while streaming request %s", request_id)
-            yield sse_data(error_body(f"internal server error (request id {request_id})", "server_error"))
+            for chunk in on_error(APIError(500, f"internal server error (request id {request_id})",
+                                           type="server_error")):
+                yield encode(chunk)
         finally:
             with anyio.CancelScope(shield=True):
                 await outputs.aclose()
-        yield DONE
+        if done:
+            yield done
 
     return StreamingResponse(events(), media_type=MEDIA_TYPE, headers=HEADERS)
