@@ -6,6 +6,7 @@ import dataclasses
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from engine.errors import MinervaError
 
@@ -43,6 +44,7 @@ class EngineConfig:
     enforce_eager: bool = False  # CUDA: never capture or replay CUDA graphs
     async_scheduling: bool | None = None  # launch step N+1 before reading step N's tokens; None = on CUDA, one rank
     mxfp4_unpack_gib: float = 4.0  # CPU torch ops: dense MXFP4 experts made once at load if the model fits (0 = packed)
+    speculative_config: Any = None  # vLLM's JSON shape (text or table), kept as engine.spec_decode SpeculativeConfig
 
     def __post_init__(self) -> None:
         positive = ("block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size",
@@ -58,6 +60,13 @@ class EngineConfig:
             raise ConfigError(f"mxfp4_unpack_gib must be >= 0, got {self.mxfp4_unpack_gib}")
         if self.kv_cache_gib is not None and self.kv_cache_gib <= 0:
             raise ConfigError(f"kv_cache_gib must be positive, got {self.kv_cache_gib}")
+        if self.speculative_config is not None:
+            from engine.spec_decode.config import SpeculativeConfig
+
+            self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
+            if self.async_scheduling:
+                raise ConfigError("speculative decoding needs synchronous scheduling (its drafts extend the tokens "
+                                  "the host has read back): drop async_scheduling or speculative_config")
         for name, allowed in (("device", DEVICES), ("dtype", DTYPES), ("kernel_backend", KERNEL_BACKENDS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -24,6 +25,8 @@ from engine.request import Request, Sample, SampleProgress
 from engine.sampler import SampleResult, Sampler, SamplingRow
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler, default_max_num_seqs
+from engine.spec_decode.decoder import SpecDecoder
+from engine.spec_decode.verify import accepted_tokens
 from engine.structured import GrammarCompiler, GrammarError, unconstrained_bitmask
 from engine.tokenizer import Tokenizer
 
@@ -31,10 +34,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class InFlight:
-    """A launched batch whose sampled ids are still on the device: `samples[i]` drew row i of `result`."""
+    """A launched batch whose sampled ids are still on the device: `samples[i]` drew row i of `result`
+    (with speculative decoding `drafts[i]` were verified too, each on a row of its own after sample i's)."""
 
     samples: list[Sample]
     result: SampleResult | None
+    drafts: list[list[int]] | None = None
 
     def pending_inputs(self) -> PendingTokens | None:
         """Where the next batch finds these samples' input ids (on the device, not yet read back)."""
@@ -72,7 +77,10 @@ class LLMEngine:
         self.sampler = Sampler(config.seed)
         self.outputs = OutputProcessor(tokenizer)
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
-                                 else model.device.type == "cuda" and self.tensor_parallel_size == 1)
+                                 else model.device.type == "cuda" and self.tensor_parallel_size == 1
+                                 and config.speculative_config is None)
+        self.spec = (SpecDecoder(config.speculative_config, self.max_model_len)
+                     if config.speculative_config is not None else None)
         self._in_flight: InFlight | None = None
         self.requests: dict[str, Request] = {}
         self.prompt_tokens_total = 0
@@ -188,6 +196,8 @@ class LLMEngine:
         """
         previous, self._in_flight = self._in_flight, None
         outputs: list[RequestOutput] = []
+        if self.spec is not None:
+            self.spec.propose(self.scheduler.running)
         batch = self.scheduler.schedule()
         launched = self._launch(batch, previous, outputs) if batch else None
         if self.async_scheduling:
@@ -199,14 +209,20 @@ class LLMEngine:
     def _launch(self, batch: ScheduledBatch, previous: InFlight | None,
                 outputs: list[RequestOutput]) -> InFlight | None:
         """Forward and sample `batch` (the device result is not waited for); a failure fails its requests."""
-        sample_rows = [i for i, (seq, count) in enumerate(batch.items)
-                       if seq.num_computed_tokens + count == seq.num_tokens]  # prompt done: sample
+        sample_rows = [i for i, (seq, count) in enumerate(batch.items)  # prompt done (drafts too): sample
+                       if seq.num_computed_tokens + count == seq.num_tokens + len(seq.spec_token_ids)]
         samples = [batch.items[i][0] for i in sample_rows]
+        drafts = [seq.spec_token_ids for seq in samples] if self.spec is not None else None
+        speculating = drafts is not None and any(drafts)
         try:
             pending = previous.pending_inputs() if previous is not None else None
-            logits = self.runner.run(batch.items, sample_rows, pending)
-            rows = [self._sampling_row(seq) for seq in samples]
-            bitmask = self._grammar_bitmask(samples)
+            logits = self.runner.run(batch.items, sample_rows, pending,
+                                     [1 + len(d) for d in drafts] if speculating else None)
+            if speculating:
+                rows, row_seqs = self._verified_rows(samples, drafts)
+            else:
+                rows, row_seqs = [self._sampling_row(seq) for seq in samples], samples
+            bitmask = self._grammar_bitmask(row_seqs)
             result = self.sampler(logits, rows, token_bitmask=bitmask) if rows else None
         except ParallelGroupError:  # a rank is gone: no later step can run either (AsyncEngine stops)
             raise
@@ -219,10 +235,30 @@ class LLMEngine:
         self.scheduler.after_step(batch)
         for seq in samples:
             seq.num_in_flight += 1
+        if speculating:
+            for seq, _ in batch.items:
+                seq.spec_token_ids = []
+            return InFlight(samples, result, drafts)
         return InFlight(samples, result)
+
+    def _verified_rows(self, samples: list[Sample], drafts: list[list[int]]) -> tuple[list[SamplingRow], list[Sample]]:
+        """Sampler rows for each sample's position and its drafts' (min_tokens bans counted per position)."""
+        rows, row_seqs = [], []
+        for seq, draft in zip(samples, drafts):
+            row = self._sampling_row(seq)
+            rows.append(row)
+            row_seqs.append(seq)
+            generated = len(seq.output_token_ids)
+            for j in range(1, len(draft) + 1):
+                banned = tuple(seq.stop_token_ids) if generated + j < seq.params.min_tokens else ()
+                rows.append(row if banned == row.banned_token_ids else dataclasses.replace(row, banned_token_ids=banned))
+                row_seqs.append(seq)
+        return rows, row_seqs
 
     def _complete(self, launched: InFlight) -> list[RequestOutput]:
         """Append the batch's tokens (the step's one wait on the device), apply the token rules, emit deltas."""
+        if launched.drafts is not None:
+            return self._complete_verified(launched)
         token_ids = launched.result.token_ids if launched.result is not None else []
         samples, rows = [], []
         for row, (seq, token) in enumerate(zip(launched.samples, token_ids)):
@@ -235,6 +271,35 @@ class LLMEngine:
         touched, stopped = self.outputs.add_tokens(self.requests, samples, rows, launched.result)
         for seq in stopped:
             self._retire(seq)
+        return self._emit(touched)
+
+    def _complete_verified(self, launched: InFlight) -> list[RequestOutput]:
+        """Speculative decoding: each sample emits its accepted drafts and one drawn token, one at a time through
+        the token rules (a stop drops what follows it), then forgets the rejected drafts' KV."""
+        token_ids = launched.result.token_ids
+        touched: dict[str, Request] = {}
+        row = 0
+        for seq, draft in zip(launched.samples, launched.drafts):
+            first, row = row, row + 1 + len(draft)
+            seq.num_in_flight -= 1
+            if seq.finished:
+                continue
+            emitted = accepted_tokens(draft, token_ids[first:row])
+            if draft:
+                self.spec.observe(seq, len(draft), len(emitted) - 1)
+            for j, token in enumerate(emitted):
+                self._append_token(seq, token)
+                changed, stopped = self.outputs.add_tokens(self.requests, [seq], [first + j], launched.result)
+                touched.update((r.request_id, r) for r in changed)
+                for stopped_seq in stopped:
+                    self._retire(stopped_seq)
+                if seq.finish_reason is not None:
+                    break
+            if draft and not seq.finished:
+                self.scheduler.rollback(seq)
+        return self._emit(list(touched.values()))
+
+    def _emit(self, touched: list[Request]) -> list[RequestOutput]:
         outputs = [self.outputs.output(r) for r in touched]
         for output in outputs:
             if output.finished:
@@ -280,6 +345,8 @@ class LLMEngine:
             self.scheduler.remove(seq)
         self.sampler.release(seq)
         self.runner.release(seq)
+        if self.spec is not None:
+            self.spec.release(seq)
 
     def _fail(self, request: Request, error: str | None) -> RequestOutput:
         for seq in request.samples:
@@ -305,6 +372,7 @@ class LLMEngine:
             "generation_tokens_total": self.generation_tokens_total,
             "model_load_seconds": self.load_seconds,
             "tensor_parallel_size": self.tensor_parallel_size,
+            **(self.spec.stats.as_dict() if self.spec is not None else {}),
         }
 
     @property

@@ -89,7 +89,7 @@ class InputBuffers:
         self.slot_mapping = pair((max_tokens,), torch.int64)
         self.seq_lens = pair((max_seqs,), torch.int32)
         self.query_start_loc = pair((max_seqs + 1,), torch.int32)
-        self.logits_indices = pair((max_seqs,), torch.int64)
+        self.logits_indices = pair((max_tokens,), torch.int64)  # speculative decoding: several per sequence
         # Device only: each step gathers its rows from BlockTableRows' device table (CUDA graphs read this buffer).
         self.block_tables = torch.zeros((max_seqs, max_blocks), dtype=torch.int32, device=device)
         self.table_rows = pair((max_seqs,), torch.int64)  # each batch row's row of BlockTableRows
@@ -202,10 +202,12 @@ class ModelRunner:
         self.rows.release(seq)
 
     def prepare(self, items: list[tuple[Sample, int]], sample_rows: list[int],
-                pending: PendingTokens | None = None) -> StepInputs:
+                pending: PendingTokens | None = None, logits_per_row: list[int] | None = None) -> StepInputs:
         """Fill the buffers for `(sequence, new tokens)` pairs; logits for the `sample_rows` items.
 
         A decode whose input token is still in flight (async scheduling) reads it from `pending` on the device.
+        `logits_per_row[i]` asks for the logits of the last that many tokens of `sample_rows[i]` (speculative
+        decoding verifies each draft position); None: of its last token.
         """
         b, bs = self.buffers, self.block_size
         b.reusable()
@@ -232,7 +234,10 @@ class ModelRunner:
                 if decode_ids:
                     ids[offset - len(decode_ids):offset] = decode_ids
                     decode_ids = []
-                ids[offset:offset + count] = seq.token_slice(begin, begin + count)
+                tokens = seq.token_slice(begin, begin + count)
+                if len(tokens) < count:  # speculative decoding: the drafts follow the last known token
+                    tokens += seq.spec_token_ids[:count - len(tokens)]
+                ids[offset:offset + count] = tokens
             offset += count
         if decode_ids:
             ids[offset - len(decode_ids):offset] = decode_ids
@@ -262,9 +267,15 @@ class ModelRunner:
             rows_out = tokens_out = bucket
             b.logits_indices[1][:bucket] = np.arange(bucket)
             num_logits = bucket
-        else:
+        elif logits_per_row is None:
             b.logits_indices[1][:len(sample_rows)] = starts[np.asarray(sample_rows, dtype=np.int64) + 1] - 1
             num_logits = len(sample_rows)
+        else:  # each sampled item's last `logits_per_row[i]` tokens
+            widths = np.asarray(logits_per_row, dtype=np.int64)
+            num_logits = int(widths.sum())
+            firsts = starts[np.asarray(sample_rows, dtype=np.int64) + 1] - widths
+            within = np.arange(num_logits) - np.repeat(np.cumsum(widths) - widths, widths)
+            b.logits_indices[1][:num_logits] = np.repeat(firsts, widths) + within
         b.table_rows[1][:num_seqs] = rows
         self.rows.upload_written()
         table_rows = b.upload(b.table_rows, rows_out)
@@ -286,7 +297,8 @@ class ModelRunner:
         if in_flight_at:
             input_ids[upload(in_flight_at, torch.long, self.device)] = \
                 pending.token_ids[upload(in_flight_rows, torch.long, self.device)]
-        inputs = StepInputs(input_ids, b.upload(b.positions, tokens_out), metadata, len(sample_rows), bucket)
+        num_sampled = len(sample_rows) if logits_per_row is None else num_logits
+        inputs = StepInputs(input_ids, b.upload(b.positions, tokens_out), metadata, num_sampled, bucket)
         b.uploads_queued()
         return inputs
 
@@ -298,9 +310,9 @@ class ModelRunner:
 
     @torch.no_grad()  # not inference_mode: the sampler edits the logits in place
     def run(self, items: list[tuple[Sample, int]], sample_rows: list[int],
-            pending: PendingTokens | None = None) -> torch.Tensor:
-        """Logits `[len(sample_rows), vocab]` (float32) for the chosen items' last new token."""
-        return self.forward(self.prepare(items, sample_rows, pending))
+            pending: PendingTokens | None = None, logits_per_row: list[int] | None = None) -> torch.Tensor:
+        """Logits (float32) for the chosen items' last new token, or their last `logits_per_row[i]` tokens."""
+        return self.forward(self.prepare(items, sample_rows, pending, logits_per_row))
 
     @torch.no_grad()
     def forward(self, inputs: StepInputs) -> torch.Tensor:

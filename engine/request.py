@@ -53,6 +53,7 @@ class Sample:
     finish_reason: str | None = None  # "stop" | "length" | "abort" once it ended
     stop_reason: str | int | None = None  # the stop string or token id that ended it (an error message on abort)
     sampling_row: "SamplingRow | None" = None  # the sampler's view of it, made on its first sampled step
+    spec_token_ids: list[int] = field(default_factory=list)  # drafts this step verifies; not its tokens until accepted
 
     @property
     def token_ids(self) -> list[int]:

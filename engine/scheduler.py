@@ -10,6 +10,10 @@ Under async scheduling a sequence may have a token in flight (sampled on the dev
 back): it counts in `num_tokens`, so the sequence is scheduled as a decode whose input the runner
 reads on the device; a grammar-constrained sequence waits for it instead (its mask needs the token),
 and a preempted one is not readmitted until it lands.
+
+Speculative decoding: a decode's drafted tokens (`spec_token_ids`) are budgeted like prefill
+tokens, from what the step's other decodes leave and only with blocks no other decode needs, so
+drafts never cause a preemption; the step computes them all and `rollback` forgets the rejected ones.
 """
 
 from __future__ import annotations
@@ -83,14 +87,19 @@ class Scheduler:
         remaining = [(seq, seq.num_remaining) for seq in self.running]
         order = [item for item in remaining if item[1] <= 1] + [item for item in remaining if item[1] > 1]
         size = self.pool.block_size
+        decodes_after = sum(1 for _, count in order if count <= 1)
         for seq, count in order:
             if budget == 0:
                 break
+            if count <= 1:
+                decodes_after -= 1
             if seq.status is not SampleStatus.RUNNING:
                 continue  # preempted earlier in this loop
             if seq.num_in_flight and seq.grammar is not None:
                 continue  # async scheduling: a grammar needs the pending token before it can mask the next one
             count = min(count, budget)
+            if seq.spec_token_ids:
+                count += self._fit_drafts(seq, budget - count - decodes_after, decodes_after)
             if seq.num_computed_tokens + count <= len(seq.block_ids) * size:  # its blocks hold the new tokens
                 batch.items.append((seq, count))
                 budget -= count
@@ -132,6 +141,27 @@ class Scheduler:
             if caching and seq.num_computed_tokens >= (seq.num_committed_blocks + 1) * size:
                 self._commit_full_blocks(seq)
 
+    def rollback(self, seq: Sample) -> None:
+        """After verification: only the accepted tokens' KV counts; blocks past the sequence's tokens go back."""
+        seq.num_computed_tokens = seq.num_tokens - 1
+        keep = -(-seq.num_tokens // self.pool.block_size)
+        if len(seq.block_ids) > keep:
+            self.pool.free(seq.block_ids[keep:])
+            del seq.block_ids[keep:]
+            seq.block_table_version += 1  # the runner rewrites its row: later blocks may differ
+
+    def _fit_drafts(self, seq: Sample, spare_tokens: int, decodes_after: int) -> int:
+        """How many of `seq`'s drafts this step verifies (the rest are dropped): what the budget and the blocks
+        allow while every later decode still gets its token and, at worst, one new block."""
+        drafts = seq.spec_token_ids[:max(spare_tokens, 0)]
+        if drafts:
+            end = seq.num_computed_tokens + 1 + len(drafts)
+            needed = -(-end // self.pool.block_size) - len(seq.block_ids)
+            if needed > self.pool.num_free - decodes_after or not self._grow(seq, end):
+                drafts = []
+        seq.spec_token_ids = drafts
+        return len(drafts)
+
     def _admit(self, seq: Sample, budget: int) -> bool:
         lead = seq.lead
         if lead is not None and self.pool.enable_prefix_caching and not (lead.prompt_done or lead.finished):
@@ -166,6 +196,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sample) -> None:
         self.running.remove(seq)
+        seq.spec_token_ids = []
         self._release(seq)
         seq.status = SampleStatus.WAITING
         self.waiting.appendleft(seq)

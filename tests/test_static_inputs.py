@@ -69,8 +69,8 @@ def _run(kind: str, padded: bool, **config) -> tuple[dict[str, list[int]], list[
     engine.sampler = recorder
     padding, prepare = [], engine.runner.prepare
 
-    def prepare_and_note(items, sample_rows, pending=None):
-        inputs = prepare(items, sample_rows, pending)
+    def prepare_and_note(items, sample_rows, *rest):
+        inputs = prepare(items, sample_rows, *rest)
         padding.append((inputs.decode_bucket or len(items)) - len(items))
         return inputs
 

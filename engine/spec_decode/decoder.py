@@ -1,0 +1,74 @@
+"""Per step: which running sequences propose drafts and how many; afterwards, what was accepted.
+
+A sequence speculates when it is decoding (its prompt done, no token in flight), its tokens are
+its own to draw (no grammar, no penalties whose counts would have to see the drafts, no seeded
+sampling whose generator would have to rewind) and its back-off allows it; the whole step does
+not speculate when `disable_by_batch_size` sequences or more are running, where verifying costs
+more compute than the extra tokens save. Drafts never run past `max_tokens` or the context.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from engine.request import Sample
+from engine.spec_decode.adaptive import Backoff
+from engine.spec_decode.config import SpeculativeConfig
+from engine.spec_decode.ngram import NgramProposer
+from engine.spec_decode.stats import SpecDecodeStats
+from engine.spec_decode.suffix import SuffixProposer
+
+
+def make_proposer(config: SpeculativeConfig) -> NgramProposer | SuffixProposer:
+    if config.method == "ngram":
+        return NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
+    return SuffixProposer(config.suffix_decoding_max_tree_depth, config.suffix_decoding_max_cached_requests,
+                          config.suffix_decoding_max_spec_factor, config.suffix_decoding_min_token_prob)
+
+
+def may_speculate(seq: Sample) -> bool:
+    p = seq.params
+    if seq.grammar is not None or seq.num_in_flight or seq.num_remaining != 1:
+        return False
+    if p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
+        return False
+    return p.greedy or seq.generator is None
+
+
+class SpecDecoder:
+    def __init__(self, config: SpeculativeConfig, max_model_len: int) -> None:
+        self.config = config
+        self.max_model_len = max_model_len
+        self.proposer = make_proposer(config)
+        self.stats = SpecDecodeStats(config.num_speculative_tokens)
+        self.backoff: dict[Sample, Backoff] = {}
+
+    def propose(self, running: Sequence[Sample]) -> None:
+        """Set `spec_token_ids` of the running sequences that speculate this step."""
+        if len(running) >= self.config.disable_by_batch_size:
+            return
+        started = time.perf_counter()
+        k = self.config.num_speculative_tokens
+        for seq in running:
+            room = min(k, seq.max_tokens - len(seq.output_token_ids) - 1, self.max_model_len - seq.num_tokens)
+            if room <= 0 or not may_speculate(seq):
+                continue
+            backoff = self.backoff.get(seq)
+            if backoff is None:
+                backoff = self.backoff[seq] = Backoff()
+            if backoff.ready():
+                seq.spec_token_ids = self.proposer.propose(seq, seq, room)
+        self.stats.propose_seconds += time.perf_counter() - started
+
+    def observe(self, seq: Sample, num_drafted: int, num_accepted: int) -> None:
+        """Record a verified step of `seq`: `num_accepted` of its `num_drafted` drafts were kept."""
+        self.stats.observe(num_drafted, num_accepted)
+        backoff = self.backoff.get(seq)
+        if backoff is not None:
+            backoff.observe(num_drafted, num_accepted)
+
+    def release(self, seq: Sample) -> None:
+        """A finished sequence: its proposer state goes (its output may join a global cache)."""
+        self.backoff.pop(seq, None)
+        self.proposer.release(seq, seq.output_token_ids)

@@ -1,0 +1,179 @@
+"""Speculative decoding changes how many tokens a step yields, never which ones (or their distribution).
+
+The tiny Llama with its real tokenizer runs the async-scheduling feature matrix with and without
+speculation: greedy rows must come out identical (and equal to transformers' own greedy decode),
+rows that do not speculate (seeded sampling, penalties, grammars) identical too, every block back.
+A fake paged model, whose logits are read back through the KV cache, checks rollback under random
+accept/reject patterns, preemption and aborts; a 3-token vocabulary checks the sampled distribution.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engine.config import ConfigError, EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestAccumulator
+from engine.sampling_params import SamplingParams
+from engine.structured.spec import StructuredOutput
+from tests.engine_testing import assert_idle, make_engine, reference_greedy, run_to_completion
+from tests.fake_model import FakeModel, IdTokenizer
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+SUFFIX = {"method": "suffix", "num_speculative_tokens": 4}
+
+PROMPTS = ["The quick brown fox", "Hello there", "Paged attention keeps the key value cache in blocks.",
+           "Hello there, general", "A", "Numbers: 1 2 3 4 5 6 7 8 9 10 11 12", "one two one two one two",
+           "abc abc abc abc"]
+
+
+def _requests(tokenizer) -> list[tuple[str, SamplingParams]]:
+    some_token = tokenizer.encode("the", add_special_tokens=False)[0]
+    params = [
+        SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=2),
+        SamplingParams(temperature=1.0, seed=7, n=2, max_tokens=8, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=16, stop=["e", "th"], n=2),
+        SamplingParams(temperature=0, max_tokens=12, min_tokens=4, stop_token_ids=[some_token]),
+        SamplingParams(temperature=0.9, seed=3, repetition_penalty=1.3, frequency_penalty=0.4, max_tokens=7,
+                       logprobs=2, ignore_eos=True),
+        SamplingParams(temperature=1.0, seed=5, max_tokens=14,
+                       structured=StructuredOutput.from_schema({"type": "object", "properties": {
+                           "a": {"type": "integer"}}, "required": ["a"]})),
+        SamplingParams(temperature=0, max_tokens=25, min_tokens=20),
+        SamplingParams(temperature=0, max_tokens=7, ignore_eos=True, presence_penalty=0.5),
+    ]
+    return list(zip(PROMPTS, params))
+
+
+def _run(spec: dict | None, **config) -> tuple[dict, LLMEngine]:
+    engine = make_engine(speculative_config=spec, **config)
+    for i, (prompt, params) in enumerate(_requests(engine.tokenizer)):
+        engine.add_request(str(i), prompt, params)
+    results = run_to_completion(engine)
+    assert_idle(engine)
+    return {rid: [(o.text, o.token_ids, o.finish_reason, o.stop_reason,
+                   [(lp.token_id, round(lp.logprob, 4)) for lp in o.logprobs or []]) for o in out.outputs]
+            for rid, out in results.items()}, engine
+
+
+@pytest.mark.parametrize("spec", [NGRAM, SUFFIX], ids=["ngram", "suffix"])
+@pytest.mark.parametrize("config", [
+    dict(),
+    dict(max_num_batched_tokens=8),  # chunked prefill, drafts squeezed by the budget
+    dict(num_blocks=16, block_size=4, enable_prefix_caching=False, max_num_seqs=8),  # preemption
+    dict(num_blocks=40, block_size=4, max_num_seqs=3),  # prefix caching, a waiting queue
+], ids=["plain", "chunked", "preempting", "queued"])
+def test_speculation_gives_the_same_outputs(spec, config):
+    plain, _ = _run(None, **config)
+    speculative, engine = _run(spec, **config)
+    assert speculative == plain
+    stats = engine.spec.stats
+    assert stats.num_accepted_tokens > 0 and stats.num_draft_tokens > stats.num_accepted_tokens
+
+
+def test_greedy_speculation_matches_transformers():
+    engine = make_engine(speculative_config=NGRAM)
+    prompt = engine.tokenizer.encode("one two one two one two")
+    engine.add_request("r", prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    result = run_to_completion(engine)["r"]
+    assert result.outputs[0].token_ids == reference_greedy(tuple(prompt), 24)
+    assert engine.spec.stats.num_accepted_tokens > 0
+    assert_idle(engine)
+
+
+def test_async_scheduling_is_refused_with_speculation():
+    with pytest.raises(ConfigError, match="synchronous scheduling"):
+        EngineConfig(speculative_config=NGRAM, async_scheduling=True)
+    assert EngineConfig(speculative_config='{"method": "suffix"}').speculative_config.method == "suffix"
+
+
+def wobbly(context: list[int], vocab: int) -> int:
+    """Mostly a function of the last two tokens (n-gram drafts often right), sometimes of the position."""
+    return (context[-1] + (context[-2] if len(context) > 1 else 0) + (len(context) % 7 == 0)) % vocab
+
+
+def expected(prompt: list[int], max_tokens: int, vocab: int) -> list[int]:
+    context = list(prompt)
+    for _ in range(max_tokens):
+        context.append(wobbly(context, vocab))
+    return context[len(prompt):]
+
+
+traffic = st.lists(st.tuples(st.lists(st.integers(0, 4), min_size=1, max_size=20), st.integers(1, 16),
+                             st.integers(0, 6), st.booleans()), min_size=1, max_size=8)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(traffic, st.integers(8, 24), st.sampled_from([2, 4]), st.integers(1, 5), st.integers(4, 40), st.booleans(),
+       st.sampled_from([NGRAM, SUFFIX]))
+def test_rollback_under_random_traffic(reqs, num_blocks, block_size, max_seqs, budget, prefix, spec):
+    """Every accept/reject pattern the traffic makes: the fake model reads its context back through the block
+    tables, so a draft's KV left behind, a stale block-table row or a wrong computed count changes the tokens."""
+    config = EngineConfig(block_size=block_size, max_num_seqs=max_seqs, max_num_batched_tokens=budget,
+                          enable_prefix_caching=prefix, speculative_config=spec)
+    max_len = min(num_blocks * block_size, 36)
+    engine = LLMEngine(FakeModel(5, wobbly), IdTokenizer(), config, max_model_len=max_len, num_blocks=num_blocks)
+    pending = [(i, r) for i, r in enumerate(reqs) if len(r[0]) < max_len]
+    merged, finals, step = {}, {}, 0
+    while pending or engine.has_unfinished():
+        for i, (prompt, max_tokens, arrive, abort) in list(pending):
+            if arrive <= step:
+                pending.remove((i, (prompt, max_tokens, arrive, abort)))
+                engine.add_request(str(i), prompt, SamplingParams(
+                    temperature=0, max_tokens=min(max_tokens, max_len - len(prompt)), ignore_eos=True))
+        for out in engine.step():
+            merged.setdefault(out.request_id, RequestAccumulator()).add(out)
+            if out.finished:
+                finals[out.request_id] = merged[out.request_id].result(out.request_id)
+        step += 1
+        for i, (prompt, _, arrive, abort) in enumerate(reqs):
+            if abort and arrive + 3 == step and str(i) in engine.requests:
+                finals[str(i)] = engine.abort(str(i))
+                reqs[i] = (prompt, 0, arrive, abort)
+        assert len({b for s in engine.scheduler.running for b in s.block_ids}) <= engine.pool.num_used
+        assert step < 2000
+    for i, (prompt, max_tokens, arrive, abort) in enumerate(reqs):
+        if str(i) in finals and max_tokens:
+            want = expected(prompt, min(max_tokens, max_len - len(prompt)), 5)
+            assert merged[str(i)].result(str(i)).outputs[0].token_ids == want
+    assert_idle(engine)
+
+
+def test_sampled_distribution_is_the_targets():
+    """Chi-square over all 27 three-token outputs of a 3-token vocabulary at temperature 1, against the exact
+    probabilities of the fake model's logits (one-hot 1.0: the predicted token e/(e+2), the others 1/(e+2)).
+    The prompt repeats, so the n-gram proposer drafts at every decode step and both rejection and acceptance
+    happen. df = 26: the statistic exceeds 54.1 with probability 0.001 if the distribution is right."""
+    vocab, prompt, num_requests = 3, [0, 1, 2, 0, 1, 2, 0, 1], 1500
+
+    def predict(context: list[int], vocab_size: int) -> int:
+        return (context[-1] + 1) % vocab_size if context[-2] != context[-1] else 0
+
+    spec = {**NGRAM, "num_speculative_tokens": 2, "disable_by_batch_size": 10_000}
+    engine = LLMEngine(FakeModel(vocab, predict), IdTokenizer(), EngineConfig(block_size=4, seed=11,
+                       speculative_config=spec, max_num_seqs=256), max_model_len=16, num_blocks=1200)
+    params = SamplingParams(temperature=1.0, max_tokens=3, ignore_eos=True)
+    for i in range(num_requests):
+        engine.add_request(str(i), prompt, params)
+    results = run_to_completion(engine)
+    counts = Counter(tuple(r.outputs[0].token_ids) for r in results.values())
+    high, low = math.e / (math.e + 2), 1 / (math.e + 2)
+    chi_square = 0.0
+    for a in range(vocab):
+        for b in range(vocab):
+            for c in range(vocab):
+                context, p = list(prompt), 1.0
+                for token in (a, b, c):
+                    p *= high if token == predict(context, vocab) else low
+                    context.append(token)
+                expected_count = num_requests * p
+                chi_square += (counts[(a, b, c)] - expected_count) ** 2 / expected_count
+    stats = engine.spec.stats
+    assert stats.num_draft_tokens > num_requests // 2 and 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+    assert chi_square < 54.1, (chi_square, counts)
+    assert_idle(engine)
