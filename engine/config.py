@@ -6,13 +6,9 @@ import dataclasses
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from engine.errors import MinervaError
-
-
-class ConfigError(MinervaError, ValueError):
-    """A config file or setting is malformed; the message names the file and key."""
+from engine.errors import ConfigError
+from engine.spec_decode.config import SpeculativeConfig
 
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -44,7 +40,7 @@ class EngineConfig:
     enforce_eager: bool = False  # CUDA: never capture or replay CUDA graphs
     async_scheduling: bool | None = None  # launch step N+1 before reading step N's tokens; None = on CUDA, one rank
     mxfp4_unpack_gib: float = 4.0  # CPU torch ops: dense MXFP4 experts made once at load if the model fits (0 = packed)
-    speculative_config: Any = None  # vLLM's JSON shape (text or table), kept as engine.spec_decode SpeculativeConfig
+    speculative_config: SpeculativeConfig | str | dict | None = None  # vLLM's JSON shape (text or table): parsed
 
     def __post_init__(self) -> None:
         positive = ("block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size",
@@ -61,8 +57,6 @@ class EngineConfig:
         if self.kv_cache_gib is not None and self.kv_cache_gib <= 0:
             raise ConfigError(f"kv_cache_gib must be positive, got {self.kv_cache_gib}")
         if self.speculative_config is not None:
-            from engine.spec_decode.config import SpeculativeConfig
-
             self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
             if self.async_scheduling:
                 raise ConfigError("speculative decoding needs synchronous scheduling (its drafts extend the tokens "

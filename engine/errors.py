@@ -12,3 +12,7 @@ from __future__ import annotations
 
 class MinervaError(Exception):
     """A problem with the user's input (a file, a setting, a request); the message says what and how to fix it."""
+
+
+class ConfigError(MinervaError, ValueError):
+    """A config file or setting is malformed; the message names the file and key."""

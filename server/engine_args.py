@@ -63,6 +63,10 @@ ENGINE_FLAGS: dict[str, tuple[dict[str, Any], str]] = {
     "async_scheduling": ({"action": argparse.BooleanOptionalAction},
                          "launch each step before the previous step's tokens are read back, so host work overlaps "
                          "the device (default: on for one CUDA device; structured-output requests opt out)"),
+    "speculative_config": ({"metavar": "JSON"},
+                           "speculative decoding without a second model, in vLLM's shape: "
+                           "'{\"method\": \"ngram\"|\"suffix\", \"num_speculative_tokens\": 5, ...}' "
+                           "(engine/spec_decode/config.py lists the fields; needs synchronous scheduling)"),
     "mxfp4_unpack_gib": ({"type": float, "metavar": "GIB"},
                          "on CPU with the torch ops: dequantize MXFP4 experts once at load when the model fits "
                          "this many GiB dense (0: keep them packed)"),
