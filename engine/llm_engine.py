@@ -287,6 +287,8 @@ class LLMEngine:
             emitted = accepted_tokens(draft, token_ids[first:row])
             if draft:
                 self.spec.observe(seq, len(draft), len(emitted) - 1)
+                seq.num_draft_tokens += len(draft)
+                seq.num_accepted_tokens += len(emitted) - 1
             for j, token in enumerate(emitted):
                 self._append_token(seq, token)
                 changed, stopped = self.outputs.add_tokens(self.requests, [seq], [first + j], launched.result)

@@ -69,4 +69,9 @@ class OutputProcessor:
                                            seq.stop_reason, len(seq.output_token_ids)))
         samples = request.samples
         cached = samples[0].num_cached_tokens if len(samples) == 1 else min(s.num_cached_tokens for s in samples)
-        return RequestOutput(request.request_id, request.prompt_token_ids, deltas, request.finished, cached)
+        drafted = accepted = 0
+        for seq in samples:
+            drafted += seq.num_draft_tokens
+            accepted += seq.num_accepted_tokens
+        return RequestOutput(request.request_id, request.prompt_token_ids, deltas, request.finished, cached,
+                             drafted, accepted)

@@ -46,6 +46,8 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool  # every sample has finished; no output of this request follows
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    num_draft_tokens: int = 0  # speculative decoding, all samples so far: drafted tokens verified
+    num_accepted_tokens: int = 0  # ... and accepted
 
 
 class RequestAccumulator:

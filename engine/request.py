@@ -54,6 +54,8 @@ class Sample:
     stop_reason: str | int | None = None  # the stop string or token id that ended it (an error message on abort)
     sampling_row: "SamplingRow | None" = None  # the sampler's view of it, made on its first sampled step
     spec_token_ids: list[int] = field(default_factory=list)  # drafts this step verifies; not its tokens until accepted
+    num_draft_tokens: int = 0  # speculative decoding: drafts verified for it so far
+    num_accepted_tokens: int = 0  # ... and accepted
 
     @property
     def token_ids(self) -> list[int]:

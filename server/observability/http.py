@@ -43,6 +43,9 @@ def log_fields(scope: Scope, record: RequestRecord, status: int, latency: float,
     if record.generated:
         fields.update(model=record.model, prompt_tokens=record.prompt_tokens,
                       completion_tokens=record.completion_tokens)
+        drafted, accepted = record.spec_tokens
+        if drafted:
+            fields.update(spec_draft_tokens=drafted, spec_accepted_tokens=accepted)
         if record.first_token_at is not None:
             fields["ttft_ms"] = round((record.first_token_at - record.started) * 1000, 2)
     if record.error is not None:

@@ -32,6 +32,20 @@ _ENGINE_STATS = {
     "prompt_tokens_total": ("minerva_prompt_tokens", "Prompt tokens taken in", "counter"),
     "generation_tokens_total": ("minerva_generation_tokens", "Tokens generated", "counter"),
     "model_load_seconds": ("minerva_model_load_seconds", "Seconds the model took to load", "gauge"),
+    # speculative decoding (vLLM's spec_decode_* names); absent when it is off
+    "spec_decode_num_drafts": ("minerva_spec_decode_num_drafts", "Sequence-steps that verified drafted tokens", "counter"),
+    "spec_decode_num_draft_tokens": ("minerva_spec_decode_num_draft_tokens", "Drafted tokens verified", "counter"),
+    "spec_decode_num_accepted_tokens": ("minerva_spec_decode_num_accepted_tokens", "Drafted tokens accepted", "counter"),
+    "spec_decode_acceptance_rate": ("minerva_spec_decode_acceptance_rate", "Accepted / drafted tokens", "gauge"),
+    "spec_decode_mean_acceptance_length": ("minerva_spec_decode_mean_acceptance_length",
+                                           "Tokens emitted per verified sequence-step (accepted drafts + 1)", "gauge"),
+    "spec_decode_propose_seconds": ("minerva_spec_decode_propose_seconds", "Host time spent proposing drafts",
+                                    "counter"),
+}
+# engine.stats() key holding one value per draft position -> (metric name, help); labelled by position
+_ENGINE_PER_POSITION = {
+    "spec_decode_num_accepted_tokens_per_pos": ("minerva_spec_decode_num_accepted_tokens_per_pos",
+                                                "Drafted tokens accepted at each draft position"),
 }
 
 StatsSource = Callable[[], Mapping[str, Mapping[str, Any]]]
@@ -54,6 +68,12 @@ class EngineCollector(Collector):
             for model, stats in per_model.items():
                 if key in stats:
                     family.add_metric([model], float(stats[key]))
+            yield family
+        for key, (name, help_text) in _ENGINE_PER_POSITION.items():
+            family = CounterMetricFamily(name, help_text, labels=["model", "position"])
+            for model, stats in per_model.items():
+                for position, value in enumerate(stats.get(key, ())):
+                    family.add_metric([model, str(position)], float(value))
             yield family
 
 

@@ -31,6 +31,7 @@ class RequestRecord:
     _prompt_tokens: dict[int, int] = field(default_factory=dict)
     _completion_tokens: dict[tuple[int, int], int] = field(default_factory=dict)  # by (prompt, sample)
     longest_sample: int = 0  # tokens of the longest sample: samples decode side by side
+    _spec_tokens: dict[int, tuple[int, int]] = field(default_factory=dict)  # by prompt: (drafted, accepted)
     error: dict[str, str] | None = None  # a refused request's error code and message, for the request log
 
     @property
@@ -42,12 +43,19 @@ class RequestRecord:
         return sum(self._completion_tokens.values())
 
     @property
+    def spec_tokens(self) -> tuple[int, int]:
+        """Speculative decoding: drafted tokens verified and accepted, over all prompts and samples."""
+        return sum(d for d, _ in self._spec_tokens.values()), sum(a for _, a in self._spec_tokens.values())
+
+    @property
     def generated(self) -> bool:
         return self.model is not None and bool(self._prompt_tokens)
 
     def observe(self, prompt_index: int, output: RequestOutput) -> None:
         """Count the tokens of one engine output (a delta: each sample reports its running total)."""
         self._prompt_tokens[prompt_index] = len(output.prompt_token_ids)
+        if output.num_draft_tokens:
+            self._spec_tokens[prompt_index] = (output.num_draft_tokens, output.num_accepted_tokens)
         for sample in output.outputs:
             self._completion_tokens[prompt_index, sample.index] = sample.num_generated
         self.longest_sample = max([self.longest_sample, *(sample.num_generated for sample in output.outputs)])
