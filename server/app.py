@@ -4,7 +4,7 @@ Around the routes, outermost first: the request id, observability (metrics and
 the JSON request log, for every request, refused ones too), the guard (API keys,
 rates, concurrency: nobody unauthenticated gets a body buffered), then the body
 size cap; with --allowed-origins, CORS outside them all. Every error leaves in OpenAI's
-shape. The engines are started and shut down with the app's lifespan.
+shape (in Anthropic's under /v1/messages). The engines are started and shut down with the app's lifespan.
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from engine.client import EngineClient
-from server import chat, completions, info_routes, tokenize_routes
+from server import chat, completions, info_routes, messages, tokenize_routes
 from server.errors import install_error_handlers
 from server.guard.http import BodySizeLimit, GuardMiddleware
 from server.guard.keys import ApiKeys
 from server.guard.rate_limit import Admission
+from server.messages.errors import anthropic_error_body
 from server.observability.http import ObservabilityMiddleware
 from server.observability.metrics import Metrics
 from server.request_id import RequestIdMiddleware
@@ -57,11 +58,13 @@ def create_app(engines: dict[str, EngineClient], settings: ServerSettings | None
     app.state.admission = Admission(settings.rate_limits)
     app.state.metrics = Metrics(lambda: {m.name: m.engine.stats() for m in models})
     app.state.weight_profiles = {}
+    app.state.error_shapes = {"/v1/messages": anthropic_error_body}  # Anthropic's clients read Anthropic's errors
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.request_limits.max_body_bytes)
     app.add_middleware(GuardMiddleware, keys=ApiKeys(settings.api_keys), admission=app.state.admission,
                        protect_metrics=settings.protect_metrics)  # before any body is read
-    routers = (info_routes.public_router, info_routes.router, completions.router, chat.router, tokenize_routes.router)
+    routers = (info_routes.public_router, info_routes.router, completions.router, chat.router, messages.router,
+               tokenize_routes.router)
     app.add_middleware(ObservabilityMiddleware, metrics=app.state.metrics,
                        routes=[route for router in routers for route in router.routes], log_prompts=settings.log_prompts)
     app.add_middleware(RequestIdMiddleware)

@@ -1,4 +1,5 @@
-"""Every error leaves the server in OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+"""Every error leaves the server in OpenAI's shape: {"error": {"message", "type", "param", "code"}}, or in
+the shape of the protocol its path belongs to (the app's `error_shapes`, e.g. Anthropic's under /v1/messages).
 
 FastAPI's own 422 body and Starlette's plain-text errors never reach a client:
 validation problems become 400s naming the field, unexpected exceptions become
@@ -8,7 +9,9 @@ validation problems become 400s naming the field, unexpected exceptions become
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from http import HTTPStatus
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -50,6 +53,9 @@ class APIError(Exception):
         self.type = type or ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
 
+ErrorShape = Callable[["APIError", str], dict[str, Any]]  # (error, its message made encodable) -> the body
+
+
 class ClientDisconnected(Exception):
     """The client went away before its response was complete; its engine requests are already aborted."""
 
@@ -65,16 +71,27 @@ def engine_unavailable(exc: EngineDeadError) -> APIError:
 
 def error_body(message: str, type: str, param: str | None = None, code: str | int | None = None) -> dict:
     """Messages may quote client input; lone surrogates in it would make the JSON unencodable."""
-    return {"error": {"message": _encodable(message), "type": type, "param": _encodable(param), "code": code}}
+    return {"error": {"message": encodable(message), "type": type, "param": encodable(param), "code": code}}
 
 
-def _encodable(text: str | None) -> str | None:
+def encodable(text: str | None) -> str | None:
     return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def protocol_shape(scope: Scope | None) -> ErrorShape | None:
+    """The error shape of the protocol whose path prefix the request is under (None: OpenAI's)."""
+    app = scope.get("app") if scope is not None else None
+    shapes: dict[str, ErrorShape] = getattr(getattr(app, "state", None), "error_shapes", None) or {}
+    path = scope.get("path", "") if scope is not None else ""
+    return next((shape for prefix, shape in shapes.items() if path == prefix or path.startswith(prefix + "/")), None)
+
+
 def error_response(error: APIError, headers: dict[str, str] | None = None, scope: Scope | None = None) -> JSONResponse:
-    """The error as OpenAI's JSON; with the request's `scope` its code and message also go into the request log."""
-    body = error_body(error.message, error.type, error.param, error.code)
+    """The error in its protocol's shape; with the request's `scope` its code and message also go into the request
+    log."""
+    shape = protocol_shape(scope)
+    body = shape(error, encodable(error.message)) if shape else error_body(error.message, error.type, error.param,
+                                                                             error.code)
     if scope is not None:
         record_in(scope).error = {"code": error.code or error.type, "message": body["error"]["message"]}
     return JSONResponse(body, status_code=error.status, headers={**error.headers, **(headers or {})})

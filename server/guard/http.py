@@ -15,7 +15,7 @@ from server.guard.keys import ApiKeys, AuthError
 from server.guard.rate_limit import Admission, OverloadedError, RateLimitError
 from server.observability.request_record import record_in, record_of
 
-GENERATION_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions"})
+GENERATION_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/messages"})
 TOKENIZER_ROUTES = frozenset({"/tokenize", "/detokenize"})  # outside /v1 as in vLLM, guarded all the same
 
 
@@ -43,9 +43,11 @@ class GuardMiddleware:
             return
         record = record_in(scope)
         if self.keys.enabled:
-            authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1") or None
+            headers = dict(scope["headers"])
+            authorization = headers.get(b"authorization", b"").decode("latin-1") or None
+            api_key = headers.get(b"x-api-key", b"").decode("latin-1") or None  # Anthropic's clients send this
             try:
-                record.key_id = self.keys.authenticate(authorization)
+                record.key_id = self.keys.authenticate(authorization, api_key)
             except AuthError as exc:
                 await send_api_error(APIError(401, str(exc), code="invalid_api_key"), scope, receive, send)
                 return

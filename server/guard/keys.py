@@ -1,4 +1,5 @@
-"""API keys: `Authorization: Bearer <key>` checked in constant time against every known key."""
+"""API keys: `Authorization: Bearer <key>` (or Anthropic's `x-api-key: <key>`) checked in constant time against
+every known key."""
 
 from __future__ import annotations
 
@@ -42,18 +43,21 @@ class ApiKeys:
     def enabled(self) -> bool:
         return bool(self._digests)
 
-    def authenticate(self, authorization: str | None) -> str:
-        """Return the key id of a valid `Bearer` header; raise AuthError otherwise.
+    def authenticate(self, authorization: str | None, api_key: str | None = None) -> str:
+        """Return the key id of a valid `Bearer` header (else of the `x-api-key` header); raise AuthError otherwise.
 
         Every known key is compared (through fixed-length digests, with
         hmac.compare_digest) so the time taken tells nothing about which key was near.
         """
-        if not authorization:
-            raise AuthError("Missing API key: send 'Authorization: Bearer <key>'.")
-        scheme, _, token = authorization.partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token or " " in token:
-            raise AuthError("Malformed Authorization header: expected 'Bearer <key>'.")
+        if not authorization and not api_key:
+            raise AuthError("Missing API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>').")
+        if authorization:
+            scheme, _, token = authorization.partition(" ")
+            token = token.strip()
+            if scheme.lower() != "bearer" or not token or " " in token:
+                raise AuthError("Malformed Authorization header: expected 'Bearer <key>'.")
+        else:
+            token = (api_key or "").strip()
         digest = hashlib.sha256(token.encode()).digest()
         match = None
         for known, kid in self._digests:

@@ -17,18 +17,28 @@ def _too_many(param: str, what: str, count: int, cap: int) -> APIError:
                     code="limit_exceeded")
 
 
+def check_stops(stops: list[str], param: str, limits: RequestLimits, *, single: bool = False) -> None:
+    """Stop sequences (OpenAI's `stop`, Anthropic's `stop_sequences`) within the count and length caps;
+    `single`: the client sent one string, named without an index."""
+    if len(stops) > limits.max_stop:
+        raise _too_many(param, "stop sequences", len(stops), limits.max_stop)
+    for index, stop in enumerate(stops):
+        if len(stop) > limits.max_stop_length:
+            where = param if single else f"{param}.{index}"
+            raise APIError(400, f"{where}: a stop sequence of {len(stop)} characters exceeds this server's limit "
+                                f"of {limits.max_stop_length}", param=where, code="limit_exceeded")
+
+
+def check_message_count(count: int, limits: RequestLimits) -> None:
+    if count > limits.max_messages:
+        raise _too_many("messages", "messages", count, limits.max_messages)
+
+
 def check_request_limits(body: SamplingFields, limits: RequestLimits) -> None:
     """Raise a 400 for the first field over its cap."""
     if body.n > limits.max_n:  # best_of is n or refused (server/protocol.py), so this caps it too
         raise _too_many("n", "choices", body.n, limits.max_n)
-    stops = body.stop_sequences
-    if len(stops) > limits.max_stop:
-        raise _too_many("stop", "stop sequences", len(stops), limits.max_stop)
-    for index, stop in enumerate(stops):
-        if len(stop) > limits.max_stop_length:
-            param = "stop" if isinstance(body.stop, str) else f"stop.{index}"
-            raise APIError(400, f"{param}: a stop sequence of {len(stop)} characters exceeds this server's limit "
-                                f"of {limits.max_stop_length}", param=param, code="limit_exceeded")
+    check_stops(body.stop_sequences, "stop", limits, single=isinstance(body.stop, str))
     if body.stop_token_ids and len(body.stop_token_ids) > limits.max_stop_token_ids:
         raise _too_many("stop_token_ids", "stop token ids", len(body.stop_token_ids), limits.max_stop_token_ids)
     if isinstance(body, CompletionRequest):
@@ -38,7 +48,6 @@ def check_request_limits(body: SamplingFields, limits: RequestLimits) -> None:
         if body.logprobs is not None and body.logprobs > limits.max_logprobs:
             raise _too_many("logprobs", "logprobs per token", body.logprobs, limits.max_logprobs)
     if isinstance(body, ChatCompletionRequest):
-        if len(body.messages) > limits.max_messages:
-            raise _too_many("messages", "messages", len(body.messages), limits.max_messages)
+        check_message_count(len(body.messages), limits)
         if body.top_logprobs is not None and body.top_logprobs > limits.max_logprobs:
             raise _too_many("top_logprobs", "logprobs per token", body.top_logprobs, limits.max_logprobs)
