@@ -37,7 +37,7 @@ def create_app(engines: dict[str, EngineClient], settings: ServerSettings | None
                manage_engines: bool = True) -> FastAPI:
     """engines: served model name -> AsyncEngine. With `manage_engines` the app starts and stops them."""
     settings = settings or ServerSettings()
-    models = ServedModels(engines)
+    models = ServedModels(engines, dict(settings.model_aliases), settings.fallback_model)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -28,15 +28,24 @@ if TYPE_CHECKING:
 log = logging.getLogger("minerva.server")
 
 
+def served_names(args: argparse.Namespace) -> list[list[str]]:
+    """Each --served-model-name value as [served name, alias, ...] (`NAME,ALIAS,...`), every name distinct."""
+    lists = [[name.strip() for name in value.split(",")] for value in args.served_model_name or []]
+    flat = [name for names in lists for name in names]
+    if not all(flat):
+        raise LaunchError("--served-model-name: empty name (the form is NAME or NAME,ALIAS,...)")
+    if len(set(flat)) != len(flat):
+        raise LaunchError("--served-model-name values must be distinct (names and aliases alike)")
+    return lists
+
+
 def engine_configs(args: argparse.Namespace) -> list[EngineConfig]:
     """One EngineConfig per MODEL (none given: the `--config` file's model, else the default built-in)."""
     models = list(args.models) or [None]
-    names = list(args.served_model_name or [])
+    names = [names[0] for names in served_names(args)]
     if names and len(names) != len(models):
         raise LaunchError(f"--served-model-name given {len(names)} time(s) for {len(models)} model(s): "
                           "give one name per model, in the same order")
-    if len(set(names)) != len(names):
-        raise LaunchError("--served-model-name values must be distinct")
     configs = [engine_config(args, model, names[index] if names else None) for index, model in enumerate(models)]
     if sum(c.tensor_parallel_size > 1 for c in configs) > 1:
         raise LaunchError("only one model per server can be tensor-parallel (the ranks share one process group)")
@@ -108,7 +117,9 @@ def server_settings(args: argparse.Namespace, configs: list[EngineConfig]) -> Se
                           request_limits=request_limits, log_prompts=args.log_prompts,
                           allow_path_checks=args.allow_path_checks, device_name=device_name(configs),
                           allowed_origins=args.allowed_origins, allowed_methods=args.allowed_methods,
-                          allowed_headers=args.allowed_headers, tool_call_parser=args.tool_call_parser)
+                          allowed_headers=args.allowed_headers, tool_call_parser=args.tool_call_parser,
+                          model_aliases=tuple((alias, names[0]) for names in served_names(args) for alias in names[1:]),
+                          fallback_model=args.fallback_model)
 
 
 def banner_lines(engines: dict[str, AsyncEngine], url: str) -> list[str]:
@@ -149,7 +160,11 @@ def serve_command(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     for engine in engines.values():  # a dead tensor-parallel rank: drain like a SIGTERM, then exit 1
         engine.on_fatal = lambda reason: os.kill(os.getpid(), signal.SIGTERM)
-    uvicorn.run(create_app(engines, settings), host=args.host, port=args.port, log_level=args.log_level,
+    try:
+        app = create_app(engines, settings)
+    except ValueError as exc:  # a --fallback-model that names no served model
+        raise LaunchError(str(exc)) from exc
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 log_config=None, access_log=False, timeout_graceful_shutdown=args.shutdown_timeout,
                 ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile)
     failures = [f"{name}: {engine.failure}" for name, engine in engines.items() if engine.failure]
@@ -164,8 +179,12 @@ def add_serve_parser(commands: Any) -> None:
     serve.add_argument("models", nargs="*", metavar="MODEL",
                        help="built-in model names (`minerva models`) or paths (.gguf, .safetensors, HF dir); "
                             "none = the default built-in model")
-    serve.add_argument("--served-model-name", action="append", metavar="NAME",
-                       help="name clients use in `model` (repeat once per MODEL, in order)")
+    serve.add_argument("--served-model-name", action="append", metavar="NAME[,ALIAS...]",
+                       help="name clients use in `model` (repeat once per MODEL, in order); aliases after commas "
+                            "are further names for the same model (e.g. the model ids an agent asks for)")
+    serve.add_argument("--fallback-model", metavar="NAME",
+                       help="answer requests for model names this server does not serve with this served model "
+                            "(agents ask for their vendor's ids, e.g. Claude Code's claude-*); default: a 404")
     add_engine_flags(serve)
 
     http = serve.add_argument_group("HTTP")

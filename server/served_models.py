@@ -1,7 +1,12 @@
-"""The models this server serves, by the name clients put in `model`, and their OpenAI model cards."""
+"""The models this server serves, by the name clients put in `model`, and their OpenAI model cards.
+
+`ServedModels.resolve` is the one reader of the naming rule: a served name, else one of its aliases,
+else (when the operator chose one with --fallback-model) the fallback model, else a 404.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -9,12 +14,15 @@ from typing import Any
 from engine.client import EngineClient
 from server.errors import APIError
 
+logger = logging.getLogger("minerva.server")
+
 
 @dataclass
 class ServedModel:
     name: str
     engine: EngineClient
     created: int  # the weight file's modification time, stable across restarts
+    aliases: tuple[str, ...] = ()
 
     def card(self) -> dict[str, Any]:
         """OpenAI's model object plus the loader's metadata; never reads tensor data."""
@@ -22,6 +30,8 @@ class ServedModel:
         info.pop("path", None)  # server file paths are not the client's business
         info.pop("id", None)
         card = {"id": self.name, "object": "model", "created": self.created, "owned_by": "minerva"}
+        if self.aliases:
+            card["aliases"] = list(self.aliases)
         card.update(info)
         card["max_model_len"] = self.engine.max_model_len
         stats = self.engine.stats()  # the KV cache of the whole tensor-parallel group, not one rank's
@@ -38,25 +48,50 @@ def file_created(path: str) -> int:
 
 
 class ServedModels:
-    """Name -> ServedModel; resolving an unknown name is OpenAI's 404 `model_not_found`."""
+    """Name -> ServedModel; resolving an unknown name is OpenAI's 404 `model_not_found` unless a fallback is set.
 
-    def __init__(self, engines: dict[str, EngineClient]) -> None:
+    `aliases` maps further names to served names; `fallback` (a served name or alias) takes every other name.
+    A bad alias target or fallback is a ValueError (the server refuses to start).
+    """
+
+    def __init__(self, engines: dict[str, EngineClient], aliases: dict[str, str] | None = None,
+                 fallback: str | None = None) -> None:
         if not engines:
             raise ValueError("at least one engine must be served")
+        aliases = aliases or {}
+        for alias, target in aliases.items():
+            if target not in engines or alias in engines:
+                raise ValueError(f"alias {alias!r} must name a served model ({', '.join(engines)}) and not be one")
         self._models = {
-            name: ServedModel(name, engine, file_created(engine.model_info.path)) for name, engine in engines.items()
+            name: ServedModel(name, engine, file_created(engine.model_info.path),
+                              tuple(alias for alias, target in aliases.items() if target == name))
+            for name, engine in engines.items()
         }
+        self._aliases = aliases
+        self._fallback = self._known(fallback) if fallback is not None else None
+        if fallback is not None and self._fallback is None:
+            raise ValueError(f"--fallback-model {fallback!r} is not a served model name or alias "
+                             f"(served: {', '.join(self._models)})")
+        self._fallback_names: set[str] = set()  # names already logged as answered by the fallback
+
+    def _known(self, name: str) -> ServedModel | None:
+        return self._models.get(self._aliases.get(name, name))
 
     def resolve(self, name: str | None) -> ServedModel:
         if name is None:
             if len(self._models) == 1:
                 return next(iter(self._models.values()))
             raise APIError(400, f"model is required: this server serves {', '.join(self._models)}", param="model")
-        try:
-            return self._models[name]
-        except KeyError:
-            raise APIError(404, f"The model `{name}` does not exist. Served models: {', '.join(self._models)}.",
-                           param="model", code="model_not_found") from None
+        model = self._known(name)
+        if model is not None:
+            return model
+        if self._fallback is not None:
+            if name not in self._fallback_names and len(self._fallback_names) < 1024:
+                self._fallback_names.add(name)
+                logger.info("model %r is not served: answered by %r (--fallback-model)", name, self._fallback.name)
+            return self._fallback
+        raise APIError(404, f"The model `{name}` does not exist. Served models: {', '.join(self._models)}.",
+                       param="model", code="model_not_found")
 
     def __iter__(self):
         return iter(self._models.values())

@@ -39,3 +39,5 @@ class ServerSettings:
     allowed_methods: tuple[str, ...] = ("*",)  # CORS, once an origin is allowed
     allowed_headers: tuple[str, ...] = ("*",)
     tool_call_parser: str | None = None  # None: picked per model from its chat template and architecture
+    model_aliases: tuple[tuple[str, str], ...] = ()  # (alias, served name): more names for one model
+    fallback_model: str | None = None  # the served model unknown model names go to; None: they are a 404
