@@ -41,10 +41,11 @@ class EngineConfig:
     async_scheduling: bool | None = None  # launch step N+1 before reading step N's tokens; None = on CUDA, one rank
     mxfp4_unpack_gib: float = 4.0  # CPU torch ops: dense MXFP4 experts made once at load if the model fits (0 = packed)
     speculative_config: SpeculativeConfig | str | dict | None = None  # vLLM's JSON shape (text or table): parsed
+    cpu_threads: int | None = None  # torch threads; None = usable CPUs (affinity, cgroup quota) less busy ones
 
     def __post_init__(self) -> None:
         positive = ("block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size",
-                    "tensor_parallel_timeout_s")
+                    "tensor_parallel_timeout_s", "cpu_threads")
         for name in positive:
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")

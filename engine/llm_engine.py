@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from engine.config import EngineConfig
+from engine.cpu_threads import apply_cpu_threads
 from engine.detokenizer import IncrementalDetokenizer
 from engine.distributed.group import ParallelGroupError
 from engine.kv_cache import BlockPool
@@ -107,6 +108,7 @@ class LLMEngine:
         from kernels import select_ops
 
         started = time.perf_counter()
+        apply_cpu_threads(config.cpu_threads)  # before the model's first torch op starts OpenMP's pool
         path, builtin_name = resolve_model(config.model)
         loaded = open_model(path, builtin_name)
         cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())

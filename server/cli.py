@@ -8,6 +8,12 @@ setting or flag value) ends the command with `error: <message>` and exit status 
 
 from __future__ import annotations
 
+import os
+
+# Before anything imports torch: OpenMP reads this once. Idle workers sleep instead of spinning on
+# cores that other processes (or this server's other threads) need (engine/cpu_threads.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import json
 import sys

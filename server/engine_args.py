@@ -70,6 +70,9 @@ ENGINE_FLAGS: dict[str, tuple[dict[str, Any], str]] = {
     "mxfp4_unpack_gib": ({"type": float, "metavar": "GIB"},
                          "on CPU with the torch ops: dequantize MXFP4 experts once at load when the model fits "
                          "this many GiB dense (0: keep them packed)"),
+    "cpu_threads": ({"type": positive_int, "metavar": "N"},
+                    "threads for the model's CPU work (default: the CPUs this process may use, by affinity and "
+                    "cgroup quota, less those other processes keep busy at start-up; engine/cpu_threads.py)"),
 }
 
 

@@ -8,6 +8,7 @@ import socket
 
 import torch
 
+from engine.cpu_threads import allowed_cpus, cgroup_quota, usable_cpus
 from engine.distributed.context import ParallelContext
 
 
@@ -52,7 +53,7 @@ def share_cores(ctx: ParallelContext, device: torch.device) -> None:
     """CPU worker ranks split the host's cores instead of each oversubscribing all of them (rank 0, the
     server process, keeps torch's setting: other engines may share it)."""
     if device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.world_size))
+        torch.set_num_threads(max(1, usable_cpus(len(allowed_cpus()), cgroup_quota()) // ctx.world_size))
 
 
 def leave_group() -> None:

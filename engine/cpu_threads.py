@@ -1,0 +1,150 @@
+"""How many threads the engine's torch work uses: the CPUs this process may really run on (its
+affinity and its cgroup's CPU quota), less the CPUs other processes keep busy when it starts.
+
+torch's default is one thread per host core. On cores that other processes also use, or in a
+container whose quota is below the host's core count, its OpenMP workers wait on each other at
+every parallel region and each decode step stalls (issue 23: a 16-token completion took 24.5 s
+beside busy processes with the default threads, 2.9 s with one). The CLI also sets
+OMP_WAIT_POLICY=PASSIVE before torch loads (server/cli.py), so idle workers sleep instead of
+spinning on cores someone else needs. `cpu_threads` in EngineConfig (`--cpu-threads`) overrides
+the choice.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+LOAD_SAMPLE_S = 0.25  # long enough to see a busy neighbour, short enough for start-up
+
+
+@dataclass(frozen=True)
+class CpuBudget:
+    """What the thread count was chosen from, for the start-up log."""
+
+    affinity: int  # CPUs the scheduler may run this process on
+    quota: float | None  # CPUs' worth of cgroup quota (None: no quota)
+    busy: float  # CPUs' worth other processes used on those CPUs while measured (0 when not measured)
+    threads: int
+    requested: bool  # the operator gave the count (--cpu-threads)
+
+    @property
+    def usable(self) -> int:
+        return usable_cpus(self.affinity, self.quota)
+
+    def describe(self) -> str:
+        source = "--cpu-threads" if self.requested else f"{self.usable} usable - {self.busy:.1f} busy"
+        quota = "none" if self.quota is None else f"{self.quota:g} CPUs"
+        return (f"CPU threads: {self.threads} ({source}; affinity {self.affinity} CPUs, cgroup quota {quota}, "
+                f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})")
+
+
+def usable_cpus(affinity: int, quota: float | None) -> int:
+    """CPUs' worth this process can run on at once: its affinity, capped by a quota rounded up."""
+    return max(1, min(affinity, math.ceil(quota)) if quota is not None else affinity)
+
+
+def allowed_cpus() -> set[int]:
+    return os.sched_getaffinity(0)
+
+
+def cgroup_quota(root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/proc/self/cgroup")) -> float | None:
+    """The tightest CPU quota on this process's cgroup path (v2 `cpu.max`, v1 `cpu.cfs_quota_us`), in CPUs."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    quotas = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2 unified hierarchy
+            quotas += [_v2_quota(directory / "cpu.max") for directory in _ancestors(root, path)]
+        elif "cpu" in controllers.split(","):
+            base = root / controllers if (root / controllers).is_dir() else root / "cpu"  # cpu or cpu,cpuacct
+            quotas += [_v1_quota(directory) for directory in _ancestors(base, path)]
+    found = [quota for quota in quotas if quota is not None]
+    return min(found) if found else None
+
+
+def _ancestors(base: Path, path: str) -> list[Path]:
+    """base/a/b/c, base/a/b, base/a, base: a limit on any of them binds this process."""
+    parts = [part for part in path.strip("/").split("/") if part]
+    return [base.joinpath(*parts[:depth]) for depth in range(len(parts), -1, -1)]
+
+
+def _v2_quota(path: Path) -> float | None:
+    try:
+        quota, period = path.read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    return None if quota == "max" else int(quota) / int(period)
+
+
+def _v1_quota(directory: Path) -> float | None:
+    try:
+        quota = int((directory / "cpu.cfs_quota_us").read_text())
+        period = int((directory / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if quota <= 0 or period <= 0 else quota / period
+
+
+def _cpu_times(cpus: set[int], stat: Path = Path("/proc/stat")) -> tuple[float, float] | None:
+    """(busy, total) clock ticks summed over `cpus`, from /proc/stat."""
+    try:
+        lines = stat.read_text().splitlines()
+    except OSError:
+        return None
+    busy = total = 0.0
+    for line in lines:
+        name, *fields = line.split()
+        if not name.startswith("cpu") or name == "cpu" or int(name[3:]) not in cpus:
+            continue
+        ticks = [float(value) for value in fields[:8]]  # user nice system idle iowait irq softirq steal
+        total += sum(ticks)
+        busy += sum(ticks) - ticks[3] - ticks[4]
+    return busy, total
+
+
+def busy_cpus(cpus: set[int], seconds: float = LOAD_SAMPLE_S) -> float:
+    """CPUs' worth of `cpus` that other processes kept busy over `seconds` (this process's own use excluded)."""
+    before, own_before = _cpu_times(cpus), _own_cpu_seconds()
+    time.sleep(seconds)
+    after, own_after = _cpu_times(cpus), _own_cpu_seconds()
+    if before is None or after is None or after[1] <= before[1]:
+        return 0.0
+    share = (after[0] - before[0]) / (after[1] - before[1])  # of all ticks on these CPUs
+    return max(0.0, share * len(cpus) - (own_after - own_before) / seconds)
+
+
+def _own_cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def choose_threads(requested: int | None = None, measure_load: bool = True) -> CpuBudget:
+    """The thread count for this process's torch work: `requested`, else usable CPUs less busy ones (at least 1)."""
+    cpus = allowed_cpus()
+    quota = cgroup_quota()
+    usable = usable_cpus(len(cpus), quota)
+    if requested is not None:
+        return CpuBudget(len(cpus), quota, 0.0, requested, requested=True)
+    busy = busy_cpus(cpus) if measure_load and usable > 1 else 0.0
+    return CpuBudget(len(cpus), quota, busy, max(1, usable - round(busy)), requested=False)
+
+
+def apply_cpu_threads(requested: int | None = None) -> CpuBudget:
+    """Choose the thread count, give it to torch, and log why."""
+    import torch
+
+    budget = choose_threads(requested)
+    torch.set_num_threads(budget.threads)
+    log.info(budget.describe())
+    return budget

@@ -1,0 +1,120 @@
+"""engine/cpu_threads.py: the thread count follows affinity, cgroup quota and busy neighbours; --cpu-threads wins."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from engine import cpu_threads
+from engine.config import ConfigError, EngineConfig
+from server.cli import build_parser
+from server.engine_args import engine_config
+
+
+def write_cgroup_v2(tmp_path: Path, quotas: dict[str, str]) -> tuple[Path, Path]:
+    """A fake v2 hierarchy: /proc/self/cgroup points at a/b; `quotas` maps a directory to its cpu.max."""
+    root = tmp_path / "cgroup"
+    for directory, quota in quotas.items():
+        (root / directory).mkdir(parents=True, exist_ok=True)
+        (root / directory / "cpu.max").write_text(quota + "\n")
+    proc = tmp_path / "proc_cgroup"
+    proc.write_text("0::/a/b\n")
+    return root, proc
+
+
+def test_v2_quota_is_the_tightest_on_the_path(tmp_path):
+    root, proc = write_cgroup_v2(tmp_path, {"": "max 100000", "a": "300000 100000", "a/b": "150000 100000"})
+    assert cpu_threads.cgroup_quota(root, proc) == 1.5
+    root, proc = write_cgroup_v2(tmp_path / "x", {"a": "50000 100000", "a/b": "max 100000"})
+    assert cpu_threads.cgroup_quota(root, proc) == 0.5
+
+
+def test_no_quota_anywhere(tmp_path):
+    root, proc = write_cgroup_v2(tmp_path, {"a/b": "max 100000"})
+    assert cpu_threads.cgroup_quota(root, proc) is None
+    assert cpu_threads.cgroup_quota(root, tmp_path / "missing") is None
+
+
+def test_v1_quota(tmp_path):
+    root = tmp_path / "cgroup"
+    (root / "cpu,cpuacct" / "pod").mkdir(parents=True)
+    (root / "cpu,cpuacct" / "pod" / "cpu.cfs_quota_us").write_text("200000\n")
+    (root / "cpu,cpuacct" / "pod" / "cpu.cfs_period_us").write_text("100000\n")
+    (root / "cpu,cpuacct" / "cpu.cfs_quota_us").write_text("-1\n")
+    (root / "cpu,cpuacct" / "cpu.cfs_period_us").write_text("100000\n")
+    proc = tmp_path / "proc_cgroup"
+    proc.write_text("4:memory:/pod\n3:cpu,cpuacct:/pod\n0::/\n")
+    assert cpu_threads.cgroup_quota(root, proc) == 2.0
+
+
+@pytest.mark.parametrize("affinity, quota, usable", [(8, None, 8), (8, 2.0, 2), (8, 1.5, 2), (2, 0.2, 1), (4, 16.0, 4)])
+def test_usable_cpus(affinity, quota, usable):
+    assert cpu_threads.usable_cpus(affinity, quota) == usable
+
+
+def test_busy_neighbours_take_threads(monkeypatch):
+    monkeypatch.setattr(cpu_threads, "allowed_cpus", lambda: {0, 1, 2, 3})
+    monkeypatch.setattr(cpu_threads, "cgroup_quota", lambda: None)
+    monkeypatch.setattr(cpu_threads, "busy_cpus", lambda cpus: 2.2)
+    assert cpu_threads.choose_threads().threads == 2
+    monkeypatch.setattr(cpu_threads, "busy_cpus", lambda cpus: 7.0)
+    assert cpu_threads.choose_threads().threads == 1  # never none
+    monkeypatch.setattr(cpu_threads, "cgroup_quota", lambda: 3.0)
+    monkeypatch.setattr(cpu_threads, "busy_cpus", lambda cpus: 0.1)
+    budget = cpu_threads.choose_threads()
+    assert budget.threads == 3 and "cgroup quota 3 CPUs" in budget.describe()
+    requested = cpu_threads.choose_threads(requested=5)
+    assert requested.threads == 5 and requested.requested and "--cpu-threads" in requested.describe()
+
+
+def test_busy_cpus_sees_another_process():
+    """A spinning neighbour on one of our CPUs reads as (most of) one busy CPU."""
+    cpus = {sorted(cpu_threads.allowed_cpus())[0]}
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"],
+                               preexec_fn=lambda: os.sched_setaffinity(0, cpus))
+    try:
+        time.sleep(0.3)
+        assert cpu_threads.busy_cpus(cpus, seconds=0.5) > 0.5
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
+def test_cpu_threads_flag_and_config():
+    args = build_parser().parse_args(["serve", "--cpu-threads", "3"])
+    assert engine_config(args, None, None).cpu_threads == 3
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--cpu-threads", "0"])
+    with pytest.raises(ConfigError, match="cpu_threads"):
+        EngineConfig(cpu_threads=0)
+
+
+def test_cli_sets_passive_wait_policy_before_torch():
+    code = ("import os, sys; os.environ.pop('OMP_WAIT_POLICY', None); import server.cli; "
+            "print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.split() == ["PASSIVE", "False"]
+
+
+def test_engine_applies_the_count_and_logs_it(tmp_path, caplog):
+    import torch
+
+    from engine.llm_engine import LLMEngine
+    from server_fixtures import save_tiny_llama
+
+    before = torch.get_num_threads()
+    try:
+        with caplog.at_level("INFO", logger="engine.cpu_threads"):
+            LLMEngine.from_config(EngineConfig(model=str(save_tiny_llama(tmp_path / "m")), device="cpu",
+                                               kernel_backend="torch", kv_cache_gib=0.01, cpu_threads=1))
+        assert torch.get_num_threads() == 1
+        assert "CPU threads: 1 (--cpu-threads" in caplog.text
+    finally:
+        torch.set_num_threads(before)
