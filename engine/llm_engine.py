@@ -108,9 +108,9 @@ class LLMEngine:
         from kernels import select_ops
 
         started = time.perf_counter()
-        apply_cpu_threads(config.cpu_threads)  # before the model's first torch op starts OpenMP's pool
         path, builtin_name = resolve_model(config.model)
         loaded = open_model(path, builtin_name)
+        apply_cpu_threads(config.cpu_threads)  # before the model's first torch op starts OpenMP's pool
         cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
         device = torch.device("cuda" if cuda else "cpu")
         dtype = DTYPES.get(config.dtype, torch.bfloat16 if cuda else torch.float32)
