@@ -26,6 +26,9 @@ from server.messages.errors import anthropic_error_body
 from server.observability.http import ObservabilityMiddleware
 from server.observability.metrics import Metrics
 from server.request_id import RequestIdMiddleware
+from server.responses_api import routes as responses_routes
+from server.responses_api.sealing import ReasoningSeal
+from server.responses_api.store import ResponseStore
 from server.served_models import ServedModels
 from server.settings import ServerSettings
 from server.version import minerva_version
@@ -59,12 +62,14 @@ def create_app(engines: dict[str, EngineClient], settings: ServerSettings | None
     app.state.metrics = Metrics(lambda: {m.name: m.engine.stats() for m in models})
     app.state.weight_profiles = {}
     app.state.error_shapes = {"/v1/messages": anthropic_error_body}  # Anthropic's clients read Anthropic's errors
+    app.state.responses = responses_routes.ResponsesState(ResponseStore(settings.responses_store),
+                                                          ReasoningSeal.from_environment())
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.request_limits.max_body_bytes)
     app.add_middleware(GuardMiddleware, keys=ApiKeys(settings.api_keys), admission=app.state.admission,
                        protect_metrics=settings.protect_metrics)  # before any body is read
     routers = (info_routes.public_router, info_routes.router, completions.router, chat.router, messages.router,
-               tokenize_routes.router)
+               tokenize_routes.router, responses_routes.router)
     app.add_middleware(ObservabilityMiddleware, metrics=app.state.metrics,
                        routes=[route for router in routers for route in router.routes], log_prompts=settings.log_prompts)
     app.add_middleware(RequestIdMiddleware)

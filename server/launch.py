@@ -19,6 +19,7 @@ from server.guard.keys import ApiKeys, read_keys_file
 from server.guard.rate_limit import Limits
 from server.load_progress import LoadProgress
 from server.observability.request_log import configure_json_logging
+from server.responses_api.store import StoreLimits
 from server.settings import RequestLimits, ServerSettings
 from server.tool_parsers import PARSERS
 
@@ -109,6 +110,9 @@ def server_settings(args: argparse.Namespace, configs: list[EngineConfig]) -> Se
                                        max_logprobs=args.max_logprobs, max_messages=args.max_messages,
                                        max_prompts=args.max_prompts)
         ApiKeys(keys)  # refuse empty or whitespace keys before the models load
+        responses_store = StoreLimits(max_items=args.responses_store_items,
+                                      max_bytes=args.responses_store_mib * 1024 * 1024,
+                                      ttl_seconds=args.responses_store_ttl)
     except ValueError as exc:
         raise LaunchError(str(exc)) from exc
     rate_limits = Limits(requests_per_minute=args.rpm, tokens_per_minute=args.tpm,
@@ -119,7 +123,7 @@ def server_settings(args: argparse.Namespace, configs: list[EngineConfig]) -> Se
                           allowed_origins=args.allowed_origins, allowed_methods=args.allowed_methods,
                           allowed_headers=args.allowed_headers, tool_call_parser=args.tool_call_parser,
                           model_aliases=tuple((alias, names[0]) for names in served_names(args) for alias in names[1:]),
-                          fallback_model=args.fallback_model)
+                          fallback_model=args.fallback_model, responses_store=responses_store)
 
 
 def banner_lines(engines: dict[str, AsyncEngine], url: str) -> list[str]:
@@ -236,4 +240,12 @@ def add_serve_parser(commands: Any) -> None:
                          help="logprobs / top_logprobs")
     request.add_argument("--max-messages", type=positive_int, default=defaults.max_messages, metavar="N",
                          help="chat messages")
+    store = serve.add_argument_group("stored responses (/v1/responses with store: true; per API key, LRU)")
+    store_defaults = StoreLimits()
+    store.add_argument("--responses-store-items", type=positive_int, default=store_defaults.max_items, metavar="N",
+                       help=f"responses kept at most (default {store_defaults.max_items})")
+    store.add_argument("--responses-store-mib", type=positive_int, default=store_defaults.max_bytes // 2**20,
+                       metavar="MIB", help=f"their total size at most (default {store_defaults.max_bytes // 2**20})")
+    store.add_argument("--responses-store-ttl", type=positive_int, default=int(store_defaults.ttl_seconds),
+                       metavar="SECONDS", help=f"how long one is kept (default {int(store_defaults.ttl_seconds)})")
     serve.set_defaults(handler=serve_command)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from server.guard.rate_limit import Limits
+from server.responses_api.store import StoreLimits
 
 
 @dataclass(frozen=True)
@@ -41,3 +42,4 @@ class ServerSettings:
     tool_call_parser: str | None = None  # None: picked per model from its chat template and architecture
     model_aliases: tuple[tuple[str, str], ...] = ()  # (alias, served name): more names for one model
     fallback_model: str | None = None  # the served model unknown model names go to; None: they are a 404
+    responses_store: StoreLimits = field(default_factory=StoreLimits)  # stored /v1/responses (store: true)

@@ -41,6 +41,10 @@ class GrammarCompiler:
         try:
             if spec.kind == "json_object":
                 compiled = self._compiler.compile_json_schema('{"type": "object"}', strict_mode=False)
+            elif spec.kind == "regex":
+                compiled = self._compiler.compile_regex(spec.schema or "")
+            elif spec.kind == "lark":
+                compiled = self._compiler.compile_lark(spec.schema or "")
             else:
                 compiled = self._compiler.compile_json_schema(spec.schema or "{}", any_whitespace=False)
         except Exception as exc:  # xgrammar raises RuntimeError/ValueError/its own types for bad schemas

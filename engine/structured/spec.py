@@ -9,9 +9,10 @@ from typing import Any, Literal
 
 @dataclass(frozen=True)
 class StructuredOutput:
-    """`json_object`: any JSON object; `json_schema`: a JSON document valid under `schema` (canonical JSON text)."""
+    """`json_object`: any JSON object; `json_schema`: a JSON document valid under `schema` (canonical JSON text);
+    `regex` / `lark`: text matching the regular expression or Lark grammar in `schema` (custom tools' inputs)."""
 
-    kind: Literal["json_object", "json_schema"]
+    kind: Literal["json_object", "json_schema", "regex", "lark"]
     schema: str | None = None
 
     @classmethod
@@ -22,3 +23,7 @@ class StructuredOutput:
     def from_schema(cls, schema: dict[str, Any] | bool) -> "StructuredOutput":
         """Canonical text (sorted keys) so that equal schemas share one compiled grammar."""
         return cls("json_schema", json.dumps(schema, sort_keys=True, separators=(",", ":")))
+
+    @classmethod
+    def from_grammar(cls, syntax: Literal["regex", "lark"], definition: str) -> "StructuredOutput":
+        return cls(syntax, definition)

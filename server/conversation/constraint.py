@@ -7,14 +7,11 @@ compiles), with an invalid or unsupported schema answered as a 400 naming the fi
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any
 
 from engine.structured import GrammarError, StructuredOutput
 from server.conversation.items import Conversation
 from server.errors import APIError
-
-logger = logging.getLogger("minerva.server")
 
 
 def output_constraint(conversation: Conversation) -> tuple[StructuredOutput, str] | None:
@@ -22,11 +19,11 @@ def output_constraint(conversation: Conversation) -> tuple[StructuredOutput, str
     mode = conversation.tool_mode
     named = conversation.named_tool
     if named is not None:
-        if named.kind == "custom":  # free text; a grammar the engine cannot run leaves it free
-            if named.grammar is not None:
-                logger.warning("custom tool %r: %s grammars are not enforced; its input is free text",
-                               named.name, named.grammar.syntax)
-            return None
+        if named.kind == "custom":  # its whole output is the input: free text, or text matching its grammar
+            if named.grammar is None:
+                return None
+            return (StructuredOutput.from_grammar(named.grammar.syntax, named.grammar.definition),
+                    f"{named.param}.format.definition")
         return StructuredOutput.from_schema(named.schema), f"{named.param}.parameters"
     if mode == "required":
         calls = [{"type": "object", "properties": {"name": {"const": t.name}, "parameters": t.schema},
@@ -49,6 +46,7 @@ async def compile_constraint(engine: Any, conversation: Conversation) -> Structu
     try:
         await asyncio.to_thread(engine.grammars.compile, spec)
     except GrammarError as exc:
-        raise APIError(400, f"{param}: this schema cannot be used for constrained decoding: {exc}",
+        what = "grammar" if spec.kind in ("regex", "lark") else "schema"
+        raise APIError(400, f"{param}: this {what} cannot be used for constrained decoding: {exc}",
                        param=param, code="invalid_schema") from exc
     return spec

@@ -15,7 +15,7 @@ from server.guard.keys import ApiKeys, AuthError
 from server.guard.rate_limit import Admission, OverloadedError, RateLimitError
 from server.observability.request_record import record_in, record_of
 
-GENERATION_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/messages"})
+GENERATION_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/messages", "/v1/responses"})
 TOKENIZER_ROUTES = frozenset({"/tokenize", "/detokenize"})  # outside /v1 as in vLLM, guarded all the same
 
 

@@ -1,0 +1,216 @@
+"""POST /v1/responses through the real HTTP server, checked with the official openai SDK's types.
+
+A tiny random Llama (with a hermes-style tool template) serves text, forced calls and formats;
+a scripted model serves the tool loop (it calls a tool, then answers once it sees the result).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from types import SimpleNamespace
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+from engine.async_engine import AsyncEngine
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.tokenizer import Tokenizer
+from fake_model import FakeModel
+from responses_testing import check_stream, post_stream, valid_response, without_ids
+from server.app import create_app
+from server_fixtures import LiveServer, save_tiny_llama, tiny_engine, wait_until_idle
+from test_chat_tools import use_tool_template
+
+pytestmark = pytest.mark.timeout(300)
+
+WEATHER = {"type": "function", "name": "get_weather", "description": "Weather today",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
+                                                           "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+                          "required": ["city", "days"], "additionalProperties": False}}
+CODE = {"type": "custom", "name": "code", "description": "three letters",
+        "format": {"type": "grammar", "syntax": "regex", "definition": "[abc]{3}"}}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return use_tool_template(save_tiny_llama(tmp_path_factory.mktemp("responses") / "tiny",
+                                             max_position_embeddings=1024))
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    return tiny_engine(model_dir, "tiny")
+
+
+@pytest.fixture(scope="module")
+def live(engine):
+    server = LiveServer(create_app({"tiny": engine}))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def http(live):
+    with httpx.Client(base_url=live.base_url, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def sdk(live):
+    return openai.OpenAI(base_url=live.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def create(http: httpx.Client, body: dict) -> dict:
+    response = http.post("/v1/responses", json=body)
+    assert response.status_code == 200, response.text
+    valid_response(response.json())
+    return response.json()
+
+
+def test_text_streamed_equals_non_streamed_and_the_sdk_reads_both(http, sdk, engine):
+    body = {"model": "tiny", "input": "Hello there", "instructions": "Be brief.", "max_output_tokens": 12,
+            "temperature": 0}
+    plain = create(http, body)
+    assert plain["status"] == "incomplete" and plain["incomplete_details"] == {"reason": "max_output_tokens"}
+    (message,) = plain["output"]
+    assert message["type"] == "message" and message["content"][0]["type"] == "output_text"
+    assert plain["usage"]["output_tokens"] == 12
+    final = check_stream(post_stream(http, body))
+    assert without_ids(final["output"]) == without_ids(plain["output"])
+    assert final["usage"]["output_tokens"] == plain["usage"]["output_tokens"]
+
+    typed = sdk.responses.create(**body)
+    assert typed.output_text == message["content"][0]["text"]
+    with sdk.responses.stream(**body) as stream:
+        events = list(stream)
+    deltas = "".join(event.delta for event in events if event.type == "response.output_text.delta")
+    assert events[-1].type == "response.incomplete"  # (the SDK's get_final_response wants response.completed)
+    assert deltas == events[-1].response.output_text == typed.output_text
+    assert wait_until_idle(engine)["kv_blocks_used"] == 0
+
+
+def test_forced_function_call_has_schema_valid_arguments_streamed_equal_to_non_streamed(http):
+    body = {"model": "tiny", "input": "Weather in Paris?", "tools": [WEATHER, {"type": "web_search"}],
+            "tool_choice": {"type": "function", "name": "get_weather"}, "max_output_tokens": 120, "temperature": 0}
+    plain = create(http, body)
+    (call,) = plain["output"]
+    assert call["type"] == "function_call" and call["name"] == "get_weather"
+    jsonschema.validate(json.loads(call["arguments"]), WEATHER["parameters"])
+    assert [tool["name"] for tool in plain["tools"]] == ["get_weather"]  # the built-in one was skipped
+    events = post_stream(http, body)
+    assert any(e["type"] == "response.function_call_arguments.delta" for e in events)
+    assert without_ids(check_stream(events)["output"]) == without_ids(plain["output"])
+
+
+def test_forced_custom_tool_follows_its_grammar(http):
+    for definition, pattern in (("[abc]{3}", r"[abc]{3}"), ('start: "x" DIGIT DIGIT\n%import common.DIGIT', r"x\d\d")):
+        tool = {**CODE, "format": {"type": "grammar", "syntax": "regex" if "start" not in definition else "lark",
+                                   "definition": definition}}
+        body = {"model": "tiny", "input": "Write code", "tools": [tool], "max_output_tokens": 20,
+                "tool_choice": {"type": "custom", "name": "code"}, "temperature": 0}
+        (call,) = create(http, body)["output"]
+        assert call["type"] == "custom_tool_call" and re.fullmatch(pattern, call["input"]), call
+        events = post_stream(http, body)
+        assert events[-2]["item"]["input"] == call["input"]
+        assert any(e["type"] == "response.custom_tool_call_input.delta" for e in events)
+        check_stream(events)
+
+
+def test_json_schema_format_validates(http):
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["n"], "additionalProperties": False}
+    body = {"model": "tiny", "input": "A number", "max_output_tokens": 40, "temperature": 0,
+            "text": {"format": {"type": "json_schema", "name": "num", "schema": schema, "strict": True}}}
+    plain = create(http, body)
+    jsonschema.validate(json.loads(plain["output"][0]["content"][0]["text"]), schema)
+    assert plain["text"]["format"]["type"] == "json_schema"
+    body["text"] = {"format": {"type": "json_object"}}
+    assert isinstance(json.loads(create(http, body)["output"][0]["content"][0]["text"]), dict)
+
+
+def test_prefix_cache_hits_are_reported_as_cached_tokens(http):
+    words = " ".join(f"w{i}" for i in range(60))
+    body = {"model": "tiny", "input": f"Remember {words}", "max_output_tokens": 2, "temperature": 0}
+    first = create(http, body)["usage"]
+    second = create(http, body)["usage"]
+    assert first["input_tokens"] == second["input_tokens"] > 32
+    assert second["input_tokens_details"]["cached_tokens"] >= 32  # full 16-token blocks of the repeated prompt
+    assert second["input_tokens_details"]["cached_tokens"] % 16 == 0
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, 400,
+     "input.0.content.0.type"),
+    ({"input": "hi", "tools": [WEATHER], "tool_choice": {"type": "function", "name": "nope"}}, 400, "tool_choice"),
+    ({"input": "hi", "tool_choice": "required"}, 400, "tool_choice"),
+    ({"input": "hi", "previous_response_id": "resp_missing"}, 404, "previous_response_id"),
+    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, 400, "input.0.type"),
+    ({"input": [{"type": "function_call", "name": "f"}]}, 400, "input.0.call_id"),
+    ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x"}}}, 400, "text.format.schema"),
+    ({"input": "hi", "tools": [{**CODE, "format": {"type": "grammar", "syntax": "regex", "definition": "("}}],
+      "tool_choice": {"type": "custom", "name": "code"}}, 400, "tools.0.format.definition"),
+    ({"input": "hi", "max_output_tokens": 0}, 400, "max_output_tokens"),
+    ({"input": "hi", "model": "other"}, 404, "model"),
+])
+def test_bad_requests_are_errors_in_openai_shape_naming_the_field(http, body, status, param):
+    response = http.post("/v1/responses", json={"model": "tiny", **body})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["message"]
+
+
+def test_built_in_tools_and_unknown_items_are_skipped_not_refused(http):
+    body = {"model": "tiny", "max_output_tokens": 2, "tools": [{"type": "web_search_preview"}, {"type": "local_shell"}],
+            "tool_choice": {"type": "web_search_preview"},
+            "input": [{"type": "web_search_call", "id": "ws_1", "status": "completed"},
+                      {"role": "user", "content": "hi"}]}
+    assert create(http, body)["tools"] == []
+
+
+# --- the tool loop, on a scripted model ---------------------------------------------------------------------
+
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n</tool_call>'
+ANSWER = "It is sunny."
+
+
+@pytest.fixture(scope="module")
+def scripted(model_dir):
+    """Writes CALL after the first <|assistant|> of a prompt and ANSWER once an assistant turn (the call) is in it."""
+    tokenizer = Tokenizer.from_files({name: model_dir / name for name in ("tokenizer.json", "tokenizer_config.json")})
+    call, answer = (tokenizer.encode(text, add_special_tokens=False) for text in (CALL, ANSWER))
+    assistant, eos = tokenizer.backend.token_to_id("<|assistant|>"), tokenizer.backend.token_to_id("</s>")
+
+    def predict(context: list[int], vocab_size: int) -> int:
+        starts = [i for i, t in enumerate(context) if t == assistant]
+        script = call if len(starts) == 1 else answer
+        written = len(context) - 1 - starts[-1]
+        return script[written] if written < len(script) else eos
+
+    info = SimpleNamespace(architecture="llama", path=str(model_dir), to_dict=lambda: {})
+    llm = LLMEngine(FakeModel(tokenizer.vocab_size, predict), tokenizer, EngineConfig(block_size=16),
+                    max_model_len=512, model_info=info, num_blocks=64)
+    server = LiveServer(create_app({"scripted": AsyncEngine(llm)}))
+    with httpx.Client(base_url=server.base_url, timeout=60) as client:
+        yield client
+    server.stop()
+
+
+def test_tool_loop_call_then_output_then_answer(scripted):
+    body = {"model": "scripted", "input": "Weather in Paris?", "tools": [WEATHER], "temperature": 0}
+    first = create(scripted, body)
+    (call,) = first["output"]
+    assert call["type"] == "function_call" and json.loads(call["arguments"]) == {"city": "Paris", "days": 2}
+    streamed = check_stream(post_stream(scripted, body))
+    assert without_ids(streamed["output"]) == without_ids(first["output"])
+
+    result = {"type": "function_call_output", "call_id": call["call_id"], "output": "sunny, 24C"}
+    chained = create(scripted, {**body, "input": [result], "previous_response_id": first["id"]})
+    assert chained["output"][0]["content"][0]["text"] == ANSWER and chained["status"] == "completed"
+    stateless = create(scripted, {**body, "store": False,
+                                  "input": [{"role": "user", "content": "Weather in Paris?"}, call, result]})
+    assert stateless["output"][0]["content"][0]["text"] == ANSWER
+    assert chained["usage"]["input_tokens"] == stateless["usage"]["input_tokens"]
