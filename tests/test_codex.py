@@ -1,0 +1,110 @@
+"""End to end with OpenAI's Codex CLI (`codex exec`, wire_api "responses") against Minerva's /v1/responses.
+
+Codex streams every call, sends its tools (function tools, a `namespace` group, web_search), keeps no
+server state (`store: false`) and asks for encrypted reasoning. Two runs:
+- a scripted model that calls Codex's `exec_command` tool and then answers: Codex must run the command,
+  send its output back, and print the answer;
+- the default model (SmolLM2-135M) answering a prompt: Codex must exit 0 (slow on a CPU: Codex's
+  system prompt and tools are ~4,600 tokens to prefill).
+Skips (saying why) without the codex binary (tools/install_codex.sh installs it, or set MINERVA_CODEX).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from engine.async_engine import AsyncEngine
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.tokenizer import Tokenizer
+from fake_model import FakeModel
+from server.app import create_app
+from server_fixtures import LiveServer, save_tiny_llama
+from test_chat_tools import use_tool_template
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+MARKER = "minerva-tool-ok"
+CALL = '<tool_call>\n{"name": "exec_command", "arguments": {"cmd": "echo ' + MARKER + '"}}\n</tool_call>'
+ANSWER = "The command printed it. Done."
+
+
+def codex_binary() -> str:
+    candidates = [os.environ.get("MINERVA_CODEX"), shutil.which("codex"),
+                  str(Path(os.environ.get("CODEX_DIR", Path.home() / ".cache/minerva/codex")) / "node_modules/.bin/codex")]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    pytest.skip("codex is not installed: run tools/install_codex.sh (or set MINERVA_CODEX)")
+
+
+def codex_exec(binary: str, base_url: str, model: str, prompt: str, tmp_path: Path,
+               timeout: float) -> subprocess.CompletedProcess:
+    """`codex exec` with a model_providers entry for Minerva, in scratch HOME / CODEX_HOME / work dirs."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    for directory in (home / ".codex", work):
+        directory.mkdir(parents=True, exist_ok=True)
+    (home / ".codex" / "config.toml").write_text(
+        f'model = "{model}"\nmodel_provider = "minerva"\n\n[model_providers.minerva]\nname = "Minerva"\n'
+        f'base_url = "{base_url}/v1"\nenv_key = "MINERVA_API_KEY"\nwire_api = "responses"\n')
+    env = {**os.environ, "HOME": str(home), "CODEX_HOME": str(home / ".codex"), "MINERVA_API_KEY": "unused"}
+    return subprocess.run([binary, "exec", "--skip-git-repo-check", prompt], cwd=work, env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+
+
+class DecidedModel(FakeModel):
+    """FakeModel with logits so peaked that sampling at Codex's temperature (it sends none: 1) picks the script."""
+
+    def forward(self, *args):
+        return super().forward(*args) * 100.0
+
+
+@pytest.fixture
+def scripted(tmp_path):
+    """Writes CALL after the prompt's first assistant header, ANSWER once a tool result is in the prompt."""
+    model_dir = use_tool_template(save_tiny_llama(tmp_path / "tiny"))
+    tokenizer = Tokenizer.from_files({name: model_dir / name for name in ("tokenizer.json", "tokenizer_config.json")})
+    call, answer = (tokenizer.encode(text, add_special_tokens=False) for text in (CALL, ANSWER))
+    assistant, eos = tokenizer.backend.token_to_id("<|assistant|>"), tokenizer.backend.token_to_id("</s>")
+
+    def predict(context: list[int], vocab_size: int) -> int:
+        starts = [i for i, t in enumerate(context) if t == assistant]
+        script = call if len(starts) == 1 else answer
+        written = len(context) - 1 - starts[-1]
+        return script[written] if written < len(script) else eos
+
+    info = SimpleNamespace(architecture="llama", path=str(model_dir), to_dict=lambda: {})
+    llm = LLMEngine(DecidedModel(tokenizer.vocab_size, predict), tokenizer, EngineConfig(block_size=16),
+                    max_model_len=65536, model_info=info, num_blocks=8192)
+    server = LiveServer(create_app({"scripted": AsyncEngine(llm)}))
+    yield server.base_url
+    server.stop()
+
+
+def test_codex_runs_the_tool_the_model_calls_and_prints_the_answer(scripted, tmp_path):
+    run = codex_exec(codex_binary(), scripted, "scripted", "Run echo for me.", tmp_path, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert MARKER in run.stderr + run.stdout  # the command ran (Codex shows its output)
+    assert ANSWER in run.stdout
+
+
+def test_codex_answers_a_prompt_with_the_default_model(tmp_path):
+    from test_tool_loop_default_model import smollm2_gguf
+
+    binary = codex_binary()
+    engine = AsyncEngine.from_config(EngineConfig(model=str(smollm2_gguf()), served_model_name="smollm2",
+                                                  device="cpu", max_model_len=8192, kv_cache_gib=0.2))
+    server = LiveServer(create_app({"smollm2": engine}))
+    try:
+        run = codex_exec(binary, server.base_url, "smollm2", "Say hello in one short sentence.", tmp_path,
+                         timeout=840)
+    finally:
+        server.stop()
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip()
