@@ -29,9 +29,10 @@ def check_stops(stops: list[str], param: str, limits: RequestLimits, *, single: 
                                 f"of {limits.max_stop_length}", param=where, code="limit_exceeded")
 
 
-def check_message_count(count: int, limits: RequestLimits) -> None:
+def check_message_count(count: int, limits: RequestLimits, param: str = "messages") -> None:
+    """Chat and Anthropic `messages`, Responses `input` items."""
     if count > limits.max_messages:
-        raise _too_many("messages", "messages", count, limits.max_messages)
+        raise _too_many(param, "messages", count, limits.max_messages)
 
 
 def check_request_limits(body: SamplingFields, limits: RequestLimits) -> None:

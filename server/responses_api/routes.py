@@ -20,6 +20,7 @@ from engine.sampling_params import SamplingParams
 from server.conversation import Conversation, prepare
 from server.errors import APIError
 from server.guard.http import reserve_tokens
+from server.guard.request_limits import check_message_count
 from server.observability.request_record import note_request, record_of, recorded
 from server.responses import collect, stream
 from server.responses_api.items import canonical_items
@@ -88,13 +89,10 @@ def response_head(body: ResponsesRequest, served: ServedModel, response_id: str,
 async def create_response(body: ResponsesRequest, request: Request) -> dict[str, Any] | Response:
     served: ServedModel = request.app.state.models.resolve(body.model)
     state, owner = state_of(request), owner_of(request)
-    limits = request.app.state.settings.request_limits
     history = stored(request, body.previous_response_id, "previous_response_id").history() \
         if body.previous_response_id else []
     new_items = canonical_items(body.input, state.seal)
-    if len(new_items) > limits.max_messages:
-        raise APIError(400, f"input: {len(new_items)} items is over this server's limit of {limits.max_messages}",
-                       param="input", code="limit_exceeded")
+    check_message_count(len(new_items), request.app.state.settings.request_limits, "input")
     items = history + new_items
     record = note_request(request, served.name, lambda: items)
     conversation = conversation_of(body, items)
