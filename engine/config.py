@@ -13,7 +13,7 @@ from engine.spec_decode.config import SpeculativeConfig
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")  # auto: bf16 on CUDA, fp32 on CPU
-KERNEL_BACKENDS = ("auto", "torch", "triton")  # auto: Triton on CUDA, torch on CPU
+KERNEL_BACKENDS = ("auto", "cpu", "torch", "triton")  # auto: Triton on CUDA, cpu (kernels/cpu_ops) on CPU
 CPU_KV_MEMORY_FRACTION = 0.10  # the CPU KV budget without kv_cache_gib: this share of MemAvailable (kv_budget.py)
 
 
@@ -25,7 +25,7 @@ class EngineConfig:
     served_model_name: str | None = None
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16
-    kernel_backend: str = "auto"  # auto | torch | triton
+    kernel_backend: str = "auto"  # auto | cpu | torch | triton
     block_size: int = 16
     gpu_memory_utilization: float = 0.90  # fraction of free GPU memory for weights + KV cache
     kv_cache_gib: float | None = None  # KV cache budget on CPU; None = a share of available memory (kv_budget.py)

@@ -377,7 +377,14 @@ class LLMEngine:
             "model_load_seconds": self.load_seconds,
             "tensor_parallel_size": self.tensor_parallel_size,
             **(self.spec.stats.as_dict() if self.spec is not None else {}),
+            "kernels": self.kernels(),
         }
+
+    def kernels(self) -> dict[str, Any] | None:
+        """The kernel backend's own account of what it runs here (the CPU backend's measured choice), if it keeps one."""
+        ops = getattr(getattr(self.model, "local", self.model), "ops", None)  # tensor parallel: rank 0's slice
+        describe = getattr(ops, "describe", None)
+        return describe() if describe is not None else None
 
     @property
     def tensor_parallel_size(self) -> int:

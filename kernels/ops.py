@@ -13,10 +13,12 @@ from typing import Protocol
 
 import torch
 
+from kernels.cpu.quant import QuantizedWeight
 from kernels.mxfp4 import MXFP4Tensor, SwizzledMXFP4
 
-# A backend's MXFP4 weights are what its `prepare_weight` made of the checkpoint's MXFP4Tensor.
-Weight = torch.Tensor | MXFP4Tensor | SwizzledMXFP4
+# A backend's MXFP4 weights are what its `prepare_weight` made of the checkpoint's MXFP4Tensor;
+# GGUF-quantized weights are what its `quantized_weight` kept (the CPU backend's QuantizedWeight).
+Weight = torch.Tensor | MXFP4Tensor | SwizzledMXFP4 | QuantizedWeight
 
 
 class Ops(Protocol):
@@ -26,6 +28,10 @@ class Ops(Protocol):
 
     def prepare_weight(self, weight: torch.Tensor | MXFP4Tensor) -> Weight:
         """The weight in the layout this backend's kernels read, made once at load (MXFP4 swizzled on Triton)."""
+
+    def quantized_weight(self, raw: torch.Tensor, type_name: str, shape: tuple[int, ...]) -> Weight | None:
+        """A GGUF tensor's stored blocks (`type_name`, logical `shape`) in a layout `linear` reads quantized,
+        or None: the loader dequantizes it to a dense weight."""
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
                  ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

@@ -32,6 +32,11 @@ def prepare_weight(weight: torch.Tensor | MXFP4Tensor) -> Weight:
     return weight
 
 
+def quantized_weight(raw: torch.Tensor, type_name: str, shape: tuple[int, ...]) -> Weight | None:
+    """None: GGUF-quantized weights are dequantized at load for these ops."""
+    return None
+
+
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

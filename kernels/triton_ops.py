@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.mxfp4 import MXFP4Tensor, SwizzledMXFP4, swizzle
-from kernels.reference import moe_route
+from kernels.reference import moe_route, quantized_weight
 from kernels.triton.activation import silu_and_mul, swiglu_oss
 from kernels.triton.attention import paged_attention
 from kernels.triton.kv_cache import write_kv_cache
@@ -39,6 +39,7 @@ __all__ = [
     "moe_experts",
     "moe",
     "prepare_weight",
+    "quantized_weight",
 ]
 
 

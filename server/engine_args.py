@@ -39,7 +39,7 @@ def positive_float(text: str) -> float:
 ENGINE_FLAGS: dict[str, tuple[dict[str, Any], str]] = {
     "device": ({"choices": DEVICES}, "where the model runs"),
     "dtype": ({"choices": DTYPES}, "weights and activations (auto: bf16 on CUDA, fp32 on CPU)"),
-    "kernel_backend": ({"choices": KERNEL_BACKENDS}, "auto: Triton on CUDA, torch on CPU"),
+    "kernel_backend": ({"choices": KERNEL_BACKENDS}, "auto: Triton on CUDA, cpu (quantized GGUF matmuls) on CPU; torch: the plain reference"),
     "max_model_len": ({"type": positive_int, "metavar": "N"},
                       "longest prompt + completion in tokens (default: the model's context, or the longest "
                       "the KV cache holds)"),

@@ -133,7 +133,7 @@ def banner_lines(engines: dict[str, AsyncEngine], url: str) -> list[str]:
         core = engine.engine
         stats = core.stats()
         ops = getattr(core.model, "local", core.model).ops  # tensor parallel: rank 0's slice holds the ops
-        backend = {"kernels.reference": "torch", "kernels.triton_ops": "triton"}.get(ops.__name__, ops.__name__)
+        backend = {"kernels.reference": "torch", "kernels.triton_ops": "triton", "kernels.cpu_ops": "cpu"}.get(ops.__name__, ops.__name__)
         lines.append(f"Minerva serving {name!r} at {url}/v1: context {core.max_model_len} tokens, KV cache "
                      f"{stats['kv_blocks_total'] * core.config.block_size} tokens, device {core.model.device}, "
                      f"{str(core.model.dtype).removeprefix('torch.')}, {backend} kernels")

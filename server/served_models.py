@@ -35,7 +35,7 @@ class ServedModel:
         card.update(info)
         card["max_model_len"] = self.engine.max_model_len
         stats = self.engine.stats()  # the KV cache of the whole tensor-parallel group, not one rank's
-        card.update({key: stats[key] for key in ("kv_cache_tokens", "kv_cache_bytes", "tensor_parallel_size")
+        card.update({key: stats[key] for key in ("kv_cache_tokens", "kv_cache_bytes", "tensor_parallel_size", "kernels")
                      if key in stats})
         return card
 

@@ -6,6 +6,9 @@ import os
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as server/cli.py: read once, before torch loads
+# The CPU backend's quantized matmuls without the start-up timing (~1 s per process, and noisy on a
+# busy machine); tests/test_kernels_cpu_quant.py runs the measurement itself.
+os.environ.setdefault("MINERVA_CPU_QGEMM", "1")
 
 import pytest
 import torch

@@ -7,12 +7,13 @@ import inspect
 import kernel_testing  # noqa: F401  (sets the Triton interpreter up before triton_ops is imported)
 import pytest
 
+import kernels.cpu_ops
 import kernels.reference
 import kernels.triton_ops
 from kernels import select_ops
 from kernels.ops import Ops
 
-BACKENDS = {"reference": kernels.reference, "triton_ops": kernels.triton_ops}
+BACKENDS = {"reference": kernels.reference, "triton_ops": kernels.triton_ops, "cpu_ops": kernels.cpu_ops}
 
 
 def protocol_ops() -> dict[str, inspect.Signature]:
@@ -52,5 +53,6 @@ def test_capabilities_are_declared(backend):
 
 
 def test_select_ops_returns_a_backend():
-    assert select_ops("cpu") is kernels.reference
+    assert select_ops("cpu") is kernels.cpu_ops
+    assert select_ops("cpu", "torch") is kernels.reference
     assert select_ops("cpu", "triton") is kernels.triton_ops

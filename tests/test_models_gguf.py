@@ -81,7 +81,8 @@ def write_metadata(writer: gguf.GGUFWriter, config) -> None:
         writer.add_rope_scaling_yarn_beta_slow(rope["beta_slow"])
 
 
-def gguf_tensors(kind: str, hf) -> dict[str, tuple[np.ndarray, Q]]:
+def gguf_tensors(kind: str, hf, quantized: dict[str, Q] | None = None) -> dict[str, tuple[np.ndarray, Q]]:
+    """`quantized`: GGUF name suffix (e.g. "attn_q.weight") -> the type gguf.quants stores it as (else F32)."""
     config = hf.config
     names = gguf.get_tensor_name_map(ARCHS[kind], config.num_hidden_layers)
     out: dict[str, tuple[np.ndarray, Q]] = {}
@@ -99,7 +100,9 @@ def gguf_tensors(kind: str, hf) -> dict[str, tuple[np.ndarray, Q]]:
         assert name is not None, hf_name
         if hf_name.endswith("sinks"):
             name += ".weight"  # llama.cpp's gpt-oss converter does the same
-        out[name] = (tensor.numpy(), Q.F32)
+        qtype = next((t for suffix, t in (quantized or {}).items() if name.endswith(suffix)), Q.F32)
+        array = tensor.numpy() if qtype == Q.F32 else gguf.quants.quantize(tensor.numpy(), qtype)
+        out[name] = (array, qtype)
     if kind == "llama3":
         head_dim = config.hidden_size // config.num_attention_heads
         out["rope_freqs.weight"] = (llama3_rope_factors(config.rope_parameters, head_dim), Q.F32)
@@ -126,10 +129,10 @@ def gpt_oss_experts(hf_name: str, tensor: torch.Tensor) -> dict[str, tuple[np.nd
     return {f"{down}.bias": (tensor.numpy(), Q.F32)}
 
 
-def write_gguf(path: Path, kind: str, hf) -> Path:
+def write_gguf(path: Path, kind: str, hf, quantized: dict[str, Q] | None = None) -> Path:
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[ARCHS[kind]])
     write_metadata(writer, hf.config)
-    for name, (array, qtype) in gguf_tensors(kind, hf).items():
+    for name, (array, qtype) in gguf_tensors(kind, hf, quantized).items():
         writer.add_tensor(name, array, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -165,3 +168,36 @@ def test_gguf_gpt_oss_mxfp4_matches_safetensors(tmp_path):
     for tokens, a, b in zip(batch, out_st, out_gguf):
         assert rel_err(b, a) < FP32_TOL
         assert rel_err(b, reference_logits(hf, tokens)) < FP32_TOL
+
+
+# Quantized the way llama.cpp's mixed files are: types differ within one fused QKV.
+MIXED_TYPES = {"attn_q.weight": Q.Q4_0, "attn_k.weight": Q.Q4_1, "attn_v.weight": Q.Q8_0, "attn_output.weight": Q.Q4_1,
+               "ffn_gate.weight": Q.Q4_1, "ffn_up.weight": Q.Q4_1, "ffn_down.weight": Q.Q4_0,
+               "token_embd.weight": Q.Q8_0}  # fmt: skip
+
+
+def test_quantized_gguf_stays_quantized_on_the_cpu_backend(tmp_path):
+    """The CPU backend keeps every projection and the tied embedding quantized (no fp32 copy) and its logits
+    equal the torch reference's, which dequantizes every weight at load."""
+    from kernels import cpu_ops, reference
+    from kernels.cpu import extension
+    from kernels.cpu.quant import QuantizedWeight
+
+    if extension.load() is None:
+        pytest.skip(f"native CPU kernels unavailable: {extension.unavailable_reason()}")
+    hf = save_tiny_model("llama", tmp_path / "hf")
+    path = write_gguf(tmp_path / "m.gguf", "llama", hf, MIXED_TYPES)
+    dense = build_model(open_model(path), ops=reference)
+    quantized = build_model(open_model(path), ops=cpu_ops)
+    layer = quantized.layers[0]
+    weights = (layer.attention.w.qkv, layer.attention.w.o, layer.mlp.gate_up, layer.mlp.down, quantized.embed)
+    assert all(isinstance(w, QuantizedWeight) for w in weights) and quantized.lm_head is quantized.embed
+    assert layer.attention.w.qkv.layout == "q8"  # Q4_0 + Q4_1 + Q8_0 rows widened to one layout
+    for a, b in zip(weights, (dense.layers[0].attention.w.qkv, dense.layers[0].attention.w.o,
+                              dense.layers[0].mlp.gate_up, dense.layers[0].mlp.down, dense.embed)):
+        assert torch.equal(a.dequantize(), b)
+    batch = prompts((9, 4, 1), seed=3)
+    out_dense = PagedBatcher(dense, block_size=4).step(dict(enumerate(batch)))
+    out_quantized = PagedBatcher(quantized, block_size=4).step(dict(enumerate(batch)))
+    for a, b in zip(out_dense, out_quantized):
+        assert rel_err(b, a) < FP32_TOL

@@ -29,7 +29,7 @@ def load_slice(loaded: Any, ctx: ParallelContext, device: torch.device, dtype: t
     ops = select_ops(device, kernel_backend)
     model = build_model(loaded, device="cpu", dtype=dtype, ops=ops,
                         unpack_mxfp4_gib=unpack_mxfp4_gib if device.type == "cpu" else 0.0,
-                        place_layer=lambda layer: slice_layer(layer, ctx, device))
+                        place_layer=lambda layer: slice_layer(layer, ctx, device), keep_quantized=False)
     return slice_vocab(model, ctx, device)
 
 

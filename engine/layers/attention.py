@@ -9,13 +9,13 @@ import torch
 
 from engine.attention_metadata import AttentionMetadata
 from engine.layers.rotary import Rotary
-from kernels.ops import Ops
+from kernels.ops import Ops, Weight
 
 
 @dataclass
 class AttentionWeights:
-    qkv: torch.Tensor  # [q_size + 2 * kv_size, hidden]: q rows, then k, then v
-    o: torch.Tensor  # [hidden, q_size]
+    qkv: Weight  # [q_size + 2 * kv_size, hidden]: q rows, then k, then v
+    o: Weight  # [hidden, q_size]
     qkv_bias: torch.Tensor | None = None
     o_bias: torch.Tensor | None = None
     sinks: torch.Tensor | None = None  # [num_heads] fp32 (gpt-oss)

@@ -13,8 +13,8 @@ from kernels.ops import Ops, Weight
 class GatedMLP:
     """`down(silu(gate(x)) * up(x))` with gate and up fused into one `[2I, H]` weight ([gate | up] rows)."""
 
-    gate_up: torch.Tensor
-    down: torch.Tensor
+    gate_up: Weight
+    down: Weight
     ops: Ops
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

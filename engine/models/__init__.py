@@ -32,6 +32,7 @@ def build_model(
     unpack_mxfp4_gib: float = 0.0,
     on_progress: Callable[[int, int], None] | None = None,
     place_layer: PlaceLayer = keep_layer,
+    keep_quantized: bool = True,
 ) -> DecoderLM:
     """Validate `loaded.config`, read and check every tensor, and return the model on `device`.
 
@@ -39,7 +40,8 @@ def build_model(
     MXFP4 experts stay packed unless `unpack_mxfp4_gib` allows a dense copy (see unpack_mxfp4).
     `on_progress(read, total)` hears the bytes of weights read so far (a progress bar's feed).
     Each layer passes through `place_layer` as soon as it is built: tensor parallelism slices it
-    there, so no more than one whole layer is ever held (engine/distributed).
+    there, so no more than one whole layer is ever held (engine/distributed); slicing cuts dense tensors,
+    so it passes `keep_quantized=False` (otherwise GGUF-quantized weights stay quantized where `ops` read them so).
     Raises ModelConfigError naming the field or tensor when the checkpoint does not fit.
     """
     device = torch.device(device)
@@ -51,7 +53,8 @@ def build_model(
     from_gguf = loaded.info.format == "gguf"
     rename = gguf_renamer(spec.model_type) if from_gguf else (lambda name: name)
     unpack = unpack_mxfp4(device, dtype, ops, loaded, unpack_mxfp4_gib)
-    reader = WeightReader(loaded.tensors, device, dtype, rename, unpack_mxfp4=unpack, on_progress=on_progress)
+    reader = WeightReader(loaded.tensors, device, dtype, rename, unpack_mxfp4=unpack, on_progress=on_progress,
+                          keep_quantized=ops.quantized_weight if keep_quantized else None)
     return _LOADERS[spec.family](spec, reader, ops, from_gguf, place_layer)
 
 

@@ -12,7 +12,7 @@ from engine.distributed.context import SINGLE, ParallelContext
 from engine.layers.attention import PagedAttention
 from engine.models.errors import ModelConfigError
 from engine.models.spec import ModelSpec
-from kernels.ops import Ops
+from kernels.ops import Ops, Weight
 
 
 @dataclass
@@ -40,10 +40,10 @@ class DecoderLM:
     def __init__(
         self,
         spec: ModelSpec,
-        embed: torch.Tensor,
+        embed: Weight,
         layers: list[DecoderLayer],
         final_norm: torch.Tensor,
-        lm_head: torch.Tensor,
+        lm_head: Weight,
         ops: Ops,
         parallel: ParallelContext = SINGLE,
     ) -> None:
@@ -58,8 +58,8 @@ class DecoderLM:
         self.num_kv_heads = spec.num_kv_heads
         self.head_dim = spec.head_dim
         self.vocab_size = spec.vocab_size
-        self.dtype = embed.dtype
-        self.device = embed.device
+        self.dtype = final_norm.dtype  # the embedding may be kept quantized (its rows dequantize on lookup)
+        self.device = final_norm.device
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     @property
@@ -89,7 +89,7 @@ class DecoderLM:
         if not self.kv_caches:
             raise RuntimeError("bind_kv_caches must be called before forward")
         ops, eps, parallel = self.ops, self.spec.rms_norm_eps, self.parallel
-        hidden = parallel.embed(self.embed, input_ids, self.vocab_size)
+        hidden = parallel.embed(self.embed, input_ids, self.vocab_size).to(self.dtype)
         residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.layers, self.kv_caches):
             if residual is None:

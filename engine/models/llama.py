@@ -14,7 +14,8 @@ from engine.layers.rotary import Rotary
 from engine.models.decoder import DecoderLayer, DecoderLM, PlaceLayer, keep_layer
 from engine.models.spec import ModelSpec
 from engine.models.weights import WeightReader
-from kernels.ops import Ops
+from kernels.cpu.quant import QuantizedWeight, cat_rows
+from kernels.ops import Ops, Weight
 
 # GGUF architectures whose llama.cpp converter permutes Q/K rows for its interleaved (non-NeoX) rope.
 PERMUTED_QK = ("llama", "mistral")
@@ -24,6 +25,22 @@ def unpermute_rows(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Undo llama.cpp's `permute`: per head, rows (i, half) back to (half, i)."""
     rows = w.shape[0]
     return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def unpermute_weight(w: Weight, num_heads: int) -> Weight:
+    """`unpermute_rows` for a dense or a quantized weight (whose rows move packed)."""
+    if isinstance(w, QuantizedWeight):
+        return w.select_rows(unpermute_rows(torch.arange(w.shape[0]), num_heads))
+    return unpermute_rows(w, num_heads)
+
+
+def stack_rows(weights: list[Weight]) -> Weight:
+    """One weight of all rows (fused QKV, gate/up): dense stays dense; quantized ones stay quantized only if
+    all are (a dense part, e.g. an F16 tensor beside quantized ones, makes the whole dense)."""
+    if all(isinstance(w, QuantizedWeight) for w in weights):
+        return cat_rows(weights)
+    dtype = next(w.dtype for w in weights if isinstance(w, torch.Tensor))
+    return torch.cat([w.dequantize().to(dtype) if isinstance(w, QuantizedWeight) else w for w in weights])
 
 
 def rotary_for(spec: ModelSpec, r: WeightReader) -> Rotary:
@@ -37,22 +54,22 @@ def rotary_for(spec: ModelSpec, r: WeightReader) -> Rotary:
 def _attention_weights(spec: ModelSpec, r: WeightReader, prefix: str, from_gguf: bool) -> AttentionWeights:
     h, q, kv = spec.hidden_size, spec.q_size, spec.kv_size
     if spec.model_type == "phi3":
-        qkv = r.get(f"{prefix}.qkv_proj.weight", (q + 2 * kv, h))
+        qkv = r.weight(f"{prefix}.qkv_proj.weight", (q + 2 * kv, h))
         qkv_bias = None
     else:
-        wq, wk = r.get(f"{prefix}.q_proj.weight", (q, h)), r.get(f"{prefix}.k_proj.weight", (kv, h))
-        wv = r.get(f"{prefix}.v_proj.weight", (kv, h))
+        wq, wk = r.weight(f"{prefix}.q_proj.weight", (q, h)), r.weight(f"{prefix}.k_proj.weight", (kv, h))
+        wv = r.weight(f"{prefix}.v_proj.weight", (kv, h))
         bq = bk = bv = None
         if spec.qkv_bias:
             bq, bk = r.get(f"{prefix}.q_proj.bias", (q,)), r.get(f"{prefix}.k_proj.bias", (kv,))
             bv = r.get(f"{prefix}.v_proj.bias", (kv,))
         if from_gguf and spec.model_type in PERMUTED_QK:
-            wq, wk = unpermute_rows(wq, spec.num_heads), unpermute_rows(wk, spec.num_kv_heads)
+            wq, wk = unpermute_weight(wq, spec.num_heads), unpermute_weight(wk, spec.num_kv_heads)
             if bq is not None:
                 bq, bk = unpermute_rows(bq, spec.num_heads), unpermute_rows(bk, spec.num_kv_heads)
-        qkv = torch.cat((wq, wk, wv))
+        qkv = stack_rows([wq, wk, wv])
         qkv_bias = None if bq is None else torch.cat((bq, bk, bv))
-    o = r.get(f"{prefix}.o_proj.weight", (h, q))
+    o = r.weight(f"{prefix}.o_proj.weight", (h, q))
     o_bias = r.get(f"{prefix}.o_proj.bias", (h,)) if spec.o_bias else None
     return AttentionWeights(qkv=qkv, o=o, qkv_bias=qkv_bias, o_bias=o_bias)
 
@@ -60,10 +77,10 @@ def _attention_weights(spec: ModelSpec, r: WeightReader, prefix: str, from_gguf:
 def _mlp(spec: ModelSpec, r: WeightReader, prefix: str, ops: Ops) -> GatedMLP:
     h, i = spec.hidden_size, spec.intermediate_size
     if spec.model_type == "phi3":
-        gate_up = r.get(f"{prefix}.gate_up_proj.weight", (2 * i, h))
+        gate_up = r.weight(f"{prefix}.gate_up_proj.weight", (2 * i, h))
     else:
-        gate_up = torch.cat((r.get(f"{prefix}.gate_proj.weight", (i, h)), r.get(f"{prefix}.up_proj.weight", (i, h))))
-    return GatedMLP(gate_up=gate_up, down=r.get(f"{prefix}.down_proj.weight", (h, i)), ops=ops)
+        gate_up = stack_rows([r.weight(f"{prefix}.gate_proj.weight", (i, h)), r.weight(f"{prefix}.up_proj.weight", (i, h))])
+    return GatedMLP(gate_up=gate_up, down=r.weight(f"{prefix}.down_proj.weight", (h, i)), ops=ops)
 
 
 def load_llama(spec: ModelSpec, r: WeightReader, ops: Ops, from_gguf: bool,
@@ -90,6 +107,8 @@ def load_llama(spec: ModelSpec, r: WeightReader, ops: Ops, from_gguf: bool,
                 mlp=_mlp(spec, r, f"{p}.mlp", ops),
             )
         ))
-    embed = r.get("model.embed_tokens.weight", (v, h))
-    lm_head = embed if spec.tie_word_embeddings else r.get("lm_head.weight", (v, h))
+    # A quantized embedding is looked up row by row (only the ids' rows are dequantized), so a tied
+    # LM head reads the same quantized bytes.
+    embed = r.weight("model.embed_tokens.weight", (v, h))
+    lm_head = embed if spec.tie_word_embeddings else r.weight("lm_head.weight", (v, h))
     return DecoderLM(spec, embed, layers, r.get("model.norm.weight", (h,)), lm_head, ops)

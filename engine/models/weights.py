@@ -14,6 +14,11 @@ import torch
 
 from engine.models.errors import ModelConfigError
 from kernels.mxfp4 import MXFP4Tensor
+from kernels.ops import Weight
+
+# What the kernels make of a GGUF tensor's stored blocks (raw bytes, type, shape): a weight they read
+# quantized, or None to load it dense (kernels.ops.Ops.quantized_weight).
+KeepQuantized = Callable[[torch.Tensor, str, tuple[int, ...]], Weight | None]
 
 
 class WeightReader:
@@ -25,6 +30,7 @@ class WeightReader:
         rename: Callable[[str], str] = lambda name: name,
         unpack_mxfp4: bool = False,
         on_progress: Callable[[int, int], None] | None = None,
+        keep_quantized: KeepQuantized | None = None,
     ) -> None:
         self.tensors = tensors
         self.device = device
@@ -32,6 +38,7 @@ class WeightReader:
         self.rename = rename
         self.unpack_mxfp4 = unpack_mxfp4
         self.on_progress = on_progress  # (bytes read so far, bytes of all tensors): a load progress bar
+        self.keep_quantized = keep_quantized if device.type == "cpu" else None
         self._total_bytes = sum(t.nbytes for t in tensors.values()) if on_progress else 0
         self._read_bytes = 0
 
@@ -58,6 +65,18 @@ class WeightReader:
         tensor = lazy.load()
         self._count(self.rename(name))
         return tensor.to(device=self.device, dtype=dtype or self.dtype, copy=tensor.device == self.device)
+
+    def weight(self, name: str, shape: tuple[int, ...]) -> Weight:
+        """A matmul weight: as `get`, except that a quantized GGUF tensor the kernels read in place stays quantized."""
+        lazy = self._lazy(name)
+        if self.keep_quantized is None or not lazy.is_quantized or tuple(lazy.shape) != tuple(shape):
+            return self.get(name, shape)
+        raw, type_name = lazy.raw()
+        kept = self.keep_quantized(raw, type_name, tuple(lazy.shape))
+        if kept is None:
+            return self.get(name, shape)
+        self._count(self.rename(name))
+        return kept
 
     def mxfp4(self, name: str, shape: tuple[int, ...]) -> MXFP4Tensor | torch.Tensor:
         """An MXFP4 weight of logical `shape` `[..., out, in]`: kept packed on the device, or, with

@@ -1,0 +1,82 @@
+"""Build and load qgemm.cpp (the quantized CPU matmuls) once per machine, cached on disk.
+
+The build is native (`-march=native`), so the cache key holds the source, torch's version and the
+CPU's flags: another CPU or another torch builds its own copy. Any failure (no compiler, no ninja,
+a compile error) leaves `load()` returning None with the reason in `unavailable_reason()`, and the
+CPU ops fall back to dense weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("qgemm.cpp")
+CACHE_ENV = "MINERVA_KERNEL_CACHE"  # where builds are kept; default ~/.cache/minerva/kernels
+SWITCH_ENV = "MINERVA_CPU_QGEMM"  # "0": never build (dense weights); "1": use without measuring (select.py)
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def cpu_flags() -> str:
+    """The CPU's feature flags (Linux), or the machine name where /proc/cpuinfo is absent."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def cache_dir() -> Path:
+    key = hashlib.sha256(
+        b"\0".join((SOURCE.read_bytes(), torch.__version__.encode(), cpu_flags().encode(), " ".join(FLAGS).encode()))
+    ).hexdigest()[:16]
+    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "minerva" / "kernels")
+    return root / f"qgemm-{key}"
+
+
+def load() -> object | None:
+    """`torch.ops.minerva_cpu` with the kernels registered, or None when they cannot be built here."""
+    with _lock:
+        if "ops" not in _state:
+            _state["ops"], _state["reason"] = _build()
+        return _state["ops"]
+
+
+def unavailable_reason() -> str | None:
+    load()
+    return _state["reason"]  # type: ignore[return-value]
+
+
+def _build() -> tuple[object | None, str | None]:
+    if os.environ.get(SWITCH_ENV) == "0":
+        return None, f"{SWITCH_ENV}=0"
+    if platform.system() != "Linux":
+        return None, f"native CPU kernels are built on Linux only (this is {platform.system()})"
+    try:
+        from torch.utils.cpp_extension import load as load_extension
+
+        build_dir = cache_dir()
+        build_dir.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        load_extension("minerva_qgemm", [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+                       build_directory=str(build_dir), is_python_module=False, verbose=False)
+        log.info("CPU quantized kernels ready in %.1f s (%s)", time.perf_counter() - started, build_dir)
+        return torch.ops.minerva_cpu, None
+    except Exception as exc:  # a missing compiler or ninja shows up as many exception types
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+        log.warning("CPU quantized kernels unavailable, using dense weights: %s", reason)
+        return None, reason

@@ -1,0 +1,140 @@
+"""Start-up choice of the CPU matmul for GGUF-quantized weights, by measurement on this machine.
+
+Candidates: `dense` (weights dequantized to fp32 at load, torch's `F.linear`: today's path) and
+`qgemm` (weights kept quantized, read by qgemm.cpp). Both run through a stack of distinct Q4_1
+projections of the default model's size (~40 MB in fp32, so the weights stream from beyond the
+cores' caches as in a forward pass) at 1, 4, 16 and 64 rows; `qgemm` is chosen when it is
+faster at one row (a single stream's decode), and it serves every batch up to the largest row count
+where it still beats its alternative for big batches, `dequant` (a chunk of rows dequantized per
+call, then `F.linear`), which serves larger batches (prefill). The choice, the
+timings and the achieved weight bandwidth against this machine's copy bandwidth are logged once
+and kept in `plan().describe()` (the server's /v1/models metadata).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from kernels.cpu import extension
+from kernels.cpu.quant import SUPPORTED_TYPES, QuantizedWeight, pack_gguf
+
+log = logging.getLogger(__name__)
+
+PROBE_SHAPE = (1536, 576)  # SmolLM2's gate/up rows x hidden: a small model's typical projection
+PROBE_LAYERS = 12  # distinct weights per pass (~40 MB in fp32: past any core's cache)
+PROBE_ROWS = (1, 4, 16, 64)
+PROBE_ROUNDS, PROBE_SECONDS = 7, 1.0  # interleaved rounds, best of each (a busy machine slows both alike)
+# Timed on one thread: on a busy machine a two-thread region of such small ops waits out the other
+# thread's scheduling delay (milliseconds), which would drown the kernels' own cost; the candidates
+# split rows across threads alike, so one thread ranks them as two do.
+
+
+@dataclass(frozen=True)
+class Plan:
+    kernel: str  # "qgemm" | "dense"
+    native_max_rows: int  # batches up to this many rows read quantized weights in place
+    types: tuple[str, ...]  # GGUF types kept quantized (empty with "dense")
+    reason: str
+    timings_ms: dict[str, dict[int, float]] = field(default_factory=dict)
+    bandwidth_gbs: dict[str, float] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, object]:
+        return {"kernel": self.kernel, "native_max_rows": self.native_max_rows, "quantized_types": list(self.types),
+                "reason": self.reason, "timings_ms": {k: {str(r): t for r, t in v.items()}
+                                                      for k, v in self.timings_ms.items()},
+                "bandwidth_gbs": self.bandwidth_gbs}
+
+
+_lock = threading.Lock()
+_plan: list[Plan] = []
+
+
+def plan() -> Plan:
+    """This process's choice, measured on first use."""
+    with _lock:
+        if not _plan:
+            _plan.append(_choose())
+            log.info("CPU matmul for GGUF weights: %s", _plan[0].describe())
+        return _plan[0]
+
+
+def chosen() -> Plan | None:
+    """The plan if this process has made it (a model with quantized weights loaded), without measuring."""
+    with _lock:
+        return _plan[0] if _plan else None
+
+
+def native_linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
+    """`x @ weight.T` by qgemm.cpp: `x` contiguous fp32 `[M, K]`, `weight` 2-D."""
+    ops = extension.load()
+    if weight.layout == "q4":
+        return ops.q4_linear(x, weight.qs, weight.scales, weight.offsets, weight.codebook)
+    return ops.q8_linear(x, weight.qs, weight.scales, weight.offsets)
+
+
+def _ms(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return (time.perf_counter() - started) * 1e3
+
+
+def _best_ms(fn, repeats: int = 5) -> float:
+    fn()
+    return min(_ms(fn) for _ in range(repeats))
+
+
+def copy_bandwidth_gbs() -> float:
+    """This machine's memory copy bandwidth (read + write), the yardstick of the kernels' GB/s."""
+    src = torch.empty(16 * 2**20, dtype=torch.uint8).fill_(1)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / _best_ms(lambda: dst.copy_(src)) / 1e6
+
+
+def _choose() -> Plan:
+    ops = extension.load()
+    if ops is None:
+        return Plan("dense", 0, (), f"native kernels unavailable: {extension.unavailable_reason()}")
+    if os.environ.get(extension.SWITCH_ENV) == "1":
+        return Plan("qgemm", PROBE_ROWS[-1], SUPPORTED_TYPES, f"{extension.SWITCH_ENV}=1 (not measured)")
+    n, k = PROBE_SHAPE
+    generator = torch.Generator().manual_seed(0)
+    raw = torch.randint(0, 256, (PROBE_LAYERS * n, k // 32 * 20), dtype=torch.uint8, generator=generator).view(-1, 20)
+    raw[:, :4] = torch.full((raw.shape[0], 2), 0.01, dtype=torch.float16).view(torch.uint8)
+    stacked = pack_gguf(raw, "Q4_1", (PROBE_LAYERS * n, k))
+    quantized = [stacked.select_rows(slice(i * n, (i + 1) * n)) for i in range(PROBE_LAYERS)]
+    dense = [w.dequantize() for w in quantized]
+    candidates = {"qgemm": lambda x: [native_linear(x, w) for w in quantized],
+                  "dense": lambda x: [F.linear(x, w) for w in dense],
+                  "dequant": lambda x: [F.linear(x, w.dequantize()) for w in quantized]}
+    inputs = {rows: torch.randn(rows, k, generator=generator) for rows in PROBE_ROWS}
+    timings: dict[str, dict[int, float]] = {name: dict.fromkeys(PROBE_ROWS, float("inf")) for name in candidates}
+    deadline = time.perf_counter() + PROBE_SECONDS
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for round_ in range(PROBE_ROUNDS + 1):  # round 0 warms up
+            for rows, x in inputs.items():
+                for name, run in candidates.items():
+                    elapsed = _ms(lambda: run(x))
+                    if round_:
+                        timings[name][rows] = round(min(timings[name][rows], elapsed), 3)
+            if round_ and time.perf_counter() > deadline:
+                break
+    finally:
+        torch.set_num_threads(threads)
+    copy = copy_bandwidth_gbs()
+    bandwidth = {"copy": round(copy, 2),
+                 "qgemm_1_row": round(stacked.nbytes / timings["qgemm"][1] / 1e6, 2),
+                 "dense_1_row": round(sum(w.numel() * 4 for w in dense) / timings["dense"][1] / 1e6, 2)}
+    if timings["qgemm"][1] <= timings["dense"][1]:
+        max_rows = max(rows for rows in PROBE_ROWS if rows == 1 or timings["qgemm"][rows] <= timings["dequant"][rows])
+        reason = f"faster than dense at 1 row; in place up to {max_rows} rows, dequantized per call beyond"
+        return Plan("qgemm", max_rows, SUPPORTED_TYPES, reason, timings, bandwidth)
+    return Plan("dense", 0, (), "dense fp32 was faster at one row on this CPU", timings, bandwidth)

@@ -1,0 +1,121 @@
+"""The CPU path of every op the models call: same names and signatures as `kernels.reference`.
+
+`kernels.select_ops` picks this module on CPU. What differs from the reference:
+- GGUF-quantized weights stay quantized (`quantized_weight`) and `linear` reads them with the
+  native kernels of kernels/cpu, when the start-up measurement (kernels/cpu/select.py) found
+  them faster than dense fp32 on this machine; otherwise weights load dense as before.
+- Prefill attention runs torch's fused `scaled_dot_product_attention` per sequence.
+Everything else is the reference's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels import reference
+from kernels.cpu import select
+from kernels.cpu.quant import QuantizedWeight, pack_gguf
+from kernels.mxfp4 import MXFP4Tensor
+from kernels.reference import (
+    moe,
+    moe_experts,
+    moe_route,
+    rms_norm,
+    rope,
+    rope_write_kv,
+    silu_and_mul,
+    swiglu_oss,
+    write_kv_cache,
+)
+
+Weight = torch.Tensor | MXFP4Tensor | QuantizedWeight
+
+# MoE experts stay on the reference's path, which dequantizes packed MXFP4 at every call.
+DEQUANTIZES_MXFP4_PER_CALL = True
+
+# Rows of a quantized weight dequantized at once on the large-batch path: bounds the fp32 temporary.
+_DEQUANT_ROWS = 4096
+
+__all__ = [
+    "rms_norm", "rope", "write_kv_cache", "rope_write_kv", "paged_attention", "linear", "silu_and_mul",
+    "swiglu_oss", "moe_route", "moe_experts", "moe", "prepare_weight", "quantized_weight", "describe",
+]  # fmt: skip
+
+
+def describe() -> dict[str, object]:
+    """What this backend runs on this machine (the server's /v1/models metadata): the start-up choice of
+    the quantized matmul with its timings, or None when no quantized weight has been loaded."""
+    plan = select.chosen()
+    return {"backend": "cpu", "quantized_matmul": plan.describe() if plan is not None else None}
+
+
+def prepare_weight(weight: torch.Tensor | MXFP4Tensor) -> Weight:
+    """The checkpoint's own layout: the MoE path reads packed MXFP4 as the reference does."""
+    return weight
+
+
+def quantized_weight(raw: torch.Tensor, type_name: str, shape: tuple[int, ...]) -> Weight | None:
+    """A GGUF tensor's stored blocks kept quantized for `linear`, or None: load it dense."""
+    if type_name not in select.plan().types:
+        return None
+    return pack_gguf(raw, type_name, shape)
+
+
+def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ weight.T + bias`; a quantized weight is read in place up to the measured row count,
+    dequantized a chunk of rows at a time for larger batches (prefill)."""
+    if not isinstance(weight, QuantizedWeight):
+        return reference.linear(x, weight, bias)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
+    if x2.shape[0] <= select.plan().native_max_rows:
+        y = select.native_linear(x2, weight)
+        if bias is not None:
+            y += bias.float()
+    else:
+        y = torch.empty(x2.shape[0], weight.shape[0], dtype=torch.float32)
+        for start in range(0, weight.shape[0], _DEQUANT_ROWS):
+            tile = weight.select_rows(slice(start, start + _DEQUANT_ROWS))
+            tile_bias = None if bias is None else bias[start:start + _DEQUANT_ROWS].float()
+            y[:, start:start + _DEQUANT_ROWS] = F.linear(x2, tile.dequantize(), tile_bias)
+    return y.view(*lead, weight.shape[0]).to(x.dtype)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The reference's contract; sequences with several new queries run SDPA (no window, no sinks)."""
+    lens = seq_lens.tolist()
+    if sliding_window is not None or sinks is not None or q.shape[0] == len(lens):
+        return reference.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
+                                         sliding_window, sinks)
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    out = torch.empty_like(q)
+    starts = query_start_loc.tolist()
+    for i, seq_len in enumerate(lens):
+        q_i = q[starts[i]:starts[i + 1]]
+        q_len = q_i.shape[0]
+        if q_len == 0:
+            continue
+        table = block_tables[i, :-(-seq_len // block_size)].long()
+        k_i = k_cache[table].reshape(-1, num_kv_heads, head_dim)[:seq_len]
+        v_i = v_cache[table].reshape(-1, num_kv_heads, head_dim)[:seq_len]
+        mask = None
+        if q_len != seq_len:  # a chunk after cached context: query j sits at seq_len - q_len + j
+            positions = torch.arange(seq_len - q_len, seq_len).unsqueeze(1)
+            mask = torch.arange(seq_len).unsqueeze(0) <= positions
+        attended = F.scaled_dot_product_attention(
+            q_i.float().transpose(0, 1), k_i.float().transpose(0, 1), v_i.float().transpose(0, 1),
+            attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=num_heads != num_kv_heads)
+        out[starts[i]:starts[i + 1]] = attended.transpose(0, 1).to(q.dtype)
+    return out
