@@ -99,7 +99,7 @@ def test_codex_answers_a_prompt_with_the_default_model(tmp_path):
 
     binary = codex_binary()
     engine = AsyncEngine.from_config(EngineConfig(model=str(smollm2_gguf()), served_model_name="smollm2",
-                                                  device="cpu", max_model_len=8192, kv_cache_gib=0.2))
+                                                  device="cpu", max_model_len=8192, kv_cache_gib=0.5))
     server = LiveServer(create_app({"smollm2": engine}))
     try:
         run = codex_exec(binary, server.base_url, "smollm2", "Say hello in one short sentence.", tmp_path,

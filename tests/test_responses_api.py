@@ -214,3 +214,43 @@ def test_tool_loop_call_then_output_then_answer(scripted):
                                   "input": [{"role": "user", "content": "Weather in Paris?"}, call, result]})
     assert stateless["output"][0]["content"][0]["text"] == ANSWER
     assert chained["usage"]["input_tokens"] == stateless["usage"]["input_tokens"]
+
+
+def test_sdk_tool_loop_with_previous_response_id_and_typed_stream(scripted):
+    sdk = openai.OpenAI(base_url=str(scripted.base_url) + "/v1", api_key="unused", max_retries=0, timeout=60)
+    first = sdk.responses.create(model="scripted", input="Weather in Paris?", tools=[WEATHER], temperature=0)
+    (call,) = first.output
+    assert call.type == "function_call" and json.loads(call.arguments) == {"city": "Paris", "days": 2}
+    with sdk.responses.stream(model="scripted", previous_response_id=first.id, tools=[WEATHER], temperature=0,
+                              input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}]) as s:
+        kinds = [event.type for event in s]
+        answer = s.get_final_response()
+    assert answer.output_text == ANSWER and answer.previous_response_id == first.id
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"] and kinds[-1] == "response.completed"
+    with pytest.raises(openai.NotFoundError) as missing:
+        sdk.responses.retrieve("resp_unknown")
+    assert missing.value.code == "response_not_found"
+
+
+def test_reasoning_items_reach_the_assistant_turn_and_harmony_renders_them():
+    pytest.importorskip("openai_harmony")
+    from server.conversation.harmony import harmony_encoding, render_harmony
+    from server.responses_api.items import canonical_items
+    from server.responses_api.request import ResponsesRequest
+    from server.responses_api.sealing import ReasoningSeal
+    from server.responses_api.translate import conversation_of
+
+    seal = ReasoningSeal.from_environment()
+    body = ResponsesRequest(instructions="Be exact.", tools=[WEATHER], input=[
+        {"role": "user", "content": "Weather in Paris?"},
+        {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": seal.seal("I should call get_weather.")},
+        {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"city": "Paris", "days": 1}'},
+        {"type": "function_call_output", "call_id": "c1", "output": "sunny"}])
+    conversation = conversation_of(body, canonical_items(body.input, seal))
+    assert [turn.role for turn in conversation.turns] == ["developer", "user", "assistant", "tool"]
+    assistant, tool = conversation.turns[2:]
+    assert assistant.reasoning == "I should call get_weather." and assistant.tool_calls[0].name == "get_weather"
+    assert (tool.call_id, tool.name, tool.text) == ("c1", "get_weather", "sunny")
+    prompt = harmony_encoding().decode(render_harmony(conversation))
+    assert "<|channel|>analysis<|message|>I should call get_weather." in prompt

@@ -65,24 +65,34 @@ def stored(request: Request, response_id: str, param: str | None = None) -> Stor
 
 def response_head(body: ResponsesRequest, served: ServedModel, response_id: str,
                   conversation: Conversation) -> dict[str, Any]:
-    """The response's fields that echo the request."""
-    named = conversation.named_tool
-    choice: Any = ({"type": named.kind, "name": named.name} if named is not None else
-                   body.tool_choice if isinstance(body.tool_choice, dict) and body.tool_choice.get("type") ==
-                   "allowed_tools" else conversation.tool_choice)
-    text_format = body.text.format if body.text is not None and body.text.format is not None else None
-    text = {"format": {"type": "text"}}
-    if text_format is not None and text_format.type != "text":
-        text = {"format": {"name": "response", **text_format.model_dump(by_alias=True, exclude_none=True)}}
+    """The response's fields that echo the request (as served: skipped tools and built-in choices left out)."""
     return {"id": response_id, "object": "response", "created_at": int(time.time()), "model": served.name,
             "instructions": body.instructions, "metadata": body.metadata or {},
             "parallel_tool_calls": body.parallel_tool_calls,
             "temperature": 1.0 if body.temperature is None else body.temperature,
-            "top_p": 1.0 if body.top_p is None else body.top_p, "tool_choice": choice,
+            "top_p": 1.0 if body.top_p is None else body.top_p, "tool_choice": tool_choice_echo(body, conversation),
             "tools": [tool_echo(tool) for tool in conversation.tools], "max_output_tokens": body.max_output_tokens,
             "previous_response_id": body.previous_response_id,
             "reasoning": {"effort": body.reasoning.effort if body.reasoning else None, "summary": None},
-            "text": text, "store": body.store, "user": body.user, "truncation": "disabled", "background": False}
+            "text": {"format": text_format_echo(body)}, "store": body.store, "user": body.user,
+            "truncation": "disabled", "background": False}
+
+
+def tool_choice_echo(body: ResponsesRequest, conversation: Conversation) -> Any:
+    named = conversation.named_tool
+    if named is not None:
+        return {"type": named.kind, "name": named.name}
+    if isinstance(body.tool_choice, dict) and body.tool_choice.get("type") == "allowed_tools":
+        return body.tool_choice
+    return conversation.tool_choice
+
+
+def text_format_echo(body: ResponsesRequest) -> dict[str, Any]:
+    spec = body.text.format if body.text is not None else None
+    if spec is None or spec.type == "text":
+        return {"type": "text"}
+    echoed = spec.model_dump(by_alias=True, exclude_none=True)
+    return {"name": "response", **echoed} if spec.type == "json_schema" else echoed
 
 
 @router.post("/v1/responses", response_model=None)
