@@ -213,6 +213,11 @@ def test_tool_loop_call_then_output_then_answer(scripted):
     stateless = create(scripted, {**body, "store": False,
                                   "input": [{"role": "user", "content": "Weather in Paris?"}, call, result]})
     assert stateless["output"][0]["content"][0]["text"] == ANSWER
+    image = {**result, "output": [{"type": "input_text", "text": "the map:"}, {"type": "input_image", "image_url": "x"}]}
+    shown = create(scripted, {**body, "input": [{"role": "user", "content": "Weather in Paris?"}, call, image]})
+    assert shown["output"][0]["content"][0]["text"] == ANSWER  # an image in a tool output does not end the loop
+    items = scripted.get(f"/v1/responses/{shown['id']}/input_items", params={"order": "asc"}).json()["data"]
+    assert items[-1]["output"] == "the map:[input_image left out: this model reads text only]"
     assert chained["usage"]["input_tokens"] == stateless["usage"]["input_tokens"]
 
 

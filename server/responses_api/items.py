@@ -3,8 +3,9 @@
 A string input is one user message; a message's content may be a string or parts; items may omit
 `type` (then they are messages) and `id` (one is given). Sealed reasoning is opened here, so the rest
 of the server sees its text. Item types a text model cannot take part in (web search results, computer
-calls, ...) are skipped with a warning; images and files are a 400, since dropping them would change
-the question.
+calls, ...) are skipped with a warning; images and files in a message are a 400, since dropping them
+would change the question, while in a tool's output (an agent's image-viewing tool) they become a
+placeholder saying so, so that one tool result cannot end an agent's session.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def canonical_item(item: dict[str, Any], param: str, seal: ReasoningSeal) -> dic
         return canonical
     if kind in ("function_call_output", "custom_tool_call_output"):
         return {"id": item_id or new_item_id(kind), "type": kind, "call_id": required_str(item, "call_id", param),
-                "output": content_text(item.get("output"), f"{param}.output"), "status": "completed"}
+                "output": content_text(item.get("output"), f"{param}.output", text_only=False), "status": "completed"}
     if kind == "reasoning":
         return reasoning_item(item, item_id, param, seal)
     if kind == "item_reference":
@@ -93,18 +94,19 @@ def reasoning_item(item: dict[str, Any], item_id: str | None, param: str, seal: 
     return canonical
 
 
-def content_text(content: Any, param: str) -> str:
+def content_text(content: Any, param: str, text_only: bool = True) -> str:
     if content is None:
         return ""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return parts_text(content, param)
+        return parts_text(content, param, text_only)
     raise APIError(400, f"{param} must be a string or a list of content parts", param=param)
 
 
-def parts_text(parts: list[Any], param: str) -> str:
-    """Text parts joined; images, files and audio are refused (this server serves text models)."""
+def parts_text(parts: list[Any], param: str, text_only: bool = True) -> str:
+    """Text parts joined; images, files and audio are refused (this server serves text models), or with
+    `text_only` false replaced by a placeholder naming what was left out."""
     texts = []
     for index, part in enumerate(parts):
         if not isinstance(part, dict):
@@ -114,6 +116,9 @@ def parts_text(parts: list[Any], param: str) -> str:
             texts.append(part["text"])
         elif kind == "refusal" and isinstance(part.get("refusal"), str):
             texts.append(part["refusal"])
+        elif not text_only:
+            logger.warning("responses: %s.%d is %r content; the model is told it was left out", param, index, kind)
+            texts.append(f"[{kind} left out: this model reads text only]")
         else:
             raise APIError(400, f"unsupported content part type {kind!r}: only text is supported",
                            param=f"{param}.{index}.type", code="unsupported_content")
