@@ -93,7 +93,9 @@ class LLMEngine:
     def grammars(self) -> GrammarCompiler:
         """Compiled-grammar cache, built on first use (servers that never constrain output never import xgrammar)."""
         if self._grammars is None:
-            self._grammars = GrammarCompiler(self.tokenizer, self.model.vocab_size)
+            self._grammars = GrammarCompiler(self.tokenizer, self.model.vocab_size,
+                                             timeout_s=self.config.grammar_compile_timeout_s,
+                                             cache_bytes=int(self.config.grammar_cache_mib * (1 << 20)))
         return self._grammars
 
     @classmethod
@@ -391,6 +393,8 @@ class LLMEngine:
         return getattr(self.model, "world_size", 1)
 
     def close(self) -> None:
+        if self._grammars is not None:
+            self._grammars.close()
         stop_model(self.model)
 
 

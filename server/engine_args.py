@@ -73,6 +73,9 @@ ENGINE_FLAGS: dict[str, tuple[dict[str, Any], str]] = {
     "cpu_threads": ({"type": positive_int, "metavar": "N"},
                     "threads for the model's CPU work (default: the CPUs this process may use, by affinity and "
                     "cgroup quota, less those other processes keep busy at start-up; engine/cpu_threads.py)"),
+    "grammar_compile_timeout_s": ({"type": positive_float, "metavar": "SECONDS"},
+                                  "a structured-output grammar compiling longer is killed and its request gets a 400"),
+    "grammar_cache_mib": ({"type": positive_float, "metavar": "MIB"}, "memory for cached compiled grammars"),
 }
 
 

@@ -4,8 +4,10 @@ xgrammar does the grammar work (chosen by measured per-token mask cost: see docs
 """
 
 from engine.structured.bitmask import unconstrained_bitmask
-from engine.structured.compiler import GrammarCompiler, GrammarError
+from engine.structured.compiler import GrammarCompiler
 from engine.structured.matcher import GrammarMatcher
 from engine.structured.spec import StructuredOutput
+from engine.structured.workers import GrammarError, GrammarTimeout
 
-__all__ = ["GrammarCompiler", "GrammarError", "GrammarMatcher", "StructuredOutput", "unconstrained_bitmask"]
+__all__ = ["GrammarCompiler", "GrammarError", "GrammarMatcher", "GrammarTimeout", "StructuredOutput",
+           "unconstrained_bitmask"]

@@ -1,64 +1,93 @@
 """Grammar compilation: one xgrammar TokenizerInfo per model, one compiled grammar per distinct schema (cached).
 
-Compiling takes milliseconds to seconds depending on the schema, so the server compiles
-in a worker thread before it adds the request; the engine then finds the grammar cached
-and its step loop never waits on a compiler.
+Compiles run in killable worker processes (engine/structured/workers.py) under a time limit; the
+server awaits `compile_async` before it adds the request, so the engine finds the grammar cached
+and its step loop never waits on a compiler. The cache is bounded in bytes (xgrammar reports each
+grammar's size), since distinct schemas from clients are unbounded in number and size.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from engine.structured.spec import StructuredOutput
+from engine.structured.workers import GrammarTimeout, WorkerPool
 from engine.tokenizer import Tokenizer
 
-
-class GrammarError(ValueError):
-    """A schema the grammar engine cannot compile (invalid JSON Schema or an unsupported feature)."""
+WORKERS = 2  # compiles at once; more queue (within their deadline)
+WAITERS = 64  # threads that only wait on a worker's pipe, apart from asyncio's shared pool
 
 
 class GrammarCompiler:
-    """Thread-safe, LRU-bounded cache of compiled grammars for one tokenizer and logits width."""
+    """Thread-safe cache of compiled grammars for one tokenizer and logits width, bounded by `cache_bytes`."""
 
-    def __init__(self, tokenizer: Tokenizer, vocab_size: int, max_cached: int = 256) -> None:
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, timeout_s: float = 5.0,
+                 cache_bytes: int = 256 << 20) -> None:
         import xgrammar  # imported here: servers that never constrain output never pay its import
 
         self._xgr = xgrammar
         self.vocab_size = vocab_size
-        self._compiler = xgrammar.GrammarCompiler(_tokenizer_info(xgrammar, tokenizer, vocab_size))
+        self.timeout_s = timeout_s
+        self.cache_bytes = cache_bytes
+        self._info = _tokenizer_info(xgrammar, tokenizer, vocab_size)
+        self._workers = WorkerPool(self._info.serialize_json(), WORKERS)
+        self._waiters = ThreadPoolExecutor(WAITERS, thread_name_prefix="minerva-grammar")
         self._cache: OrderedDict[StructuredOutput, Any] = OrderedDict()
+        self._cached_bytes = 0
         self._lock = threading.Lock()
-        self._max_cached = max_cached
 
-    def compile(self, spec: StructuredOutput) -> Any:
-        """The compiled grammar for `spec`; raises GrammarError with xgrammar's reason."""
+    def compile(self, spec: StructuredOutput, cancelled: threading.Event | None = None) -> Any:
+        """The compiled grammar for `spec`; GrammarError with the reason, GrammarTimeout past the limit."""
         with self._lock:
             if spec in self._cache:
                 self._cache.move_to_end(spec)
                 return self._cache[spec]
         try:
-            if spec.kind == "json_object":
-                compiled = self._compiler.compile_json_schema('{"type": "object"}', strict_mode=False)
-            elif spec.kind == "regex":
-                compiled = self._compiler.compile_regex(spec.schema or "")
-            elif spec.kind == "lark":
-                compiled = self._compiler.compile_lark(spec.schema or "")
-            else:
-                compiled = self._compiler.compile_json_schema(spec.schema or "{}", any_whitespace=False)
-        except Exception as exc:  # xgrammar raises RuntimeError/ValueError/its own types for bad schemas
-            raise GrammarError(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__) from exc
-        with self._lock:
-            self._cache[spec] = compiled
-            while len(self._cache) > self._max_cached:
-                self._cache.popitem(last=False)
+            serialized = self._workers.compile(spec.kind, spec.schema, self.timeout_s, cancelled)
+        except GrammarTimeout as exc:
+            raise GrammarTimeout(f"compiling it took longer than the server's limit of {self.timeout_s:g} s "
+                                 "(--grammar-compile-timeout-s)") from exc
+        compiled = self._xgr.CompiledGrammar.deserialize_json(serialized, self._info)
+        self._remember(spec, compiled)
         return compiled
+
+    async def compile_async(self, spec: StructuredOutput) -> Any:
+        """`compile` on this compiler's own waiting threads; cancelling the caller kills the compile."""
+        cancelled = threading.Event()
+        future = asyncio.get_running_loop().run_in_executor(self._waiters, self.compile, spec, cancelled)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
 
     def matcher(self, spec: StructuredOutput) -> "GrammarMatcher":
         from engine.structured.matcher import GrammarMatcher
 
         return GrammarMatcher(self._xgr.GrammarMatcher(self.compile(spec)))
+
+    @property
+    def cached_bytes(self) -> int:
+        return self._cached_bytes
+
+    def close(self) -> None:
+        self._workers.close()
+        self._waiters.shutdown(wait=False, cancel_futures=True)
+
+    def _remember(self, spec: StructuredOutput, compiled: Any) -> None:
+        """Cache it, dropping the least recently used beyond the byte bound (the newest always stays)."""
+        with self._lock:
+            if spec in self._cache:
+                return
+            self._cache[spec] = compiled
+            self._cached_bytes += compiled.memory_size_bytes
+            while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
+                _, dropped = self._cache.popitem(last=False)
+                self._cached_bytes -= dropped.memory_size_bytes
 
 
 def _tokenizer_info(xgr: Any, tokenizer: Tokenizer, vocab_size: int) -> Any:

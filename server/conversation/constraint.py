@@ -1,12 +1,11 @@
 """The grammar a conversation's output must follow: its output format, or tool_choice required / a named tool.
 
-Compiled in a worker thread before the request reaches the engine (so the step loop never
-compiles), with an invalid or unsupported schema answered as a 400 naming the field.
+Compiled in a killable worker process under the server's time limit before the request reaches
+the engine (so the step loop never compiles), with an invalid or unsupported schema answered as a 400 naming the field.
 """
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from engine.structured import GrammarError, StructuredOutput
@@ -44,7 +43,7 @@ async def compile_constraint(engine: Any, conversation: Conversation) -> Structu
         return None
     spec, param = found
     try:
-        await asyncio.to_thread(engine.grammars.compile, spec)
+        await engine.grammars.compile_async(spec)
     except GrammarError as exc:
         what = "grammar" if spec.kind in ("regex", "lark") else "schema"
         raise APIError(400, f"{param}: this {what} cannot be used for constrained decoding: {exc}",
