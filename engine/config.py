@@ -14,6 +14,7 @@ from engine.spec_decode.config import SpeculativeConfig
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")  # auto: bf16 on CUDA, fp32 on CPU
 KERNEL_BACKENDS = ("auto", "cpu", "torch", "triton")  # auto: Triton on CUDA, cpu (kernels/cpu_ops) on CPU
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
 CPU_KV_MEMORY_FRACTION = 0.10  # the CPU KV budget without kv_cache_gib: this share of MemAvailable (kv_budget.py)
 
 
@@ -31,7 +32,7 @@ class EngineConfig:
     kv_cache_gib: float | None = None  # KV cache budget on CPU; None = a share of available memory (kv_budget.py)
     max_model_len: int | None = None  # None = the model's context, or the longest the KV cache holds
     max_num_seqs: int | None = None  # None = by device (engine.scheduler.default_max_num_seqs)
-    max_num_batched_tokens: int = 2048
+    max_num_batched_tokens: int | None = None  # None = 2048; on CPU a latency-aware budget beside running streams
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     seed: int = 0
@@ -67,6 +68,11 @@ class EngineConfig:
         for name, allowed in (("device", DEVICES), ("dtype", DTYPES), ("kernel_backend", KERNEL_BACKENDS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+
+    @property
+    def batched_tokens(self) -> int:
+        """The most tokens one step computes."""
+        return self.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides) -> "EngineConfig":

@@ -26,6 +26,8 @@ from engine.request import Request, Sample, SampleProgress
 from engine.sampler import SampleResult, Sampler, SamplingRow
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler, default_max_num_seqs
+from engine.step_budget import StepBudget
+from engine.step_budget import measure as measure_step_budget
 from engine.spec_decode.decoder import SpecDecoder
 from engine.spec_decode.verify import accepted_tokens
 from engine.structured import GrammarCompiler, GrammarError, unconstrained_bitmask
@@ -67,14 +69,15 @@ class LLMEngine:
         self.max_model_len = fit_context(num_blocks, config.block_size, max_model_len,
                                          explicit=config.max_model_len is not None)
         self.pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.pool, max_num_seqs, config.max_num_batched_tokens,
+        self.scheduler = Scheduler(self.pool, max_num_seqs, config.batched_tokens,
                                    config.enable_chunked_prefill)
         # A graph cannot hold the tensor-parallel broadcasts (headers built on the host): such engines run eagerly.
         cuda_graphs = model.device.type == "cuda" and not config.enforce_eager and self.tensor_parallel_size == 1
-        self.runner = ModelRunner(model, num_blocks, config.block_size, max_num_seqs, config.max_num_batched_tokens,
+        self.runner = ModelRunner(model, num_blocks, config.block_size, max_num_seqs, config.batched_tokens,
                                   self.max_model_len, pad_decodes=cuda_graphs)
         if model.device.type == "cuda":
             self.runner.warm_up(cuda_graphs)
+        self.step_budget: StepBudget | None = None  # measured by from_config (CPU, no explicit token budget)
         self.sampler = Sampler(config.seed)
         self.outputs = OutputProcessor(tokenizer)
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
@@ -88,6 +91,13 @@ class LLMEngine:
         self.generation_tokens_total = 0
         self.load_seconds = 0.0  # set by from_config: opening, building and placing the weights
         self._grammars: GrammarCompiler | None = None
+
+    def measure_step_budget(self) -> StepBudget:
+        """Time this model's decode and prefill forwards here and cap prompt chunks beside running streams
+        (engine/step_budget.py); an explicit --max-num-batched-tokens skips it."""
+        self.step_budget = measure_step_budget(self.runner, self.config.batched_tokens)
+        self.scheduler.prefill_beside_decodes = self.step_budget.prefill_tokens
+        return self.step_budget
 
     @property
     def grammars(self) -> GrammarCompiler:
@@ -132,6 +142,9 @@ class LLMEngine:
         except Exception:
             stop_model(model)
             raise
+        if (device.type == "cpu" and config.max_num_batched_tokens is None and config.enable_chunked_prefill
+                and config.tensor_parallel_size == 1):  # tensor parallel on CPU runs tests, not streams
+            engine.measure_step_budget()
         engine.load_seconds = time.perf_counter() - started
         return engine
 
@@ -149,9 +162,9 @@ class LLMEngine:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         check_prompt_ids(ids, self.model.vocab_size)
         max_tokens = completion_budget(len(ids), params.max_tokens, self.max_model_len)
-        if not self.config.enable_chunked_prefill and len(ids) + max_tokens > self.config.max_num_batched_tokens:
+        if not self.config.enable_chunked_prefill and len(ids) + max_tokens > self.config.batched_tokens:
             raise InvalidRequestError(f"with chunked prefill off a sequence may not exceed max_num_batched_tokens "
-                                      f"({self.config.max_num_batched_tokens})", "max_tokens")
+                                      f"({self.config.batched_tokens})", "max_tokens")
         grammars = []
         if params.structured is not None:
             try:  # a cache hit when the server compiled it beforehand (off the step loop)
@@ -380,6 +393,7 @@ class LLMEngine:
             "tensor_parallel_size": self.tensor_parallel_size,
             **(self.spec.stats.as_dict() if self.spec is not None else {}),
             "kernels": self.kernels(),
+            "step_prefill_budget": self.scheduler.prefill_beside_decodes,
         }
 
     def kernels(self) -> dict[str, Any] | None:

@@ -14,6 +14,9 @@ and a preempted one is not readmitted until it lands.
 Speculative decoding: a decode's drafted tokens (`spec_token_ids`) are budgeted like prefill
 tokens, from what the step's other decodes leave and only with blocks no other decode needs, so
 drafts never cause a preemption; the step computes them all and `rollback` forgets the rejected ones.
+
+On CPU the step's budget also follows latency (`step_budget`): beside running decodes, prompt chunks
+are cut to what the start-up measurement says keeps the step near twice a decode step.
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
+        # Prompt tokens a step may compute beside running decodes (engine/step_budget.py); None = no such cap.
+        self.prefill_beside_decodes: int | None = None
         self.waiting: deque[Sample] = deque()
         self.running: list[Sample] = []  # oldest first
         self.num_preemptions = 0
@@ -80,9 +85,20 @@ class Scheduler:
         self._release(seq)
         seq.status = SampleStatus.FINISHED
 
+    def step_budget(self) -> int:
+        """Tokens this step may compute: `max_num_batched_tokens`, or, while streams are decoding and a
+        latency budget is set, their decodes plus `prefill_beside_decodes` prompt tokens (so a long
+        prompt's chunks hold each stream's next token to about twice its usual wait)."""
+        if self.prefill_beside_decodes is None:
+            return self.max_num_batched_tokens
+        decodes = sum(1 for seq in self.running if seq.num_remaining <= 1)
+        if decodes == 0:
+            return self.max_num_batched_tokens
+        return min(self.max_num_batched_tokens, decodes + self.prefill_beside_decodes)
+
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
-        budget = self.max_num_batched_tokens
+        step_budget = budget = self.step_budget()
         # Decodes first, then prefill chunks of already running sequences (`running` is in arrival order).
         remaining = [(seq, seq.num_remaining) for seq in self.running]
         order = [item for item in remaining if item[1] <= 1] + [item for item in remaining if item[1] > 1]
@@ -116,7 +132,7 @@ class Scheduler:
             if seq.status is SampleStatus.RUNNING:
                 batch.items.append((seq, count))
                 budget -= count
-        budget = self.max_num_batched_tokens - batch.num_tokens
+        budget = step_budget - batch.num_tokens
         if batch.num_preempted == 0:
             while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 seq = self.waiting[0]

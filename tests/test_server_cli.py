@@ -42,7 +42,7 @@ def test_config_file_supplies_defaults_and_the_command_line_wins(tmp_path):
     (config,) = engine_configs(parse("m", "--config", str(toml), "--device", "cpu", "--max-num-batched-tokens", "99"))
     assert (config.device, config.block_size, config.max_num_batched_tokens) == ("cpu", 32, 99)  # flag > file
     (config,) = engine_configs(parse("m"))
-    assert (config.block_size, config.max_num_batched_tokens) == (16, 2048)  # EngineConfig's defaults
+    assert (config.block_size, config.max_num_batched_tokens, config.batched_tokens) == (16, None, 2048)  # defaults
     toml.write_text('[engine]\nblock_sise = 32\n')
     with pytest.raises(ConfigError, match="block_sise"):
         engine_configs(parse("m", "--config", str(toml)))
