@@ -58,5 +58,14 @@ class ResponsesRequest(APIModel):
     user: str | None = None
 
     @property
+    def sampling_temperature(self) -> float:
+        """OpenAI's default where the request leaves it out (also what the response echoes)."""
+        return 1.0 if self.temperature is None else self.temperature
+
+    @property
+    def sampling_top_p(self) -> float:
+        return 1.0 if self.top_p is None else self.top_p
+
+    @property
     def wants_encrypted_reasoning(self) -> bool:
         return ENCRYPTED_REASONING in (self.include or [])

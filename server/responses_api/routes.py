@@ -69,8 +69,8 @@ def response_head(body: ResponsesRequest, served: ServedModel, response_id: str,
     return {"id": response_id, "object": "response", "created_at": int(time.time()), "model": served.name,
             "instructions": body.instructions, "metadata": body.metadata or {},
             "parallel_tool_calls": body.parallel_tool_calls,
-            "temperature": 1.0 if body.temperature is None else body.temperature,
-            "top_p": 1.0 if body.top_p is None else body.top_p, "tool_choice": tool_choice_echo(body, conversation),
+            "temperature": body.sampling_temperature, "top_p": body.sampling_top_p,
+            "tool_choice": tool_choice_echo(body, conversation),
             "tools": [tool_echo(tool) for tool in conversation.tools], "max_output_tokens": body.max_output_tokens,
             "previous_response_id": body.previous_response_id,
             "reasoning": {"effort": body.reasoning.effort if body.reasoning else None, "summary": None},
@@ -109,9 +109,8 @@ async def create_response(body: ResponsesRequest, request: Request) -> dict[str,
     prepared = await prepare(served.engine, conversation, max_tokens=body.max_output_tokens,
                              tool_call_parser=request.app.state.settings.tool_call_parser)
     reserve_tokens(request, len(prepared.prompt) + (prepared.max_tokens if body.max_output_tokens is not None else 0))
-    params = prepared.apply(SamplingParams(
-        max_tokens=prepared.max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p))
+    params = prepared.apply(SamplingParams(max_tokens=prepared.max_tokens, temperature=body.sampling_temperature,
+                                           top_p=body.sampling_top_p))
     response_id = new_response_id()
     renderer = ResponseRenderer(response_head(body, served, response_id, conversation),
                                 state.seal if body.wants_encrypted_reasoning else None)
