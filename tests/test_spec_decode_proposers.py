@@ -124,6 +124,15 @@ def test_backoff_pauses_longer_after_each_failure_and_recovers():
     assert [backoff.ready(), backoff.ready()] == [False, True]
 
 
+def test_backoff_drafts_in_proportion_to_acceptance():
+    backoff = Backoff()
+    assert backoff.allowance(5) == 5
+    backoff.observe(4, 2)  # half accepted: the average moves from 1.0 to 0.75
+    assert backoff.allowance(5) == 4 and backoff.allowance(1) == 1
+    backoff.observe(4, 0)
+    assert backoff.allowance(5) == 2
+
+
 def test_acceptance_rule():
     assert accepted_tokens([4, 5, 6], [4, 5, 6, 7]) == [4, 5, 6, 7]  # all accepted, plus the bonus draw
     assert accepted_tokens([4, 5, 6], [4, 9, 6, 7]) == [4, 9]  # stop at the first differing draw

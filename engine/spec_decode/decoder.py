@@ -58,7 +58,7 @@ class SpecDecoder:
             if backoff is None:
                 backoff = self.backoff[seq] = Backoff()
             if backoff.ready():
-                seq.spec_token_ids = self.proposer.propose(seq, seq, room)
+                seq.spec_token_ids = self.proposer.propose(seq, seq, backoff.allowance(room))
         self.stats.propose_seconds += time.perf_counter() - started
 
     def observe(self, seq: Sample, num_drafted: int, num_accepted: int) -> None:
