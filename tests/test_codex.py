@@ -36,8 +36,8 @@ ANSWER = "The command printed it. Done."
 
 
 def codex_binary() -> str:
-    candidates = [os.environ.get("MINERVA_CODEX"), shutil.which("codex"),
-                  str(Path(os.environ.get("CODEX_DIR", Path.home() / ".cache/minerva/codex")) / "node_modules/.bin/codex")]
+    installed = Path(os.environ.get("CODEX_DIR", Path.home() / ".cache/minerva/codex")) / "node_modules/.bin/codex"
+    candidates = [os.environ.get("MINERVA_CODEX"), shutil.which("codex"), str(installed)]
     for candidate in candidates:
         if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
             return candidate

@@ -213,11 +213,16 @@ def test_tool_loop_call_then_output_then_answer(scripted):
     stateless = create(scripted, {**body, "store": False,
                                   "input": [{"role": "user", "content": "Weather in Paris?"}, call, result]})
     assert stateless["output"][0]["content"][0]["text"] == ANSWER
-    image = {**result, "output": [{"type": "input_text", "text": "the map:"}, {"type": "input_image", "image_url": "x"}]}
+    image = {**result, "output": [{"type": "input_text", "text": "the map:"},
+                                  {"type": "input_image", "image_url": "x"}]}
     shown = create(scripted, {**body, "input": [{"role": "user", "content": "Weather in Paris?"}, call, image]})
     assert shown["output"][0]["content"][0]["text"] == ANSWER  # an image in a tool output does not end the loop
     items = scripted.get(f"/v1/responses/{shown['id']}/input_items", params={"order": "asc"}).json()["data"]
     assert items[-1]["output"] == "the map:[input_image left out: this model reads text only]"
+
+    grouped = {"type": "namespace", "name": "weather_v1", "description": "Weather tools", "tools": [WEATHER]}
+    (namespaced,) = create(scripted, {**body, "tools": [grouped]})["output"]
+    assert (namespaced["name"], namespaced["namespace"]) == ("get_weather", "weather_v1")
     assert chained["usage"]["input_tokens"] == stateless["usage"]["input_tokens"]
 
 
@@ -226,8 +231,9 @@ def test_sdk_tool_loop_with_previous_response_id_and_typed_stream(scripted):
     first = sdk.responses.create(model="scripted", input="Weather in Paris?", tools=[WEATHER], temperature=0)
     (call,) = first.output
     assert call.type == "function_call" and json.loads(call.arguments) == {"city": "Paris", "days": 2}
+    result = {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}
     with sdk.responses.stream(model="scripted", previous_response_id=first.id, tools=[WEATHER], temperature=0,
-                              input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}]) as s:
+                              input=[result]) as s:
         kinds = [event.type for event in s]
         answer = s.get_final_response()
     assert answer.output_text == ANSWER and answer.previous_response_id == first.id
@@ -244,15 +250,16 @@ def test_reasoning_items_reach_the_assistant_turn_and_harmony_renders_them():
     from server.responses_api.items import canonical_items
     from server.responses_api.request import ResponsesRequest
     from server.responses_api.sealing import ReasoningSeal
-    from server.responses_api.translate import conversation_of
+    from server.responses_api.translate import conversation_of, served_tools
 
     seal = ReasoningSeal.from_environment()
     body = ResponsesRequest(instructions="Be exact.", tools=[WEATHER], input=[
         {"role": "user", "content": "Weather in Paris?"},
-        {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": seal.seal("I should call get_weather.")},
+        {"type": "reasoning", "id": "rs_1", "summary": [],
+         "encrypted_content": seal.seal("I should call get_weather.")},
         {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"city": "Paris", "days": 1}'},
         {"type": "function_call_output", "call_id": "c1", "output": "sunny"}])
-    conversation = conversation_of(body, canonical_items(body.input, seal))
+    conversation = conversation_of(body, canonical_items(body.input, seal), served_tools(body.tools))
     assert [turn.role for turn in conversation.turns] == ["developer", "user", "assistant", "tool"]
     assistant, tool = conversation.turns[2:]
     assert assistant.reasoning == "I should call get_weather." and assistant.tool_calls[0].name == "get_weather"

@@ -146,7 +146,8 @@ def test_sealed_reasoning_is_opened_when_sent_back_and_tampering_is_a_400(live):
         items = a.get(f"/v1/responses/{made.json()['id']}/input_items", params={"order": "asc"}).json()["data"]
         assert items[1]["content"] == [{"type": "reasoning_text", "text": "the user wants a greeting"}]
 
-        tampered = {**reasoning, "encrypted_content": blob[:-6] + ("AAAA==" if not blob.endswith("AAAA==") else "BBBB==")}
+        changed = blob[:-6] + ("AAAA==" if not blob.endswith("AAAA==") else "BBBB==")
+        tampered = {**reasoning, "encrypted_content": changed}
         refused = a.post("/v1/responses", json={**body, "input": [body["input"][0], tampered]})
         assert refused.status_code == 400
         assert refused.json()["error"]["param"] == "input.1.encrypted_content"

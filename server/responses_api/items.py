@@ -60,6 +60,8 @@ def canonical_item(item: dict[str, Any], param: str, seal: ReasoningSeal) -> dic
         canonical = {"id": item_id or new_item_id(kind), "type": kind, "call_id": required_str(item, "call_id", param),
                      "name": required_str(item, "name", param), field: required_str(item, field, param),
                      "status": "completed"}
+        if isinstance(item.get("namespace"), str):
+            canonical["namespace"] = item["namespace"]
         return canonical
     if kind in ("function_call_output", "custom_tool_call_output"):
         return {"id": item_id or new_item_id(kind), "type": kind, "call_id": required_str(item, "call_id", param),

@@ -49,10 +49,12 @@ def usage_of(usage: Usage) -> dict[str, Any]:
 @dataclass
 class ResponseRenderer:
     """`head`: the response's fixed fields (id, model, echoed request settings). `seal`: set when the client
-    asked for reasoning.encrypted_content, which then goes out on every reasoning item."""
+    asked for reasoning.encrypted_content, which then goes out on every reasoning item. `namespaces`: tool
+    name -> the namespace tool it came from, named on its calls."""
 
     head: dict[str, Any]
     seal: ReasoningSeal | None = None
+    namespaces: dict[str, str] = field(default_factory=dict)
     output: list[dict[str, Any]] = field(default_factory=list)
     sequence: int = 0
     started: bool = False
@@ -147,10 +149,14 @@ class ResponseRenderer:
 
     def _call_item(self, start: ToolCallStart) -> dict[str, Any]:
         if start.kind == "custom":
-            return {"id": new_item_id("custom_tool_call"), "type": "custom_tool_call", "call_id": start.call_id,
+            item = {"id": new_item_id("custom_tool_call"), "type": "custom_tool_call", "call_id": start.call_id,
                     "name": start.name, "input": "", "status": "in_progress"}
-        return {"id": new_item_id("function_call"), "type": "function_call", "call_id": start.call_id,
-                "name": start.name, "arguments": "", "status": "in_progress"}
+        else:
+            item = {"id": new_item_id("function_call"), "type": "function_call", "call_id": start.call_id,
+                    "name": start.name, "arguments": "", "status": "in_progress"}
+        if start.name in self.namespaces:
+            item["namespace"] = self.namespaces[start.name]
+        return item
 
     def _call_delta(self, fragment: str) -> list[StreamEvent]:
         assert self.open is not None and self.open["type"] in ("function_call", "custom_tool_call")

@@ -28,7 +28,7 @@ from server.responses_api.render import ResponseRenderer, StreamEvent, new_respo
 from server.responses_api.request import ResponsesRequest
 from server.responses_api.sealing import ReasoningSeal
 from server.responses_api.store import ResponseStore, StoredResponse
-from server.responses_api.translate import conversation_of
+from server.responses_api.translate import conversation_of, served_tools, tool_namespaces
 from server.served_models import ServedModel
 from server.streams import generate_many
 
@@ -105,7 +105,8 @@ async def create_response(body: ResponsesRequest, request: Request) -> dict[str,
     check_message_count(len(new_items), request.app.state.settings.request_limits, "input")
     items = history + new_items
     record = note_request(request, served.name, lambda: items)
-    conversation = conversation_of(body, items)
+    offered = served_tools(body.tools or [])
+    conversation = conversation_of(body, items, offered)
     prepared = await prepare(served.engine, conversation, max_tokens=body.max_output_tokens,
                              tool_call_parser=request.app.state.settings.tool_call_parser)
     reserve_tokens(request, len(prepared.prompt) + (prepared.max_tokens if body.max_output_tokens is not None else 0))
@@ -113,7 +114,7 @@ async def create_response(body: ResponsesRequest, request: Request) -> dict[str,
                                            top_p=body.sampling_top_p))
     response_id = new_response_id()
     renderer = ResponseRenderer(response_head(body, served, response_id, conversation),
-                                state.seal if body.wants_encrypted_reasoning else None)
+                                state.seal if body.wants_encrypted_reasoning else None, tool_namespaces(offered))
     events = prepared.events()
     outputs = recorded(record, generate_many(served.engine, [prepared.prompt], params, response_id))
 

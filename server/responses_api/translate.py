@@ -19,12 +19,14 @@ from server.responses_api.request import ResponsesRequest
 
 logger = logging.getLogger("minerva.server")
 
+OfferedTool = tuple[dict[str, Any], str, str | None]  # a served tool as sent, its request field, its namespace
 EFFORTS: dict[str, Literal["low", "medium", "high"]] = {
     "none": "low", "minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "high"}
 
 
-def conversation_of(body: ResponsesRequest, items: list[dict[str, Any]]) -> Conversation:
-    tools = tools_of(body.tools or [])
+def conversation_of(body: ResponsesRequest, items: list[dict[str, Any]], offered: list[OfferedTool]) -> Conversation:
+    """`offered`: served_tools(body.tools)."""
+    tools = tools_of(offered)
     allowed = allowed_tools(body.tool_choice)
     if allowed is not None:
         tools = [tool for tool in tools if tool.name in allowed]
@@ -74,21 +76,42 @@ def turns_of(items: list[dict[str, Any]]) -> list[Turn]:
     return turns
 
 
-def tools_of(raw: list[dict[str, Any]]) -> list[Tool]:
-    """The function and custom tools; other types are skipped with a warning."""
-    tools: list[Tool] = []
+def served_tools(raw: list[dict[str, Any]]) -> list[OfferedTool]:
+    """(tool, its request field, its namespace) for each function and custom tool, the members of `namespace`
+    tools included (the model sees them as plain tools; their calls go out naming the namespace).
+    Other types are skipped with a warning."""
+    found: list[OfferedTool] = []
     for index, tool in enumerate(raw):
-        param = f"tools.{index}"
         kind = tool.get("type")
-        if kind not in ("function", "custom"):
-            logger.warning("responses: skipping tool %s of type %r: only function and custom tools are served",
-                           param, kind)
-            continue
+        if kind == "namespace" and isinstance(tool.get("name"), str) and isinstance(tool.get("tools"), list):
+            members = [(inner, f"tools.{index}.tools.{j}") for j, inner in enumerate(tool["tools"])]
+            found += [(inner, param, tool["name"]) for inner, param in members if served_kind(inner, param)]
+        elif served_kind(tool, f"tools.{index}"):
+            found.append((tool, f"tools.{index}", None))
+    return found
+
+
+def served_kind(tool: Any, param: str) -> bool:
+    kind = tool.get("type") if isinstance(tool, dict) else None
+    if kind in ("function", "custom"):
+        return True
+    logger.warning("responses: skipping tool %s of type %r: only function and custom tools are served", param, kind)
+    return False
+
+
+def tool_namespaces(offered: list[OfferedTool]) -> dict[str, str]:
+    """Tool name -> the namespace it was declared in."""
+    return {tool["name"]: namespace for tool, _, namespace in offered if namespace is not None}
+
+
+def tools_of(offered: list[OfferedTool]) -> list[Tool]:
+    tools: list[Tool] = []
+    for tool, param, _ in offered:
         name = tool.get("name")
         if not isinstance(name, str) or not name or len(name) > 128:
             raise APIError(400, f"{param}.name must be a string of 1 to 128 characters", param=f"{param}.name")
         description = tool.get("description") or ""
-        if kind == "function":
+        if tool["type"] == "function":
             parameters = tool.get("parameters")
             if parameters is not None and not isinstance(parameters, dict):
                 raise APIError(400, f"{param}.parameters must be a JSON schema object", param=f"{param}.parameters")
@@ -98,7 +121,7 @@ def tools_of(raw: list[dict[str, Any]]) -> list[Tool]:
             tools.append(Tool(name, description, kind="custom", grammar=grammar, param=param))
     names = [tool.name for tool in tools]
     if len(set(names)) != len(names):
-        raise APIError(400, "tool names must be unique", param="tools")
+        raise APIError(400, "tool names must be unique (namespaces' members included)", param="tools")
     return tools
 
 
