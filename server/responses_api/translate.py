@@ -101,7 +101,7 @@ def served_kind(tool: Any, param: str) -> bool:
 
 def tool_namespaces(offered: list[OfferedTool]) -> dict[str, str]:
     """Tool name -> the namespace it was declared in."""
-    return {tool["name"]: namespace for tool, _, namespace in offered if namespace is not None}
+    return {tool.get("name"): namespace for tool, _, namespace in offered if namespace is not None}
 
 
 def tools_of(offered: list[OfferedTool]) -> list[Tool]:
