@@ -2,22 +2,34 @@
 
 Unknown extra fields are ignored (as vLLM does) so that clients sending newer
 OpenAI fields keep working; fields we know but cannot honour are refused with
-a 400 naming the field (see `unsupported_fields`).
+a 400 naming the field (see `unsupported_fields`). An explicit `null` means "not
+set" everywhere: OpenAI's spec makes its fields nullable and the official SDK
+sends null for a caller's None (tests/test_protocol_fidelity.py checks every
+field the SDK can send).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine.sampling_params import FIELD_BOUNDS
+from server.conversation.reasoning import Effort
 
 NonNegativeInt = Annotated[int, Field(ge=0)]
 
 
 class APIModel(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def null_is_unset(cls, data: Any) -> Any:
+        """`"field": null` takes the field's default (a required field stays missing, and is named as such)."""
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
 
 
 class StreamOptions(APIModel):
@@ -138,8 +150,16 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[ChatTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: auto with tools
     parallel_tool_calls: bool = True
-    reasoning_effort: Literal["low", "medium", "high"] | None = None
+    reasoning_effort: Effort | None = None  # every value of the spec; server/conversation/reasoning.py maps it
     add_generation_prompt: bool = True
+    # Spec fields Minerva cannot honour: refused when set (see `unsupported_fields`); the spec's hints
+    # (store, metadata, prediction, service_tier, verbosity, prompt_cache_*, ...) are ignored.
+    audio: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    moderation: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
 
     @property
     def tool_mode(self) -> str:
@@ -172,9 +192,28 @@ def unsupported_fields(request: SamplingFields) -> list[tuple[str, str]]:
         if request.echo and request.logprobs is not None:
             problems.append(("echo", "echo together with logprobs (prompt logprobs) is not supported"))
     if isinstance(request, ChatCompletionRequest):
+        problems += chat_problems(request)
         problems += tool_problems(request)
         if request.top_logprobs is not None and not request.logprobs:
             problems.append(("top_logprobs", "top_logprobs requires logprobs to be true"))
+    return problems
+
+
+def chat_problems(request: ChatCompletionRequest) -> list[tuple[str, str]]:
+    """Chat features of the spec that a text-only local server does not have."""
+    problems: list[tuple[str, str]] = []
+    if request.audio is not None:
+        problems.append(("audio", "audio output is not supported"))
+    if request.modalities and set(request.modalities) != {"text"}:
+        problems.append(("modalities", "only the text modality is supported"))
+    if request.functions is not None:
+        problems.append(("functions", "functions (deprecated) is not supported: use tools"))
+    if request.function_call is not None:
+        problems.append(("function_call", "function_call (deprecated) is not supported: use tool_choice"))
+    if request.moderation is not None:
+        problems.append(("moderation", "moderation is not supported"))
+    if request.web_search_options is not None:
+        problems.append(("web_search_options", "web search is not supported"))
     return problems
 
 

@@ -20,6 +20,7 @@ from typing import Any
 from server.conversation.events import Event, ReasoningDelta, TextDelta
 from server.conversation.items import Conversation
 from server.conversation.parsing import call_events, parse_completion
+from server.conversation.reasoning import effort_level
 from server.errors import APIError
 from server.tool_parsers.base import ParsedMessage, ToolCall, ToolParser
 
@@ -67,8 +68,9 @@ def render_harmony(conversation: Conversation) -> list[int]:
     import openai_harmony as oh
 
     system = oh.SystemContent.new()
-    if conversation.reasoning_effort is not None:
-        system = system.with_reasoning_effort(oh.ReasoningEffort(conversation.reasoning_effort.capitalize()))
+    level = effort_level(conversation.reasoning_effort)
+    if level is not None:
+        system = system.with_reasoning_effort(oh.ReasoningEffort(level.capitalize()))
     instructions = "\n".join(t.text for t in conversation.turns if t.role in ("system", "developer"))
     messages = [oh.Message.from_role_and_content(oh.Role.SYSTEM, system)]
     tools = conversation.tools if conversation.tool_mode != "none" else []

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from engine.structured import StructuredOutput
+from server.conversation.reasoning import Effort
 from server.errors import APIError
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
@@ -57,17 +58,18 @@ class ToolCallItem:
     kind: ToolKind = "function"
     param: str = "messages"
 
-    def arguments_object(self) -> dict[str, Any]:
-        """The arguments as templates take them (`| tojson` of an object); a 400 naming `param` if not an object."""
+    def arguments_object(self) -> dict[str, Any] | str:
+        """The arguments as templates take them: an object (`| tojson`), or the text as it is when it is not
+        a JSON object (a call cut by max_tokens is replayed as the model wrote it)."""
         if self.kind == "custom":
             return {CUSTOM_INPUT: self.arguments}
         try:
             arguments = json.loads(self.arguments or "{}")
-        except json.JSONDecodeError as exc:
-            raise APIError(400, f"tool call arguments are not valid JSON: {exc}", param=self.param) from exc
-        if not isinstance(arguments, dict):
-            raise APIError(400, "tool call arguments must be a JSON object", param=self.param)
-        return arguments
+        except json.JSONDecodeError:
+            return self.arguments
+        except RecursionError as exc:
+            raise APIError(400, "tool call arguments are nested too deeply", param=self.param) from exc
+        return arguments if isinstance(arguments, dict) else self.arguments
 
     def arguments_json(self) -> str:
         return json.dumps(self.arguments_object(), ensure_ascii=False) if self.kind == "custom" else self.arguments
@@ -95,7 +97,7 @@ class Conversation:
     parallel_tool_calls: bool = True
     output_format: StructuredOutput | None = None  # response_format / text.format (json_object or json_schema)
     output_format_param: str = "response_format"
-    reasoning_effort: Literal["low", "medium", "high"] | None = None
+    reasoning_effort: Effort | None = None  # any of OpenAI's values; server/conversation/reasoning.py maps it
     add_generation_prompt: bool = True
     param: str = "messages"  # the request field holding the turns (named when the prompt is too long)
 

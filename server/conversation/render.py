@@ -6,6 +6,7 @@ from typing import Any
 
 from server.conversation.harmony import render_harmony, uses_harmony
 from server.conversation.items import Conversation, Tool, Turn
+from server.conversation.reasoning import template_arguments
 from server.errors import APIError
 from server.tokens import encode
 
@@ -51,8 +52,7 @@ def render_prompt(engine: Any, conversation: Conversation) -> list[int]:
     extra: dict[str, Any] = {}
     if conversation.tool_mode != "none":
         extra["tools"] = [template_tool(tool) for tool in conversation.tools]
-    if conversation.reasoning_effort is not None:
-        extra["reasoning_effort"] = conversation.reasoning_effort
+    extra.update(template_arguments(conversation.reasoning_effort))
     try:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=conversation.add_generation_prompt,
                                              **extra)
