@@ -106,13 +106,20 @@ def test_tools_and_tool_results_render_as_transformers_renders_them(model_dir, e
     assert engine.tokenizer.decode(ours, skip_special_tokens=False) == reference
 
 
-def test_bad_tool_call_arguments_are_400_naming_the_field(client):
-    with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(model="tiny", max_tokens=2, messages=[
-            {"role": "user", "content": "x"},
-            {"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
-                                                  "function": {"name": "add", "arguments": "{not json"}}]}])
-    assert caught.value.param == "messages.1.tool_calls.0.function.arguments"
+def test_tool_call_arguments_that_are_not_json_render_as_the_text_they_are(model_dir, engine, client):
+    """A call cut by max_tokens comes back in history as the model wrote it: passed to the template as text."""
+    from transformers import AutoTokenizer
+
+    messages = [{"role": "user", "content": "x"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"id": "c", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b'}}]},
+                {"role": "tool", "tool_call_id": "c", "content": "cut"}]
+    ours = render_prompt(engine, conversation_of(ChatCompletionRequest(model="tiny", messages=messages, tools=[ADD])))
+    reference = AutoTokenizer.from_pretrained(model_dir).apply_chat_template(
+        messages, tools=[ADD], add_generation_prompt=True, tokenize=False)
+    assert engine.tokenizer.decode(ours, skip_special_tokens=False) == reference
+    out = client.chat.completions.create(model="tiny", max_tokens=2, messages=messages, tools=[ADD])
+    assert out.choices[0].finish_reason in ("length", "stop", "tool_calls")
 
 
 # --- constrained decoding ---------------------------------------------------------------------------------

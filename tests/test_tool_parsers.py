@@ -83,7 +83,9 @@ def test_forced_parsers():
     assert calls(named) == [("f", {"a": 1})]
     required = RequiredToolsParser().parse('[{"name": "f", "parameters": {"a": 1}}, {"name": "g", "parameters": {}}]')
     assert calls(required) == [("f", {"a": 1}), ("g", {})]
-    assert RequiredToolsParser().parse('[{"name": "f", "param').tool_calls == []
+    cut = RequiredToolsParser().parse('[{"name": "f", "parameters": {"a": 1}}, {"name": "g", "parameters": {"b":')
+    assert cut.content == "" and [(c.name, c.arguments) for c in cut.tool_calls] == [("f", '{"a": 1}'), ("g", '{"b":')]
+    assert RequiredToolsParser().parse('[{"name": "f').tool_calls == []
 
 
 def test_parallel_false_keeps_one_call_and_finish_reasons():

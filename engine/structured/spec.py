@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 @dataclass(frozen=True)
 class StructuredOutput:
-    """`json_object`: any JSON object; `json_schema`: a JSON document valid under `schema` (canonical JSON text);
+    """`json_object`: any JSON object; `json_schema`: a JSON document valid under `schema` (compact JSON text);
     `regex` / `lark`: text matching the regular expression or Lark grammar in `schema` (custom tools' inputs)."""
 
     kind: Literal["json_object", "json_schema", "regex", "lark"]
@@ -21,8 +21,9 @@ class StructuredOutput:
 
     @classmethod
     def from_schema(cls, schema: dict[str, Any] | bool) -> "StructuredOutput":
-        """Canonical text (sorted keys) so that equal schemas share one compiled grammar."""
-        return cls("json_schema", json.dumps(schema, sort_keys=True, separators=(",", ":")))
+        """Compact text in the client's key order: the grammar writes properties in the schema's order (a
+        `reasoning` before an `answer` stays first), so only schemas written alike share a compiled grammar."""
+        return cls("json_schema", json.dumps(schema, separators=(",", ":")))
 
     @classmethod
     def from_grammar(cls, syntax: Literal["regex", "lark"], definition: str) -> "StructuredOutput":
