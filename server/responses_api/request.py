@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from engine.sampling_params import FIELD_BOUNDS
+from server.conversation.reasoning import Effort
 from server.protocol import APIModel
 
 ENCRYPTED_REASONING = "reasoning.encrypted_content"
@@ -31,8 +32,7 @@ class TextConfig(APIModel):
 
 
 class ReasoningConfig(APIModel):
-    # OpenAI's efforts beyond harmony's three map onto the nearest (translate.reasoning_effort)
-    effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    effort: Effort | None = None  # every value of the spec; server/conversation/reasoning.py maps it
     summary: str | None = None
 
 

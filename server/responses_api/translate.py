@@ -9,7 +9,7 @@ they are left out with a warning instead of a 400, so an agent that always sends
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Any
 
 from engine.structured import StructuredOutput
 from server.conversation import Conversation, Grammar, Tool, ToolCallItem, Turn
@@ -20,8 +20,6 @@ from server.responses_api.request import ResponsesRequest
 logger = logging.getLogger("minerva.server")
 
 OfferedTool = tuple[dict[str, Any], str, str | None]  # a served tool as sent, its request field, its namespace
-EFFORTS: dict[str, Literal["low", "medium", "high"]] = {
-    "none": "low", "minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "high"}
 
 
 def conversation_of(body: ResponsesRequest, items: list[dict[str, Any]], offered: list[OfferedTool]) -> Conversation:
@@ -42,7 +40,7 @@ def conversation_of(body: ResponsesRequest, items: list[dict[str, Any]], offered
     if not turns:
         raise APIError(400, "input must hold at least one message", param="input")
     return Conversation(turns, tools, choice, body.parallel_tool_calls, spec, spec_param,
-                        EFFORTS[effort] if effort else None, param="input")
+                        effort, param="input")
 
 
 def turns_of(items: list[dict[str, Any]]) -> list[Turn]:
