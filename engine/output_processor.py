@@ -13,6 +13,7 @@ from __future__ import annotations
 from engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from engine.request import Request, Sample
 from engine.sampler import SampleResult
+from engine.token_bytes import token_text
 from engine.tokenizer import Tokenizer
 
 
@@ -46,9 +47,10 @@ class OutputProcessor:
         return list(touched.values()), stopped
 
     def _logprob(self, token: int, result: SampleResult | None, row: int, top_n: int) -> TokenLogprob:
-        decode = self.tokenizer.decode
-        top = [(t, decode([t], skip_special_tokens=False), lp) for t, lp in result.top_logprobs[row][:top_n]]
-        return TokenLogprob(token, decode([token], skip_special_tokens=False), result.logprobs[row], top)
+        """Token texts from the tokens' bytes: a partial character shows as `\\xNN` escapes, not U+FFFD."""
+        token_bytes = self.tokenizer.token_bytes
+        top = [(t, token_text(token_bytes(t)), lp) for t, lp in result.top_logprobs[row][:top_n]]
+        return TokenLogprob(token, token_text(token_bytes(token)), result.logprobs[row], top)
 
     @staticmethod
     def output(request: Request) -> RequestOutput:

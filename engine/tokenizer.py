@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from datetime import datetime
 from collections.abc import Mapping
@@ -16,6 +17,7 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers
 from tokenizers.decoders import DecodeStream
 
 from engine.errors import MinervaError
+from engine.token_bytes import TokenBytes
 
 
 class TokenizerError(MinervaError, ValueError):
@@ -74,6 +76,11 @@ class Tokenizer:
 
     def text_stream(self, context_ids: list[int], skip_special_tokens: bool = True) -> "TextStream":
         return TextStream(self.backend, context_ids, skip_special_tokens)
+
+    @functools.cached_property
+    def token_bytes(self) -> TokenBytes:
+        """token id -> its real bytes (logprobs' `bytes`; a token may hold part of a character)."""
+        return TokenBytes(self.backend)
 
     def id_to_token(self, token_id: int) -> str:
         return self.backend.id_to_token(token_id) or ""

@@ -16,7 +16,7 @@ from server.conversation import (Conversation, Event, Finish, FoldedMessage, Out
                                  Turn, fold, prepare)
 from server.errors import APIError
 from server.guard.http import reserve_tokens
-from server.logprobs import chat_logprobs
+from server.logprobs import TokenBytes, chat_logprobs
 from server.observability.request_record import note_request, recorded
 from server.protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice
 from server.request_params import check_request, sampling_params
@@ -113,10 +113,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     params = prepared.apply(sampling_params(body, max_tokens=prepared.max_tokens, logprobs=top))
     completion_id, created = new_id("chatcmpl"), now()
     outputs = recorded(record, generate_many(served.engine, [prepared.prompt], params, completion_id))
+    token_bytes = served.engine.tokenizer.token_bytes
     if body.stream:
         head = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": served.name,
                 "system_fingerprint": None}
-        return await stream_chat(request, body, outputs, head, top, prepared)
+        return await stream_chat(request, body, outputs, head, top, prepared, token_bytes)
 
     collected = await collect(request, outputs, body.n)
     events = prepared.events(body.n)
@@ -125,7 +126,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     for index, _, sample in collected.choices():
         message = fold(per_choice.get(index, []))
         choices.append({"index": index, "message": assistant_message(message),
-                        "logprobs": chat_logprobs(sample.logprobs or [], top) if top is not None else None,
+                        "logprobs": chat_logprobs(sample.logprobs or [], top, token_bytes) if top is not None else None,
                         "finish_reason": message.finish.reason if message.finish else sample.finish_reason})
     return {"id": completion_id, "object": "chat.completion", "created": created, "model": served.name,
             "choices": choices, "usage": chat_usage(events), "system_fingerprint": None}
@@ -140,7 +141,7 @@ def chat_usage(events: OutputEvents) -> dict[str, Any]:
 
 
 async def stream_chat(request: Request, body: ChatCompletionRequest, outputs, head: dict[str, Any],
-                      top: int | None, prepared: PreparedPrompt) -> Response:
+                      top: int | None, prepared: PreparedPrompt, token_bytes: TokenBytes) -> Response:
     events = prepared.events(body.n)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     usage_field = {"usage": None} if include_usage else {}
@@ -156,7 +157,7 @@ async def stream_chat(request: Request, body: ChatCompletionRequest, outputs, he
             if step.first:
                 yield chunk(step.choice, {"role": "assistant", "content": ""}, None, None)
             pieces = [piece for event in step.events if (piece := chat_delta(event)) is not None]
-            logprobs = chat_logprobs(step.logprobs, top) if top is not None and step.logprobs else None
+            logprobs = chat_logprobs(step.logprobs, top, token_bytes) if top is not None and step.logprobs else None
             if logprobs is not None and not pieces:
                 pieces = [empty_delta]
             for piece in pieces:

@@ -13,7 +13,7 @@ from engine.outputs import RequestOutput
 from engine.prompt_rules import check_prompt_ids, completion_budget
 from server.choices import ChoiceTracker, new_id, now
 from server.errors import APIError
-from server.logprobs import completion_logprobs, next_text_offset
+from server.logprobs import TextOffsets, TokenBytes, completion_logprobs
 from server.protocol import CompletionRequest, split_prompts
 from server.guard.http import reserve_tokens
 from server.observability.request_record import note_request, recorded
@@ -62,13 +62,14 @@ async def create_completion(body: CompletionRequest, request: Request) -> dict[s
     outputs = recorded(record, generate_many(served.engine, prompts, params, completion_id))
     head = {"id": completion_id, "object": "text_completion", "created": created, "model": served.name}
     if body.stream:
-        return await stream_completion(request, body, outputs, head, echoes)
+        return await stream_completion(request, body, outputs, head, echoes, served.engine.tokenizer.token_bytes)
 
     collected = await collect(request, outputs, body.n)
     choices = []
     for index, prompt_index, sample in collected.choices():
         prefix = echoes[prompt_index]
-        logprobs = (completion_logprobs(sample.logprobs or [], body.logprobs, len(prefix))
+        logprobs = (completion_logprobs(sample.logprobs or [], body.logprobs, TextOffsets(len(prefix)),
+                                        served.engine.tokenizer.token_bytes)
                     if body.logprobs is not None else None)
         choices.append({"index": index, "text": prefix + sample.text, "logprobs": logprobs,
                         "finish_reason": sample.finish_reason})
@@ -76,9 +77,9 @@ async def create_completion(body: CompletionRequest, request: Request) -> dict[s
 
 
 async def stream_completion(request: Request, body: CompletionRequest, outputs, head: dict[str, Any],
-                            echoes: list[str]) -> Response:
+                            echoes: list[str], token_bytes: TokenBytes) -> Response:
     tracker = ChoiceTracker(body.n)
-    offsets: dict[int, int] = {}
+    offsets: dict[int, TextOffsets] = {}  # per choice
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     usage_field = {"usage": None} if include_usage else {}
 
@@ -92,9 +93,8 @@ async def stream_completion(request: Request, body: CompletionRequest, outputs, 
             if text or delta.logprobs:
                 logprobs = None
                 if body.logprobs is not None:
-                    start = offsets.get(delta.index, len(echoes[prompt_index]))
-                    logprobs = completion_logprobs(delta.logprobs, body.logprobs, start)
-                    offsets[delta.index] = next_text_offset(logprobs, start)
+                    offset = offsets.setdefault(delta.index, TextOffsets(len(echoes[prompt_index])))
+                    logprobs = completion_logprobs(delta.logprobs, body.logprobs, offset, token_bytes)
                 yield chunk(delta.index, text, logprobs, None)
             if delta.finish_reason:
                 yield chunk(delta.index, "", None, delta.finish_reason)
