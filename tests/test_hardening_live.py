@@ -49,6 +49,15 @@ def assert_openai_shape(status: int, body: bytes) -> None:
     assert set(error) == {"message", "type", "param", "code"} and error["message"], (status, body)
 
 
+def assert_protocol_shape(path: str, status: int, body: bytes) -> None:
+    """Anthropic's routes answer errors in Anthropic's shape, every other route in OpenAI's."""
+    if not path.startswith("/v1/messages"):
+        return assert_openai_shape(status, body)
+    document = json.loads(body)
+    assert document["type"] == "error" and set(document["error"]) == {"type", "message"}, (status, body)
+    assert document["error"]["message"], (status, body)
+
+
 # --- schema fuzzing ---------------------------------------------------------------------------------------
 
 
@@ -69,7 +78,7 @@ def test_fuzzed_requests_never_500_and_errors_keep_openai_shape(live, mode):
             response = case.call(timeout=120)
             assert response.status_code < 500, (operation.label, response.status_code, response.content[:500])
             if response.status_code >= 400:
-                assert_openai_shape(response.status_code, response.content)
+                assert_protocol_shape(operation.path, response.status_code, response.content)
 
         call()
 
