@@ -51,10 +51,11 @@ def test_system_blocks_turns_and_a_tool_loop_map_onto_the_core():
                 {"type": "tool_use", "id": "toolu_1", "name": "read", "input": {"path": "a"}}]},
             {"role": "user", "content": [
                 {"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "hello"}]},
-                {"type": "text", "text": "And now?"}]}]))
+                {"type": "text", "text": "And now?"}]},
+            {"role": "system", "content": [{"type": "text", "text": "# Environment"}]}]))
     assert [(t.role, t.text) for t in conversation.turns] == [
         ("system", "You are terse.\nUse tools."), ("user", "<reminder>\nRead a"), ("assistant", "Reading."),
-        ("tool", "hello"), ("user", "And now?")]
+        ("tool", "hello"), ("user", "And now?"), ("system", "# Environment")]
     assistant, tool = conversation.turns[2], conversation.turns[3]
     assert assistant.reasoning == "I should read it."
     assert [(c.call_id, c.name, c.arguments_object()) for c in assistant.tool_calls] == [("toolu_1", "read", {"path": "a"})]

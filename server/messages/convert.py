@@ -51,8 +51,10 @@ def text_of(content: str | list[dict[str, Any]] | None, param: str) -> str:
 
 
 def message_turns(message: InputMessage, index: int, call_names: dict[str, str]) -> list[Turn]:
-    """A user message -> tool results and user text in their order; an assistant message -> one turn."""
+    """A user message -> tool results and user text in their order; an assistant or system message -> one turn."""
     param = f"messages.{index}.content"
+    if message.role == "system":
+        return [Turn("system", text_of(message.content, param))]
     blocks = [{"type": "text", "text": message.content}] if isinstance(message.content, str) else message.content
     if message.role == "assistant":
         return [assistant_turn(blocks, param, call_names)]

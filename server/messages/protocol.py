@@ -19,7 +19,9 @@ class AnthropicModel(BaseModel):
 
 
 class InputMessage(AnthropicModel):
-    role: Literal["user", "assistant"]
+    """A turn; "system" mid-conversation is how Claude Code sends late instructions (its environment block)."""
+
+    role: Literal["user", "assistant", "system"]
     content: str | list[dict[str, Any]]
 
 
