@@ -162,6 +162,16 @@ class AsyncEngine:
             if not finished:
                 await asyncio.shield(self.abort(request_id))
 
+    def end_requests(self, reason: str) -> int:
+        """End every request in flight with EngineDeadError(reason) and abort it in the engine, which keeps
+        running (a server's shutdown deadline). Call on the event loop; returns how many were ended."""
+        ended = list(self._queues.items())
+        self._queues.clear()
+        for request_id, request_queue in ended:
+            request_queue.put_nowait(EngineDeadError(reason))
+            self._commands.put(request_id)
+        return len(ended)
+
     async def abort(self, request_id: str) -> None:
         """Ask the engine thread to drop the request at its next step boundary; returns at once."""
         self._commands.put(request_id)

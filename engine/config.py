@@ -44,11 +44,13 @@ class EngineConfig:
     speculative_config: SpeculativeConfig | str | dict | None = None  # vLLM's JSON shape (text or table): parsed
     cpu_threads: int | None = None  # torch threads; None = usable CPUs (affinity, cgroup quota) less busy ones
     grammar_compile_timeout_s: float = 5.0  # a structured-output compile past this is killed: a 400 for its request
+    max_output_tokens: int | None = None  # server-wide cap on one sample's completion tokens (None: the context)
     grammar_cache_mib: float = 256.0  # compiled grammars kept, in xgrammar's reported bytes
 
     def __post_init__(self) -> None:
         positive = ("block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size",
-                    "tensor_parallel_timeout_s", "cpu_threads", "grammar_compile_timeout_s", "grammar_cache_mib")
+                    "tensor_parallel_timeout_s", "cpu_threads", "grammar_compile_timeout_s", "grammar_cache_mib",
+                    "max_output_tokens")
         for name in positive:
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")

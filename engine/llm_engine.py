@@ -162,6 +162,8 @@ class LLMEngine:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         check_prompt_ids(ids, self.model.vocab_size)
         max_tokens = completion_budget(len(ids), params.max_tokens, self.max_model_len)
+        if self.config.max_output_tokens is not None:
+            max_tokens = min(max_tokens, self.config.max_output_tokens)
         if not self.config.enable_chunked_prefill and len(ids) + max_tokens > self.config.batched_tokens:
             raise InvalidRequestError(f"with chunked prefill off a sequence may not exceed max_num_batched_tokens "
                                       f"({self.config.batched_tokens})", "max_tokens")

@@ -19,6 +19,7 @@ class InvalidRequestError(MinervaError, ValueError):
 
 # Seeds are 64-bit, signed or not (OpenAI documents an int64; torch generators take either).
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+GREEDY_BELOW = 1e-5  # temperatures under this sample greedily (vLLM uses the same epsilon)
 
 # Each numeric field's range, in pydantic's terms: SamplingParams enforces them here and the HTTP
 # protocol declares the same ones (so they reach the OpenAPI schema), so a range is written once.
@@ -52,7 +53,7 @@ def bounds_problem(name: str, value: float | None) -> str | None:
 
 @dataclass
 class SamplingParams:
-    """vLLM-style sampling parameters; `temperature == 0` means greedy."""
+    """vLLM-style sampling parameters; `temperature` 0 (or below GREEDY_BELOW) means greedy."""
 
     n: int = 1
     max_tokens: int | None = 16
@@ -86,4 +87,6 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperatures this small divide logits into inf/nan (1e-40 gave empty output, finish "stop"):
+        they mean the most likely token, as 0 does."""
+        return self.temperature < GREEDY_BELOW

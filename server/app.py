@@ -1,9 +1,11 @@
 """The FastAPI application: `create_app(engines, settings)` serves one AsyncEngine per model name.
 
 Around the routes, outermost first: the request id, observability (metrics and
-the JSON request log, for every request, refused ones too), the guard (API keys,
-rates, concurrency: nobody unauthenticated gets a body buffered), then the body
-size cap; with --allowed-origins, CORS outside them all. Every error leaves in OpenAI's
+the JSON request log, for every request, refused ones too), API keys (nobody
+unauthenticated gets a body buffered), the body read under its size cap and
+deadline, admission (rates, concurrency slots: taken only once the body is in),
+then, with --request-timeout, the per-request deadline; with --allowed-origins,
+CORS outside them all. Every error leaves in OpenAI's
 shape (in Anthropic's under /v1/messages). The engines are started and shut down with the app's lifespan.
 """
 
@@ -14,12 +16,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 
 from engine.client import EngineClient
 from server import chat, completions, info_routes, messages, tokenize_routes
 from server.errors import install_error_handlers
-from server.guard.http import BodySizeLimit, GuardMiddleware
+from server.guard.body import BodyReader
+from server.guard.cors import ShapedCORSMiddleware
+from server.guard.deadline import RequestDeadline
+from server.guard.http import AdmissionMiddleware, AuthMiddleware
 from server.guard.keys import ApiKeys
 from server.guard.rate_limit import Admission
 from server.messages.errors import anthropic_error_body
@@ -55,7 +59,8 @@ def create_app(engines: dict[str, EngineClient], settings: ServerSettings | None
             for model in started:
                 await model.engine.shutdown()
 
-    app = FastAPI(title="Minerva", version=minerva_version(), lifespan=lifespan)
+    # redirect_slashes off: the redirect would be built from the client's Host header; a 404 in OpenAI's shape instead
+    app = FastAPI(title="Minerva", version=minerva_version(), lifespan=lifespan, redirect_slashes=False)
     app.state.models = models
     app.state.settings = settings
     app.state.admission = Admission(settings.rate_limits)
@@ -65,16 +70,19 @@ def create_app(engines: dict[str, EngineClient], settings: ServerSettings | None
     app.state.responses = responses_routes.ResponsesState(ResponseStore(settings.responses_store),
                                                           ReasoningSeal.from_environment())
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.request_limits.max_body_bytes)
-    app.add_middleware(GuardMiddleware, keys=ApiKeys(settings.api_keys), admission=app.state.admission,
-                       protect_metrics=settings.protect_metrics)  # before any body is read
+    if settings.request_timeout_s is not None:
+        app.add_middleware(RequestDeadline, timeout_s=settings.request_timeout_s)
+    app.add_middleware(AdmissionMiddleware, admission=app.state.admission, protect_metrics=settings.protect_metrics)
+    app.add_middleware(BodyReader, max_bytes=settings.request_limits.max_body_bytes,
+                       timeout_s=settings.body_timeout_s)  # before a slot is taken, after the key is checked
+    app.add_middleware(AuthMiddleware, keys=ApiKeys(settings.api_keys), protect_metrics=settings.protect_metrics)
     routers = (info_routes.public_router, info_routes.router, completions.router, chat.router, messages.router,
                tokenize_routes.router, responses_routes.router)
     app.add_middleware(ObservabilityMiddleware, metrics=app.state.metrics,
                        routes=[route for router in routers for route in router.routes], log_prompts=settings.log_prompts)
     app.add_middleware(RequestIdMiddleware)
     if settings.allowed_origins:  # outermost: a browser's preflight is answered before the guard asks for a key
-        app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins),
+        app.add_middleware(ShapedCORSMiddleware, allow_origins=list(settings.allowed_origins),
                            allow_methods=list(settings.allowed_methods), allow_headers=list(settings.allowed_headers))
     for router in routers:
         app.include_router(router)

@@ -43,6 +43,9 @@ def message_text(message: ChatMessage, index: int) -> str:
 
 
 def chat_turn(message: ChatMessage, index: int) -> Turn:
+    if message.role == "tool" and not message.tool_call_id:
+        raise APIError(400, f"messages.{index}.tool_call_id: a tool message must name the call it answers",
+                       param=f"messages.{index}.tool_call_id")
     calls = [ToolCallItem(call.id, call.function.name, call.function.arguments,
                           param=f"messages.{index}.tool_calls.{i}.function.arguments")
              for i, call in enumerate(message.tool_calls or [])]

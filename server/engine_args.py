@@ -75,6 +75,9 @@ ENGINE_FLAGS: dict[str, tuple[dict[str, Any], str]] = {
                     "cgroup quota, less those other processes keep busy at start-up; engine/cpu_threads.py)"),
     "grammar_compile_timeout_s": ({"type": positive_float, "metavar": "SECONDS"},
                                   "a structured-output grammar compiling longer is killed and its request gets a 400"),
+    "max_output_tokens": ({"type": positive_int, "metavar": "N"},
+                          "cap on completion tokens per sample: larger max_tokens (or none) is served up to it and "
+                          "ends with finish_reason length"),
     "grammar_cache_mib": ({"type": positive_float, "metavar": "MIB"}, "memory for cached compiled grammars"),
 }
 

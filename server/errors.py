@@ -136,6 +136,11 @@ def install_error_handlers(app: FastAPI) -> None:
         message, param = validation_message(exc)
         return error_response(APIError(400, message, param=param), scope=request.scope)
 
+    @app.exception_handler(RecursionError)
+    async def _too_deep(request: Request, exc: RecursionError) -> JSONResponse:  # e.g. "[" * 5000 in tool arguments
+        return error_response(APIError(400, "the request nests JSON (or schemas) too deeply to process",
+                                       code="nesting_too_deep"), scope=request.scope)
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         try:

@@ -14,7 +14,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from engine.config import EngineConfig
-from server.engine_args import LaunchError, add_engine_flags, engine_config, positive_int
+from server.engine_args import LaunchError, add_engine_flags, engine_config, positive_float, positive_int
 from server.guard.keys import ApiKeys, read_keys_file
 from server.guard.rate_limit import Limits
 from server.load_progress import LoadProgress
@@ -123,7 +123,8 @@ def server_settings(args: argparse.Namespace, configs: list[EngineConfig]) -> Se
                           allowed_origins=args.allowed_origins, allowed_methods=args.allowed_methods,
                           allowed_headers=args.allowed_headers, tool_call_parser=args.tool_call_parser,
                           model_aliases=tuple((alias, names[0]) for names in served_names(args) for alias in names[1:]),
-                          fallback_model=args.fallback_model, responses_store=responses_store)
+                          fallback_model=args.fallback_model, responses_store=responses_store,
+                          body_timeout_s=args.body_timeout, request_timeout_s=args.request_timeout)
 
 
 def banner_lines(engines: dict[str, AsyncEngine], url: str) -> list[str]:
@@ -140,15 +141,26 @@ def banner_lines(engines: dict[str, AsyncEngine], url: str) -> list[str]:
     return lines
 
 
+def uvicorn_config(app: Any, args: argparse.Namespace) -> Any:
+    """uvicorn's settings from the flags. Proxy headers only from --forwarded-allow-ips: uvicorn's default
+    trusts X-Forwarded-For from local peers, which let any local client pick its rate-limit address."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, log_config=None,
+                          access_log=False, timeout_graceful_shutdown=args.shutdown_timeout,
+                          ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
+                          proxy_headers=args.forwarded_allow_ips is not None,
+                          forwarded_allow_ips=args.forwarded_allow_ips or "")
+
+
 def serve_command(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM; then stop accepting, let running requests finish (or abort them
     after --shutdown-timeout seconds), shut the engines down and exit 0 (1 if an engine died: a
     tensor-parallel rank gone)."""
     import signal
 
-    import uvicorn
-
     from server.app import create_app
+    from server.shutdown import DrainingServer
 
     if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
         raise LaunchError("--ssl-keyfile and --ssl-certfile go together")
@@ -168,9 +180,7 @@ def serve_command(args: argparse.Namespace) -> int:
         app = create_app(engines, settings)
     except ValueError as exc:  # a --fallback-model that names no served model
         raise LaunchError(str(exc)) from exc
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                log_config=None, access_log=False, timeout_graceful_shutdown=args.shutdown_timeout,
-                ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile)
+    DrainingServer(uvicorn_config(app, args), engines.values()).run()
     failures = [f"{name}: {engine.failure}" for name, engine in engines.items() if engine.failure]
     for failure in failures:
         print(f"error: engine stopped: {failure}", file=sys.stderr)
@@ -211,7 +221,15 @@ def add_serve_parser(commands: Any) -> None:
                       help="how tool calls are read from completions (default: picked from the chat template; "
                            "gpt-oss always uses harmony)")
     http.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
-                      help="on SIGTERM, how long running requests may finish before they are aborted")
+                      help="on SIGTERM, how long running requests may finish before they end with an error")
+    http.add_argument("--forwarded-allow-ips", metavar="LIST",
+                      help="proxies (comma-separated IPs/networks, or *) whose X-Forwarded-For / X-Forwarded-Proto "
+                           "are trusted for the client address (rate limits, logs); default: trust none")
+    http.add_argument("--body-timeout", type=positive_float, default=ServerSettings.body_timeout_s, metavar="SECONDS",
+                      help="a request body not fully received by then is a 408 (default %(default)s)")
+    http.add_argument("--request-timeout", type=positive_float, metavar="SECONDS",
+                      help="a generation request running longer is stopped (its engine work aborted) with a 504 "
+                           "or, mid-stream, an error event (default: no limit)")
 
     access = serve.add_argument_group("access")
     access.add_argument("--api-key", action="append", metavar="KEY",

@@ -43,3 +43,5 @@ class ServerSettings:
     model_aliases: tuple[tuple[str, str], ...] = ()  # (alias, served name): more names for one model
     fallback_model: str | None = None  # the served model unknown model names go to; None: they are a 404
     responses_store: StoreLimits = field(default_factory=StoreLimits)  # stored /v1/responses (store: true)
+    body_timeout_s: float = 30.0  # a request body not complete by then is a 408 (it holds no slot meanwhile)
+    request_timeout_s: float | None = None  # a generation request running longer is aborted: a 504 (None: no limit)

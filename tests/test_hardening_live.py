@@ -301,7 +301,7 @@ def test_tls_and_sigterm_lets_a_running_stream_finish_then_exits_0(tmp_path):
     assert "prompt" not in logs["tls-1"]
 
 
-def test_sigterm_aborts_what_outlasts_the_shutdown_timeout_and_exits_0(tmp_path):
+def test_sigterm_ends_what_outlasts_the_shutdown_timeout_with_an_error_event_and_exits_0(tmp_path):
     server = ServeProcess(tmp_path, shutdown_timeout=1)
     try:
         thread, result, started = stream_in_thread(server, max_tokens=480)
@@ -311,6 +311,7 @@ def test_sigterm_aborts_what_outlasts_the_shutdown_timeout_and_exits_0(tmp_path)
         assert server.process.wait(timeout=60) == 0
         assert time.monotonic() - signalled < 20
         thread.join(timeout=30)
-        assert "[DONE]" not in result["events"] or result["error"] is not None  # cut short, not finished
+        assert result["error"] is None and result["events"][-1] == "[DONE]"  # ended in-band, not cut off
+        assert json.loads(result["events"][-2])["error"]["code"] == "engine_unavailable"
     finally:
         server.stop()

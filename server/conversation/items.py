@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import jsonschema
+
 from engine.structured import StructuredOutput
 from server.conversation.reasoning import Effort
 from server.errors import APIError
@@ -40,12 +42,28 @@ class Tool:
     grammar: Grammar | None = None  # custom tools only
     param: str = "tools"  # the request field it came from
 
+    def __post_init__(self) -> None:
+        if self.parameters is not None:
+            check_json_schema(self.parameters, f"{self.param}.parameters")
+
     @property
     def schema(self) -> dict[str, Any]:
         """The JSON schema of its arguments; a custom tool's is `{"input": string}` (templates know only functions)."""
         if self.kind == "custom":
             return {"type": "object", "properties": {CUSTOM_INPUT: {"type": "string"}}, "required": [CUSTOM_INPUT]}
         return self.parameters or NO_ARGUMENTS
+
+
+def check_json_schema(schema: dict[str, Any], param: str) -> None:
+    """A 400 naming `param` unless `schema` is valid under its metaschema (2020-12 unless `$schema` says
+    otherwise): a broken tool schema would otherwise be accepted with tool_choice auto and never enforced."""
+    validator = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    try:
+        validator.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        where = exc.json_path.removeprefix("$")
+        raise APIError(400, f"{param}{where}: not a valid JSON Schema: {exc.message}", param=param,
+                       code="invalid_schema") from exc
 
 
 @dataclass

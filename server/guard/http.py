@@ -1,4 +1,5 @@
-"""The guard in front of the routes: API keys, request rates, concurrency caps and the body size cap.
+"""The guard in front of the routes: API keys, then (once server/guard/body.py has read the body)
+request rates and concurrency caps.
 
 Pure ASGI middleware (not BaseHTTPMiddleware), so streamed responses pass
 through untouched and a request leaves its concurrency slot only when its
@@ -8,7 +9,7 @@ response, streamed or not, has really ended.
 from __future__ import annotations
 
 from starlette.requests import Request
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.errors import APIError, send_api_error
 from server.guard.keys import ApiKeys, AuthError
@@ -24,21 +25,29 @@ def rate_limit_error(exc: RateLimitError) -> APIError:
     return APIError(429, str(exc), code="rate_limit_exceeded", headers=headers)
 
 
-class GuardMiddleware:
-    """Authenticates /v1 and the tokenizer routes (and, if asked, /metrics), then admits the request under
-    the client's limits."""
+class _Guarded:
+    """The paths the guard covers: /v1, the tokenizer routes, and /metrics when asked."""
 
-    def __init__(self, app: ASGIApp, keys: ApiKeys, admission: Admission, protect_metrics: bool = False) -> None:
+    def __init__(self, app: ASGIApp, protect_metrics: bool) -> None:
         self.app = app
-        self.keys = keys
-        self.admission = admission
         self.protect_metrics = protect_metrics
 
-    def _guarded(self, path: str) -> bool:
+    def _guarded(self, scope: Scope) -> bool:
+        if scope["type"] != "http":
+            return False
+        path = scope["path"]
         return path.startswith("/v1/") or path in TOKENIZER_ROUTES or (self.protect_metrics and path == "/metrics")
 
+
+class AuthMiddleware(_Guarded):
+    """Authenticates the guarded paths; nothing else runs (no body is read) for a request without a valid key."""
+
+    def __init__(self, app: ASGIApp, keys: ApiKeys, protect_metrics: bool = False) -> None:
+        super().__init__(app, protect_metrics)
+        self.keys = keys
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self._guarded(scope["path"]):
+        if not self._guarded(scope):
             await self.app(scope, receive, send)
             return
         record = record_in(scope)
@@ -53,6 +62,22 @@ class GuardMiddleware:
                 return
         host = (scope.get("client") or ("unknown", 0))[0]
         record.client = record.key_id or f"addr-{host}"
+        await self.app(scope, receive, send)
+
+
+class AdmissionMiddleware(_Guarded):
+    """Admits an authenticated request, body already read, under its client's limits: a generation
+    request holds a concurrency slot until its response, streamed or not, has really ended."""
+
+    def __init__(self, app: ASGIApp, admission: Admission, protect_metrics: bool = False) -> None:
+        super().__init__(app, protect_metrics)
+        self.admission = admission
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self._guarded(scope):
+            await self.app(scope, receive, send)
+            return
+        record = record_in(scope)
         generation = scope["method"] == "POST" and scope["path"] in GENERATION_ROUTES
         try:  # a slot first, so that a refusal for concurrency or overload costs no request budget
             if generation:
@@ -90,53 +115,3 @@ def reserve_tokens(request: Request, tokens: int) -> None:
     except RateLimitError as exc:
         raise rate_limit_error(exc) from None
     record.reserved_tokens = tokens
-
-
-class BodySizeLimit:
-    """Refuses bodies over `max_bytes` with a 413 before any route reads them.
-
-    A declared Content-Length is checked up front; a chunked body is read up to
-    the cap and then replayed to the app. (FastAPI's own max_body_size answers
-    a declared oversize body in plain text, not in OpenAI's error shape.)
-    """
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    def _too_large(self, size: str) -> APIError:
-        return APIError(413, f"request body of {size} bytes is over this server's limit of {self.max_bytes} bytes",
-                        code="request_too_large")
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None:
-            if declared.isdigit() and int(declared) > self.max_bytes:
-                await send_api_error(self._too_large(declared.decode()), scope, receive, send)
-                return
-            await self.app(scope, receive, send)
-            return
-        body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            if len(body) > self.max_bytes:
-                await send_api_error(self._too_large(f"more than {self.max_bytes}"), scope, receive, send)
-                return
-            if not message.get("more_body", False):
-                break
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": bytes(body), "more_body": False}
-
-        await self.app(scope, replay, send)
