@@ -5,6 +5,9 @@
   native kernels of kernels/cpu, when the start-up measurement (kernels/cpu/select.py) found
   them faster than dense fp32 on this machine; otherwise weights load dense as before.
 - Prefill attention runs torch's fused `scaled_dot_product_attention` per sequence.
+- With the native kernels built, fp32 RMSNorm, rotary + KV write, decode attention (read in place
+  from the cache blocks) and SwiGLU are one native call each (kernels/cpu/layer_ops.cpp): a decode
+  layer is ~10 calls instead of ~60 torch ops.
 Everything else is the reference's.
 """
 
@@ -14,20 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from kernels import reference
-from kernels.cpu import select
+from kernels.cpu import extension, select
 from kernels.cpu.quant import QuantizedWeight, pack_gguf
 from kernels.mxfp4 import MXFP4Tensor
-from kernels.reference import (
-    moe,
-    moe_experts,
-    moe_route,
-    rms_norm,
-    rope,
-    rope_write_kv,
-    silu_and_mul,
-    swiglu_oss,
-    write_kv_cache,
-)
+from kernels.reference import moe, moe_experts, moe_route, rope, swiglu_oss, write_kv_cache
 
 Weight = torch.Tensor | MXFP4Tensor | QuantizedWeight
 
@@ -82,6 +75,41 @@ def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) ->
     return y.view(*lead, weight.shape[0]).to(x.dtype)
 
 
+def _native(*tensors: torch.Tensor):
+    """The native kernels when they are built and every tensor is fp32, else None."""
+    if all(t.dtype == torch.float32 for t in tensors):
+        return extension.load()
+    return None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The reference's RMSNorm (with `residual`, of `x + residual`, also returned) in one native call."""
+    native = _native(x, weight, *(() if residual is None else (residual,)))
+    if native is None or x.dim() != 2:
+        return reference.rms_norm(x, weight, eps, residual)
+    out, total = native.rms_norm(x, weight, eps, residual)
+    return out if residual is None else (out, total)
+
+
+def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                  inv_freq: torch.Tensor, mscale: float, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor) -> torch.Tensor:
+    """`rope` on q and k, then `write_kv_cache` of the rotated k and v, in one native call; returns the rotated q."""
+    native = _native(q, k, v, k_cache, v_cache)
+    if native is None:
+        return reference.rope_write_kv(q, k, v, positions, inv_freq, mscale, k_cache, v_cache, slot_mapping)
+    return native.rope_write_kv(q, k, v, positions, inv_freq, mscale, k_cache, v_cache, slot_mapping)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """Llama's SwiGLU on a `[T, 2I]` tensor laid out as [gate | up]."""
+    native = _native(gate_up)
+    if native is None or gate_up.dim() != 2:
+        return reference.silu_and_mul(gate_up)
+    return native.silu_and_mul(gate_up)
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -93,11 +121,17 @@ def paged_attention(
     sliding_window: int | None = None,
     sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The reference's contract; sequences with several new queries run SDPA (no window, no sinks)."""
-    lens = seq_lens.tolist()
-    if sliding_window is not None or sinks is not None or q.shape[0] == len(lens):
+    """The reference's contract. Without a window or sinks: a decode step reads the paged cache in place
+    (native), and a batch with prefill runs SDPA per sequence."""
+    if sliding_window is not None or sinks is not None:
         return reference.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
                                          sliding_window, sinks)
+    if q.shape[0] == seq_lens.shape[0]:  # one query per sequence: a decode step
+        native = _native(q, k_cache, v_cache)
+        if native is not None:
+            return native.decode_attention(q.contiguous(), k_cache, v_cache, block_tables, seq_lens, scale)
+        return reference.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
+    lens = seq_lens.tolist()
     num_heads, head_dim = q.shape[1], q.shape[2]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     out = torch.empty_like(q)

@@ -1,4 +1,5 @@
-"""Build and load qgemm.cpp (the quantized CPU matmuls) once per machine, cached on disk.
+"""Build and load the native CPU kernels (qgemm.cpp: quantized matmuls; layer_ops.cpp: fused
+per-layer ops) once per machine, cached on disk.
 
 The build is native (`-march=native`), so the cache key holds the source, torch's version and the
 CPU's flags: another CPU or another torch builds its own copy. Any failure (no compiler, no ninja,
@@ -20,7 +21,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("qgemm.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("qgemm.cpp", "layer_ops.cpp")]
 CACHE_ENV = "MINERVA_KERNEL_CACHE"  # where builds are kept; default ~/.cache/minerva/kernels
 SWITCH_ENV = "MINERVA_CPU_QGEMM"  # "0": never build (dense weights); "1": use without measuring (select.py)
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
@@ -42,10 +43,10 @@ def cpu_flags() -> str:
 
 def cache_dir() -> Path:
     key = hashlib.sha256(
-        b"\0".join((SOURCE.read_bytes(), torch.__version__.encode(), cpu_flags().encode(), " ".join(FLAGS).encode()))
+        b"\0".join((*(source.read_bytes() for source in SOURCES), torch.__version__.encode(), cpu_flags().encode(), " ".join(FLAGS).encode()))
     ).hexdigest()[:16]
     root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "minerva" / "kernels")
-    return root / f"qgemm-{key}"
+    return root / f"cpu-{key}"
 
 
 def load() -> object | None:
@@ -72,7 +73,7 @@ def _build() -> tuple[object | None, str | None]:
         build_dir = cache_dir()
         build_dir.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
-        load_extension("minerva_qgemm", [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+        load_extension("minerva_cpu_kernels", [str(source) for source in SOURCES], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
                        build_directory=str(build_dir), is_python_module=False, verbose=False)
         log.info("CPU quantized kernels ready in %.1f s (%s)", time.perf_counter() - started, build_dir)
         return torch.ops.minerva_cpu, None

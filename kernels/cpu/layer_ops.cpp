@@ -1,0 +1,195 @@
+// The small per-layer ops of a CPU decode step, each one call instead of a dozen torch ops: at one
+// stream a step is ~60 ops per layer, and their dispatch cost rivals the matmuls'. All fp32.
+//   rms_norm:        out = w * s / sqrt(mean(s^2) + eps) with s = x (+ residual); returns (out, s).
+//   rope_write_kv:   NeoX rotary on q and k (rotary_dim = 2 * len(inv_freq); cos/sin scaled by
+//                    mscale), rotated k and v scattered into the paged caches by slot (< 0: skip).
+//   decode_attention: one query per sequence over its paged keys (GQA), read in place from the
+//                    cache blocks: no gather, no padding.
+//   silu_and_mul:    silu(gate) * up on a [T, 2I] tensor laid out [gate | up].
+// Numerics: fp32 throughout like kernels/reference.py, summed in a different order.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <initializer_list>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+float dot(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float s = 0.f;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  s = _mm512_reduce_add_ps(acc);
+#endif
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+void axpy(float* y, float a, const float* x, int64_t n) {  // y += a * x
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 va = _mm512_set1_ps(a);
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+#endif
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+
+void check_fp32(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be fp32");
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps,
+                                            const std::optional<at::Tensor>& residual) {
+  check_fp32(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && weight.is_contiguous(), "x must be [T, H] with unit stride");
+  const int64_t T = x.size(0), H = x.size(1);
+  at::Tensor out = at::empty({T, H}, x.options());
+  at::Tensor sum = at::empty({residual ? T : 0, H}, x.options());  // empty without a residual
+  const float* w = weight.data_ptr<float>();
+  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* xr = x.data_ptr<float>() + t * x.stride(0);
+      float* s = residual ? sum.data_ptr<float>() + t * H : const_cast<float*>(xr);
+      if (residual) {
+        const float* r = residual->data_ptr<float>() + t * residual->stride(0);
+        for (int64_t i = 0; i < H; ++i) s[i] = xr[i] + r[i];
+      }
+      const float inv = 1.f / std::sqrt(dot(s, s, H) / float(H) + float(eps));
+      float* o = out.data_ptr<float>() + t * H;
+      for (int64_t i = 0; i < H; ++i) o[i] = w[i] * (s[i] * inv);
+    }
+  });
+  return {out, sum};
+}
+
+at::Tensor rope_write_kv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& positions,
+                         const at::Tensor& inv_freq, double mscale, at::Tensor k_cache, at::Tensor v_cache,
+                         const at::Tensor& slot_mapping) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k, &v, &k_cache, &v_cache}) check_fp32(*t, "q, k, v and the caches");
+  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1, "head_dim must have unit stride");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  const int64_t T = q.size(0), H = q.size(1), KVH = k.size(1), D = q.size(2), half = inv_freq.size(0);
+  at::Tensor out = at::empty({T, H, D}, q.options());
+  at::Tensor pos = positions.to(at::kLong).contiguous(), slots = slot_mapping.to(at::kLong).contiguous();
+  at::Tensor freqs = inv_freq.to(at::kFloat).contiguous();
+  const float* f = freqs.data_ptr<float>();
+  const int64_t* p = pos.data_ptr<int64_t>();
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>(), *op = out.data_ptr<float>();
+  at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> cs(2 * half);
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t i = 0; i < half; ++i) {
+        const float angle = float(p[t]) * f[i];
+        cs[i] = std::cos(angle) * float(mscale);
+        cs[half + i] = std::sin(angle) * float(mscale);
+      }
+      auto rotate = [&](const float* src, float* dst) {
+        for (int64_t i = 0; i < half; ++i) {
+          const float x1 = src[i], x2 = src[half + i];
+          dst[i] = x1 * cs[i] - x2 * cs[half + i];
+          dst[half + i] = x2 * cs[i] + x1 * cs[half + i];
+        }
+        for (int64_t i = 2 * half; i < D; ++i) dst[i] = src[i];
+      };
+      for (int64_t h = 0; h < H; ++h)
+        rotate(qp + t * q.stride(0) + h * q.stride(1), op + (t * H + h) * D);
+      if (sl[t] < 0) continue;
+      for (int64_t h = 0; h < KVH; ++h) {
+        float* kd = kc + (sl[t] * KVH + h) * D;
+        float* vd = vc + (sl[t] * KVH + h) * D;
+        rotate(kp + t * k.stride(0) + h * k.stride(1), kd);
+        const float* vs = vp + t * v.stride(0) + h * v.stride(1);
+        for (int64_t i = 0; i < D; ++i) vd[i] = vs[i];
+      }
+    }
+  });
+  return out;
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k_cache, &v_cache}) check_fp32(*t, "q and the caches");
+  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous q and caches");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), bs = k_cache.size(1), KVH = k_cache.size(2);
+  const int64_t group = H / KVH;
+  at::Tensor tables = block_tables.to(at::kLong).contiguous(), lens = seq_lens.to(at::kLong).contiguous();
+  const int64_t* tab = tables.data_ptr<int64_t>();
+  const int64_t* len = lens.data_ptr<int64_t>();
+  const int64_t width = tables.size(1);
+  at::Tensor out = at::zeros_like(q);
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k_cache.data_ptr<float>();
+  const float* vp = v_cache.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  // One task per (sequence, kv head): its query heads share the keys read.
+  at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / KVH, kvh = task % KVH, n = len[b];
+      if (n <= 0) continue;
+      scores.resize(group * n);
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t slot = tab[b * width + j / bs] * bs + j % bs;
+        const float* key = kp + (slot * KVH + kvh) * D;
+        for (int64_t g = 0; g < group; ++g)
+          scores[g * n + j] = dot(qp + (b * H + kvh * group + g) * D, key, D) * float(scale);
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        float* s = scores.data() + g * n;
+        float top = -std::numeric_limits<float>::infinity(), total = 0.f;
+        for (int64_t j = 0; j < n; ++j) top = std::max(top, s[j]);
+        for (int64_t j = 0; j < n; ++j) total += (s[j] = std::exp(s[j] - top));
+        for (int64_t j = 0; j < n; ++j) s[j] /= total;
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t slot = tab[b * width + j / bs] * bs + j % bs;
+        const float* value = vp + (slot * KVH + kvh) * D;
+        for (int64_t g = 0; g < group; ++g) axpy(op + (b * H + kvh * group + g) * D, scores[g * n + j], value, D);
+      }
+    }
+  });
+  return out;
+}
+
+at::Tensor silu_and_mul(const at::Tensor& gate_up) {
+  check_fp32(gate_up, "gate_up");
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.stride(1) == 1, "gate_up must be [T, 2I] with unit stride");
+  const int64_t T = gate_up.size(0), I = gate_up.size(1) / 2;
+  at::Tensor out = at::empty({T, I}, gate_up.options());
+  at::parallel_for(0, T, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* g = gate_up.data_ptr<float>() + t * gate_up.stride(0);
+      float* o = out.data_ptr<float>() + t * I;
+      for (int64_t i = 0; i < I; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * g[I + i];
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(minerva_cpu, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps, Tensor? residual) -> (Tensor, Tensor)", rms_norm);
+  m.def("rope_write_kv(Tensor q, Tensor k, Tensor v, Tensor positions, Tensor inv_freq, float mscale, "
+        "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> Tensor", rope_write_kv);
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
+        "float scale) -> Tensor", decode_attention);
+  m.def("silu_and_mul(Tensor gate_up) -> Tensor", silu_and_mul);
+}

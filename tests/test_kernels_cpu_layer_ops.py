@@ -1,0 +1,72 @@
+"""The CPU backend's fused per-layer ops (kernels/cpu/layer_ops.cpp) and its SDPA prefill against
+kernels.reference on random inputs: fp32, equal to 1e-5 (the sums run in another order)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import cpu_ops, reference
+from kernels.cpu import extension
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def native():
+    if extension.load() is None:
+        pytest.skip(f"native CPU kernels unavailable: {extension.unavailable_reason()}")
+
+
+def test_rms_norm_with_and_without_residual():
+    x, residual, weight = torch.randn(5, 72), torch.randn(5, 72), torch.randn(72)
+    torch.testing.assert_close(cpu_ops.rms_norm(x, weight, 1e-5), reference.rms_norm(x, weight, 1e-5), **TOL)
+    out, total = cpu_ops.rms_norm(x, weight, 1e-5, residual)
+    expected_out, expected_total = reference.rms_norm(x, weight, 1e-5, residual)
+    torch.testing.assert_close(out, expected_out, **TOL)
+    torch.testing.assert_close(total, expected_total, **TOL)
+
+
+def test_silu_and_mul():
+    gate_up = torch.randn(3, 2 * 40)
+    torch.testing.assert_close(cpu_ops.silu_and_mul(gate_up), reference.silu_and_mul(gate_up), **TOL)
+
+
+@pytest.mark.parametrize("rotary_dim", [16, 8])  # 8: partial rotary, the rest passes through
+def test_rope_write_kv_on_strided_views(rotary_dim):
+    heads, kv_heads, head_dim, tokens = 4, 2, 16, 6
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim)  # views of one matmul output, as the model has
+    q, k, v = qkv.split((heads * head_dim, kv_heads * head_dim, kv_heads * head_dim), dim=-1)
+    q, k, v = (t.reshape(tokens, -1, head_dim) for t in (q, k, v))
+    positions = torch.tensor([0, 1, 2, 7, 30, 31])
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
+    slots = torch.tensor([3, 9, -1, 0, 14, 5])
+    caches = [torch.zeros(4, 4, kv_heads, head_dim) for _ in range(4)]
+    got = cpu_ops.rope_write_kv(q, k, v, positions, inv_freq, 1.25, caches[0], caches[1], slots)
+    expected = reference.rope_write_kv(q, k, v, positions, inv_freq, 1.25, caches[2], caches[3], slots)
+    torch.testing.assert_close(got, expected, **TOL)
+    torch.testing.assert_close(caches[0], caches[2], **TOL)
+    torch.testing.assert_close(caches[1], caches[3], **TOL)
+
+
+def paged(seq_lens: list[int], q_lens: list[int], block_size: int = 4, heads: int = 6, kv_heads: int = 2):
+    """Random caches with shuffled block tables and queries for the last `q_lens` tokens of each sequence."""
+    blocks_per_seq = [-(-n // block_size) for n in seq_lens]
+    order = torch.randperm(sum(blocks_per_seq) + 3)
+    tables = torch.zeros(len(seq_lens), max(blocks_per_seq), dtype=torch.int32)
+    start = 0
+    for i, count in enumerate(blocks_per_seq):
+        tables[i, :count] = order[start:start + count]
+        start += count
+    k_cache, v_cache = (torch.randn(len(order), block_size, kv_heads, 16) for _ in range(2))
+    q = torch.randn(sum(q_lens), heads, 16)
+    query_start_loc = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    return q, k_cache, v_cache, tables, torch.tensor(seq_lens, dtype=torch.int32), query_start_loc
+
+
+@pytest.mark.parametrize("seq_lens,q_lens", [([5, 1, 13], [1, 1, 1]),  # decode: native, read in place
+                                             ([7, 12], [7, 5]),  # a prefill and a chunk after cached context
+                                             ([9, 6, 3], [1, 6, 1])])  # decodes beside a prefill
+def test_paged_attention(seq_lens, q_lens):
+    args = paged(seq_lens, q_lens)
+    torch.testing.assert_close(cpu_ops.paged_attention(*args, 0.25), reference.paged_attention(*args, 0.25), **TOL)
