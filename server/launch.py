@@ -143,10 +143,13 @@ def banner_lines(engines: dict[str, AsyncEngine], url: str) -> list[str]:
 
 def uvicorn_config(app: Any, args: argparse.Namespace) -> Any:
     """uvicorn's settings from the flags. Proxy headers only from --forwarded-allow-ips: uvicorn's default
-    trusts X-Forwarded-For from local peers, which let any local client pick its rate-limit address."""
+    trusts X-Forwarded-For from local peers, which let any local client pick its rate-limit address. HTTP/1.1
+    through h11 with its 400s in OpenAI's shape (server/http_protocol.py)."""
     import uvicorn
 
-    return uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, log_config=None,
+    from server.http_protocol import ShapedH11Protocol
+
+    return uvicorn.Config(app, http=ShapedH11Protocol, host=args.host, port=args.port, log_level=args.log_level, log_config=None,
                           access_log=False, timeout_graceful_shutdown=args.shutdown_timeout,
                           ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
                           proxy_headers=args.forwarded_allow_ips is not None,

@@ -250,23 +250,53 @@ def test_streams_open_at_the_shutdown_timeout_end_with_an_error_event(engine, li
     assert wait_until_idle(engine)["kv_blocks_used"] == 0
 
 
+class LaunchedServer:
+    """uvicorn run with `minerva serve`'s settings for `flags` (server.launch.uvicorn_config) on a second app."""
+
+    def __init__(self, engine, flags: list[str], **settings) -> None:
+        args = build_parser().parse_args(["serve", *flags])
+        self.sock = free_port_socket()
+        self.port = self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn_config(second_app(engine, **settings), args))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.sock.close()
+
+
 def test_forwarded_for_is_ignored_unless_the_proxy_is_named(engine, live):
     def statuses(flags: list[str]) -> list[int]:
-        args = build_parser().parse_args(["serve", *flags])
-        sock = free_port_socket()
-        app = second_app(engine, rate_limits=Limits(requests_per_minute=3))
-        server = uvicorn.Server(uvicorn_config(app, args))
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        while not server.started:
-            time.sleep(0.05)
+        server = LaunchedServer(engine, flags, rate_limits=Limits(requests_per_minute=3))
         try:
-            url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1/models"
+            url = f"http://127.0.0.1:{server.port}/v1/models"
             return [httpx.get(url, headers={"x-forwarded-for": f"10.0.0.{i}"}).status_code for i in range(6)]
         finally:
-            server.should_exit = True
-            thread.join(30)
-            sock.close()
+            server.stop()
 
     assert statuses([]) == [200, 200, 200, 429, 429, 429]
     assert statuses(["--forwarded-allow-ips", "127.0.0.1"]) == [200] * 6  # a named proxy's header is the client
+
+
+@pytest.mark.parametrize("raw", [b"NOT HTTP AT ALL\r\n\r\n",
+                                 b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n"])
+def test_malformed_http_is_an_openai_shaped_400(engine, live, raw):
+    server = LaunchedServer(engine, [])
+    try:
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(raw)
+            reply = read_response(sock, 10)
+            while not reply.rstrip().endswith(b"}"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
+        head, body = reply.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head
+        assert json.loads(body)["error"]["code"] == "bad_http_request"
+    finally:
+        server.stop()
