@@ -77,12 +77,12 @@ def test_tool_choice(choice, mode, named, parallel):
 
 
 @pytest.mark.parametrize("fields, effort", [
-    ({}, None), ({"thinking": {"type": "adaptive"}}, None), ({"thinking": {"type": "disabled"}}, "low"),
+    ({}, None), ({"thinking": {"type": "adaptive"}}, None), ({"thinking": {"type": "disabled"}}, "none"),
     ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "low"),
     ({"thinking": {"type": "enabled", "budget_tokens": 8000}}, "medium"),
     ({"thinking": {"type": "enabled", "budget_tokens": 32000}}, "high"),
     ({"thinking": {"type": "enabled", "budget_tokens": 32000}, "output_config": {"effort": "low"}}, "low"),
-    ({"output_config": {"effort": "max"}}, "high"),
+    ({"output_config": {"effort": "max"}}, "max"),
 ])
 def test_thinking_budget_and_effort_map_to_reasoning_effort(fields, effort):
     assert conversation_of(request(messages=[{"role": "user", "content": "x"}], **fields)).reasoning_effort == effort

@@ -13,6 +13,7 @@ import logging
 from typing import Any
 
 from server.conversation import Conversation, Tool, ToolCallItem, Turn
+from server.conversation.reasoning import Effort
 from server.errors import APIError
 from engine.structured import StructuredOutput
 from server.messages.protocol import CountTokensRequest, InputMessage, OutputConfig, Thinking, ToolChoice
@@ -20,7 +21,7 @@ from server.messages.protocol import CountTokensRequest, InputMessage, OutputCon
 logger = logging.getLogger("minerva.server")
 
 CLIENT_TOOL_TYPES = (None, "custom")  # a tool the client runs, described by input_schema
-REASONING_BUDGETS = ((4096, "low"), (16384, "medium"))  # thinking budget_tokens below each -> that effort
+REASONING_BUDGETS: tuple[tuple[int, Effort], ...] = ((4096, "low"), (16384, "medium"))  # thinking budget_tokens below each -> that effort
 UNREADABLE_BLOCKS = ("image", "document", "search_result", "container_upload")
 
 
@@ -144,15 +145,15 @@ def tool_choice_of(choice: ToolChoice | None, tools: list[Tool]) -> str:
     return choice.name
 
 
-def reasoning_effort(thinking: Thinking | None, config: OutputConfig | None) -> str | None:
-    """`output_config.effort`, else the thinking budget, as a reasoning effort (what gpt-oss takes); disabled
-    thinking reasons least, adaptive leaves the model's default."""
+def reasoning_effort(thinking: Thinking | None, config: OutputConfig | None) -> Effort | None:
+    """`output_config.effort`, else the thinking budget, as the core's reasoning effort (server/conversation/reasoning.py
+    maps it onto the model): disabled thinking is "none", adaptive leaves the model's default."""
     if config is not None and config.effort is not None:
-        return config.effort if config.effort in ("low", "medium", "high") else "high"
+        return config.effort
     if thinking is None or thinking.type in ("adaptive", "between_tools"):
         return None
     if thinking.type == "disabled":
-        return "low"
+        return "none"
     if thinking.budget_tokens is None:
         raise APIError(400, "thinking.budget_tokens: required when thinking is enabled", param="thinking.budget_tokens")
     return next((effort for limit, effort in REASONING_BUDGETS if thinking.budget_tokens < limit), "high")

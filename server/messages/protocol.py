@@ -44,7 +44,7 @@ class OutputFormat(AnthropicModel):
 
 
 class OutputConfig(AnthropicModel):
-    """`effort` maps to the reasoning effort (xhigh and max to high); `format` constrains the text to a schema."""
+    """`effort` is the reasoning effort (server/conversation/reasoning.py maps it); `format` constrains the text."""
 
     effort: Literal["low", "medium", "high", "xhigh", "max"] | None = None
     format: OutputFormat | None = None
