@@ -201,18 +201,22 @@ def test_any_tool_choice_without_parallel_use_makes_one_call(client):
     jsonschema.validate(calls[0].input, {t["name"]: t["input_schema"] for t in (WEATHER, ADD)}[calls[0].name])
 
 
+ANSWER = "It is sunny in Paris."
 SCRIPT = 'I will look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n</tool_call>'
 
 
 @pytest.fixture(scope="module")
 def scripted(model_dir):
-    """A server whose model writes SCRIPT after the last <|assistant|> token, then </s>."""
+    """A server whose model writes SCRIPT after the first <|assistant|> token of a prompt and ANSWER after a
+    later one (once its call is in the conversation), then </s>."""
     tokenizer = Tokenizer.from_files({name: model_dir / name for name in ("tokenizer.json", "tokenizer_config.json")})
-    script = tokenizer.encode(SCRIPT, add_special_tokens=False)
+    scripts = [tokenizer.encode(text, add_special_tokens=False) for text in (SCRIPT, ANSWER)]
     assistant, eos = tokenizer.backend.token_to_id("<|assistant|>"), tokenizer.backend.token_to_id("</s>")
 
     def predict(context: list[int], vocab_size: int) -> int:
-        written = len(context) - 1 - max(i for i, t in enumerate(context) if t == assistant)
+        turns = [i for i, t in enumerate(context) if t == assistant]
+        script = scripts[min(len(turns), 2) - 1]
+        written = len(context) - 1 - turns[-1]
         return script[written] if written < len(script) else eos
 
     info = SimpleNamespace(architecture="llama", path=str(model_dir), to_dict=lambda: {})
@@ -238,9 +242,10 @@ def test_auto_tool_call_and_tool_loop(scripted):
 
     loop = ASK + [{"role": "assistant", "content": [b.to_dict() for b in first.content]},
                   {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "sunny"}]}]
-    answer = client.messages.create(messages=loop, **kwargs)  # the script calls again: the loop itself is what counts
-    assert answer.stop_reason == "tool_use"
+    answer = client.messages.create(messages=loop, **kwargs)
+    assert answer.stop_reason == "end_turn" and [(b.type, b.text) for b in answer.content] == [("text", ANSWER)]
     assert answer.usage.input_tokens + answer.usage.cache_read_input_tokens > first.usage.input_tokens + 20
+    assert answer.usage.cache_read_input_tokens > 0  # the first turn's prompt was read from the prefix cache
     none = client.messages.create(messages=ASK, tool_choice={"type": "none"}, **kwargs)
     assert none.stop_reason == "end_turn" and [b.type for b in none.content] == ["text"]
     assert none.content[0].text == SCRIPT

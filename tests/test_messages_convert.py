@@ -172,3 +172,19 @@ def test_stream_errors_are_anthropic_error_events(status, kind):
     (event,) = error_events(APIError(status, "bad \ud800 input"))
     parsed = ErrorResponse.model_validate(event)
     assert parsed.error.type == kind and parsed.error.message.startswith("bad ")
+
+
+def test_thinking_and_tool_turns_render_on_harmony_channels():
+    """gpt-oss: an earlier turn's thinking goes back on the analysis channel, its call on commentary."""
+    pytest.importorskip("openai_harmony")
+    from server.conversation.harmony import harmony_encoding, render_harmony
+
+    conversation = conversation_of(request(tools=[TOOL], messages=[
+        {"role": "user", "content": "Read a"},
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": "I should read a.", "signature": ""},
+                                          {"type": "tool_use", "id": "toolu_1", "name": "read", "input": {"path": "a"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "hello"}]}]))
+    prompt = harmony_encoding().decode(render_harmony(conversation))
+    assert "<|channel|>analysis<|message|>I should read a." in prompt
+    assert 'to=functions.read<|channel|>commentary <|constrain|>json<|message|>{"path": "a"}' in prompt
+    assert "<|start|>functions.read to=assistant<|channel|>commentary<|message|>hello" in prompt
