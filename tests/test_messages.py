@@ -19,7 +19,7 @@ from anthropic.types import Message, MessageTokensCount, RawMessageStreamEvent
 from anthropic.types.shared import ErrorResponse
 from pydantic import TypeAdapter
 
-from engine.async_engine import AsyncEngine
+from engine.async_engine import AsyncEngine, EngineDeadError
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.tokenizer import Tokenizer
@@ -305,3 +305,42 @@ def test_beta_client_and_count_tokens_through_the_sdk(client):
     plain = client.messages.count_tokens(model="tiny", messages=ASK)
     assert beta.usage.input_tokens + (beta.usage.cache_read_input_tokens or 0) == plain.input_tokens
     assert counted.input_tokens > plain.input_tokens  # the tools are rendered into the prompt
+
+
+class DyingEngine:
+    """The tiny engine, except that every request's stream breaks after its first output (the engine "dies")."""
+
+    def __init__(self, engine) -> None:
+        self.inner = engine
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    async def generate(self, prompt, params, request_id):
+        async for output in self.inner.generate(prompt, params, request_id):
+            yield output
+            raise EngineDeadError("stopped in the middle of a stream (test)")
+
+
+def test_an_error_mid_stream_is_an_anthropic_error_event(model_dir):
+    engine = tiny_engine(model_dir, "tiny")
+    server = LiveServer(create_app({"tiny": DyingEngine(engine)}))
+    try:
+        events, name = [], None
+        body = {"model": "tiny", "max_tokens": 8, "messages": ASK, "stream": True}
+        with httpx.stream("POST", server.base_url + "/v1/messages", json=body, timeout=120) as response:
+            assert response.status_code == 200
+            for line in response.iter_lines():
+                name = line.removeprefix("event: ") if line.startswith("event: ") else name
+                if line.startswith("data: "):
+                    events.append((name, json.loads(line.removeprefix("data: "))))
+        assert [n for n, _ in events][:2] == ["message_start", "ping"] and events[-1][0] == "error"
+        error = ErrorResponse.model_validate(events[-1][1])
+        assert error.error.type == "overloaded_error" and "not running" in error.error.message
+        client = anthropic.Anthropic(base_url=server.base_url, api_key="unused", max_retries=0, timeout=60)
+        with pytest.raises(anthropic.APIStatusError, match="not running"):
+            with client.messages.stream(model="tiny", max_tokens=8, messages=ASK) as stream:
+                stream.get_final_message()
+        assert wait_until_idle(engine)["kv_blocks_used"] == 0
+    finally:
+        server.stop()
