@@ -45,7 +45,8 @@ KEY = "sk-messages-test"
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return use_tool_template(save_tiny_llama(tmp_path_factory.mktemp("messages") / "tiny", max_position_embeddings=1024))
+    directory = tmp_path_factory.mktemp("messages") / "tiny"
+    return use_tool_template(save_tiny_llama(directory, max_position_embeddings=1024))
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +114,9 @@ def reassembled(events: list[tuple[str, dict]]) -> Message:
             stop = event
         snapshot = accumulate_event(event=event, current_snapshot=snapshot, json_bufs=buffers)
     final = Message.model_validate(snapshot.to_dict())
+    usage = final.usage.model_copy(update={"output_tokens": stop.usage.output_tokens})
     return final.model_copy(update={"stop_reason": stop.delta.stop_reason, "stop_sequence": stop.delta.stop_sequence,
-                                    "usage": final.usage.model_copy(update={"output_tokens": stop.usage.output_tokens})})
+                                    "usage": usage})
 
 
 def blocks(message: Message) -> list[dict]:
@@ -188,14 +190,15 @@ def test_forced_tool_gives_schema_valid_input_streamed_equal_to_whole(live, engi
     assert call.type == "tool_use" and call.name == "get_weather" and call.id
     jsonschema.validate(call.input, WEATHER["input_schema"])
     events = stream_events(live, body)
-    assert sum(data["delta"]["type"] == "input_json_delta" for name, data in events if name == "content_block_delta") > 2
+    deltas = [data["delta"]["type"] for name, data in events if name == "content_block_delta"]
+    assert deltas.count("input_json_delta") > 2
     same_message(reassembled(events), whole)
     assert wait_until_idle(engine)["kv_blocks_used"] == 0
 
 
 def test_any_tool_choice_without_parallel_use_makes_one_call(client):
-    out = client.messages.create(model="tiny", max_tokens=120, extra_body={"temperature": 0}, messages=ASK, tools=[WEATHER, ADD],
-                                 tool_choice={"type": "any", "disable_parallel_tool_use": True})
+    out = client.messages.create(model="tiny", max_tokens=120, extra_body={"temperature": 0}, messages=ASK,
+                                 tools=[WEATHER, ADD], tool_choice={"type": "any", "disable_parallel_tool_use": True})
     calls = [block for block in out.content if block.type == "tool_use"]
     assert out.stop_reason == "tool_use" and len(calls) == 1
     jsonschema.validate(calls[0].input, {t["name"]: t["input_schema"] for t in (WEATHER, ADD)}[calls[0].name])
@@ -261,8 +264,8 @@ def test_auto_tool_call_and_tool_loop(scripted):
         {"type": "text", "text": "what is this?"},
         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}]}]},
      400, "invalid_request_error", "messages.0.content.1"),
-    ({"model": "tiny", "max_tokens": 4, "messages": ASK, "tools": [WEATHER], "tool_choice": {"type": "tool", "name": "x"}},
-     400, "invalid_request_error", "tool_choice.name"),
+    ({"model": "tiny", "max_tokens": 4, "messages": ASK, "tools": [WEATHER],
+      "tool_choice": {"type": "tool", "name": "x"}}, 400, "invalid_request_error", "tool_choice.name"),
     ({"model": "tiny", "max_tokens": 4, "messages": ASK + [{"role": "assistant", "content": "It is"}]},
      400, "invalid_request_error", "prefill"),
     ({"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": "x" * 5000}]},
@@ -300,7 +303,8 @@ def test_keys_from_x_api_key_or_bearer_and_beta_headers_accepted(live):
 
 
 def test_beta_client_and_count_tokens_through_the_sdk(client):
-    beta = client.beta.messages.create(model="tiny", max_tokens=3, messages=ASK, betas=["token-efficient-tools-2025-02-19"])
+    beta = client.beta.messages.create(model="tiny", max_tokens=3, messages=ASK,
+                                       betas=["token-efficient-tools-2025-02-19"])
     counted = client.messages.count_tokens(model="tiny", messages=ASK, tools=[WEATHER])
     plain = client.messages.count_tokens(model="tiny", messages=ASK)
     assert beta.usage.input_tokens + (beta.usage.cache_read_input_tokens or 0) == plain.input_tokens

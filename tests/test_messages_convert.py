@@ -58,7 +58,8 @@ def test_system_blocks_turns_and_a_tool_loop_map_onto_the_core():
         ("tool", "hello"), ("user", "And now?"), ("system", "# Environment")]
     assistant, tool = conversation.turns[2], conversation.turns[3]
     assert assistant.reasoning == "I should read it."
-    assert [(c.call_id, c.name, c.arguments_object()) for c in assistant.tool_calls] == [("toolu_1", "read", {"path": "a"})]
+    calls = [(c.call_id, c.name, c.arguments_object()) for c in assistant.tool_calls]
+    assert calls == [("toolu_1", "read", {"path": "a"})]
     assert (tool.call_id, tool.name) == ("toolu_1", "read")
     assert [t.name for t in conversation.tools] == ["read"]  # the server tool is Anthropic's to run: skipped
     assert conversation.tools[0].schema == TOOL["input_schema"] and conversation.tool_mode == "auto"
@@ -71,7 +72,8 @@ def test_system_blocks_turns_and_a_tool_loop_map_onto_the_core():
     ({"type": "none"}, "none", None, True),
 ])
 def test_tool_choice(choice, mode, named, parallel):
-    conversation = conversation_of(request(tools=[TOOL], tool_choice=choice, messages=[{"role": "user", "content": "x"}]))
+    conversation = conversation_of(request(tools=[TOOL], tool_choice=choice,
+                                           messages=[{"role": "user", "content": "x"}]))
     assert conversation.tool_mode == mode and conversation.parallel_tool_calls == parallel
     assert (conversation.named_tool.name if conversation.named_tool else None) == named
 
@@ -147,7 +149,8 @@ def test_any_event_stream_reassembles_with_the_sdk_to_the_whole_message(drawn, f
                 "usage": anthropic_usage(Usage(5, 3, 2))}, {"type": "message_stop"}]
     snapshot, buffers = None, {}
     for data in stream:
-        snapshot = accumulate_event(event=STREAM_EVENT.validate_python(data), current_snapshot=snapshot, json_bufs=buffers)
+        event = STREAM_EVENT.validate_python(data)
+        snapshot = accumulate_event(event=event, current_snapshot=snapshot, json_bufs=buffers)
     whole = Message.model_validate({"id": "msg_1", "type": "message", "role": "assistant", "model": "m",
                                     "content": blocks.content(), "stop_reason": stop_reason,
                                     "stop_sequence": stop_sequence, "usage": anthropic_usage(Usage(5, 3, 2))})
@@ -181,8 +184,9 @@ def test_thinking_and_tool_turns_render_on_harmony_channels():
 
     conversation = conversation_of(request(tools=[TOOL], messages=[
         {"role": "user", "content": "Read a"},
-        {"role": "assistant", "content": [{"type": "thinking", "thinking": "I should read a.", "signature": ""},
-                                          {"type": "tool_use", "id": "toolu_1", "name": "read", "input": {"path": "a"}}]},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "I should read a.", "signature": ""},
+            {"type": "tool_use", "id": "toolu_1", "name": "read", "input": {"path": "a"}}]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "hello"}]}]))
     prompt = harmony_encoding().decode(render_harmony(conversation))
     assert "<|channel|>analysis<|message|>I should read a." in prompt

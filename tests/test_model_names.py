@@ -71,7 +71,8 @@ def test_aliases_and_fallback_answer_through_both_apis(live):
                                      messages=[{"role": "user", "content": "hi"}])
     assert message.model == "tiny" and message.usage.output_tokens > 0
     chat = openai.OpenAI(base_url=live.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
-    completion = chat.chat.completions.create(model="gpt-4o", max_tokens=2, messages=[{"role": "user", "content": "hi"}])
+    completion = chat.chat.completions.create(model="gpt-4o", max_tokens=2,
+                                              messages=[{"role": "user", "content": "hi"}])
     assert completion.model == "tiny"
     listed = chat.models.list().data
     assert [m.id for m in listed] == ["tiny"] and listed[0].model_extra["aliases"] == ["gpt-4o"]

@@ -72,8 +72,8 @@ class ContentBlocks:
         return "end_turn", None
 
     def _append(self, kind: str, text: str) -> list[StreamEvent]:
-        started = [] if self.open is not None and self.blocks[self.open]["type"] == kind else self._start(
-            {"type": "thinking", "thinking": "", "signature": ""} if kind == "thinking" else {"type": "text", "text": ""})
+        empty = {"type": kind, kind: "", **({"signature": ""} if kind == "thinking" else {})}
+        started = [] if self.open is not None and self.blocks[self.open]["type"] == kind else self._start(empty)
         assert self.open is not None
         self.blocks[self.open][kind] += text
         delta = {"type": f"{kind}_delta", kind: text}

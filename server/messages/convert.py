@@ -12,16 +12,17 @@ import json
 import logging
 from typing import Any
 
+from engine.structured import StructuredOutput
 from server.conversation import Conversation, Tool, ToolCallItem, Turn
 from server.conversation.reasoning import Effort
 from server.errors import APIError
-from engine.structured import StructuredOutput
 from server.messages.protocol import CountTokensRequest, InputMessage, OutputConfig, Thinking, ToolChoice
 
 logger = logging.getLogger("minerva.server")
 
 CLIENT_TOOL_TYPES = (None, "custom")  # a tool the client runs, described by input_schema
-REASONING_BUDGETS: tuple[tuple[int, Effort], ...] = ((4096, "low"), (16384, "medium"))  # thinking budget_tokens below each -> that effort
+# thinking budget_tokens below each limit -> that effort; above the last, "high"
+REASONING_BUDGETS: tuple[tuple[int, Effort], ...] = ((4096, "low"), (16384, "medium"))
 UNREADABLE_BLOCKS = ("image", "document", "search_result", "container_upload")
 
 
@@ -83,7 +84,7 @@ def message_turns(message: InputMessage, index: int, call_names: dict[str, str])
 
 
 def assistant_turn(blocks: list[dict[str, Any]], param: str, call_names: dict[str, str]) -> Turn:
-    """Thinking -> the turn's reasoning (redacted thinking is Anthropic's sealed text: dropped), text, tool_use calls."""
+    """Thinking -> the turn's reasoning (redacted thinking, Anthropic's sealed text, is dropped); text; tool_use."""
     turn = Turn("assistant")
     for position, block in enumerate(blocks):
         kind, where = block.get("type"), f"{param}.{position}"
@@ -146,8 +147,8 @@ def tool_choice_of(choice: ToolChoice | None, tools: list[Tool]) -> str:
 
 
 def reasoning_effort(thinking: Thinking | None, config: OutputConfig | None) -> Effort | None:
-    """`output_config.effort`, else the thinking budget, as the core's reasoning effort (server/conversation/reasoning.py
-    maps it onto the model): disabled thinking is "none", adaptive leaves the model's default."""
+    """`output_config.effort`, else the thinking budget, as the core's reasoning effort (which
+    server/conversation/reasoning.py maps onto the model): disabled thinking is "none", adaptive the model's default."""
     if config is not None and config.effort is not None:
         return config.effort
     if thinking is None or thinking.type in ("adaptive", "between_tools"):
