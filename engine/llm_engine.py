@@ -21,6 +21,8 @@ from engine.model_runner import ModelRunner, PendingTokens, kv_bytes_per_block
 from engine.models.base import CausalLM
 from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
+from engine.logit_bias import check_logit_bias
+from engine.prompt_logprobs import PromptRows, rows_to_score, score
 from engine.prompt_rules import check_prompt_ids, completion_budget
 from engine.request import Request, Sample, SampleProgress
 from engine.sampler import SampleResult, Sampler, SamplingRow
@@ -161,6 +163,7 @@ class LLMEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already running", "request_id")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         check_prompt_ids(ids, self.model.vocab_size)
+        check_logit_bias(params.logit_bias, self.model.vocab_size)
         max_tokens = completion_budget(len(ids), params.max_tokens, self.max_model_len)
         if self.config.max_output_tokens is not None:
             max_tokens = min(max_tokens, self.config.max_output_tokens)
@@ -183,7 +186,8 @@ class LLMEngine:
             seqs.append(Sample(request_id, index, ids, params, max_tokens, generator, lead=seqs[0] if seqs else None,
                                grammar=grammars[index] if grammars else None, stop_token_ids=stop_token_ids))
             detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens))
-        return Request(request_id, ids, params, seqs, detoks, [SampleProgress() for _ in seqs])
+        return Request(request_id, ids, params, seqs, detoks, [SampleProgress() for _ in seqs],
+                       [None] if params.prompt_logprobs is not None else None)
 
     def add_prepared(self, request: Request) -> None:
         """Queue a request made by `prepare_request`."""
@@ -235,8 +239,11 @@ class LLMEngine:
         speculating = drafts is not None and any(drafts)
         try:
             pending = previous.pending_inputs() if previous is not None else None
+            prompt_rows = self._prompt_rows(batch)
             logits = self.runner.run(batch.items, sample_rows, pending,
-                                     [1 + len(d) for d in drafts] if speculating else None)
+                                     [1 + len(d) for d in drafts] if speculating else None, prompt_rows)
+            if prompt_rows:
+                logits = self._score_prompts(batch, prompt_rows, logits)
             if speculating:
                 rows, row_seqs = self._verified_rows(samples, drafts)
             else:
@@ -259,6 +266,34 @@ class LLMEngine:
                 seq.spec_token_ids = []
             return InFlight(samples, result, drafts)
         return InFlight(samples, result)
+
+    def _prompt_rows(self, batch: ScheduledBatch) -> list[PromptRows]:
+        """The prompt positions this batch computes for requests that asked for prompt logprobs."""
+        found = []
+        for item, (seq, count) in enumerate(batch.items):
+            if seq.params.prompt_logprobs is None or seq.lead is not None:
+                continue
+            request = self.requests.get(seq.request_id)
+            if request is None or request.prompt_logprobs is None:
+                continue
+            rows = rows_to_score(item, seq.prompt_token_ids, seq.num_computed_tokens, count,
+                                 len(request.prompt_logprobs))
+            if rows is not None:
+                found.append(rows)
+        return found
+
+    def _score_prompts(self, batch: ScheduledBatch, prompt_rows: list[PromptRows], logits: torch.Tensor) -> torch.Tensor:
+        """Score the prompt rows at the end of `logits` into their requests; the sampled rows are returned."""
+        extra = sum(rows.count for rows in prompt_rows)
+        sampled, scored = logits[:logits.shape[0] - extra], logits[logits.shape[0] - extra:]
+        start = 0
+        for rows in prompt_rows:
+            seq = batch.items[rows.item][0]
+            entries = score(scored[start:start + rows.count], rows.targets, seq.params.prompt_logprobs,
+                            self.tokenizer.token_bytes)
+            self.requests[seq.request_id].prompt_logprobs.extend(entries)
+            start += rows.count
+        return sampled
 
     def _verified_rows(self, samples: list[Sample], drafts: list[list[int]]) -> tuple[list[SamplingRow], list[Sample]]:
         """Sampler rows for each sample's position and its drafts' (min_tokens bans counted per position)."""

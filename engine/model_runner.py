@@ -20,6 +20,7 @@ import torch
 from engine.attention_metadata import AttentionMetadata
 from engine.host_device import upload
 from engine.models.base import CausalLM
+from engine.prompt_logprobs import PromptRows
 from engine.request import Sample
 
 log = logging.getLogger(__name__)
@@ -202,12 +203,14 @@ class ModelRunner:
         self.rows.release(seq)
 
     def prepare(self, items: list[tuple[Sample, int]], sample_rows: list[int],
-                pending: PendingTokens | None = None, logits_per_row: list[int] | None = None) -> StepInputs:
+                pending: PendingTokens | None = None, logits_per_row: list[int] | None = None,
+                prompt_rows: list[PromptRows] | None = None) -> StepInputs:
         """Fill the buffers for `(sequence, new tokens)` pairs; logits for the `sample_rows` items.
 
         A decode whose input token is still in flight (async scheduling) reads it from `pending` on the device.
         `logits_per_row[i]` asks for the logits of the last that many tokens of `sample_rows[i]` (speculative
-        decoding verifies each draft position); None: of its last token.
+        decoding verifies each draft position); None: of its last token. `prompt_rows` add, after those, the
+        logits of prompt positions a request scores (prompt logprobs).
         """
         b, bs = self.buffers, self.block_size
         b.reusable()
@@ -254,7 +257,7 @@ class ModelRunner:
         table = self.rows.table
         b.slot_mapping[1][:num_tokens] = table[token_rows, positions // bs].astype(np.int64) * bs + positions % bs
         b.seq_lens[1][:num_seqs] = begins + counts
-        bucket = self._bucket(items, sample_rows)
+        bucket = None if prompt_rows else self._bucket(items, sample_rows)
         rows_out, tokens_out = num_seqs, num_tokens
         if bucket is not None:  # decode-only, padded: extra rows attend to one token in the scratch block
             pad = slice(num_seqs, bucket)
@@ -276,6 +279,11 @@ class ModelRunner:
             firsts = starts[np.asarray(sample_rows, dtype=np.int64) + 1] - widths
             within = np.arange(num_logits) - np.repeat(np.cumsum(widths) - widths, widths)
             b.logits_indices[1][:num_logits] = np.repeat(firsts, widths) + within
+        num_sampled = len(sample_rows) if logits_per_row is None else num_logits
+        for extra in prompt_rows or ():
+            first = int(starts[extra.item]) + extra.first
+            b.logits_indices[1][num_logits:num_logits + extra.count] = np.arange(first, first + extra.count)
+            num_logits += extra.count
         b.table_rows[1][:num_seqs] = rows
         self.rows.upload_written()
         table_rows = b.upload(b.table_rows, rows_out)
@@ -297,8 +305,8 @@ class ModelRunner:
         if in_flight_at:
             input_ids[upload(in_flight_at, torch.long, self.device)] = \
                 pending.token_ids[upload(in_flight_rows, torch.long, self.device)]
-        num_sampled = len(sample_rows) if logits_per_row is None else num_logits
-        inputs = StepInputs(input_ids, b.upload(b.positions, tokens_out), metadata, num_sampled, bucket)
+        inputs = StepInputs(input_ids, b.upload(b.positions, tokens_out), metadata, num_logits if prompt_rows
+                            else num_sampled, bucket)
         b.uploads_queued()
         return inputs
 
@@ -310,9 +318,11 @@ class ModelRunner:
 
     @torch.no_grad()  # not inference_mode: the sampler edits the logits in place
     def run(self, items: list[tuple[Sample, int]], sample_rows: list[int],
-            pending: PendingTokens | None = None, logits_per_row: list[int] | None = None) -> torch.Tensor:
-        """Logits (float32) for the chosen items' last new token, or their last `logits_per_row[i]` tokens."""
-        return self.forward(self.prepare(items, sample_rows, pending, logits_per_row))
+            pending: PendingTokens | None = None, logits_per_row: list[int] | None = None,
+            prompt_rows: list[PromptRows] | None = None) -> torch.Tensor:
+        """Logits (float32) for the chosen items' last new token, or their last `logits_per_row[i]` tokens,
+        followed by the `prompt_rows`' logits."""
+        return self.forward(self.prepare(items, sample_rows, pending, logits_per_row, prompt_rows))
 
     @torch.no_grad()
     def forward(self, inputs: StepInputs) -> torch.Tensor:

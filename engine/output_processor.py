@@ -75,5 +75,8 @@ class OutputProcessor:
         for seq in samples:
             drafted += seq.num_draft_tokens
             accepted += seq.num_accepted_tokens
+        prompt_logprobs = None
+        if request.prompt_logprobs is not None and deltas and not request.prompt_logprobs_sent:
+            prompt_logprobs, request.prompt_logprobs_sent = request.prompt_logprobs, True
         return RequestOutput(request.request_id, request.prompt_token_ids, deltas, request.finished, cached,
-                             drafted, accepted)
+                             drafted, accepted, prompt_logprobs)

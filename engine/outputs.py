@@ -11,6 +11,7 @@ class TokenLogprob:
     token: str
     logprob: float
     top: list[tuple[int, str, float]] = field(default_factory=list)  # (id, text, logprob), best first
+    rank: int | None = None  # prompt logprobs: the token's rank in its distribution (1 = most likely)
 
 
 @dataclass(slots=True)  # made for every changed sample every step: slots make that cheaper
@@ -48,6 +49,8 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     num_draft_tokens: int = 0  # speculative decoding, all samples so far: drafted tokens verified
     num_accepted_tokens: int = 0  # ... and accepted
+    # prompt logprobs (when asked): one entry per prompt token, None for the first; in the request's first output
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class RequestAccumulator:
@@ -56,11 +59,14 @@ class RequestAccumulator:
     def __init__(self) -> None:
         self.prompt_token_ids: list[int] = []
         self.num_cached_tokens = 0
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
         self.finished = False
         self._samples: dict[int, tuple[CompletionOutput, list[str]]] = {}  # text pieces joined once, at the end
 
     def add(self, output: RequestOutput) -> None:
         self.prompt_token_ids, self.num_cached_tokens = output.prompt_token_ids, output.num_cached_tokens
+        if output.prompt_logprobs is not None:
+            self.prompt_logprobs = output.prompt_logprobs
         self.finished = output.finished
         for delta in output.outputs:
             if delta.index not in self._samples:
@@ -84,4 +90,5 @@ class RequestAccumulator:
         return merged
 
     def result(self, request_id: str) -> RequestOutput:
-        return RequestOutput(request_id, self.prompt_token_ids, self.samples(), self.finished, self.num_cached_tokens)
+        return RequestOutput(request_id, self.prompt_token_ids, self.samples(), self.finished, self.num_cached_tokens,
+                             prompt_logprobs=self.prompt_logprobs)

@@ -123,6 +123,8 @@ class Request:
     samples: list[Sample]
     detoks: list[IncrementalDetokenizer]
     progress: list[SampleProgress]
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # scored so far, when asked (the first token: None)
+    prompt_logprobs_sent: bool = False
 
     @property
     def finished(self) -> bool:

@@ -1,6 +1,6 @@
 """Turn a step's logits into tokens on the logits' device: masks, penalties, temperature, filters, a draw.
 
-Order (vLLM's): grammar bitmask, min_tokens bans, repetition/presence/frequency penalties,
+Order (vLLM's): grammar bitmask, logit_bias, min_tokens bans, repetition/presence/frequency penalties,
 logprobs (of the penalised distribution at temperature 1), then temperature, top-k, top-p,
 min-p and a draw. A seeded row draws `argmax(probs / q)` with `q ~ Exp(1)` from its own generator (the exponential
 race), so it gets the same token whatever else shares the batch; the other rows draw by inverse CDF
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from engine.host_device import HostCopy, upload
+from engine.logit_bias import apply_logit_bias
 from engine.sampling_params import SamplingParams
 
 NEG_INF = float("-inf")
@@ -190,6 +191,7 @@ class Sampler:
         device = logits.device
         if token_bitmask is not None:
             apply_token_bitmask(logits, token_bitmask)
+        apply_logit_bias(logits, [r.params for r in rows])
         self._ban(logits, rows)
         penalised = [i for i, r in enumerate(rows) if r.penalised]
         if penalised:

@@ -35,6 +35,7 @@ FIELD_BOUNDS: dict[str, dict[str, float]] = {
     "presence_penalty": {"ge": -2.0, "le": 2.0},
     "frequency_penalty": {"ge": -2.0, "le": 2.0},
     "logprobs": {"ge": 0, "le": 20},
+    "prompt_logprobs": {"ge": 0, "le": 20},
     "seed": {"ge": SEED_MIN, "le": SEED_MAX},
 }
 _TESTS = {"ge": (lambda v, b: v >= b, ">="), "gt": (lambda v, b: v > b, ">"),
@@ -72,6 +73,8 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs per generated token; 0 = only the chosen one
     skip_special_tokens: bool = True
     structured: StructuredOutput | None = None  # output must match this grammar (JSON schema/object)
+    logit_bias: dict[int, float] | None = None  # token id -> bias added to its logit (engine/logit_bias.py)
+    prompt_logprobs: int | None = None  # top logprobs per prompt token (engine/prompt_logprobs.py); None: not asked
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

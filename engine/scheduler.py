@@ -186,6 +186,8 @@ class Scheduler:
             tokens = seq.token_ids
             seq.block_hashes = block_hashes(tokens, self.pool.block_size, seq.block_hashes)
             usable = (seq.num_tokens - 1) // self.pool.block_size  # always compute at least one token
+            if seq.params.prompt_logprobs is not None and seq.lead is None:
+                usable = 0  # prompt logprobs: every prompt position is computed
             seq.block_ids = self.pool.lookup_prefix(seq.block_hashes[:usable])
             seq.num_computed_tokens = len(seq.block_ids) * self.pool.block_size
             seq.num_committed_blocks = len(seq.block_ids)

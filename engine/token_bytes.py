@@ -48,7 +48,9 @@ class TokenBytes:
         self.byte_level = "ByteLevel" in kinds
         self.byte_fallback = "ByteFallback" in kinds
         self.metaspace = "Metaspace" in kinds
-        self.added = {token_id: added.content for token_id, added in backend.get_added_tokens_decoder().items()}
+        added = backend.get_added_tokens_decoder()
+        self.added = {token_id: token.content for token_id, token in added.items()}
+        self.special = frozenset(token_id for token_id, token in added.items() if token.special)
 
     @functools.lru_cache(maxsize=65536)
     def __call__(self, token_id: int) -> bytes:

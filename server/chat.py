@@ -16,7 +16,7 @@ from server.conversation import (Conversation, Event, Finish, FoldedMessage, Out
                                  Turn, fold, prepare)
 from server.errors import APIError
 from server.guard.http import reserve_tokens
-from server.logprobs import TokenBytes, chat_logprobs
+from server.logprobs import TokenBytes, chat_logprobs, vllm_prompt_logprobs
 from server.observability.request_record import note_request, recorded
 from server.protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice
 from server.request_params import check_request, sampling_params
@@ -28,17 +28,19 @@ router = APIRouter()
 
 
 def message_text(message: ChatMessage, index: int) -> str:
-    """A message's content as one string; only text parts are accepted."""
-    if message.content is None:
-        return ""
-    if isinstance(message.content, str):
-        return message.content
+    """A message's content as one string: text parts, and an assistant's refusal (parts or field) as its text."""
     texts = []
-    for part in message.content:
-        if part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise APIError(400, f"unsupported content part type {part.get('type')!r}: only text is supported",
-                           param=f"messages.{index}.content")
-        texts.append(part["text"])
+    if isinstance(message.content, str):
+        texts.append(message.content)
+    for part in message.content if isinstance(message.content, list) else []:
+        kind = part.get("type")
+        key = "refusal" if kind == "refusal" and message.role == "assistant" else "text" if kind == "text" else None
+        if key is None or not isinstance(part.get(key), str):
+            raise APIError(400, f"messages.{index}.content: unsupported content part type {kind!r}: only text (and "
+                                f"an assistant's refusal) is supported", param=f"messages.{index}.content")
+        texts.append(part[key])
+    if message.refusal and not "".join(texts):
+        texts.append(message.refusal)
     return "".join(texts)
 
 
@@ -113,7 +115,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
                              tool_call_parser=request.app.state.settings.tool_call_parser)
     reserve_tokens(request, len(prepared.prompt) + body.n * (prepared.max_tokens if requested is not None else 0))
     top = (body.top_logprobs or 0) if body.logprobs else None
-    params = prepared.apply(sampling_params(body, max_tokens=prepared.max_tokens, logprobs=top))
+    params = prepared.apply(sampling_params(body, max_tokens=prepared.max_tokens, logprobs=top,
+                                            prompt_logprobs=body.prompt_logprobs))
     completion_id, created = new_id("chatcmpl"), now()
     outputs = recorded(record, generate_many(served.engine, [prepared.prompt], params, completion_id))
     token_bytes = served.engine.tokenizer.token_bytes
@@ -131,8 +134,12 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         choices.append({"index": index, "message": assistant_message(message),
                         "logprobs": chat_logprobs(sample.logprobs or [], top, token_bytes) if top is not None else None,
                         "finish_reason": message.finish.reason if message.finish else sample.finish_reason})
-    return {"id": completion_id, "object": "chat.completion", "created": created, "model": served.name,
-            "choices": choices, "usage": chat_usage(events), "system_fingerprint": None}
+    response = {"id": completion_id, "object": "chat.completion", "created": created, "model": served.name,
+                "choices": choices, "usage": chat_usage(events), "system_fingerprint": None}
+    scored = collected.requests[0].prompt_logprobs if collected.requests else None
+    if body.prompt_logprobs is not None and scored is not None:
+        response["prompt_logprobs"] = vllm_prompt_logprobs(scored, body.prompt_logprobs)
+    return response
 
 
 def chat_usage(events: OutputEvents) -> dict[str, Any]:

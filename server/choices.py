@@ -72,7 +72,16 @@ class Collected:
         return sorted((prompt_index * self.n + sample.index, prompt_index, sample)
                       for prompt_index, merged in self.requests.items() for sample in merged.samples())
 
+    def best_choices(self, n: int) -> list[tuple[int, int, CompletionOutput]]:
+        """best_of: each prompt's `n` samples of highest cumulative logprob, as that prompt's choices 0..n-1."""
+        chosen = []
+        for prompt_index, merged in sorted(self.requests.items()):
+            ranked = sorted(merged.samples(), key=lambda sample: -sum(e.logprob for e in sample.logprobs or []))
+            chosen += [(prompt_index * n + rank, prompt_index, sample) for rank, sample in enumerate(ranked[:n])]
+        return chosen
+
     def usage(self) -> dict[str, int]:
+        """Every generated token counts, the samples best_of left out too (as OpenAI bills them)."""
         prompt = sum(len(merged.prompt_token_ids) for merged in self.requests.values())
         completion = sum(len(sample.token_ids) for _, _, sample in self.choices())
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

@@ -13,7 +13,8 @@ from engine.outputs import RequestOutput
 from engine.prompt_rules import check_prompt_ids, completion_budget
 from server.choices import ChoiceTracker, new_id, now
 from server.errors import APIError
-from server.logprobs import TextOffsets, TokenBytes, completion_logprobs
+from server.logprobs import (TextOffsets, completion_logprobs, echoed_logprobs, joined_logprobs,
+                             vllm_prompt_logprobs)
 from server.protocol import CompletionRequest, split_prompts
 from server.guard.http import reserve_tokens
 from server.observability.request_record import note_request, recorded
@@ -55,47 +56,80 @@ async def create_completion(body: CompletionRequest, request: Request) -> dict[s
     max_len = served.engine.max_model_len
     max_tokens = min(completion_budget(len(ids), body.max_tokens, max_len) for ids in prompts)
     budget = max_tokens if body.max_tokens is not None else 0  # without a cap the use is settled afterwards
-    reserve_tokens(request, sum(len(ids) + body.n * budget for ids in prompts))
-    params = sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs)
+    samples = body.samples
+    reserve_tokens(request, sum(len(ids) + samples * budget for ids in prompts))
+    ranked = samples > body.n  # best_of: the n of highest cumulative logprob, which needs the chosen logprobs
+    params = sampling_params(body, max_tokens=max_tokens, n=samples, prompt_logprobs=scored_prompt(body),
+                             logprobs=0 if ranked and body.logprobs is None else body.logprobs)
     completion_id, created = new_id("cmpl"), now()
     echoes = [echo_text(served, text, ids) if body.echo else "" for text, ids in zip(texts, prompts)]
     outputs = recorded(record, generate_many(served.engine, prompts, params, completion_id))
     head = {"id": completion_id, "object": "text_completion", "created": created, "model": served.name}
     if body.stream:
-        return await stream_completion(request, body, outputs, head, echoes, served.engine.tokenizer.token_bytes)
+        return await stream_completion(request, body, outputs, head, echoes, served.engine.tokenizer)
 
-    collected = await collect(request, outputs, body.n)
+    collected = await collect(request, outputs, samples)
     choices = []
-    for index, prompt_index, sample in collected.choices():
-        prefix = echoes[prompt_index]
-        logprobs = (completion_logprobs(sample.logprobs or [], body.logprobs, TextOffsets(len(prefix)),
-                                        served.engine.tokenizer.token_bytes)
-                    if body.logprobs is not None else None)
-        choices.append({"index": index, "text": prefix + sample.text, "logprobs": logprobs,
-                        "finish_reason": sample.finish_reason})
+    for index, prompt_index, sample in collected.best_choices(body.n) if ranked else collected.choices():
+        prefix, merged = echoes[prompt_index], collected.requests[prompt_index]
+        prompt = (merged.prompt_token_ids, merged.prompt_logprobs) if merged.prompt_logprobs else None
+        logprobs = choice_logprobs(body, served.engine.tokenizer, sample.logprobs or [], TextOffsets(len(prefix)),
+                                   prompt)
+        choice = {"index": index, "text": prefix + sample.text, "logprobs": logprobs,
+                  "finish_reason": sample.finish_reason}
+        if body.prompt_logprobs is not None and merged.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = vllm_prompt_logprobs(merged.prompt_logprobs, body.prompt_logprobs)
+        choices.append(choice)
     return {**head, "choices": choices, "usage": collected.usage(), "system_fingerprint": None}
 
 
+def scored_prompt(body: CompletionRequest) -> int | None:
+    """Top logprobs per prompt token the engine scores: echo with logprobs shows them, prompt_logprobs asks."""
+    wanted = [v for v in (body.logprobs if body.echo else None, body.prompt_logprobs) if v is not None]
+    return max(wanted) if wanted else None
+
+
+def choice_logprobs(body: CompletionRequest, tokenizer: Any, entries: list, offsets: TextOffsets,
+                    prompt: tuple[list[int], list] | None) -> dict[str, Any] | None:
+    """A choice's logprobs block; `prompt` (ids, scored entries) leads it on the first block when echo shows them."""
+    if body.logprobs is None:
+        return None
+    block = completion_logprobs(entries, body.logprobs, offsets, tokenizer.token_bytes)
+    if not body.echo or prompt is None:
+        return block
+    token_bytes = tokenizer.token_bytes
+    special = token_bytes.special if body.skip_special_tokens else frozenset()
+    head = echoed_logprobs(prompt[0], prompt[1], body.logprobs, TextOffsets(0), token_bytes,
+                           lambda t: b"" if t in special else token_bytes(t))
+    return joined_logprobs(head, block)
+
+
 async def stream_completion(request: Request, body: CompletionRequest, outputs, head: dict[str, Any],
-                            echoes: list[str], token_bytes: TokenBytes) -> Response:
+                            echoes: list[str], tokenizer: Any) -> Response:
     tracker = ChoiceTracker(body.n)
     offsets: dict[int, TextOffsets] = {}  # per choice
+    prompts: dict[int, tuple[list[int], list]] = {}  # per prompt: ids and scored entries, from its first output
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     usage_field = {"usage": None} if include_usage else {}
 
-    def chunk(index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> dict[str, Any]:
-        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+    def chunk(index: int, text: str, logprobs: dict | None, finish_reason: str | None,
+              **extra: Any) -> dict[str, Any]:
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason, **extra}
         return {**head, "choices": [choice], **usage_field}
 
     def render(prompt_index: int, output: RequestOutput) -> Iterator[dict[str, Any]]:
+        if output.prompt_logprobs is not None:
+            prompts[prompt_index] = (output.prompt_token_ids, output.prompt_logprobs)
         for delta in tracker.deltas(prompt_index, output):
             text = (echoes[prompt_index] if delta.first else "") + delta.text
             if text or delta.logprobs:
-                logprobs = None
-                if body.logprobs is not None:
-                    offset = offsets.setdefault(delta.index, TextOffsets(len(echoes[prompt_index])))
-                    logprobs = completion_logprobs(delta.logprobs, body.logprobs, offset, token_bytes)
-                yield chunk(delta.index, text, logprobs, None)
+                offset = offsets.setdefault(delta.index, TextOffsets(len(echoes[prompt_index])))
+                logprobs = choice_logprobs(body, tokenizer, delta.logprobs, offset,
+                                           prompts.get(prompt_index) if delta.first else None)
+                extra = {}
+                if delta.first and body.prompt_logprobs is not None and prompt_index in prompts:
+                    extra["prompt_logprobs"] = vllm_prompt_logprobs(prompts[prompt_index][1], body.prompt_logprobs)
+                yield chunk(delta.index, text, logprobs, None, **extra)
             if delta.finish_reason:
                 yield chunk(delta.index, "", None, delta.finish_reason)
 

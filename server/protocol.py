@@ -58,7 +58,13 @@ class SamplingFields(APIModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     logit_bias: dict[str, float] | None = None
-    best_of: int | None = None
+    best_of: int | None = Field(None, **FIELD_BOUNDS["n"])  # completions: the best `n` of this many samples
+    prompt_logprobs: int | None = Field(None, **FIELD_BOUNDS["prompt_logprobs"])  # vLLM's: top logprobs per prompt token
+
+    @property
+    def samples(self) -> int:
+        """Samples generated per prompt: best_of when it asks for more than n."""
+        return max(self.n, self.best_of or 0)
 
     @property
     def stop_sequences(self) -> list[str]:
@@ -103,6 +109,7 @@ class ChatMessage(APIModel):
     tool_calls: list[MessageToolCall] | None = None
     tool_call_id: str | None = None
     reasoning_content: str | None = None  # an earlier turn's reasoning, as this server returned it
+    refusal: str | None = None  # an assistant's earlier refusal (OpenAI's models return one instead of content)
 
 
 class FunctionDefinition(APIModel):
@@ -180,22 +187,22 @@ class ModelCheckRequest(APIModel):
 def unsupported_fields(request: SamplingFields) -> list[tuple[str, str]]:
     """(param, why) for each field set to something Minerva cannot honour; the first becomes the 400."""
     problems: list[tuple[str, str]] = []
-    if request.logit_bias:
-        problems.append(("logit_bias", "logit_bias is not supported"))
     if request.stream_options is not None and not request.stream:
         problems.append(("stream_options", "stream_options is only allowed when stream is true"))
-    if request.best_of is not None and request.best_of != request.n:
-        problems.append(("best_of", "best_of other than n is not supported"))
+    if request.best_of is not None and request.best_of < request.n:
+        problems.append(("best_of", "best_of must be at least n"))
+    if request.samples > request.n and (request.stream or not isinstance(request, CompletionRequest)):
+        problems.append(("best_of", "best_of greater than n is only for non-streamed /v1/completions"))
     if isinstance(request, CompletionRequest):
         if request.suffix:
             problems.append(("suffix", "suffix (fill-in-the-middle) is not supported"))
-        if request.echo and request.logprobs is not None:
-            problems.append(("echo", "echo together with logprobs (prompt logprobs) is not supported"))
     if isinstance(request, ChatCompletionRequest):
         problems += chat_problems(request)
         problems += tool_problems(request)
         if request.top_logprobs is not None and not request.logprobs:
             problems.append(("top_logprobs", "top_logprobs requires logprobs to be true"))
+        if request.prompt_logprobs is not None and request.stream:
+            problems.append(("prompt_logprobs", "prompt_logprobs is returned in non-streamed chat responses only"))
     return problems
 
 

@@ -18,10 +18,14 @@ def check_request(request: SamplingFields, limits: RequestLimits) -> None:
     check_request_limits(request, limits)
 
 
-def sampling_params(request: SamplingFields, *, max_tokens: int, logprobs: int | None) -> SamplingParams:
-    """OpenAI defaults where the request leaves a field out: temperature 1, top_p 1, no penalties."""
+def sampling_params(request: SamplingFields, *, max_tokens: int, logprobs: int | None,
+                    n: int | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
+    """OpenAI defaults where the request leaves a field out: temperature 1, top_p 1, no penalties.
+
+    `n`: samples per prompt when it differs from the request's n (best_of); `prompt_logprobs`: what the
+    endpoint needs scored of the prompt (vLLM's field, or completions' echo with logprobs)."""
     return SamplingParams(
-        n=request.n,
+        n=request.n if n is None else n,
         max_tokens=max_tokens,
         min_tokens=min(request.min_tokens, max_tokens),
         temperature=1.0 if request.temperature is None else request.temperature,
@@ -37,4 +41,16 @@ def sampling_params(request: SamplingFields, *, max_tokens: int, logprobs: int |
         ignore_eos=request.ignore_eos,
         logprobs=logprobs,
         skip_special_tokens=request.skip_special_tokens,
+        logit_bias=token_biases(request.logit_bias),
+        prompt_logprobs=prompt_logprobs,
     )
+
+
+def token_biases(logit_bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's JSON keys (token ids as strings) as ints; the engine checks ids and ranges."""
+    if not logit_bias:
+        return None
+    try:
+        return {int(token_id): bias for token_id, bias in logit_bias.items()}
+    except ValueError:
+        raise APIError(400, "logit_bias keys must be token ids (integers as strings)", param="logit_bias") from None

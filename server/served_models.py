@@ -33,7 +33,10 @@ class ServedModel:
         if self.aliases:
             card["aliases"] = list(self.aliases)
         card.update(info)
-        card["max_model_len"] = self.engine.max_model_len
+        # context_length is what a client may fill: the served context, which may be below what the model was
+        # trained for (trained_context_length); clients that size prompts from it must not overfill.
+        card["trained_context_length"] = info.get("context_length")
+        card["context_length"] = card["max_model_len"] = self.engine.max_model_len
         stats = self.engine.stats()  # the KV cache of the whole tensor-parallel group, not one rank's
         card.update({key: stats[key] for key in ("kv_cache_tokens", "kv_cache_bytes", "tensor_parallel_size", "kernels")
                      if key in stats})

@@ -13,7 +13,7 @@ class RequestLimits:
     """Caps on what one request may ask for; server/guard/request_limits.py enforces them."""
 
     max_body_bytes: int = 4 * 1024 * 1024
-    max_n: int = 16  # also caps best_of, which must equal n
+    max_n: int = 16  # also caps best_of (samples per prompt)
     max_prompts: int = 64  # prompts in one /v1/completions request
     max_stop: int = 4  # stop strings, as OpenAI
     max_stop_length: int = 256  # characters per stop string

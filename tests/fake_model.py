@@ -70,6 +70,9 @@ class IdTokenizer:
     def decode(self, ids, skip_special_tokens=True):
         return "".join(f"<{i}>" for i in ids)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        return f"<{token_id}>".encode()
+
     def text_stream(self, context_ids, skip_special_tokens=True) -> TextStream:
         return TextStream(self.backend, context_ids, skip_special_tokens)
 

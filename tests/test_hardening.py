@@ -206,7 +206,8 @@ def test_a_full_server_is_a_503_at_once(limited):
 @pytest.mark.parametrize("path,body,param", [
     ("/v1/completions", {"prompt": PROMPT, "n": 5}, "n"),
     ("/v1/completions", {"prompt": PROMPT, "n": 5, "best_of": 5}, "n"),
-    ("/v1/completions", {"prompt": PROMPT, "best_of": 5}, "best_of"),  # refused as unsupported: best_of != n
+    ("/v1/completions", {"prompt": PROMPT, "best_of": 5}, "best_of"),  # samples per prompt over --max-n
+    ("/v1/completions", {"prompt": PROMPT, "prompt_logprobs": 4}, "prompt_logprobs"),
     ("/v1/completions", {"prompt": ["a", "b", "c", "d"]}, "prompt"),
     ("/v1/completions", {"prompt": PROMPT, "stop": ["a", "b", "c"]}, "stop"),
     ("/v1/completions", {"prompt": PROMPT, "stop": "x" * 9}, "stop"),

@@ -33,7 +33,7 @@ CHAT_FIELDS: dict[str, tuple[object, str]] = {
     "frequency_penalty": (0.5, OK),
     "function_call": ("auto", REFUSED),
     "functions": ([TOOL["function"]], REFUSED),
-    "logit_bias": ({"5": 10}, REFUSED),
+    "logit_bias": ({"5": 10}, OK),
     "logprobs": (True, OK),
     "max_completion_tokens": (2, OK),
     "max_tokens": (2, OK),
@@ -68,10 +68,10 @@ CHAT_FIELDS: dict[str, tuple[object, str]] = {
 COMPLETION_FIELDS: dict[str, tuple[object, str]] = {
     "model": ("tiny", OK),
     "prompt": ("The quick brown fox", OK),
-    "best_of": (3, REFUSED),
+    "best_of": (3, OK),
     "echo": (True, OK),
     "frequency_penalty": (0.5, OK),
-    "logit_bias": ({"5": 10}, REFUSED),
+    "logit_bias": ({"5": 10}, OK),
     "logprobs": (2, OK),
     "max_tokens": (2, OK),
     "n": (2, OK),
@@ -176,3 +176,51 @@ def test_sdk_sends_none_as_null_and_it_is_the_default(live):
     text = client.completions.create(model="tiny", prompt="The quick", max_tokens=2, n=None, echo=None,
                                      logprobs=None, best_of=None, stream=None, suffix=None, stop=None)
     assert len(text.choices) == 1 and text.choices[0].logprobs is None
+
+
+# --- the spec's features that were refused ----------------------------------------------------------------
+
+
+def test_logit_bias_forces_and_bans_tokens(http):
+    body = {**COMPLETION_BASE, "temperature": 0, "max_tokens": 6, "logprobs": 0, "ignore_eos": True}
+    plain = post(http, "/v1/completions", body).json()["choices"][0]["logprobs"]["tokens"]
+    forced = post(http, "/v1/completions", {**body, "logit_bias": {"7": 100}}).json()["choices"][0]
+    assert len(set(forced["logprobs"]["tokens"])) == 1 and forced["logprobs"]["tokens"][0] != plain[0]
+    first = post(http, "/tokenize", {"model": "tiny", "prompt": plain[0], "add_special_tokens": False}).json()
+    banned = post(http, "/v1/completions", {**body, "logit_bias": {str(first["tokens"][0]): -100}}).json()
+    assert banned["choices"][0]["logprobs"]["tokens"][0] != plain[0]
+
+
+@pytest.mark.parametrize("bias", [{"100000": 1}, {"5": 100.5}, {"five": 1}])
+def test_bad_logit_bias_is_a_400_naming_it(http, bias):
+    check(post(http, "/v1/chat/completions", {**CHAT_BASE, "logit_bias": bias}), REFUSED, "logit_bias")
+
+
+def test_best_of_returns_the_n_most_likely_of_its_samples(http):
+    body = {**COMPLETION_BASE, "max_tokens": 4, "best_of": 5, "n": 2, "seed": 3, "logprobs": 0}
+    out = post(http, "/v1/completions", body).json()
+    totals = [sum(choice["logprobs"]["token_logprobs"]) for choice in out["choices"]]
+    assert [choice["index"] for choice in out["choices"]] == [0, 1] and totals == sorted(totals, reverse=True)
+    every = post(http, "/v1/completions", {**body, "best_of": None, "n": 5}).json()  # the same seeded samples
+    every_totals = sorted((sum(c["logprobs"]["token_logprobs"]) for c in every["choices"]), reverse=True)
+    assert totals == pytest.approx(every_totals[:2])
+    assert out["usage"]["completion_tokens"] == every["usage"]["completion_tokens"]  # every sample is billed
+    without = post(http, "/v1/completions", {**body, "logprobs": None}).json()
+    assert [c["text"] for c in without["choices"]] == [c["text"] for c in out["choices"]]
+    assert all(c["logprobs"] is None for c in without["choices"])
+
+
+@pytest.mark.parametrize("body, param", [({"best_of": 1, "n": 2}, "best_of"), ({"best_of": 3, "stream": True}, "best_of")])
+def test_best_of_below_n_or_streamed_is_refused(http, body, param):
+    check(post(http, "/v1/completions", {**COMPLETION_BASE, **body}), REFUSED, param)
+
+
+def test_assistant_refusals_are_accepted_as_its_text(http):
+    messages = [{"role": "user", "content": "Hello"},
+                {"role": "assistant", "content": [{"type": "refusal", "refusal": "I cannot help with that."}]},
+                {"role": "user", "content": "Why?"},
+                {"role": "assistant", "content": None, "refusal": "No."},
+                {"role": "user", "content": "Ok"}]
+    check(post(http, "/v1/chat/completions", {**CHAT_BASE, "messages": messages}), OK, "messages")
+    user_refusal = [{"role": "user", "content": [{"type": "refusal", "refusal": "x"}]}]
+    check(post(http, "/v1/chat/completions", {**CHAT_BASE, "messages": user_refusal}), REFUSED, "messages")

@@ -84,16 +84,17 @@ def chat_prompt_ids(hf, messages: list[dict]) -> list[int]:
 # --- models -----------------------------------------------------------------------------------------------
 
 
-def test_models_list_and_retrieve_carry_loader_metadata(client, model_dir):
+def test_models_list_and_retrieve_carry_loader_metadata(client, model_dir, engines):
     listed = client.models.list()
     assert [m.id for m in listed.data] == ["tiny", "tiny-copy"]
     card = client.models.retrieve("tiny")
     info = read_model_info(model_dir)
     assert card.object == "model" and card.owned_by == "minerva" and isinstance(card.created, int)
     extra = card.model_extra
-    for key in ("format", "quantization", "file_size", "tensor_count", "layers", "vocab_size", "context_length",
-                "parameters"):
+    for key in ("format", "quantization", "file_size", "tensor_count", "layers", "vocab_size", "parameters"):
         assert extra[key] == getattr(info, key), key
+    assert extra["trained_context_length"] == info.context_length
+    assert extra["context_length"] == extra["max_model_len"] == engines["tiny"].max_model_len  # what a client may fill
     assert extra["compact_id"].split("|")[1:] == info.compact_id.split("|")[1:]
     assert "path" not in extra
 
@@ -386,7 +387,7 @@ def assert_openai_error(response: httpx.Response, status: int, param: str | None
     ({"model": "tiny"}, "prompt"),
     ({"model": "tiny", "prompt": "x", "suffix": "y"}, "suffix"),
     ({"model": "tiny", "prompt": [[1, 2], [999999]]}, "prompt"),
-    ({"model": "tiny", "prompt": "x", "logit_bias": {"5": 1.0}}, "logit_bias"),
+    ({"model": "tiny", "prompt": "x", "logit_bias": {"5": 1000.0}}, "logit_bias"),
     ({"model": "tiny", "prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
     ({"model": "tiny", "prompt": "x", "seed": 2**70}, "seed"),
 ])

@@ -37,11 +37,15 @@ def check_message_count(count: int, limits: RequestLimits, param: str = "message
 
 def check_request_limits(body: SamplingFields, limits: RequestLimits) -> None:
     """Raise a 400 for the first field over its cap."""
-    if body.n > limits.max_n:  # best_of is n or refused (server/protocol.py), so this caps it too
+    if body.n > limits.max_n:
         raise _too_many("n", "choices", body.n, limits.max_n)
+    if body.samples > limits.max_n:
+        raise _too_many("best_of", "samples", body.samples, limits.max_n)
     check_stops(body.stop_sequences, "stop", limits, single=isinstance(body.stop, str))
     if body.stop_token_ids and len(body.stop_token_ids) > limits.max_stop_token_ids:
         raise _too_many("stop_token_ids", "stop token ids", len(body.stop_token_ids), limits.max_stop_token_ids)
+    if body.prompt_logprobs is not None and body.prompt_logprobs > limits.max_logprobs:
+        raise _too_many("prompt_logprobs", "logprobs per token", body.prompt_logprobs, limits.max_logprobs)
     if isinstance(body, CompletionRequest):
         prompts = split_prompts(body.prompt)
         if len(prompts) > limits.max_prompts:
