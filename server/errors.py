@@ -106,14 +106,40 @@ def request_id_of(request: Request) -> str:
     return getattr(request.state, "request_id", None) or "unknown"
 
 
+def field_path(body: Any, loc: list[Any]) -> list[str]:
+    """The parts of pydantic's error location that are the body's keys and indices: the union members it
+    tried ("str", "list[int]", a model's name) are not fields, so `prompt.str` is named `prompt`."""
+    path, node = [], body
+    for part in loc:
+        if isinstance(node, dict) and isinstance(part, str) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        elif isinstance(node, (dict, list)) or node is None:
+            if isinstance(node, dict) and isinstance(part, str) and not _member_tag(part):
+                path.append(part)  # a field the body lacks (a required one): named all the same
+                node = None
+            continue
+        else:
+            continue
+        path.append(str(part))
+    return path
+
+
+def _member_tag(part: str) -> bool:
+    """pydantic's name for a union member it tried: a type ("str", "list[int]", "function-after[...]", "literal[...]")
+    or a model class name."""
+    return part[:1].isupper() or "[" in part or part in {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
 def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     """The first pydantic error as "field: reason", and the field's dotted name as OpenAI's `param`."""
     errors = exc.errors()
     if not errors:
         return "invalid request", None
     first = errors[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-    param = ".".join(loc) or None
+    loc = list(first.get("loc", ()))
+    param = ".".join(field_path(exc.body, loc[1:] if loc[:1] == ["body"] else loc)) or None
     if first.get("type") == "json_invalid":
         return f"request body is not valid JSON: {first.get('msg', '')}", None
     message = first.get("msg", "invalid value")

@@ -224,3 +224,16 @@ def test_assistant_refusals_are_accepted_as_its_text(http):
     check(post(http, "/v1/chat/completions", {**CHAT_BASE, "messages": messages}), OK, "messages")
     user_refusal = [{"role": "user", "content": [{"type": "refusal", "refusal": "x"}]}]
     check(post(http, "/v1/chat/completions", {**CHAT_BASE, "messages": user_refusal}), REFUSED, "messages")
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {"prompt": {"text": "x"}}, "prompt"),
+    ("/v1/completions", {"prompt": [1, "x"]}, "prompt"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tool_choice": {"type": "function"}},
+     "tool_choice"),
+])
+def test_errors_name_the_field_not_the_union_member_tried(http, path, body, param):
+    response = post(http, path, {"model": "tiny", "max_tokens": 2, **body})
+    assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+    assert response.json()["error"]["message"].startswith(param + ":")
