@@ -31,7 +31,7 @@ def byte_level_table() -> dict[str, int]:
 
 def decoder_kinds(backend: Any) -> set[str]:
     """The decoder steps of an HF `tokenizers` backend (a Sequence's members included), by type name."""
-    decoder = json.loads(backend.to_str()).get("decoder") or {}
+    decoder = json.loads(backend.decoder.__getstate__()) if backend.decoder is not None else {}  # not the vocab
     steps = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
     kinds = {step.get("type", "") for step in steps}
     if any(step.get("type") == "Replace" and METASPACE in json.dumps(step, ensure_ascii=False) for step in steps):
