@@ -53,10 +53,27 @@ def test_bad_schema_reason_names_no_source_path(compiler):
         'Unsupported type "x"'
 
 
-def test_cache_is_bounded_in_bytes(compiler):
+def test_cache_is_bounded_in_bytes(compiler, monkeypatch):
+    import engine.structured.compiler as compiler_module
+
+    monkeypatch.setattr(compiler_module, "KEEP_RECENT_S", 0.0)
     for tag in "abc":
         compiler.compile(enum_schema(2000, tag))  # ~1.5 MB each against a 2 MiB bound
     assert 1 << 20 < compiler.cached_bytes <= 2 << 20  # the newest stays, older ones went
+
+
+def test_grammars_just_compiled_stay_until_the_engine_takes_them(compiler, monkeypatch):
+    import engine.structured.compiler as compiler_module
+
+    monkeypatch.setattr(compiler_module, "KEEP_RECENT_S", 600.0)  # "recent" on a machine of any load
+    specs = [enum_schema(2000, tag) for tag in "de"]
+    for spec in specs:
+        compiler.compile(spec)
+    assert compiler.cached_bytes > 2 << 20  # over the bound, but both are recent
+    started = time.monotonic()
+    for spec in specs:
+        compiler.matcher(spec)  # cache hits: nothing compiles (a compile takes a worker round trip)
+    assert time.monotonic() - started < 5.0 and compiler.cached_bytes > 2 << 20
 
 
 def test_cancelling_the_caller_kills_the_compile(compiler):

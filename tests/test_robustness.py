@@ -68,6 +68,11 @@ def plain_request(client) -> float:
     return time.monotonic() - started
 
 
+def rss_bytes() -> int:
+    fields = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) * 1024
+
+
 def assert_openai_error(response: httpx.Response, status: int) -> dict:
     assert response.status_code == status, response.text
     error = response.json()["error"]
@@ -88,14 +93,19 @@ def test_slow_grammar_compile_is_a_400_naming_the_limit_and_others_are_served(li
                 "response_format": {"type": "json_schema", "json_schema": {"name": "big", "schema": big_enum}}}
         results.append(httpx.post(live.base_url + "/v1/chat/completions", json=body, timeout=120))
 
+    quiet = min(plain_request(client) for _ in range(3))
+    rss_before = rss_bytes()
     attackers = [threading.Thread(target=attack) for _ in range(3)]
     started = time.monotonic()
     for thread in attackers:
         thread.start()
-    plain_request(client)
+    time.sleep(0.2)
+    under_attack = plain_request(client)
     for thread in attackers:
         thread.join(120)
     assert time.monotonic() - started < 30
+    assert under_attack < 2 * quiet + 1.0  # the compiles run in worker processes, one thread each
+    assert rss_bytes() - rss_before < 100 << 20  # killed compiles leave nothing behind in the server
     for response in results:
         error = assert_openai_error(response, 400)
         assert "--grammar-compile-timeout-s" in error["message"] and error["param"] == "response_format.json_schema.schema"

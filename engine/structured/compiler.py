@@ -3,13 +3,15 @@
 Compiles run in killable worker processes (engine/structured/workers.py) under a time limit; the
 server awaits `compile_async` before it adds the request, so the engine finds the grammar cached
 and its step loop never waits on a compiler. The cache is bounded in bytes (xgrammar reports each
-grammar's size), since distinct schemas from clients are unbounded in number and size.
+grammar's size), since distinct schemas from clients are unbounded in number and size; the bound may
+be passed only by grammars used in the last KEEP_RECENT_S (at most what the workers compile meanwhile).
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -20,6 +22,7 @@ from engine.tokenizer import Tokenizer
 
 WORKERS = 2  # compiles at once; more queue (within their deadline)
 WAITERS = 64  # threads that only wait on a worker's pipe, apart from asyncio's shared pool
+KEEP_RECENT_S = 10.0  # grammars used this recently stay cached over the byte bound (see _remember)
 
 
 class GrammarCompiler:
@@ -36,7 +39,7 @@ class GrammarCompiler:
         self._info = _tokenizer_info(xgrammar, tokenizer, vocab_size)
         self._workers = WorkerPool(self._info.serialize_json(), WORKERS)
         self._waiters = ThreadPoolExecutor(WAITERS, thread_name_prefix="minerva-grammar")
-        self._cache: OrderedDict[StructuredOutput, Any] = OrderedDict()
+        self._cache: OrderedDict[StructuredOutput, tuple[Any, float]] = OrderedDict()  # (grammar, last used)
         self._cached_bytes = 0
         self._lock = threading.Lock()
 
@@ -44,8 +47,9 @@ class GrammarCompiler:
         """The compiled grammar for `spec`; GrammarError with the reason, GrammarTimeout past the limit."""
         with self._lock:
             if spec in self._cache:
-                self._cache.move_to_end(spec)
-                return self._cache[spec]
+                compiled, _ = self._cache.pop(spec)
+                self._cache[spec] = compiled, time.monotonic()
+                return compiled
         try:
             serialized = self._workers.compile(spec.kind, spec.schema, self.timeout_s, cancelled)
         except GrammarTimeout as exc:
@@ -79,14 +83,20 @@ class GrammarCompiler:
         self._waiters.shutdown(wait=False, cancel_futures=True)
 
     def _remember(self, spec: StructuredOutput, compiled: Any) -> None:
-        """Cache it, dropping the least recently used beyond the byte bound (the newest always stays)."""
+        """Cache it, dropping the least recently used beyond the byte bound, but none used in the last
+        KEEP_RECENT_S: the server compiles just before it adds the request, and a grammar evicted in between
+        would be compiled again by the engine, on the event loop."""
+        now = time.monotonic()
         with self._lock:
             if spec in self._cache:
                 return
-            self._cache[spec] = compiled
+            self._cache[spec] = compiled, now
             self._cached_bytes += compiled.memory_size_bytes
-            while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
-                _, dropped = self._cache.popitem(last=False)
+            while self._cached_bytes > self.cache_bytes:
+                oldest, (dropped, used) = next(iter(self._cache.items()))
+                if used > now - KEEP_RECENT_S:
+                    break
+                del self._cache[oldest]
                 self._cached_bytes -= dropped.memory_size_bytes
 
 
