@@ -110,11 +110,12 @@ def test_write_kv_cache_rejects_strided_cache(device):
         triton_ops.write_kv_cache(k, k, cache, cache, torch.zeros(1, dtype=torch.long, device=device))
 
 
-def test_select_ops_picks_triton_on_cuda():
-    from kernels import select_ops
+def test_select_ops_picks_triton_on_cuda_and_the_cpu_backend_on_cpu():
+    from kernels import cpu_ops, select_ops
 
     assert select_ops("cuda") is triton_ops
-    assert select_ops("cpu") is reference
+    assert select_ops("cpu") is cpu_ops
+    assert select_ops("cpu", backend="torch") is reference
     assert select_ops("cpu", backend="triton") is triton_ops
 
 
