@@ -162,10 +162,13 @@ async def stream_chat(request: Request, body: ChatCompletionRequest, outputs, he
         return {**head, "choices": [choice], **usage_field}
 
     def render(prompt_index: int, output: RequestOutput) -> Iterator[dict[str, Any]]:
-        """Deltas per event; a step's logprobs ride on its first chunk."""
+        """Deltas per event; a step's logprobs ride on its first chunk, prompt_logprobs on the stream's first."""
         for step in events.step(prompt_index, output):
             if step.first:
-                yield chunk(step.choice, {"role": "assistant", "content": ""}, None, None)
+                first = chunk(step.choice, {"role": "assistant", "content": ""}, None, None)
+                if body.prompt_logprobs is not None and output.prompt_logprobs is not None:
+                    first["prompt_logprobs"] = vllm_prompt_logprobs(output.prompt_logprobs, body.prompt_logprobs)
+                yield first
             pieces = [piece for event in step.events if (piece := chat_delta(event)) is not None]
             logprobs = chat_logprobs(step.logprobs, top, token_bytes) if top is not None and step.logprobs else None
             if logprobs is not None and not pieces:

@@ -201,8 +201,7 @@ def unsupported_fields(request: SamplingFields) -> list[tuple[str, str]]:
         problems += tool_problems(request)
         if request.top_logprobs is not None and not request.logprobs:
             problems.append(("top_logprobs", "top_logprobs requires logprobs to be true"))
-        if request.prompt_logprobs is not None and request.stream:
-            problems.append(("prompt_logprobs", "prompt_logprobs is returned in non-streamed chat responses only"))
+
     return problems
 
 

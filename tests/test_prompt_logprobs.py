@@ -116,8 +116,16 @@ def test_echo_with_logprobs_leads_with_the_prompts_logprobs(http, reference, str
     ("/v1/completions", {"prompt": PROMPT}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": PROMPT}]}),
 ])
-def test_vllm_prompt_logprobs(http, reference, path, body):
-    out = http.post(path, json={"model": "tiny", "max_tokens": 2, "prompt_logprobs": 1, **body}).json()
+@pytest.mark.parametrize("stream", [False, True])
+def test_vllm_prompt_logprobs(http, reference, path, body, stream):
+    body = {"model": "tiny", "max_tokens": 2, "prompt_logprobs": 1, **body}
+    if stream:  # on the stream's first chunk; usage from the last
+        chunks = streamed(http, path, {**body, "stream_options": {"include_usage": True}})
+        out = {**chunks[0], "usage": chunks[-1]["usage"]}
+        assert all("prompt_logprobs" not in c and "prompt_logprobs" not in (c["choices"] or [{}])[0]
+                   for c in chunks[1:])
+    else:
+        out = http.post(path, json=body).json()
     scored = out["prompt_logprobs"] if "messages" in body else out["choices"][0]["prompt_logprobs"]
     assert scored[0] is None and len(scored) == out["usage"]["prompt_tokens"]
     for entry in scored[1:]:
