@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -28,3 +29,14 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """`minerva serve` run in-process points its loggers at the stderr of that moment (a capture that
+    closes with its test); later tests must not log into it."""
+    loggers = [logging.getLogger(name) for name in ("minerva", "engine", "uvicorn.error")]
+    saved = [(logger.handlers[:], logger.level, logger.propagate) for logger in loggers]
+    yield
+    for logger, (handlers, level, propagate) in zip(loggers, saved):
+        logger.handlers[:], logger.level, logger.propagate = handlers, level, propagate
