@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.tokenizer import Tokenizer
+from agent_binaries import agent_binary
 from fake_model import FakeModel
 from server.app import create_app
 from server.settings import ServerSettings
@@ -38,12 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def claude_binary() -> str:
-    agents = Path(os.environ.get("MINERVA_AGENTS_DIR", ROOT / ".agents"))
-    candidates = [os.environ.get("MINERVA_CLAUDE"), str(agents / "node_modules/.bin/claude"), shutil.which("claude")]
-    for candidate in candidates:
-        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
-            return candidate
-    pytest.skip("Claude Code is not installed: run tools/install_agents.sh (or set MINERVA_CLAUDE)")
+    return agent_binary("claude", "MINERVA_CLAUDE", "Claude Code")
 
 
 def run_claude(base_url: str, work: Path, prompt: str, *flags: str, max_output: int) -> subprocess.CompletedProcess:

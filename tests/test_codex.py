@@ -6,13 +6,12 @@ server state (`store: false`) and asks for encrypted reasoning. Two runs:
   send its output back, and print the answer;
 - the default model (SmolLM2-135M) answering a prompt: Codex must exit 0 (slow on a CPU: Codex's
   system prompt and tools are ~4,600 tokens to prefill).
-Skips (saying why) without the codex binary (tools/install_codex.sh installs it, or set MINERVA_CODEX).
+Skips (saying why) without the codex binary (tools/install_agents.sh installs it, or set MINERVA_CODEX).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,6 +22,7 @@ from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.tokenizer import Tokenizer
+from agent_binaries import agent_binary
 from fake_model import FakeModel
 from server.app import create_app
 from server_fixtures import LiveServer, save_tiny_llama
@@ -36,12 +36,7 @@ ANSWER = "The command printed it. Done."
 
 
 def codex_binary() -> str:
-    installed = Path(os.environ.get("CODEX_DIR", Path.home() / ".cache/minerva/codex")) / "node_modules/.bin/codex"
-    candidates = [os.environ.get("MINERVA_CODEX"), shutil.which("codex"), str(installed)]
-    for candidate in candidates:
-        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
-            return candidate
-    pytest.skip("codex is not installed: run tools/install_codex.sh (or set MINERVA_CODEX)")
+    return agent_binary("codex", "MINERVA_CODEX", "Codex CLI")
 
 
 def codex_exec(binary: str, base_url: str, model: str, prompt: str, tmp_path: Path,
