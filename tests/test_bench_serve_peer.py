@@ -103,3 +103,18 @@ def test_cmake_args_follow_cpu_flags():
     assert "-DGGML_AVX512=OFF" in peer.llama_cpp_cmake_args({"avx2", "fma"})
     assert "-DGGML_AVX512=ON" in peer.llama_cpp_cmake_args({"avx2", "avx512f"})
     assert "-DGGML_NATIVE=OFF" in peer.llama_cpp_cmake_args(set())
+
+
+def test_llama_server_is_found_by_env_and_serves_parallel_slots(tmp_path, monkeypatch):
+    binary = tmp_path / "llama-server"
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    monkeypatch.setenv(peer.LLAMA_SERVER_ENV, str(binary))
+    assert peer.find_llama_server() == binary
+    command = peer.llama_server_command(str(binary), Path("m.gguf"), 8080, 2, 16)
+    assert command[0] == str(binary) and command[command.index("-np") + 1] == "16"
+    assert command[command.index("-c") + 1] == str(16 * 1024) and command[command.index("-t") + 1] == "2"
+    monkeypatch.setenv(peer.LLAMA_SERVER_ENV, str(tmp_path / "absent"))
+    monkeypatch.setattr(peer, "LLAMA_SERVER_DIRS", (tmp_path / "nowhere",))
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    assert peer.find_llama_server() is None

@@ -78,14 +78,17 @@ void q8_row(const Q8& w, int64_t n, const float* x, float* out, int64_t out_stri
   const float* off = w.offsets ? w.offsets + n * groups : nullptr;
   __m512 acc[2][T];
   for (int t = 0; t < T; ++t) acc[0][t] = acc[1][t] = _mm512_setzero_ps();
-  for (int64_t c = 0; c < K / 16; ++c) {
-    const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16 * c))));
-    const __m512 scale = _mm512_set1_ps(sc[c / per_group]);
-    // Q6_K's scale * q may round: it is rounded alone, then the offset added (never fused).
-    __m512 v = _mm512_mul_ps(q, scale);
-    if (off) v = _mm512_add_ps(v, _mm512_set1_ps(off[c / per_group]));
-    for (int t = 0; t < T; ++t)
-      acc[c & 1][t] = _mm512_fmadd_ps(v, _mm512_loadu_ps(x + t * K + 16 * c), acc[c & 1][t]);
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m512 scale = _mm512_set1_ps(sc[g]);
+    const __m512 offset = off ? _mm512_set1_ps(off[g]) : scale;
+    for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
+      const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16 * c))));
+      // Q6_K's scale * q may round: it is rounded alone, then the offset added (never fused).
+      __m512 v = _mm512_mul_ps(q, scale);
+      if (off) v = _mm512_add_ps(v, offset);
+      for (int t = 0; t < T; ++t)
+        acc[c & 1][t] = _mm512_fmadd_ps(v, _mm512_loadu_ps(x + t * K + 16 * c), acc[c & 1][t]);
+    }
   }
   for (int t = 0; t < T; ++t) out[t * out_stride + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][t], acc[1][t]));
 }

@@ -1,0 +1,87 @@
+"""The quantized CPU matmuls (kernels/cpu/qgemm.cpp) per GGUF type against dense fp32 `F.linear`.
+
+Run: python -m bench.cpu_kernels [--rows 1 16 64] [--layers 12] [--threads N]
+
+For each type, `--layers` distinct `[1536, 768]` weights (a small model's projection; ~57 MB in fp32, past
+the cores' caches) are multiplied by `rows` activations, interleaved with the dense run over the
+same values, best of several rounds. Reported: ms per pass, the ratio dense/quantized, and each
+kernel's achieved weight bandwidth against this machine's measured copy bandwidth; also the
+start-up choice (kernels/cpu/select.py). Saves bench/results/cpu-kernels.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bench.serve import environment
+from kernels.cpu import extension, select
+from kernels.cpu.quant import BLOCKS, pack_gguf
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHAPE = (1536, 768)  # K a multiple of 256 for the K-quants
+FP16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q8_0": (0,), "Q4_K": (0, 2), "Q6_K": (208,), "MXFP4": ()}
+
+
+def random_weight(type_name: str, rows: int, k: int, generator: torch.Generator):
+    """Random stored blocks with small finite scales (the codes' values do not change the timing)."""
+    per_block, block_bytes = BLOCKS[type_name]
+    raw = torch.randint(0, 256, (rows * k // per_block, block_bytes), dtype=torch.uint8, generator=generator)
+    for at in FP16_FIELDS[type_name]:
+        raw[:, at:at + 2] = torch.full((raw.shape[0],), 0.01, dtype=torch.float16).view(torch.uint8).view(-1, 2)
+    if type_name == "MXFP4":
+        raw[:, 0] = 120
+    return pack_gguf(raw, type_name, (rows, k))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.cpu_kernels", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if extension.load() is None:
+        print(f"native CPU kernels unavailable: {extension.unavailable_reason()}")
+        return 1
+    n, k = SHAPE
+    generator = torch.Generator().manual_seed(0)
+    copy = select.copy_bandwidth_gbs()
+    results = {}
+    for type_name in BLOCKS:
+        stacked = random_weight(type_name, args.layers * n, k, generator)
+        quantized = [stacked.select_rows(slice(i * n, (i + 1) * n)) for i in range(args.layers)]
+        dense = [w.dequantize() for w in quantized]
+        per_rows = {}
+        for rows in args.rows:
+            x = torch.randn(rows, k, generator=generator)
+            best = {"qgemm": float("inf"), "dense": float("inf")}
+            for _ in range(args.rounds + 1):
+                best["qgemm"] = min(best["qgemm"], select._ms(lambda: [select.native_linear(x, w) for w in quantized]))
+                best["dense"] = min(best["dense"], select._ms(lambda: [F.linear(x, w) for w in dense]))
+            per_rows[rows] = {
+                "qgemm_ms": round(best["qgemm"], 3), "dense_ms": round(best["dense"], 3),
+                "speedup": round(best["dense"] / best["qgemm"], 2),
+                "qgemm_weight_gbs": round(stacked.nbytes / best["qgemm"] / 1e6, 2),
+                "dense_weight_gbs": round(sum(w.numel() * 4 for w in dense) / best["dense"] / 1e6, 2),
+            }
+            print(f"{type_name:5s} {rows:3d} rows: qgemm {best['qgemm']:.2f} ms, dense {best['dense']:.2f} ms "
+                  f"({per_rows[rows]['speedup']:.2f}x); {per_rows[rows]['qgemm_weight_gbs']:.1f} GB/s of weights "
+                  f"vs copy {copy:.1f} GB/s", flush=True)
+        results[type_name] = {"bytes_per_weight": round(stacked.nbytes / (args.layers * n * k), 3), "rows": per_rows}
+    record = {"benchmark": "cpu_kernels", "shape": SHAPE, "layers": args.layers, "threads": torch.get_num_threads(),
+              "copy_gbs": round(copy, 2), "results": results, "startup_choice": select.plan().describe(),
+              "environment": environment()}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "cpu-kernels.json").write_text(json.dumps(record, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
