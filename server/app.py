@@ -11,6 +11,7 @@ shape (in Anthropic's under /v1/messages). The engines are started and shut down
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -73,8 +74,9 @@ def create_app(engines: dict[str, EngineClient], settings: ServerSettings | None
     if settings.request_timeout_s is not None:
         app.add_middleware(RequestDeadline, timeout_s=settings.request_timeout_s)
     app.add_middleware(AdmissionMiddleware, admission=app.state.admission, protect_metrics=settings.protect_metrics)
+    app.state.draining = asyncio.Event()  # set by server/shutdown.py when a graceful shutdown starts
     app.add_middleware(BodyReader, max_bytes=settings.request_limits.max_body_bytes,
-                       timeout_s=settings.body_timeout_s)  # before a slot is taken, after the key is checked
+                       timeout_s=settings.body_timeout_s, draining=app.state.draining)  # before a slot is taken, after the key is checked
     app.add_middleware(AuthMiddleware, keys=ApiKeys(settings.api_keys), protect_metrics=settings.protect_metrics)
     routers = (info_routes.public_router, info_routes.router, completions.router, chat.router, messages.router,
                tokenize_routes.router, responses_routes.router)

@@ -4,7 +4,8 @@ uvicorn waits up to --shutdown-timeout for running requests, then cancels them: 
 then ended with neither an error event nor `[DONE]`, and each left a traceback in the log (issue
 23, audit 8). `DrainingServer` ends every engine request still in flight just before that deadline:
 each stream sends its error event (and `[DONE]`), each waiting non-streamed request gets a 503,
-their KV blocks go back, and one warning says how many were ended.
+their KV blocks go back, and one warning says how many were ended. Requests whose body is still
+arriving when the shutdown starts get a 503 at once (server/guard/body.py).
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ SHUTDOWN_REASON = "the server is shutting down"
 
 class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, engines: Iterable[AsyncEngine]) -> None:
+        """`config.app`: an app from server.app.create_app (its `state.draining` tells body reads to stop)."""
         super().__init__(config)
         self.engines = list(engines)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.config.app.state.draining.set()  # bodies still arriving are refused now, not at --body-timeout
         grace = self.config.timeout_graceful_shutdown
         timer = None
         if grace is not None:  # ended a little before uvicorn gives up, so that the error events get out

@@ -246,13 +246,18 @@ def test_streams_open_at_the_shutdown_timeout_end_with_an_error_event(engine, li
         time.sleep(0.05)
     body = {"model": "tiny", "prompt": "Hello", "n": 4, "stream": True, **LONG}
     lines: list[str] = []
+    slow_body = half_sent(port, chunked=True)  # --body-timeout is 30 s here: it must not hold the shutdown up
     with caplog.at_level("WARNING", logger="minerva.server"):
         with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60) as stream:
             for line in stream.iter_lines():
                 if line and not lines:
                     server.should_exit = True  # SIGTERM's effect, once the stream runs
+                    stopping = time.monotonic()
                 lines += [line] if line else []
         thread.join(30)
+    assert time.monotonic() - stopping < 10
+    assert read_response(slow_body, 5).startswith(b"HTTP/1.1 503")
+    slow_body.close()
     sock.close()
     assert lines[-1] == "data: [DONE]"
     assert json.loads(lines[-2].removeprefix("data: "))["error"]["code"] == "engine_unavailable"

@@ -3,7 +3,8 @@
 A body that never finishes (half a chunked body, a Content-Length never reached) used to take
 its admission slot first and wait forever: 1,024 such connections, no key needed, made every
 generation request a 503, and they stretched SIGTERM to the full shutdown timeout (issue 23,
-audit 3). Here such a request gets a 408 once `timeout_s` has passed, holding nothing meanwhile;
+audit 3). Here such a request gets a 408 once `timeout_s` has passed, holding nothing meanwhile
+(a 503 as soon as the server starts shutting down, so it does not hold the shutdown up either);
 an oversize one a 413 (FastAPI's own cap answers in plain text, not in OpenAI's shape).
 """
 
@@ -17,10 +18,12 @@ from server.errors import APIError, send_api_error
 
 
 class BodyReader:
-    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float, draining: asyncio.Event) -> None:
+        """`draining`: set when the server starts shutting down; a body still arriving then is a 503."""
         self.app = app
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
+        self.draining = draining
 
     def _too_large(self, size: str) -> APIError:
         return APIError(413, f"request body of {size} bytes is over this server's limit of {self.max_bytes} bytes",
@@ -29,6 +32,19 @@ class BodyReader:
     def _too_slow(self) -> APIError:
         return APIError(408, f"the request body did not arrive within {self.timeout_s:g} s (--body-timeout)",
                         code="request_timeout")
+
+    async def _next(self, receive: Receive, timeout: float) -> Message | APIError:
+        """The next body message, or the error to answer with: too slow, or the server is shutting down."""
+        if self.draining.is_set():
+            return _shutting_down()
+        message = asyncio.ensure_future(receive())
+        draining = asyncio.ensure_future(self.draining.wait())
+        done, _ = await asyncio.wait({message, draining}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        draining.cancel()
+        if message in done:
+            return message.result()
+        message.cancel()
+        return _shutting_down() if draining in done else self._too_slow()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -42,10 +58,9 @@ class BodyReader:
         deadline = loop.time() + self.timeout_s
         body = bytearray()
         while True:
-            try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
-            except TimeoutError:
-                await send_api_error(self._too_slow(), scope, receive, send)
+            message = await self._next(receive, max(0.0, deadline - loop.time()))
+            if isinstance(message, APIError):
+                await send_api_error(message, scope, receive, send)
                 return
             if message["type"] == "http.disconnect":
                 return
@@ -65,3 +80,7 @@ class BodyReader:
             return {"type": "http.request", "body": bytes(body), "more_body": False}
 
         await self.app(scope, replay, send)
+
+
+def _shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down", code="server_shutting_down")
