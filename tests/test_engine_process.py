@@ -1,0 +1,97 @@
+"""The engine core in its own process: the same outputs as in-process, aborts cross, a dead core ends streams."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+
+from engine.async_engine import EngineDeadError
+from engine.config import EngineConfig
+from engine.outputs import RequestAccumulator
+from engine.process_client import ProcessEngineClient
+from engine.sampling_params import InvalidRequestError, SamplingParams
+from tests.engine_testing import make_engine, reference_greedy, run_to_completion, tiny_llama_dir
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def tiny_client() -> ProcessEngineClient:
+    return ProcessEngineClient.from_config(EngineConfig(model=str(tiny_llama_dir()), kv_cache_gib=0.01))
+
+
+async def collect(client: ProcessEngineClient, prompt, params: SamplingParams, request_id: str):
+    merged = RequestAccumulator()
+    async for output in client.generate(prompt, params, request_id):
+        merged.add(output)
+    assert merged.finished
+    return merged.result(request_id)
+
+
+async def stats_when(client: ProcessEngineClient, ready, timeout: float = 20.0) -> dict:
+    """The client's stats once `ready(stats)` holds (they arrive on the event loop, so this must not block it)."""
+    deadline = time.monotonic() + timeout
+    while not ready(stats := client.stats()) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return stats
+
+
+def test_outputs_equal_in_process_and_abort_crosses():
+    sampled = SamplingParams(n=2, temperature=0.8, seed=7, max_tokens=5, logprobs=2, ignore_eos=True)
+    in_process = make_engine()
+    in_process.add_request("s", "Once upon", sampled)
+    expected = run_to_completion(in_process)["s"]
+
+    async def main():
+        client = tiny_client()
+        await client.start()
+        try:
+            greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+            first, second, drawn = await asyncio.gather(collect(client, "The quick brown", greedy, "a"),
+                                                        collect(client, [1, 5, 9, 2], greedy, "b"),
+                                                        collect(client, "Once upon", sampled, "s"))
+            for out in (first, second):
+                assert out.outputs[0].token_ids == reference_greedy(tuple(out.prompt_token_ids), 6)
+            assert [s.token_ids for s in drawn.outputs] == [s.token_ids for s in expected.outputs]
+            assert [s.text for s in drawn.outputs] == [s.text for s in expected.outputs]
+            assert ([[lp.token_id for lp in s.logprobs] for s in drawn.outputs]
+                    == [[lp.token_id for lp in s.logprobs] for s in expected.outputs])
+
+            with pytest.raises(InvalidRequestError) as refused:  # refused in the core, raised here with its param
+                await collect(client, [1] * 100_000, greedy, "big")
+            assert refused.value.param is not None
+
+            before = (await stats_when(client, lambda s: s["num_running"] == 0))["generation_tokens_total"]
+            async for _ in client.generate("Hello there", SamplingParams(max_tokens=100_000, ignore_eos=True), "gone"):
+                break  # the client leaves after its first chunk: the abort crosses to the core
+            stats = await stats_when(client, lambda s: s["generation_tokens_total"] > before
+                                     and s["num_running"] == 0 and s["kv_blocks_used"] == 0)
+            assert stats["num_running"] == 0 and stats["kv_blocks_used"] == 0 and stats["num_waiting"] == 0
+        finally:
+            await client.shutdown()
+        assert client.failure is None
+
+    asyncio.run(main())
+
+
+def test_core_death_ends_streams_with_an_error():
+    async def main():
+        client = tiny_client()
+        reasons = []
+        client.on_fatal = reasons.append
+        await client.start()
+        started = time.monotonic()
+        with pytest.raises(EngineDeadError, match="exited with status"):
+            async for _ in client.generate("Hi", SamplingParams(max_tokens=100_000, ignore_eos=True), "long"):
+                os.kill(client.process.pid, signal.SIGKILL)
+        assert time.monotonic() - started < 30
+        assert reasons == [client.failure] and "status -9" in client.failure
+        with pytest.raises(EngineDeadError):  # later requests are refused at once
+            async for _ in client.generate("Hi", SamplingParams(), "later"):
+                pass
+        await asyncio.wait_for(client.shutdown(), 10)
+
+    asyncio.run(main())
