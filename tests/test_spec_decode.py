@@ -186,3 +186,26 @@ def test_sampled_distribution_is_the_targets():
     assert stats.num_draft_tokens > num_requests // 2 and 0 < stats.num_accepted_tokens < stats.num_draft_tokens
     assert chi_square < 54.1, (chi_square, counts)
     assert_idle(engine)
+
+
+def test_tensor_parallel_ranks_verify_the_same_drafts(tmp_path):
+    """Two CPU ranks (the leader broadcasts each step's inputs, several logits rows per sequence included)
+    give one rank's non-speculative tokens."""
+    from tests.tp_fixtures import save_tp_model
+
+    model_dir, _ = save_tp_model("llama-kv2", tmp_path / "tp")
+    prompts = ([3, 17, 29, 3, 17, 29, 3, 17], [5, 9, 5, 9, 5, 9, 5], [7, 8, 9, 10, 7, 8, 9, 10, 7])
+    outputs, drafted = {}, 0
+    for tp, spec in ((1, None), (2, NGRAM)):
+        engine = LLMEngine.from_config(EngineConfig(
+            model=str(model_dir), device="cpu", dtype="float32", kernel_backend="torch", tensor_parallel_size=tp,
+            block_size=4, max_model_len=64, mxfp4_unpack_gib=0, speculative_config=spec), num_blocks=48)
+        try:
+            for i, prompt in enumerate(prompts):
+                engine.add_request(f"r{i}", prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+            outputs[tp] = {rid: out.outputs[0].token_ids for rid, out in run_to_completion(engine).items()}
+            assert_idle(engine)
+            drafted = engine.spec.stats.num_draft_tokens if spec else drafted
+        finally:
+            engine.close()
+    assert outputs[2] == outputs[1] and drafted > 0, (outputs, drafted)
