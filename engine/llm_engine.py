@@ -45,6 +45,7 @@ class InFlight:
     samples: list[Sample]
     result: SampleResult | None
     drafts: list[list[int]] | None = None
+    generator_states: dict[Sample, tuple[torch.Tensor, int]] | None = None  # seeded rows: (state before, vocab)
 
     def pending_inputs(self) -> PendingTokens | None:
         """Where the next batch finds these samples' input ids (on the device, not yet read back)."""
@@ -245,6 +246,9 @@ class LLMEngine:
             if prompt_rows:
                 logits = self._score_prompts(batch, prompt_rows, logits)
             if speculating:
+                generator_states = {seq: (seq.generator.get_state(), logits.shape[-1])
+                                    for seq, draft in zip(samples, drafts)
+                                    if draft and seq.generator is not None and not seq.params.greedy}
                 rows, row_seqs = self._verified_rows(samples, drafts)
             else:
                 rows, row_seqs = [self._sampling_row(seq) for seq in samples], samples
@@ -264,7 +268,7 @@ class LLMEngine:
         if speculating:
             for seq, _ in batch.items:
                 seq.spec_token_ids = []
-            return InFlight(samples, result, drafts)
+            return InFlight(samples, result, drafts, generator_states)
         return InFlight(samples, result)
 
     def _prompt_rows(self, batch: ScheduledBatch) -> list[PromptRows]:
@@ -305,7 +309,8 @@ class LLMEngine:
             generated = len(seq.output_token_ids)
             for j in range(1, len(draft) + 1):
                 banned = tuple(seq.stop_token_ids) if generated + j < seq.params.min_tokens else ()
-                rows.append(row if banned == row.banned_token_ids else dataclasses.replace(row, banned_token_ids=banned))
+                same = banned == row.banned_token_ids
+                rows.append(row if same else dataclasses.replace(row, banned_token_ids=banned))
                 row_seqs.append(seq)
         return rows, row_seqs
 
@@ -339,6 +344,8 @@ class LLMEngine:
             if seq.finished:
                 continue
             emitted = accepted_tokens(draft, token_ids[first:row])
+            if launched.generator_states and seq in launched.generator_states:
+                self._rewind_generator(seq, *launched.generator_states[seq], len(emitted))
             if draft:
                 self.spec.observe(seq, len(draft), len(emitted) - 1)
                 seq.num_draft_tokens += len(draft)
@@ -354,6 +361,16 @@ class LLMEngine:
             if draft and not seq.finished:
                 self.scheduler.rollback(seq)
         return self._emit(list(touched.values()))
+
+    @staticmethod
+    def _rewind_generator(seq: Sample, state: torch.Tensor, vocab_size: int, num_emitted: int) -> None:
+        """A seeded row drew once per verified position; leave its generator as if it had drawn once per emitted
+        token (the sampler's exponential race takes one vocabulary-wide draw per row), so the next step's draw
+        is the one non-speculative decoding would make and seeded outputs stay identical."""
+        seq.generator.set_state(state)
+        noise = torch.empty(vocab_size, dtype=torch.float32, device=seq.generator.device)
+        for _ in range(num_emitted):
+            noise.exponential_(generator=seq.generator)
 
     def _emit(self, touched: list[Request]) -> list[RequestOutput]:
         outputs = [self.outputs.output(r) for r in touched]

@@ -209,3 +209,21 @@ def test_tensor_parallel_ranks_verify_the_same_drafts(tmp_path):
         finally:
             engine.close()
     assert outputs[2] == outputs[1] and drafted > 0, (outputs, drafted)
+
+
+def test_seeded_sampling_is_identical_with_speculation():
+    """A seeded row draws once per verified position; its generator is rewound to one draw per emitted token,
+    so every later token is the one non-speculative decoding draws (n=2: seeds s and s+1)."""
+    results = {}
+    for spec in (None, NGRAM):
+        engine = LLMEngine(FakeModel(5, wobbly), IdTokenizer(), EngineConfig(block_size=4, speculative_config=spec),
+                           max_model_len=64, num_blocks=64)
+        for i, temperature in enumerate((0.3, 0.7, 1.0)):
+            engine.add_request(str(i), [1, 2, 3, 1, 2, 3, 1, 2], SamplingParams(
+                temperature=temperature, seed=100 + i, n=2, max_tokens=30, ignore_eos=True))
+        results[spec is not None] = {rid: [o.token_ids for o in out.outputs]
+                                     for rid, out in run_to_completion(engine).items()}
+        assert_idle(engine)
+    stats = engine.spec.stats
+    assert results[True] == results[False]
+    assert stats.num_accepted_tokens > 0 and stats.num_draft_tokens > stats.num_accepted_tokens

@@ -1,8 +1,8 @@
 """Per step: which running sequences propose drafts and how many; afterwards, what was accepted.
 
 A sequence speculates when it is decoding (its prompt done, no token in flight), its tokens are
-its own to draw (no grammar, no penalties whose counts would have to see the drafts, no seeded
-sampling whose generator would have to rewind) and its back-off allows it; the whole step does
+its own to draw (no grammar, no penalties whose counts would have to see the drafts; a seeded
+sampling row's generator is rewound by the engine after verification) and its back-off allows it; the whole step does
 not speculate when `disable_by_batch_size` sequences or more are running, where verifying costs
 more compute than the extra tokens save. Drafts never run past `max_tokens` or the context.
 """
@@ -33,7 +33,7 @@ def may_speculate(seq: Sample) -> bool:
         return False
     if p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
         return False
-    return p.greedy or seq.generator is None
+    return True
 
 
 class SpecDecoder:
