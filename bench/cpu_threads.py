@@ -107,7 +107,8 @@ def main() -> None:
         for condition in CONDITIONS:
             tok_s = statistics.median(r["tok_s"] for r in runs[config, condition])
             rows.append({"config": config, "condition": condition, "tok_s": round(tok_s, 2),
-                         "vs_quiet": round(tok_s / quiet, 3), "threads": [r["threads"] for r in runs[config, condition]],
+                         "vs_quiet": round(tok_s / quiet, 3),
+                         "threads": [r["threads"] for r in runs[config, condition]],
                          "runs_tok_s": [round(r["tok_s"], 2) for r in runs[config, condition]]})
     report = {"command": "python -m bench.cpu_threads " + " ".join(sys.argv[1:]), "cpus": len(os.sched_getaffinity(0)),
               "model": args.model or "default built-in (SmolLM2-135M-Instruct)", "tokens": args.tokens,

@@ -75,8 +75,9 @@ def create_app(engines: dict[str, EngineClient], settings: ServerSettings | None
         app.add_middleware(RequestDeadline, timeout_s=settings.request_timeout_s)
     app.add_middleware(AdmissionMiddleware, admission=app.state.admission, protect_metrics=settings.protect_metrics)
     app.state.draining = asyncio.Event()  # set by server/shutdown.py when a graceful shutdown starts
+    # after the key is checked, before a slot is taken
     app.add_middleware(BodyReader, max_bytes=settings.request_limits.max_body_bytes,
-                       timeout_s=settings.body_timeout_s, draining=app.state.draining)  # before a slot is taken, after the key is checked
+                       timeout_s=settings.body_timeout_s, draining=app.state.draining)
     app.add_middleware(AuthMiddleware, keys=ApiKeys(settings.api_keys), protect_metrics=settings.protect_metrics)
     routers = (info_routes.public_router, info_routes.router, completions.router, chat.router, messages.router,
                tokenize_routes.router, responses_routes.router)

@@ -149,8 +149,8 @@ def uvicorn_config(app: Any, args: argparse.Namespace) -> Any:
 
     from server.http_protocol import ShapedH11Protocol
 
-    return uvicorn.Config(app, http=ShapedH11Protocol, host=args.host, port=args.port, log_level=args.log_level, log_config=None,
-                          access_log=False, timeout_graceful_shutdown=args.shutdown_timeout,
+    return uvicorn.Config(app, http=ShapedH11Protocol, host=args.host, port=args.port, log_level=args.log_level,
+                          log_config=None, access_log=False, timeout_graceful_shutdown=args.shutdown_timeout,
                           ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
                           proxy_headers=args.forwarded_allow_ips is not None,
                           forwarded_allow_ips=args.forwarded_allow_ips or "")

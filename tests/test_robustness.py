@@ -108,7 +108,8 @@ def test_slow_grammar_compile_is_a_400_naming_the_limit_and_others_are_served(li
     assert rss_bytes() - rss_before < 100 << 20  # killed compiles leave nothing behind in the server
     for response in results:
         error = assert_openai_error(response, 400)
-        assert "--grammar-compile-timeout-s" in error["message"] and error["param"] == "response_format.json_schema.schema"
+        assert "--grammar-compile-timeout-s" in error["message"]
+        assert error["param"] == "response_format.json_schema.schema"
     assert wait_until_idle(engine)["kv_blocks_used"] == 0
 
 
@@ -238,7 +239,7 @@ def test_request_timeout_is_a_504_and_frees_the_engine(engine, live):
 def test_streams_open_at_the_shutdown_timeout_end_with_an_error_event(engine, live, caplog):
     sock = free_port_socket()
     port = sock.getsockname()[1]
-    server = DrainingServer(uvicorn.Config(second_app(engine), log_level="warning", timeout_graceful_shutdown=1),
+    server = DrainingServer(uvicorn.Config(second_app(engine), log_level="warning", timeout_graceful_shutdown=0.3),
                             [engine])
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
