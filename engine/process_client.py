@@ -217,8 +217,14 @@ class ProcessEngineClient:
         shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     def _send(self, message: object) -> None:
-        if not self._inputs.closed:
-            self._inputs.send(wire.encode(message))
+        """Never blocks the event loop: with the core gone a PUSH socket has no peer and would wait for one
+        (the message is dropped; the core's death ends every request anyway)."""
+        if self._inputs.closed or self.failure is not None:
+            return
+        try:
+            self._inputs.send(wire.encode(message), zmq.NOBLOCK)
+        except zmq.Again:
+            pass
 
     # --- the receiver thread and what it hands to the event loop ------------------------------------------------
     def _receive(self) -> None:

@@ -24,7 +24,7 @@ from server.settings import RequestLimits, ServerSettings
 from server.tool_parsers import PARSERS
 
 if TYPE_CHECKING:
-    from engine.async_engine import AsyncEngine
+    from engine.client import EngineClient
 
 log = logging.getLogger("minerva.server")
 
@@ -53,18 +53,21 @@ def engine_configs(args: argparse.Namespace) -> list[EngineConfig]:
     return configs
 
 
-def build_engines(configs: list[EngineConfig]) -> dict[str, AsyncEngine]:
-    """served name -> AsyncEngine; a model that cannot load raises its MinervaError, two under one name a LaunchError."""
+def build_engines(configs: list[EngineConfig], engine_process: bool = False) -> dict[str, EngineClient]:
+    """served name -> its engine (with `engine_process`, a core process each); a model that cannot load raises
+    its MinervaError, two under one name a LaunchError."""
     from engine.async_engine import AsyncEngine
     from engine.models.errors import ModelConfigError
+    from engine.process_client import EngineCoreError, ProcessEngineClient
     from engine.tokenizer import TokenizerError
 
-    engines: dict[str, AsyncEngine] = {}
+    engines: dict[str, EngineClient] = {}
     for config in configs:
-        progress = LoadProgress.for_terminal(config.model or "the default model")
+        progress = None if engine_process else LoadProgress.for_terminal(config.model or "the default model")
         try:
-            engine = AsyncEngine.from_config(config, on_progress=progress)
-        except (ModelConfigError, TokenizerError) as exc:  # these name the field or file, not the model
+            engine = (ProcessEngineClient.from_config(config) if engine_process
+                      else AsyncEngine.from_config(config, on_progress=progress))
+        except (ModelConfigError, TokenizerError, EngineCoreError) as exc:  # these name the field or file, not the model
             raise LaunchError(f"{config.model or 'the default model'}: {exc}") from exc
         finally:
             if progress is not None:
@@ -127,17 +130,17 @@ def server_settings(args: argparse.Namespace, configs: list[EngineConfig]) -> Se
                           body_timeout_s=args.body_timeout, request_timeout_s=args.request_timeout)
 
 
-def banner_lines(engines: dict[str, AsyncEngine], url: str) -> list[str]:
+def banner_lines(engines: dict[str, EngineClient], url: str) -> list[str]:
     """One line per served model: where, what context, how many tokens the KV cache holds, on what."""
+    from engine.core_process import describe
+    from engine.process_client import ProcessEngineClient
+
     lines = []
     for name, engine in engines.items():
-        core = engine.engine
-        stats = core.stats()
-        ops = getattr(core.model, "local", core.model).ops  # tensor parallel: rank 0's slice holds the ops
-        backend = {"kernels.reference": "torch", "kernels.triton_ops": "triton", "kernels.cpu_ops": "cpu"}.get(ops.__name__, ops.__name__)
-        lines.append(f"Minerva serving {name!r} at {url}/v1: context {core.max_model_len} tokens, KV cache "
-                     f"{stats['kv_blocks_total'] * core.config.block_size} tokens, device {core.model.device}, "
-                     f"{str(core.model.dtype).removeprefix('torch.')}, {backend} kernels")
+        about = engine.description if isinstance(engine, ProcessEngineClient) else describe(engine.engine)
+        lines.append(f"Minerva serving {name!r} at {url}/v1: context {about.max_model_len} tokens, KV cache "
+                     f"{engine.stats()['kv_cache_tokens']} tokens, device {about.device}, {about.dtype}, "
+                     f"{about.kernels} kernels")
     return lines
 
 
@@ -170,7 +173,7 @@ def serve_command(args: argparse.Namespace) -> int:
     configure_json_logging(args.log_level)
     configs = engine_configs(args)
     settings = server_settings(args, configs)
-    engines = build_engines(configs)
+    engines = build_engines(configs, args.engine_process)
     scheme = "https" if args.ssl_certfile else "http"
     for line in banner_lines(engines, f"{scheme}://{args.host}:{args.port}"):
         log.info(line)
@@ -223,6 +226,10 @@ def add_serve_parser(commands: Any) -> None:
     http.add_argument("--tool-call-parser", choices=sorted(PARSERS), default=None,
                       help="how tool calls are read from completions (default: picked from the chat template; "
                            "gpt-oss always uses harmony)")
+    http.add_argument("--engine-process", action="store_true",
+                      help="run each model's engine core (scheduler, model, output processing) in a process of its "
+                           "own, so HTTP/SSE work never shares the step loop's GIL; the core dying ends every open "
+                           "stream with an error and the server exits 1 (default: one process)")
     http.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
                       help="on SIGTERM, how long running requests may finish before they end with an error")
     http.add_argument("--forwarded-allow-ips", metavar="LIST",

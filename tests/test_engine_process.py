@@ -1,12 +1,19 @@
-"""The engine core in its own process: the same outputs as in-process, aborts cross, a dead core ends streams."""
+"""The engine core in its own process (`minerva serve --engine-process`): the same outputs as in-process, aborts
+cross, a dead core ends streams with an error and the server exits 1."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
+import httpx
 import pytest
 
 from engine.async_engine import EngineDeadError
@@ -95,3 +102,68 @@ def test_core_death_ends_streams_with_an_error():
         await asyncio.wait_for(client.shutdown(), 10)
 
     asyncio.run(main())
+
+
+def core_pid(server: subprocess.Popen) -> int:
+    """The engine core process the server started (its child running engine.core_process)."""
+    for entry in Path("/proc").iterdir():
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == server.pid and b"engine.core_process" in cmdline:
+            return int(entry.name)
+    raise AssertionError("no engine core process")
+
+
+def test_serve_engine_process_streams_and_exits_non_zero_when_the_core_dies(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "serve.log"
+    command = [sys.executable, "-m", "server.cli", "serve", str(tiny_llama_dir()), "--engine-process",
+               "--served-model-name", "tiny", "--port", str(port), "--device", "cpu", "--dtype", "float32",
+               "--kernel-backend", "torch", "--kv-cache-gib", "0.01", "--shutdown-timeout", "5"]
+    with log_path.open("w") as log:
+        server = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1], stdout=log,
+                                  stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert server.poll() is None, log_path.read_text()
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.2)
+        assert "KV cache" in log_path.read_text()  # the banner, from the core's description
+        body = {"model": "tiny", "prompt": "The quick brown", "max_tokens": 6, "temperature": 0}
+        whole = httpx.post(url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+        with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=60) as response:
+            chunks = [json.loads(line[6:]) for line in response.iter_lines()
+                      if line.startswith("data: {")]
+        assert "".join(c["choices"][0]["text"] for c in chunks if c.get("choices")) == whole
+        deadline = time.monotonic() + 5  # the core's stats reach /metrics within a few hundred ms
+        while "minerva_generation_tokens_total 0.0" in (metrics := httpx.get(url + "/metrics").text):
+            assert time.monotonic() < deadline, metrics
+            time.sleep(0.1)
+
+        events = []
+        long = {**body, "max_tokens": 100_000, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", url + "/v1/completions", json=long, timeout=30) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: ") and not events:
+                    os.kill(core_pid(server), signal.SIGKILL)
+                if line.startswith("data: "):
+                    events.append(line[6:])
+        assert events[-1] == "[DONE]" and "error" in json.loads(events[-2])
+        assert server.wait(timeout=30) == 1
+        assert "engine stopped" in log_path.read_text()
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
