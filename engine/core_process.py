@@ -78,8 +78,12 @@ class CoreServer:
                 return
 
     async def _stream(self, request: wire.AddRequest) -> None:
+        first = True
         try:
             async for output in self.engine.generate(request.prompt, request.params, request.request_id):
+                if not first:  # the client keeps them from the first output: a long prompt is not resent every token
+                    output.prompt_token_ids = []
+                first = False
                 self._queue(output)
         except InvalidRequestError as exc:
             self._queue(wire.RequestFailed(request.request_id, "invalid", str(exc), exc.param, exc.code))

@@ -50,6 +50,7 @@ class ProcessEngineClient:
         self.description: wire.EngineDescription | None = None
         self._stats: dict[str, Any] = {}
         self._queues: dict[str, asyncio.Queue] = {}
+        self._prompts: dict[str, list[int]] = {}  # request id -> prompt ids (sent once by the core; wire.Outputs)
         self._grammars: GrammarCompiler | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._receiver: threading.Thread | None = None
@@ -166,6 +167,7 @@ class ProcessEngineClient:
                 yield item
         finally:
             self._queues.pop(request_id, None)
+            self._prompts.pop(request_id, None)
             if not finished:
                 await self.abort(request_id)
 
@@ -258,6 +260,7 @@ class ProcessEngineClient:
                 for output in message.outputs:
                     request_queue = self._queues.get(output.request_id)
                     if request_queue is not None:
+                        output.prompt_token_ids = self._prompts.setdefault(output.request_id, output.prompt_token_ids)
                         request_queue.put_nowait(output)
                         if output.finished:
                             self._queues.pop(output.request_id, None)

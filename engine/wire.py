@@ -58,6 +58,8 @@ class LoadFailed(msgspec.Struct, tag=True):
 
 
 class Outputs(msgspec.Struct, tag=True):
+    """A request's `prompt_token_ids` travel in its first output only (ProcessEngineClient puts them back)."""
+
     outputs: list[RequestOutput]
 
 

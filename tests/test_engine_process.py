@@ -33,6 +33,7 @@ def tiny_client() -> ProcessEngineClient:
 async def collect(client: ProcessEngineClient, prompt, params: SamplingParams, request_id: str):
     merged = RequestAccumulator()
     async for output in client.generate(prompt, params, request_id):
+        assert output.prompt_token_ids, "the client puts back the prompt ids the core sends once"
         merged.add(output)
     assert merged.finished
     return merged.result(request_id)
