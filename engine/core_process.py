@@ -11,6 +11,7 @@ when the engine stops for good (after a `Fatal`), or when the API process that s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import pickle
@@ -24,6 +25,7 @@ from engine.async_engine import AsyncEngine, EngineDeadError
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import InvalidRequestError
+from engine.structured import GrammarError
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,9 @@ class CoreServer:
     async def _stream(self, request: wire.AddRequest) -> None:
         first = True
         try:
+            if request.params.structured is not None:  # compiled off this loop; prepare_request then finds it cached
+                with contextlib.suppress(GrammarError):  # prepare_request refuses it in its own words
+                    await self.engine.grammars.compile_async(request.params.structured)
             async for output in self.engine.generate(request.prompt, request.params, request.request_id):
                 if not first:  # the client keeps them from the first output: a long prompt is not resent every token
                     output.prompt_token_ids = []

@@ -21,6 +21,7 @@ from engine.config import EngineConfig
 from engine.outputs import RequestAccumulator
 from engine.process_client import ProcessEngineClient
 from engine.sampling_params import InvalidRequestError, SamplingParams
+from engine.structured import StructuredOutput
 from tests.engine_testing import make_engine, reference_greedy, run_to_completion, tiny_llama_dir
 
 pytestmark = pytest.mark.timeout(240)  # two processes import torch: slow on a loaded machine
@@ -68,6 +69,9 @@ def test_outputs_equal_in_process_and_abort_crosses():
             assert ([[lp.token_id for lp in s.logprobs] for s in drawn.outputs]
                     == [[lp.token_id for lp in s.logprobs] for s in expected.outputs])
 
+            constrained = await collect(client, "Hi", SamplingParams(max_tokens=8, temperature=0, seed=1,
+                                                                     structured=StructuredOutput.json_object()), "j")
+            assert constrained.outputs[0].text.lstrip().startswith("{")
             with pytest.raises(InvalidRequestError) as refused:  # refused in the core, raised here with its param
                 await collect(client, [1] * 100_000, greedy, "big")
             assert refused.value.param is not None
