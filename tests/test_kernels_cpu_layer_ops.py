@@ -66,7 +66,15 @@ def paged(seq_lens: list[int], q_lens: list[int], block_size: int = 4, heads: in
 
 @pytest.mark.parametrize("seq_lens,q_lens", [([5, 1, 13], [1, 1, 1]),  # decode: native, read in place
                                              ([7, 12], [7, 5]),  # a prefill and a chunk after cached context
-                                             ([9, 6, 3], [1, 6, 1])])  # decodes beside a prefill
+                                             ([9, 6, 3], [1, 6, 1]),  # decodes beside a prefill
+                                             ([300, 41], [270, 1])])  # a long prefill beside a decode
 def test_paged_attention(seq_lens, q_lens):
     args = paged(seq_lens, q_lens)
     torch.testing.assert_close(cpu_ops.paged_attention(*args, 0.25), reference.paged_attention(*args, 0.25), **TOL)
+
+
+def test_native_paged_attention_takes_chunks_too():
+    """The native kernel's own contract covers several queries per sequence (the backend sends it decodes)."""
+    q, k_cache, v_cache, tables, seq_lens, starts = paged([9, 6, 12], [1, 6, 4])
+    got = extension.load().paged_attention(q, k_cache, v_cache, tables, seq_lens, starts, 0.25)
+    torch.testing.assert_close(got, reference.paged_attention(q, k_cache, v_cache, tables, seq_lens, starts, 0.25), **TOL)

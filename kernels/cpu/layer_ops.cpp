@@ -3,8 +3,9 @@
 //   rms_norm:        out = w * s / sqrt(mean(s^2) + eps) with s = x (+ residual); returns (out, s).
 //   rope_write_kv:   NeoX rotary on q and k (rotary_dim = 2 * len(inv_freq); cos/sin scaled by
 //                    mscale), rotated k and v scattered into the paged caches by slot (< 0: skip).
-//   decode_attention: one query per sequence over its paged keys (GQA), read in place from the
-//                    cache blocks: no gather, no padding.
+//   paged_attention: causal attention of each sequence's new queries over its paged keys (GQA),
+//                    read in place from the cache blocks: no gather, no padding (the CPU backend
+//                    calls it for decode steps; prompt chunks measured faster on SDPA).
 //   silu_and_mul:    silu(gate) * up on a [T, 2I] tensor laid out [gate | up].
 // Numerics: fp32 throughout like kernels/reference.py, summed in a different order.
 
@@ -123,45 +124,53 @@ at::Tensor rope_write_kv(const at::Tensor& q, const at::Tensor& k, const at::Ten
   return out;
 }
 
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                            const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale) {
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                           const at::Tensor& query_start_loc, double scale) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k_cache, &v_cache}) check_fp32(*t, "q and the caches");
   TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous q and caches");
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), bs = k_cache.size(1), KVH = k_cache.size(2);
-  const int64_t group = H / KVH;
+  const int64_t H = q.size(1), D = q.size(2), bs = k_cache.size(1), KVH = k_cache.size(2);
+  const int64_t B = seq_lens.size(0), group = H / KVH;
   at::Tensor tables = block_tables.to(at::kLong).contiguous(), lens = seq_lens.to(at::kLong).contiguous();
-  const int64_t* tab = tables.data_ptr<int64_t>();
-  const int64_t* len = lens.data_ptr<int64_t>();
+  at::Tensor starts = query_start_loc.to(at::kLong).contiguous();
+  const int64_t *tab = tables.data_ptr<int64_t>(), *len = lens.data_ptr<int64_t>(), *qsl = starts.data_ptr<int64_t>();
   const int64_t width = tables.size(1);
   at::Tensor out = at::zeros_like(q);
   const float* qp = q.data_ptr<float>();
   const float* kp = k_cache.data_ptr<float>();
   const float* vp = v_cache.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  // One task per (sequence, kv head): its query heads share the keys read.
+  // One task per (sequence, kv head): its query heads share the keys read. Query i of a sequence
+  // with q_len new tokens sits at position seq_len - q_len + i and sees keys 0..that position.
   at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / KVH, kvh = task % KVH, n = len[b];
-      if (n <= 0) continue;
-      scores.resize(group * n);
+      const int64_t b = task / KVH, kvh = task % KVH, n = len[b], q_len = qsl[b + 1] - qsl[b];
+      if (n <= 0 || q_len <= 0) continue;
+      const int64_t rows = q_len * group;  // (query, head) pairs, each with its own scores
+      scores.assign(rows * n, 0.f);
       for (int64_t j = 0; j < n; ++j) {
         const int64_t slot = tab[b * width + j / bs] * bs + j % bs;
         const float* key = kp + (slot * KVH + kvh) * D;
-        for (int64_t g = 0; g < group; ++g)
-          scores[g * n + j] = dot(qp + (b * H + kvh * group + g) * D, key, D) * float(scale);
+        for (int64_t i = std::max<int64_t>(0, j - (n - q_len)); i < q_len; ++i)  // queries that see key j
+          for (int64_t g = 0; g < group; ++g)
+            scores[(i * group + g) * n + j] = dot(qp + ((qsl[b] + i) * H + kvh * group + g) * D, key, D) * float(scale);
       }
-      for (int64_t g = 0; g < group; ++g) {
-        float* s = scores.data() + g * n;
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t seen = n - q_len + r / group + 1;
+        float* s = scores.data() + r * n;
         float top = -std::numeric_limits<float>::infinity(), total = 0.f;
-        for (int64_t j = 0; j < n; ++j) top = std::max(top, s[j]);
-        for (int64_t j = 0; j < n; ++j) total += (s[j] = std::exp(s[j] - top));
-        for (int64_t j = 0; j < n; ++j) s[j] /= total;
+        for (int64_t j = 0; j < seen; ++j) top = std::max(top, s[j]);
+        for (int64_t j = 0; j < seen; ++j) total += (s[j] = std::exp(s[j] - top));
+        for (int64_t j = 0; j < seen; ++j) s[j] /= total;
+        for (int64_t j = seen; j < n; ++j) s[j] = 0.f;
       }
       for (int64_t j = 0; j < n; ++j) {
         const int64_t slot = tab[b * width + j / bs] * bs + j % bs;
         const float* value = vp + (slot * KVH + kvh) * D;
-        for (int64_t g = 0; g < group; ++g) axpy(op + (b * H + kvh * group + g) * D, scores[g * n + j], value, D);
+        for (int64_t i = std::max<int64_t>(0, j - (n - q_len)); i < q_len; ++i)
+          for (int64_t g = 0; g < group; ++g)
+            axpy(op + ((qsl[b] + i) * H + kvh * group + g) * D, scores[(i * group + g) * n + j], value, D);
       }
     }
   });
@@ -189,7 +198,7 @@ TORCH_LIBRARY_FRAGMENT(minerva_cpu, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps, Tensor? residual) -> (Tensor, Tensor)", rms_norm);
   m.def("rope_write_kv(Tensor q, Tensor k, Tensor v, Tensor positions, Tensor inv_freq, float mscale, "
         "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> Tensor", rope_write_kv);
-  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
-        "float scale) -> Tensor", decode_attention);
+  m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
+        "Tensor query_start_loc, float scale) -> Tensor", paged_attention);
   m.def("silu_and_mul(Tensor gate_up) -> Tensor", silu_and_mul);
 }

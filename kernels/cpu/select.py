@@ -3,7 +3,7 @@
 Candidates: `dense` (weights dequantized to fp32 at load, torch's `F.linear`: today's path) and
 `qgemm` (weights kept quantized, read by qgemm.cpp). Both run through a stack of distinct Q4_1
 projections of the default model's size (~40 MB in fp32, so the weights stream from beyond the
-cores' caches as in a forward pass) at 1, 4, 16 and 64 rows; `qgemm` is chosen when it is
+cores' caches as in a forward pass) at 1, 16, 64 and 256 rows; `qgemm` is chosen when it is
 faster at one row (a single stream's decode), and it serves every batch up to the largest row count
 where it still beats its alternative for big batches, `dequant` (a chunk of rows dequantized per
 call, then `F.linear`), which serves larger batches (prefill). The choice, the
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 PROBE_SHAPE = (1536, 576)  # SmolLM2's gate/up rows x hidden: a small model's typical projection
 PROBE_LAYERS = 12  # distinct weights per pass (~40 MB in fp32: past any core's cache)
-PROBE_ROWS = (1, 4, 16, 64)
+PROBE_ROWS = (1, 16, 64, 256)
 PROBE_ROUNDS, PROBE_SECONDS = 7, 1.0  # interleaved rounds, best of each (a busy machine slows both alike)
 # Timed on one thread: on a busy machine a two-thread region of such small ops waits out the other
 # thread's scheduling delay (milliseconds), which would drown the kernels' own cost; the candidates
