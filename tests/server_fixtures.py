@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
@@ -108,12 +109,17 @@ class LiveServer:
 
 
 def tiny_engine(model_dir: Path, name: str = "tiny"):
-    """An AsyncEngine on the tiny Llama, fp32 on CPU with the torch kernels (not started)."""
+    """An AsyncEngine on the tiny Llama, fp32 on CPU with the torch kernels (not started); with
+    MINERVA_TEST_ENGINE_PROCESS=1 a ProcessEngineClient instead, so the server tests run against
+    `--engine-process` too."""
     from engine.async_engine import AsyncEngine
     from engine.config import EngineConfig
+    from engine.process_client import ProcessEngineClient
 
-    return AsyncEngine.from_config(EngineConfig(model=str(model_dir), served_model_name=name, device="cpu",
-                                                dtype="float32", kernel_backend="torch", kv_cache_gib=0.02))
+    in_process = os.environ.get("MINERVA_TEST_ENGINE_PROCESS") != "1"
+    build = AsyncEngine.from_config if in_process else ProcessEngineClient.from_config
+    return build(EngineConfig(model=str(model_dir), served_model_name=name, device="cpu",
+                               dtype="float32", kernel_backend="torch", kv_cache_gib=0.02))
 
 
 def wait_until_idle(engine, timeout: float = 20.0) -> dict:

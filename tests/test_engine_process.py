@@ -94,6 +94,9 @@ def test_core_death_ends_streams_with_an_error():
         client = tiny_client()
         reasons = []
         client.on_fatal = reasons.append
+        with pytest.raises(EngineDeadError, match="not running"):  # a 503 from the server, as in-process
+            async for _ in client.generate("Hi", SamplingParams(), "early"):
+                pass
         await client.start()
         started = time.monotonic()
         with pytest.raises(EngineDeadError, match="exited with status"):

@@ -466,6 +466,8 @@ def test_api_key_guards_v1_routes_but_not_health(engines):
 
 
 def test_an_engine_that_is_not_running_is_a_503(engines):
+    if not isinstance(engines["tiny-copy"], AsyncEngine):
+        pytest.skip("MINERVA_TEST_ENGINE_PROCESS=1: no in-process engine to wrap (tests/test_engine_process.py covers it)")
     idle = AsyncEngine(engines["tiny-copy"].engine)  # same model, loop never started
     app = create_app({"tiny": idle}, manage_engines=False)
     error = assert_openai_error(asgi_get(app, "POST", "/v1/completions", json={"model": "tiny", "prompt": "x"}), 503)
