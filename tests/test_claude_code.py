@@ -16,17 +16,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import httpx
 import pytest
 
-from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.tokenizer import Tokenizer
 from agent_binaries import agent_binary
-from fake_model import FakeModel
+from scripted_model import scripted_engine
 from server.app import create_app
 from server.settings import ServerSettings
 from server_fixtures import LiveServer, free_port_socket, save_tokenizer
@@ -53,13 +49,6 @@ def run_claude(base_url: str, work: Path, prompt: str, *flags: str, max_output: 
                           timeout=800)
 
 
-class DecisiveModel(FakeModel):
-    """FakeModel's one-hot logits scaled so that Claude Code's default temperature 1 still picks the scripted token."""
-
-    def forward(self, *args):
-        return super().forward(*args) * 1e4
-
-
 @pytest.fixture
 def scripted(tmp_path):
     """A model that answers a first turn with a Write call to tmp_path/work/hello.txt and any later turn with
@@ -69,23 +58,11 @@ def scripted(tmp_path):
     save_tokenizer(model_dir)
     config = json.loads((model_dir / "tokenizer_config.json").read_text())
     (model_dir / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TOOL_TEMPLATE}))
-    tokenizer = Tokenizer.from_files({name: model_dir / name for name in ("tokenizer.json", "tokenizer_config.json")})
     call = {"name": "Write", "arguments": {"file_path": str(tmp_path / "work" / "hello.txt"), "content": "hi"}}
-    scripts = [tokenizer.encode(f"<tool_call>\n{json.dumps(call)}\n</tool_call>", add_special_tokens=False),
-               tokenizer.encode("Done.", add_special_tokens=False)]
-    assistant, eos = tokenizer.backend.token_to_id("<|assistant|>"), tokenizer.backend.token_to_id("</s>")
-
-    def predict(context: list[int], vocab_size: int) -> int:
-        turns = [i for i, token in enumerate(context) if token == assistant]
-        script = scripts[min(len(turns), 2) - 1]
-        written = len(context) - 1 - turns[-1]
-        return script[written] if written < len(script) else eos
-
-    info = SimpleNamespace(architecture="llama", path=str(model_dir), to_dict=lambda: {})
-    llm = LLMEngine(DecisiveModel(tokenizer.vocab_size, predict), tokenizer,
-                    EngineConfig(block_size=64, max_num_batched_tokens=16384), max_model_len=262144,
-                    model_info=info, num_blocks=4200)
-    server = LiveServer(create_app({"scripted": AsyncEngine(llm)}, ServerSettings(fallback_model="scripted")))
+    engine = scripted_engine(model_dir, [f"<tool_call>\n{json.dumps(call)}\n</tool_call>", "Done."], sharpness=1e4,
+                             config=EngineConfig(block_size=64, max_num_batched_tokens=16384),
+                             max_model_len=262144, num_blocks=4200)
+    server = LiveServer(create_app({"scripted": engine}, ServerSettings(fallback_model="scripted")))
     yield server
     server.stop()
 

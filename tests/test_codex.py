@@ -14,16 +14,13 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.tokenizer import Tokenizer
 from agent_binaries import agent_binary
-from fake_model import FakeModel
+from scripted_model import scripted_engine
 from server.app import create_app
 from server_fixtures import LiveServer, save_tiny_llama
 from test_chat_tools import use_tool_template
@@ -53,31 +50,12 @@ def codex_exec(binary: str, base_url: str, model: str, prompt: str, tmp_path: Pa
                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
 
 
-class DecidedModel(FakeModel):
-    """FakeModel with logits so peaked that sampling at Codex's temperature (it sends none: 1) picks the script."""
-
-    def forward(self, *args):
-        return super().forward(*args) * 100.0
-
-
 @pytest.fixture
 def scripted(tmp_path):
     """Writes CALL after the prompt's first assistant header, ANSWER once a tool result is in the prompt."""
     model_dir = use_tool_template(save_tiny_llama(tmp_path / "tiny"))
-    tokenizer = Tokenizer.from_files({name: model_dir / name for name in ("tokenizer.json", "tokenizer_config.json")})
-    call, answer = (tokenizer.encode(text, add_special_tokens=False) for text in (CALL, ANSWER))
-    assistant, eos = tokenizer.backend.token_to_id("<|assistant|>"), tokenizer.backend.token_to_id("</s>")
-
-    def predict(context: list[int], vocab_size: int) -> int:
-        starts = [i for i, t in enumerate(context) if t == assistant]
-        script = call if len(starts) == 1 else answer
-        written = len(context) - 1 - starts[-1]
-        return script[written] if written < len(script) else eos
-
-    info = SimpleNamespace(architecture="llama", path=str(model_dir), to_dict=lambda: {})
-    llm = LLMEngine(DecidedModel(tokenizer.vocab_size, predict), tokenizer, EngineConfig(block_size=16),
-                    max_model_len=65536, model_info=info, num_blocks=8192)
-    server = LiveServer(create_app({"scripted": AsyncEngine(llm)}))
+    engine = scripted_engine(model_dir, [CALL, ANSWER], sharpness=100.0, max_model_len=65536, num_blocks=8192)
+    server = LiveServer(create_app({"scripted": engine}))
     yield server.base_url
     server.stop()
 

@@ -8,7 +8,6 @@ and the high-level client (`messages.create`, `.stream`, its exception classes) 
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import anthropic
 import httpx
@@ -19,11 +18,8 @@ from anthropic.types import Message, MessageTokensCount, RawMessageStreamEvent
 from anthropic.types.shared import ErrorResponse
 from pydantic import TypeAdapter
 
-from engine.async_engine import AsyncEngine, EngineDeadError
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.tokenizer import Tokenizer
-from fake_model import FakeModel
+from engine.async_engine import EngineDeadError
+from scripted_model import scripted_engine
 from server.app import create_app
 from server.settings import ServerSettings
 from server_fixtures import LiveServer, save_tiny_llama, tiny_engine, wait_until_idle
@@ -212,20 +208,8 @@ SCRIPT = 'I will look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city
 def scripted(model_dir):
     """A server whose model writes SCRIPT after the first <|assistant|> token of a prompt and ANSWER after a
     later one (once its call is in the conversation), then </s>."""
-    tokenizer = Tokenizer.from_files({name: model_dir / name for name in ("tokenizer.json", "tokenizer_config.json")})
-    scripts = [tokenizer.encode(text, add_special_tokens=False) for text in (SCRIPT, ANSWER)]
-    assistant, eos = tokenizer.backend.token_to_id("<|assistant|>"), tokenizer.backend.token_to_id("</s>")
-
-    def predict(context: list[int], vocab_size: int) -> int:
-        turns = [i for i, t in enumerate(context) if t == assistant]
-        script = scripts[min(len(turns), 2) - 1]
-        written = len(context) - 1 - turns[-1]
-        return script[written] if written < len(script) else eos
-
-    info = SimpleNamespace(architecture="llama", path=str(model_dir), to_dict=lambda: {})
-    llm = LLMEngine(FakeModel(tokenizer.vocab_size, predict), tokenizer, EngineConfig(block_size=16),
-                    max_model_len=1024, model_info=info, num_blocks=192)
-    server = LiveServer(create_app({"scripted": AsyncEngine(llm)}))
+    engine = scripted_engine(model_dir, [SCRIPT, ANSWER], max_model_len=1024, num_blocks=192)
+    server = LiveServer(create_app({"scripted": engine}))
     yield server
     server.stop()
 

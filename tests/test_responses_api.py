@@ -8,19 +8,14 @@ from __future__ import annotations
 
 import json
 import re
-from types import SimpleNamespace
 
 import httpx
 import jsonschema
 import openai
 import pytest
 
-from engine.async_engine import AsyncEngine
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.tokenizer import Tokenizer
-from fake_model import FakeModel
 from responses_testing import check_stream, post_stream, valid_response, without_ids
+from scripted_model import scripted_engine
 from server.app import create_app
 from server_fixtures import LiveServer, save_tiny_llama, tiny_engine, wait_until_idle
 from test_chat_tools import use_tool_template
@@ -180,20 +175,7 @@ ANSWER = "It is sunny."
 @pytest.fixture(scope="module")
 def scripted(model_dir):
     """Writes CALL after the first <|assistant|> of a prompt and ANSWER once an assistant turn (the call) is in it."""
-    tokenizer = Tokenizer.from_files({name: model_dir / name for name in ("tokenizer.json", "tokenizer_config.json")})
-    call, answer = (tokenizer.encode(text, add_special_tokens=False) for text in (CALL, ANSWER))
-    assistant, eos = tokenizer.backend.token_to_id("<|assistant|>"), tokenizer.backend.token_to_id("</s>")
-
-    def predict(context: list[int], vocab_size: int) -> int:
-        starts = [i for i, t in enumerate(context) if t == assistant]
-        script = call if len(starts) == 1 else answer
-        written = len(context) - 1 - starts[-1]
-        return script[written] if written < len(script) else eos
-
-    info = SimpleNamespace(architecture="llama", path=str(model_dir), to_dict=lambda: {})
-    llm = LLMEngine(FakeModel(tokenizer.vocab_size, predict), tokenizer, EngineConfig(block_size=16),
-                    max_model_len=512, model_info=info, num_blocks=64)
-    server = LiveServer(create_app({"scripted": AsyncEngine(llm)}))
+    server = LiveServer(create_app({"scripted": scripted_engine(model_dir, [CALL, ANSWER])}))
     with httpx.Client(base_url=server.base_url, timeout=60) as client:
         yield client
     server.stop()
