@@ -22,6 +22,8 @@ logger = logging.getLogger("minerva.server")
 
 Outputs = AsyncIterator[tuple[int, RequestOutput]]
 
+STREAM_ERROR_TAIL = "stream_error_tail"  # request.state / scope["state"] key: how a started stream ends on an error
+
 
 async def collect(request: Request, outputs: Outputs, n: int) -> Collected:
     """Every output to the end; the client disconnecting aborts the engine requests."""
@@ -65,6 +67,12 @@ async def stream(request: Request, outputs: Outputs,
         raise
     request_id = getattr(request.state, "request_id", "unknown")
 
+    def error_tail(error: APIError) -> str:
+        """What ends this stream on `error`, in its own protocol: its error events, then `done`."""
+        return "".join(encode(chunk) for chunk in on_error(error)) + done
+
+    setattr(request.state, STREAM_ERROR_TAIL, error_tail)  # read by guard/deadline when it stops the stream
+
     async def events() -> AsyncIterator[str]:
         try:
             if first is not None:
@@ -77,13 +85,12 @@ async def stream(request: Request, outputs: Outputs,
                 yield encode(chunk)
         except (APIError, EngineDeadError) as exc:
             error = engine_unavailable(exc) if isinstance(exc, EngineDeadError) else exc
-            for chunk in on_error(error):
-                yield encode(chunk)
+            yield error_tail(error)
+            return
         except Exception:
             logger.exception("internal error while streaming request %s", request_id)
-            for chunk in on_error(APIError(500, f"internal server error (request id {request_id})",
-                                           type="server_error")):
-                yield encode(chunk)
+            yield error_tail(APIError(500, f"internal server error (request id {request_id})", type="server_error"))
+            return
         finally:
             with anyio.CancelScope(shield=True):
                 await outputs.aclose()

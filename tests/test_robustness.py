@@ -236,6 +236,41 @@ def test_request_timeout_is_a_504_and_frees_the_engine(engine, live):
         server.stop()
 
 
+def sse_events(response: httpx.Response) -> list[tuple[str, dict]]:
+    """(event name, data) of a named-event SSE stream (Responses, Messages)."""
+    events, name = [], ""
+    for line in response.iter_lines():
+        if line.startswith("event: "):
+            name = line.removeprefix("event: ")
+        elif line.startswith("data: "):
+            events.append((name, json.loads(line.removeprefix("data: "))))
+    return events
+
+
+def test_request_timeout_ends_responses_and_messages_streams_with_their_error_events(engine, live):
+    server = LiveServer(second_app(engine, request_timeout_s=0.15))
+    try:  # "z" runs greedily to MAX_OUTPUT_TOKENS (these protocols have no ignore_eos): ~0.5 s here
+        responses_body = {"model": "tiny", "input": "z", "max_output_tokens": 1000, "stream": True, "temperature": 0}
+        with httpx.stream("POST", server.base_url + "/v1/responses", json=responses_body, timeout=60) as stream:
+            events = sse_events(stream)
+        (error_name, error), (failed_name, failed) = events[-2:]
+        assert (error_name, failed_name) == ("error", "response.failed")
+        assert error["code"] == "request_timeout" and "--request-timeout" in error["message"]
+        assert failed["response"]["status"] == "failed" and "--request-timeout" in failed["response"]["error"]["message"]
+
+        messages_body = {"model": "tiny", "messages": [{"role": "user", "content": "z"}], "max_tokens": 1000,
+                         "stream": True, "temperature": 0}
+        with httpx.stream("POST", server.base_url + "/v1/messages", json=messages_body, timeout=60) as stream:
+            events = sse_events(stream)
+        assert events[0][0] == "message_start"
+        name, error = events[-1]
+        assert name == "error" and error["error"]["type"] == "timeout_error"
+        assert "--request-timeout" in error["error"]["message"]
+        assert wait_until_idle(engine)["kv_blocks_used"] == 0
+    finally:
+        server.stop()
+
+
 def test_streams_open_at_the_shutdown_timeout_end_with_an_error_event(engine, live, caplog):
     sock = free_port_socket()
     port = sock.getsockname()[1]

@@ -1,6 +1,7 @@
 """--request-timeout: a generation request still running after `timeout_s` is cancelled, which aborts its
 engine requests (their KV blocks go back to the pool), and answered with a 504, or, if its stream has
-already started, ended with an error event and `[DONE]`.
+already started, ended with the error event of the stream's own protocol (OpenAI's error chunk and
+`[DONE]`, Responses' `error` and `response.failed`, Anthropic's `error`), as server/responses.stream writes it.
 
 Without it a `max_tokens: 1e9` request, clamped to the context, held its slot for 10+ minutes on CPU
 (issue 23, audit 10).
@@ -12,12 +13,9 @@ import asyncio
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import APIError, error_body, send_api_error
+from server.errors import APIError, send_api_error
 from server.guard.http import GENERATION_ROUTES
-from server.sse import DONE, sse_data
-
-
-OPENAI_STREAMS = frozenset({"/v1/completions", "/v1/chat/completions"})
+from server.responses import STREAM_ERROR_TAIL
 
 
 class RequestDeadline:
@@ -49,9 +47,7 @@ class RequestDeadline:
         except TimeoutError:
             if not started["response"]:
                 await send_api_error(self._error(), scope, receive, send)
-            elif not started["ended"]:  # OpenAI's in-band error on its own streams; other protocols just end
-                tail = b""
-                if started["sse"] and scope["path"] in OPENAI_STREAMS:
-                    error = self._error()
-                    tail = (sse_data(error_body(error.message, error.type, error.param, error.code)) + DONE).encode()
+            elif not started["ended"]:
+                error_tail = scope.get("state", {}).get(STREAM_ERROR_TAIL) if started["sse"] else None
+                tail = error_tail(self._error()).encode() if error_tail is not None else b""
                 await send({"type": "http.response.body", "body": tail, "more_body": False})
