@@ -333,9 +333,14 @@ def test_forwarded_for_is_ignored_unless_the_proxy_is_named(engine, live):
     assert statuses(["--forwarded-allow-ips", "127.0.0.1"]) == [200] * 6  # a named proxy's header is the client
 
 
-@pytest.mark.parametrize("raw", [b"NOT HTTP AT ALL\r\n\r\n",
-                                 b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n"])
-def test_malformed_http_is_an_openai_shaped_400(engine, live, raw):
+MALFORMED = [b"NOT HTTP AT ALL\r\n\r\n", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n"]
+# past h11's 16 KiB, unfinished and small enough to be read whole: nothing unread when the server closes
+OVERSIZED_HEAD = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 32_000
+
+
+@pytest.mark.parametrize("raw, status, code", [(raw, 400, "bad_http_request") for raw in MALFORMED] +
+                         [(OVERSIZED_HEAD, 431, "request_headers_too_large")])
+def test_malformed_http_is_openai_shaped(engine, live, raw, status, code):
     server = LaunchedServer(engine, [])
     try:
         with socket.create_connection(("127.0.0.1", server.port)) as sock:
@@ -347,7 +352,7 @@ def test_malformed_http_is_an_openai_shaped_400(engine, live, raw):
                     break
                 reply += chunk
         head, body = reply.split(b"\r\n\r\n", 1)
-        assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head
-        assert json.loads(body)["error"]["code"] == "bad_http_request"
+        assert head.startswith(b"HTTP/1.1 %d" % status) and b"application/json" in head
+        assert json.loads(body)["error"]["code"] == code
     finally:
         server.stop()
