@@ -6,8 +6,11 @@ container whose quota is below the host's core count, its OpenMP workers wait on
 every parallel region and each decode step stalls (issue 23: a 16-token completion took 24.5 s
 beside busy processes with the default threads, 2.9 s with one). The CLI also sets
 OMP_WAIT_POLICY=PASSIVE before torch loads (server/cli.py), so idle workers sleep instead of
-spinning on cores someone else needs. `cpu_threads` in EngineConfig (`--cpu-threads`) overrides
-the choice.
+spinning on cores someone else needs. A neighbour that starts later is seen too: `ThreadAdapter`
+re-reads the load every `ADAPT_INTERVAL_S` between engine steps, from /proc/stat deltas (no
+sleeping), and moves the count down or up (issue 23: a stream kept 0.38 of its quiet speed beside
+a hog started after start-up). `cpu_threads` in EngineConfig (`--cpu-threads`) overrides the
+choice and turns the adapting off.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ log = logging.getLogger(__name__)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 LOAD_SAMPLE_S = 0.25  # long enough to see a busy neighbour, short enough for start-up
+ADAPT_INTERVAL_S = 1.0  # between load readings while the engine steps; a reading costs ~0.1 ms
+STALE_WINDOW_S = 3 * ADAPT_INTERVAL_S  # a longer window (the engine sat idle) dilutes a new neighbour: re-read
+HYSTERESIS = 0.2  # CPUs' worth past the rounding point before the count moves, so it does not flap
 
 
 @dataclass(frozen=True)
@@ -124,6 +130,59 @@ def busy_cpus(cpus: set[int], seconds: float = LOAD_SAMPLE_S) -> float:
     return max(0.0, share * len(cpus) - (own_after - own_before) / seconds)
 
 
+def adapted_threads(usable: int, busy: float, current: int) -> int:
+    """The count for `busy` CPUs' worth of neighbours: `current` unless the free CPUs moved past its
+    rounding point by more than HYSTERESIS, then the free CPUs rounded (1 to `usable`)."""
+    free = usable - busy
+    if current - 0.5 - HYSTERESIS < free < current + 0.5 + HYSTERESIS:
+        return current
+    return max(1, min(usable, round(free)))
+
+
+@dataclass
+class _LoadReading:
+    at: float  # time.monotonic()
+    ticks: tuple[float, float]  # (busy, total) over the CPUs, from /proc/stat
+    own_seconds: float  # this process's CPU time
+
+
+class ThreadAdapter:
+    """Follows the neighbours' load while the engine runs; `maybe_adjust` is called by the engine's own
+    thread between steps (torch's OpenMP count is set from the thread that runs the parallel work)."""
+
+    def __init__(self, budget: CpuBudget, cpus: set[int]) -> None:
+        self.usable = budget.usable
+        self.threads = budget.threads
+        self.cpus = cpus
+        self.last = self._read()
+
+    def _read(self) -> _LoadReading | None:
+        ticks = _cpu_times(self.cpus)
+        return None if ticks is None else _LoadReading(time.monotonic(), ticks, _own_cpu_seconds())
+
+    def maybe_adjust(self) -> int:
+        """The thread count after this check: re-read only every ADAPT_INTERVAL_S, change torch's if needed."""
+        if self.last is not None and time.monotonic() - self.last.at < ADAPT_INTERVAL_S:
+            return self.threads
+        previous, self.last = self.last, self._read()
+        if previous is None or self.last is None or self.last.at - previous.at > STALE_WINDOW_S:
+            return self.threads
+        total = self.last.ticks[1] - previous.ticks[1]
+        if total <= 0:
+            return self.threads
+        share = (self.last.ticks[0] - previous.ticks[0]) / total
+        own = (self.last.own_seconds - previous.own_seconds) / (self.last.at - previous.at)
+        busy = max(0.0, share * len(self.cpus) - own)
+        threads = adapted_threads(self.usable, busy, self.threads)
+        if threads != self.threads:
+            import torch
+
+            torch.set_num_threads(threads)
+            log.info("CPU threads: %d -> %d (%d usable - %.1f busy)", self.threads, threads, self.usable, busy)
+            self.threads = threads
+        return self.threads
+
+
 def _own_cpu_seconds() -> float:
     times = os.times()
     return times.user + times.system
@@ -140,11 +199,12 @@ def choose_threads(requested: int | None = None, measure_load: bool = True) -> C
     return CpuBudget(len(cpus), quota, busy, max(1, usable - round(busy)), requested=False)
 
 
-def apply_cpu_threads(requested: int | None = None) -> CpuBudget:
-    """Choose the thread count, give it to torch, and log why."""
+def apply_cpu_threads(requested: int | None = None) -> ThreadAdapter | None:
+    """Choose the thread count, give it to torch, and log why; the adapter that follows the load from
+    then on (None: the operator chose the count, or there is one CPU to use)."""
     import torch
 
     budget = choose_threads(requested)
     torch.set_num_threads(budget.threads)
     log.info(budget.describe())
-    return budget
+    return None if budget.requested or budget.usable == 1 else ThreadAdapter(budget, allowed_cpus())

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from engine.config import EngineConfig
-from engine.cpu_threads import apply_cpu_threads
+from engine.cpu_threads import ThreadAdapter, apply_cpu_threads
 from engine.detokenizer import IncrementalDetokenizer
 from engine.distributed.group import ParallelGroupError
 from engine.kv_cache import BlockPool
@@ -94,6 +94,7 @@ class LLMEngine:
         self.generation_tokens_total = 0
         self.load_seconds = 0.0  # set by from_config: opening, building and placing the weights
         self._grammars: GrammarCompiler | None = None
+        self.thread_adapter: ThreadAdapter | None = None  # set by from_config: torch's threads follow the load
 
     def measure_step_budget(self) -> StepBudget:
         """Time this model's decode and prefill forwards here and cap prompt chunks beside running streams
@@ -125,7 +126,7 @@ class LLMEngine:
         started = time.perf_counter()
         path, builtin_name = resolve_model(config.model)
         loaded = open_model(path, builtin_name)
-        apply_cpu_threads(config.cpu_threads)  # before the model's first torch op starts OpenMP's pool
+        thread_adapter = apply_cpu_threads(config.cpu_threads)  # before the first torch op starts OpenMP's pool
         cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
         device = torch.device("cuda" if cuda else "cpu")
         dtype = DTYPES.get(config.dtype, torch.bfloat16 if cuda else torch.float32)
@@ -148,6 +149,7 @@ class LLMEngine:
         if (device.type == "cpu" and config.max_num_batched_tokens is None and config.enable_chunked_prefill
                 and config.tensor_parallel_size == 1):  # tensor parallel on CPU runs tests, not streams
             engine.measure_step_budget()
+        engine.thread_adapter = thread_adapter
         engine.load_seconds = time.perf_counter() - started
         return engine
 
@@ -218,6 +220,8 @@ class LLMEngine:
         (its input id is read from the device), and only then reads back and processes the previous
         batch, so on a GPU the host work of one step runs while the device computes the next.
         """
+        if self.thread_adapter is not None:
+            self.thread_adapter.maybe_adjust()
         previous, self._in_flight = self._in_flight, None
         outputs: list[RequestOutput] = []
         if self.spec is not None:

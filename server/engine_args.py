@@ -72,7 +72,8 @@ ENGINE_FLAGS: dict[str, tuple[dict[str, Any], str]] = {
                          "this many GiB dense (0: keep them packed)"),
     "cpu_threads": ({"type": positive_int, "metavar": "N"},
                     "threads for the model's CPU work (default: the CPUs this process may use, by affinity and "
-                    "cgroup quota, less those other processes keep busy at start-up; engine/cpu_threads.py)"),
+                    "cgroup quota, less those other processes keep busy, re-read every second while it runs; "
+                    "given, it stays fixed; engine/cpu_threads.py)"),
     "grammar_compile_timeout_s": ({"type": positive_float, "metavar": "SECONDS"},
                                   "a structured-output grammar compiling longer is killed and its request gets a 400"),
     "max_output_tokens": ({"type": positive_int, "metavar": "N"},

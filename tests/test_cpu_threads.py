@@ -118,3 +118,69 @@ def test_engine_applies_the_count_and_logs_it(tmp_path, caplog):
         assert "CPU threads: 1 (--cpu-threads" in caplog.text
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("usable, busy, current, expected", [
+    (4, 0.0, 4, 4),  # quiet: all of them
+    (4, 1.0, 4, 3),  # a neighbour started: one fewer
+    (4, 2.6, 4, 1),  # most taken: free CPUs rounded
+    (4, 5.0, 2, 1),  # never none
+    (4, 0.6, 4, 4),  # within the hysteresis: no flapping around the rounding point
+    (4, 0.8, 4, 3),
+    (4, 1.6, 3, 3),
+    (4, 0.0, 1, 4),  # the neighbour left: back up
+    (2, 0.2, 1, 2),
+    (2, 0.4, 1, 1),
+])
+def test_adapted_threads(usable, busy, current, expected):
+    assert cpu_threads.adapted_threads(usable, busy, current) == expected
+
+
+class FakeLoad:
+    """/proc/stat ticks and clocks that a test moves by hand (100 ticks a second per CPU)."""
+
+    def __init__(self, monkeypatch, cpus: int) -> None:
+        self.now, self.busy_ticks, self.total_ticks, self.own = 100.0, 0.0, 0.0, 0.0
+        self.cpus = cpus
+        monkeypatch.setattr(cpu_threads, "_cpu_times", lambda cpus: (self.busy_ticks, self.total_ticks))
+        monkeypatch.setattr(cpu_threads, "_own_cpu_seconds", lambda: self.own)
+        monkeypatch.setattr(cpu_threads.time, "monotonic", lambda: self.now)
+
+    def run(self, seconds: float, others_busy: float, own_busy: float) -> None:
+        self.now += seconds
+        self.total_ticks += 100 * seconds * self.cpus
+        self.busy_ticks += 100 * seconds * (others_busy + own_busy)
+        self.own += seconds * own_busy
+
+
+def test_adapter_follows_a_neighbour_that_starts_later(monkeypatch, caplog):
+    import torch
+
+    load = FakeLoad(monkeypatch, cpus=4)
+    set_threads = []
+    monkeypatch.setattr(torch, "set_num_threads", set_threads.append)
+    adapter = cpu_threads.ThreadAdapter(cpu_threads.CpuBudget(4, None, 0.0, 4, requested=False), {0, 1, 2, 3})
+    load.run(0.5, others_busy=2.0, own_busy=2.0)
+    assert adapter.maybe_adjust() == 4 and set_threads == []  # not read again before ADAPT_INTERVAL_S
+    load.run(cpu_threads.ADAPT_INTERVAL_S, others_busy=2.0, own_busy=2.0)
+    with caplog.at_level("INFO", logger="engine.cpu_threads"):
+        assert adapter.maybe_adjust() == 2
+    assert set_threads == [2] and "CPU threads: 4 -> 2" in caplog.text
+    load.run(cpu_threads.ADAPT_INTERVAL_S, others_busy=2.0, own_busy=2.0)
+    assert adapter.maybe_adjust() == 2 and set_threads == [2]  # our own use is not a neighbour's
+    load.run(cpu_threads.STALE_WINDOW_S + 1, others_busy=0.0, own_busy=0.0)
+    assert adapter.maybe_adjust() == 2  # a window that long (idle engine) is only a new baseline
+    load.run(cpu_threads.ADAPT_INTERVAL_S, others_busy=0.0, own_busy=2.0)
+    assert adapter.maybe_adjust() == 4 and set_threads == [2, 4]
+
+
+def test_no_adapting_when_the_operator_chose(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)
+    monkeypatch.setattr(cpu_threads, "allowed_cpus", lambda: {0, 1, 2, 3})
+    monkeypatch.setattr(cpu_threads, "cgroup_quota", lambda: None)
+    monkeypatch.setattr(cpu_threads, "busy_cpus", lambda cpus: 0.0)
+    assert cpu_threads.apply_cpu_threads(requested=2) is None
+    adapter = cpu_threads.apply_cpu_threads()
+    assert isinstance(adapter, cpu_threads.ThreadAdapter) and adapter.threads == 4

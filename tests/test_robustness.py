@@ -256,7 +256,8 @@ def test_request_timeout_ends_responses_and_messages_streams_with_their_error_ev
         (error_name, error), (failed_name, failed) = events[-2:]
         assert (error_name, failed_name) == ("error", "response.failed")
         assert error["code"] == "request_timeout" and "--request-timeout" in error["message"]
-        assert failed["response"]["status"] == "failed" and "--request-timeout" in failed["response"]["error"]["message"]
+        assert failed["response"]["status"] == "failed"
+        assert "--request-timeout" in failed["response"]["error"]["message"]
 
         messages_body = {"model": "tiny", "messages": [{"role": "user", "content": "z"}], "max_tokens": 1000,
                          "stream": True, "temperature": 0}
