@@ -20,7 +20,7 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Container
 from concurrent.futures import Future
 from typing import Any
 
@@ -64,6 +64,17 @@ class EngineThread:
 
 class EngineDeadError(RuntimeError):
     """The engine loop is not running (never started, shut down, or crashed)."""
+
+
+def check_admissible(failure: str | None, running: bool, request_id: str, in_flight: Container[str]) -> None:
+    """What every engine client checks before it queues a request: a live, started engine and a request id
+    not already in flight."""
+    if failure is not None:
+        raise EngineDeadError(failure)
+    if not running:
+        raise EngineDeadError("the engine is not running: call start() first")
+    if request_id in in_flight:
+        raise InvalidRequestError(f"request id {request_id!r} is already running", "request_id")
 
 
 class AsyncEngine:
@@ -139,12 +150,7 @@ class AsyncEngine:
     async def generate(self, prompt: str | list[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
         """Stream this request's outputs; leaving the loop early (or being cancelled) aborts it."""
-        if self.failure is not None:
-            raise EngineDeadError(self.failure)
-        if not self.running:
-            raise EngineDeadError("the engine is not running: call start() first")
-        if request_id in self._queues:
-            raise InvalidRequestError(f"request id {request_id!r} is already running", "request_id")
+        check_admissible(self.failure, self.running, request_id, self._queues)
         request = self.engine.prepare_request(request_id, prompt, params)  # InvalidRequestError propagates
         request_queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = request_queue

@@ -23,7 +23,7 @@ from typing import Any
 import zmq
 
 from engine import wire
-from engine.async_engine import EngineDeadError
+from engine.async_engine import EngineDeadError, check_admissible
 from engine.config import EngineConfig
 from engine.errors import MinervaError
 from engine.loader.model_info import ModelInfo
@@ -147,12 +147,7 @@ class ProcessEngineClient:
     async def generate(self, prompt: str | list[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
         """Stream this request's outputs; leaving the loop early (or being cancelled) aborts it in the core."""
-        if self.failure is not None:
-            raise EngineDeadError(self.failure)
-        if not self.running:
-            raise EngineDeadError("the engine is not running: call start() first")
-        if request_id in self._queues:
-            raise InvalidRequestError(f"request id {request_id!r} is already running", "request_id")
+        check_admissible(self.failure, self.running, request_id, self._queues)
         request_queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = request_queue
         self._send(wire.AddRequest(request_id, prompt, params))
