@@ -7,7 +7,6 @@ Anthropic clients authenticate with `x-api-key` (the guard takes it beside `Auth
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -28,6 +27,7 @@ from server.messages.protocol import CountTokensRequest, MessagesRequest
 from server.observability.request_record import note_request, recorded
 from server.responses import Outputs, collect, stream
 from server.served_models import ServedModel
+from server.sse import sse_named_event
 from server.streams import generate_many
 
 router = APIRouter()
@@ -74,11 +74,6 @@ def message(head: dict[str, Any], blocks: ContentBlocks, events: OutputEvents) -
             "usage": anthropic_usage(events.usage())}
 
 
-def named_event(event: StreamEvent) -> str:
-    """Anthropic's SSE: the event's type as the SSE event name, the event as its data."""
-    return f"event: {event['type']}\ndata: {json.dumps(event, separators=(',', ':'), ensure_ascii=False)}\n\n"
-
-
 def error_events(error: APIError) -> list[StreamEvent]:
     return [anthropic_error_body(error, encodable(error.message) or "")]
 
@@ -111,7 +106,7 @@ async def stream_message(request: Request, outputs: Outputs, prepared: PreparedP
                "usage": anthropic_usage(events.usage())}
         yield {"type": "message_stop"}
 
-    return await stream(request, outputs, render, finish, encode=named_event, on_error=error_events, done="")
+    return await stream(request, outputs, render, finish, encode=sse_named_event, on_error=error_events, done="")
 
 
 @router.post("/v1/messages/count_tokens")

@@ -7,7 +7,6 @@ belong to the caller's API key (store.py).
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -30,6 +29,7 @@ from server.responses_api.sealing import ReasoningSeal
 from server.responses_api.store import ResponseStore, StoredResponse
 from server.responses_api.translate import conversation_of, served_tools, tool_namespaces
 from server.served_models import ServedModel
+from server.sse import sse_named_event
 from server.streams import generate_many
 
 router = APIRouter()
@@ -51,15 +51,15 @@ def owner_of(request: Request) -> str:
     return record_of(request).key_id or ""
 
 
-def named_event(event: StreamEvent) -> str:
-    """SSE with the event's type as its name, as OpenAI streams Responses (no [DONE] at the end)."""
-    return f"event: {event['type']}\ndata: {json.dumps(event, separators=(',', ':'), ensure_ascii=False)}\n\n"
+def not_found(response_id: str, param: str | None = None) -> APIError:
+    """Unknown, expired and another key's ids alike: a key learns nothing of others' responses."""
+    return APIError(404, f"No response found with id '{response_id}'.", param=param, code="response_not_found")
 
 
 def stored(request: Request, response_id: str, param: str | None = None) -> StoredResponse:
     entry = state_of(request).store.get(owner_of(request), response_id)
     if entry is None:
-        raise APIError(404, f"No response found with id '{response_id}'.", param=param, code="response_not_found")
+        raise not_found(response_id, param)
     return entry
 
 
@@ -128,7 +128,7 @@ async def create_response(body: ResponsesRequest, request: Request) -> dict[str,
         def render(prompt_index: int, output: RequestOutput) -> list[StreamEvent]:
             return [item for step in events.step(prompt_index, output) for item in renderer.events(step.events)]
 
-        return await stream(request, outputs, render, finish, encode=named_event, on_error=renderer.fail, done="")
+        return await stream(request, outputs, render, finish, encode=sse_named_event, on_error=renderer.fail, done="")
 
     collected = await collect(request, outputs, 1)
     renderer.events(events.whole(collected).get(0, []))
@@ -145,7 +145,7 @@ async def get_response(response_id: str, request: Request) -> dict[str, Any]:
 @router.delete("/v1/responses/{response_id}", response_model=None)
 async def delete_response(response_id: str, request: Request) -> dict[str, Any]:
     if not state_of(request).store.delete(owner_of(request), response_id):
-        raise APIError(404, f"No response found with id '{response_id}'.", code="response_not_found")
+        raise not_found(response_id)
     return {"id": response_id, "object": "response.deleted", "deleted": True}
 
 

@@ -84,14 +84,14 @@ def call_from_object(obj: Any, arguments_keys: tuple[str, ...] = ("arguments", "
     return ToolCall(obj["name"], json.dumps(arguments, ensure_ascii=False))
 
 
-def calls_from_json(text: str, arguments_keys: tuple[str, ...] = ("arguments", "parameters")) -> list[ToolCall] | None:
+def calls_from_json(text: str) -> list[ToolCall] | None:
     """One call object or a list of them; None unless the whole text is that."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError:
         return None
     items = value if isinstance(value, list) else [value]
-    calls = [call_from_object(item, arguments_keys) for item in items]
+    calls = [call_from_object(item) for item in items]
     if not calls or any(call is None for call in calls):
         return None
     return calls  # type: ignore[return-value]
