@@ -85,25 +85,25 @@ class Scheduler:
         self._release(seq)
         seq.status = SampleStatus.FINISHED
 
-    def step_budget(self) -> int:
-        """Tokens this step may compute: `max_num_batched_tokens`, or, while streams are decoding and a
-        latency budget is set, their decodes plus `prefill_beside_decodes` prompt tokens (so a long
+    def step_budget(self, decodes: int) -> int:
+        """Tokens this step may compute: `max_num_batched_tokens`, or, while `decodes` streams are decoding
+        and a latency budget is set, their decodes plus `prefill_beside_decodes` prompt tokens (so a long
         prompt's chunks hold each stream's next token to about twice its usual wait)."""
         if self.prefill_beside_decodes is None:
             return self.max_num_batched_tokens
-        decodes = sum(1 for seq in self.running if seq.num_remaining <= 1)
         if decodes == 0:
             return self.max_num_batched_tokens
         return min(self.max_num_batched_tokens, decodes + self.prefill_beside_decodes)
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
-        step_budget = budget = self.step_budget()
         # Decodes first, then prefill chunks of already running sequences (`running` is in arrival order).
         remaining = [(seq, seq.num_remaining) for seq in self.running]
-        order = [item for item in remaining if item[1] <= 1] + [item for item in remaining if item[1] > 1]
+        decodes = [item for item in remaining if item[1] <= 1]
+        order = decodes + [item for item in remaining if item[1] > 1]
+        step_budget = budget = self.step_budget(len(decodes))
         size = self.pool.block_size
-        decodes_after = sum(1 for _, count in order if count <= 1)
+        decodes_after = len(decodes)
         for seq, count in order:
             if budget == 0:
                 break

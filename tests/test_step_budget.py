@@ -33,12 +33,12 @@ def test_budget_beside_decodes_caps_the_prompt_chunk():
     stream.output_token_ids.append(5)
     long = sample("long", 400)
     scheduler.add(long)
-    assert scheduler.step_budget() == 1 + 24
+    assert scheduler.step_budget(decodes=1) == 1 + 24  # the stream decodes beside the long prompt
     batch = scheduler.schedule()
     assert batch.items == [(stream, 1), (long, 24)]
     scheduler.after_step(batch)
     scheduler.prefill_beside_decodes = None
-    assert scheduler.step_budget() == 512
+    assert scheduler.step_budget(decodes=1) == 512
 
 
 def test_engine_measures_the_budget_on_cpu_and_a_given_budget_overrides():
