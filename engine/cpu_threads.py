@@ -119,15 +119,36 @@ def _cpu_times(cpus: set[int], stat: Path = Path("/proc/stat")) -> tuple[float, 
     return busy, total
 
 
+@dataclass
+class _LoadReading:
+    at: float  # time.monotonic()
+    ticks: tuple[float, float]  # (busy, total) over the CPUs, from /proc/stat
+    own_seconds: float  # this process's CPU time
+
+
+def _read_load(cpus: set[int]) -> _LoadReading | None:
+    ticks = _cpu_times(cpus)
+    return None if ticks is None else _LoadReading(time.monotonic(), ticks, _own_cpu_seconds())
+
+
+def _busy_between(before: _LoadReading, after: _LoadReading, num_cpus: int) -> float | None:
+    """CPUs' worth that other processes kept busy between two readings (this process's own use excluded);
+    None when no ticks passed."""
+    total = after.ticks[1] - before.ticks[1]
+    if total <= 0:
+        return None
+    share = (after.ticks[0] - before.ticks[0]) / total  # of all ticks on these CPUs
+    own = (after.own_seconds - before.own_seconds) / (after.at - before.at)
+    return max(0.0, share * num_cpus - own)
+
+
 def busy_cpus(cpus: set[int], seconds: float = LOAD_SAMPLE_S) -> float:
     """CPUs' worth of `cpus` that other processes kept busy over `seconds` (this process's own use excluded)."""
-    before, own_before = _cpu_times(cpus), _own_cpu_seconds()
+    before = _read_load(cpus)
     time.sleep(seconds)
-    after, own_after = _cpu_times(cpus), _own_cpu_seconds()
-    if before is None or after is None or after[1] <= before[1]:
-        return 0.0
-    share = (after[0] - before[0]) / (after[1] - before[1])  # of all ticks on these CPUs
-    return max(0.0, share * len(cpus) - (own_after - own_before) / seconds)
+    after = _read_load(cpus)
+    busy = None if before is None or after is None else _busy_between(before, after, len(cpus))
+    return busy or 0.0
 
 
 def adapted_threads(usable: int, busy: float, current: int) -> int:
@@ -139,13 +160,6 @@ def adapted_threads(usable: int, busy: float, current: int) -> int:
     return max(1, min(usable, round(free)))
 
 
-@dataclass
-class _LoadReading:
-    at: float  # time.monotonic()
-    ticks: tuple[float, float]  # (busy, total) over the CPUs, from /proc/stat
-    own_seconds: float  # this process's CPU time
-
-
 class ThreadAdapter:
     """Follows the neighbours' load while the engine runs; `maybe_adjust` is called by the engine's own
     thread between steps (torch's OpenMP count is set from the thread that runs the parallel work)."""
@@ -154,25 +168,18 @@ class ThreadAdapter:
         self.usable = budget.usable
         self.threads = budget.threads
         self.cpus = cpus
-        self.last = self._read()
-
-    def _read(self) -> _LoadReading | None:
-        ticks = _cpu_times(self.cpus)
-        return None if ticks is None else _LoadReading(time.monotonic(), ticks, _own_cpu_seconds())
+        self.last = _read_load(cpus)
 
     def maybe_adjust(self) -> int:
         """The thread count after this check: re-read only every ADAPT_INTERVAL_S, change torch's if needed."""
         if self.last is not None and time.monotonic() - self.last.at < ADAPT_INTERVAL_S:
             return self.threads
-        previous, self.last = self.last, self._read()
+        previous, self.last = self.last, _read_load(self.cpus)
         if previous is None or self.last is None or self.last.at - previous.at > STALE_WINDOW_S:
             return self.threads
-        total = self.last.ticks[1] - previous.ticks[1]
-        if total <= 0:
+        busy = _busy_between(previous, self.last, len(self.cpus))
+        if busy is None:
             return self.threads
-        share = (self.last.ticks[0] - previous.ticks[0]) / total
-        own = (self.last.own_seconds - previous.own_seconds) / (self.last.at - previous.at)
-        busy = max(0.0, share * len(self.cpus) - own)
         threads = adapted_threads(self.usable, busy, self.threads)
         if threads != self.threads:
             import torch
