@@ -25,7 +25,7 @@ from engine.logit_bias import check_logit_bias
 from engine.prompt_logprobs import PromptRows, rows_to_score, score
 from engine.prompt_rules import check_prompt_ids, completion_budget
 from engine.request import Request, Sample, SampleProgress
-from engine.sampler import SampleResult, Sampler, SamplingRow
+from engine.sampler import SampleResult, Sampler, SamplingRow, skip_seeded_draws
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler, default_max_num_seqs
 from engine.step_budget import StepBudget
@@ -352,8 +352,6 @@ class LLMEngine:
                 self._rewind_generator(seq, *launched.generator_states[seq], len(emitted))
             if draft:
                 self.spec.observe(seq, len(draft), len(emitted) - 1)
-                seq.num_draft_tokens += len(draft)
-                seq.num_accepted_tokens += len(emitted) - 1
             for j, token in enumerate(emitted):
                 self._append_token(seq, token)
                 changed, stopped = self.outputs.add_tokens(self.requests, [seq], [first + j], launched.result)
@@ -372,9 +370,7 @@ class LLMEngine:
         token (the sampler's exponential race takes one vocabulary-wide draw per row), so the next step's draw
         is the one non-speculative decoding would make and seeded outputs stay identical."""
         seq.generator.set_state(state)
-        noise = torch.empty(vocab_size, dtype=torch.float32, device=seq.generator.device)
-        for _ in range(num_emitted):
-            noise.exponential_(generator=seq.generator)
+        skip_seeded_draws(seq.generator, vocab_size, num_emitted)
 
     def _emit(self, touched: list[Request]) -> list[RequestOutput]:
         outputs = [self.outputs.output(r) for r in touched]

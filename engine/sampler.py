@@ -125,6 +125,19 @@ def top_k_top_p_mask(logits: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> 
     return torch.full_like(logits, NEG_INF).scatter(-1, order, sorted_logits)
 
 
+def seeded_draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token from a row's `probs` by the exponential race on the row's own generator: the draw does not
+    depend on the batch around it, so seeded outputs are batch-invariant."""
+    return (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax()
+
+
+def skip_seeded_draws(generator: torch.Generator, vocab_size: int, count: int) -> None:
+    """Advance `generator` as `count` seeded_draw calls over float32 rows of `vocab_size` would."""
+    noise = torch.empty(vocab_size, dtype=torch.float32, device=generator.device)
+    for _ in range(count):
+        noise.exponential_(generator=generator)
+
+
 class TokenCounts:
     """Per sequence, on the device: how often each token was generated and which tokens the prompt holds.
 
@@ -266,7 +279,7 @@ class Sampler:
         chosen = self._inverse_cdf(probs, self._generator(device))
         for j, i in enumerate(sampled):
             if rows[i].generator is not None:  # the exponential race on the row's own stream: batch-invariant
-                chosen[j] = (probs[j] / torch.empty_like(probs[j]).exponential_(generator=rows[i].generator)).argmax()
+                chosen[j] = seeded_draw(probs[j], rows[i].generator)
         if every_row:
             return chosen
         tokens[index] = chosen

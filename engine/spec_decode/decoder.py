@@ -64,6 +64,8 @@ class SpecDecoder:
     def observe(self, seq: Sample, num_drafted: int, num_accepted: int) -> None:
         """Record a verified step of `seq`: `num_accepted` of its `num_drafted` drafts were kept."""
         self.stats.observe(num_drafted, num_accepted)
+        seq.num_draft_tokens += num_drafted
+        seq.num_accepted_tokens += num_accepted
         backoff = self.backoff.get(seq)
         if backoff is not None:
             backoff.observe(num_drafted, num_accepted)
