@@ -107,9 +107,7 @@ class LLMEngine:
     def grammars(self) -> GrammarCompiler:
         """Compiled-grammar cache, built on first use (servers that never constrain output never import xgrammar)."""
         if self._grammars is None:
-            self._grammars = GrammarCompiler(self.tokenizer, self.model.vocab_size,
-                                             timeout_s=self.config.grammar_compile_timeout_s,
-                                             cache_bytes=int(self.config.grammar_cache_mib * (1 << 20)))
+            self._grammars = GrammarCompiler.for_engine(self.tokenizer, self.model.vocab_size, self.config)
         return self._grammars
 
     @classmethod

@@ -123,9 +123,7 @@ class ProcessEngineClient:
     def grammars(self) -> GrammarCompiler:
         """This process's compiler: a schema is refused here before it reaches the core (which compiles its own)."""
         if self._grammars is None:
-            self._grammars = GrammarCompiler(self._tokenizer, self.description.vocab_size,
-                                             timeout_s=self.config.grammar_compile_timeout_s,
-                                             cache_bytes=int(self.config.grammar_cache_mib * (1 << 20)))
+            self._grammars = GrammarCompiler.for_engine(self._tokenizer, self.description.vocab_size, self.config)
         return self._grammars
 
     def stats(self) -> dict[str, Any]:

@@ -14,11 +14,14 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.structured.spec import StructuredOutput
 from engine.structured.workers import GrammarTimeout, WorkerPool
 from engine.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from engine.config import EngineConfig
 
 WORKERS = 2  # compiles at once; more queue (within their deadline)
 WAITERS = 64  # threads that only wait on a worker's pipe, apart from asyncio's shared pool
@@ -27,6 +30,12 @@ KEEP_RECENT_S = 10.0  # grammars used this recently stay cached over the byte bo
 
 class GrammarCompiler:
     """Thread-safe cache of compiled grammars for one tokenizer and logits width, bounded by `cache_bytes`."""
+
+    @classmethod
+    def for_engine(cls, tokenizer: Tokenizer, vocab_size: int, config: EngineConfig) -> GrammarCompiler:
+        """With the engine config's compile time limit and cache size (--grammar-compile-timeout-s, --grammar-cache-mib)."""
+        return cls(tokenizer, vocab_size, timeout_s=config.grammar_compile_timeout_s,
+                   cache_bytes=int(config.grammar_cache_mib * (1 << 20)))
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, timeout_s: float = 5.0,
                  cache_bytes: int = 256 << 20) -> None:
