@@ -161,13 +161,18 @@ async def stream_chat(request: Request, body: ChatCompletionRequest, outputs, he
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         return {**head, "choices": [choice], **usage_field}
 
+    scored_prompt: list | None = None  # vLLM's prompt_logprobs, built once for all choices (one prompt)
+
     def render(prompt_index: int, output: RequestOutput) -> Iterator[dict[str, Any]]:
         """Deltas per event; a step's logprobs ride on its first chunk, prompt_logprobs on the stream's first."""
+        nonlocal scored_prompt
         for step in events.step(prompt_index, output):
             if step.first:
                 first = chunk(step.choice, {"role": "assistant", "content": ""}, None, None)
                 if body.prompt_logprobs is not None and output.prompt_logprobs is not None:
-                    first["prompt_logprobs"] = vllm_prompt_logprobs(output.prompt_logprobs, body.prompt_logprobs)
+                    if scored_prompt is None:
+                        scored_prompt = vllm_prompt_logprobs(output.prompt_logprobs, body.prompt_logprobs)
+                    first["prompt_logprobs"] = scored_prompt
                 yield first
             pieces = [piece for event in step.events if (piece := chat_delta(event)) is not None]
             logprobs = chat_logprobs(step.logprobs, top, token_bytes) if top is not None and step.logprobs else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -69,16 +70,19 @@ async def create_completion(body: CompletionRequest, request: Request) -> dict[s
         return await stream_completion(request, body, outputs, head, echoes, served.engine.tokenizer)
 
     collected = await collect(request, outputs, samples)
+    tokenizer = served.engine.tokenizer
+    prompt_parts: dict[int, PromptParts] = {}  # per prompt, shared by its choices
     choices = []
     for index, prompt_index, sample in collected.best_choices(body.n) if ranked else collected.choices():
         prefix, merged = echoes[prompt_index], collected.requests[prompt_index]
-        prompt = (merged.prompt_token_ids, merged.prompt_logprobs) if merged.prompt_logprobs else None
-        logprobs = choice_logprobs(body, served.engine.tokenizer, sample.logprobs or [], TextOffsets(len(prefix)),
-                                   prompt)
+        if prompt_index not in prompt_parts:
+            prompt_parts[prompt_index] = PromptParts.of(body, tokenizer, merged.prompt_token_ids, merged.prompt_logprobs)
+        parts = prompt_parts[prompt_index]
+        logprobs = choice_logprobs(body, tokenizer, sample.logprobs or [], TextOffsets(len(prefix)), parts.echoed)
         choice = {"index": index, "text": prefix + sample.text, "logprobs": logprobs,
                   "finish_reason": sample.finish_reason}
-        if body.prompt_logprobs is not None and merged.prompt_logprobs is not None:
-            choice["prompt_logprobs"] = vllm_prompt_logprobs(merged.prompt_logprobs, body.prompt_logprobs)
+        if parts.scored is not None:
+            choice["prompt_logprobs"] = parts.scored
         choices.append(choice)
     return {**head, "choices": choices, "usage": collected.usage(), "system_fingerprint": None}
 
@@ -89,26 +93,42 @@ def scored_prompt(body: CompletionRequest) -> int | None:
     return max(wanted) if wanted else None
 
 
+@dataclass(frozen=True, slots=True)
+class PromptParts:
+    """What a scored prompt adds to its choices, built once per prompt however many choices share it: the
+    echoed prompt's logprobs block (echo with logprobs) and vLLM's `prompt_logprobs` list."""
+
+    echoed: dict[str, Any] | None
+    scored: list | None
+
+    @classmethod
+    def of(cls, body: CompletionRequest, tokenizer: Any, prompt_ids: list[int], entries: list | None) -> PromptParts:
+        if entries is None:
+            return cls(None, None)
+        echoed = None
+        if body.echo and body.logprobs is not None:
+            token_bytes = tokenizer.token_bytes
+            special = token_bytes.special if body.skip_special_tokens else frozenset()
+            echoed = echoed_logprobs(prompt_ids, entries, body.logprobs, TextOffsets(0), token_bytes,
+                                     lambda t: b"" if t in special else token_bytes(t))
+        scored = vllm_prompt_logprobs(entries, body.prompt_logprobs) if body.prompt_logprobs is not None else None
+        return cls(echoed, scored)
+
+
 def choice_logprobs(body: CompletionRequest, tokenizer: Any, entries: list, offsets: TextOffsets,
-                    prompt: tuple[list[int], list] | None) -> dict[str, Any] | None:
-    """A choice's logprobs block; `prompt` (ids, scored entries) leads it on the first block when echo shows them."""
+                    echoed: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A choice's logprobs block, led by the echoed prompt's (`echoed`, on a choice's first block) when given."""
     if body.logprobs is None:
         return None
     block = completion_logprobs(entries, body.logprobs, offsets, tokenizer.token_bytes)
-    if not body.echo or prompt is None:
-        return block
-    token_bytes = tokenizer.token_bytes
-    special = token_bytes.special if body.skip_special_tokens else frozenset()
-    head = echoed_logprobs(prompt[0], prompt[1], body.logprobs, TextOffsets(0), token_bytes,
-                           lambda t: b"" if t in special else token_bytes(t))
-    return joined_logprobs(head, block)
+    return block if echoed is None else joined_logprobs(echoed, block)
 
 
 async def stream_completion(request: Request, body: CompletionRequest, outputs, head: dict[str, Any],
                             echoes: list[str], tokenizer: Any) -> Response:
     tracker = ChoiceTracker(body.n)
     offsets: dict[int, TextOffsets] = {}  # per choice
-    prompts: dict[int, tuple[list[int], list]] = {}  # per prompt: ids and scored entries, from its first output
+    prompts: dict[int, PromptParts] = {}  # per scored prompt, from its first output
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     usage_field = {"usage": None} if include_usage else {}
 
@@ -118,17 +138,17 @@ async def stream_completion(request: Request, body: CompletionRequest, outputs, 
         return {**head, "choices": [choice], **usage_field}
 
     def render(prompt_index: int, output: RequestOutput) -> Iterator[dict[str, Any]]:
-        if output.prompt_logprobs is not None:
-            prompts[prompt_index] = (output.prompt_token_ids, output.prompt_logprobs)
+        if output.prompt_logprobs is not None and prompt_index not in prompts:
+            prompts[prompt_index] = PromptParts.of(body, tokenizer, output.prompt_token_ids, output.prompt_logprobs)
         for delta in tracker.deltas(prompt_index, output):
             text = (echoes[prompt_index] if delta.first else "") + delta.text
             if text or delta.logprobs:
                 offset = offsets.setdefault(delta.index, TextOffsets(len(echoes[prompt_index])))
-                logprobs = choice_logprobs(body, tokenizer, delta.logprobs, offset,
-                                           prompts.get(prompt_index) if delta.first else None)
+                parts = prompts.get(prompt_index) if delta.first else None
+                logprobs = choice_logprobs(body, tokenizer, delta.logprobs, offset, parts and parts.echoed)
                 extra = {}
-                if delta.first and body.prompt_logprobs is not None and prompt_index in prompts:
-                    extra["prompt_logprobs"] = vllm_prompt_logprobs(prompts[prompt_index][1], body.prompt_logprobs)
+                if parts is not None and parts.scored is not None:
+                    extra["prompt_logprobs"] = parts.scored
                 yield chunk(delta.index, text, logprobs, None, **extra)
             if delta.finish_reason:
                 yield chunk(delta.index, "", None, delta.finish_reason)
