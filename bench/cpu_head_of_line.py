@@ -23,6 +23,7 @@ import numpy as np
 from bench.serve import environment
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
+from engine.builder import build_engine
 from engine.sampling_params import SamplingParams
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for name, budget in (("before: 2048-token chunks", 2048), ("after: latency-aware budget", None)):
         config = EngineConfig(device="cpu", kv_cache_gib=0.5, max_num_batched_tokens=budget, cpu_threads=args.threads)
-        engine = LLMEngine.from_config(config)
+        engine = build_engine(config)
         results[name] = measure(engine, args.long_prompt, args.quiet_tokens)
         engine.close()
         r = results[name]

@@ -80,13 +80,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from bench.served_offline import smollm2_path
     from engine.config import EngineConfig
-    from engine.llm_engine import LLMEngine
+    from engine.builder import build_engine
 
     torch.set_num_threads(args.threads)
     model = args.model or str(smollm2_path())
     settings = {**ENGINE, "max_num_seqs": max(args.concurrency)}
-    engines = {"plain": LLMEngine.from_config(EngineConfig(model=model, **settings)),
-               "spec": LLMEngine.from_config(EngineConfig(model=model, speculative_config=args.speculative_config,
+    engines = {"plain": build_engine(EngineConfig(model=model, **settings)),
+               "spec": build_engine(EngineConfig(model=model, speculative_config=args.speculative_config,
                                                           **settings))}
     spec_stats = engines["spec"].spec.stats
     tasks = load_tasks(args.tasks, args.prompts_per_task)

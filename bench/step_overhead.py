@@ -30,6 +30,7 @@ from tokenizers import decoders, models
 from bench.throughput import commit
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
+from engine.builder import engine_for_model
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
 
@@ -116,7 +117,7 @@ class StepTimer:
         config = EngineConfig(block_size=block_size, max_num_seqs=num_seqs, async_scheduling=False,
                               max_num_batched_tokens=max(num_seqs * PROMPT_LEN, 2048), enable_prefix_caching=False)
         num_blocks = num_seqs * (-(-max_len // block_size) + 1)
-        self.engine = LLMEngine(ZeroCostModel(num_seqs), table_tokenizer(), config, max_model_len=max_len,
+        self.engine = engine_for_model(ZeroCostModel(num_seqs), table_tokenizer(), config, max_model_len=max_len,
                                 num_blocks=num_blocks)
         self.sampler = self.engine.sampler = TimedSampler(self.engine.sampler)
         self.outputs = self.engine.outputs = TimedOutputs(self.engine.outputs)

@@ -18,6 +18,7 @@ from bench.loader import device_name, save_result
 from bench.throughput import commit, tiny_model
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
+from engine.builder import build_engine
 from engine.sampling_params import SamplingParams
 from engine.structured import StructuredOutput
 from engine.tokenizer import Tokenizer
@@ -109,7 +110,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     args = parser.parse_args()
     model = args.model or default_model()
-    engine = LLMEngine.from_config(EngineConfig(model=model, max_model_len=1024))
+    engine = build_engine(EngineConfig(model=model, max_model_len=1024))
     masks = mask_costs(engine.tokenizer, engine.model.vocab_size)
     print(f"{'library':<12} {'setup s':>8} {'compile ms':>10} {'mask us mean':>12} {'mask us max':>11}")
     for name, row in masks.items():

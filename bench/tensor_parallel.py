@@ -29,6 +29,7 @@ from bench.throughput import RESULTS, commit  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.distributed.context import ParallelContext  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
+from engine.builder import build_engine  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 
 
@@ -60,7 +61,7 @@ def main() -> None:
     # One thread per rank: torch's thread pool on an oversubscribed CPU (this one is shared) can be
     # 20x slower than one thread, which would swamp the comparison. Workers take cores / ranks (1 here).
     torch.set_num_threads(1)
-    engines = {tp: LLMEngine.from_config(EngineConfig(
+    engines = {tp: build_engine(EngineConfig(
         model=args.model, device="cpu", dtype="float32", kernel_backend="torch", tensor_parallel_size=tp,
         kv_cache_gib=0.05, max_model_len=256)) for tp in (1, 2)}
     try:

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 from engine.config import EngineConfig  # noqa: E402
 from engine.llm import LLM  # noqa: E402
-from engine.llm_engine import LLMEngine  # noqa: E402
+from engine.builder import build_engine  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     model = args.model or tiny_model()
-    llm = LLM.from_engine(LLMEngine.from_config(EngineConfig(model=model, device=args.device, kv_cache_gib=0.05)))
+    llm = LLM.from_engine(build_engine(EngineConfig(model=model, device=args.device, kv_cache_gib=0.05)))
     vocab = llm.engine.model.vocab_size
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, vocab, (args.prompt_len,), generator=gen).tolist() for _ in range(args.num_prompts)]

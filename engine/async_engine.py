@@ -27,6 +27,7 @@ from typing import Any
 from engine.config import EngineConfig
 from engine.distributed.group import ParallelGroupError
 from engine.llm_engine import LLMEngine
+from engine.builder import build_engine
 from engine.request import Request
 from engine.outputs import RequestOutput
 from engine.sampling_params import InvalidRequestError, SamplingParams
@@ -93,7 +94,7 @@ class AsyncEngine:
     def from_config(cls, config: EngineConfig, on_progress: Callable[[int, int], None] | None = None) -> "AsyncEngine":
         engine_thread = EngineThread()
         try:
-            engine = engine_thread.submit(LLMEngine.from_config, config, on_progress=on_progress).result()
+            engine = engine_thread.submit(build_engine, config, on_progress=on_progress).result()
         except BaseException:
             engine_thread.close()
             raise

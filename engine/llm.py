@@ -7,13 +7,14 @@ from typing import Any
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
+from engine.builder import build_engine
 from engine.outputs import RequestAccumulator, RequestOutput
 from engine.sampling_params import SamplingParams
 
 
 class LLM:
     def __init__(self, model: str | None = None, **overrides: Any) -> None:
-        self.engine = LLMEngine.from_config(EngineConfig(model=model, **overrides))
+        self.engine = build_engine(EngineConfig(model=model, **overrides))
         self._ids = itertools.count()
 
     @classmethod

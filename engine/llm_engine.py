@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from engine.config import EngineConfig
-from engine.cpu_threads import ThreadAdapter, apply_cpu_threads
+from engine.cpu_threads import ThreadAdapter
 from engine.detokenizer import IncrementalDetokenizer
 from engine.distributed.group import ParallelGroupError
 from engine.kv_cache import BlockPool
-from engine.kv_budget import fit_context, kv_cache_blocks
 from engine.model_runner import ModelRunner, PendingTokens, kv_bytes_per_block
 from engine.models.base import CausalLM
 from engine.output_processor import OutputProcessor
@@ -27,9 +24,8 @@ from engine.prompt_rules import check_prompt_ids, completion_budget
 from engine.request import Request, Sample, SampleProgress
 from engine.sampler import SampleResult, Sampler, SamplingRow, skip_seeded_draws
 from engine.sampling_params import InvalidRequestError, SamplingParams
-from engine.scheduler import ScheduledBatch, Scheduler, default_max_num_seqs
+from engine.scheduler import ScheduledBatch, Scheduler
 from engine.step_budget import StepBudget
-from engine.step_budget import measure as measure_step_budget
 from engine.spec_decode.decoder import SpecDecoder
 from engine.spec_decode.verify import accepted_tokens
 from engine.structured import GrammarCompiler, GrammarError, unconstrained_bitmask
@@ -54,54 +50,45 @@ class InFlight:
         return PendingTokens(self.result.device_token_ids, {seq: row for row, seq in enumerate(self.samples)})
 
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+@dataclass(frozen=True)
+class EngineLayout:
+    """The sizes and modes the builder (engine/builder.py) resolved for this engine."""
+
+    num_blocks: int  # the KV pool
+    max_model_len: int  # the context served (fitted to the pool)
+    max_num_seqs: int
+    async_scheduling: bool
+    tensor_parallel_size: int = 1
 
 
 class LLMEngine:
-    """Synchronous core: one `step()` = one scheduled batch = one forward pass."""
+    """Synchronous core: one `step()` = one scheduled batch = one forward pass. engine/builder.py makes it."""
 
-    def __init__(self, model: CausalLM, tokenizer: Tokenizer, config: EngineConfig, max_model_len: int,
-                 model_info: Any = None, num_blocks: int | None = None) -> None:
+    def __init__(self, model: CausalLM, runner: ModelRunner, tokenizer: Tokenizer, config: EngineConfig,
+                 layout: EngineLayout, model_info: Any = None) -> None:
         self.model = model
+        self.runner = runner
         self.tokenizer = tokenizer
         self.config = config
         self.model_info = model_info
-        max_num_seqs = config.max_num_seqs or default_max_num_seqs(model.device)
-        if num_blocks is None:
-            num_blocks = kv_cache_blocks(model, config, max_model_len, max_num_seqs)
-        self.max_model_len = fit_context(num_blocks, config.block_size, max_model_len,
-                                         explicit=config.max_model_len is not None)
-        self.pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.pool, max_num_seqs, config.batched_tokens,
+        self.max_model_len = layout.max_model_len
+        self.tensor_parallel_size = layout.tensor_parallel_size
+        self.async_scheduling = layout.async_scheduling
+        self.pool = BlockPool(layout.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.pool, layout.max_num_seqs, config.batched_tokens,
                                    config.enable_chunked_prefill)
-        # A graph cannot hold the tensor-parallel broadcasts (headers built on the host): such engines run eagerly.
-        cuda_graphs = model.device.type == "cuda" and not config.enforce_eager and self.tensor_parallel_size == 1
-        self.runner = ModelRunner(model, num_blocks, config.block_size, max_num_seqs, config.batched_tokens,
-                                  self.max_model_len, pad_decodes=cuda_graphs)
-        if model.device.type == "cuda":
-            self.runner.warm_up(cuda_graphs)
-        self.step_budget: StepBudget | None = None  # measured by from_config (CPU, no explicit token budget)
+        self.step_budget: StepBudget | None = None  # measured by the builder (CPU, no explicit token budget)
         self.sampler = Sampler(config.seed)
         self.outputs = OutputProcessor(tokenizer)
-        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
-                                 else model.device.type == "cuda" and self.tensor_parallel_size == 1
-                                 and config.speculative_config is None)
         self.spec = (SpecDecoder(config.speculative_config, self.max_model_len)
                      if config.speculative_config is not None else None)
         self._in_flight: InFlight | None = None
         self.requests: dict[str, Request] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
-        self.load_seconds = 0.0  # set by from_config: opening, building and placing the weights
+        self.load_seconds = 0.0  # set by the builder: opening, building and placing the weights
         self._grammars: GrammarCompiler | None = None
-        self.thread_adapter: ThreadAdapter | None = None  # set by from_config: torch's threads follow the load
-
-    def measure_step_budget(self) -> StepBudget:
-        """Time this model's decode and prefill forwards here and cap prompt chunks beside running streams
-        (engine/step_budget.py); an explicit --max-num-batched-tokens skips it."""
-        self.step_budget = measure_step_budget(self.runner, self.config.batched_tokens)
-        self.scheduler.prefill_beside_decodes = self.step_budget.prefill_tokens
-        return self.step_budget
+        self.thread_adapter: ThreadAdapter | None = None  # set by the builder: torch's threads follow the load
 
     @property
     def grammars(self) -> GrammarCompiler:
@@ -109,47 +96,6 @@ class LLMEngine:
         if self._grammars is None:
             self._grammars = GrammarCompiler.for_engine(self.tokenizer, self.model.vocab_size, self.config)
         return self._grammars
-
-    @classmethod
-    def from_config(cls, config: EngineConfig, num_blocks: int | None = None,
-                    on_progress: Callable[[int, int], None] | None = None) -> "LLMEngine":
-        """Open `config.model`, build it on its device and size the KV pool (or take `num_blocks`);
-        `on_progress(read, total)` hears the weight bytes read while the model builds."""
-        from engine.assets import resolve_model
-        from engine.loader import open_model
-        from engine.models import build_model
-        from engine.tokenizer import load_tokenizer
-        from kernels import select_ops
-
-        started = time.perf_counter()
-        path, builtin_name = resolve_model(config.model)
-        loaded = open_model(path, builtin_name)
-        thread_adapter = apply_cpu_threads(config.cpu_threads)  # before the first torch op starts OpenMP's pool
-        cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-        device = torch.device("cuda" if cuda else "cpu")
-        dtype = DTYPES.get(config.dtype, torch.bfloat16 if cuda else torch.float32)
-        backend = None if config.kernel_backend == "auto" else config.kernel_backend
-        if config.tensor_parallel_size > 1:
-            from engine.distributed.executor import start_tensor_parallel
-
-            model = start_tensor_parallel(loaded, path, config.tensor_parallel_size, device, dtype, backend,
-                                          config.mxfp4_unpack_gib, config.tensor_parallel_timeout_s)
-        else:
-            model = build_model(loaded, device=device, dtype=dtype, ops=select_ops(device, backend),
-                                unpack_mxfp4_gib=config.mxfp4_unpack_gib, on_progress=on_progress)
-        context = loaded.info.context_length or 2048
-        max_model_len = min(config.max_model_len or context, context)
-        try:
-            engine = cls(model, load_tokenizer(loaded), config, max_model_len, loaded.info, num_blocks)
-        except Exception:
-            stop_model(model)
-            raise
-        if (device.type == "cpu" and config.max_num_batched_tokens is None and config.enable_chunked_prefill
-                and config.tensor_parallel_size == 1):  # tensor parallel on CPU runs tests, not streams
-            engine.measure_step_budget()
-        engine.thread_adapter = thread_adapter
-        engine.load_seconds = time.perf_counter() - started
-        return engine
 
     # --- requests -------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> list[int]:
@@ -454,14 +400,11 @@ class LLMEngine:
         describe = getattr(ops, "describe", None)
         return describe() if describe is not None else None
 
-    @property
-    def tensor_parallel_size(self) -> int:
-        return getattr(self.model, "world_size", 1)
-
     def close(self) -> None:
         if self._grammars is not None:
             self._grammars.close()
         stop_model(self.model)
+
 
 
 def stop_model(model: CausalLM) -> None:

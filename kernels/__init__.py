@@ -7,7 +7,6 @@ its plain-torch reference.
 
 from __future__ import annotations
 
-import os
 import torch
 
 from kernels.ops import Ops
@@ -15,14 +14,19 @@ from kernels.ops import Ops
 BACKENDS = ("auto", "cpu", "torch", "triton")
 
 
-def select_ops(device: torch.device | str, backend: str | None = None) -> Ops:
-    """The CPU backend (quantized GGUF matmuls, kernels/cpu) on CPU, Triton kernels on CUDA; the plain
-    torch reference on request. `MINERVA_BACKEND` or `backend` overrides."""
-    backend = backend or os.environ.get("MINERVA_BACKEND", "auto")
+def resolve_backend(device: torch.device | str, backend: str = "auto") -> str:
+    """The backend `backend` names on `device`: "auto" is Triton on CUDA and the CPU backend
+    (quantized GGUF matmuls, kernels/cpu) on CPU."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        backend = "triton" if torch.device(device).type == "cuda" else "cpu"
+        return "triton" if torch.device(device).type == "cuda" else "cpu"
+    return backend
+
+
+def select_ops(device: torch.device | str, backend: str = "auto") -> Ops:
+    """The op module of `resolve_backend(device, backend)`; the plain torch reference on request."""
+    backend = resolve_backend(device, backend)
     if backend == "torch":
         from kernels import reference
 

@@ -83,7 +83,9 @@ def device_name(configs: list[EngineConfig]) -> str:
     """What the throughput estimate assumes by default: this machine's GPU name, or cpu."""
     import torch
 
-    if any(c.device in ("auto", "cuda") for c in configs) and torch.cuda.is_available():
+    from engine.builder import resolve_device
+
+    if torch.cuda.is_available() and any(resolve_device(c.device).type == "cuda" for c in configs):
         return torch.cuda.get_device_name()
     return "cpu"
 

@@ -9,6 +9,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
+from engine.builder import build_engine
 from engine.outputs import RequestAccumulator, RequestOutput
 
 
@@ -23,7 +24,7 @@ def tiny_llama_dir() -> Path:
 
 def make_engine(num_blocks: int | None = None, **overrides) -> LLMEngine:
     config = EngineConfig(model=str(tiny_llama_dir()), **{"kv_cache_gib": 0.01, **overrides})
-    return LLMEngine.from_config(config, num_blocks=num_blocks)
+    return build_engine(config, num_blocks=num_blocks)
 
 
 @functools.lru_cache(maxsize=64)

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
+from engine.builder import engine_for_model
 from engine.tokenizer import Tokenizer
 from fake_model import FakeModel
 
@@ -40,7 +40,7 @@ def scripted_engine(model_dir: Path, scripts: list[str], *, sharpness: float = 1
         return script[written] if written < len(script) else eos
 
     info = SimpleNamespace(architecture="llama", path=str(model_dir), to_dict=lambda: {})
-    llm = LLMEngine(ScriptedModel(tokenizer.vocab_size, predict, sharpness), tokenizer,
+    llm = engine_for_model(ScriptedModel(tokenizer.vocab_size, predict, sharpness), tokenizer,
                     config or EngineConfig(block_size=16), max_model_len=max_model_len, model_info=info,
                     num_blocks=num_blocks)
     return AsyncEngine(llm)

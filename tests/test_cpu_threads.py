@@ -106,13 +106,13 @@ def test_cli_sets_passive_wait_policy_before_torch():
 def test_engine_applies_the_count_and_logs_it(tmp_path, caplog):
     import torch
 
-    from engine.llm_engine import LLMEngine
+    from engine.builder import build_engine
     from server_fixtures import save_tiny_llama
 
     before = torch.get_num_threads()
     try:
         with caplog.at_level("INFO", logger="engine.cpu_threads"):
-            LLMEngine.from_config(EngineConfig(model=str(save_tiny_llama(tmp_path / "m")), device="cpu",
+            build_engine(EngineConfig(model=str(save_tiny_llama(tmp_path / "m")), device="cpu",
                                                kernel_backend="torch", kv_cache_gib=0.01, cpu_threads=1))
         assert torch.get_num_threads() == 1
         assert "CPU threads: 1 (--cpu-threads" in caplog.text

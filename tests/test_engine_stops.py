@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
+from engine.builder import engine_for_model
 from engine.sampling_params import SamplingParams
 from tests.engine_testing import assert_idle, run_to_completion
 from tests.fake_model import FakeModel, next_token
@@ -16,7 +17,7 @@ FIRST = next_token(PROMPT, 97)
 def _engine(eos: list[int]) -> LLMEngine:
     tokenizer = IdTokenizer()
     tokenizer.eos_token_ids = eos
-    return LLMEngine(FakeModel(), tokenizer, EngineConfig(block_size=4), max_model_len=64, num_blocks=32)
+    return engine_for_model(FakeModel(), tokenizer, EngineConfig(block_size=4), max_model_len=64, num_blocks=32)
 
 
 def test_eos_stops_and_min_tokens_bans_it():

@@ -14,7 +14,7 @@ import pytest
 
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
+from engine.builder import engine_for_model
 from engine.token_bytes import token_text
 from engine.tokenizer import Tokenizer
 from fake_model import FakeModel
@@ -43,7 +43,7 @@ def client():
         return script[written] if written < len(script) else eos
 
     info = SimpleNamespace(architecture="llama", path="scripted", vocab_size=tokenizer.vocab_size, to_dict=lambda: {})
-    llm = LLMEngine(FakeModel(tokenizer.vocab_size, predict), tokenizer, EngineConfig(block_size=16),
+    llm = engine_for_model(FakeModel(tokenizer.vocab_size, predict), tokenizer, EngineConfig(block_size=16),
                     max_model_len=512, model_info=info, num_blocks=64)
     server = LiveServer(create_app({"scripted": AsyncEngine(llm)}))
     yield openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from engine.config import EngineConfig
 from engine.kv_cache import BlockPool
-from engine.llm_engine import LLMEngine
+from engine.builder import engine_for_model
 from engine.outputs import RequestAccumulator
 from engine.request import Sample
 from engine.sampling_params import SamplingParams
@@ -34,7 +34,7 @@ def test_random_traffic(reqs, num_blocks, block_size, max_seqs, budget, chunked,
     config = EngineConfig(block_size=block_size, max_num_seqs=max_seqs, max_num_batched_tokens=budget if chunked else 64,
                           enable_chunked_prefill=chunked, enable_prefix_caching=prefix)
     max_len = min(num_blocks * block_size, 38)
-    engine = LLMEngine(FakeModel(), IdTokenizer(), config, max_model_len=max_len, num_blocks=num_blocks)
+    engine = engine_for_model(FakeModel(), IdTokenizer(), config, max_model_len=max_len, num_blocks=num_blocks)
     pending = list(enumerate(reqs))
     merged, finals, aborted, step = {}, {}, set(), 0
     while pending or engine.has_unfinished():

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from engine.config import ConfigError, EngineConfig
 from engine.llm_engine import LLMEngine
+from engine.builder import build_engine, engine_for_model
 from engine.outputs import RequestAccumulator
 from engine.sampling_params import SamplingParams
 from engine.structured.spec import StructuredOutput
@@ -126,7 +127,7 @@ def test_rollback_under_random_traffic(reqs, num_blocks, block_size, max_seqs, b
     config = EngineConfig(block_size=block_size, max_num_seqs=max_seqs, max_num_batched_tokens=budget,
                           enable_prefix_caching=prefix, speculative_config=spec)
     max_len = min(num_blocks * block_size, 36)
-    engine = LLMEngine(FakeModel(5, wobbly), IdTokenizer(), config, max_model_len=max_len, num_blocks=num_blocks)
+    engine = engine_for_model(FakeModel(5, wobbly), IdTokenizer(), config, max_model_len=max_len, num_blocks=num_blocks)
     pending = [(i, r) for i, r in enumerate(reqs) if len(r[0]) < max_len]
     merged, finals, step = {}, {}, 0
     while pending or engine.has_unfinished():
@@ -164,7 +165,7 @@ def test_sampled_distribution_is_the_targets():
         return (context[-1] + 1) % vocab_size if context[-2] != context[-1] else 0
 
     spec = {**NGRAM, "num_speculative_tokens": 2, "disable_by_batch_size": 10_000}
-    engine = LLMEngine(FakeModel(vocab, predict), IdTokenizer(), EngineConfig(block_size=4, seed=11,
+    engine = engine_for_model(FakeModel(vocab, predict), IdTokenizer(), EngineConfig(block_size=4, seed=11,
                        speculative_config=spec, max_num_seqs=256), max_model_len=16, num_blocks=1200)
     params = SamplingParams(temperature=1.0, max_tokens=3, ignore_eos=True)
     for i in range(num_requests):
@@ -197,7 +198,7 @@ def test_tensor_parallel_ranks_verify_the_same_drafts(tmp_path):
     prompts = ([3, 17, 29, 3, 17, 29, 3, 17], [5, 9, 5, 9, 5, 9, 5], [7, 8, 9, 10, 7, 8, 9, 10, 7])
     outputs, drafted = {}, 0
     for tp, spec in ((1, None), (2, NGRAM)):
-        engine = LLMEngine.from_config(EngineConfig(
+        engine = build_engine(EngineConfig(
             model=str(model_dir), device="cpu", dtype="float32", kernel_backend="torch", tensor_parallel_size=tp,
             block_size=4, max_model_len=64, mxfp4_unpack_gib=0, speculative_config=spec), num_blocks=48)
         try:
@@ -216,7 +217,7 @@ def test_seeded_sampling_is_identical_with_speculation():
     so every later token is the one non-speculative decoding draws (n=2: seeds s and s+1)."""
     results = {}
     for spec in (None, NGRAM):
-        engine = LLMEngine(FakeModel(5, wobbly), IdTokenizer(), EngineConfig(block_size=4, speculative_config=spec),
+        engine = engine_for_model(FakeModel(5, wobbly), IdTokenizer(), EngineConfig(block_size=4, speculative_config=spec),
                            max_model_len=64, num_blocks=64)
         for i, temperature in enumerate((0.3, 0.7, 1.0)):
             engine.add_request(str(i), [1, 2, 3, 1, 2, 3, 1, 2], SamplingParams(

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from engine.assets import tiny_gpt_oss_gguf
 from engine.config import ConfigError, EngineConfig
 from engine.kv_budget import available_memory_bytes, kv_cache_blocks
-from engine.llm_engine import LLMEngine
+from engine.builder import build_engine
 from engine_testing import make_engine, tiny_llama_dir
 from server.cli import main
 
@@ -170,7 +170,7 @@ def test_weight_loading_reports_progress_up_to_every_byte():
     from server.load_progress import LoadProgress
 
     calls = []
-    LLMEngine.from_config(EngineConfig(model=str(tiny_llama_dir()), kv_cache_gib=0.01),
+    build_engine(EngineConfig(model=str(tiny_llama_dir()), kv_cache_gib=0.01),
                           on_progress=lambda done, total: calls.append((done, total)))
     total = calls[-1][1]
     assert total == (tiny_llama_dir() / "model.safetensors").stat().st_size - 8 - _header_bytes(tiny_llama_dir())

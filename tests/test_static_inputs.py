@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
+from engine.builder import engine_for_model
 from engine.model_runner import decode_buckets
 from engine.sampling_params import SamplingParams
 from tests.engine_testing import assert_idle
@@ -61,7 +61,7 @@ def _run(kind: str, padded: bool, **config) -> tuple[dict[str, list[int]], list[
     """Tokens per request, logits per step, the padding rows each step added, preemptions."""
     model = _model(kind)
     num_blocks = config.pop("num_blocks")
-    engine = LLMEngine(model, IdTokenizer(), EngineConfig(max_num_seqs=8, **config), max_model_len=24,
+    engine = engine_for_model(model, IdTokenizer(), EngineConfig(max_num_seqs=8, **config), max_model_len=24,
                        num_blocks=num_blocks)
     if padded:
         engine.runner.buckets = decode_buckets(engine.scheduler.max_num_seqs)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from engine.config import EngineConfig
 from engine.kv_cache import BlockPool
-from engine.llm_engine import LLMEngine
+from engine.builder import engine_for_model
 from engine.request import Sample
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
@@ -51,7 +51,7 @@ def test_engine_measures_the_budget_on_cpu_and_a_given_budget_overrides():
     assert engine.stats()["step_prefill_budget"] == budget.prefill_tokens
     given = make_engine(max_num_batched_tokens=64)
     assert given.step_budget is None and given.scheduler.prefill_beside_decodes is None
-    assert LLMEngine(FakeModel(), IdTokenizer(), EngineConfig(), max_model_len=64, num_blocks=8).step_budget is None
+    assert engine_for_model(FakeModel(), IdTokenizer(), EngineConfig(), max_model_len=64, num_blocks=8).step_budget is None
 
 
 def test_a_stream_gets_a_token_every_step_while_a_long_prompt_prefills():

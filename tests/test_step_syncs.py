@@ -13,7 +13,7 @@ import torch
 
 import engine.host_device as host_device
 from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
+from engine.builder import engine_for_model
 from engine.sampling_params import SamplingParams
 from tests.fake_model import IdTokenizer, TensorOpsModel
 
@@ -66,7 +66,7 @@ def test_a_step_copies_to_the_host_once_and_never_reads_device_tensors(monkeypat
     model = TensorOpsModel(wrap=_wrap)
     config = EngineConfig(block_size=4, max_num_batched_tokens=64, async_scheduling=async_scheduling,
                           speculative_config=speculative)
-    engine = LLMEngine(model, IdTokenizer(), config, max_model_len=64, num_blocks=64)
+    engine = engine_for_model(model, IdTokenizer(), config, max_model_len=64, num_blocks=64)
     engine.runner.kv_caches[:] = [(_wrap(k), _wrap(v)) for k, v in engine.runner.kv_caches]
     model.bind_kv_caches(engine.runner.kv_caches)
     buffers = engine.runner.buffers

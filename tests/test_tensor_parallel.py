@@ -14,7 +14,7 @@ import torch
 from engine.config import EngineConfig
 from engine.distributed.context import ParallelContext
 from engine.distributed.shard import HeadSlice, head_slice, width_slice
-from engine.llm_engine import LLMEngine
+from engine.builder import build_engine
 from engine.models.errors import ModelConfigError
 from engine.sampling_params import SamplingParams
 from kernels.mxfp4 import BLOCK
@@ -30,7 +30,7 @@ def generate(model_dir, tp: int) -> tuple[dict[str, list[int]], list[torch.Tenso
     config = EngineConfig(model=str(model_dir), device="cpu", dtype="float32", kernel_backend="torch",
                           tensor_parallel_size=tp, block_size=4, max_num_batched_tokens=8, mxfp4_unpack_gib=0,
                           max_model_len=64)
-    engine = LLMEngine.from_config(config, num_blocks=48)
+    engine = build_engine(config, num_blocks=48)
     logits: list[torch.Tensor] = []
     run = engine.runner.run
 
@@ -115,7 +115,7 @@ def test_two_gpus_match_one(tmp_path):
     outputs = {}
     for tp in (1, 2):
         config = EngineConfig(model=str(model_dir), device="cuda", tensor_parallel_size=tp, max_model_len=64)
-        engine = LLMEngine.from_config(config, num_blocks=48)
+        engine = build_engine(config, num_blocks=48)
         try:
             for i, prompt in enumerate(PROMPTS):
                 engine.add_request(f"r{i}", prompt, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))

@@ -1,0 +1,120 @@
+"""The engine's composition root: an EngineConfig becomes an LLMEngine ready to step.
+
+Every "auto" of the config is resolved here, once (`Placement`: device, dtype, kernel backend,
+tensor-parallel size, then the sequence limit and async scheduling); the model is opened and
+built (or split over its ranks), the KV pool sized and the context fitted to it, the runner
+warmed up (CUDA graphs captured) and, on CPU, the step budget measured. LLMEngine only steps.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from engine.config import EngineConfig
+from engine.cpu_threads import apply_cpu_threads
+from engine.kv_budget import fit_context, kv_cache_blocks
+from engine.llm_engine import EngineLayout, LLMEngine, stop_model
+from engine.model_runner import ModelRunner
+from engine.models.base import CausalLM
+from engine.scheduler import default_max_num_seqs
+from engine.step_budget import measure as measure_step_budget
+from engine.tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """A config's device: "auto" is CUDA when a GPU is visible, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and how the model computes, every "auto" resolved (the one reader of these four settings)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    kernel_backend: str  # cpu | torch | triton
+    tensor_parallel_size: int
+
+    @classmethod
+    def resolve(cls, config: EngineConfig) -> "Placement":
+        from kernels import resolve_backend
+
+        device = resolve_device(config.device)
+        default_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        return cls(device, DTYPES.get(config.dtype, default_dtype), resolve_backend(device, config.kernel_backend),
+                   config.tensor_parallel_size)
+
+
+def build_engine(config: EngineConfig, num_blocks: int | None = None,
+                 on_progress: Callable[[int, int], None] | None = None) -> LLMEngine:
+    """Open `config.model`, build it where `Placement` says and size the KV pool (or take `num_blocks`);
+    `on_progress(read, total)` hears the weight bytes read while the model builds."""
+    from engine.assets import resolve_model
+    from engine.loader import open_model
+    from engine.models import build_model
+    from engine.tokenizer import load_tokenizer
+    from kernels import select_ops
+
+    started = time.perf_counter()
+    path, builtin_name = resolve_model(config.model)
+    loaded = open_model(path, builtin_name)
+    thread_adapter = apply_cpu_threads(config.cpu_threads)  # before the first torch op starts OpenMP's pool
+    placement = Placement.resolve(config)
+    if placement.tensor_parallel_size > 1:
+        from engine.distributed.executor import start_tensor_parallel
+
+        model = start_tensor_parallel(loaded, path, placement.tensor_parallel_size, placement.device,
+                                      placement.dtype, placement.kernel_backend, config.mxfp4_unpack_gib,
+                                      config.tensor_parallel_timeout_s)
+    else:
+        model = build_model(loaded, device=placement.device, dtype=placement.dtype,
+                            ops=select_ops(placement.device, placement.kernel_backend),
+                            unpack_mxfp4_gib=config.mxfp4_unpack_gib, on_progress=on_progress)
+    context = loaded.info.context_length or 2048
+    try:
+        engine = engine_for_model(model, load_tokenizer(loaded), config, min(config.max_model_len or context, context),
+                                  loaded.info, num_blocks, placement.tensor_parallel_size)
+    except Exception:
+        stop_model(model)
+        raise
+    if (placement.device.type == "cpu" and config.max_num_batched_tokens is None and config.enable_chunked_prefill
+            and placement.tensor_parallel_size == 1):  # tensor parallel on CPU runs tests, not streams
+        engine.step_budget = measure_step_budget(engine.runner, config.batched_tokens)
+        engine.scheduler.prefill_beside_decodes = engine.step_budget.prefill_tokens
+    engine.thread_adapter = thread_adapter
+    engine.load_seconds = time.perf_counter() - started
+    return engine
+
+
+def engine_for_model(model: CausalLM, tokenizer: Tokenizer, config: EngineConfig, max_model_len: int,
+                     model_info: Any = None, num_blocks: int | None = None,
+                     tensor_parallel_size: int = 1) -> LLMEngine:
+    """An engine over a model already built: the KV pool sized (or `num_blocks`), the context fitted to it,
+    the runner made and, on CUDA, warmed up with its decode graphs captured."""
+    device = model.device
+    max_num_seqs = config.max_num_seqs or default_max_num_seqs(device)
+    if num_blocks is None:
+        num_blocks = kv_cache_blocks(model, config, max_model_len, max_num_seqs)
+    max_model_len = fit_context(num_blocks, config.block_size, max_model_len,
+                                explicit=config.max_model_len is not None)
+    one_cuda_rank = device.type == "cuda" and tensor_parallel_size == 1
+    # A graph cannot hold the tensor-parallel broadcasts (headers built on the host): such engines run eagerly.
+    cuda_graphs = one_cuda_rank and not config.enforce_eager
+    runner = ModelRunner(model, num_blocks, config.block_size, max_num_seqs, config.batched_tokens, max_model_len,
+                         pad_decodes=cuda_graphs)
+    if device.type == "cuda":
+        runner.warm_up(cuda_graphs)
+    async_scheduling = (config.async_scheduling if config.async_scheduling is not None
+                        else one_cuda_rank and config.speculative_config is None)
+    layout = EngineLayout(num_blocks, max_model_len, max_num_seqs, async_scheduling, tensor_parallel_size)
+    return LLMEngine(model, runner, tokenizer, config, layout, model_info)
+
