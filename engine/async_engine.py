@@ -20,17 +20,22 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Container
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from typing import Any
 
 from engine.config import EngineConfig
-from engine.distributed.group import ParallelGroupError
+from engine.errors import InvalidRequestError, ParallelGroupError
 from engine.llm_engine import LLMEngine
 from engine.builder import build_engine
-from engine.request import Request
+from engine.loader.model_info import ModelInfo
 from engine.outputs import RequestOutput
-from engine.sampling_params import InvalidRequestError, SamplingParams
+from engine.reports import EngineDescription, EngineStats
+from engine.request import Request
+from engine.request_streams import RequestStreams
+from engine.sampling_params import SamplingParams
+from engine.structured.spec import StructuredOutput
+from engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -63,32 +68,26 @@ class EngineThread:
                     done.set_exception(exc)
 
 
-class EngineDeadError(RuntimeError):
-    """The engine loop is not running (never started, shut down, or crashed)."""
+_KERNELS = {"kernels.reference": "torch", "kernels.triton_ops": "triton", "kernels.cpu_ops": "cpu"}
 
 
-def check_admissible(failure: str | None, running: bool, request_id: str, in_flight: Container[str]) -> None:
-    """What every engine client checks before it queues a request: a live, started engine and a request id
-    not already in flight."""
-    if failure is not None:
-        raise EngineDeadError(failure)
-    if not running:
-        raise EngineDeadError("the engine is not running: call start() first")
-    if request_id in in_flight:
-        raise InvalidRequestError(f"request id {request_id!r} is already running", "request_id")
+def describe(engine: LLMEngine) -> EngineDescription:
+    """The start-up banner's facts of a built engine."""
+    model = engine.model
+    ops = getattr(model, "local", model).ops  # tensor parallel: rank 0's slice holds the ops
+    return EngineDescription(max_model_len=engine.max_model_len, vocab_size=model.vocab_size,
+                             device=str(model.device), dtype=str(model.dtype).removeprefix("torch."),
+                             kernels=_KERNELS.get(ops.__name__, ops.__name__))
 
 
-class AsyncEngine:
+class AsyncEngine(RequestStreams):
     def __init__(self, engine: LLMEngine, engine_thread: EngineThread | None = None) -> None:
         """`engine_thread`: the thread the engine was built on (its step loop runs there too)."""
+        super().__init__()
         self.engine = engine
         self._engine_thread = engine_thread or EngineThread()
-        self._queues: dict[str, asyncio.Queue] = {}
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._loop_done: Future | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self.failure: str | None = None  # why the engine stopped for good (a tensor-parallel rank died)
-        self.on_fatal: Callable[[str], None] | None = None  # the server's exit, called once on such a failure
 
     @classmethod
     def from_config(cls, config: EngineConfig, on_progress: Callable[[int, int], None] | None = None) -> "AsyncEngine":
@@ -101,27 +100,25 @@ class AsyncEngine:
         return cls(engine, engine_thread)
 
     @property
-    def tokenizer(self) -> Any:
+    def tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer
 
     @property
-    def model_info(self) -> Any:
+    def model_info(self) -> ModelInfo:
         return self.engine.model_info
 
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
-    @property
-    def config(self) -> EngineConfig:
-        return self.engine.config
+    def describe(self) -> EngineDescription:
+        return describe(self.engine)
 
-    @property
-    def grammars(self) -> Any:
-        """engine.structured.GrammarCompiler: thread-safe, so the server compiles in a worker thread."""
-        return self.engine.grammars
+    async def compile_structured(self, spec: StructuredOutput) -> None:
+        """Compiled in a grammar worker process (the step loop then finds it cached); GrammarError if it cannot be."""
+        await self.engine.grammars.compile_async(spec)
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> EngineStats:
         return self.engine.stats()
 
     @property
@@ -142,8 +139,7 @@ class AsyncEngine:
             self._commands.put(_STOP)
             await asyncio.wrap_future(loop_done)
         await asyncio.sleep(0)  # the thread's last outputs are delivered first
-        for request_queue in self._queues.values():
-            request_queue.put_nowait(EngineDeadError("the engine shut down"))
+        self._fail_queues("the engine shut down")
         if self.failure is None:  # after a failure the engine thread closed the model itself
             self.engine.close()
         self._engine_thread.close()
@@ -151,45 +147,19 @@ class AsyncEngine:
     async def generate(self, prompt: str | list[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
         """Stream this request's outputs; leaving the loop early (or being cancelled) aborts it."""
-        check_admissible(self.failure, self.running, request_id, self._queues)
-        request = self.engine.prepare_request(request_id, prompt, params)  # InvalidRequestError propagates
-        request_queue: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = request_queue
-        self._commands.put(request)
-        finished = False
+        request_queue = self._open(request_id)
         try:
-            while not finished:
-                item = await request_queue.get()
-                if isinstance(item, Exception):
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
-            self._queues.pop(request_id, None)
-            if not finished:
-                await asyncio.shield(self.abort(request_id))
+            request = self.engine.prepare_request(request_id, prompt, params)  # InvalidRequestError propagates
+        except BaseException:
+            self._forget(request_id)
+            raise
+        self._commands.put(request)
+        async for output in self._stream(request_id, request_queue):
+            yield output
 
-    def end_requests(self, reason: str) -> int:
-        """End every request in flight with EngineDeadError(reason) and abort it in the engine, which keeps
-        running (a server's shutdown deadline). Call on the event loop; returns how many were ended."""
-        ended = list(self._queues.items())
-        self._queues.clear()
-        for request_id, request_queue in ended:
-            request_queue.put_nowait(EngineDeadError(reason))
+    def _send_aborts(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
             self._commands.put(request_id)
-        return len(ended)
-
-    async def abort(self, request_id: str) -> None:
-        """Ask the engine thread to drop the request at its next step boundary; returns at once."""
-        self._commands.put(request_id)
-
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
-        for output in outputs:
-            request_queue = self._queues.get(output.request_id)
-            if request_queue is not None:
-                request_queue.put_nowait(output)
-                if output.finished:
-                    self._queues.pop(output.request_id, None)
 
     # --- the engine thread -------------------------------------------------------------------------
     def _run(self) -> None:
@@ -213,18 +183,11 @@ class AsyncEngine:
     def _fail_for_good(self, reason: str) -> None:
         """Every request in flight gets EngineDeadError (a 503), later ones too; the server is told to exit."""
         log.critical("engine stopped: %s", reason)
-        self.failure = reason
+        self.failure = reason  # set here, at once: generate() refuses new requests from now on
         for request_id in list(self.engine.requests):
             self.engine.abort(request_id)
-        self._call(self._fail_queues, reason)
+        self._call(self._stopped_for_good, reason)
         self.engine.close()  # may wait for a stuck rank before killing it
-        if self.on_fatal is not None:
-            self._call(self.on_fatal, reason)
-
-    def _fail_queues(self, reason: str) -> None:
-        for request_queue in self._queues.values():
-            request_queue.put_nowait(EngineDeadError(reason))
-        self._queues.clear()
 
     def _apply_commands(self) -> bool:
         """Adds and aborts queued since the last step (waiting for one when idle); False once told to stop."""
@@ -249,19 +212,9 @@ class AsyncEngine:
         self._send([o for o in outputs if o is not None])
         return True
 
-    def _call(self, function: Callable, *args: Any) -> None:
-        """Run `function(*args)` on the event loop (it owns the request queues)."""
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(function, *args)
-
     def _send(self, outputs: list[RequestOutput]) -> None:
         if outputs:
             self._call(self._deliver, outputs)
 
     def _send_error(self, request_id: str, error: Exception) -> None:
-        def put() -> None:
-            request_queue = self._queues.pop(request_id, None)
-            if request_queue is not None:
-                request_queue.put_nowait(error)
-
-        self._call(put)
+        self._call(self._fail, request_id, error)

@@ -1,169 +1,249 @@
-"""The engine core in its own process: `python -m engine.core_process`, started by ProcessEngineClient.
+"""The engine core in its own process: `python -m engine.core_process`, started by engine.process_client.CoreProcess.
 
-It builds an AsyncEngine from the EngineConfig the client pickles onto its stdin, connects to the
-client's two ZeroMQ sockets (requests in, outputs out) and relays: each AddRequest becomes one
-`generate` stream, an Abort cancels it (its blocks are freed at the next step boundary), and the
-outputs of one step leave as one `Outputs` message. The step loop itself stays AsyncEngine's thread,
-so the HTTP/SSE work of the API process never holds this process's GIL. The core exits when told to,
-when the engine stops for good (after a `Fatal`), or when the API process that started it is gone.
+vLLM's EngineCore shape: one loop on this process's main thread drains requests and aborts between
+steps, steps, and sends each API process the outputs of its requests as one message, with no event
+loop or per-request task in between (the engine is built on this same thread, so torch keeps one
+OpenMP pool). A structured request is prepared (its grammar compiled in a killable worker) on a side
+thread and joins the running batch when ready, so a slow compile never stalls the steps.
+
+Sockets (bound here, in a directory the launcher made): `requests` (PULL) takes [client name,
+AddRequest | Abort | ClientGone | Shutdown] from every API process and the launcher; `outputs`
+(ROUTER) greets each API process's Hello with Ready and then sends it its Outputs, refusals and Stats.
+Request ids are the API process's own: the engine sees them prefixed with the client's name, so two API
+processes may use the same id. The core exits when told to, when the engine stops for good (after a
+`Fatal` to every client), or when the process that started it is gone.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import os
 import pickle
 import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import zmq
-import zmq.asyncio
 
 from engine import wire
-from engine.async_engine import AsyncEngine, EngineDeadError
+from engine.async_engine import describe
+from engine.builder import build_engine
 from engine.config import EngineConfig
+from engine.errors import InvalidRequestError, ParallelGroupError
 from engine.llm_engine import LLMEngine
-from engine.sampling_params import InvalidRequestError
-from engine.structured import GrammarError
+from engine.outputs import RequestOutput
+from engine.request import Request
 
 log = logging.getLogger(__name__)
 
-STATS_INTERVAL_S = 0.25  # how stale the API server's /metrics and /health may be
-_KERNELS = {"kernels.reference": "torch", "kernels.triton_ops": "triton", "kernels.cpu_ops": "cpu"}
+STATS_INTERVAL_S = 0.25  # how stale an API server's /metrics and /health may be (and how often the parent is checked)
+IDLE_POLL_MS = 250  # an idle core wakes this often for stats and the parent check
+GREET_AFTER_FAILURE_S = 10.0  # a failed load still answers the Hellos that arrive this long
 
 
-def describe(engine: LLMEngine) -> wire.EngineDescription:
-    ops = getattr(engine.model, "local", engine.model).ops  # tensor parallel: rank 0's slice holds the ops
-    return wire.EngineDescription(max_model_len=engine.max_model_len, vocab_size=engine.model.vocab_size,
-                                  device=str(engine.model.device),
-                                  dtype=str(engine.model.dtype).removeprefix("torch."),
-                                  kernels=_KERNELS.get(ops.__name__, ops.__name__))
+@dataclass(slots=True)
+class Owner:
+    client: bytes  # the API process's name (its outputs socket's routing id)
+    request_id: str  # the id it knows the request by
+    prompt_sent: bool = False  # its first output carried the prompt ids
 
 
-class CoreServer:
-    """Relays between the sockets and one started AsyncEngine, on this process's event loop."""
-
-    def __init__(self, engine: AsyncEngine, inputs: zmq.asyncio.Socket, outputs: zmq.asyncio.Socket) -> None:
+class EngineCore:
+    def __init__(self, engine: LLMEngine, requests: zmq.Socket, outputs: zmq.Socket) -> None:
         self.engine = engine
-        self.inputs = inputs
+        self.requests = requests
         self.outputs = outputs
-        self.streams: dict[str, asyncio.Task] = {}
-        self.outbox: list = []
-        self.done = asyncio.Event()
-        self.exit_code = 0
+        self.description = describe(engine)
+        self.clients: set[bytes] = set()
+        self.owners: dict[str, Owner] = {}  # engine request id -> who sent it
+        self.preparing: dict[str, Future[Request]] = {}  # structured requests whose grammar compiles
+        self._prepare = ThreadPoolExecutor(2, thread_name_prefix="minerva-prepare")
+        self._parent = os.getppid()
 
-    async def serve(self) -> int:
-        self.engine.on_fatal = self._fatal
-        tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._report_stats()),
-                 asyncio.create_task(self._watch_parent())]
-        await self.done.wait()
-        for task in tasks:
-            task.cancel()
-        for stream in list(self.streams.values()):
-            stream.cancel()
-        await self.engine.shutdown()
-        return self.exit_code
-
-    async def _receive(self) -> None:
-        while True:
-            message = wire.decode_input(await self.inputs.recv())
-            if isinstance(message, wire.AddRequest):
-                self.streams[message.request_id] = asyncio.create_task(self._stream(message))
-            elif isinstance(message, wire.Abort):
-                for request_id in message.request_ids:
-                    stream = self.streams.pop(request_id, None)
-                    if stream is not None:
-                        stream.cancel()  # generate's exit aborts it in the engine
-            else:
-                self.done.set()
-                return
-
-    async def _stream(self, request: wire.AddRequest) -> None:
-        first = True
+    def run(self) -> int:
+        """Serve until Shutdown (0), a dead parallel group (1) or a vanished parent (0)."""
+        poller = zmq.Poller()
+        poller.register(self.requests, zmq.POLLIN)
+        poller.register(self.outputs, zmq.POLLIN)
+        next_report = 0.0
         try:
-            if request.params.structured is not None:  # compiled off this loop; prepare_request then finds it cached
-                with contextlib.suppress(GrammarError):  # prepare_request refuses it in its own words
-                    await self.engine.grammars.compile_async(request.params.structured)
-            async for output in self.engine.generate(request.prompt, request.params, request.request_id):
-                if not first:  # the client keeps them from the first output: a long prompt is not resent every token
-                    output.prompt_token_ids = []
-                first = False
-                self._queue(output)
-        except InvalidRequestError as exc:
-            self._queue(wire.RequestFailed(request.request_id, "invalid", str(exc), exc.param, exc.code))
-        except EngineDeadError as exc:
-            self._queue(wire.RequestFailed(request.request_id, "dead", str(exc)))
+            while True:
+                busy = self.engine.has_unfinished()
+                events = dict(poller.poll(0 if busy else 10 if self.preparing else IDLE_POLL_MS))
+                if self.outputs in events:
+                    self._greet()
+                if self.requests in events and not self._receive():
+                    return 0
+                if self.preparing:
+                    self._admit_prepared()
+                if self.engine.has_unfinished():
+                    try:
+                        outputs = self.engine.step()
+                    except ParallelGroupError as exc:
+                        self._fatal(str(exc))
+                        return 1
+                    except Exception:  # the engine fails requests itself; this is a last resort
+                        log.exception("engine step crashed")
+                        outputs = [self.engine.abort(rid) for rid in list(self.engine.requests)]
+                    self._send([output for output in outputs if output is not None])
+                if (now := time.monotonic()) >= next_report:
+                    next_report = now + STATS_INTERVAL_S
+                    self._report_stats()
+                    if os.getppid() != self._parent:
+                        log.warning("the process that started the engine core is gone: the core stops")
+                        return 0
         finally:
-            if self.streams.get(request.request_id) is asyncio.current_task():
-                del self.streams[request.request_id]
+            for rid in list(self.engine.requests):
+                self.engine.abort(rid)
+            self._prepare.shutdown(wait=False, cancel_futures=True)
+            self.engine.close()
 
-    def _queue(self, item: object) -> None:
-        """Collect what this loop iteration produces (a step's outputs wake every stream at once); sent as one batch."""
-        if not self.outbox:
-            asyncio.get_running_loop().call_soon(self._flush)
-        self.outbox.append(item)
+    # --- in -----------------------------------------------------------------------------------------------
+    def _greet(self) -> None:
+        stats = wire.encode(wire.Ready(self.description, self.engine.stats()))
+        try:
+            while True:
+                client, payload = self.outputs.recv_multipart(zmq.NOBLOCK)
+                wire.decode_hello(payload)
+                self.clients.add(client)
+                self.outputs.send_multipart([client, stats])
+        except zmq.Again:
+            pass
 
-    def _flush(self) -> None:
-        outputs = [item for item in self.outbox if not isinstance(item, wire.RequestFailed)]
-        failures = [item for item in self.outbox if isinstance(item, wire.RequestFailed)]
-        self.outbox = []
-        if outputs:
-            self.outputs.send(wire.encode(wire.Outputs(outputs)))
-        for failure in failures:
-            self.outputs.send(wire.encode(failure))
+    def _receive(self) -> bool:
+        """Apply every request and abort waiting; False once told to shut down."""
+        try:
+            while True:
+                client, payload = self.requests.recv_multipart(zmq.NOBLOCK)
+                message = wire.decode_input(payload)
+                if isinstance(message, wire.AddRequest):
+                    self._add(client, message)
+                elif isinstance(message, wire.Abort):
+                    for request_id in message.request_ids:
+                        self._abort(engine_id(client, request_id))
+                elif isinstance(message, wire.ClientGone):
+                    gone = message.client.encode()
+                    self.clients.discard(gone)
+                    for key in [key for key, owner in self.owners.items() if owner.client == gone]:
+                        self._abort(key)
+                else:
+                    return False
+        except zmq.Again:
+            return True
 
-    async def _report_stats(self) -> None:
-        last = None
-        while True:
-            await asyncio.sleep(STATS_INTERVAL_S)
-            stats = self.engine.stats()
-            if stats != last:
-                self.outputs.send(wire.encode(wire.Stats(stats)))
-                last = stats
+    def _add(self, client: bytes, message: wire.AddRequest) -> None:
+        key = engine_id(client, message.request_id)
+        if key in self.owners:
+            self._refuse(client, message.request_id,
+                         InvalidRequestError(f"request id {message.request_id!r} is already running", "request_id"))
+            return
+        self.owners[key] = Owner(client, message.request_id)
+        if message.params.structured is not None:  # compiling may take seconds: off this loop
+            self.preparing[key] = self._prepare.submit(self.engine.prepare_request, key, message.prompt,
+                                                       message.params)
+            return
+        try:
+            self.engine.add_prepared(self.engine.prepare_request(key, message.prompt, message.params))
+        except InvalidRequestError as exc:
+            del self.owners[key]
+            self._refuse(client, message.request_id, exc)
 
-    async def _watch_parent(self) -> None:
-        parent = os.getppid()
-        while os.getppid() == parent:
-            await asyncio.sleep(0.5)
-        log.warning("the API server process is gone: the engine core stops")
-        self.done.set()
+    def _admit_prepared(self) -> None:
+        for key, future in list(self.preparing.items()):
+            if not future.done():
+                continue
+            del self.preparing[key]
+            try:
+                self.engine.add_prepared(future.result())
+            except InvalidRequestError as exc:
+                owner = self.owners.pop(key)
+                self._refuse(owner.client, owner.request_id, exc)
+
+    def _abort(self, key: str) -> None:
+        """Forget the request and free its blocks now (its client stopped listening)."""
+        if self.owners.pop(key, None) is None:
+            return
+        preparing = self.preparing.pop(key, None)
+        if preparing is not None:
+            preparing.cancel()
+        else:
+            self.engine.abort(key)
+
+    # --- out ----------------------------------------------------------------------------------------------
+    def _send(self, outputs: list[RequestOutput]) -> None:
+        batches: dict[bytes, list[RequestOutput]] = {}
+        for output in outputs:
+            owner = self.owners.get(output.request_id)
+            if owner is None:
+                continue
+            if output.finished:
+                del self.owners[output.request_id]
+            if owner.prompt_sent:  # the client keeps them from the first output: a long prompt is not resent each token
+                output.prompt_token_ids = []
+            owner.prompt_sent = True
+            output.request_id = owner.request_id
+            batches.setdefault(owner.client, []).append(output)
+        for client, batch in batches.items():
+            self.outputs.send_multipart([client, wire.encode(wire.Outputs(batch))])
+
+    def _refuse(self, client: bytes, request_id: str, exc: InvalidRequestError) -> None:
+        self.outputs.send_multipart([client, wire.encode(wire.RequestFailed(request_id, str(exc), exc.param, exc.code))])
+
+    def _report_stats(self) -> None:
+        if self.clients:
+            message = wire.encode(wire.Stats(self.engine.stats()))
+            for client in self.clients:
+                self.outputs.send_multipart([client, message])
 
     def _fatal(self, reason: str) -> None:
-        self._flush()
-        self.outputs.send(wire.encode(wire.Fatal(reason)))
-        self.exit_code = 1
-        self.done.set()
+        log.critical("engine stopped: %s", reason)
+        message = wire.encode(wire.Fatal(reason))
+        for client in self.clients:
+            self.outputs.send_multipart([client, message])
 
 
-async def run_core(config: EngineConfig, inputs_address: str, outputs_address: str) -> int:
-    context = zmq.asyncio.Context()
-    inputs = context.socket(zmq.PULL)
-    outputs = context.socket(zmq.PUSH)
-    for socket in (inputs, outputs):
+def engine_id(client: bytes, request_id: str) -> str:
+    """The engine's name for a client's request (client names never contain the separator)."""
+    return f"{client.decode()}\x1f{request_id}"
+
+
+def answer_hellos(outputs: zmq.Socket, message: wire.LoadFailed) -> None:
+    """Tell every API process waiting for the engine why it will not come."""
+    deadline = time.monotonic() + GREET_AFTER_FAILURE_S
+    while (left := deadline - time.monotonic()) > 0:
+        if not outputs.poll(int(left * 1000)):
+            return
+        client, _ = outputs.recv_multipart()
+        outputs.send_multipart([client, wire.encode(message)])
+
+
+def run_core(config: EngineConfig, requests_address: str, outputs_address: str) -> int:
+    context = zmq.Context()
+    requests = context.socket(zmq.PULL)
+    outputs = context.socket(zmq.ROUTER)
+    for socket in (requests, outputs):
         socket.setsockopt(zmq.LINGER, 5000)  # the last outputs and the Fatal get out before exit
         socket.set_hwm(0)  # never drop or block on a burst of requests or outputs
-    inputs.connect(inputs_address)
-    outputs.connect(outputs_address)
+    requests.bind(requests_address)
+    outputs.bind(outputs_address)
     try:
         try:
-            engine = AsyncEngine.from_config(config)
-        except Exception as exc:  # the API process reports it as its own load error
-            outputs.send(wire.encode(wire.LoadFailed(str(exc) or type(exc).__name__)))
+            engine = build_engine(config)
+        except Exception as exc:  # the API processes report it as their own load error
+            answer_hellos(outputs, wire.LoadFailed(str(exc) or type(exc).__name__))
             return 1
-        await engine.start()
-        outputs.send(wire.encode(wire.Ready(describe(engine.engine), engine.stats())))
-        return await CoreServer(engine, inputs, outputs).serve()
+        return EngineCore(engine, requests, outputs).run()
     finally:
-        inputs.close()
+        requests.close()
         outputs.close()
         context.term()
 
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="engine core: %(levelname)s %(message)s")
-    config, inputs_address, outputs_address = pickle.load(sys.stdin.buffer)
-    return asyncio.run(run_core(config, inputs_address, outputs_address))
+    config, requests_address, outputs_address = pickle.load(sys.stdin.buffer)
+    return run_core(config, requests_address, outputs_address)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from engine.outputs import RequestOutput
 from engine.logit_bias import check_logit_bias
 from engine.prompt_logprobs import PromptRows, rows_to_score, score
 from engine.prompt_rules import check_prompt_ids, completion_budget
+from engine.reports import EngineStats
 from engine.request import Request, Sample, SampleProgress
 from engine.sampler import SampleResult, Sampler, SamplingRow, skip_seeded_draws
 from engine.sampling_params import InvalidRequestError, SamplingParams
@@ -86,6 +87,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.steps_total = 0
         self.load_seconds = 0.0  # set by the builder: opening, building and placing the weights
         self._grammars: GrammarCompiler | None = None
         self.thread_adapter: ThreadAdapter | None = None  # set by the builder: torch's threads follow the load
@@ -164,6 +166,7 @@ class LLMEngine:
         (its input id is read from the device), and only then reads back and processes the previous
         batch, so on a GPU the host work of one step runs while the device computes the next.
         """
+        self.steps_total += 1
         if self.thread_adapter is not None:
             self.thread_adapter.maybe_adjust()
         previous, self._in_flight = self._in_flight, None
@@ -373,26 +376,27 @@ class LLMEngine:
                 seq.stop_reason = error
         return self.outputs.output(request)
 
-    def stats(self) -> dict[str, Any]:
-        return {
-            "num_running": len({s.request_id for s in self.scheduler.running}),
-            "num_waiting": len({s.request_id for s in self.scheduler.waiting}),
-            "kv_blocks_total": self.pool.num_blocks,
-            "kv_blocks_used": self.pool.num_used,
-            "kv_blocks_free": self.pool.num_free,
-            "kv_cache_tokens": self.pool.num_blocks * self.config.block_size,
-            "kv_cache_bytes": self.pool.num_blocks * kv_bytes_per_block(self.model, self.config.block_size)
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len({s.request_id for s in self.scheduler.running}),
+            num_waiting=len({s.request_id for s in self.scheduler.waiting}),
+            kv_blocks_total=self.pool.num_blocks,
+            kv_blocks_used=self.pool.num_used,
+            kv_blocks_free=self.pool.num_free,
+            kv_cache_tokens=self.pool.num_blocks * self.config.block_size,
+            kv_cache_bytes=self.pool.num_blocks * kv_bytes_per_block(self.model, self.config.block_size)
             * self.tensor_parallel_size,  # every rank holds its heads' share of each block
-            "prefix_cache_hit_rate": self.pool.hit_rate,
-            "num_preemptions": self.scheduler.num_preemptions,
-            "prompt_tokens_total": self.prompt_tokens_total,
-            "generation_tokens_total": self.generation_tokens_total,
-            "model_load_seconds": self.load_seconds,
-            "tensor_parallel_size": self.tensor_parallel_size,
-            **(self.spec.stats.as_dict() if self.spec is not None else {}),
-            "kernels": self.kernels(),
-            "step_prefill_budget": self.scheduler.prefill_beside_decodes,
-        }
+            prefix_cache_hit_rate=self.pool.hit_rate,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens_total=self.prompt_tokens_total,
+            generation_tokens_total=self.generation_tokens_total,
+            steps_total=self.steps_total,
+            model_load_seconds=self.load_seconds,
+            tensor_parallel_size=self.tensor_parallel_size,
+            step_prefill_budget=self.scheduler.prefill_beside_decodes,
+            kernels=self.kernels(),
+            spec_decode=self.spec.stats.snapshot() if self.spec is not None else None,
+        )
 
     def kernels(self) -> dict[str, Any] | None:
         """The kernel backend's own account of what it runs here (the CPU backend's measured choice), if it keeps one."""

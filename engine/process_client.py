@@ -1,10 +1,13 @@
-"""ProcessEngineClient: the EngineClient of an engine core running in its own process (engine/core_process.py).
+"""The EngineClient of an engine core running in its own process (engine/core_process.py).
 
-The API server keeps what its routes need before the engine does (the tokenizer, the model's metadata,
-a grammar compiler to refuse bad schemas) and sends everything else over ZeroMQ: requests and aborts
-out, batched outputs, refusals and stats back. One daemon thread receives, decodes and hands each
-batch to the event loop in one `call_soon_threadsafe`, and watches the core through a pidfd: if the
-core dies, every open stream ends with EngineDeadError and `on_fatal` tells the server to exit.
+`CoreProcess` starts a core and owns it (its sockets' directory, its exit); `ProcessEngineClient` is one
+API process's connection to a core, whether it started the core itself (`from_config`, one API process)
+or was handed its address by a launcher (`connect`, `--api-server-count N`). An API process keeps what its
+routes need before the engine does (the tokenizer, the model's metadata, a grammar compiler to refuse
+bad schemas) and sends everything else over ZeroMQ: requests and aborts out, batched outputs, refusals
+and stats back. One daemon thread receives, decodes and hands each batch to the event loop in one
+`call_soon_threadsafe`, and watches the core through a pidfd: if the core dies, every open stream ends
+with EngineDeadError and `on_fatal` tells the server to exit.
 """
 
 from __future__ import annotations
@@ -17,94 +20,173 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import zmq
 
 from engine import wire
-from engine.async_engine import EngineDeadError, check_admissible
 from engine.config import EngineConfig
-from engine.errors import MinervaError
+from engine.errors import EngineCoreError, InvalidRequestError
 from engine.loader.model_info import ModelInfo
 from engine.outputs import RequestOutput
-from engine.sampling_params import InvalidRequestError, SamplingParams
+from engine.reports import EngineDescription, EngineStats
+from engine.request_streams import RequestStreams
+from engine.sampling_params import SamplingParams
 from engine.structured import GrammarCompiler
+from engine.structured.spec import StructuredOutput
 from engine.tokenizer import Tokenizer
 
 SHUTDOWN_TIMEOUT_S = 30.0  # the core finishes its step and closes the model; then it is killed
+LAUNCHER = "launcher"  # the name CoreProcess greets its core with (API processes are api-0, api-1, ...)
 
 
-class EngineCoreError(MinervaError):
-    """The engine core process could not build the engine (its message says why)."""
+@dataclass(frozen=True)
+class CoreAddress:
+    """Where an API process finds a running core (picklable: handed to spawned API processes)."""
+
+    requests: str
+    outputs: str
+    pid: int
 
 
-class ProcessEngineClient:
-    def __init__(self, config: EngineConfig, tokenizer: Tokenizer, model_info: ModelInfo) -> None:
-        """Starts the core process; `wait_ready` then waits for its engine to be built."""
-        self.config = config
-        self._tokenizer = tokenizer
-        self._model_info = model_info
-        self.failure: str | None = None
-        self.on_fatal: Callable[[str], None] | None = None
-        self.description: wire.EngineDescription | None = None
-        self._stats: dict[str, Any] = {}
-        self._queues: dict[str, asyncio.Queue] = {}
-        self._prompts: dict[str, list[int]] = {}  # request id -> prompt ids (sent once by the core; wire.Outputs)
-        self._grammars: GrammarCompiler | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._receiver: threading.Thread | None = None
-        self._closing = threading.Event()  # the receiver thread stops
-        self._shutting_down = False  # the core's exit from now on is expected
+class CoreProcess:
+    """An engine core this process started and stops; `start` returns once its engine is built."""
+
+    def __init__(self, config: EngineConfig) -> None:
         self._socket_dir = tempfile.mkdtemp(prefix="minerva-core-")
-        inputs_address = f"ipc://{self._socket_dir}/inputs"
-        outputs_address = f"ipc://{self._socket_dir}/outputs"
-        self._context = zmq.Context()
-        self._inputs = self._context.socket(zmq.PUSH)
-        self._outputs = self._context.socket(zmq.PULL)
-        for socket in (self._inputs, self._outputs):
-            socket.setsockopt(zmq.LINGER, 0)
-            socket.set_hwm(0)
-        self._inputs.bind(inputs_address)
-        self._outputs.bind(outputs_address)
+        requests, outputs = f"ipc://{self._socket_dir}/requests", f"ipc://{self._socket_dir}/outputs"
         self.process = subprocess.Popen([sys.executable, "-m", "engine.core_process"], stdin=subprocess.PIPE)
-        self.process.stdin.write(pickle.dumps((config, inputs_address, outputs_address)))
+        assert self.process.stdin is not None
+        self.process.stdin.write(pickle.dumps((config, requests, outputs)))
         self.process.stdin.close()
-        self._pidfd = os.pidfd_open(self.process.pid)
+        self.address = CoreAddress(requests, outputs, self.process.pid)
+        self._context = zmq.Context()
+        self._control = self._context.socket(zmq.PUSH)
+        self._control.setsockopt(zmq.LINGER, 1000)
+        self._control.connect(requests)
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> "ProcessEngineClient":
-        """Open the model's metadata and tokenizer here, start the core and wait until its engine is built."""
-        from engine.assets import resolve_model
-        from engine.loader import open_model
-        from engine.tokenizer import load_tokenizer
-
-        path, builtin_name = resolve_model(config.model)
-        loaded = open_model(path, builtin_name)
-        client = cls(config, load_tokenizer(loaded), loaded.info)
+    def start(cls, config: EngineConfig) -> CoreProcess:
+        core = cls(config)
         try:
-            client.wait_ready()
+            connection = Connection(core.address, LAUNCHER)
+            try:
+                connection.wait_ready(core.exit_status)
+            finally:
+                connection.close()
         except BaseException:
-            client.kill()
+            core.stop(0)
             raise
-        return client
+        return core
 
-    def wait_ready(self) -> None:
+    def exit_status(self) -> str:
+        return f"exited with status {self.process.wait()}"
+
+    def client_gone(self, name: str) -> None:
+        """An API process died: its requests stop and free their blocks."""
+        self._control.send_multipart([LAUNCHER.encode(), wire.encode(wire.ClientGone(name))])
+
+    def stop(self, timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:
+        """Ask the core to stop (its requests end with "abort"), kill it past `timeout_s`; safe to repeat."""
+        if self.process.poll() is None:
+            self._control.send_multipart([LAUNCHER.encode(), wire.encode(wire.Shutdown())])
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if not self._context.closed:
+            self._control.close(linger=0)
+            self._context.term()
+        shutil.rmtree(self._socket_dir, ignore_errors=True)
+
+
+class Connection:
+    """One process's two sockets to a core (requests out; outputs, refusals and stats in) and a pidfd on it."""
+
+    def __init__(self, address: CoreAddress, name: str) -> None:
+        self.name = name.encode()
+        self.context = zmq.Context()
+        self.requests = self.context.socket(zmq.PUSH)
+        self.outputs = self.context.socket(zmq.DEALER)
+        self.outputs.setsockopt(zmq.ROUTING_ID, self.name)
+        for socket in (self.requests, self.outputs):
+            socket.setsockopt(zmq.LINGER, 0)
+            socket.set_hwm(0)
+        self.requests.connect(address.requests)
+        self.outputs.connect(address.outputs)
+        self.pidfd = os.pidfd_open(address.pid)
+
+    def wait_ready(self, core_exit: object) -> wire.Ready:
+        """Greet the core and wait for its engine; EngineCoreError if it cannot be built or the core exits.
+        `core_exit()`: how the core's exit is told (its status, where known)."""
+        self.outputs.send(wire.encode(wire.Hello()))
         poller = zmq.Poller()
-        poller.register(self._outputs, zmq.POLLIN)
-        poller.register(self._pidfd, zmq.POLLIN)
+        poller.register(self.outputs, zmq.POLLIN)
+        poller.register(self.pidfd, zmq.POLLIN)
         while True:
             events = dict(poller.poll())
-            if self._outputs in events:
-                message = wire.decode_output(self._outputs.recv())
+            if self.outputs in events:
+                message = wire.decode_output(self.outputs.recv())
                 if isinstance(message, wire.LoadFailed):
                     raise EngineCoreError(message.message)
                 if isinstance(message, wire.Ready):
-                    self.description, self._stats = message.description, message.stats
-                    return
-            elif self._pidfd in events:
-                raise EngineCoreError(f"the engine core process exited with status {self.process.wait()} "
-                                      "while building the engine")
+                    return message
+            elif self.pidfd in events:
+                raise EngineCoreError(f"the engine core process {core_exit()} while building the engine")
+
+    def send(self, message: object) -> None:
+        """Never blocks: with the core gone a PUSH socket has no peer and would wait for one (the message is
+        dropped; the core's death ends every request anyway)."""
+        try:
+            self.requests.send_multipart([self.name, wire.encode(message)], zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    def close(self) -> None:
+        if not self.context.closed:
+            self.outputs.close()
+            self.requests.close()
+            self.context.term()
+            os.close(self.pidfd)
+
+
+class ProcessEngineClient(RequestStreams):
+    def __init__(self, connection: Connection, config: EngineConfig, tokenizer: Tokenizer, model_info: ModelInfo,
+                 core: CoreProcess | None = None) -> None:
+        """`core`: the core process this client started (stopped with it), None for a launcher's core."""
+        super().__init__()
+        self.config = config
+        self._connection = connection
+        self.core = core
+        self._tokenizer = tokenizer
+        self._model_info = model_info
+        ready = connection.wait_ready(core.exit_status if core is not None else lambda: "exited")
+        self._description: EngineDescription = ready.description
+        self._stats: EngineStats = ready.stats
+        self._prompts: dict[str, list[int]] = {}  # request id -> prompt ids (sent once by the core; wire.Outputs)
+        self._grammars: GrammarCompiler | None = None
+        self._receiver: threading.Thread | None = None
+        self._closing = threading.Event()  # the receiver thread stops
+        self._shutting_down = False  # the core's exit from now on is expected
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> ProcessEngineClient:
+        """Start a core of this process's own and wait until its engine is built."""
+        tokenizer, model_info = open_front(config)
+        core = CoreProcess.start(config)
+        try:
+            return cls(Connection(core.address, "api-0"), config, tokenizer, model_info, core)
+        except BaseException:
+            core.stop(0)
+            raise
+
+    @classmethod
+    def connect(cls, config: EngineConfig, address: CoreAddress, name: str) -> ProcessEngineClient:
+        """Join a core a launcher started (one of several API processes); `name` is this process's, unique."""
+        tokenizer, model_info = open_front(config)
+        return cls(Connection(address, name), config, tokenizer, model_info)
 
     # --- what the routes read ----------------------------------------------------------------------------
     @property
@@ -117,18 +199,20 @@ class ProcessEngineClient:
 
     @property
     def max_model_len(self) -> int:
-        return self.description.max_model_len
+        return self._description.max_model_len
 
-    @property
-    def grammars(self) -> GrammarCompiler:
-        """This process's compiler: a schema is refused here before it reaches the core (which compiles its own)."""
+    def describe(self) -> EngineDescription:
+        return self._description
+
+    async def compile_structured(self, spec: StructuredOutput) -> None:
+        """Compiled here so a bad schema is refused before it reaches the core (which compiles its own)."""
         if self._grammars is None:
-            self._grammars = GrammarCompiler.for_engine(self._tokenizer, self.description.vocab_size, self.config)
-        return self._grammars
+            self._grammars = GrammarCompiler.for_engine(self._tokenizer, self._description.vocab_size, self.config)
+        await self._grammars.compile_async(spec)
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> EngineStats:
         """The core's counters as of its last report (at most core_process.STATS_INTERVAL_S old)."""
-        return dict(self._stats)
+        return self._stats
 
     @property
     def running(self) -> bool:
@@ -145,48 +229,24 @@ class ProcessEngineClient:
     async def generate(self, prompt: str | list[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
         """Stream this request's outputs; leaving the loop early (or being cancelled) aborts it in the core."""
-        check_admissible(self.failure, self.running, request_id, self._queues)
-        request_queue: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = request_queue
+        request_queue = self._open(request_id)
         self._send(wire.AddRequest(request_id, prompt, params))
-        finished = False
-        try:
-            while not finished:
-                item = await request_queue.get()
-                if isinstance(item, Exception):
-                    finished = True  # the core holds nothing of it any more
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
-            self._queues.pop(request_id, None)
-            self._prompts.pop(request_id, None)
-            if not finished:
-                await self.abort(request_id)
+        async for output in self._stream(request_id, request_queue):
+            yield output
 
-    async def abort(self, request_id: str) -> None:
-        self._send(wire.Abort([request_id]))
+    def _send_aborts(self, request_ids: list[str]) -> None:
+        self._send(wire.Abort(request_ids))
 
-    def end_requests(self, reason: str) -> int:
-        """End every request in flight with EngineDeadError(reason) and abort them in the core (the server's
-        shutdown deadline); call on the event loop."""
-        ended = list(self._queues.items())
-        self._queues.clear()
-        for _, request_queue in ended:
-            request_queue.put_nowait(EngineDeadError(reason))
-        if ended:
-            self._send(wire.Abort([request_id for request_id, _ in ended]))
-        return len(ended)
+    def _forget(self, request_id: str) -> None:
+        super()._forget(request_id)
+        self._prompts.pop(request_id, None)
 
     async def shutdown(self) -> None:
-        """Stop the core (its running requests end with "abort"); open streams here end with EngineDeadError."""
+        """Stop the core if this client started it (its running requests end with "abort"); open streams here
+        end with EngineDeadError."""
         self._shutting_down = True
-        if self.process.poll() is None:
-            self._send(wire.Shutdown())
-            try:
-                await asyncio.to_thread(self.process.wait, SHUTDOWN_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+        if self.core is not None:
+            await asyncio.to_thread(self.core.stop)
         self._closing.set()
         if self._receiver is not None:
             await asyncio.to_thread(self._receiver.join)
@@ -194,92 +254,67 @@ class ProcessEngineClient:
         self.kill()
 
     def kill(self) -> None:
-        """Release everything this client holds (the core is killed if still running); safe to repeat."""
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        """Release everything this client holds (a core it started is killed if still running); safe to repeat."""
+        self._shutting_down = True
         self._closing.set()
         if self._receiver is not None:
             self._receiver.join()
+        if self.core is not None:
+            self.core.stop(0)
         if self._grammars is not None:
             self._grammars.close()
             self._grammars = None
-        if not self._context.closed:
-            self._outputs.close()
-            self._inputs.close()
-            self._context.term()
-            os.close(self._pidfd)
-        shutil.rmtree(self._socket_dir, ignore_errors=True)
+        self._connection.close()
 
     def _send(self, message: object) -> None:
-        """Never blocks the event loop: with the core gone a PUSH socket has no peer and would wait for one
-        (the message is dropped; the core's death ends every request anyway)."""
-        if self._inputs.closed or self.failure is not None:
-            return
-        try:
-            self._inputs.send(wire.encode(message), zmq.NOBLOCK)
-        except zmq.Again:
-            pass
+        if self.failure is None and not self._connection.context.closed:
+            self._connection.send(message)
 
     # --- the receiver thread and what it hands to the event loop ------------------------------------------------
     def _receive(self) -> None:
+        outputs, pidfd = self._connection.outputs, self._connection.pidfd
         poller = zmq.Poller()
-        poller.register(self._outputs, zmq.POLLIN)
-        poller.register(self._pidfd, zmq.POLLIN)
-        try:
-            while not self._closing.is_set():
-                events = dict(poller.poll(200))
-                if self._outputs in events:
-                    messages = []
-                    try:
-                        while True:
-                            messages.append(wire.decode_output(self._outputs.recv(zmq.NOBLOCK)))
-                    except zmq.Again:
-                        pass
-                    self._call(self._dispatch, messages)
-                elif self._pidfd in events:
-                    self._call(self._core_died, self.process.wait())
-                    return
-        finally:
-            self._outputs.close()
+        poller.register(outputs, zmq.POLLIN)
+        poller.register(pidfd, zmq.POLLIN)
+        while not self._closing.is_set():
+            events = dict(poller.poll(200))
+            if outputs in events:
+                messages = []
+                try:
+                    while True:
+                        messages.append(wire.decode_output(outputs.recv(zmq.NOBLOCK)))
+                except zmq.Again:
+                    pass
+                self._call(self._dispatch, messages)
+            elif pidfd in events:
+                status = self.core.exit_status() if self.core is not None else "exited"
+                self._call(self._core_died, status)
+                return
 
-    def _call(self, function: Callable, *args: Any) -> None:
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(function, *args)
-
-    def _dispatch(self, messages: list) -> None:
+    def _dispatch(self, messages: list[wire.CoreOutput]) -> None:
         for message in messages:
             if isinstance(message, wire.Outputs):
                 for output in message.outputs:
-                    request_queue = self._queues.get(output.request_id)
-                    if request_queue is not None:
-                        output.prompt_token_ids = self._prompts.setdefault(output.request_id, output.prompt_token_ids)
-                        request_queue.put_nowait(output)
-                        if output.finished:
-                            self._queues.pop(output.request_id, None)
+                    output.prompt_token_ids = self._prompts.setdefault(output.request_id, output.prompt_token_ids)
+                self._deliver(message.outputs)
             elif isinstance(message, wire.Stats):
                 self._stats = message.stats
             elif isinstance(message, wire.RequestFailed):
-                request_queue = self._queues.pop(message.request_id, None)
-                if request_queue is not None:
-                    request_queue.put_nowait(InvalidRequestError(message.message, message.param, message.code)
-                                             if message.kind == "invalid" else EngineDeadError(message.message))
-            elif isinstance(message, wire.Fatal):
-                self._stop_for_good(message.reason)
+                self._fail(message.request_id, InvalidRequestError(message.message, message.param, message.code))
+            elif isinstance(message, wire.Fatal) and self.failure is None:
+                self._stopped_for_good(message.reason)
 
-    def _core_died(self, status: int) -> None:
-        if not self._shutting_down:
-            self._stop_for_good(f"the engine core process exited with status {status}")
+    def _core_died(self, status: str) -> None:
+        if not self._shutting_down and self.failure is None:
+            self._stopped_for_good(f"the engine core process {status}")
 
-    def _stop_for_good(self, reason: str) -> None:
-        if self.failure is not None:
-            return
-        self.failure = reason
-        self._fail_queues(reason)
-        if self.on_fatal is not None:
-            self.on_fatal(reason)
 
-    def _fail_queues(self, reason: str) -> None:
-        for request_queue in self._queues.values():
-            request_queue.put_nowait(EngineDeadError(reason))
-        self._queues.clear()
+def open_front(config: EngineConfig) -> tuple[Tokenizer, ModelInfo]:
+    """What an API process reads of the model itself: its tokenizer and metadata (no weights)."""
+    from engine.assets import resolve_model
+    from engine.loader import open_model
+    from engine.tokenizer import load_tokenizer
+
+    path, builtin_name = resolve_model(config.model)
+    loaded = open_model(path, builtin_name)
+    return load_tokenizer(loaded), loaded.info

@@ -4,17 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.errors import MinervaError
+from engine.errors import InvalidRequestError
 from engine.structured.spec import StructuredOutput
-
-
-class InvalidRequestError(MinervaError, ValueError):
-    """A request field is out of range; `param` names the field and `code` is OpenAI's error code, if any."""
-
-    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
-        self.code = code
 
 
 # Seeds are 64-bit, signed or not (OpenAI documents an int64; torch generators take either).

@@ -1,22 +1,22 @@
-"""The messages between an API server process and its engine core process (engine/core_process.py).
+"""The messages between API server processes and their engine core process (engine/core_process.py).
 
-msgspec's msgpack: typed decoding straight into the engine's own dataclasses (SamplingParams,
-RequestOutput) with no hand-written converters, and among the fastest Python serializers. Each
-direction is one tagged union, so a receiver decodes any message with one `Decoder`. The core
-sends a step's outputs as one `Outputs` message, not one per request.
+msgspec's msgpack: typed decoding straight into the engine's own types (SamplingParams, RequestOutput,
+EngineStats) with no hand-written converters, and among the fastest Python serializers. Each
+direction is one tagged union, so a receiver decodes any message with one `Decoder`. The core sends
+one step's outputs for one API process as one `Outputs` message, not one per request; requests and
+aborts travel as [client name, message] frames, so several API processes share one core.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import msgspec
 
 from engine.outputs import RequestOutput
+from engine.reports import EngineDescription, EngineStats
 from engine.sampling_params import SamplingParams
 
 
-# --- API server -> core ----------------------------------------------------------------------------
+# --- API server -> core (on the core's requests socket, after the sender's name) ----------------------
 class AddRequest(msgspec.Struct, tag=True):
     request_id: str
     prompt: str | list[int]
@@ -27,28 +27,28 @@ class Abort(msgspec.Struct, tag=True):
     request_ids: list[str]
 
 
+class ClientGone(msgspec.Struct, tag=True):
+    """From the launcher: an API process died; the core aborts every request it sent."""
+
+    client: str
+
+
 class Shutdown(msgspec.Struct, tag=True):
     """Stop stepping (running requests end with finish_reason "abort") and exit."""
 
 
-CoreInput = AddRequest | Abort | Shutdown
+CoreInput = AddRequest | Abort | ClientGone | Shutdown
 
 
-# --- core -> API server ----------------------------------------------------------------------------
-class EngineDescription(msgspec.Struct):
-    """What the API server knows of the engine only once it is built: the served context, the vocabulary
-    the sampler draws from, and the start-up banner's facts."""
-
-    max_model_len: int
-    vocab_size: int
-    device: str
-    dtype: str
-    kernels: str  # "torch" | "triton" | "cpu" (or the ops module's name)
+# --- API server -> core (on the core's outputs socket, once, to be known by name) -----------------------
+class Hello(msgspec.Struct, tag=True):
+    """Send me outputs and stats; answered with Ready once the engine is built (or LoadFailed)."""
 
 
+# --- core -> API server --------------------------------------------------------------------------------
 class Ready(msgspec.Struct, tag=True):
     description: EngineDescription
-    stats: dict[str, Any]
+    stats: EngineStats
 
 
 class LoadFailed(msgspec.Struct, tag=True):
@@ -64,18 +64,16 @@ class Outputs(msgspec.Struct, tag=True):
 
 
 class RequestFailed(msgspec.Struct, tag=True):
-    """A request refused (`invalid`: an InvalidRequestError with its param and code) or ended because
-    the engine stopped (`dead`: an EngineDeadError)."""
+    """A request refused by the engine: an InvalidRequestError with its param and code."""
 
     request_id: str
-    kind: str  # "invalid" | "dead"
     message: str
     param: str | None = None
     code: str | None = None
 
 
 class Stats(msgspec.Struct, tag=True):
-    stats: dict[str, Any]
+    stats: EngineStats
 
 
 class Fatal(msgspec.Struct, tag=True):
@@ -88,4 +86,5 @@ CoreOutput = Ready | LoadFailed | Outputs | RequestFailed | Stats | Fatal
 
 encode = msgspec.msgpack.Encoder().encode
 decode_input = msgspec.msgpack.Decoder(CoreInput).decode
+decode_hello = msgspec.msgpack.Decoder(Hello).decode
 decode_output = msgspec.msgpack.Decoder(CoreOutput).decode

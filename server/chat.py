@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from engine.outputs import RequestOutput
-from engine.structured import StructuredOutput
+from engine.structured.spec import StructuredOutput
 from server.choices import new_id, now
 from server.conversation import (Conversation, Event, Finish, FoldedMessage, OutputEvents, PreparedPrompt,
                                  ReasoningDelta, TextDelta, Tool, ToolCallArguments, ToolCallItem, ToolCallStart,

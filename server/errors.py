@@ -19,8 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
-from engine.async_engine import EngineDeadError
-from engine.sampling_params import InvalidRequestError
+from engine.errors import EngineDeadError, InvalidRequestError
 from server.observability.request_record import record_in
 
 logger = logging.getLogger("minerva.server")

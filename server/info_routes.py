@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 from typing import Any
 
+import msgspec
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
@@ -32,7 +33,7 @@ def served_models(request: Request) -> ServedModels:
 
 @public_router.get("/health")
 async def health(request: Request) -> dict[str, Any]:
-    return {"status": "ok", "models": {m.name: m.engine.stats() for m in served_models(request)}}
+    return {"status": "ok", "models": {m.name: msgspec.to_builtins(m.engine.stats()) for m in served_models(request)}}
 
 
 @public_router.get("/metrics", response_class=Response)

@@ -7,6 +7,7 @@ command, `inspect` included, which must not pay for torch or FastAPI.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -56,17 +57,16 @@ def engine_configs(args: argparse.Namespace) -> list[EngineConfig]:
 def build_engines(configs: list[EngineConfig], engine_process: bool = False) -> dict[str, EngineClient]:
     """served name -> its engine (with `engine_process`, a core process each); a model that cannot load raises
     its MinervaError, two under one name a LaunchError."""
-    from engine.async_engine import AsyncEngine
+    from engine.client import start_engine
+    from engine.errors import EngineCoreError
     from engine.models.errors import ModelConfigError
-    from engine.process_client import EngineCoreError, ProcessEngineClient
     from engine.tokenizer import TokenizerError
 
     engines: dict[str, EngineClient] = {}
     for config in configs:
         progress = None if engine_process else LoadProgress.for_terminal(config.model or "the default model")
         try:
-            engine = (ProcessEngineClient.from_config(config) if engine_process
-                      else AsyncEngine.from_config(config, on_progress=progress))
+            engine = start_engine(config, own_process=engine_process, on_progress=progress)
         except (ModelConfigError, TokenizerError, EngineCoreError) as exc:  # these name the field or file, not the model
             raise LaunchError(f"{config.model or 'the default model'}: {exc}") from exc
         finally:
@@ -79,13 +79,11 @@ def build_engines(configs: list[EngineConfig], engine_process: bool = False) -> 
     return engines
 
 
-def device_name(configs: list[EngineConfig]) -> str:
-    """What the throughput estimate assumes by default: this machine's GPU name, or cpu."""
-    import torch
+def device_name(engines: dict[str, EngineClient]) -> str:
+    """What the throughput estimate assumes by default: this machine's GPU name where an engine runs on one, or cpu."""
+    if any(engine.describe().device.startswith("cuda") for engine in engines.values()):
+        import torch
 
-    from engine.builder import resolve_device
-
-    if torch.cuda.is_available() and any(resolve_device(c.device).type == "cuda" for c in configs):
         return torch.cuda.get_device_name()
     return "cpu"
 
@@ -103,8 +101,9 @@ def cors_list(text: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
-def server_settings(args: argparse.Namespace, configs: list[EngineConfig]) -> ServerSettings:
-    """The operator's flags as ServerSettings; a bad keys file or limit is a LaunchError."""
+def server_settings(args: argparse.Namespace) -> ServerSettings:
+    """The operator's flags as ServerSettings (checked before the models load; `device_name` is set once they
+    have); a bad keys file or limit is a LaunchError."""
     keys = list(args.api_key or [])
     try:
         if args.api_keys_file:
@@ -124,7 +123,7 @@ def server_settings(args: argparse.Namespace, configs: list[EngineConfig]) -> Se
                          max_concurrent_per_client=args.max_concurrent_per_key, max_pending=args.max_pending)
     return ServerSettings(api_keys=tuple(keys), protect_metrics=args.protect_metrics, rate_limits=rate_limits,
                           request_limits=request_limits, log_prompts=args.log_prompts,
-                          allow_path_checks=args.allow_path_checks, device_name=device_name(configs),
+                          allow_path_checks=args.allow_path_checks,
                           allowed_origins=args.allowed_origins, allowed_methods=args.allowed_methods,
                           allowed_headers=args.allowed_headers, tool_call_parser=args.tool_call_parser,
                           model_aliases=tuple((alias, names[0]) for names in served_names(args) for alias in names[1:]),
@@ -134,14 +133,11 @@ def server_settings(args: argparse.Namespace, configs: list[EngineConfig]) -> Se
 
 def banner_lines(engines: dict[str, EngineClient], url: str) -> list[str]:
     """One line per served model: where, what context, how many tokens the KV cache holds, on what."""
-    from engine.core_process import describe
-    from engine.process_client import ProcessEngineClient
-
     lines = []
     for name, engine in engines.items():
-        about = engine.description if isinstance(engine, ProcessEngineClient) else describe(engine.engine)
+        about = engine.describe()
         lines.append(f"Minerva serving {name!r} at {url}/v1: context {about.max_model_len} tokens, KV cache "
-                     f"{engine.stats()['kv_cache_tokens']} tokens, device {about.device}, {about.dtype}, "
+                     f"{engine.stats().kv_cache_tokens} tokens, device {about.device}, {about.dtype}, "
                      f"{about.kernels} kernels")
     return lines
 
@@ -174,8 +170,9 @@ def serve_command(args: argparse.Namespace) -> int:
         raise LaunchError("--ssl-keyfile and --ssl-certfile go together")
     configure_json_logging(args.log_level)
     configs = engine_configs(args)
-    settings = server_settings(args, configs)
+    settings = server_settings(args)
     engines = build_engines(configs, args.engine_process)
+    settings = dataclasses.replace(settings, device_name=device_name(engines))
     scheme = "https" if args.ssl_certfile else "http"
     for line in banner_lines(engines, f"{scheme}://{args.host}:{args.port}"):
         log.info(line)

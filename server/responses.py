@@ -11,7 +11,7 @@ import anyio
 from fastapi.responses import StreamingResponse
 from starlette.requests import Request
 
-from engine.async_engine import EngineDeadError
+from engine.errors import EngineDeadError
 from engine.outputs import RequestOutput
 from server.choices import Collected
 from server.errors import APIError, engine_unavailable, error_body

@@ -38,8 +38,8 @@ class ServedModel:
         card["trained_context_length"] = info.get("context_length")
         card["context_length"] = card["max_model_len"] = self.engine.max_model_len
         stats = self.engine.stats()  # the KV cache of the whole tensor-parallel group, not one rank's
-        card.update({key: stats[key] for key in ("kv_cache_tokens", "kv_cache_bytes", "tensor_parallel_size", "kernels")
-                     if key in stats})
+        card.update(kv_cache_tokens=stats.kv_cache_tokens, kv_cache_bytes=stats.kv_cache_bytes,
+                    tensor_parallel_size=stats.tensor_parallel_size, kernels=stats.kernels)
         return card
 
 

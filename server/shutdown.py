@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 import uvicorn
 
-from engine.async_engine import AsyncEngine
+from engine.client import EngineClient
 
 log = logging.getLogger("minerva.server")
 
@@ -25,7 +25,7 @@ SHUTDOWN_REASON = "the server is shutting down"
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, engines: Iterable[AsyncEngine]) -> None:
+    def __init__(self, config: uvicorn.Config, engines: Iterable[EngineClient]) -> None:
         """`config.app`: an app from server.app.create_app (its `state.draining` tells body reads to stop)."""
         super().__init__(config)
         self.engines = list(engines)

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 import uvicorn
 
+from engine.reports import EngineStats
+
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -112,22 +114,20 @@ def tiny_engine(model_dir: Path, name: str = "tiny"):
     """An AsyncEngine on the tiny Llama, fp32 on CPU with the torch kernels (not started); with
     MINERVA_TEST_ENGINE_PROCESS=1 a ProcessEngineClient instead, so the server tests run against
     `--engine-process` too."""
-    from engine.async_engine import AsyncEngine
+    from engine.client import start_engine
     from engine.config import EngineConfig
-    from engine.process_client import ProcessEngineClient
 
-    in_process = os.environ.get("MINERVA_TEST_ENGINE_PROCESS") != "1"
-    build = AsyncEngine.from_config if in_process else ProcessEngineClient.from_config
-    return build(EngineConfig(model=str(model_dir), served_model_name=name, device="cpu",
-                               dtype="float32", kernel_backend="torch", kv_cache_gib=0.02))
+    return start_engine(EngineConfig(model=str(model_dir), served_model_name=name, device="cpu", dtype="float32",
+                                     kernel_backend="torch", kv_cache_gib=0.02),
+                        own_process=os.environ.get("MINERVA_TEST_ENGINE_PROCESS") == "1")
 
 
-def wait_until_idle(engine, timeout: float = 20.0) -> dict:
+def wait_until_idle(engine, timeout: float = 20.0) -> EngineStats:
     """The engine's stats once nothing runs, waits or holds a KV block (or whatever they are at the timeout)."""
     deadline = time.monotonic() + timeout
     while True:
         stats = engine.stats()
-        if stats["num_running"] == 0 and stats["num_waiting"] == 0 and stats["kv_blocks_used"] == 0:
+        if stats.num_running == 0 and stats.num_waiting == 0 and stats.kv_blocks_used == 0:
             return stats
         if time.monotonic() > deadline:
             return stats

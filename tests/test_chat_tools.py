@@ -142,7 +142,7 @@ def test_named_tool_choice_yields_valid_arguments_streamed_equal_to_unstreamed(c
     assert len([c for c in chunks if c.choices and c.choices[0].delta.tool_calls]) > 2  # fragments, as generated
     assert arguments == call.function.arguments
     assert chunks[-1].choices[0].finish_reason == "stop"
-    assert wait_until_idle(engine)["kv_blocks_used"] == 0
+    assert wait_until_idle(engine).kv_blocks_used == 0
 
 
 def test_required_tool_choice_without_parallel_calls_makes_one_declared_call(client):
@@ -209,7 +209,7 @@ def test_unusable_tool_and_schema_requests_are_400_naming_the_field(client, engi
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4, **body)
     assert caught.value.param == param
-    assert wait_until_idle(engine)["kv_blocks_used"] == 0
+    assert wait_until_idle(engine).kv_blocks_used == 0
 
 
 def test_max_tokens_beyond_the_context_is_clamped_to_what_fits(client, engine):

@@ -42,7 +42,7 @@ def test_batched_greedy_equals_transformers(chunked, prefix, num_blocks, budget)
     for prompt_ids, tokens in results.values():
         assert tokens == reference_greedy(tuple(prompt_ids), MAX_TOKENS)
     if num_blocks:
-        assert engine.stats()["num_preemptions"] > 0
+        assert engine.stats().num_preemptions > 0
     assert_idle(engine)
 
 
@@ -51,7 +51,7 @@ def test_prefix_cache_hits_and_same_tokens():
     first = _greedy_all(engine, PROMPTS[:1])
     again = _greedy_all(engine, PROMPTS[:1])
     assert first["r0"] == again["r0"]
-    assert engine.stats()["prefix_cache_hit_rate"] > 0
+    assert engine.stats().prefix_cache_hit_rate > 0
 
 
 def test_seeded_sampling_independent_of_batch():

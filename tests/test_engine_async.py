@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from engine.async_engine import AsyncEngine, EngineDeadError
+from engine.async_engine import AsyncEngine
+from engine.errors import EngineDeadError
 from engine.outputs import RequestAccumulator
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from tests.engine_testing import assert_idle, make_engine, reference_greedy
@@ -44,8 +45,8 @@ def test_concurrent_streams_and_cancel():
             async for _ in engine.generate(list(range(300)), SamplingParams(), "big"):
                 pass
         stats = wait_until_idle(engine)  # the abort of "gone" applies at the engine's next step boundary
-        assert stats["num_running"] == 0 and stats["kv_blocks_used"] == 0
-        assert stats["generation_tokens_total"] >= 12
+        assert stats.num_running == 0 and stats.kv_blocks_used == 0
+        assert stats.generation_tokens_total >= 12
         await engine.shutdown()
         assert_idle(engine.engine)
 
@@ -80,7 +81,7 @@ def test_adds_and_aborts_do_not_wait_for_a_step():
         assert (await waiting).request_id == "a"  # the step in flight still reports
         outs = [await pending] + [o async for o in second]
         assert outs[-1].finished and outs[-1].outputs[0].num_generated == 4
-        assert wait_until_idle(engine)["kv_blocks_used"] == 0  # "a" was aborted between steps
+        assert wait_until_idle(engine).kv_blocks_used == 0  # "a" was aborted between steps
         await first.aclose()
         await engine.shutdown()
 
@@ -96,7 +97,7 @@ def test_a_blocked_event_loop_does_not_stop_the_engine():
         first = await stream.__anext__()
         assert first.outputs[0].num_generated == 1
         time.sleep(1.0)  # the event loop does nothing for a second
-        assert engine.stats()["generation_tokens_total"] > 5
+        assert engine.stats().generation_tokens_total > 5
         outs = [o async for o in stream]
         assert outs[-1].finished
         await engine.shutdown()

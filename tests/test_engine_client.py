@@ -14,7 +14,8 @@ MEMBERS = [name for name in vars(EngineClient) if not name.startswith("_")]
 
 
 def test_protocol_names_what_the_server_uses():
-    assert {"tokenizer", "model_info", "max_model_len", "stats", "generate", "abort", "start", "shutdown"} <= set(MEMBERS)
+    assert {"tokenizer", "model_info", "max_model_len", "describe", "stats", "compile_structured", "generate", "abort",
+            "end_requests", "start", "shutdown"} <= set(MEMBERS)
     assert set(EngineClient.__annotations__) == {"failure", "on_fatal"}
 
 

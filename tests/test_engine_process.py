@@ -16,10 +16,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from engine.async_engine import EngineDeadError
+from engine.errors import EngineDeadError
 from engine.config import EngineConfig
 from engine.outputs import RequestAccumulator
 from engine.process_client import ProcessEngineClient
+from engine.reports import EngineStats
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from engine.structured import StructuredOutput
 from tests.engine_testing import make_engine, reference_greedy, run_to_completion, tiny_llama_dir
@@ -40,7 +41,7 @@ async def collect(client: ProcessEngineClient, prompt, params: SamplingParams, r
     return merged.result(request_id)
 
 
-async def stats_when(client: ProcessEngineClient, ready, timeout: float = 20.0) -> dict:
+async def stats_when(client: ProcessEngineClient, ready, timeout: float = 20.0) -> EngineStats:
     """The client's stats once `ready(stats)` holds (they arrive on the event loop, so this must not block it)."""
     deadline = time.monotonic() + timeout
     while not ready(stats := client.stats()) and time.monotonic() < deadline:
@@ -76,12 +77,12 @@ def test_outputs_equal_in_process_and_abort_crosses():
                 await collect(client, [1] * 100_000, greedy, "big")
             assert refused.value.param is not None
 
-            before = (await stats_when(client, lambda s: s["num_running"] == 0))["generation_tokens_total"]
+            before = (await stats_when(client, lambda s: s.num_running == 0)).generation_tokens_total
             async for _ in client.generate("Hello there", SamplingParams(max_tokens=100_000, ignore_eos=True), "gone"):
                 break  # the client leaves after its first chunk: the abort crosses to the core
-            stats = await stats_when(client, lambda s: s["generation_tokens_total"] > before
-                                     and s["num_running"] == 0 and s["kv_blocks_used"] == 0)
-            assert stats["num_running"] == 0 and stats["kv_blocks_used"] == 0 and stats["num_waiting"] == 0
+            stats = await stats_when(client, lambda s: s.generation_tokens_total > before
+                                     and s.num_running == 0 and s.kv_blocks_used == 0)
+            assert stats.num_running == 0 and stats.kv_blocks_used == 0 and stats.num_waiting == 0
         finally:
             await client.shutdown()
         assert client.failure is None
@@ -101,7 +102,7 @@ def test_core_death_ends_streams_with_an_error():
         started = time.monotonic()
         with pytest.raises(EngineDeadError, match="exited with status"):
             async for _ in client.generate("Hi", SamplingParams(max_tokens=100_000, ignore_eos=True), "long"):
-                os.kill(client.process.pid, signal.SIGKILL)
+                os.kill(client.core.process.pid, signal.SIGKILL)
         assert time.monotonic() - started < 30
         assert reasons == [client.failure] and "status -9" in client.failure
         with pytest.raises(EngineDeadError):  # later requests are refused at once

@@ -182,7 +182,7 @@ def test_concurrency_cap_per_key_refuses_at_once_and_costs_no_request_budget(gua
         assert client(guarded, "sk-other").completions.create(model="tiny", prompt=PROMPT, max_tokens=2).usage
     finally:
         sock.close()
-    assert wait_until_idle(guarded.engine)["kv_blocks_used"] == 0
+    assert wait_until_idle(guarded.engine).kv_blocks_used == 0
     wait_until_slots_free(guarded)
     assert client(guarded, "sk-conc").completions.create(model="tiny", prompt=PROMPT, max_tokens=2).usage
 
@@ -196,7 +196,7 @@ def test_a_full_server_is_a_503_at_once(limited):
         assert httpx.get(limited.base_url + "/v1/models").status_code == 200  # only generation is capped
     finally:
         sock.close()
-    assert wait_until_idle(limited.engine)["kv_blocks_used"] == 0
+    assert wait_until_idle(limited.engine).kv_blocks_used == 0
     wait_until_slots_free(limited)
 
 
@@ -331,7 +331,7 @@ def test_metrics_cover_traffic_latency_and_engine_state(limited):
                                       stream=True))
     httpx.post(limited.base_url + "/v1/completions", json={"prompt": PROMPT, "n": 99})
     httpx.get(limited.base_url + "/no/such/route/12345")
-    assert wait_until_idle(limited.engine)["kv_blocks_used"] == 0
+    assert wait_until_idle(limited.engine).kv_blocks_used == 0
     samples = scrape(limited)
     names = {name for name, _ in samples}
 

@@ -85,7 +85,7 @@ def test_fuzzed_requests_never_500_and_errors_keep_openai_shape(live, mode):
 
 def test_fuzzing_left_the_engine_idle(live):
     stats = wait_until_idle(live.engine, timeout=60)
-    assert stats["kv_blocks_used"] == 0 and stats["num_running"] == 0, stats
+    assert stats.kv_blocks_used == 0 and stats.num_running == 0, stats
 
 
 # --- load and faults --------------------------------------------------------------------------------------
@@ -167,7 +167,7 @@ def test_200_concurrent_streams_with_disconnects_and_invalid_bodies(live, capsys
             assert 400 <= r["status"] < 500
             assert_openai_shape(r["status"], r["body"])
     stats = wait_until_idle(live.engine, timeout=60)
-    assert stats["kv_blocks_used"] == 0 and stats["num_running"] == 0 and stats["num_waiting"] == 0, stats
+    assert stats.kv_blocks_used == 0 and stats.num_running == 0 and stats.num_waiting == 0, stats
     assert httpx.get(live.base_url + "/health").json()["status"] == "ok"
     latencies = [r["latency"] for r in completed]
     with capsys.disabled():

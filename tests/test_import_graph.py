@@ -83,6 +83,33 @@ def test_layers_import_only_downwards(package: str) -> None:
     assert not upward, "\n".join(upward)
 
 
+# What the server may import of the engine: the client contract and its public types (messages, config,
+# errors, metadata). Never its machinery (LLMEngine, scheduler, runner, the clients' implementations).
+SERVER_MAY_IMPORT = {
+    "engine.client",  # EngineClient, start_engine
+    "engine.reports",  # EngineStats, EngineDescription
+    "engine.errors",
+    "engine.config",
+    "engine.outputs",  # RequestOutput and its accumulator
+    "engine.sampling_params",
+    "engine.structured.spec",  # StructuredOutput
+    "engine.tokenizer",  # the Tokenizer the client hands out, TokenizerError
+    "engine.models.errors",  # ModelConfigError
+    "engine.loader",  # ModelInfo and the metadata readers (`minerva inspect`, model checks)
+    "engine.assets",  # the built-in model names
+    "engine.prompt_rules",  # the context rules the routes apply before reserving rate-limit tokens
+    "engine.token_bytes",  # a token's bytes for logprobs
+}
+
+
+def test_server_imports_only_the_engines_public_surface() -> None:
+    reached = sorted(f"{module} imports {target}" for module, targets in import_graph().items()
+                     if module.split(".")[0] == "server"
+                     for target in targets if target.split(".")[0] == "engine"
+                     and target not in SERVER_MAY_IMPORT and not target.startswith("engine.loader."))
+    assert not reached, "\n".join(reached)
+
+
 def test_cycle_finder_sees_a_cycle() -> None:
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"a.x"}, "a.x": {"b"}, "b": set()}) is None

@@ -18,7 +18,7 @@ from anthropic.types import Message, MessageTokensCount, RawMessageStreamEvent
 from anthropic.types.shared import ErrorResponse
 from pydantic import TypeAdapter
 
-from engine.async_engine import EngineDeadError
+from engine.errors import EngineDeadError
 from scripted_model import scripted_engine
 from server.app import create_app
 from server.settings import ServerSettings
@@ -139,7 +139,7 @@ def test_text_message_streamed_equals_whole(live, engine):
     assert whole.stop_reason in ("max_tokens", "end_turn")
     assert whole.usage.output_tokens <= 12
     same_message(reassembled(stream_events(live, body)), whole)
-    assert wait_until_idle(engine)["kv_blocks_used"] == 0
+    assert wait_until_idle(engine).kv_blocks_used == 0
 
 
 def test_sdk_create_and_stream_agree(client):
@@ -189,7 +189,7 @@ def test_forced_tool_gives_schema_valid_input_streamed_equal_to_whole(live, engi
     deltas = [data["delta"]["type"] for name, data in events if name == "content_block_delta"]
     assert deltas.count("input_json_delta") > 2
     same_message(reassembled(events), whole)
-    assert wait_until_idle(engine)["kv_blocks_used"] == 0
+    assert wait_until_idle(engine).kv_blocks_used == 0
 
 
 def test_any_tool_choice_without_parallel_use_makes_one_call(client):
@@ -261,7 +261,7 @@ def test_errors_in_anthropic_shape(live, engine, body, status, kind, field):
         assert response.status_code == status, response.text
         error = ErrorResponse.model_validate(response.json())
         assert error.type == "error" and error.error.type == kind and field in error.error.message
-    assert wait_until_idle(engine)["kv_blocks_used"] == 0
+    assert wait_until_idle(engine).kv_blocks_used == 0
 
 
 def test_sdk_raises_its_own_error_classes(client):
@@ -329,6 +329,6 @@ def test_an_error_mid_stream_is_an_anthropic_error_event(model_dir):
         with pytest.raises(anthropic.APIStatusError, match="not running"):
             with client.messages.stream(model="tiny", max_tokens=8, messages=ASK) as stream:
                 stream.get_final_message()
-        assert wait_until_idle(engine)["kv_blocks_used"] == 0
+        assert wait_until_idle(engine).kv_blocks_used == 0
     finally:
         server.stop()

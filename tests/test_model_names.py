@@ -29,10 +29,10 @@ def test_served_model_name_takes_aliases_after_commas():
     args = parse("a.gguf", "b.gguf", "--served-model-name", "gpt-oss, claude-sonnet-4-5,claude-haiku-4-5",
                  "--served-model-name", "small", "--fallback-model", "small")
     assert [c.served_model_name for c in engine_configs(args)] == ["gpt-oss", "small"]
-    settings = server_settings(args, engine_configs(args))
+    settings = server_settings(args)
     assert settings.model_aliases == (("claude-sonnet-4-5", "gpt-oss"), ("claude-haiku-4-5", "gpt-oss"))
     assert settings.fallback_model == "small"
-    assert server_settings(parse("a.gguf"), engine_configs(parse("a.gguf"))).fallback_model is None  # off by default
+    assert server_settings(parse("a.gguf")).fallback_model is None  # off by default
     for bad in (["--served-model-name", "x,x"], ["--served-model-name", "x,"]):
         with pytest.raises(LaunchError):
             engine_configs(parse("a.gguf", *bad))

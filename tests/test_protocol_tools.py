@@ -52,7 +52,7 @@ def test_named_call_cut_by_max_tokens_is_a_call_that_replays(client, engine, max
     fragments = [tc.function.arguments or "" for c in streamed for tc in (c.choices[0].delta.tool_calls or [])]
     assert "".join(fragments) == call.function.arguments
     replay(client, choice.message)
-    assert wait_until_idle(engine)["kv_blocks_used"] == 0
+    assert wait_until_idle(engine).kv_blocks_used == 0
 
 
 @pytest.mark.parametrize("max_tokens", [2, 6, 12, 24])

@@ -85,7 +85,7 @@ def test_text_streamed_equals_non_streamed_and_the_sdk_reads_both(http, sdk, eng
     deltas = "".join(event.delta for event in events if event.type == "response.output_text.delta")
     assert events[-1].type == "response.incomplete"  # (the SDK's get_final_response wants response.completed)
     assert deltas == events[-1].response.output_text == typed.output_text
-    assert wait_until_idle(engine)["kv_blocks_used"] == 0
+    assert wait_until_idle(engine).kv_blocks_used == 0
 
 
 def test_forced_function_call_has_schema_valid_arguments_streamed_equal_to_non_streamed(http):

@@ -84,7 +84,7 @@ def test_a_shared_key_from_the_environment_opens_across_servers(monkeypatch):
 
 def test_store_flags_become_settings():
     settings = server_settings(parse("m", "--responses-store-items", "5", "--responses-store-mib", "2",
-                                     "--responses-store-ttl", "60"), [])
+                                     "--responses-store-ttl", "60"))
     assert (settings.responses_store.max_items, settings.responses_store.max_bytes,
             settings.responses_store.ttl_seconds) == (5, 2 * 1024 * 1024, 60)
     with pytest.raises(SystemExit):

@@ -110,7 +110,7 @@ def test_slow_grammar_compile_is_a_400_naming_the_limit_and_others_are_served(li
         error = assert_openai_error(response, 400)
         assert "--grammar-compile-timeout-s" in error["message"]
         assert error["param"] == "response_format.json_schema.schema"
-    assert wait_until_idle(engine)["kv_blocks_used"] == 0
+    assert wait_until_idle(engine).kv_blocks_used == 0
 
 
 def half_sent(port: int, chunked: bool) -> socket.socket:
@@ -154,7 +154,7 @@ def test_half_sent_bodies_hold_no_slot_and_get_408(live, client, engine):
     finally:
         for sock in sockets:
             sock.close()
-    assert wait_until_idle(engine)["kv_blocks_used"] == 0
+    assert wait_until_idle(engine).kv_blocks_used == 0
 
 
 def test_deeply_nested_tool_arguments_are_a_400(live, client):
@@ -215,7 +215,7 @@ def test_max_output_tokens_caps_every_request(client, engine):
     response = client.completions.create(model="tiny", prompt="Hello", extra_body=LONG, max_tokens=1000)
     assert response.usage.completion_tokens == MAX_OUTPUT_TOKENS
     assert response.choices[0].finish_reason == "length"
-    assert wait_until_idle(engine)["kv_blocks_used"] == 0
+    assert wait_until_idle(engine).kv_blocks_used == 0
 
 
 def test_request_timeout_is_a_504_and_frees_the_engine(engine, live):
@@ -229,7 +229,7 @@ def test_request_timeout_is_a_504_and_frees_the_engine(engine, live):
                           timeout=60) as stream:
             lines = [line for line in stream.iter_lines() if line]
         assert lines[-1] == "data: [DONE]" and "--request-timeout" in lines[-2]
-        assert wait_until_idle(engine)["kv_blocks_used"] == 0
+        assert wait_until_idle(engine).kv_blocks_used == 0
         assert httpx.post(server.base_url + "/v1/completions", timeout=60,
                           json={"model": "tiny", "prompt": "Hi", "max_tokens": 1}).status_code == 200
     finally:
@@ -267,7 +267,7 @@ def test_request_timeout_ends_responses_and_messages_streams_with_their_error_ev
         name, error = events[-1]
         assert name == "error" and error["error"]["type"] == "timeout_error"
         assert "--request-timeout" in error["error"]["message"]
-        assert wait_until_idle(engine)["kv_blocks_used"] == 0
+        assert wait_until_idle(engine).kv_blocks_used == 0
     finally:
         server.stop()
 
@@ -299,7 +299,7 @@ def test_streams_open_at_the_shutdown_timeout_end_with_an_error_event(engine, li
     assert lines[-1] == "data: [DONE]"
     assert json.loads(lines[-2].removeprefix("data: "))["error"]["code"] == "engine_unavailable"
     assert caplog.text.count("shutdown timeout reached") == 1
-    assert wait_until_idle(engine)["kv_blocks_used"] == 0
+    assert wait_until_idle(engine).kv_blocks_used == 0
 
 
 class LaunchedServer:

@@ -344,7 +344,7 @@ def start_long_request(live, stream: bool) -> socket.socket:
 
 @pytest.mark.parametrize("stream", [True, False])
 def test_client_disconnect_aborts_and_frees_blocks(live, engines, stream):
-    assert wait_until_idle(engines["tiny"])["kv_blocks_used"] == 0
+    assert wait_until_idle(engines["tiny"]).kv_blocks_used == 0
     sock = start_long_request(live, stream)
     try:
         if stream:
@@ -354,13 +354,13 @@ def test_client_disconnect_aborts_and_frees_blocks(live, engines, stream):
                 assert chunk, "server closed the stream early"
                 received += chunk
         deadline = time.monotonic() + 20
-        while engines["tiny"].stats()["kv_blocks_used"] == 0 and time.monotonic() < deadline:
+        while engines["tiny"].stats().kv_blocks_used == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert engines["tiny"].stats()["kv_blocks_used"] > 0
+        assert engines["tiny"].stats().kv_blocks_used > 0
     finally:
         sock.close()
     stats = wait_until_idle(engines["tiny"])
-    assert stats["num_running"] == 0 and stats["kv_blocks_used"] == 0, stats
+    assert stats.num_running == 0 and stats.kv_blocks_used == 0, stats
 
 
 # --- errors -----------------------------------------------------------------------------------------------

@@ -97,7 +97,7 @@ def test_keys_limits_and_logging_flags_become_server_settings(tmp_path):
     args = parse("m", "--api-key", "sk-a", "--api-key", "sk-b", "--api-keys-file", str(keys_file), "--protect-metrics",
                  "--rpm", "60", "--tpm", "1000", "--max-concurrent-per-key", "2", "--max-pending", "8",
                  "--max-n", "4", "--max-stop", "2", "--max-body-bytes", "1000", "--log-prompts")
-    settings = server_settings(args, engine_configs(args))
+    settings = server_settings(args)
     assert settings.api_keys == ("sk-a", "sk-b", "sk-file") and settings.protect_metrics and settings.log_prompts
     limits = settings.rate_limits
     assert (limits.requests_per_minute, limits.tokens_per_minute, limits.max_concurrent_per_client,

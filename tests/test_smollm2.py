@@ -44,7 +44,7 @@ def hf_model():
 def test_the_default_model_resolves_from_the_installed_package_and_answers(llm):
     assert resolve_model(None) == (smollm2_gguf(), DEFAULT_MODEL)
     assert llm.engine.model_info.id == DEFAULT_MODEL and llm.engine.max_model_len == 8192
-    assert llm.engine.stats()["kernels"]["quantized_matmul"]["kernel"] == "qgemm"  # the Q4_1/Q8_0 weights stay so
+    assert llm.engine.stats().kernels["quantized_matmul"]["kernel"] == "qgemm"  # the Q4_1/Q8_0 weights stay so
     messages = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
     prompt = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(messages), add_special_tokens=False)
     (output,) = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=24))

@@ -54,7 +54,7 @@ def test_served_text_is_the_same_and_metrics_count_drafts(served, caplog):
             stream = client.completions.create(model=name, prompt=PROMPT, max_tokens=24, temperature=0, stream=True)
             assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices) == texts[name]
     assert texts["spec"] == texts["plain"] and texts["plain"]
-    assert wait_until_idle(served.engines["spec"])["kv_blocks_used"] == 0
+    assert wait_until_idle(served.engines["spec"]).kv_blocks_used == 0
     metrics = httpx.get(served.base_url + "/metrics").text
     lines = {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines()
              if line.startswith("minerva_spec_decode")}

@@ -48,7 +48,7 @@ def test_engine_measures_the_budget_on_cpu_and_a_given_budget_overrides():
     expected = max(MIN_PREFILL_TOKENS, int((STALL_RATIO - 1) * budget.decode_ms / budget.token_ms))
     assert budget.prefill_tokens == min(expected, engine.config.batched_tokens)
     assert engine.scheduler.prefill_beside_decodes == budget.prefill_tokens
-    assert engine.stats()["step_prefill_budget"] == budget.prefill_tokens
+    assert engine.stats().step_prefill_budget == budget.prefill_tokens
     given = make_engine(max_num_batched_tokens=64)
     assert given.step_budget is None and given.scheduler.prefill_beside_decodes is None
     assert engine_for_model(FakeModel(), IdTokenizer(), EngineConfig(), max_model_len=64, num_blocks=8).step_budget is None

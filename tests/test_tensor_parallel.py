@@ -64,9 +64,9 @@ def test_two_ranks_match_one(kind, tmp_path_factory):
         torch.testing.assert_close(two, one, rtol=1e-4, atol=1e-4)  # fp32, sums in another order
     # the row-parallel joins (attention out, MLP/MoE down) per layer, plus the vocab-parallel embedding
     assert per_forward == {"all_reduce": 2 * layers + 1, "all_gather": 1}
-    assert stats_2["tensor_parallel_size"] == 2 and stats_2["kv_cache_tokens"] == stats_1["kv_cache_tokens"]
+    assert stats_2.tensor_parallel_size == 2 and stats_2.kv_cache_tokens == stats_1.kv_cache_tokens
     replicated = kind == "llama-kv1"  # one KV head, so each rank keeps a copy: twice the bytes
-    assert stats_2["kv_cache_bytes"] == stats_1["kv_cache_bytes"] * (2 if replicated else 1)
+    assert stats_2.kv_cache_bytes == stats_1.kv_cache_bytes * (2 if replicated else 1)
 
 
 def test_head_slices_split_or_replicate_kv_heads():

@@ -58,4 +58,4 @@ def test_named_tool_loop(served):
     assert choice.finish_reason in ("stop", "length", "tool_calls")
     assert choice.message.content or choice.message.tool_calls
     assert final.usage.prompt_tokens > first.usage.prompt_tokens  # the call and its result are in the prompt
-    assert wait_until_idle(engine)["kv_blocks_used"] == 0
+    assert wait_until_idle(engine).kv_blocks_used == 0

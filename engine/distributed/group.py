@@ -10,10 +10,7 @@ import torch
 
 from engine.cpu_threads import allowed_cpus, cgroup_quota, usable_cpus
 from engine.distributed.context import ParallelContext
-
-
-class ParallelGroupError(RuntimeError):
-    """A rank died or a collective timed out: the group cannot compute another step."""
+from engine.errors import ParallelGroupError
 
 
 def free_port() -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.reports import SpecDecodeCounters
+
 
 @dataclass
 class SpecDecodeStats:
@@ -33,13 +35,10 @@ class SpecDecodeStats:
         """Tokens emitted per verified sequence-step: the accepted drafts plus the one drawn token."""
         return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
 
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "spec_decode_num_drafts": self.num_drafts,
-            "spec_decode_num_draft_tokens": self.num_draft_tokens,
-            "spec_decode_num_accepted_tokens": self.num_accepted_tokens,
-            "spec_decode_num_accepted_tokens_per_pos": list(self.accepted_per_position),
-            "spec_decode_acceptance_rate": self.acceptance_rate,
-            "spec_decode_mean_acceptance_length": self.mean_acceptance_length,
-            "spec_decode_propose_seconds": self.propose_seconds,
-        }
+    def snapshot(self) -> SpecDecodeCounters:
+        return SpecDecodeCounters(num_drafts=self.num_drafts, num_draft_tokens=self.num_draft_tokens,
+                                  num_accepted_tokens=self.num_accepted_tokens,
+                                  accepted_per_position=list(self.accepted_per_position),
+                                  acceptance_rate=self.acceptance_rate,
+                                  mean_acceptance_length=self.mean_acceptance_length,
+                                  propose_seconds=self.propose_seconds)

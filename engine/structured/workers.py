@@ -25,12 +25,10 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from engine.errors import GrammarError
+
 WORKER_START_TIMEOUT_S = 120.0  # importing xgrammar (and torch) on a loaded machine; not counted as compile time
 _XGRAMMAR_PREFIX = re.compile(r"^\[[\d:]+\]\s+\S+:\d+:\s*")  # "[01:10:10] /project/cpp/x.cc:5082: "
-
-
-class GrammarError(ValueError):
-    """A schema the grammar engine cannot compile (invalid JSON Schema or an unsupported feature)."""
 
 
 class GrammarTimeout(GrammarError):

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.structured import GrammarError, StructuredOutput
+from engine.client import EngineClient
+from engine.errors import GrammarError
+from engine.structured.spec import StructuredOutput
 from server.conversation.items import Conversation
 from server.errors import APIError
 
@@ -36,14 +38,14 @@ def output_constraint(conversation: Conversation) -> tuple[StructuredOutput, str
     return conversation.output_format, conversation.output_format_param
 
 
-async def compile_constraint(engine: Any, conversation: Conversation) -> StructuredOutput | None:
+async def compile_constraint(engine: EngineClient, conversation: Conversation) -> StructuredOutput | None:
     """The conversation's constraint, compiled (and cached) off the event loop and off the engine's step loop."""
     found = output_constraint(conversation)
     if found is None:
         return None
     spec, param = found
     try:
-        await engine.grammars.compile_async(spec)
+        await engine.compile_structured(spec)
     except GrammarError as exc:
         what = "grammar" if spec.kind in ("regex", "lark") else "schema"
         raise APIError(400, f"{param}: this {what} cannot be used for constrained decoding: {exc}",

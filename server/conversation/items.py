@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import jsonschema
 
-from engine.structured import StructuredOutput
+from engine.structured.spec import StructuredOutput
 from server.conversation.reasoning import Effort
 from server.errors import APIError
 

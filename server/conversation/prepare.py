@@ -8,7 +8,7 @@ from typing import Any
 
 from engine.prompt_rules import completion_budget
 from engine.sampling_params import SamplingParams
-from engine.structured import StructuredOutput
+from engine.structured.spec import StructuredOutput
 from server.conversation.harmony import HarmonyParser, uses_harmony
 from server.conversation.items import Conversation
 from server.conversation.output import OutputEvents

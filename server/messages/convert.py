@@ -12,7 +12,7 @@ import json
 import logging
 from typing import Any
 
-from engine.structured import StructuredOutput
+from engine.structured.spec import StructuredOutput
 from server.conversation import Conversation, Tool, ToolCallItem, Turn
 from server.conversation.reasoning import Effort
 from server.errors import APIError

@@ -7,48 +7,59 @@ shows the current state and nothing polls in the background.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from engine.reports import EngineStats, SpecDecodeCounters
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
-# engine.stats() key -> (metric name, help, kind)
-_ENGINE_STATS = {
-    "num_waiting": ("minerva_queue_length", "Requests waiting to be scheduled", "gauge"),
-    "num_running": ("minerva_running_sequences", "Sequences running in the engine", "gauge"),
-    "kv_blocks_used": ("minerva_kv_blocks_used", "KV-cache blocks in use", "gauge"),
-    "kv_blocks_free": ("minerva_kv_blocks_free", "KV-cache blocks free", "gauge"),
-    "kv_cache_tokens": ("minerva_kv_cache_tokens", "Tokens the KV cache holds (every tensor-parallel rank together)", "gauge"),
-    "kv_cache_bytes": ("minerva_kv_cache_bytes", "KV-cache memory over every tensor-parallel rank", "gauge"),
-    "tensor_parallel_size": ("minerva_tensor_parallel_size", "Ranks (GPUs or CPU processes) the model is split over", "gauge"),
-    "prefix_cache_hit_rate": ("minerva_prefix_cache_hit_rate", "Share of prompt tokens served from the prefix cache", "gauge"),
-    "num_preemptions": ("minerva_preemptions", "Sequences preempted for lack of KV blocks", "counter"),
-    "prompt_tokens_total": ("minerva_prompt_tokens", "Prompt tokens taken in", "counter"),
-    "generation_tokens_total": ("minerva_generation_tokens", "Tokens generated", "counter"),
-    "model_load_seconds": ("minerva_model_load_seconds", "Seconds the model took to load", "gauge"),
-    # speculative decoding (vLLM's spec_decode_* names); absent when it is off
-    "spec_decode_num_drafts": ("minerva_spec_decode_num_drafts", "Sequence-steps that verified drafted tokens", "counter"),
-    "spec_decode_num_draft_tokens": ("minerva_spec_decode_num_draft_tokens", "Drafted tokens verified", "counter"),
-    "spec_decode_num_accepted_tokens": ("minerva_spec_decode_num_accepted_tokens", "Drafted tokens accepted", "counter"),
-    "spec_decode_acceptance_rate": ("minerva_spec_decode_acceptance_rate", "Accepted / drafted tokens", "gauge"),
-    "spec_decode_mean_acceptance_length": ("minerva_spec_decode_mean_acceptance_length",
-                                           "Tokens emitted per verified sequence-step (accepted drafts + 1)", "gauge"),
-    "spec_decode_propose_seconds": ("minerva_spec_decode_propose_seconds", "Host time spent proposing drafts",
-                                    "counter"),
-}
-# engine.stats() key holding one value per draft position -> (metric name, help); labelled by position
-_ENGINE_PER_POSITION = {
-    "spec_decode_num_accepted_tokens_per_pos": ("minerva_spec_decode_num_accepted_tokens_per_pos",
-                                                "Drafted tokens accepted at each draft position"),
-}
+EngineGauge = Callable[[EngineStats], float | None]  # None: the engine does not report it (a feature that is off)
 
-StatsSource = Callable[[], Mapping[str, Mapping[str, Any]]]
+
+def _spec(read: Callable[[SpecDecodeCounters], float]) -> EngineGauge:
+    return lambda stats: None if stats.spec_decode is None else read(stats.spec_decode)
+
+
+# metric name -> (help, kind, how it is read from EngineStats)
+_ENGINE_STATS: dict[str, tuple[str, str, EngineGauge]] = {
+    "minerva_queue_length": ("Requests waiting to be scheduled", "gauge", lambda s: s.num_waiting),
+    "minerva_running_sequences": ("Sequences running in the engine", "gauge", lambda s: s.num_running),
+    "minerva_kv_blocks_used": ("KV-cache blocks in use", "gauge", lambda s: s.kv_blocks_used),
+    "minerva_kv_blocks_free": ("KV-cache blocks free", "gauge", lambda s: s.kv_blocks_free),
+    "minerva_kv_cache_tokens": ("Tokens the KV cache holds (every tensor-parallel rank together)", "gauge",
+                                lambda s: s.kv_cache_tokens),
+    "minerva_kv_cache_bytes": ("KV-cache memory over every tensor-parallel rank", "gauge", lambda s: s.kv_cache_bytes),
+    "minerva_tensor_parallel_size": ("Ranks (GPUs or CPU processes) the model is split over", "gauge",
+                                     lambda s: s.tensor_parallel_size),
+    "minerva_prefix_cache_hit_rate": ("Share of prompt tokens served from the prefix cache", "gauge",
+                                      lambda s: s.prefix_cache_hit_rate),
+    "minerva_preemptions": ("Sequences preempted for lack of KV blocks", "counter", lambda s: s.num_preemptions),
+    "minerva_prompt_tokens": ("Prompt tokens taken in", "counter", lambda s: s.prompt_tokens_total),
+    "minerva_generation_tokens": ("Tokens generated", "counter", lambda s: s.generation_tokens_total),
+    "minerva_engine_steps": ("Engine steps taken", "counter", lambda s: s.steps_total),
+    "minerva_model_load_seconds": ("Seconds the model took to load", "gauge", lambda s: s.model_load_seconds),
+    # speculative decoding (vLLM's spec_decode_* names); absent when it is off
+    "minerva_spec_decode_num_drafts": ("Sequence-steps that verified drafted tokens", "counter",
+                                       _spec(lambda c: c.num_drafts)),
+    "minerva_spec_decode_num_draft_tokens": ("Drafted tokens verified", "counter", _spec(lambda c: c.num_draft_tokens)),
+    "minerva_spec_decode_num_accepted_tokens": ("Drafted tokens accepted", "counter",
+                                                _spec(lambda c: c.num_accepted_tokens)),
+    "minerva_spec_decode_acceptance_rate": ("Accepted / drafted tokens", "gauge", _spec(lambda c: c.acceptance_rate)),
+    "minerva_spec_decode_mean_acceptance_length": ("Tokens emitted per verified sequence-step (accepted drafts + 1)",
+                                                   "gauge", _spec(lambda c: c.mean_acceptance_length)),
+    "minerva_spec_decode_propose_seconds": ("Host time spent proposing drafts", "counter",
+                                            _spec(lambda c: c.propose_seconds)),
+}
+_ACCEPTED_PER_POSITION = ("minerva_spec_decode_num_accepted_tokens_per_pos",
+                          "Drafted tokens accepted at each draft position")
+
+StatsSource = Callable[[], Mapping[str, EngineStats]]
 
 
 class EngineCollector(Collector):
@@ -59,22 +70,22 @@ class EngineCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         per_model = self._stats()
-        for key, (name, help_text, kind) in _ENGINE_STATS.items():
+        for name, (help_text, kind, read) in _ENGINE_STATS.items():
             family = (
                 GaugeMetricFamily(name, help_text, labels=["model"])
                 if kind == "gauge"
                 else CounterMetricFamily(name, help_text, labels=["model"])
             )
             for model, stats in per_model.items():
-                if key in stats:
-                    family.add_metric([model], float(stats[key]))
+                if (value := read(stats)) is not None:
+                    family.add_metric([model], float(value))
             yield family
-        for key, (name, help_text) in _ENGINE_PER_POSITION.items():
-            family = CounterMetricFamily(name, help_text, labels=["model", "position"])
-            for model, stats in per_model.items():
-                for position, value in enumerate(stats.get(key, ())):
-                    family.add_metric([model, str(position)], float(value))
-            yield family
+        name, help_text = _ACCEPTED_PER_POSITION
+        family = CounterMetricFamily(name, help_text, labels=["model", "position"])
+        for model, stats in per_model.items():
+            for position, count in enumerate(stats.spec_decode.accepted_per_position if stats.spec_decode else ()):
+                family.add_metric([model, str(position)], float(count))
+        yield family
 
 
 class GpuCollector(Collector):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from engine.structured import StructuredOutput
+from engine.structured.spec import StructuredOutput
 from server.conversation import Conversation, Grammar, Tool, ToolCallItem, Turn
 from server.errors import APIError
 from server.responses_api.items import item_text
