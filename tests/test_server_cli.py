@@ -105,9 +105,9 @@ def test_keys_limits_and_logging_flags_become_server_settings(tmp_path):
     assert (settings.request_limits.max_n, settings.request_limits.max_stop,
             settings.request_limits.max_body_bytes) == (4, 2, 1000)
     with pytest.raises(LaunchError, match="--protect-metrics needs"):
-        server_settings(parse("m", "--protect-metrics"), [])
+        server_settings(parse("m", "--protect-metrics"))
     with pytest.raises(LaunchError, match="cannot read"):
-        server_settings(parse("m", "--api-keys-file", str(tmp_path / "missing")), [])
+        server_settings(parse("m", "--api-keys-file", str(tmp_path / "missing")))
     with pytest.raises(SystemExit):
         parse("m", "--rpm", "0")
 
@@ -127,10 +127,10 @@ def test_tensor_parallel_size_from_flag_or_toml_and_one_parallel_model_per_serve
 
 def test_cors_flags_take_json_lists_or_commas():
     args = parse("m", "--allowed-origins", '["http://a.example", "http://b.example"]', "--allowed-methods", "GET,POST")
-    settings = server_settings(args, [])
+    settings = server_settings(args)
     assert settings.allowed_origins == ("http://a.example", "http://b.example")
     assert (settings.allowed_methods, settings.allowed_headers) == (("GET", "POST"), ("*",))
-    assert server_settings(parse("m"), []).allowed_origins == ()
+    assert server_settings(parse("m")).allowed_origins == ()
     with pytest.raises(SystemExit):
         parse("m", "--allowed-origins", '["unclosed"')
 

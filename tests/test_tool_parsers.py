@@ -167,6 +167,6 @@ def test_tool_call_parser_flag_reaches_the_settings():
     from server.launch import server_settings
 
     args = build_parser().parse_args(["serve", "m.gguf", "--tool-call-parser", "mistral"])
-    assert server_settings(args, []).tool_call_parser == "mistral"
+    assert server_settings(args).tool_call_parser == "mistral"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "m.gguf", "--tool-call-parser", "nonsense"])
