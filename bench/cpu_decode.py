@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "benchmark": "cpu_decode", "prompt_tokens": len(ids), "output_tokens": args.tokens,
         "threads": torch.get_num_threads(), "same_tokens": same,
-        "kernels": engines["cpu"].engine.kernels(),
+        "kernels": engines["cpu"].engine.executor.kernels(),
         "best": {name: {k: round(v, 3) for k, v in r.items() if k != "token_ids"} for name, r in best.items()},
         "speedup": round(best["cpu"]["tok_s"] / best["torch"]["tok_s"], 3),
         "rounds": {name: [{k: round(v, 3) for k, v in r.items() if k != "token_ids"} for r in rs]

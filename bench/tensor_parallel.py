@@ -27,7 +27,6 @@ import torch  # noqa: E402
 
 from bench.throughput import RESULTS, commit  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
-from engine.distributed.context import ParallelContext  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.builder import build_engine  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
@@ -39,7 +38,7 @@ def decode_round(engine: LLMEngine, batch: int, max_tokens: int) -> tuple[list[f
     for i in range(batch):
         engine.add_request(f"r{i}", [10 + i, 20 + i, 30 + i, 40 + i], params)
     engine.step()  # the prefill
-    counts = getattr(engine.model, "parallel", ParallelContext()).counts
+    counts = engine.model.parallel.counts
     before = dict(counts)
     times, tokens = [], {}
     while engine.has_unfinished():

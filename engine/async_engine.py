@@ -68,16 +68,12 @@ class EngineThread:
                     done.set_exception(exc)
 
 
-_KERNELS = {"kernels.reference": "torch", "kernels.triton_ops": "triton", "kernels.cpu_ops": "cpu"}
-
-
 def describe(engine: LLMEngine) -> EngineDescription:
     """The start-up banner's facts of a built engine."""
-    model = engine.model
-    ops = getattr(model, "local", model).ops  # tensor parallel: rank 0's slice holds the ops
+    model, kernels = engine.model, engine.executor.kernels()  # tensor parallel: rank 0's slice, as every rank's
     return EngineDescription(max_model_len=engine.max_model_len, vocab_size=model.vocab_size,
                              device=str(model.device), dtype=str(model.dtype).removeprefix("torch."),
-                             kernels=_KERNELS.get(ops.__name__, ops.__name__))
+                             kernels=str(kernels["backend"]) if kernels is not None else "none")
 
 
 class AsyncEngine(RequestStreams):

@@ -17,13 +17,16 @@ import torch
 
 from engine.config import EngineConfig
 from engine.cpu_threads import apply_cpu_threads
+from engine.distributed.ranks import RankGroup, start_tensor_parallel
 from engine.kv_budget import fit_context, kv_cache_blocks
-from engine.llm_engine import EngineLayout, LLMEngine, stop_model
+from engine.executor import Executor, SingleProcessExecutor
+from engine.llm_engine import EngineLayout, LLMEngine
 from engine.model_runner import ModelRunner
 from engine.models.base import CausalLM
 from engine.scheduler import default_max_num_seqs
 from engine.step_budget import measure as measure_step_budget
 from engine.tokenizer import Tokenizer
+from kernels.ops import Ops
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -69,26 +72,27 @@ def build_engine(config: EngineConfig, num_blocks: int | None = None,
     loaded = open_model(path, builtin_name)
     thread_adapter = apply_cpu_threads(config.cpu_threads)  # before the first torch op starts OpenMP's pool
     placement = Placement.resolve(config)
+    ops = select_ops(placement.device, placement.kernel_backend)
+    ranks = None
     if placement.tensor_parallel_size > 1:
-        from engine.distributed.executor import start_tensor_parallel
-
-        model = start_tensor_parallel(loaded, path, placement.tensor_parallel_size, placement.device,
+        ranks = start_tensor_parallel(loaded, path, placement.tensor_parallel_size, placement.device,
                                       placement.dtype, placement.kernel_backend, config.mxfp4_unpack_gib,
                                       config.tensor_parallel_timeout_s)
+        model = ranks.local
     else:
-        model = build_model(loaded, device=placement.device, dtype=placement.dtype,
-                            ops=select_ops(placement.device, placement.kernel_backend),
+        model = build_model(loaded, device=placement.device, dtype=placement.dtype, ops=ops,
                             unpack_mxfp4_gib=config.mxfp4_unpack_gib, on_progress=on_progress)
     context = loaded.info.context_length or 2048
     try:
         engine = engine_for_model(model, load_tokenizer(loaded), config, min(config.max_model_len or context, context),
-                                  loaded.info, num_blocks, placement.tensor_parallel_size)
+                                  loaded.info, num_blocks, ops=ops, ranks=ranks)
     except Exception:
-        stop_model(model)
+        if ranks is not None:
+            ranks.stop(timeout_s=0.0)
         raise
     if (placement.device.type == "cpu" and config.max_num_batched_tokens is None and config.enable_chunked_prefill
             and placement.tensor_parallel_size == 1):  # tensor parallel on CPU runs tests, not streams
-        engine.step_budget = measure_step_budget(engine.runner, config.batched_tokens)
+        engine.step_budget = measure_step_budget(engine.executor.runner, config.batched_tokens)
         engine.scheduler.prefill_beside_decodes = engine.step_budget.prefill_tokens
     engine.thread_adapter = thread_adapter
     engine.load_seconds = time.perf_counter() - started
@@ -96,25 +100,31 @@ def build_engine(config: EngineConfig, num_blocks: int | None = None,
 
 
 def engine_for_model(model: CausalLM, tokenizer: Tokenizer, config: EngineConfig, max_model_len: int,
-                     model_info: Any = None, num_blocks: int | None = None,
-                     tensor_parallel_size: int = 1) -> LLMEngine:
-    """An engine over a model already built: the KV pool sized (or `num_blocks`), the context fitted to it,
-    the runner made and, on CUDA, warmed up with its decode graphs captured."""
+                     model_info: Any = None, num_blocks: int | None = None, *, ops: Ops | None = None,
+                     ranks: RankGroup | None = None) -> LLMEngine:
+    """An engine over a model already built (with tensor parallelism: `ranks.local`, rank 0's slice): the KV
+    pool sized (or `num_blocks`), the context fitted to it, the executor made and, on CUDA, warmed up with
+    its decode graphs captured."""
     device = model.device
     max_num_seqs = config.max_num_seqs or default_max_num_seqs(device)
     if num_blocks is None:
         num_blocks = kv_cache_blocks(model, config, max_model_len, max_num_seqs)
     max_model_len = fit_context(num_blocks, config.block_size, max_model_len,
                                 explicit=config.max_model_len is not None)
-    one_cuda_rank = device.type == "cuda" and tensor_parallel_size == 1
+    one_cuda_rank = device.type == "cuda" and ranks is None
     # A graph cannot hold the tensor-parallel broadcasts (headers built on the host): such engines run eagerly.
     cuda_graphs = one_cuda_rank and not config.enforce_eager
     runner = ModelRunner(model, num_blocks, config.block_size, max_num_seqs, config.batched_tokens, max_model_len,
                          pad_decodes=cuda_graphs)
+    if ranks is None:
+        executor: Executor = SingleProcessExecutor(runner, ops)
+    else:
+        from engine.executor.tensor_parallel import TensorParallelExecutor
+
+        executor = TensorParallelExecutor(runner, ranks, ops)
     if device.type == "cuda":
-        runner.warm_up(cuda_graphs)
+        executor.warm_up(cuda_graphs)
     async_scheduling = (config.async_scheduling if config.async_scheduling is not None
                         else one_cuda_rank and config.speculative_config is None)
-    layout = EngineLayout(num_blocks, max_model_len, max_num_seqs, async_scheduling, tensor_parallel_size)
-    return LLMEngine(model, runner, tokenizer, config, layout, model_info)
-
+    layout = EngineLayout(num_blocks, max_model_len, max_num_seqs, async_scheduling)
+    return LLMEngine(executor, tokenizer, config, layout, model_info)

@@ -14,7 +14,8 @@ from engine.cpu_threads import ThreadAdapter
 from engine.detokenizer import IncrementalDetokenizer
 from engine.distributed.group import ParallelGroupError
 from engine.kv_cache import BlockPool
-from engine.model_runner import ModelRunner, PendingTokens, kv_bytes_per_block
+from engine.executor import Executor
+from engine.model_runner import ForwardStep, PendingTokens
 from engine.models.base import CausalLM
 from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
@@ -59,21 +60,18 @@ class EngineLayout:
     max_model_len: int  # the context served (fitted to the pool)
     max_num_seqs: int
     async_scheduling: bool
-    tensor_parallel_size: int = 1
 
 
 class LLMEngine:
     """Synchronous core: one `step()` = one scheduled batch = one forward pass. engine/builder.py makes it."""
 
-    def __init__(self, model: CausalLM, runner: ModelRunner, tokenizer: Tokenizer, config: EngineConfig,
-                 layout: EngineLayout, model_info: Any = None) -> None:
-        self.model = model
-        self.runner = runner
+    def __init__(self, executor: Executor, tokenizer: Tokenizer, config: EngineConfig, layout: EngineLayout,
+                 model_info: Any = None) -> None:
+        self.executor = executor
         self.tokenizer = tokenizer
         self.config = config
         self.model_info = model_info
         self.max_model_len = layout.max_model_len
-        self.tensor_parallel_size = layout.tensor_parallel_size
         self.async_scheduling = layout.async_scheduling
         self.pool = BlockPool(layout.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.pool, layout.max_num_seqs, config.batched_tokens,
@@ -93,10 +91,15 @@ class LLMEngine:
         self.thread_adapter: ThreadAdapter | None = None  # set by the builder: torch's threads follow the load
 
     @property
+    def model(self) -> CausalLM:
+        """The model this process runs (tensor parallel: rank 0's slice)."""
+        return self.executor.runner.model
+
+    @property
     def grammars(self) -> GrammarCompiler:
         """Compiled-grammar cache, built on first use (servers that never constrain output never import xgrammar)."""
         if self._grammars is None:
-            self._grammars = GrammarCompiler.for_engine(self.tokenizer, self.model.vocab_size, self.config)
+            self._grammars = GrammarCompiler.for_engine(self.tokenizer, self.executor.vocab_size, self.config)
         return self._grammars
 
     # --- requests -------------------------------------------------------------------------------------
@@ -111,8 +114,8 @@ class LLMEngine:
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already running", "request_id")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        check_prompt_ids(ids, self.model.vocab_size)
-        check_logit_bias(params.logit_bias, self.model.vocab_size)
+        check_prompt_ids(ids, self.executor.vocab_size)
+        check_logit_bias(params.logit_bias, self.executor.vocab_size)
         max_tokens = completion_budget(len(ids), params.max_tokens, self.max_model_len)
         if self.config.max_output_tokens is not None:
             max_tokens = min(max_tokens, self.config.max_output_tokens)
@@ -131,7 +134,7 @@ class LLMEngine:
         for index in range(params.n):
             generator = None
             if params.seed is not None:  # n > 1: seed, seed+1, ...; on the device the sampler draws on
-                generator = torch.Generator(device=self.model.device).manual_seed((params.seed + index) % 2**64)
+                generator = torch.Generator(device=self.executor.device).manual_seed((params.seed + index) % 2**64)
             seqs.append(Sample(request_id, index, ids, params, max_tokens, generator, lead=seqs[0] if seqs else None,
                                grammar=grammars[index] if grammars else None, stop_token_ids=stop_token_ids))
             detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens))
@@ -192,8 +195,9 @@ class LLMEngine:
         try:
             pending = previous.pending_inputs() if previous is not None else None
             prompt_rows = self._prompt_rows(batch)
-            logits = self.runner.run(batch.items, sample_rows, pending,
-                                     [1 + len(d) for d in drafts] if speculating else None, prompt_rows)
+            logits = self.executor.execute(ForwardStep(batch.items, sample_rows, pending,
+                                                       [1 + len(d) for d in drafts] if speculating else None,
+                                                       prompt_rows))
             if prompt_rows:
                 logits = self._score_prompts(batch, prompt_rows, logits)
             if speculating:
@@ -344,11 +348,11 @@ class LLMEngine:
         """The allowed-token bitmask of this step's sampled rows; None when no row is constrained (they pay nothing)."""
         if not any(seq.grammar is not None for seq in seqs):
             return None
-        bitmask = unconstrained_bitmask(len(seqs), self.model.vocab_size)
+        bitmask = unconstrained_bitmask(len(seqs), self.executor.vocab_size)
         for row, seq in enumerate(seqs):
             if seq.grammar is not None:
                 seq.grammar.fill_bitmask(bitmask, row)
-        return bitmask.to(self.model.device)  # the sampler applies it on the logits' device
+        return bitmask.to(self.executor.device)  # the sampler applies it on the logits' device
 
     def _sampling_row(self, seq: Sample) -> SamplingRow:
         """The sequence's sampler row, made once; min_tokens bans stay on until enough tokens are out."""
@@ -364,7 +368,7 @@ class LLMEngine:
         if not seq.finished:
             self.scheduler.remove(seq)
         self.sampler.release(seq)
-        self.runner.release(seq)
+        self.executor.release(seq)
         if self.spec is not None:
             self.spec.release(seq)
 
@@ -384,35 +388,22 @@ class LLMEngine:
             kv_blocks_used=self.pool.num_used,
             kv_blocks_free=self.pool.num_free,
             kv_cache_tokens=self.pool.num_blocks * self.config.block_size,
-            kv_cache_bytes=self.pool.num_blocks * kv_bytes_per_block(self.model, self.config.block_size)
-            * self.tensor_parallel_size,  # every rank holds its heads' share of each block
+            kv_cache_bytes=self.executor.kv_cache_bytes(),
             prefix_cache_hit_rate=self.pool.hit_rate,
             num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
             steps_total=self.steps_total,
             model_load_seconds=self.load_seconds,
-            tensor_parallel_size=self.tensor_parallel_size,
+            tensor_parallel_size=self.executor.world_size,
             step_prefill_budget=self.scheduler.prefill_beside_decodes,
-            kernels=self.kernels(),
+            kernels=self.executor.kernels(),
             spec_decode=self.spec.stats.snapshot() if self.spec is not None else None,
         )
-
-    def kernels(self) -> dict[str, Any] | None:
-        """The kernel backend's own account of what it runs here (the CPU backend's measured choice), if it keeps one."""
-        ops = getattr(getattr(self.model, "local", self.model), "ops", None)  # tensor parallel: rank 0's slice
-        describe = getattr(ops, "describe", None)
-        return describe() if describe is not None else None
 
     def close(self) -> None:
         if self._grammars is not None:
             self._grammars.close()
-        stop_model(self.model)
+        self.executor.shutdown()
 
 
-
-def stop_model(model: CausalLM) -> None:
-    """Stop the model's other processes (tensor parallelism); a one-process model has nothing to stop."""
-    shutdown = getattr(model, "shutdown", None)
-    if shutdown is not None:
-        shutdown()

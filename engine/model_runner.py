@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,6 +66,18 @@ class StepInputs:
     metadata: AttentionMetadata
     num_sampled: int
     decode_bucket: int | None = None  # set when the batch is decode-only and padded to this size
+
+
+@dataclass
+class ForwardStep:
+    """One step's forward as the engine asks for it: `(sequence, new tokens)` items, the items whose logits are
+    sampled (`sample_rows`), and the options ModelRunner.prepare describes."""
+
+    items: list[tuple[Sample, int]]
+    sample_rows: list[int]
+    pending: "PendingTokens | None" = None
+    logits_per_row: list[int] | None = None
+    prompt_rows: list[PromptRows] | None = None
 
 
 @dataclass
@@ -182,6 +195,7 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.device = model.device
+        self.num_blocks = num_blocks
         self.scratch_block = num_blocks  # one block past the pool: padded rows write here
         shape = (num_blocks + 1, block_size, model.num_kv_heads, model.head_dim)
         self.kv_caches = [
@@ -202,16 +216,16 @@ class ModelRunner:
         """Forget a finished sequence's block-table row."""
         self.rows.release(seq)
 
-    def prepare(self, items: list[tuple[Sample, int]], sample_rows: list[int],
-                pending: PendingTokens | None = None, logits_per_row: list[int] | None = None,
-                prompt_rows: list[PromptRows] | None = None) -> StepInputs:
-        """Fill the buffers for `(sequence, new tokens)` pairs; logits for the `sample_rows` items.
+    def prepare(self, step: ForwardStep) -> StepInputs:
+        """Fill the buffers for the step's `(sequence, new tokens)` pairs; logits for the `sample_rows` items.
 
         A decode whose input token is still in flight (async scheduling) reads it from `pending` on the device.
         `logits_per_row[i]` asks for the logits of the last that many tokens of `sample_rows[i]` (speculative
         decoding verifies each draft position); None: of its last token. `prompt_rows` add, after those, the
         logits of prompt positions a request scores (prompt logprobs).
         """
+        items, sample_rows, pending = step.items, step.sample_rows, step.pending
+        logits_per_row, prompt_rows = step.logits_per_row, step.prompt_rows
         b, bs = self.buffers, self.block_size
         b.reusable()
         num_seqs = len(items)
@@ -316,16 +330,10 @@ class ModelRunner:
             return None
         return next(size for size in self.buckets if size >= len(items))
 
-    @torch.no_grad()  # not inference_mode: the sampler edits the logits in place
-    def run(self, items: list[tuple[Sample, int]], sample_rows: list[int],
-            pending: PendingTokens | None = None, logits_per_row: list[int] | None = None,
-            prompt_rows: list[PromptRows] | None = None) -> torch.Tensor:
-        """Logits (float32) for the chosen items' last new token, or their last `logits_per_row[i]` tokens,
-        followed by the `prompt_rows`' logits."""
-        return self.forward(self.prepare(items, sample_rows, pending, logits_per_row, prompt_rows))
-
     @torch.no_grad()
     def forward(self, inputs: StepInputs) -> torch.Tensor:
+        """This process's forward of prepared inputs (a captured graph's replay where one fits); the sampled rows'
+        logits (float32), then any scored prompt rows'."""
         if self.graphs is not None and inputs.decode_bucket in self.graphs.logits:
             logits = self.graphs.replay(inputs.decode_bucket)
         else:
@@ -357,19 +365,20 @@ class ModelRunner:
                           num_seqs if decode else None)
 
     @torch.no_grad()
-    def warm_up(self, cuda_graphs: bool) -> None:
-        """CUDA: run (and so JIT-compile) the prefill and every decode bucket before traffic; capture graphs."""
+    def warm_up(self, forward: Callable[[StepInputs], torch.Tensor]) -> None:
+        """CUDA: run (and so JIT-compile) the prefill and every decode bucket through `forward` before traffic."""
         started = time.perf_counter()
         longest = min(self.buffers.input_ids[0].shape[0], self.max_blocks * self.block_size)
         for num_seqs, tokens_per_seq in ((1, longest), (2, 16), *((size, 1) for size in decode_buckets(self.max_num_seqs))):
-            inputs = self.scratch_inputs(num_seqs, tokens_per_seq)
-            self.model.forward(inputs.input_ids, inputs.positions, inputs.metadata)
+            forward(self.scratch_inputs(num_seqs, tokens_per_seq))
         torch.cuda.synchronize()
         log.info("warm-up compiled the prefill and %d decode batch sizes in %.1f s",
                  len(decode_buckets(self.max_num_seqs)), time.perf_counter() - started)
-        if cuda_graphs:
-            self.graphs = CudaGraphs(self)
-            self.graphs.capture()
+
+    def capture_graphs(self) -> None:
+        """Capture one decode graph per padded batch size (after `warm_up`); later decode-only steps replay them."""
+        self.graphs = CudaGraphs(self)
+        self.graphs.capture()
 
 
 class CudaGraphs:

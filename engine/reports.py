@@ -54,4 +54,4 @@ class EngineDescription(msgspec.Struct, frozen=True):
     vocab_size: int
     device: str
     dtype: str
-    kernels: str  # "torch" | "triton" | "cpu" (or the ops module's name)
+    kernels: str  # "torch" | "triton" | "cpu": the backend's describe()["backend"] ("none": a model without ops)

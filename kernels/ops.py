@@ -26,6 +26,10 @@ class Ops(Protocol):
     # one dense copy at load time should make it (the torch path); False where kernels read FP4 directly.
     DEQUANTIZES_MXFP4_PER_CALL: bool
 
+    def describe(self) -> dict[str, object]:
+        """What this backend runs on this machine, for the server's /v1/models metadata and start-up banner:
+        at least {"backend": its kernel_backend name}."""
+
     def prepare_weight(self, weight: torch.Tensor | MXFP4Tensor) -> Weight:
         """The weight in the layout this backend's kernels read, made once at load (MXFP4 swizzled on Triton)."""
 

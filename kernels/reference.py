@@ -27,6 +27,11 @@ DEQUANTIZES_MXFP4_PER_CALL = True
 _DECODE_BATCH_ELEMENTS = 2**26
 
 
+def describe() -> dict[str, object]:
+    """The backend's name (its kernels are fixed: nothing is chosen at start-up)."""
+    return {"backend": "torch"}
+
+
 def prepare_weight(weight: torch.Tensor | MXFP4Tensor) -> Weight:
     """The weight in the layout these ops read, made once at load: the checkpoint's own here."""
     return weight

@@ -43,6 +43,11 @@ __all__ = [
 ]
 
 
+def describe() -> dict[str, object]:
+    """The backend's name (its kernels are fixed: nothing is chosen at start-up)."""
+    return {"backend": "triton"}
+
+
 def prepare_weight(weight: torch.Tensor | MXFP4Tensor) -> Weight:
     """MXFP4 weights swizzled into the matmul's tile layout (`kernels.mxfp4.SwizzledMXFP4`), once at load."""
     return swizzle(weight) if isinstance(weight, MXFP4Tensor) else weight

@@ -29,4 +29,4 @@ def test_engine_for_model_sizes_the_engine_it_hands_over():
                               num_blocks=10)
     assert engine.max_model_len == 40  # the model's 64 do not fit 10 blocks of 4: the context is fitted
     assert engine.pool.num_blocks == 10 and engine.scheduler.max_num_seqs == 128  # CPU's default
-    assert not engine.async_scheduling and engine.tensor_parallel_size == 1
+    assert not engine.async_scheduling and engine.stats().tensor_parallel_size == 1

@@ -64,17 +64,17 @@ def _run(kind: str, padded: bool, **config) -> tuple[dict[str, list[int]], list[
     engine = engine_for_model(model, IdTokenizer(), EngineConfig(max_num_seqs=8, **config), max_model_len=24,
                        num_blocks=num_blocks)
     if padded:
-        engine.runner.buckets = decode_buckets(engine.scheduler.max_num_seqs)
+        engine.executor.runner.buckets = decode_buckets(engine.scheduler.max_num_seqs)
     recorder = LogitsRecorder(engine.sampler)
     engine.sampler = recorder
-    padding, prepare = [], engine.runner.prepare
+    padding, prepare = [], engine.executor.runner.prepare
 
-    def prepare_and_note(items, sample_rows, *rest):
-        inputs = prepare(items, sample_rows, *rest)
-        padding.append((inputs.decode_bucket or len(items)) - len(items))
+    def prepare_and_note(step):
+        inputs = prepare(step)
+        padding.append((inputs.decode_bucket or len(step.items)) - len(step.items))
         return inputs
 
-    engine.runner.prepare = prepare_and_note
+    engine.executor.runner.prepare = prepare_and_note
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     tokens: dict[str, list[int]] = {}
     for i, prompt in enumerate(PROMPTS):
@@ -119,11 +119,11 @@ def test_cuda_graph_replay_equals_eager_on_the_gpu():
     results = []
     for eager in (True, False):
         engine = make_engine(device="cuda", dtype="float32", enforce_eager=eager, max_num_seqs=8)
-        assert (engine.runner.graphs is None) == eager
+        assert (engine.executor.runner.graphs is None) == eager
         replays = []
         if not eager:
-            replay = engine.runner.graphs.replay
-            engine.runner.graphs.replay = lambda bucket: replays.append(bucket) or replay(bucket)
+            replay = engine.executor.runner.graphs.replay
+            engine.executor.runner.graphs.replay = lambda bucket: replays.append(bucket) or replay(bucket)
         for i, text in enumerate(texts):
             engine.add_request(str(i), text, params)
         tokens: dict[str, list[int]] = {}

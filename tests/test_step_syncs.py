@@ -67,9 +67,9 @@ def test_a_step_copies_to_the_host_once_and_never_reads_device_tensors(monkeypat
     config = EngineConfig(block_size=4, max_num_batched_tokens=64, async_scheduling=async_scheduling,
                           speculative_config=speculative)
     engine = engine_for_model(model, IdTokenizer(), config, max_model_len=64, num_blocks=64)
-    engine.runner.kv_caches[:] = [(_wrap(k), _wrap(v)) for k, v in engine.runner.kv_caches]
-    model.bind_kv_caches(engine.runner.kv_caches)
-    buffers = engine.runner.buffers
+    engine.executor.runner.kv_caches[:] = [(_wrap(k), _wrap(v)) for k, v in engine.executor.runner.kv_caches]
+    model.bind_kv_caches(engine.executor.runner.kv_caches)
+    buffers = engine.executor.runner.buffers
     for name, value in list(vars(buffers).items()):  # the input buffers' device halves
         if isinstance(value, tuple):
             host, array, device = value

@@ -32,20 +32,20 @@ def generate(model_dir, tp: int) -> tuple[dict[str, list[int]], list[torch.Tenso
                           max_model_len=64)
     engine = build_engine(config, num_blocks=48)
     logits: list[torch.Tensor] = []
-    run = engine.runner.run
+    execute = engine.executor.execute
 
-    def capture(*args):
-        out = run(*args)
+    def capture(step):
+        out = execute(step)
         logits.append(out.clone())
         return out
 
-    engine.runner.run = capture
+    engine.executor.execute = capture
     try:
         for i, prompt in enumerate(PROMPTS):
             engine.add_request(f"r{i}", prompt, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
         finals = run_to_completion(engine)
         assert_idle(engine)
-        counts = getattr(engine.model, "parallel", ParallelContext()).counts
+        counts = engine.model.parallel.counts
         per_forward = {name: count / len(logits) for name, count in counts.items()}
         return ({rid: out.outputs[0].token_ids for rid, out in finals.items()}, logits, per_forward,
                 engine.stats())

@@ -32,7 +32,7 @@ def rank_device(device_type: str, rank: int) -> torch.device:
 def join_group(ctx: ParallelContext, port: int, device: torch.device, timeout_s: float) -> None:
     """Join the group at 127.0.0.1:`port` as `ctx.rank`; joining and every later collective fail after
     `timeout_s` instead of waiting forever. Every rank loads its slice first, and rank 0 joins only
-    once all workers reported theirs loaded (executor.wait_until_loaded), so joining waits moments.
+    once all workers reported theirs loaded (ranks.wait_until_loaded), so joining waits moments.
 
     NCCL only honours the timeout with blocking waits on (set here before the group exists).
     """
