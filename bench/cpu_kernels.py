@@ -1,12 +1,14 @@
 """The quantized CPU matmuls (kernels/cpu/qgemm.cpp) per GGUF type against dense fp32 `F.linear`.
 
-Run: python -m bench.cpu_kernels [--rows 1 16 64] [--layers 12] [--threads N]
+Run: python -m bench.cpu_kernels [--rows 1 8 16 64 256 512] [--layers 12] [--threads N]
 
 For each type, `--layers` distinct `[1536, 768]` weights (a small model's projection; ~57 MB in fp32, past
 the cores' caches) are multiplied by `rows` activations, interleaved with the dense run over the
 same values, best of several rounds. Reported: ms per pass, the ratio dense/quantized, and each
 kernel's achieved weight bandwidth against this machine's measured copy bandwidth; also the
-start-up choice (kernels/cpu/select.py). Saves bench/results/cpu-kernels.json.
+start-up choice (kernels/cpu/select.py). From 8 rows on, the many-row kernels are timed beside them:
+`dequant` (dequantize per call, then `F.linear`) and, where the CPU has AMX, `tiles` (qgemm_tiles.cpp),
+with their ratio to dense. Saves bench/results/cpu-kernels.json.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from kernels.cpu.quant import BLOCKS, pack_gguf
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPE = (1536, 768)  # K a multiple of 256 for the K-quants
+MANY_ROWS = 8  # from here on the many-row kernels are timed too
 FP16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q8_0": (0,), "Q4_K": (0, 2), "Q6_K": (208,), "MXFP4": ()}
 
 
@@ -40,7 +43,7 @@ def random_weight(type_name: str, rows: int, k: int, generator: torch.Generator)
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.cpu_kernels", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 16, 64, 256, 512])
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
@@ -61,19 +64,30 @@ def main(argv: list[str] | None = None) -> int:
         per_rows = {}
         for rows in args.rows:
             x = torch.randn(rows, k, generator=generator)
-            best = {"qgemm": float("inf"), "dense": float("inf")}
+            kernels = {"qgemm": lambda: [select.native_linear(x, w) for w in quantized],
+                       "dense": lambda: [F.linear(x, w) for w in dense]}
+            if rows >= MANY_ROWS:
+                kernels["dequant"] = lambda: [F.linear(x, w.dequantize()) for w in quantized]
+                if select.tiles_available():
+                    kernels["tiles"] = lambda: [select.tiles_linear(x, w) for w in quantized]
+            best = dict.fromkeys(kernels, float("inf"))
             for _ in range(args.rounds + 1):
-                best["qgemm"] = min(best["qgemm"], select._ms(lambda: [select.native_linear(x, w) for w in quantized]))
-                best["dense"] = min(best["dense"], select._ms(lambda: [F.linear(x, w) for w in dense]))
+                for name, run in kernels.items():
+                    best[name] = min(best[name], select._ms(run))
             per_rows[rows] = {
                 "qgemm_ms": round(best["qgemm"], 3), "dense_ms": round(best["dense"], 3),
                 "speedup": round(best["dense"] / best["qgemm"], 2),
                 "qgemm_weight_gbs": round(stacked.nbytes / best["qgemm"] / 1e6, 2),
                 "dense_weight_gbs": round(sum(w.numel() * 4 for w in dense) / best["dense"] / 1e6, 2),
             }
+            for name in ("dequant", "tiles"):
+                if name in best:
+                    per_rows[rows][f"{name}_ms"] = round(best[name], 3)
+                    per_rows[rows][f"{name}_speedup"] = round(best["dense"] / best[name], 2)
             print(f"{type_name:5s} {rows:3d} rows: qgemm {best['qgemm']:.2f} ms, dense {best['dense']:.2f} ms "
                   f"({per_rows[rows]['speedup']:.2f}x); {per_rows[rows]['qgemm_weight_gbs']:.1f} GB/s of weights "
-                  f"vs copy {copy:.1f} GB/s", flush=True)
+                  f"vs copy {copy:.1f} GB/s" + "".join(f"; {name} {best[name]:.2f} ms ({best['dense'] / best[name]:.2f}x)"
+                                                        for name in ("dequant", "tiles") if name in best), flush=True)
         results[type_name] = {"bytes_per_weight": round(stacked.nbytes / (args.layers * n * k), 3), "rows": per_rows}
     record = {"benchmark": "cpu_kernels", "shape": SHAPE, "layers": args.layers, "threads": torch.get_num_threads(),
               "copy_gbs": round(copy, 2), "results": results, "startup_choice": select.plan().describe(),

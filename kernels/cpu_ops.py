@@ -56,14 +56,16 @@ def quantized_weight(raw: torch.Tensor, type_name: str, shape: tuple[int, ...]) 
 
 
 def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`x @ weight.T + bias`; a quantized weight is read in place up to the measured row count,
-    dequantized a chunk of rows at a time for larger batches (prefill)."""
+    """`x @ weight.T + bias`; a quantized weight is read in place up to the measured row count; larger
+    batches (many streams, verification rows, prefill) go through the bf16 tile kernels where the plan
+    chose them, else dequantize a chunk of rows at a time."""
     if not isinstance(weight, QuantizedWeight):
         return reference.linear(x, weight, bias)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
-    if x2.shape[0] <= select.plan().native_max_rows:
-        y = select.native_linear(x2, weight)
+    plan = select.plan()
+    if x2.shape[0] <= plan.native_max_rows or plan.many_rows == "tiles":
+        y = select.native_linear(x2, weight) if x2.shape[0] <= plan.native_max_rows else select.tiles_linear(x2, weight)
         if bias is not None:
             y += bias.float()
     else:

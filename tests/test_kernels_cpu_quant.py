@@ -148,7 +148,7 @@ def test_start_up_measurement_chooses_and_reports(native, monkeypatch):
     monkeypatch.setattr(select, "PROBE_ROUNDS", 1)
     plan = select._choose()
     assert plan.kernel in ("qgemm", "dense")
-    assert set(plan.timings_ms) == {"qgemm", "dense", "dequant"} and plan.bandwidth_gbs["copy"] > 0
+    assert {"qgemm", "dense", "dequant"} <= set(plan.timings_ms) and plan.bandwidth_gbs["copy"] > 0
     faster = plan.timings_ms["qgemm"][1] <= plan.timings_ms["dense"][1]
     assert (plan.kernel == "qgemm") == faster
     assert plan.types == (SUPPORTED_TYPES if faster else ())

@@ -21,7 +21,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("qgemm.cpp", "layer_ops.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("qgemm.cpp", "qgemm_tiles.cpp", "layer_ops.cpp")]
 CACHE_ENV = "MINERVA_KERNEL_CACHE"  # where builds are kept; default ~/.cache/minerva/kernels
 SWITCH_ENV = "MINERVA_CPU_QGEMM"  # "0": never build (dense weights); "1": use without measuring (select.py)
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]

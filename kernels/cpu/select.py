@@ -6,7 +6,10 @@ projections of the default model's size (~40 MB in fp32, so the weights stream f
 cores' caches as in a forward pass) at 1, 16, 64 and 256 rows; `qgemm` is chosen when it is
 faster at one row (a single stream's decode), and it serves every batch up to the largest row count
 where it still beats its alternative for big batches, `dequant` (a chunk of rows dequantized per
-call, then `F.linear`), which serves larger batches (prefill). The choice, the
+call, then `F.linear`), which serves larger batches (prefill). Where the CPU has AMX-BF16, `tiles`
+(qgemm_tiles.cpp: a bf16 panel of 32 weight rows dequantized once per call, every x row multiplied on
+the tile unit; weights and x rounded to bf16) is timed too and replaces `dequant` when faster at 64 rows
+(MINERVA_CPU_TILES=0 never uses it: fp32 numerics only). The choice, the
 timings and the achieved weight bandwidth against this machine's copy bandwidth are logged once
 and kept in `plan().describe()` (the server's /v1/models metadata).
 """
@@ -18,6 +21,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from itertools import takewhile
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +33,8 @@ log = logging.getLogger(__name__)
 
 PROBE_SHAPE = (1536, 576)  # SmolLM2's gate/up rows x hidden: a small model's typical projection
 PROBE_LAYERS = 12  # distinct weights per pass (~40 MB in fp32: past any core's cache)
-PROBE_ROWS = (1, 16, 64, 256)
+PROBE_ROWS = (1, 4, 8, 16, 64, 256)
+TILES_ENV = "MINERVA_CPU_TILES"  # "0": never the bf16 tile kernels (fp32 numerics on every batch size)
 PROBE_ROUNDS, PROBE_SECONDS = 7, 1.0  # interleaved rounds, best of each (a busy machine slows both alike)
 # Timed on one thread: on a busy machine a two-thread region of such small ops waits out the other
 # thread's scheduling delay (milliseconds), which would drown the kernels' own cost; the candidates
@@ -44,9 +49,11 @@ class Plan:
     reason: str
     timings_ms: dict[str, dict[int, float]] = field(default_factory=dict)
     bandwidth_gbs: dict[str, float] = field(default_factory=dict)
+    many_rows: str = "dequant"  # past native_max_rows: "tiles" (qgemm_tiles.cpp) or "dequant" (per call, F.linear)
 
     def describe(self) -> dict[str, object]:
-        return {"kernel": self.kernel, "native_max_rows": self.native_max_rows, "quantized_types": list(self.types),
+        return {"kernel": self.kernel, "native_max_rows": self.native_max_rows, "many_rows": self.many_rows,
+                "quantized_types": list(self.types),
                 "reason": self.reason, "timings_ms": {k: {str(r): t for r, t in v.items()}
                                                       for k, v in self.timings_ms.items()},
                 "bandwidth_gbs": self.bandwidth_gbs}
@@ -77,6 +84,20 @@ def native_linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     if weight.layout == "q4":
         return ops.q4_linear(x, weight.qs, weight.scales, weight.offsets, weight.codebook)
     return ops.q8_linear(x, weight.qs, weight.scales, weight.offsets)
+
+
+def tiles_linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
+    """`x @ weight.T` by qgemm_tiles.cpp (AMX-BF16; x and the weight values rounded to bf16): many rows of `x`."""
+    ops = extension.load()
+    if weight.layout == "q4":
+        return ops.q4_linear_tiles(x, weight.qs, weight.scales, weight.offsets, weight.codebook)
+    return ops.q8_linear_tiles(x, weight.qs, weight.scales, weight.offsets)
+
+
+def tiles_available() -> bool:
+    """The AMX tile kernels are built for this CPU, the OS grants the tile state, and they are not switched off."""
+    ops = extension.load()
+    return ops is not None and os.environ.get(TILES_ENV) != "0" and bool(ops.tiles_available())
 
 
 def _ms(fn) -> float:
@@ -113,6 +134,8 @@ def _choose() -> Plan:
     candidates = {"qgemm": lambda x: [native_linear(x, w) for w in quantized],
                   "dense": lambda x: [F.linear(x, w) for w in dense],
                   "dequant": lambda x: [F.linear(x, w.dequantize()) for w in quantized]}
+    if tiles_available():
+        candidates["tiles"] = lambda x: [tiles_linear(x, w) for w in quantized]
     inputs = {rows: torch.randn(rows, k, generator=generator) for rows in PROBE_ROWS}
     timings: dict[str, dict[int, float]] = {name: dict.fromkeys(PROBE_ROWS, float("inf")) for name in candidates}
     deadline = time.perf_counter() + PROBE_SECONDS
@@ -133,8 +156,9 @@ def _choose() -> Plan:
     bandwidth = {"copy": round(copy, 2),
                  "qgemm_1_row": round(stacked.nbytes / timings["qgemm"][1] / 1e6, 2),
                  "dense_1_row": round(sum(w.numel() * 4 for w in dense) / timings["dense"][1] / 1e6, 2)}
+    many = "tiles" if "tiles" in timings and timings["tiles"][64] < timings["dequant"][64] else "dequant"
     if timings["qgemm"][1] <= timings["dense"][1]:
-        max_rows = max(rows for rows in PROBE_ROWS if rows == 1 or timings["qgemm"][rows] <= timings["dequant"][rows])
-        reason = f"faster than dense at 1 row; in place up to {max_rows} rows, dequantized per call beyond"
-        return Plan("qgemm", max_rows, SUPPORTED_TYPES, reason, timings, bandwidth)
+        max_rows = max(takewhile(lambda rows: rows == 1 or timings["qgemm"][rows] <= timings[many][rows], PROBE_ROWS))
+        reason = f"faster than dense at 1 row; in place up to {max_rows} rows, {many} beyond"
+        return Plan("qgemm", max_rows, SUPPORTED_TYPES, reason, timings, bandwidth, many_rows=many)
     return Plan("dense", 0, (), "dense fp32 was faster at one row on this CPU", timings, bandwidth)
