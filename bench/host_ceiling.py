@@ -1,11 +1,15 @@
-"""Server CPU per streamed token, engine in-process vs `--engine-process`, side by side in one run.
+"""The host ceiling: server CPU per streamed token and the engine's step rate, per serving mode, side by side.
 
-Run: python -m bench.host_ceiling [--concurrency 16] [--max-tokens 64] [--rounds 2]
+Run: python -m bench.host_ceiling [--concurrency 256] [--max-tokens 64] [--rounds 1]
+                                  [--modes in-process engine-process api-servers-2] [--out FILE.json]
 
 Each mode starts the real server (`python -m server.cli serve`) on the tiny Llama of the tests with the
-torch kernels (a model that costs little, not nothing: the numbers include its forwards), then this
-process, as N concurrent streaming clients, sends `--rounds` x N completions. Reported per mode: served
-tokens/s and the CPU seconds (user + system, from /proc) each server process spent per streamed token.
+torch kernels (a model that costs little, not nothing: the numbers include its forwards); a client
+process of its own (`--client`) then sends `--rounds` x N streamed completions, N at a time. Reported
+per mode: served tokens/s, the CPU seconds (user + system, from /proc) each server process spent per
+streamed token, and the engine's steps/s while serving (its `steps_total` from /health) against the
+same engine stepping the same N requests with no HTTP load (`--unloaded`, its own process, before the
+modes run): a core starved by HTTP work steps slower than that.
 """
 
 from __future__ import annotations
@@ -21,10 +25,17 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
+import httpx  # the harness's own /health reads; the load uses bare asyncio streams
 
 REPO = Path(__file__).resolve().parents[1]
 TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
+MODES = {
+    "in-process": [],
+    "engine-process": ["--engine-process"],
+    "api-servers-2": ["--engine-process", "--api-server-count", "2"],
+}
+PROMPT = "The quick brown fox"
+ENGINE_FLAGS = ["--device", "cpu", "--dtype", "float32", "--kernel-backend", "torch", "--kv-cache-gib", "0.05"]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -32,28 +43,43 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) * TICK_S  # utime, stime
 
 
-def children(pid: int) -> list[int]:
-    found = []
+def descendants(pid: int) -> list[int]:
+    """Every process under `pid` (the core, the API processes), depth first."""
+    parents: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
+            if entry.name.isdigit():
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                parents.setdefault(ppid, []).append(int(entry.name))
         except (OSError, IndexError, ValueError):
             continue
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
     return found
 
 
-def start_server(model: Path, engine_process: bool, log_path: Path) -> tuple[subprocess.Popen, str]:
+def process_name(pid: int, server_pid: int) -> str:
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    if pid == server_pid:
+        return "serve"
+    if b"engine.core_process" in cmdline:
+        return "core"
+    return f"api-{pid}" if b"multiprocessing" in cmdline else f"other-{pid}"
+
+
+def start_server(model: Path, flags: list[str], log_path: Path) -> tuple[subprocess.Popen, str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     command = [sys.executable, "-m", "server.cli", "serve", str(model), "--served-model-name", "tiny",
-               "--port", str(port), "--device", "cpu", "--dtype", "float32", "--kernel-backend", "torch",
-               "--kv-cache-gib", "0.05", "--log-level", "warning"] + (["--engine-process"] if engine_process else [])
+               "--port", str(port), "--log-level", "warning", "--max-pending", "100000", *ENGINE_FLAGS, *flags]
     with log_path.open("w") as log:
         server = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 300
     while True:
         if server.poll() is not None:
             raise RuntimeError(log_path.read_text())
@@ -67,63 +93,139 @@ def start_server(model: Path, engine_process: bool, log_path: Path) -> tuple[sub
         time.sleep(0.2)
 
 
+# --- the client process ---------------------------------------------------------------------------------
 async def stream_load(url: str, concurrency: int, requests: int, max_tokens: int) -> int:
-    """Streamed completion tokens over `requests` streams, `concurrency` at a time."""
-    body = {"model": "tiny", "prompt": "The quick brown fox", "max_tokens": max_tokens, "stream": True,
-            "ignore_eos": True, "temperature": 0.8, "stream_options": {"include_usage": True}}
+    """Streamed completion tokens over `requests` streams, `concurrency` at a time. A bare asyncio HTTP/1.1
+    client (one connection per stream, read to its close) so that the load takes as little as it can of the
+    cores the server shares with it (its CPU per token is reported beside the server's)."""
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"model": "tiny", "prompt": PROMPT, "max_tokens": max_tokens, "stream": True,
+                       "ignore_eos": True, "temperature": 0.8, "stream_options": {"include_usage": True}}).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
     gate = asyncio.Semaphore(concurrency)
-    limits = httpx.Limits(max_connections=concurrency)
 
-    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
-        async def one() -> int:
-            async with gate, client.stream("POST", url + "/v1/completions", json=body) as response:
-                tokens = 0
-                async for line in response.aiter_lines():
-                    if line.startswith("data: {"):
-                        usage = json.loads(line[6:]).get("usage")
-                        if usage:
-                            tokens = usage["completion_tokens"]
-                return tokens
+    async def one() -> int:
+        async with gate:
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(head + body)
+            tail = b""
+            while chunk := await reader.read(65536):
+                tail = (tail + chunk)[-4096:]
+            writer.close()
+        usage = tail.rpartition(b'"completion_tokens":')[2]
+        return int(usage[:usage.index(b",")]) if usage else 0
 
-        return sum(await asyncio.gather(*(one() for _ in range(requests))))
+    return sum(await asyncio.gather(*(one() for _ in range(requests))))
 
 
-def measure(model: Path, engine_process: bool, args: argparse.Namespace, log_dir: Path) -> dict:
-    server, url = start_server(model, engine_process, log_dir / f"serve-{engine_process}.log")
+def run_clients(url: str, concurrency: int, requests: int, max_tokens: int) -> tuple[int, float, float]:
+    """The load, from a process of its own (its CPU is not the server's): (tokens, seconds from the first
+    request to the last token, the client's CPU seconds)."""
+    output = subprocess.run([sys.executable, "-m", "bench.host_ceiling", "--client", url, "--concurrency",
+                             str(concurrency), "--requests", str(requests), "--max-tokens", str(max_tokens)],
+                            cwd=REPO, check=True, capture_output=True, text=True).stdout
+    tokens, seconds, cpu = output.strip().splitlines()[-1].split()
+    return int(tokens), float(seconds), float(cpu)
+
+
+# --- the unloaded engine ----------------------------------------------------------------------------------
+def unloaded_rate(model: Path, concurrency: int, max_tokens: int, rounds: int) -> dict:
+    """The same engine config stepping the same requests with nothing else in its process: steps/s, tokens/s."""
+    from engine.builder import build_engine
+    from engine.config import EngineConfig
+    from engine.sampling_params import SamplingParams
+
+    engine = build_engine(EngineConfig(model=str(model), device="cpu", dtype="float32", kernel_backend="torch",
+                                       kv_cache_gib=0.05))
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.8)
     try:
-        asyncio.run(stream_load(url, args.concurrency, args.concurrency, 8))  # warm up
-        pids = {"api": server.pid, **({"core": children(server.pid)[0]} if engine_process else {})}
-        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        for index in range(concurrency):  # warm up
+            engine.add_request(f"w{index}", PROMPT, SamplingParams(max_tokens=8, ignore_eos=True))
+        while engine.has_unfinished():
+            engine.step()
+        steps_before, tokens_before = engine.steps_total, engine.generation_tokens_total
         started = time.perf_counter()
-        tokens = asyncio.run(stream_load(url, args.concurrency, args.concurrency * args.rounds, args.max_tokens))
-        wall = time.perf_counter() - started
-        cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+        for round_index in range(rounds):
+            for index in range(concurrency):
+                engine.add_request(f"r{round_index}-{index}", PROMPT, params)
+            while engine.has_unfinished():
+                engine.step()
+        seconds = time.perf_counter() - started
+        return {"steps_per_s": (engine.steps_total - steps_before) / seconds,
+                "tokens_per_s": (engine.generation_tokens_total - tokens_before) / seconds}
+    finally:
+        engine.close()
+
+
+def engine_counters(url: str) -> tuple[int, int]:
+    stats = httpx.get(url + "/health", timeout=30).json()["models"]["tiny"]
+    return stats.get("steps_total", 0), stats["generation_tokens_total"]
+
+
+def measure(model: Path, mode: str, args: argparse.Namespace, log_dir: Path) -> dict:
+    server, url = start_server(model, MODES[mode], log_dir / f"serve-{mode}.log")
+    try:
+        run_clients(url, args.concurrency, args.concurrency, 8)  # warm up
+        pids = [server.pid, *descendants(server.pid)]
+        before = {pid: cpu_seconds(pid) for pid in pids}
+        steps_before, _ = engine_counters(url)
+        tokens, wall, client_cpu = run_clients(url, args.concurrency, args.concurrency * args.rounds, args.max_tokens)
+        steps_after, _ = engine_counters(url)
+        cpu: dict[str, float] = {}
+        for pid in pids:
+            name = process_name(pid, server.pid)
+            cpu[name] = cpu.get(name, 0.0) + cpu_seconds(pid) - before[pid]
     finally:
         server.terminate()
-        server.wait(timeout=60)
-    return {"mode": "engine process" if engine_process else "in-process", "tokens": tokens,
-            "tokens_per_s": tokens / wall,
+        server.wait(timeout=120)
+    cpu = {name: seconds for name, seconds in cpu.items() if seconds > 0 or not name.startswith("other")}
+    return {"mode": mode, "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
+            "steps_per_s": (steps_after - steps_before) / wall, "client_cpu_us_per_token": client_cpu / tokens * 1e6,
             "cpu_us_per_token": {name: seconds / tokens * 1e6 for name, seconds in cpu.items()},
             "cpu_us_per_token_total": sum(cpu.values()) / tokens * 1e6}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--concurrency", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--modes", nargs="+", choices=sorted(MODES), default=list(MODES))
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    parser.add_argument("--client", metavar="URL", help=argparse.SUPPRESS)  # the load-generating process
+    parser.add_argument("--requests", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--unloaded", type=Path, metavar="MODEL", help=argparse.SUPPRESS)
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
+    if args.client:
+        started, cpu = time.perf_counter(), time.process_time()
+        tokens = asyncio.run(stream_load(args.client, args.concurrency, args.requests, args.max_tokens))
+        print(tokens, time.perf_counter() - started, time.process_time() - cpu)
+        return
+    if args.unloaded:
+        print(json.dumps(unloaded_rate(args.unloaded, args.concurrency, args.max_tokens, args.rounds)))
+        return
     from tests.server_fixtures import save_tiny_llama
 
     with tempfile.TemporaryDirectory(prefix="minerva-host-ceiling-") as directory:
         model = save_tiny_llama(Path(directory) / "tiny-llama")
-        results = [measure(model, mode, args, Path(directory)) for mode in (False, True)]
+        unloaded = json.loads(subprocess.run(
+            [sys.executable, "-m", "bench.host_ceiling", "--unloaded", str(model), "--concurrency",
+             str(args.concurrency), "--max-tokens", str(args.max_tokens), "--rounds", str(args.rounds)],
+            cwd=REPO, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+        results = [measure(model, mode, args, Path(directory)) for mode in args.modes]
+    print(f"{'unloaded engine':>15}: {unloaded['tokens_per_s']:7.0f} tok/s, {unloaded['steps_per_s']:6.1f} steps/s")
     for result in results:
         per_process = ", ".join(f"{name} {us:.0f}" for name, us in result["cpu_us_per_token"].items())
-        print(f"{result['mode']:>15}: {result['tokens_per_s']:7.0f} tok/s, server CPU {result['cpu_us_per_token_total']:.0f} "
-              f"us/token ({per_process})")
-    print(json.dumps({"args": vars(args), "results": results}))
+        print(f"{result['mode']:>15}: {result['tokens_per_s']:7.0f} tok/s, {result['steps_per_s']:6.1f} steps/s "
+              f"({result['steps_per_s'] / unloaded['steps_per_s']:.0%} of unloaded), server CPU "
+              f"{result['cpu_us_per_token_total']:.0f} us/token ({per_process}); client {result['client_cpu_us_per_token']:.0f}")
+    report = {"args": {k: v for k, v in vars(args).items() if k in ("concurrency", "max_tokens", "rounds", "modes")},
+              "load_average": os.getloadavg(), "unloaded": unloaded, "results": results}
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":
