@@ -4,7 +4,8 @@
 in a process of its own) satisfy it; the server types its engines with it and imports nothing else of the
 engine's machinery (no `LLMEngine`, scheduler or model; tests/test_import_graph.py checks), so the HTTP
 layer stays independent of how the engine steps. tests/test_engine_client.py holds both clients to it.
-`start_engine` is the one place the server's composition root builds an engine.
+`start_engine` is the one place the server's composition root builds an engine; with several API processes
+the launcher starts each model's core (`CoreProcess.start`) and each API process `connect_engine`s to it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Protocol
 from engine.config import EngineConfig
 from engine.loader.model_info import ModelInfo
 from engine.outputs import RequestOutput
+from engine.process_client import CoreAddress, CoreProcess, ProcessEngineClient
 from engine.reports import EngineDescription, EngineStats
 from engine.sampling_params import SamplingParams
 from engine.structured.spec import StructuredOutput
@@ -70,9 +72,15 @@ def start_engine(config: EngineConfig, *, own_process: bool,
     """Load `config`'s model: in a core process of its own (`own_process`) or in a thread of this one
     (`on_progress(done, total)` then follows the weights' loading)."""
     if own_process:
-        from engine.process_client import ProcessEngineClient
-
         return ProcessEngineClient.from_config(config)
     from engine.async_engine import AsyncEngine
 
     return AsyncEngine.from_config(config, on_progress=on_progress)
+
+
+def connect_engine(config: EngineConfig, core: CoreAddress, name: str) -> EngineClient:
+    """This API process's client of a core a launcher started; `name` tells it apart from the others."""
+    return ProcessEngineClient.connect(config, core, name)
+
+
+__all__ = ["CoreAddress", "CoreProcess", "EngineClient", "connect_engine", "start_engine"]

@@ -10,8 +10,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
-import sys
 from typing import TYPE_CHECKING, Any
 
 from engine.config import EngineConfig
@@ -61,6 +59,7 @@ def build_engines(configs: list[EngineConfig], engine_process: bool = False) -> 
     from engine.errors import EngineCoreError
     from engine.models.errors import ModelConfigError
     from engine.tokenizer import TokenizerError
+    from server.serving import add_served
 
     engines: dict[str, EngineClient] = {}
     for config in configs:
@@ -72,20 +71,8 @@ def build_engines(configs: list[EngineConfig], engine_process: bool = False) -> 
         finally:
             if progress is not None:
                 progress.close()
-        name = config.served_model_name or engine.model_info.id
-        if name in engines:
-            raise LaunchError(f"two models would be served as {name!r}: use --served-model-name")
-        engines[name] = engine
+        add_served(engines, config, engine)
     return engines
-
-
-def device_name(engines: dict[str, EngineClient]) -> str:
-    """What the throughput estimate assumes by default: this machine's GPU name where an engine runs on one, or cpu."""
-    if any(engine.describe().device.startswith("cuda") for engine in engines.values()):
-        import torch
-
-        return torch.cuda.get_device_name()
-    return "cpu"
 
 
 def cors_list(text: str) -> tuple[str, ...]:
@@ -131,65 +118,23 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
                           body_timeout_s=args.body_timeout, request_timeout_s=args.request_timeout)
 
 
-def banner_lines(engines: dict[str, EngineClient], url: str) -> list[str]:
-    """One line per served model: where, what context, how many tokens the KV cache holds, on what."""
-    lines = []
-    for name, engine in engines.items():
-        about = engine.describe()
-        lines.append(f"Minerva serving {name!r} at {url}/v1: context {about.max_model_len} tokens, KV cache "
-                     f"{engine.stats().kv_cache_tokens} tokens, device {about.device}, {about.dtype}, "
-                     f"{about.kernels} kernels")
-    return lines
-
-
-def uvicorn_config(app: Any, args: argparse.Namespace) -> Any:
-    """uvicorn's settings from the flags. Proxy headers only from --forwarded-allow-ips: uvicorn's default
-    trusts X-Forwarded-For from local peers, which let any local client pick its rate-limit address. HTTP/1.1
-    through h11 with its 400s in OpenAI's shape (server/http_protocol.py)."""
-    import uvicorn
-
-    from server.http_protocol import ShapedH11Protocol
-
-    return uvicorn.Config(app, http=ShapedH11Protocol, host=args.host, port=args.port, log_level=args.log_level,
-                          log_config=None, access_log=False, timeout_graceful_shutdown=args.shutdown_timeout,
-                          ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
-                          proxy_headers=args.forwarded_allow_ips is not None,
-                          forwarded_allow_ips=args.forwarded_allow_ips or "")
-
-
 def serve_command(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM; then stop accepting, let running requests finish (or abort them
     after --shutdown-timeout seconds), shut the engines down and exit 0 (1 if an engine died: a
-    tensor-parallel rank gone)."""
-    import signal
-
-    from server.app import create_app
-    from server.shutdown import DrainingServer
+    tensor-parallel rank or the engine core process gone)."""
+    from server.serving import device_name, serve_app
 
     if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
         raise LaunchError("--ssl-keyfile and --ssl-certfile go together")
     configure_json_logging(args.log_level)
     configs = engine_configs(args)
     settings = server_settings(args)
+    if args.api_server_count > 1:
+        from server.api_servers import serve_api_servers
+
+        return serve_api_servers(args, configs, settings)
     engines = build_engines(configs, args.engine_process)
-    settings = dataclasses.replace(settings, device_name=device_name(engines))
-    scheme = "https" if args.ssl_certfile else "http"
-    for line in banner_lines(engines, f"{scheme}://{args.host}:{args.port}"):
-        log.info(line)
-    # uvicorn re-raises the signal it stopped on once it is done; with the default SIGTERM action
-    # that would kill the process (status 143) after a clean shutdown, so the re-raise lands here.
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    for engine in engines.values():  # a dead tensor-parallel rank: drain like a SIGTERM, then exit 1
-        engine.on_fatal = lambda reason: os.kill(os.getpid(), signal.SIGTERM)
-    try:
-        app = create_app(engines, settings)
-    except ValueError as exc:  # a --fallback-model that names no served model
-        raise LaunchError(str(exc)) from exc
-    DrainingServer(uvicorn_config(app, args), engines.values()).run()
-    failures = [f"{name}: {engine.failure}" for name, engine in engines.items() if engine.failure]
-    for failure in failures:
-        print(f"error: engine stopped: {failure}", file=sys.stderr)
-    return 1 if failures else 0
+    return serve_app(engines, dataclasses.replace(settings, device_name=device_name(engines)), args, banner=True)
 
 
 def add_serve_parser(commands: Any) -> None:
@@ -225,6 +170,10 @@ def add_serve_parser(commands: Any) -> None:
     http.add_argument("--tool-call-parser", choices=sorted(PARSERS), default=None,
                       help="how tool calls are read from completions (default: picked from the chat template; "
                            "gpt-oss always uses harmony)")
+    http.add_argument("--api-server-count", type=positive_int, default=1, metavar="N",
+                      help="N API server processes accept on the one port, each with its own event loop and GIL, "
+                           "against one engine core process per model (implies --engine-process); an API process "
+                           "dying loses only its own connections (default 1)")
     http.add_argument("--engine-process", action="store_true",
                       help="run each model's engine core (scheduler, model, output processing) in a process of its "
                            "own, so HTTP/SSE work never shares the step loop's GIL; the core dying ends every open "

@@ -19,7 +19,7 @@ from engine.config import EngineConfig
 from server.app import create_app
 from server.cli import build_parser
 from server.guard.rate_limit import Limits
-from server.launch import uvicorn_config
+from server.serving import uvicorn_config
 from server.settings import ServerSettings
 from server.shutdown import DrainingServer
 from server_fixtures import LiveServer, free_port_socket, save_tiny_llama, wait_until_idle
@@ -303,7 +303,7 @@ def test_streams_open_at_the_shutdown_timeout_end_with_an_error_event(engine, li
 
 
 class LaunchedServer:
-    """uvicorn run with `minerva serve`'s settings for `flags` (server.launch.uvicorn_config) on a second app."""
+    """uvicorn run with `minerva serve`'s settings for `flags` (server.serving.uvicorn_config) on a second app."""
 
     def __init__(self, engine, flags: list[str], **settings) -> None:
         args = build_parser().parse_args(["serve", *flags])

@@ -191,7 +191,7 @@ def _header_bytes(folder: Path) -> int:
 
 def test_banner_names_url_context_kv_tokens_device_and_kernels():
     from engine.async_engine import AsyncEngine
-    from server.launch import banner_lines
+    from server.serving import banner_lines
 
     engine = AsyncEngine.from_config(EngineConfig(model=str(tiny_llama_dir()), device="cpu", kv_cache_gib=0.01))
     (line,) = banner_lines({"tiny": engine}, "http://127.0.0.1:8000")

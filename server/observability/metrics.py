@@ -6,15 +6,21 @@ shows the current state and nothing polls in the background.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from engine.reports import EngineStats, SpecDecodeCounters
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# prometheus_client's multiprocess mode: set (by server/api_servers.py) before the API processes import it,
+# their counters and histograms live in files there, which any one of them sums when scraped
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -149,9 +155,16 @@ class Metrics:
             "minerva_e2e_request_latency_seconds", "End-to-end generation latency", ["model"], buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        r.register(EngineCollector(engine_stats))
+        engine = EngineCollector(engine_stats)
         self.gpu = GpuCollector()
+        r.register(engine)
         r.register(self.gpu)
+        self._scraped = r
+        if os.environ.get(MULTIPROCESS_DIR):  # several API processes: the HTTP counters of them all, summed
+            self._scraped = CollectorRegistry()
+            MultiProcessCollector(self._scraped)
+            self._scraped.register(engine)
+            self._scraped.register(self.gpu)
 
     def observe_generation(self, model: str, longest_sample: int, ttft: float | None, e2e: float) -> None:
         """Record one finished generation (streamed or not); token totals come from the engine itself.
@@ -165,4 +178,4 @@ class Metrics:
                 self.tpot.labels(model).observe((e2e - ttft) / (longest_sample - 1))
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self._scraped)
