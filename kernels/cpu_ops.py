@@ -4,7 +4,8 @@
 - GGUF-quantized weights stay quantized (`quantized_weight`) and `linear` reads them with the
   native kernels of kernels/cpu, when the start-up measurement (kernels/cpu/select.py) found
   them faster than dense fp32 on this machine; otherwise weights load dense as before.
-- Prefill attention runs torch's fused `scaled_dot_product_attention` per sequence.
+- Attention reads the paged cache in place (native); prompt chunks run torch's SDPA per sequence only
+  where the native kernel has no flash-style path for the head size.
 - With the native kernels built, fp32 RMSNorm, rotary + KV write, decode attention (read in place
   from the cache blocks) and SwiGLU are one native call each (kernels/cpu/layer_ops.cpp): a decode
   layer is ~10 calls instead of ~60 torch ops.
@@ -12,6 +13,8 @@ Everything else is the reference's.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -123,17 +126,30 @@ def paged_attention(
     sliding_window: int | None = None,
     sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The reference's contract. Without a window or sinks: decode steps read the paged cache in place
-    (native); batches with prompt chunks run SDPA per sequence (measured faster than the native kernel
-    for a 16-token chunk at 8k context: bench/cpu_head_of_line.py)."""
+    """The reference's contract. Without a window or sinks the native kernel reads the paged cache in place:
+    decode steps always, prompt chunks where it runs flash-style for this head size (a chunk at 8k context
+    then costs its FLOPs instead of a gathered copy of the context per layer: bench/cpu_head_of_line.py);
+    elsewhere prompt chunks run SDPA per sequence."""
     if sliding_window is not None or sinks is not None:
         return reference.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
                                          sliding_window, sinks)
     native = _native(q, k_cache, v_cache)
-    if native is not None and q.shape[0] == seq_lens.shape[0]:  # one query per sequence: a decode step
+    decode = q.shape[0] == seq_lens.shape[0]  # one query per sequence
+    if native is not None and (decode or q.shape[2] in _flash_head_dims(native)):
         return native.paged_attention(q.contiguous(), k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
-    if q.shape[0] == seq_lens.shape[0]:
+    if decode:
         return reference.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
+    return _sdpa_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
+
+
+@functools.cache
+def _flash_head_dims(native) -> frozenset[int]:
+    return frozenset(native.flash_head_dims())
+
+
+def _sdpa_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                  seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float) -> torch.Tensor:
+    """Each sequence's new queries over its gathered context with torch's SDPA."""
     lens = seq_lens.tolist()
     num_heads, head_dim = q.shape[1], q.shape[2]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]

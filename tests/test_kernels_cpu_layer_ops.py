@@ -49,7 +49,8 @@ def test_rope_write_kv_on_strided_views(rotary_dim):
     torch.testing.assert_close(caches[1], caches[3], **TOL)
 
 
-def paged(seq_lens: list[int], q_lens: list[int], block_size: int = 4, heads: int = 6, kv_heads: int = 2):
+def paged(seq_lens: list[int], q_lens: list[int], block_size: int = 4, heads: int = 6, kv_heads: int = 2,
+          head_dim: int = 16):
     """Random caches with shuffled block tables and queries for the last `q_lens` tokens of each sequence."""
     blocks_per_seq = [-(-n // block_size) for n in seq_lens]
     order = torch.randperm(sum(blocks_per_seq) + 3)
@@ -58,8 +59,8 @@ def paged(seq_lens: list[int], q_lens: list[int], block_size: int = 4, heads: in
     for i, count in enumerate(blocks_per_seq):
         tables[i, :count] = order[start:start + count]
         start += count
-    k_cache, v_cache = (torch.randn(len(order), block_size, kv_heads, 16) for _ in range(2))
-    q = torch.randn(sum(q_lens), heads, 16)
+    k_cache, v_cache = (torch.randn(len(order), block_size, kv_heads, head_dim) for _ in range(2))
+    q = torch.randn(sum(q_lens), heads, head_dim)
     query_start_loc = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
     return q, k_cache, v_cache, tables, torch.tensor(seq_lens, dtype=torch.int32), query_start_loc
 
@@ -68,9 +69,21 @@ def paged(seq_lens: list[int], q_lens: list[int], block_size: int = 4, heads: in
                                              ([7, 12], [7, 5]),  # a prefill and a chunk after cached context
                                              ([9, 6, 3], [1, 6, 1]),  # decodes beside a prefill
                                              ([300, 41], [270, 1])])  # a long prefill beside a decode
-def test_paged_attention(seq_lens, q_lens):
-    args = paged(seq_lens, q_lens)
+@pytest.mark.parametrize("head_dim", [16, 64, 128])  # 64 and 128: the flash-style kernel where AVX-512 is here
+def test_paged_attention(seq_lens, q_lens, head_dim):
+    args = paged(seq_lens, q_lens, head_dim=head_dim)
     torch.testing.assert_close(cpu_ops.paged_attention(*args, 0.25), reference.paged_attention(*args, 0.25), **TOL)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4), (8, 1)])  # GQA groups of 3, 1 and 8
+@pytest.mark.parametrize("block_size", [16, 5])
+def test_flash_attention_tiles_groups_and_blocks(heads, kv_heads, block_size):
+    """Query tiles (64 rows of (query, head) per task), key tiles of 16 across cache blocks of any size,
+    a chunk after cached context with decodes beside it."""
+    args = paged([1, 200, 37, 70], [1, 130, 37, 1], block_size=block_size, heads=heads, kv_heads=kv_heads,
+                 head_dim=64)
+    got = extension.load().paged_attention(*args, 0.125)
+    torch.testing.assert_close(got, reference.paged_attention(*args, 0.125), **TOL)
 
 
 def test_native_paged_attention_takes_chunks_too():

@@ -4,17 +4,21 @@
 //   rope_write_kv:   NeoX rotary on q and k (rotary_dim = 2 * len(inv_freq); cos/sin scaled by
 //                    mscale), rotated k and v scattered into the paged caches by slot (< 0: skip).
 //   paged_attention: causal attention of each sequence's new queries over its paged keys (GQA),
-//                    read in place from the cache blocks: no gather, no padding (the CPU backend
-//                    calls it for decode steps; prompt chunks measured faster on SDPA).
+//                    read in place from the cache blocks: no gather, no padding. With AVX-512 and
+//                    head_dim 64 or 128, flash-style (online softmax over 16-key tiles), so a prompt
+//                    chunk at long context costs its FLOPs, not copies of the context.
 //   silu_and_mul:    silu(gate) * up on a [T, 2I] tensor laid out [gate | up].
 // Numerics: fp32 throughout like kernels/reference.py, summed in a different order.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>
@@ -124,7 +128,7 @@ at::Tensor rope_write_kv(const at::Tensor& q, const at::Tensor& k, const at::Ten
   return out;
 }
 
-at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+at::Tensor paged_attention_generic(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const at::Tensor& block_tables, const at::Tensor& seq_lens,
                            const at::Tensor& query_start_loc, double scale) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k_cache, &v_cache}) check_fp32(*t, "q and the caches");
@@ -177,6 +181,167 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   return out;
 }
 
+#if defined(__AVX512F__)
+// exp of 16 lanes (Cephes' single-precision polynomial, ~1 ulp); lanes below -88 come out ~0.
+__m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-88.3762626647949f));
+  const __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                         _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
+  __m512 y = _mm512_set1_ps(1.9875691500E-4f);
+  for (float c : {1.3981999507E-3f, 8.3334519073E-3f, 4.1665795894E-2f, 1.6666665459E-1f, 5.0000001201E-1f})
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(c));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(y, fx);
+}
+
+constexpr int64_t KEYS = 16;  // keys per tile: one score vector per query row
+constexpr int64_t TILE_ROWS = 64;  // (query, head) rows per task: their outputs stay in L1
+constexpr int64_t TRANSPOSE_ROWS = 16;  // from this many rows a transposed key tile pays for itself
+
+// Flash attention over the paged cache for head_dim = 16 * DC: one task is (sequence, kv head, a tile
+// of queries); keys are read in place, 16 at a time, and each (query, head) row keeps a running max,
+// sum and output (online softmax), so a chunk at long context reads each key once per kv head and
+// never builds a score matrix. Few rows (decode) dot each key with a reduction; many rows (a prompt
+// chunk) transpose the key tile once and get 16 scores per row from D broadcast FMAs.
+template <int64_t DC>
+void flash_task(const float* qp, const float* kp, const float* vp, float* op, const int64_t* table, int64_t bs,
+                int64_t H, int64_t KVH, int64_t kvh, int64_t group, int64_t n, int64_t q_len, int64_t q_first,
+                int64_t q0, int64_t nq, float scale) {
+  constexpr int64_t D = 16 * DC;
+  const int64_t R = nq * group;
+  alignas(64) float Q[TILE_ROWS * D];
+  alignas(64) float O[TILE_ROWS * D];
+  alignas(64) float Kt[D * KEYS];
+  alignas(64) float S[TILE_ROWS * KEYS];
+  float m[TILE_ROWS], l[TILE_ROWS];
+  const float* keys[KEYS];
+  const float* values[KEYS];
+  for (int64_t r = 0; r < R; ++r) {
+    const float* src = qp + ((q_first + q0 + r / group) * H + kvh * group + r % group) * D;
+    for (int64_t c = 0; c < DC; ++c) {
+      _mm512_store_ps(Q + r * D + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(src + 16 * c), _mm512_set1_ps(scale)));
+      _mm512_store_ps(O + r * D + 16 * c, _mm512_setzero_ps());
+    }
+    m[r] = -std::numeric_limits<float>::infinity();
+    l[r] = 0.f;
+  }
+  const int64_t before = n - q_len + q0;  // keys before the tile's first query
+  const int64_t end = before + nq;  // keys the tile's last query sees
+  const bool transposed = R >= TRANSPOSE_ROWS;
+  for (int64_t j0 = 0; j0 < end; j0 += KEYS) {
+    const int64_t jn = std::min(KEYS, end - j0);
+    for (int64_t k = 0; k < jn; ++k) {
+      const int64_t j = j0 + k, slot = table[j / bs] * bs + j % bs;
+      keys[k] = kp + (slot * KVH + kvh) * D;
+      values[k] = vp + (slot * KVH + kvh) * D;
+    }
+    // rows[r] sees keys j0 .. j0 + seen(r) - 1 of this tile
+    auto seen = [&](int64_t r) { return std::min(jn, before + r / group + 1 - j0); };
+    if (transposed) {
+      for (int64_t k = 0; k < KEYS; ++k)
+        for (int64_t d = 0; d < D; ++d) Kt[d * KEYS + k] = k < jn ? keys[k][d] : 0.f;
+      int64_t r = 0;
+      for (; r + 4 <= R; r += 4) {
+        __m512 a[8];
+        for (auto& x : a) x = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d += 2) {
+          const __m512 k0 = _mm512_load_ps(Kt + d * KEYS), k1 = _mm512_load_ps(Kt + (d + 1) * KEYS);
+          for (int64_t i = 0; i < 4; ++i) {
+            a[2 * i] = _mm512_fmadd_ps(_mm512_set1_ps(Q[(r + i) * D + d]), k0, a[2 * i]);
+            a[2 * i + 1] = _mm512_fmadd_ps(_mm512_set1_ps(Q[(r + i) * D + d + 1]), k1, a[2 * i + 1]);
+          }
+        }
+        for (int64_t i = 0; i < 4; ++i) _mm512_store_ps(S + (r + i) * KEYS, _mm512_add_ps(a[2 * i], a[2 * i + 1]));
+      }
+      for (; r < R; ++r) {
+        __m512 a = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; ++d) a = _mm512_fmadd_ps(_mm512_set1_ps(Q[r * D + d]), _mm512_load_ps(Kt + d * KEYS), a);
+        _mm512_store_ps(S + r * KEYS, a);
+      }
+    } else {
+      for (int64_t r = 0; r < R; ++r) {
+        __m512 q[DC];
+        for (int64_t c = 0; c < DC; ++c) q[c] = _mm512_load_ps(Q + r * D + 16 * c);
+        for (int64_t k = 0; k < jn; ++k) {
+          __m512 a = _mm512_mul_ps(q[0], _mm512_loadu_ps(keys[k]));
+          for (int64_t c = 1; c < DC; ++c) a = _mm512_fmadd_ps(q[c], _mm512_loadu_ps(keys[k] + 16 * c), a);
+          S[r * KEYS + k] = _mm512_reduce_add_ps(a);
+        }
+      }
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t visible = seen(r);
+      if (visible <= 0) continue;
+      const __mmask16 live = __mmask16((1u << visible) - 1u);
+      const __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), live,
+                                          _mm512_load_ps(S + r * KEYS));
+      const float top = std::max(m[r], _mm512_reduce_max_ps(s));
+      const __m512 p = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(s, _mm512_set1_ps(top))));
+      const float correction = std::exp(m[r] - top);  // 0 for the first tile (m = -inf)
+      l[r] = l[r] * correction + _mm512_reduce_add_ps(p);
+      m[r] = top;
+      alignas(64) float w[KEYS];
+      _mm512_store_ps(w, p);
+      __m512 o[DC];
+      for (int64_t c = 0; c < DC; ++c) o[c] = _mm512_mul_ps(_mm512_load_ps(O + r * D + 16 * c), _mm512_set1_ps(correction));
+      for (int64_t k = 0; k < visible; ++k) {
+        const __m512 wk = _mm512_set1_ps(w[k]);
+        for (int64_t c = 0; c < DC; ++c) o[c] = _mm512_fmadd_ps(wk, _mm512_loadu_ps(values[k] + 16 * c), o[c]);
+      }
+      for (int64_t c = 0; c < DC; ++c) _mm512_store_ps(O + r * D + 16 * c, o[c]);
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    float* dst = op + ((q_first + q0 + r / group) * H + kvh * group + r % group) * D;
+    const __m512 inv = _mm512_set1_ps(1.f / l[r]);
+    for (int64_t c = 0; c < DC; ++c) _mm512_storeu_ps(dst + 16 * c, _mm512_mul_ps(_mm512_load_ps(O + r * D + 16 * c), inv));
+  }
+}
+#endif
+
+std::vector<int64_t> flash_head_dims() {  // the head sizes paged_attention runs flash-style here
+#if defined(__AVX512F__)
+  return {64, 128};
+#else
+  return {};
+#endif
+}
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                           const at::Tensor& query_start_loc, double scale) {
+#if defined(__AVX512F__)
+  const int64_t D = q.size(2), group = q.size(1) / k_cache.size(2);
+  if ((D == 64 || D == 128) && group <= TILE_ROWS && q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat &&
+      v_cache.scalar_type() == at::kFloat && q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous()) {
+    const int64_t H = q.size(1), bs = k_cache.size(1), KVH = k_cache.size(2), B = seq_lens.size(0);
+    at::Tensor tables = block_tables.to(at::kLong).contiguous(), lens = seq_lens.to(at::kLong).contiguous();
+    at::Tensor starts = query_start_loc.to(at::kLong).contiguous();
+    const int64_t *tab = tables.data_ptr<int64_t>(), *len = lens.data_ptr<int64_t>(), *qsl = starts.data_ptr<int64_t>();
+    const int64_t width = tables.size(1), tile = TILE_ROWS / group;
+    std::vector<std::array<int64_t, 3>> tasks;  // (sequence, kv head, first query of the tile)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t q0 = 0; q0 < qsl[b + 1] - qsl[b] && len[b] > 0; q0 += tile)
+        for (int64_t kvh = 0; kvh < KVH; ++kvh) tasks.push_back({b, kvh, q0});
+    at::Tensor out = at::empty_like(q);
+    const float *qp = q.data_ptr<float>(), *kp = k_cache.data_ptr<float>(), *vp = v_cache.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    at::parallel_for(0, int64_t(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const auto [b, kvh, q0] = tasks[t];
+        const int64_t q_len = qsl[b + 1] - qsl[b], nq = std::min(tile, q_len - q0);
+        (D == 64 ? flash_task<4> : flash_task<8>)(qp, kp, vp, op, tab + b * width, bs, H, KVH, kvh, group, len[b],
+                                                  q_len, qsl[b], q0, nq, float(scale));
+      }
+    });
+    return out;
+  }
+#endif
+  return paged_attention_generic(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale);
+}
+
 at::Tensor silu_and_mul(const at::Tensor& gate_up) {
   check_fp32(gate_up, "gate_up");
   TORCH_CHECK(gate_up.dim() == 2 && gate_up.stride(1) == 1, "gate_up must be [T, 2I] with unit stride");
@@ -200,5 +365,6 @@ TORCH_LIBRARY_FRAGMENT(minerva_cpu, m) {
         "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> Tensor", rope_write_kv);
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
         "Tensor query_start_loc, float scale) -> Tensor", paged_attention);
+  m.def("flash_head_dims() -> int[]", flash_head_dims);
   m.def("silu_and_mul(Tensor gate_up) -> Tensor", silu_and_mul);
 }
