@@ -15,7 +15,6 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.distributed.group import ParallelGroupError
 from engine.kv_cache import BlockPool
 from engine.executor import Executor
-from engine.model_runner import ForwardStep, PendingTokens
 from engine.models.base import CausalLM
 from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
@@ -29,6 +28,7 @@ from engine.sampling_params import InvalidRequestError, SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.step_budget import StepBudget
 from engine.spec_decode.decoder import SpecDecoder
+from engine.step_messages import PromptRowSpan, StepMessages
 from engine.spec_decode.verify import accepted_tokens
 from engine.structured import GrammarCompiler, GrammarError, unconstrained_bitmask
 from engine.tokenizer import Tokenizer
@@ -45,11 +45,10 @@ class InFlight:
     drafts: list[list[int]] | None = None
     generator_states: dict[Sample, tuple[torch.Tensor, int]] | None = None  # seeded rows: (state before, vocab)
 
-    def pending_inputs(self) -> PendingTokens | None:
-        """Where the next batch finds these samples' input ids (on the device, not yet read back)."""
-        if self.result is None:
-            return None
-        return PendingTokens(self.result.device_token_ids, {seq: row for row, seq in enumerate(self.samples)})
+    def pending_inputs(self) -> torch.Tensor | None:
+        """Where the next batch finds these samples' input ids (on the device, not yet read back): row i is
+        sample i's."""
+        return self.result.device_token_ids if self.result is not None else None
 
 
 @dataclass(frozen=True)
@@ -82,6 +81,7 @@ class LLMEngine:
         self.spec = (SpecDecoder(config.speculative_config, self.max_model_len)
                      if config.speculative_config is not None else None)
         self._in_flight: InFlight | None = None
+        self.messages = StepMessages()  # what the runner has been told of each sequence
         self.requests: dict[str, Request] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -177,6 +177,8 @@ class LLMEngine:
         if self.spec is not None:
             self.spec.propose(self.scheduler.running)
         batch = self.scheduler.schedule()
+        for seq in batch.preempted:  # its blocks are gone: the runner forgets it until it is scheduled again
+            self.messages.forget(seq)
         launched = self._launch(batch, previous, outputs) if batch else None
         if self.async_scheduling:
             self._in_flight, launched = launched, previous
@@ -195,9 +197,11 @@ class LLMEngine:
         try:
             pending = previous.pending_inputs() if previous is not None else None
             prompt_rows = self._prompt_rows(batch)
-            logits = self.executor.execute(ForwardStep(batch.items, sample_rows, pending,
-                                                       [1 + len(d) for d in drafts] if speculating else None,
-                                                       prompt_rows))
+            step = self.messages.build(batch.items, sample_rows,
+                                       {seq.seq_id: seq.spec_token_ids for seq in samples if seq.spec_token_ids}
+                                       if speculating else {},
+                                       [PromptRowSpan(rows.item, rows.first, rows.count) for rows in prompt_rows])
+            logits = self.executor.execute(step, pending)
             if prompt_rows:
                 logits = self._score_prompts(batch, prompt_rows, logits)
             if speculating:
@@ -368,7 +372,7 @@ class LLMEngine:
         if not seq.finished:
             self.scheduler.remove(seq)
         self.sampler.release(seq)
-        self.executor.release(seq)
+        self.messages.forget(seq)
         if self.spec is not None:
             self.spec.release(seq)
 

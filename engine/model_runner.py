@@ -21,8 +21,7 @@ import torch
 from engine.attention_metadata import AttentionMetadata
 from engine.host_device import upload
 from engine.models.base import CausalLM
-from engine.prompt_logprobs import PromptRows
-from engine.request import Sample
+from engine.step_messages import SchedulerOutput
 
 log = logging.getLogger(__name__)
 
@@ -68,24 +67,16 @@ class StepInputs:
     decode_bucket: int | None = None  # set when the batch is decode-only and padded to this size
 
 
-@dataclass
-class ForwardStep:
-    """One step's forward as the engine asks for it: `(sequence, new tokens)` items, the items whose logits are
-    sampled (`sample_rows`), and the options ModelRunner.prepare describes."""
+class SequenceState:
+    """What the runner knows of one sequence, built only from step messages (engine/step_messages.py)."""
 
-    items: list[tuple[Sample, int]]
-    sample_rows: list[int]
-    pending: "PendingTokens | None" = None
-    logits_per_row: list[int] | None = None
-    prompt_rows: list[PromptRows] | None = None
+    __slots__ = ("token_ids", "block_ids", "num_computed_tokens", "row")
 
-
-@dataclass
-class PendingTokens:
-    """Sampled ids still on the device (async scheduling): a sequence's next input id is `token_ids[row_of[seq]]`."""
-
-    token_ids: torch.Tensor
-    row_of: dict[Sample, int]
+    def __init__(self, token_ids: list[int], block_ids: list[int], num_computed_tokens: int, row: int) -> None:
+        self.token_ids = token_ids  # known ones; a sampled id still on the device is not here yet
+        self.block_ids = block_ids
+        self.num_computed_tokens = num_computed_tokens
+        self.row = row  # its row of BlockTableRows
 
 
 class InputBuffers:
@@ -131,7 +122,7 @@ class InputBuffers:
 
 
 class BlockTableRows:
-    """Each sequence's block ids in a fixed row of a host table and of its device twin, extended by appending.
+    """Each sequence's block ids in a fixed row of a host table and of its device twin, written as they arrive.
 
     A step uploads only the entries written since the previous one (on CPU the twin shares the host
     table's memory), and the batch's block table is gathered from the twin on the device, so no
@@ -146,25 +137,19 @@ class BlockTableRows:
         host = torch.from_numpy(self.table)
         self.device_table = host if device.type == "cpu" else host.to(device)
         self._written: list[tuple[int, int, int]] = []  # (row, first column, end column) not uploaded yet
-        self.row_of: dict[Sample, tuple[int, int, int]] = {}  # seq -> (row, blocks written, table version)
         self.free = list(range(max_rows - 1, -1, -1))
 
-    def row(self, seq: Sample) -> int:
-        """`seq`'s row, brought up to date with its block ids."""
-        entry = self.row_of.get(seq)
-        if entry is not None and entry[1] == len(seq.block_ids) and entry[2] == seq.block_table_version:
-            return entry[0]  # most steps: no new block
-        row, written, version = entry or (-1, 0, seq.block_table_version)
-        if row < 0:
-            row = self._take()
-        if version != seq.block_table_version:  # preempted since: its blocks were given back
-            written = 0
-        blocks = seq.block_ids
-        if len(blocks) > written:
-            self.table[row, written:len(blocks)] = blocks[written:]
-            self._written.append((row, written, len(blocks)))
-        self.row_of[seq] = (row, len(blocks), seq.block_table_version)
-        return row
+    def take(self) -> int:
+        return self.free.pop()
+
+    def give_back(self, row: int) -> None:
+        self.free.append(row)
+
+    def write(self, row: int, first: int, blocks: list[int]) -> None:
+        """Blocks `first..` of `row` are `blocks` now (entries past them are stale and never read)."""
+        if blocks:
+            self.table[row, first:first + len(blocks)] = blocks
+            self._written.append((row, first, first + len(blocks)))
 
     def upload_written(self) -> None:
         """Copy the entries written since the last call to the device twin (one small scatter)."""
@@ -176,17 +161,6 @@ class BlockTableRows:
         device = self.device_table.device
         self.device_table[upload(rows.tolist(), torch.long, device), upload(columns.tolist(), torch.long, device)] = \
             upload(self.table[rows, columns].tolist(), torch.int32, device)
-
-    def _take(self) -> int:
-        if not self.free:  # rows of sequences that are not running (finished or preempted) go back
-            for seq in [s for s in self.row_of if not s.is_running]:
-                self.release(seq)
-        return self.free.pop()
-
-    def release(self, seq: Sample) -> None:
-        entry = self.row_of.pop(seq, None)
-        if entry is not None:
-            self.free.append(entry[0])
 
 
 class ModelRunner:
@@ -211,53 +185,78 @@ class ModelRunner:
         self.rows = BlockTableRows(2 * max_num_seqs, self.max_blocks, self.scratch_block, self.device)
         self.buckets = decode_buckets(max_num_seqs) if pad_decodes else []
         self.graphs: CudaGraphs | None = None
+        self.seqs: dict[int, SequenceState] = {}  # by seq_id, from the step messages
+        self._last_sampled: list[int] = []  # the previous step's sampled sequences, in its logits' row order
 
-    def release(self, seq: Sample) -> None:
-        """Forget a finished sequence's block-table row."""
-        self.rows.release(seq)
+    def update(self, step: SchedulerOutput) -> None:
+        """Bring the per-sequence state up to the step's message: forget the freed, add the new, extend the cached."""
+        seqs, rows = self.seqs, self.rows
+        for seq_id in step.freed_seq_ids:
+            state = seqs.pop(seq_id, None)
+            if state is not None:
+                rows.give_back(state.row)
+        for new in step.new_seqs:
+            state = seqs[new.seq_id] = SequenceState(list(new.token_ids), list(new.block_ids), new.num_computed_tokens,
+                                                     rows.take())
+            rows.write(state.row, 0, state.block_ids)
+        cached = step.cached_seqs
+        for seq_id, tokens, first, blocks, computed in zip(cached.seq_ids, cached.new_token_ids, cached.block_ids_from,
+                                                          cached.new_block_ids, cached.num_computed_tokens):
+            state = seqs[seq_id]
+            if tokens:
+                state.token_ids.extend(tokens)
+            if blocks or first != len(state.block_ids):
+                del state.block_ids[first:]
+                state.block_ids.extend(blocks)
+                rows.write(state.row, first, blocks)
+            state.num_computed_tokens = computed
 
-    def prepare(self, step: ForwardStep) -> StepInputs:
-        """Fill the buffers for the step's `(sequence, new tokens)` pairs; logits for the `sample_rows` items.
+    def prepare(self, step: SchedulerOutput, pending: torch.Tensor | None = None) -> StepInputs:
+        """Apply the step's message (`update`), then fill the buffers for its scheduled sequences; logits for its
+        `sample_items` (each sampled item's drafts' positions too, when the step verifies drafts), then for
+        its prompt rows (prompt logprobs).
 
-        A decode whose input token is still in flight (async scheduling) reads it from `pending` on the device.
-        `logits_per_row[i]` asks for the logits of the last that many tokens of `sample_rows[i]` (speculative
-        decoding verifies each draft position); None: of its last token. `prompt_rows` add, after those, the
-        logits of prompt positions a request scores (prompt logprobs).
+        A decode whose input token is still in flight (async scheduling) reads it on the device from `pending`,
+        the previous step's sampled ids (one per item it sampled, in order).
         """
-        items, sample_rows, pending = step.items, step.sample_rows, step.pending
-        logits_per_row, prompt_rows = step.logits_per_row, step.prompt_rows
+        self.update(step)
+        seq_ids, sample_rows, prompt_rows, drafts = (step.scheduled_seq_ids, step.sample_items, step.prompt_rows,
+                                                     step.spec_token_ids)
+        logits_per_row = [1 + len(drafts.get(seq_ids[i], ())) for i in sample_rows] if drafts else None
         b, bs = self.buffers, self.block_size
         b.reusable()
-        num_seqs = len(items)
+        num_seqs = len(seq_ids)
         ids = b.input_ids[1]
-        decode_ids, begin_list, row_list, count_list = [], [], [], []
-        in_flight_at, in_flight_rows = [], []
-        row_of = self.rows.row
+        decode_ids, begin_list, row_list = [], [], []
+        in_flight_at, in_flight_seqs = [], []
+        seqs = self.seqs
         offset = width = 0
-        for seq, count in items:  # one pass in Python: each sequence's input ids, start, count and table row
-            begin = seq.num_computed_tokens
+        for seq_id, count in zip(seq_ids, step.num_scheduled_tokens):  # one pass in Python: ids, starts, rows
+            state = seqs[seq_id]
+            begin = state.num_computed_tokens
             begin_list.append(begin)
-            count_list.append(count)
-            row_list.append(row_of(seq))
-            width = max(width, len(seq.block_ids))
+            row_list.append(state.row)
+            width = max(width, len(state.block_ids))
+            known = state.token_ids
             if count == 1:
-                token = seq.token_at(begin)
-                if token is None:  # sampled by the previous batch, not read back yet
-                    token = 0
+                if begin < len(known):
+                    decode_ids.append(known[begin])
+                else:  # sampled by the previous batch, not read back yet
+                    decode_ids.append(0)
                     in_flight_at.append(offset)
-                    in_flight_rows.append(pending.row_of[seq])
-                decode_ids.append(token)
+                    in_flight_seqs.append(seq_id)
             else:
                 if decode_ids:
                     ids[offset - len(decode_ids):offset] = decode_ids
                     decode_ids = []
-                tokens = seq.token_slice(begin, begin + count)
+                tokens = known[begin:begin + count]
                 if len(tokens) < count:  # speculative decoding: the drafts follow the last known token
-                    tokens += seq.spec_token_ids[:count - len(tokens)]
+                    tokens += drafts[seq_id][:count - len(tokens)]
                 ids[offset:offset + count] = tokens
             offset += count
         if decode_ids:
             ids[offset - len(decode_ids):offset] = decode_ids
+        count_list = step.num_scheduled_tokens
         counts = np.array(count_list, dtype=np.int64)
         begins = np.array(begin_list, dtype=np.int64)
         rows = np.array(row_list, dtype=np.int64)
@@ -271,7 +270,7 @@ class ModelRunner:
         table = self.rows.table
         b.slot_mapping[1][:num_tokens] = table[token_rows, positions // bs].astype(np.int64) * bs + positions % bs
         b.seq_lens[1][:num_seqs] = begins + counts
-        bucket = None if prompt_rows else self._bucket(items, sample_rows)
+        bucket = None if prompt_rows else self._bucket(count_list, sample_rows)
         rows_out, tokens_out = num_seqs, num_tokens
         if bucket is not None:  # decode-only, padded: extra rows attend to one token in the scratch block
             pad = slice(num_seqs, bucket)
@@ -317,18 +316,20 @@ class ModelRunner:
         )
         input_ids = b.upload(b.input_ids, tokens_out)
         if in_flight_at:
+            row_of = {seq_id: row for row, seq_id in enumerate(self._last_sampled)}
             input_ids[upload(in_flight_at, torch.long, self.device)] = \
-                pending.token_ids[upload(in_flight_rows, torch.long, self.device)]
+                pending[upload([row_of[seq_id] for seq_id in in_flight_seqs], torch.long, self.device)]
+        self._last_sampled = [seq_ids[i] for i in sample_rows]
         inputs = StepInputs(input_ids, b.upload(b.positions, tokens_out), metadata, num_logits if prompt_rows
                             else num_sampled, bucket)
         b.uploads_queued()
         return inputs
 
-    def _bucket(self, items: list[tuple[Sample, int]], sample_rows: list[int]) -> int | None:
+    def _bucket(self, counts: list[int], sample_rows: list[int]) -> int | None:
         """The padded size of a decode-only batch whose every row samples; None runs it as it is."""
-        if not self.buckets or len(sample_rows) != len(items) or any(count != 1 for _, count in items):
+        if not self.buckets or len(sample_rows) != len(counts) or any(count != 1 for count in counts):
             return None
-        return next(size for size in self.buckets if size >= len(items))
+        return next(size for size in self.buckets if size >= len(counts))
 
     @torch.no_grad()
     def forward(self, inputs: StepInputs) -> torch.Tensor:

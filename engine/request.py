@@ -15,6 +15,7 @@ from engine.sampling_params import SamplingParams
 from engine.structured.matcher import GrammarMatcher
 
 _arrivals = itertools.count()
+_seq_ids = itertools.count()
 
 
 class SampleStatus(enum.Enum):
@@ -44,6 +45,7 @@ class Sample:
     num_cached_tokens: int = 0
     status: SampleStatus = SampleStatus.WAITING
     arrival: int = field(default_factory=lambda: next(_arrivals))
+    seq_id: int = field(default_factory=lambda: next(_seq_ids))  # how step messages name it to the runner
     lead: "Sample | None" = None  # sample 0 of the request, whose prompt blocks later samples reuse
     prompt_done: bool = False  # the prompt has been computed once (its full blocks are in the prefix cache)
     block_table_version: int = 0  # bumped whenever the blocks are given back, so copies of the table go stale

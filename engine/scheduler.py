@@ -46,7 +46,11 @@ class ScheduledBatch:
     """What one step computes: `(sequence, number of new tokens)` pairs, in batch order."""
 
     items: list[tuple[Sample, int]] = field(default_factory=list)
-    num_preempted: int = 0
+    preempted: list[Sample] = field(default_factory=list)  # sent back to the waiting queue by this step
+
+    @property
+    def num_preempted(self) -> int:
+        return len(self.preempted)
 
     @property
     def num_tokens(self) -> int:
@@ -123,7 +127,7 @@ class Scheduler:
             while not self._grow(seq, seq.num_computed_tokens + count):
                 victim = self.running[-1]
                 self._preempt(victim)
-                batch.num_preempted += 1
+                batch.preempted.append(victim)
                 budget += sum(c for s, c in batch.items if s is victim)  # a scheduled victim's tokens come back
                 batch.items = [(s, c) for s, c in batch.items if s is not victim]
                 if victim is seq:

@@ -69,9 +69,10 @@ def _run(kind: str, padded: bool, **config) -> tuple[dict[str, list[int]], list[
     engine.sampler = recorder
     padding, prepare = [], engine.executor.runner.prepare
 
-    def prepare_and_note(step):
-        inputs = prepare(step)
-        padding.append((inputs.decode_bucket or len(step.items)) - len(step.items))
+    def prepare_and_note(step, pending=None):
+        inputs = prepare(step, pending)
+        rows = len(step.scheduled_seq_ids)
+        padding.append((inputs.decode_bucket or rows) - rows)
         return inputs
 
     engine.executor.runner.prepare = prepare_and_note

@@ -34,8 +34,8 @@ def generate(model_dir, tp: int) -> tuple[dict[str, list[int]], list[torch.Tenso
     logits: list[torch.Tensor] = []
     execute = engine.executor.execute
 
-    def capture(step):
-        out = execute(step)
+    def capture(step, pending=None):
+        out = execute(step, pending)
         logits.append(out.clone())
         return out
 

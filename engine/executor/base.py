@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from engine.model_runner import ForwardStep, ModelRunner, StepInputs, kv_bytes_per_block
-from engine.request import Sample
+from engine.model_runner import ModelRunner, StepInputs, kv_bytes_per_block
+from engine.step_messages import SchedulerOutput
 from kernels.ops import Ops
 
 
@@ -34,9 +34,10 @@ class Executor(ABC):
         return self.runner.device
 
     @torch.no_grad()  # not inference_mode: the sampler edits the logits in place
-    def execute(self, step: ForwardStep) -> torch.Tensor:
-        """Float32 logits of the step's sampled rows (then its scored prompt rows); see ModelRunner.prepare."""
-        return self.forward(self.runner.prepare(step))
+    def execute(self, step: SchedulerOutput, pending: torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 logits of the step's sampled rows (then its prompt rows); `pending`: the previous step's sampled
+        ids still on the device (async scheduling). See ModelRunner.prepare."""
+        return self.forward(self.runner.prepare(step, pending))
 
     @abstractmethod
     def forward(self, inputs: StepInputs) -> torch.Tensor:
@@ -45,10 +46,6 @@ class Executor(ABC):
     @abstractmethod
     def warm_up(self, cuda_graphs: bool) -> None:
         """Compile the step shapes before traffic (CUDA), capturing decode graphs where the executor allows."""
-
-    def release(self, seq: Sample) -> None:
-        """Forget a finished sequence's runner state (its block-table row)."""
-        self.runner.release(seq)
 
     def check_health(self) -> None:
         """Raise engine.distributed.group.ParallelGroupError when a step can no longer run; one process always can."""

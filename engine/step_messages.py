@@ -1,0 +1,109 @@
+"""The scheduler's decision for one step, as the model runner receives it (vLLM v1's `SchedulerOutput` shape).
+
+A sequence the runner has not seen arrives once as a `NewSequence` (its known token ids, block ids,
+computed count and sampling params); from then on it is a row of `CachedSequences`: only the token
+ids the host learned since (sampled ids read back, accepted drafts), the block ids it gained (from
+`block_ids_from`: a rollback or a re-grown table replaces the tail), and its computed count. The
+runner keeps its own per-sequence state from these messages (engine/model_runner.py) and never reads
+the engine's `Sample`. Finished and preempted sequences are named in `freed_seq_ids`; a preempted
+one comes back later as new. `StepMessages` is the engine's side: what the runner has been told.
+
+Plain msgspec structs (array-like, no GC tracking), so a step crosses a process boundary cheaply
+(tests/test_step_messages.py measures it).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from engine.request import Sample
+from engine.sampling_params import SamplingParams
+
+
+class NewSequence(msgspec.Struct, array_like=True, gc=False):
+    seq_id: int
+    token_ids: list[int]  # the prompt and any output tokens already known (a preempted sequence resuming)
+    block_ids: list[int]
+    num_computed_tokens: int
+    sampling_params: SamplingParams
+
+
+class CachedSequences(msgspec.Struct, array_like=True, gc=False):
+    """Parallel lists, one entry per scheduled sequence the runner already holds."""
+
+    seq_ids: list[int] = []
+    new_token_ids: list[list[int]] = []
+    block_ids_from: list[int] = []  # the runner's block list is cut here, then `new_block_ids` appended
+    new_block_ids: list[list[int]] = []
+    num_computed_tokens: list[int] = []
+
+
+class PromptRowSpan(msgspec.Struct, array_like=True, gc=False):
+    """Logit rows a scheduled item adds for prompt logprobs: `count` positions from `first` within item `item`."""
+
+    item: int
+    first: int
+    count: int
+
+
+class SchedulerOutput(msgspec.Struct, array_like=True, gc=False):
+    new_seqs: list[NewSequence]
+    cached_seqs: CachedSequences
+    scheduled_seq_ids: list[int]  # the batch, in order
+    num_scheduled_tokens: list[int]  # tokens each computes this step
+    sample_items: list[int]  # the batch items whose last position (and drafts) are sampled
+    spec_token_ids: dict[int, list[int]] = {}  # drafts verified this step, by sequence
+    prompt_rows: list[PromptRowSpan] = []  # prompt logprob rows, after the sampled ones
+    freed_seq_ids: list[int] = []  # finished or preempted since the last step: the runner forgets them
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens)
+
+
+class StepMessages:
+    """Turns the scheduler's batches into SchedulerOutputs, remembering what the runner was told of each sequence
+    (known tokens, blocks and the block-table version they came from)."""
+
+    def __init__(self) -> None:
+        self._told: dict[Sample, list[int]] = {}  # seq -> [tokens sent, blocks sent, block-table version]
+        self._freed: list[int] = []
+
+    def forget(self, seq: Sample) -> None:
+        """`seq` finished or was preempted: the next message frees its runner state."""
+        if self._told.pop(seq, None) is not None:
+            self._freed.append(seq.seq_id)
+
+    def build(self, items: list[tuple[Sample, int]], sample_items: list[int],
+              spec_token_ids: dict[int, list[int]], prompt_rows: list[PromptRowSpan]) -> SchedulerOutput:
+        new: list[NewSequence] = []
+        ids: list[int] = []
+        tokens: list[list[int]] = []
+        firsts: list[int] = []
+        blocks: list[list[int]] = []
+        computed: list[int] = []
+        told = self._told
+        for seq, _ in items:  # runs for every scheduled sequence every step: kept to plain list work
+            entry = told.get(seq)
+            prompt, out, block_ids = seq.prompt_token_ids, seq.output_token_ids, seq.block_ids
+            if entry is None:
+                new.append(NewSequence(seq.seq_id, prompt + out, list(block_ids), seq.num_computed_tokens,
+                                       seq.params))
+                told[seq] = [len(prompt) + len(out), len(block_ids), seq.block_table_version]
+                continue
+            num_known = len(prompt) + len(out)
+            ids.append(seq.seq_id)
+            tokens.append(out[entry[0] - len(prompt):] if num_known > entry[0] else [])
+            sent_blocks = entry[1]
+            if entry[2] != seq.block_table_version:  # blocks were given back since: the whole table again
+                sent_blocks = 0
+                entry[2] = seq.block_table_version
+            firsts.append(sent_blocks)
+            blocks.append(block_ids[sent_blocks:])
+            computed.append(seq.num_computed_tokens)
+            entry[0] = num_known
+            entry[1] = len(block_ids)
+        freed, self._freed = self._freed, []
+        return SchedulerOutput(new, CachedSequences(ids, tokens, firsts, blocks, computed),
+                               [seq.seq_id for seq, _ in items], [count for _, count in items], sample_items,
+                               spec_token_ids, prompt_rows, freed)
