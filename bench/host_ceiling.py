@@ -1,6 +1,6 @@
 """The host ceiling: server CPU per streamed token and the engine's step rate, per serving mode, side by side.
 
-Run: python -m bench.host_ceiling [--concurrency 256] [--max-tokens 64] [--rounds 1]
+Run: python -m bench.host_ceiling [--concurrency 256] [--max-tokens 64] [--rounds 1] [--repeat 1]
                                   [--modes in-process engine-process api-servers-2] [--out FILE.json]
 
 Each mode starts the real server (`python -m server.cli serve`) on the tiny Llama of the tests with the
@@ -19,6 +19,7 @@ import asyncio
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -191,6 +192,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=1, help="interleaved runs of every mode (medians reported)")
     parser.add_argument("--modes", nargs="+", choices=sorted(MODES), default=list(MODES))
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     parser.add_argument("--client", metavar="URL", help=argparse.SUPPRESS)  # the load-generating process
@@ -208,21 +210,36 @@ def main() -> None:
         return
     from tests.server_fixtures import save_tiny_llama
 
+    unloaded_runs, runs = [], []
     with tempfile.TemporaryDirectory(prefix="minerva-host-ceiling-") as directory:
         model = save_tiny_llama(Path(directory) / "tiny-llama")
-        unloaded = json.loads(subprocess.run(
-            [sys.executable, "-m", "bench.host_ceiling", "--unloaded", str(model), "--concurrency",
-             str(args.concurrency), "--max-tokens", str(args.max_tokens), "--rounds", str(args.rounds)],
-            cwd=REPO, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
-        results = [measure(model, mode, args, Path(directory)) for mode in args.modes]
+        for _ in range(args.repeat):  # modes interleaved, so that a neighbour's load falls on each alike
+            unloaded_runs.append(json.loads(subprocess.run(
+                [sys.executable, "-m", "bench.host_ceiling", "--unloaded", str(model), "--concurrency",
+                 str(args.concurrency), "--max-tokens", str(args.max_tokens), "--rounds", str(args.rounds)],
+                cwd=REPO, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]))
+            runs.append([measure(model, mode, args, Path(directory)) for mode in args.modes])
+    unloaded = {key: statistics.median(run[key] for run in unloaded_runs) for key in unloaded_runs[0]}
+    results = []
+    for index, mode in enumerate(args.modes):
+        of_mode = [run[index] for run in runs]
+        summary = {key: statistics.median(result[key] for result in of_mode)
+                   for key in ("tokens_per_s", "steps_per_s", "cpu_us_per_token_total", "client_cpu_us_per_token")}
+        processes = {name for result in of_mode for name in result["cpu_us_per_token"]}
+        summary["cpu_us_per_token"] = {name: statistics.median(result["cpu_us_per_token"].get(name, 0.0)
+                                                               for result in of_mode) for name in sorted(processes)}
+        results.append({"mode": mode, **summary, "runs": of_mode})
+    print(f"medians of {args.repeat} interleaved run(s); load average now {os.getloadavg()[0]:.1f}")
     print(f"{'unloaded engine':>15}: {unloaded['tokens_per_s']:7.0f} tok/s, {unloaded['steps_per_s']:6.1f} steps/s")
     for result in results:
-        per_process = ", ".join(f"{name} {us:.0f}" for name, us in result["cpu_us_per_token"].items())
+        per_process = ", ".join(f"{name} {us:.0f}" for name, us in result["cpu_us_per_token"].items() if us)
         print(f"{result['mode']:>15}: {result['tokens_per_s']:7.0f} tok/s, {result['steps_per_s']:6.1f} steps/s "
               f"({result['steps_per_s'] / unloaded['steps_per_s']:.0%} of unloaded), server CPU "
-              f"{result['cpu_us_per_token_total']:.0f} us/token ({per_process}); client {result['client_cpu_us_per_token']:.0f}")
-    report = {"args": {k: v for k, v in vars(args).items() if k in ("concurrency", "max_tokens", "rounds", "modes")},
-              "load_average": os.getloadavg(), "unloaded": unloaded, "results": results}
+              f"{result['cpu_us_per_token_total']:.0f} us/token ({per_process}); client "
+              f"{result['client_cpu_us_per_token']:.0f}")
+    report = {"args": {k: v for k, v in vars(args).items() if k in ("concurrency", "max_tokens", "rounds", "modes",
+                                                                     "repeat")},
+              "load_average": os.getloadavg(), "unloaded": unloaded, "unloaded_runs": unloaded_runs, "results": results}
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report))

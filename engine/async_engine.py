@@ -135,7 +135,7 @@ class AsyncEngine(RequestStreams):
             self._commands.put(_STOP)
             await asyncio.wrap_future(loop_done)
         await asyncio.sleep(0)  # the thread's last outputs are delivered first
-        self._fail_queues("the engine shut down")
+        self._fail_all("the engine shut down")
         if self.failure is None:  # after a failure the engine thread closed the model itself
             self.engine.close()
         self._engine_thread.close()
@@ -143,14 +143,14 @@ class AsyncEngine(RequestStreams):
     async def generate(self, prompt: str | list[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
         """Stream this request's outputs; leaving the loop early (or being cancelled) aborts it."""
-        request_queue = self._open(request_id)
+        slot = self._open(request_id)
         try:
             request = self.engine.prepare_request(request_id, prompt, params)  # InvalidRequestError propagates
         except BaseException:
             self._forget(request_id)
             raise
         self._commands.put(request)
-        async for output in self._stream(request_id, request_queue):
+        async for output in self._stream(request_id, slot):
             yield output
 
     def _send_aborts(self, request_ids: list[str]) -> None:

@@ -53,6 +53,28 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
+def merge_delta(earlier: RequestOutput, later: RequestOutput) -> None:
+    """Fold `later` into `earlier` (two consecutive deltas of one request), so that one output covers both steps:
+    each sample's new text, ids and logprobs appended, its finish taken from the later one."""
+    samples = {sample.index: sample for sample in earlier.outputs}
+    for delta in later.outputs:
+        sample = samples.get(delta.index)
+        if sample is None:
+            earlier.outputs.append(delta)
+            continue
+        sample.text += delta.text
+        sample.token_ids.extend(delta.token_ids)
+        if sample.logprobs is not None and delta.logprobs is not None:
+            sample.logprobs.extend(delta.logprobs)
+        sample.finish_reason, sample.stop_reason = delta.finish_reason, delta.stop_reason
+        sample.num_generated = delta.num_generated
+    earlier.finished = later.finished
+    earlier.num_cached_tokens = later.num_cached_tokens
+    earlier.num_draft_tokens, earlier.num_accepted_tokens = later.num_draft_tokens, later.num_accepted_tokens
+    if earlier.prompt_logprobs is None:
+        earlier.prompt_logprobs = later.prompt_logprobs
+
+
 class RequestAccumulator:
     """Merges one request's deltas; `result()` is the whole completion, one CompletionOutput per sample."""
 

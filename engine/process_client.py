@@ -229,9 +229,9 @@ class ProcessEngineClient(RequestStreams):
     async def generate(self, prompt: str | list[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
         """Stream this request's outputs; leaving the loop early (or being cancelled) aborts it in the core."""
-        request_queue = self._open(request_id)
+        slot = self._open(request_id)
         self._send(wire.AddRequest(request_id, prompt, params))
-        async for output in self._stream(request_id, request_queue):
+        async for output in self._stream(request_id, slot):
             yield output
 
     def _send_aborts(self, request_ids: list[str]) -> None:
@@ -250,7 +250,7 @@ class ProcessEngineClient(RequestStreams):
         self._closing.set()
         if self._receiver is not None:
             await asyncio.to_thread(self._receiver.join)
-        self._fail_queues("the engine shut down")
+        self._fail_all("the engine shut down")
         self.kill()
 
     def kill(self) -> None:

@@ -1,4 +1,4 @@
-"""The event-loop side every engine client shares: one asyncio queue per request in flight.
+"""The event-loop side every engine client shares: one OutputSlot per request in flight.
 
 AsyncEngine (the engine in a thread of this process) and ProcessEngineClient (the engine core in a
 process of its own) differ only in how a request and an abort reach the engine and how outputs come
@@ -14,9 +14,41 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 from engine.errors import EngineDeadError, InvalidRequestError
-from engine.outputs import RequestOutput
+from engine.outputs import RequestOutput, merge_delta
 
-StreamItem = RequestOutput | Exception  # an exception ends the stream with that error
+class OutputSlot:
+    """One request's outputs not yet taken by its stream, merged into one (vLLM's RequestOutputCollector): a
+    stream that falls behind the engine takes one output covering several steps, so a loaded API process
+    writes one SSE event and makes one socket write per stream per turn of its loop, not one per step. An
+    error is handed over after the output before it."""
+
+    __slots__ = ("_output", "_error", "_waiter")
+
+    def __init__(self) -> None:
+        self._output: RequestOutput | None = None
+        self._error: Exception | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, item: RequestOutput | Exception) -> None:
+        if isinstance(item, Exception):
+            self._error = item
+        elif self._output is None:
+            self._output = item
+        else:
+            merge_delta(self._output, item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def get(self) -> RequestOutput:
+        """The outputs so far, merged; raises the error once they are taken."""
+        while self._output is None and self._error is None:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        output, self._output = self._output, None
+        if output is not None:
+            return output
+        assert self._error is not None
+        raise self._error
 
 
 class RequestStreams(ABC):
@@ -25,7 +57,7 @@ class RequestStreams(ABC):
     def __init__(self) -> None:
         self.failure: str | None = None  # why the engine stopped for good (None while it can serve)
         self.on_fatal: Callable[[str], None] | None = None  # the server's exit, called once on such a failure
-        self._queues: dict[str, asyncio.Queue[StreamItem]] = {}
+        self._slots: dict[str, OutputSlot] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -37,37 +69,37 @@ class RequestStreams(ABC):
     def _send_aborts(self, request_ids: list[str]) -> None:
         """Tell the engine to drop these requests (their blocks go back at its next step boundary)."""
 
-    def _open(self, request_id: str) -> asyncio.Queue[StreamItem]:
+    def _open(self, request_id: str) -> OutputSlot:
         """The queue of a new request, after what every client checks first: a live, started engine and a
         request id not already in flight."""
         if self.failure is not None:
             raise EngineDeadError(self.failure)
         if not self.running:
             raise EngineDeadError("the engine is not running: call start() first")
-        if request_id in self._queues:
+        if request_id in self._slots:
             raise InvalidRequestError(f"request id {request_id!r} is already running", "request_id")
-        request_queue: asyncio.Queue[StreamItem] = asyncio.Queue()
-        self._queues[request_id] = request_queue
-        return request_queue
+        slot = self._slots[request_id] = OutputSlot()
+        return slot
 
-    async def _stream(self, request_id: str, request_queue: asyncio.Queue[StreamItem]) -> AsyncIterator[RequestOutput]:
+    async def _stream(self, request_id: str, slot: OutputSlot) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs until its last; leaving early (or being cancelled) aborts it."""
         finished = False
         try:
             while not finished:
-                item = await request_queue.get()
-                if isinstance(item, Exception):
+                try:
+                    output = await slot.get()
+                except Exception:
                     finished = True  # the engine holds nothing of it any more
-                    raise item
-                finished = item.finished
-                yield item
+                    raise
+                finished = output.finished
+                yield output
         finally:
             self._forget(request_id)
             if not finished:
                 self._send_aborts([request_id])
 
     def _forget(self, request_id: str) -> None:
-        self._queues.pop(request_id, None)
+        self._slots.pop(request_id, None)
 
     async def abort(self, request_id: str) -> None:
         """Ask the engine to drop the request at its next step boundary; returns at once."""
@@ -76,8 +108,8 @@ class RequestStreams(ABC):
     def end_requests(self, reason: str) -> int:
         """End every request in flight with EngineDeadError(reason) and abort it in the engine, which keeps
         running (a server's shutdown deadline). Call on the event loop; returns how many were ended."""
-        ended = list(self._queues)
-        self._fail_queues(reason)
+        ended = list(self._slots)
+        self._fail_all(reason)
         if ended:
             self._send_aborts(ended)
         return len(ended)
@@ -90,26 +122,26 @@ class RequestStreams(ABC):
 
     def _deliver(self, outputs: Iterable[RequestOutput]) -> None:
         for output in outputs:
-            request_queue = self._queues.get(output.request_id)
-            if request_queue is not None:
-                request_queue.put_nowait(output)
+            slot = self._slots.get(output.request_id)
+            if slot is not None:
+                slot.put(output)
                 if output.finished:
                     self._forget(output.request_id)
 
     def _fail(self, request_id: str, error: Exception) -> None:
-        request_queue = self._queues.get(request_id)
-        if request_queue is not None:
+        slot = self._slots.get(request_id)
+        if slot is not None:
             self._forget(request_id)
-            request_queue.put_nowait(error)
+            slot.put(error)
 
-    def _fail_queues(self, reason: str) -> None:
-        for request_id in list(self._queues):
+    def _fail_all(self, reason: str) -> None:
+        for request_id in list(self._slots):
             self._fail(request_id, EngineDeadError(reason))
 
     def _stopped_for_good(self, reason: str) -> None:
         """Every open stream ends with EngineDeadError(reason) (later requests too: `failure` is set) and the
         server is told to exit."""
         self.failure = reason
-        self._fail_queues(reason)
+        self._fail_all(reason)
         if self.on_fatal is not None:
             self.on_fatal(reason)
