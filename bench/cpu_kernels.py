@@ -7,8 +7,8 @@ the cores' caches) are multiplied by `rows` activations, interleaved with the de
 same values, best of several rounds. Reported: ms per pass, the ratio dense/quantized, and each
 kernel's achieved weight bandwidth against this machine's measured copy bandwidth; also the
 start-up choice (kernels/cpu/select.py). From 8 rows on, the many-row kernels are timed beside them:
-`dequant` (dequantize per call, then `F.linear`) and, where the CPU has AMX, `tiles` (qgemm_tiles.cpp),
-with their ratio to dense. Saves bench/results/cpu-kernels.json.
+`dequant` (dequantize per call, then `F.linear`) and, where the CPU has AMX, the tile kernels of
+qgemm_tiles.cpp (`tiles-split`, near fp32, and `tiles-bf16`), with their ratio to dense. Saves bench/results/cpu-kernels.json.
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             if rows >= MANY_ROWS:
                 kernels["dequant"] = lambda: [F.linear(x, w.dequantize()) for w in quantized]
                 if select.tiles_available():
-                    kernels["tiles"] = lambda: [select.tiles_linear(x, w) for w in quantized]
+                    for name, terms in select.TILE_TERMS.items():
+                        kernels[name] = lambda terms=terms: [select.tiles_linear(x, w, terms) for w in quantized]
             best = dict.fromkeys(kernels, float("inf"))
             for _ in range(args.rounds + 1):
                 for name, run in kernels.items():
@@ -80,14 +81,14 @@ def main(argv: list[str] | None = None) -> int:
                 "qgemm_weight_gbs": round(stacked.nbytes / best["qgemm"] / 1e6, 2),
                 "dense_weight_gbs": round(sum(w.numel() * 4 for w in dense) / best["dense"] / 1e6, 2),
             }
-            for name in ("dequant", "tiles"):
+            for name in ("dequant", *select.TILE_TERMS):
                 if name in best:
                     per_rows[rows][f"{name}_ms"] = round(best[name], 3)
                     per_rows[rows][f"{name}_speedup"] = round(best["dense"] / best[name], 2)
             print(f"{type_name:5s} {rows:3d} rows: qgemm {best['qgemm']:.2f} ms, dense {best['dense']:.2f} ms "
                   f"({per_rows[rows]['speedup']:.2f}x); {per_rows[rows]['qgemm_weight_gbs']:.1f} GB/s of weights "
                   f"vs copy {copy:.1f} GB/s" + "".join(f"; {name} {best[name]:.2f} ms ({best['dense'] / best[name]:.2f}x)"
-                                                        for name in ("dequant", "tiles") if name in best), flush=True)
+                                                        for name in ("dequant", *select.TILE_TERMS) if name in best), flush=True)
         results[type_name] = {"bytes_per_weight": round(stacked.nbytes / (args.layers * n * k), 3), "rows": per_rows}
     record = {"benchmark": "cpu_kernels", "shape": SHAPE, "layers": args.layers, "threads": torch.get_num_threads(),
               "copy_gbs": round(copy, 2), "results": results, "startup_choice": select.plan().describe(),

@@ -60,15 +60,17 @@ def quantized_weight(raw: torch.Tensor, type_name: str, shape: tuple[int, ...]) 
 
 def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`x @ weight.T + bias`; a quantized weight is read in place up to the measured row count; larger
-    batches (many streams, verification rows, prefill) go through the bf16 tile kernels where the plan
-    chose them, else dequantize a chunk of rows at a time."""
+    batches (many streams, verification rows, prefill) go through the tile kernels where the plan chose
+    them, else dequantize a chunk of rows at a time."""
     if not isinstance(weight, QuantizedWeight):
         return reference.linear(x, weight, bias)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
     plan = select.plan()
-    if x2.shape[0] <= plan.native_max_rows or plan.many_rows == "tiles":
-        y = select.native_linear(x2, weight) if x2.shape[0] <= plan.native_max_rows else select.tiles_linear(x2, weight)
+    terms = select.TILE_TERMS.get(plan.many_rows)
+    if x2.shape[0] <= plan.native_max_rows or terms:
+        y = (select.native_linear(x2, weight) if x2.shape[0] <= plan.native_max_rows
+             else select.tiles_linear(x2, weight, terms))
         if bias is not None:
             y += bias.float()
     else:

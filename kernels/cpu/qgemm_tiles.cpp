@@ -7,9 +7,10 @@
 // more than the one pass over the quantized bytes.
 //
 // Layouts are qgemm.cpp's (see there). Numerics: every weight value is formed exactly as qgemm.cpp forms
-// it (fp32), then rounded to bf16 (nearest even); x is rounded to bf16 alike; products are exact in fp32
-// and summed in fp32 by the tile unit. So the result is torch's matmul of the bf16-rounded x and
-// bf16-rounded dequantized weight, to fp32 summation order.
+// it (fp32), then rounded to bf16 (nearest even), x likewise; products are exact in fp32 and summed in
+// fp32 by the tile unit. With `terms` 1 the result is torch's matmul of the bf16-rounded x and weight to
+// fp32 summation order; with `terms` 3 each operand is also carried as a second bf16 of its rounding
+// residue (see Slabs), which brings the products to ~2^-16 relative error, near fp32.
 //
 // Tile roles (C = W x^T, computed transposed): A = 16 weight rows x 32 k (bf16, row-major panel),
 // B = 16 k-pairs x 16 rows of x (x^T in pairs, "VNNI"), C = 16 weight rows x 16 x rows (fp32), written
@@ -71,18 +72,42 @@ inline __m512i pack_bf16(__m512 low, __m512 high) {  // 32 values in order, roun
   return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(high, low));
 }
 
-// The panel holds weight rows n0..n0+31 (zero past N) as K/32 slabs of [32 rows][32 bf16]: each A tile
-// (16 rows x 32 k) is 1 KiB contiguous, so tile loads never stride across cache sets.
-inline uint16_t* panel_at(uint16_t* panel, int r, int64_t g) { return panel + (g * kRows + r) * 32; }
+inline __m512 widen(__m256i bf16) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16), 16)); }
 
-void dequantize_panel(const Q4& w, int64_t n0, uint16_t* panel) {
+// With `terms` 3 every value v is split in two bf16, hi = bf16(v) and lo = bf16(v - hi) (the subtraction
+// is exact), and the dot product runs over three slabs per 32 values: w_hi x_hi + w_lo x_hi + w_hi x_lo,
+// relative error ~2^-16 per product instead of bf16's ~2^-8 (near fp32, at three times the tile work).
+// `Slabs` says where each part goes: weights (hi, lo, hi), x (hi, hi, lo).
+struct Slabs {
+  int terms;
+  bool weight;
+  template <typename Put>
+  inline void write(int64_t group, __m512 a, __m512 b, Put put) const {
+    const __m512i hi = pack_bf16(a, b);
+    if (terms == 1) return put(group, hi);
+    const __m512i lo = pack_bf16(_mm512_sub_ps(a, widen(_mm512_castsi512_si256(hi))),
+                                 _mm512_sub_ps(b, widen(_mm512_extracti64x4_epi64(hi, 1))));
+    put(3 * group, hi);
+    put(3 * group + 1, weight ? lo : hi);
+    put(3 * group + 2, weight ? hi : lo);
+  }
+};
+
+// The panel holds weight rows n0..n0+31 (zero past N) as slabs of [32 rows][32 bf16] (K/32 slabs, or
+// 3K/32 with terms 3): each A tile (16 rows x 32 k) is 1 KiB contiguous, so tile loads never stride
+// across cache sets.
+inline uint16_t* panel_at(uint16_t* panel, int r, int64_t slab) { return panel + (slab * kRows + r) * 32; }
+
+void dequantize_panel(const Q4& w, int64_t n0, int terms, uint16_t* panel) {
   const int64_t K = w.K, groups = K / 32;
   const __m512 table = w.codebook ? _mm512_loadu_ps(w.codebook) : _mm512_setzero_ps();
   const __m512i mask = _mm512_set1_epi32(15);
+  const Slabs slabs{terms, true};
   for (int r = 0; r < kRows; ++r) {
     const int64_t n = n0 + r;
+    const auto put = [&](int64_t slab, __m512i v) { _mm512_storeu_si512(panel_at(panel, r, slab), v); };
     if (n >= w.N) {
-      for (int64_t g = 0; g < groups; ++g) std::memset(panel_at(panel, r, g), 0, 64);
+      for (int64_t slab = 0; slab < groups * terms; ++slab) put(slab, _mm512_setzero_si512());
       continue;
     }
     const uint8_t* qs = w.qs + n * (K / 2);
@@ -99,17 +124,19 @@ void dequantize_panel(const Q4& w, int64_t n0, uint16_t* panel) {
         const __m512 offset = _mm512_set1_ps(off[g]);
         a = _mm512_add_ps(a, offset), b = _mm512_add_ps(b, offset);
       }
-      _mm512_storeu_si512(panel_at(panel, r, g), pack_bf16(a, b));
+      slabs.write(g, a, b, put);
     }
   }
 }
 
-void dequantize_panel(const Q8& w, int64_t n0, uint16_t* panel) {
+void dequantize_panel(const Q8& w, int64_t n0, int terms, uint16_t* panel) {
   const int64_t K = w.K, groups = K / w.G;
+  const Slabs slabs{terms, true};
   for (int r = 0; r < kRows; ++r) {
     const int64_t n = n0 + r;
+    const auto put = [&](int64_t slab, __m512i v) { _mm512_storeu_si512(panel_at(panel, r, slab), v); };
     if (n >= w.N) {
-      for (int64_t g = 0; g < K / 32; ++g) std::memset(panel_at(panel, r, g), 0, 64);
+      for (int64_t slab = 0; slab < K / 32 * terms; ++slab) put(slab, _mm512_setzero_si512());
       continue;
     }
     const int8_t* qs = w.qs + n * K;
@@ -121,26 +148,28 @@ void dequantize_panel(const Q8& w, int64_t n0, uint16_t* panel) {
       const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16 * c))));
       v[c & 1] = _mm512_mul_ps(q, _mm512_set1_ps(sc[g]));
       if (off) v[c & 1] = _mm512_add_ps(v[c & 1], _mm512_set1_ps(off[g]));
-      if (c & 1) _mm512_storeu_si512(panel_at(panel, r, c / 2), pack_bf16(v[0], v[1]));
+      if (c & 1) slabs.write(c / 2, v[0], v[1], put);
     }
   }
 }
 
-// x [M, K] fp32 -> x^T in bf16 pairs, blocked by 16 rows of x: int32 [Mp/16, K/2, 16] (Mp = M rounded up
-// to 32, padding zero), so each B tile (16 k-pairs x 16 rows) is 1 KiB contiguous.
-at::Tensor pairs_transposed(const at::Tensor& x, int64_t Mp) {
-  const int64_t M = x.size(0), K = x.size(1);
-  at::Tensor xt = at::zeros({Mp / 16, K / 2, 16}, x.options().dtype(at::kInt));
+// x [M, K] fp32 -> x^T in bf16 pairs, blocked by 16 rows of x: int32 [Mp/16, slabs * 16, 16] (Mp = M rounded
+// up to 32, padding zero), so each B tile (16 k-pairs x 16 rows) is 1 KiB contiguous.
+at::Tensor pairs_transposed(const at::Tensor& x, int64_t Mp, int terms) {
+  const int64_t M = x.size(0), K = x.size(1), rows = K / 2 * terms;
+  at::Tensor xt = at::zeros({Mp / 16, rows, 16}, x.options().dtype(at::kInt));
   const float* src = x.data_ptr<float>();
   uint32_t* dst = reinterpret_cast<uint32_t*>(xt.data_ptr<int32_t>());
+  const Slabs slabs{terms, false};
   at::parallel_for(0, M, 8, [&](int64_t begin, int64_t end) {
     alignas(64) uint32_t pairs[16];
-    for (int64_t m = begin; m < end; ++m)
-      for (int64_t k = 0; k < K; k += 32) {
-        const float* row = src + m * K + k;
-        _mm512_store_si512(pairs, pack_bf16(_mm512_loadu_ps(row), _mm512_loadu_ps(row + 16)));
-        for (int j = 0; j < 16; ++j) dst[((m / 16) * (K / 2) + k / 2 + j) * 16 + m % 16] = pairs[j];
-      }
+    for (int64_t m = begin; m < end; ++m) {
+      const auto put = [&](int64_t slab, __m512i v) {
+        _mm512_store_si512(pairs, v);
+        for (int j = 0; j < 16; ++j) dst[((m / 16) * rows + slab * 16 + j) * 16 + m % 16] = pairs[j];
+      };
+      for (int64_t k = 0; k < K; k += 32) slabs.write(k / 32, _mm512_loadu_ps(src + m * K + k), _mm512_loadu_ps(src + m * K + k + 16), put);
+    }
   });
   return xt;
 }
@@ -158,26 +187,28 @@ inline void store_transposed(const float* c, float* out, int64_t N, int64_t M, i
 }
 
 template <typename W>
-at::Tensor tiles_linear(const at::Tensor& x, const W& w) {
-  const int64_t M = x.size(0), K = w.K, N = w.N, Mp = (M + kRows - 1) / kRows * kRows;
-  const at::Tensor xt = pairs_transposed(x, Mp);
+at::Tensor tiles_linear(const at::Tensor& x, const W& w, int terms) {
+  const int64_t M = x.size(0), N = w.N, Mp = (M + kRows - 1) / kRows * kRows, slabs = w.K / 32 * terms;
+  const at::Tensor xt = pairs_transposed(x, Mp, terms);
   const uint32_t* pairs = reinterpret_cast<const uint32_t*>(xt.data_ptr<int32_t>());
   at::Tensor out = at::empty({M, N}, x.options());
   float* o = out.data_ptr<float>();
   at::parallel_for(0, (N + kRows - 1) / kRows, 1, [&](int64_t begin, int64_t end) {
     configure_tiles();
-    std::vector<uint16_t> panel(kRows * K);
+    std::vector<uint16_t> panel(kRows * 32 * slabs);
     alignas(64) float c[4][16 * 16];
     for (int64_t block = begin; block < end; ++block) {
       const int64_t n0 = block * kRows;
-      dequantize_panel(w, n0, panel.data());
+      dequantize_panel(w, n0, terms, panel.data());
       for (int64_t m0 = 0; m0 < Mp; m0 += kRows) {
+        const uint32_t* b0 = pairs + (m0 / 16) * slabs * 256;
+        const uint32_t* b1 = b0 + slabs * 256;
         _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-        for (int64_t k = 0; k < K; k += 32) {
-          _tile_loadd(4, panel_at(panel.data(), 0, k / 32), 64);
-          _tile_loadd(5, panel_at(panel.data(), 16, k / 32), 64);
-          _tile_loadd(6, pairs + ((m0 / 16) * (K / 2) + k / 2) * 16, 64);
-          _tile_loadd(7, pairs + ((m0 / 16 + 1) * (K / 2) + k / 2) * 16, 64);
+        for (int64_t slab = 0; slab < slabs; ++slab) {
+          _tile_loadd(4, panel_at(panel.data(), 0, slab), 64);
+          _tile_loadd(5, panel_at(panel.data(), 16, slab), 64);
+          _tile_loadd(6, b0 + slab * 256, 64);
+          _tile_loadd(7, b1 + slab * 256, 64);
           _tile_dpbf16ps(0, 4, 6);
           _tile_dpbf16ps(1, 4, 7);
           _tile_dpbf16ps(2, 5, 6);
@@ -204,8 +235,9 @@ bool tiles_available() {
 #endif
 }
 
-void check(const at::Tensor& x, int64_t K) {
+void check(const at::Tensor& x, int64_t K, int64_t terms) {
   TORCH_CHECK(tiles_available(), "AMX-BF16 tiles are not available on this CPU");
+  TORCH_CHECK(terms == 1 || terms == 3, "terms must be 1 (bf16) or 3 (split bf16), got ", terms);
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous fp32 [M, K]");
   TORCH_CHECK(x.size(1) == K && K % 32 == 0, "x has ", x.size(1), " columns, the weight ", K, " (a multiple of 32)");
 }
@@ -213,26 +245,26 @@ void check(const at::Tensor& x, int64_t K) {
 const float* optional_data(const at::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
 
 at::Tensor q4_linear_tiles(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales,
-                           const at::Tensor& offsets, const at::Tensor& codebook) {
+                           const at::Tensor& offsets, const at::Tensor& codebook, int64_t terms) {
   const int64_t N = qs.size(0), K = qs.size(1) * 2;
-  check(x, K);
+  check(x, K, terms);
   TORCH_CHECK(scales.size(1) == K / 32, "q4 weight needs K/32 scales");
 #ifdef MINERVA_AMX
   return tiles_linear(x, Q4{qs.data_ptr<uint8_t>(), scales.data_ptr<float>(), optional_data(offsets),
-                            optional_data(codebook), N, K});
+                            optional_data(codebook), N, K}, int(terms));
 #else
   return at::Tensor();
 #endif
 }
 
 at::Tensor q8_linear_tiles(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales,
-                           const at::Tensor& offsets) {
+                           const at::Tensor& offsets, int64_t terms) {
   const int64_t N = qs.size(0), K = qs.size(1);
-  check(x, K);
+  check(x, K, terms);
   const int64_t G = K / scales.size(1);
   TORCH_CHECK((G == 16 || G == 32) && scales.size(1) * G == K, "q8 weight needs groups of 16 or 32");
 #ifdef MINERVA_AMX
-  return tiles_linear(x, Q8{qs.data_ptr<int8_t>(), scales.data_ptr<float>(), optional_data(offsets), N, K, G});
+  return tiles_linear(x, Q8{qs.data_ptr<int8_t>(), scales.data_ptr<float>(), optional_data(offsets), N, K, G}, int(terms));
 #else
   return at::Tensor();
 #endif
@@ -241,7 +273,7 @@ at::Tensor q8_linear_tiles(const at::Tensor& x, const at::Tensor& qs, const at::
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(minerva_cpu, m) {
-  m.def("q4_linear_tiles(Tensor x, Tensor qs, Tensor scales, Tensor offsets, Tensor codebook) -> Tensor", q4_linear_tiles);
-  m.def("q8_linear_tiles(Tensor x, Tensor qs, Tensor scales, Tensor offsets) -> Tensor", q8_linear_tiles);
+  m.def("q4_linear_tiles(Tensor x, Tensor qs, Tensor scales, Tensor offsets, Tensor codebook, int terms) -> Tensor", q4_linear_tiles);
+  m.def("q8_linear_tiles(Tensor x, Tensor qs, Tensor scales, Tensor offsets, int terms) -> Tensor", q8_linear_tiles);
   m.def("tiles_available() -> bool", tiles_available);
 }
