@@ -7,6 +7,7 @@ gguf's own TensorNameMap for names, Q/K rows permuted for the llama arch, Llama 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -176,12 +177,18 @@ MIXED_TYPES = {"attn_q.weight": Q.Q4_0, "attn_k.weight": Q.Q4_1, "attn_v.weight"
                "token_embd.weight": Q.Q8_0}  # fmt: skip
 
 
-def test_quantized_gguf_stays_quantized_on_the_cpu_backend(tmp_path):
+@pytest.mark.parametrize("activations,tolerance", [("fp32", FP32_TOL), ("int16", 1e-3)])
+def test_quantized_gguf_stays_quantized_on_the_cpu_backend(tmp_path, monkeypatch, activations, tolerance):
     """The CPU backend keeps every projection and the tied embedding quantized (no fp32 copy) and its logits
-    equal the torch reference's, which dequantizes every weight at load."""
+    equal the torch reference's, which dequantizes every weight at load: to fp32 rounding with the exact
+    kernels; with integer dot products (x rounded to int16 per block of 32) to 1e-3."""
     from kernels import cpu_ops, reference
-    from kernels.cpu import extension
+    from kernels.cpu import extension, select
     from kernels.cpu.quant import QuantizedWeight
+
+    if activations == "int16" and not select.int_dot_available():
+        pytest.skip("no integer dot-product kernels on this CPU")
+    monkeypatch.setattr(select, "_plan", [dataclasses.replace(select.plan(), activations=activations)])
 
     if extension.load() is None:
         pytest.skip(f"native CPU kernels unavailable: {extension.unavailable_reason()}")
@@ -200,4 +207,4 @@ def test_quantized_gguf_stays_quantized_on_the_cpu_backend(tmp_path):
     out_dense = PagedBatcher(dense, block_size=4).step(dict(enumerate(batch)))
     out_quantized = PagedBatcher(quantized, block_size=4).step(dict(enumerate(batch)))
     for a, b in zip(out_dense, out_quantized):
-        assert rel_err(b, a) < FP32_TOL
+        assert rel_err(b, a) < tolerance

@@ -1,4 +1,4 @@
-"""Build and load the native CPU kernels (qgemm.cpp: quantized matmuls; layer_ops.cpp: fused
+"""Build and load the native CPU kernels (qgemm*.cpp: quantized matmuls; layer_ops.cpp: fused
 per-layer ops) once per machine, cached on disk.
 
 The build is native (`-march=native`), so the cache key holds the source, torch's version and the
@@ -21,7 +21,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("qgemm.cpp", "qgemm_tiles.cpp", "layer_ops.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("qgemm.cpp", "qgemm_int.cpp", "qgemm_tiles.cpp", "layer_ops.cpp")]
 CACHE_ENV = "MINERVA_KERNEL_CACHE"  # where builds are kept; default ~/.cache/minerva/kernels
 SWITCH_ENV = "MINERVA_CPU_QGEMM"  # "0": never build (dense weights); "1": use without measuring (select.py)
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]

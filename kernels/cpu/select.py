@@ -13,7 +13,10 @@ they split x and each weight value into two bf16 (`tiles-split`: near fp32; on S
 2,000 positions the same top-1 token everywhere and the same perplexity as fp32, and greedy text equal
 with and without speculative decoding); MINERVA_CPU_TILES=bf16 rounds both to one bf16 (`tiles-bf16`:
 about twice as fast at 16-96 rows; 99.25% top-1 agreement, perplexity +0.005%); MINERVA_CPU_TILES=0
-never uses them. The choice, the
+never uses them. Where the CPU has AVX512BW, `int16` (qgemm_int.cpp: activations rounded to int16
+per block of 32, integer dot products, VNNI where present) is timed too and replaces qgemm's fp32
+activations in place when it is faster at one row (MINERVA_CPU_INT_DOT=0 keeps fp32 activations:
+dequantize-then-matmul exactly). The choice, the
 timings and the achieved weight bandwidth against this machine's copy bandwidth are logged once
 and kept in `plan().describe()` (the server's /v1/models metadata).
 """
@@ -40,6 +43,7 @@ PROBE_LAYERS = 12  # distinct weights per pass (~40 MB in fp32: past any core's 
 PROBE_ROWS = (1, 4, 8, 16, 64, 256)
 TILES_ENV = "MINERVA_CPU_TILES"  # "0": never the tile kernels; "bf16": one bf16 per value; else split (near fp32)
 TILE_TERMS = {"tiles-split": 3, "tiles-bf16": 1}  # bf16 products per multiply-add (qgemm_tiles.cpp's `terms`)
+INT_DOT_ENV = "MINERVA_CPU_INT_DOT"  # "0": never round activations to integers (exact fp32 kernels only)
 PROBE_ROUNDS, PROBE_SECONDS = 7, 1.0  # interleaved rounds, best of each (a busy machine slows both alike)
 # Timed on one thread: on a busy machine a two-thread region of such small ops waits out the other
 # thread's scheduling delay (milliseconds), which would drown the kernels' own cost; the candidates
@@ -55,9 +59,11 @@ class Plan:
     timings_ms: dict[str, dict[int, float]] = field(default_factory=dict)
     bandwidth_gbs: dict[str, float] = field(default_factory=dict)
     many_rows: str = "dequant"  # past native_max_rows: a TILE_TERMS kernel (qgemm_tiles.cpp) or "dequant" (F.linear)
+    activations: str = "fp32"  # in place: "int16", qgemm_int.cpp's integer dot products; "fp32", qgemm.cpp, exact
 
     def describe(self) -> dict[str, object]:
-        return {"kernel": self.kernel, "native_max_rows": self.native_max_rows, "many_rows": self.many_rows,
+        return {"kernel": self.kernel, "activations": self.activations, "native_max_rows": self.native_max_rows,
+                "many_rows": self.many_rows,
                 "quantized_types": list(self.types),
                 "reason": self.reason, "timings_ms": {k: {str(r): t for r, t in v.items()}
                                                       for k, v in self.timings_ms.items()},
@@ -84,7 +90,12 @@ def chosen() -> Plan | None:
 
 
 def native_linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
-    """`x @ weight.T` by qgemm.cpp: `x` contiguous fp32 `[M, K]`, `weight` 2-D."""
+    """`x @ weight.T` by the planned kernel (int16 or fp32 activations): `x` contiguous fp32 `[M, K]`, `weight` 2-D."""
+    return (int_linear if plan().activations == "int16" else exact_linear)(x, weight)
+
+
+def exact_linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
+    """`x @ weight.T` by qgemm.cpp: dequantize-then-matmul in fp32."""
     ops = extension.load()
     if weight.layout == "q4":
         return ops.q4_linear(x, weight.qs, weight.scales, weight.offsets, weight.codebook)
@@ -104,6 +115,20 @@ def tiles_available() -> bool:
     """The AMX tile kernels are built for this CPU, the OS grants the tile state, and they are not switched off."""
     ops = extension.load()
     return ops is not None and os.environ.get(TILES_ENV) != "0" and bool(ops.tiles_available())
+
+
+def int_linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
+    """`x @ weight.T` by qgemm_int.cpp: x rounded to int16 per block of 32, integer dot products."""
+    ops = extension.load()
+    if weight.layout == "q4":
+        return ops.q4_linear_int(x, weight.qs, weight.scales, weight.offsets, weight.codebook)
+    return ops.q8_linear_int(x, weight.qs, weight.scales, weight.offsets)
+
+
+def int_dot_available() -> bool:
+    """The integer dot-product kernels are built for this CPU and not switched off."""
+    ops = extension.load()
+    return ops is not None and os.environ.get(INT_DOT_ENV) != "0" and bool(ops.has_int_dot())
 
 
 def _ms(fn) -> float:
@@ -129,7 +154,8 @@ def _choose() -> Plan:
     if ops is None:
         return Plan("dense", 0, (), f"native kernels unavailable: {extension.unavailable_reason()}")
     if os.environ.get(extension.SWITCH_ENV) == "1":
-        return Plan("qgemm", PROBE_ROWS[-1], SUPPORTED_TYPES, f"{extension.SWITCH_ENV}=1 (not measured)")
+        return Plan("qgemm", PROBE_ROWS[-1], SUPPORTED_TYPES, f"{extension.SWITCH_ENV}=1 (not measured)",
+                    activations="int16" if int_dot_available() else "fp32")
     n, k = PROBE_SHAPE
     generator = torch.Generator().manual_seed(0)
     raw = torch.randint(0, 256, (PROBE_LAYERS * n, k // 32 * 20), dtype=torch.uint8, generator=generator).view(-1, 20)
@@ -137,13 +163,15 @@ def _choose() -> Plan:
     stacked = pack_gguf(raw, "Q4_1", (PROBE_LAYERS * n, k))
     quantized = [stacked.select_rows(slice(i * n, (i + 1) * n)) for i in range(PROBE_LAYERS)]
     dense = [w.dequantize() for w in quantized]
-    candidates = {"qgemm": lambda x: [native_linear(x, w) for w in quantized],
+    candidates = {"qgemm": lambda x: [exact_linear(x, w) for w in quantized],
                   "dense": lambda x: [F.linear(x, w) for w in dense],
                   "dequant": lambda x: [F.linear(x, w.dequantize()) for w in quantized]}
     tiles = None
     if tiles_available():
         tiles = "tiles-bf16" if os.environ.get(TILES_ENV) == "bf16" else "tiles-split"
         candidates[tiles] = lambda x: [tiles_linear(x, w, TILE_TERMS[tiles]) for w in quantized]
+    if int_dot_available():
+        candidates["int16"] = lambda x: [int_linear(x, w) for w in quantized]
     inputs = {rows: torch.randn(rows, k, generator=generator) for rows in PROBE_ROWS}
     timings: dict[str, dict[int, float]] = {name: dict.fromkeys(PROBE_ROWS, float("inf")) for name in candidates}
     deadline = time.perf_counter() + PROBE_SECONDS
@@ -164,9 +192,13 @@ def _choose() -> Plan:
     bandwidth = {"copy": round(copy, 2),
                  "qgemm_1_row": round(stacked.nbytes / timings["qgemm"][1] / 1e6, 2),
                  "dense_1_row": round(sum(w.numel() * 4 for w in dense) / timings["dense"][1] / 1e6, 2)}
+    activations = "int16" if "int16" in timings and timings["int16"][1] < timings["qgemm"][1] else "fp32"
+    if activations == "int16":
+        bandwidth["int16_1_row"] = round(stacked.nbytes / timings["int16"][1] / 1e6, 2)
+    native = timings["int16" if activations == "int16" else "qgemm"]
     many = tiles if tiles and timings[tiles][64] < timings["dequant"][64] else "dequant"
-    if timings["qgemm"][1] <= timings["dense"][1]:
-        max_rows = max(takewhile(lambda rows: rows == 1 or timings["qgemm"][rows] <= timings[many][rows], PROBE_ROWS))
-        reason = f"faster than dense at 1 row; in place up to {max_rows} rows, {many} beyond"
-        return Plan("qgemm", max_rows, SUPPORTED_TYPES, reason, timings, bandwidth, many_rows=many)
+    if native[1] <= timings["dense"][1]:
+        max_rows = max(takewhile(lambda rows: rows == 1 or native[rows] <= timings[many][rows], PROBE_ROWS))
+        reason = f"faster than dense at 1 row ({activations} activations); in place up to {max_rows} rows, {many} beyond"
+        return Plan("qgemm", max_rows, SUPPORTED_TYPES, reason, timings, bandwidth, many_rows=many, activations=activations)
     return Plan("dense", 0, (), "dense fp32 was faster at one row on this CPU", timings, bandwidth)
