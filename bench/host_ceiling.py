@@ -31,7 +31,7 @@ import httpx  # the harness's own /health reads; the load uses bare asyncio stre
 REPO = Path(__file__).resolve().parents[1]
 TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
 MODES = {
-    "in-process": [],
+    "in-process": ["--no-engine-process"],
     "engine-process": ["--engine-process"],
     "api-servers-2": ["--engine-process", "--api-server-count", "2"],
 }
@@ -62,13 +62,15 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def process_name(pid: int, server_pid: int) -> str:
+def process_role(pid: int, server_pid: int) -> str:
+    """serve (the process started: the API server, or the launcher of several), core, api (every spawned API
+    server process together) or other (multiprocessing's helpers)."""
     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     if pid == server_pid:
         return "serve"
     if b"engine.core_process" in cmdline:
         return "core"
-    return f"api-{pid}" if b"multiprocessing" in cmdline else f"other-{pid}"
+    return "api" if b"spawn_main" in cmdline else "other"
 
 
 def start_server(model: Path, flags: list[str], log_path: Path) -> tuple[subprocess.Popen, str]:
@@ -175,12 +177,11 @@ def measure(model: Path, mode: str, args: argparse.Namespace, log_dir: Path) -> 
         steps_after, _ = engine_counters(url)
         cpu: dict[str, float] = {}
         for pid in pids:
-            name = process_name(pid, server.pid)
+            name = process_role(pid, server.pid)
             cpu[name] = cpu.get(name, 0.0) + cpu_seconds(pid) - before[pid]
     finally:
         server.terminate()
         server.wait(timeout=120)
-    cpu = {name: seconds for name, seconds in cpu.items() if seconds > 0 or not name.startswith("other")}
     return {"mode": mode, "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
             "steps_per_s": (steps_after - steps_before) / wall, "client_cpu_us_per_token": client_cpu / tokens * 1e6,
             "cpu_us_per_token": {name: seconds / tokens * 1e6 for name, seconds in cpu.items()},

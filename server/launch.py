@@ -130,6 +130,8 @@ def serve_command(args: argparse.Namespace) -> int:
     configs = engine_configs(args)
     settings = server_settings(args)
     if args.api_server_count > 1:
+        if not args.engine_process:
+            raise LaunchError("--api-server-count needs the engine core in its own process (drop --no-engine-process)")
         from server.api_servers import serve_api_servers
 
         return serve_api_servers(args, configs, settings)
@@ -172,12 +174,13 @@ def add_serve_parser(commands: Any) -> None:
                            "gpt-oss always uses harmony)")
     http.add_argument("--api-server-count", type=positive_int, default=1, metavar="N",
                       help="N API server processes accept on the one port, each with its own event loop and GIL, "
-                           "against one engine core process per model (implies --engine-process); an API process "
+                           "against one engine core process per model; an API process "
                            "dying loses only its own connections (default 1)")
-    http.add_argument("--engine-process", action="store_true",
+    http.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
                       help="run each model's engine core (scheduler, model, output processing) in a process of its "
-                           "own, so HTTP/SSE work never shares the step loop's GIL; the core dying ends every open "
-                           "stream with an error and the server exits 1 (default: one process)")
+                           "own, so HTTP/SSE work never shares the step loop's GIL (measured: bench/host_ceiling.py); "
+                           "the core dying ends every open stream with an error and the server exits 1; "
+                           "--no-engine-process steps the engine in a thread of the server process (default: on)")
     http.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
                       help="on SIGTERM, how long running requests may finish before they end with an error")
     http.add_argument("--forwarded-allow-ips", metavar="LIST",

@@ -45,9 +45,16 @@ def by_kind(docs: list[dict], kind: str) -> dict:
 
 def served_metric_names() -> set[str]:
     """Every series name Minerva's /metrics exposes after one generation (histograms, counters, gauges)."""
-    from server.observability.metrics import _ENGINE_STATS, Metrics
+    from engine.reports import EngineStats, SpecDecodeCounters
+    from server.observability.metrics import Metrics
 
-    metrics = Metrics(lambda: {"m": {key: 1 for key in _ENGINE_STATS}})
+    spec = SpecDecodeCounters(num_drafts=1, num_draft_tokens=2, num_accepted_tokens=1, accepted_per_position=[1, 0],
+                              acceptance_rate=0.5, mean_acceptance_length=2.0, propose_seconds=0.1)
+    stats = EngineStats(num_running=1, num_waiting=1, kv_blocks_total=2, kv_blocks_used=1, kv_blocks_free=1,
+                        kv_cache_tokens=32, kv_cache_bytes=64, prefix_cache_hit_rate=0.5, num_preemptions=1,
+                        prompt_tokens_total=1, generation_tokens_total=1, steps_total=1, model_load_seconds=1.0,
+                        tensor_parallel_size=1, step_prefill_budget=None, kernels=None, spec_decode=spec)
+    metrics = Metrics(lambda: {"m": stats})
     metrics.observe_generation("m", longest_sample=3, ttft=0.1, e2e=0.3)
     metrics.requests.labels("/v1/completions", "200").inc()
     text = metrics.render().decode()

@@ -63,19 +63,20 @@ class Server:
         return OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
     def workers(self) -> list[int]:
-        """Pids of the spawned tensor-parallel ranks (children running multiprocessing's spawn_main)."""
-        found = []
+        """Pids of the spawned tensor-parallel ranks (processes running multiprocessing's spawn_main under the
+        server: its children, or its engine core process's)."""
+        parents, commands = {}, {}
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
             try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                commands[int(entry.name)] = (entry / "cmdline").read_bytes().decode(errors="replace")
             except (OSError, IndexError, ValueError):
                 continue
-            if ppid == self.process.pid and "spawn_main" in cmdline and "resource_tracker" not in cmdline:
-                found.append(int(entry.name))
-        return found
+        under = {self.process.pid} | {pid for pid, ppid in parents.items() if ppid == self.process.pid}
+        return [pid for pid, ppid in parents.items() if ppid in under and pid != self.process.pid
+                and "spawn_main" in commands.get(pid, "") and "resource_tracker" not in commands.get(pid, "")]
 
     def stop(self) -> None:
         if self.process.poll() is None:
