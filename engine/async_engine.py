@@ -68,6 +68,11 @@ class EngineThread:
                     done.set_exception(exc)
 
 
+def abort_all(engine: LLMEngine) -> list[RequestOutput]:
+    """End every request the engine holds (finish_reason "abort"), freeing their blocks; their last outputs."""
+    return [output for rid in list(engine.requests) if (output := engine.abort(rid)) is not None]
+
+
 def describe(engine: LLMEngine) -> EngineDescription:
     """The start-up banner's facts of a built engine."""
     model, kernels = engine.model, engine.executor.kernels()  # tensor parallel: rank 0's slice, as every rank's
@@ -170,11 +175,11 @@ class AsyncEngine(RequestStreams):
                     return
                 except Exception:  # the engine fails requests itself; this is a last resort
                     log.exception("engine step crashed")
-                    outputs = [self.engine.abort(rid) for rid in list(self.engine.requests)]
+                    outputs = abort_all(self.engine)
                 self._send(outputs)
         except Exception:
             log.exception("the engine thread died")
-            self._send([self.engine.abort(rid) for rid in list(self.engine.requests)])
+            self._send(abort_all(self.engine))
 
     def _fail_for_good(self, reason: str) -> None:
         """Every request in flight gets EngineDeadError (a 503), later ones too; the server is told to exit."""
@@ -194,7 +199,7 @@ class AsyncEngine(RequestStreams):
                 command = self._commands.get(block=block)
                 block = False
                 if command is _STOP:
-                    self._send([self.engine.abort(rid) for rid in list(self.engine.requests)])
+                    self._send(abort_all(self.engine))
                     return False
                 if isinstance(command, Request):
                     try:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import zmq
 
 from engine import wire
-from engine.async_engine import describe
+from engine.async_engine import abort_all, describe
 from engine.builder import build_engine
 from engine.config import EngineConfig
 from engine.errors import InvalidRequestError, ParallelGroupError
@@ -85,8 +85,8 @@ class EngineCore:
                         return 1
                     except Exception:  # the engine fails requests itself; this is a last resort
                         log.exception("engine step crashed")
-                        outputs = [self.engine.abort(rid) for rid in list(self.engine.requests)]
-                    self._send([output for output in outputs if output is not None])
+                        outputs = abort_all(self.engine)
+                    self._send(outputs)
                 if (now := time.monotonic()) >= next_report:
                     next_report = now + STATS_INTERVAL_S
                     self._report_stats()
@@ -94,8 +94,7 @@ class EngineCore:
                         log.warning("the process that started the engine core is gone: the core stops")
                         return 0
         finally:
-            for rid in list(self.engine.requests):
-                self.engine.abort(rid)
+            abort_all(self.engine)
             self._prepare.shutdown(wait=False, cancel_futures=True)
             self.engine.close()
 

@@ -12,7 +12,7 @@ import torch
 from engine.config import EngineConfig
 from engine.cpu_threads import ThreadAdapter
 from engine.detokenizer import IncrementalDetokenizer
-from engine.distributed.group import ParallelGroupError
+from engine.errors import ParallelGroupError
 from engine.kv_cache import BlockPool
 from engine.executor import Executor
 from engine.models.base import CausalLM

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import zmq
@@ -118,7 +118,7 @@ class Connection:
         self.outputs.connect(address.outputs)
         self.pidfd = os.pidfd_open(address.pid)
 
-    def wait_ready(self, core_exit: object) -> wire.Ready:
+    def wait_ready(self, core_exit: Callable[[], str]) -> wire.Ready:
         """Greet the core and wait for its engine; EngineCoreError if it cannot be built or the core exits.
         `core_exit()`: how the core's exit is told (its status, where known)."""
         self.outputs.send(wire.encode(wire.Hello()))

@@ -28,6 +28,7 @@ import signal
 import socket
 import sys
 import tempfile
+from collections.abc import Sequence
 from typing import Any
 
 from engine.client import CoreAddress, CoreProcess, EngineClient, connect_engine
@@ -75,7 +76,7 @@ def serve_api_servers(args: argparse.Namespace, configs: list[EngineConfig], set
 class Supervisor:
     """Waits on the API processes and the cores; forwards SIGTERM/SIGINT to the API processes as one SIGTERM."""
 
-    def __init__(self, processes: list[multiprocessing.process.BaseProcess], cores: list[CoreProcess],
+    def __init__(self, processes: Sequence[multiprocessing.process.BaseProcess], cores: list[CoreProcess],
                  shutdown_timeout_s: float) -> None:
         self.running = {process.sentinel: (index, process) for index, process in enumerate(processes)}
         self.cores = {os.pidfd_open(core.process.pid): core for core in cores}

@@ -84,7 +84,7 @@ def serve_app(engines: dict[str, EngineClient], settings: ServerSettings, args: 
         app = create_app(engines, settings)
     except ValueError as exc:  # a --fallback-model that names no served model
         raise LaunchError(str(exc)) from exc
-    DrainingServer(uvicorn_config(app, args), engines.values()).run(sockets=sockets)
+    DrainingServer(uvicorn_config(app, args), engines.values(), app.state.draining).run(sockets=sockets)
     failures = [f"{name}: {engine.failure}" for name, engine in engines.items() if engine.failure]
     for failure in failures:
         print(f"error: engine stopped: {failure}", file=sys.stderr)

@@ -25,13 +25,14 @@ SHUTDOWN_REASON = "the server is shutting down"
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, engines: Iterable[EngineClient]) -> None:
-        """`config.app`: an app from server.app.create_app (its `state.draining` tells body reads to stop)."""
+    def __init__(self, config: uvicorn.Config, engines: Iterable[EngineClient], draining: asyncio.Event) -> None:
+        """`draining`: the app's (server.app.create_app's `state.draining`), set to tell body reads to stop."""
         super().__init__(config)
         self.engines = list(engines)
+        self.draining = draining
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        self.config.app.state.draining.set()  # bodies still arriving are refused now, not at --body-timeout
+        self.draining.set()  # bodies still arriving are refused now, not at --body-timeout
         grace = self.config.timeout_graceful_shutdown
         timer = None
         if grace is not None:  # ended a little before uvicorn gives up, so that the error events get out

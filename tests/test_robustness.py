@@ -275,8 +275,9 @@ def test_request_timeout_ends_responses_and_messages_streams_with_their_error_ev
 def test_streams_open_at_the_shutdown_timeout_end_with_an_error_event(engine, live, caplog):
     sock = free_port_socket()
     port = sock.getsockname()[1]
-    server = DrainingServer(uvicorn.Config(second_app(engine), log_level="warning", timeout_graceful_shutdown=0.3),
-                            [engine])
+    app = second_app(engine)
+    server = DrainingServer(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=0.3), [engine],
+                            app.state.draining)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:

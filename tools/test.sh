@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The test command: set up (idempotent, fast when done) and run the whole suite.
+# The test command: set up (idempotent, fast when done), lint and type-check, and run the whole suite.
 # Kernels run on CPU under the Triton interpreter; CUDA-marked tests skip without a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
+.venv/bin/ruff check  # engine/, server/, kernels/ (pyproject.toml [tool.ruff])
+.venv/bin/mypy  # the same packages, leniently (pyproject.toml [tool.mypy])
 exec .venv/bin/python -m pytest -q --timeout=600 "$@"

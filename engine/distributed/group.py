@@ -10,7 +10,6 @@ import torch
 
 from engine.cpu_threads import allowed_cpus, cgroup_quota, usable_cpus
 from engine.distributed.context import ParallelContext
-from engine.errors import ParallelGroupError
 
 
 def free_port() -> int:

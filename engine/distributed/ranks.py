@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from engine.distributed.context import ParallelContext
-from engine.distributed.group import ParallelGroupError, free_port, join_group, leave_group
+from engine.distributed.group import free_port, join_group, leave_group
+from engine.errors import ParallelGroupError
 from engine.distributed.worker import READY, load_slice, worker_main
 from engine.models.decoder import DecoderLM
 from engine.models.errors import ModelConfigError

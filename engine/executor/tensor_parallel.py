@@ -16,7 +16,7 @@ from typing import TypeVar
 import torch
 
 from engine.distributed import step_inputs
-from engine.distributed.group import ParallelGroupError
+from engine.errors import ParallelGroupError
 from engine.distributed.ranks import RankGroup
 from engine.executor.base import Executor
 from engine.model_runner import ModelRunner, StepInputs

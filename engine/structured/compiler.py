@@ -22,6 +22,7 @@ from engine.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from engine.config import EngineConfig
+    from engine.structured.matcher import GrammarMatcher
 
 WORKERS = 2  # compiles at once; more queue (within their deadline)
 WAITERS = 64  # threads that only wait on a worker's pipe, apart from asyncio's shared pool
