@@ -8,7 +8,7 @@ import pytest
 import kernels.reference
 from engine.builder import engine_for_model
 from engine.config import EngineConfig
-from engine.distributed.group import ParallelGroupError
+from engine.errors import ParallelGroupError
 from engine.executor import SingleProcessExecutor
 from engine.sampling_params import SamplingParams
 from tests.engine_testing import run_to_completion
