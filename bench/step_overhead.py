@@ -119,7 +119,8 @@ class StepTimer:
         num_blocks = num_seqs * (-(-max_len // block_size) + 1)
         self.engine = engine_for_model(ZeroCostModel(num_seqs), table_tokenizer(), config, max_model_len=max_len,
                                 num_blocks=num_blocks)
-        self.sampler = self.engine.sampler = TimedSampler(self.engine.sampler)
+        runner = self.engine.executor.runner
+        self.sampler = runner.sampler = TimedSampler(runner.sampler)
         self.outputs = self.engine.outputs = TimedOutputs(self.engine.outputs)
         self.num_seqs = num_seqs
         params = SamplingParams(temperature=0, max_tokens=max_len - PROMPT_LEN, ignore_eos=True)

@@ -115,7 +115,7 @@ def engine_for_model(model: CausalLM, tokenizer: Tokenizer, config: EngineConfig
     # A graph cannot hold the tensor-parallel broadcasts (headers built on the host): such engines run eagerly.
     cuda_graphs = one_cuda_rank and not config.enforce_eager
     runner = ModelRunner(model, num_blocks, config.block_size, max_num_seqs, config.batched_tokens, max_model_len,
-                         pad_decodes=cuda_graphs)
+                         pad_decodes=cuda_graphs, seed=config.seed)
     if ranks is None:
         executor: Executor = SingleProcessExecutor(runner, ops)
     else:

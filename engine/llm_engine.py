@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 
 from engine.config import EngineConfig
 from engine.cpu_threads import ThreadAdapter
@@ -15,20 +13,20 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import ParallelGroupError
 from engine.kv_cache import BlockPool
 from engine.executor import Executor
+from engine.model_runner import StepResult
 from engine.models.base import CausalLM
 from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
 from engine.logit_bias import check_logit_bias
-from engine.prompt_logprobs import PromptRows, rows_to_score, score
+from engine.prompt_logprobs import PromptRows, entries, rows_to_score
 from engine.prompt_rules import check_prompt_ids, completion_budget
 from engine.reports import EngineStats
 from engine.request import Request, Sample, SampleProgress
-from engine.sampler import SampleResult, Sampler, SamplingRow, skip_seeded_draws
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.step_budget import StepBudget
 from engine.spec_decode.decoder import SpecDecoder
-from engine.step_messages import PromptRowSpan, StepMessages
+from engine.step_messages import PromptRowSpan, PromptScores, StepMessages
 from engine.spec_decode.verify import accepted_tokens
 from engine.structured import GrammarCompiler, GrammarError, unconstrained_bitmask
 from engine.tokenizer import Tokenizer
@@ -41,14 +39,8 @@ class InFlight:
     (with speculative decoding `drafts[i]` were verified too, each on a row of its own after sample i's)."""
 
     samples: list[Sample]
-    result: SampleResult | None
+    result: StepResult
     drafts: list[list[int]] | None = None
-    generator_states: dict[Sample, tuple[torch.Tensor, int]] | None = None  # seeded rows: (state before, vocab)
-
-    def pending_inputs(self) -> torch.Tensor | None:
-        """Where the next batch finds these samples' input ids (on the device, not yet read back): row i is
-        sample i's."""
-        return self.result.device_token_ids if self.result is not None else None
 
 
 @dataclass(frozen=True)
@@ -76,7 +68,6 @@ class LLMEngine:
         self.scheduler = Scheduler(self.pool, layout.max_num_seqs, config.batched_tokens,
                                    config.enable_chunked_prefill)
         self.step_budget: StepBudget | None = None  # measured by the builder (CPU, no explicit token budget)
-        self.sampler = Sampler(config.seed)
         self.outputs = OutputProcessor(tokenizer)
         self.spec = (SpecDecoder(config.speculative_config, self.max_model_len)
                      if config.speculative_config is not None else None)
@@ -132,10 +123,8 @@ class LLMEngine:
                                                                       else self.tokenizer.eos_token_ids)
         seqs, detoks = [], []
         for index in range(params.n):
-            generator = None
-            if params.seed is not None:  # n > 1: seed, seed+1, ...; on the device the sampler draws on
-                generator = torch.Generator(device=self.executor.device).manual_seed((params.seed + index) % 2**64)
-            seqs.append(Sample(request_id, index, ids, params, max_tokens, generator, lead=seqs[0] if seqs else None,
+            seed = None if params.seed is None else (params.seed + index) % 2**64  # n > 1: seed, seed+1, ...
+            seqs.append(Sample(request_id, index, ids, params, max_tokens, seed, lead=seqs[0] if seqs else None,
                                grammar=grammars[index] if grammars else None, stop_token_ids=stop_token_ids))
             detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens))
         return Request(request_id, ids, params, seqs, detoks, [SampleProgress() for _ in seqs],
@@ -177,17 +166,16 @@ class LLMEngine:
         if self.spec is not None:
             self.spec.propose(self.scheduler.running)
         batch = self.scheduler.schedule()
-        for seq in batch.preempted:  # its blocks are gone: the runner forgets it until it is scheduled again
-            self.messages.forget(seq)
-        launched = self._launch(batch, previous, outputs) if batch else None
+        for seq in batch.preempted:  # its blocks are gone: the runner frees its table row until it runs again
+            self.messages.preempted(seq)
+        launched = self._launch(batch, outputs) if batch else None
         if self.async_scheduling:
             self._in_flight, launched = launched, previous
         if launched is not None:
             outputs.extend(self._complete(launched))
         return outputs
 
-    def _launch(self, batch: ScheduledBatch, previous: InFlight | None,
-                outputs: list[RequestOutput]) -> InFlight | None:
+    def _launch(self, batch: ScheduledBatch, outputs: list[RequestOutput]) -> InFlight | None:
         """Forward and sample `batch` (the device result is not waited for); a failure fails its requests."""
         sample_rows = [i for i, (seq, count) in enumerate(batch.items)  # prompt done (drafts too): sample
                        if seq.num_computed_tokens + count == seq.num_tokens + len(seq.spec_token_ids)]
@@ -195,24 +183,18 @@ class LLMEngine:
         drafts = [seq.spec_token_ids for seq in samples] if self.spec is not None else None
         speculating = drafts is not None and any(drafts)
         try:
-            pending = previous.pending_inputs() if previous is not None else None
             prompt_rows = self._prompt_rows(batch)
+            row_seqs = ([seq for seq, draft in zip(samples, drafts) for _ in range(1 + len(draft))] if speculating
+                        else samples)
             step = self.messages.build(batch.items, sample_rows,
                                        {seq.seq_id: seq.spec_token_ids for seq in samples if seq.spec_token_ids}
                                        if speculating else {},
-                                       [PromptRowSpan(rows.item, rows.first, rows.count) for rows in prompt_rows])
-            logits = self.executor.execute(step, pending)
+                                       [PromptRowSpan(rows.item, rows.first, rows.count) for rows in prompt_rows],
+                                       {seq.seq_id: len(seq.output_token_ids) + seq.num_in_flight for seq in samples
+                                        if seq.params.min_tokens}, self._grammar_bitmask(row_seqs))
+            result = self.executor.execute(step)
             if prompt_rows:
-                logits = self._score_prompts(batch, prompt_rows, logits)
-            if speculating:
-                generator_states = {seq: (seq.generator.get_state(), logits.shape[-1])
-                                    for seq, draft in zip(samples, drafts)
-                                    if draft and seq.generator is not None and not seq.params.greedy}
-                rows, row_seqs = self._verified_rows(samples, drafts)
-            else:
-                rows, row_seqs = [self._sampling_row(seq) for seq in samples], samples
-            bitmask = self._grammar_bitmask(row_seqs)
-            result = self.sampler(logits, rows, token_bitmask=bitmask) if rows else None
+                self._score_prompts(batch, prompt_rows, result.prompt_logprobs())
         except ParallelGroupError:  # a rank is gone: no later step can run either (AsyncEngine stops)
             raise
         except Exception as exc:  # a failing model fails this step's requests, not the engine
@@ -227,7 +209,7 @@ class LLMEngine:
         if speculating:
             for seq, _ in batch.items:
                 seq.spec_token_ids = []
-            return InFlight(samples, result, drafts, generator_states)
+            return InFlight(samples, result, drafts)
         return InFlight(samples, result)
 
     def _prompt_rows(self, batch: ScheduledBatch) -> list[PromptRows]:
@@ -245,39 +227,19 @@ class LLMEngine:
                 found.append(rows)
         return found
 
-    def _score_prompts(self, batch: ScheduledBatch, prompt_rows: list[PromptRows], logits: torch.Tensor) -> torch.Tensor:
-        """Score the prompt rows at the end of `logits` into their requests; the sampled rows are returned."""
-        extra = sum(rows.count for rows in prompt_rows)
-        sampled, scored = logits[:logits.shape[0] - extra], logits[logits.shape[0] - extra:]
-        start = 0
-        for rows in prompt_rows:
+    def _score_prompts(self, batch: ScheduledBatch, prompt_rows: list[PromptRows], scores: list[PromptScores]) -> None:
+        """The runner's scores of the step's prompt rows, as logprob entries of their requests."""
+        for rows, scored in zip(prompt_rows, scores):
             seq = batch.items[rows.item][0]
-            entries = score(scored[start:start + rows.count], rows.targets, seq.params.prompt_logprobs,
-                            self.tokenizer.token_bytes)
-            self.requests[seq.request_id].prompt_logprobs.extend(entries)
-            start += rows.count
-        return sampled
-
-    def _verified_rows(self, samples: list[Sample], drafts: list[list[int]]) -> tuple[list[SamplingRow], list[Sample]]:
-        """Sampler rows for each sample's position and its drafts' (min_tokens bans counted per position)."""
-        rows, row_seqs = [], []
-        for seq, draft in zip(samples, drafts):
-            row = self._sampling_row(seq)
-            rows.append(row)
-            row_seqs.append(seq)
-            generated = len(seq.output_token_ids)
-            for j in range(1, len(draft) + 1):
-                banned = tuple(seq.stop_token_ids) if generated + j < seq.params.min_tokens else ()
-                same = banned == row.banned_token_ids
-                rows.append(row if same else dataclasses.replace(row, banned_token_ids=banned))
-                row_seqs.append(seq)
-        return rows, row_seqs
+            self.requests[seq.request_id].prompt_logprobs.extend(entries(scored, rows.targets,
+                                                                         self.tokenizer.token_bytes))
 
     def _complete(self, launched: InFlight) -> list[RequestOutput]:
         """Append the batch's tokens (the step's one wait on the device), apply the token rules, emit deltas."""
         if launched.drafts is not None:
             return self._complete_verified(launched)
-        token_ids = launched.result.token_ids if launched.result is not None else []
+        result = launched.result.output()
+        token_ids = result.token_ids
         samples, rows = [], []
         for row, (seq, token) in enumerate(zip(launched.samples, token_ids)):
             seq.num_in_flight -= 1
@@ -286,7 +248,7 @@ class LLMEngine:
             self._append_token(seq, token)
             samples.append(seq)
             rows.append(row)
-        touched, stopped = self.outputs.add_tokens(self.requests, samples, rows, launched.result)
+        touched, stopped = self.outputs.add_tokens(self.requests, samples, rows, result)
         for seq in stopped:
             self._retire(seq)
         return self._emit(touched)
@@ -294,7 +256,8 @@ class LLMEngine:
     def _complete_verified(self, launched: InFlight) -> list[RequestOutput]:
         """Speculative decoding: each sample emits its accepted drafts and one drawn token, one at a time through
         the token rules (a stop drops what follows it), then forgets the rejected drafts' KV."""
-        token_ids = launched.result.token_ids
+        result = launched.result.output()
+        token_ids = result.token_ids
         touched: dict[str, Request] = {}
         row = 0
         for seq, draft in zip(launched.samples, launched.drafts):
@@ -303,13 +266,11 @@ class LLMEngine:
             if seq.finished:
                 continue
             emitted = accepted_tokens(draft, token_ids[first:row])
-            if launched.generator_states and seq in launched.generator_states:
-                self._rewind_generator(seq, *launched.generator_states[seq], len(emitted))
             if draft:
                 self.spec.observe(seq, len(draft), len(emitted) - 1)
             for j, token in enumerate(emitted):
                 self._append_token(seq, token)
-                changed, stopped = self.outputs.add_tokens(self.requests, [seq], [first + j], launched.result)
+                changed, stopped = self.outputs.add_tokens(self.requests, [seq], [first + j], result)
                 touched.update((r.request_id, r) for r in changed)
                 for stopped_seq in stopped:
                     self._retire(stopped_seq)
@@ -318,14 +279,6 @@ class LLMEngine:
             if draft and not seq.finished:
                 self.scheduler.rollback(seq)
         return self._emit(list(touched.values()))
-
-    @staticmethod
-    def _rewind_generator(seq: Sample, state: torch.Tensor, vocab_size: int, num_emitted: int) -> None:
-        """A seeded row drew once per verified position; leave its generator as if it had drawn once per emitted
-        token (the sampler's exponential race takes one vocabulary-wide draw per row), so the next step's draw
-        is the one non-speculative decoding would make and seeded outputs stay identical."""
-        seq.generator.set_state(state)
-        skip_seeded_draws(seq.generator, vocab_size, num_emitted)
 
     def _emit(self, touched: list[Request]) -> list[RequestOutput]:
         outputs = [self.outputs.output(r) for r in touched]
@@ -348,30 +301,21 @@ class LLMEngine:
             return
         self._retire(seq)
 
-    def _grammar_bitmask(self, seqs: list[Sample]) -> torch.Tensor | None:
-        """The allowed-token bitmask of this step's sampled rows; None when no row is constrained (they pay nothing)."""
+    def _grammar_bitmask(self, seqs: list[Sample]) -> bytes | None:
+        """The allowed-token bitmask of this step's sampler rows, for the step message; None when no row is
+        constrained (they pay nothing)."""
         if not any(seq.grammar is not None for seq in seqs):
             return None
         bitmask = unconstrained_bitmask(len(seqs), self.executor.vocab_size)
         for row, seq in enumerate(seqs):
             if seq.grammar is not None:
                 seq.grammar.fill_bitmask(bitmask, row)
-        return bitmask.to(self.executor.device)  # the sampler applies it on the logits' device
-
-    def _sampling_row(self, seq: Sample) -> SamplingRow:
-        """The sequence's sampler row, made once; min_tokens bans stay on until enough tokens are out."""
-        row = seq.sampling_row
-        if row is None:
-            row = seq.sampling_row = SamplingRow(seq.params, seq.generator, (), seq, seq.prompt_token_ids)
-        generated = len(seq.output_token_ids) + seq.num_in_flight  # the token drawn now is number `generated`
-        row.banned_token_ids = tuple(seq.stop_token_ids) if generated < seq.params.min_tokens else ()
-        return row
+        return bitmask.numpy().tobytes()
 
     def _retire(self, seq: Sample) -> None:
         """A finished or aborted sample leaves the scheduler (its blocks are freed), the sampler and the runner."""
         if not seq.finished:
             self.scheduler.remove(seq)
-        self.sampler.release(seq)
         self.messages.forget(seq)
         if self.spec is not None:
             self.spec.release(seq)

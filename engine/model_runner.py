@@ -1,4 +1,4 @@
-"""Batch -> step inputs in persistent buffers -> model forward (eager or a replayed CUDA graph) -> logits.
+"""Step messages -> step inputs in persistent buffers -> model forward (eager or a replayed CUDA graph) -> sampled ids.
 
 Owns the paged KV caches and the input buffers. Buffers are allocated once (pinned on the host
 on CUDA) and filled in place each step with numpy; a sequence's block-table row lives in the
@@ -10,6 +10,7 @@ per bucket.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -21,7 +22,9 @@ import torch
 from engine.attention_metadata import AttentionMetadata
 from engine.host_device import upload
 from engine.models.base import CausalLM
-from engine.step_messages import SchedulerOutput
+from engine.prompt_logprobs import score
+from engine.sampler import SampleResult, Sampler, SamplingRow, skip_seeded_draws
+from engine.step_messages import NewSequence, PromptScores, RunnerOutput, SchedulerOutput
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +73,41 @@ class StepInputs:
 class SequenceState:
     """What the runner knows of one sequence, built only from step messages (engine/step_messages.py)."""
 
-    __slots__ = ("token_ids", "block_ids", "num_computed_tokens", "row")
+    __slots__ = ("token_ids", "block_ids", "num_computed_tokens", "row", "sampling_row", "stop_token_ids",
+                 "saved_generator")
 
-    def __init__(self, token_ids: list[int], block_ids: list[int], num_computed_tokens: int, row: int) -> None:
-        self.token_ids = token_ids  # known ones; a sampled id still on the device is not here yet
-        self.block_ids = block_ids
-        self.num_computed_tokens = num_computed_tokens
-        self.row = row  # its row of BlockTableRows
+    def __init__(self, new: NewSequence, row: int, device: torch.device) -> None:
+        self.token_ids = list(new.token_ids)  # known ones; a sampled id still on the device is not here yet
+        self.block_ids = list(new.block_ids)
+        self.num_computed_tokens = new.num_computed_tokens
+        self.row = row  # its row of BlockTableRows; -1 while preempted
+        generator = None if new.seed is None else torch.Generator(device=device).manual_seed(new.seed)
+        self.sampling_row = SamplingRow(new.sampling_params, generator, (), new.seq_id, self.token_ids[:new.prompt_len])
+        self.stop_token_ids = tuple(new.stop_token_ids)
+        # A seeded row verifying drafts: its generator's state before the draws, and the vocabulary (to rewind it).
+        self.saved_generator: tuple[torch.Tensor, int] | None = None
+
+
+class StepResult:
+    """A step's answer while its sampled ids may still be on the device: `output()` is the step's one wait on it."""
+
+    def __init__(self, seq_ids: list[int], sampled: SampleResult | None, prompt_scores: list[PromptScores]) -> None:
+        self._seq_ids = seq_ids
+        self._sampled = sampled
+        self._prompt_scores = prompt_scores
+        self._output: RunnerOutput | None = None
+
+    def prompt_logprobs(self) -> list[PromptScores]:
+        """The step's prompt rows' scores (already on the host)."""
+        return self._prompt_scores
+
+    def output(self) -> RunnerOutput:
+        if self._output is None:
+            sampled = self._sampled
+            self._output = RunnerOutput(self._seq_ids, sampled.token_ids, sampled.logprobs, sampled.top_logprobs,
+                                        self._prompt_scores) if sampled is not None else \
+                RunnerOutput(self._seq_ids, [], [], [], self._prompt_scores)
+        return self._output
 
 
 class InputBuffers:
@@ -165,7 +196,7 @@ class BlockTableRows:
 
 class ModelRunner:
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_model_len: int, pad_decodes: bool = False) -> None:
+                 max_num_batched_tokens: int, max_model_len: int, pad_decodes: bool = False, seed: int = 0) -> None:
         self.model = model
         self.block_size = block_size
         self.device = model.device
@@ -186,18 +217,27 @@ class ModelRunner:
         self.buckets = decode_buckets(max_num_seqs) if pad_decodes else []
         self.graphs: CudaGraphs | None = None
         self.seqs: dict[int, SequenceState] = {}  # by seq_id, from the step messages
-        self._last_sampled: list[int] = []  # the previous step's sampled sequences, in its logits' row order
+        self.sampler = Sampler(seed)
+        # The previous step's sampled sequences and their ids still on the device (async scheduling's inputs).
+        self._last_sampled: list[int] = []
+        self._last_token_ids: torch.Tensor | None = None
 
     def update(self, step: SchedulerOutput) -> None:
         """Bring the per-sequence state up to the step's message: forget the freed, add the new, extend the cached."""
         seqs, rows = self.seqs, self.rows
+        for seq_id in step.preempted_seq_ids:
+            state = seqs[seq_id]
+            if state.row >= 0:
+                rows.give_back(state.row)
+            state.row, state.block_ids = -1, []
         for seq_id in step.freed_seq_ids:
             state = seqs.pop(seq_id, None)
             if state is not None:
-                rows.give_back(state.row)
+                if state.row >= 0:
+                    rows.give_back(state.row)
+                self.sampler.release(seq_id)
         for new in step.new_seqs:
-            state = seqs[new.seq_id] = SequenceState(list(new.token_ids), list(new.block_ids), new.num_computed_tokens,
-                                                     rows.take())
+            state = seqs[new.seq_id] = SequenceState(new, rows.take(), self.device)
             rows.write(state.row, 0, state.block_ids)
         cached = step.cached_seqs
         for seq_id, tokens, first, blocks, computed in zip(cached.seq_ids, cached.new_token_ids, cached.block_ids_from,
@@ -205,19 +245,23 @@ class ModelRunner:
             state = seqs[seq_id]
             if tokens:
                 state.token_ids.extend(tokens)
+                if state.saved_generator is not None:  # the drafts it verified: `tokens` were emitted
+                    self._rewind(state, len(tokens))
+            if state.row < 0:  # back from preemption
+                state.row = rows.take()
             if blocks or first != len(state.block_ids):
                 del state.block_ids[first:]
                 state.block_ids.extend(blocks)
                 rows.write(state.row, first, blocks)
             state.num_computed_tokens = computed
 
-    def prepare(self, step: SchedulerOutput, pending: torch.Tensor | None = None) -> StepInputs:
+    def prepare(self, step: SchedulerOutput) -> StepInputs:
         """Apply the step's message (`update`), then fill the buffers for its scheduled sequences; logits for its
         `sample_items` (each sampled item's drafts' positions too, when the step verifies drafts), then for
         its prompt rows (prompt logprobs).
 
-        A decode whose input token is still in flight (async scheduling) reads it on the device from `pending`,
-        the previous step's sampled ids (one per item it sampled, in order).
+        A decode whose input token is still in flight (async scheduling) reads it on the device from the
+        previous step's sampled ids.
         """
         self.update(step)
         seq_ids, sample_rows, prompt_rows, drafts = (step.scheduled_seq_ids, step.sample_items, step.prompt_rows,
@@ -318,12 +362,62 @@ class ModelRunner:
         if in_flight_at:
             row_of = {seq_id: row for row, seq_id in enumerate(self._last_sampled)}
             input_ids[upload(in_flight_at, torch.long, self.device)] = \
-                pending[upload([row_of[seq_id] for seq_id in in_flight_seqs], torch.long, self.device)]
-        self._last_sampled = [seq_ids[i] for i in sample_rows]
+                self._last_token_ids[upload([row_of[seq_id] for seq_id in in_flight_seqs], torch.long, self.device)]
         inputs = StepInputs(input_ids, b.upload(b.positions, tokens_out), metadata, num_logits if prompt_rows
                             else num_sampled, bucket)
         b.uploads_queued()
         return inputs
+
+    @torch.no_grad()  # not inference_mode: the sampler edits the logits in place
+    def sample(self, step: SchedulerOutput, logits: torch.Tensor) -> StepResult:
+        """Score the step's prompt rows (the tail of `logits`) and draw its sampled rows: each sampled item's row,
+        then one row per draft it verifies (min_tokens bans counted per position); the ids stay on the device."""
+        prompt_scores = []
+        if step.prompt_rows:
+            extra = sum(span.count for span in step.prompt_rows)
+            logits, scored, start = logits[:logits.shape[0] - extra], logits[logits.shape[0] - extra:], 0
+            for span in step.prompt_rows:
+                state = self.seqs[step.scheduled_seq_ids[span.item]]
+                first = state.num_computed_tokens + span.first + 1
+                prompt_scores.append(score(scored[start:start + span.count], state.token_ids[first:first + span.count],
+                                           state.sampling_row.params.prompt_logprobs))
+                start += span.count
+        seq_ids, drafts, generated_of = step.scheduled_seq_ids, step.spec_token_ids, step.num_generated
+        rows, sampled = [], []
+        for item in step.sample_items:
+            seq_id = seq_ids[item]
+            state = self.seqs[seq_id]
+            row = state.sampling_row
+            generated = generated_of.get(seq_id)
+            min_tokens = row.params.min_tokens
+            row.banned_token_ids = state.stop_token_ids if generated is not None and generated < min_tokens else ()
+            rows.append(row)
+            sampled.append(seq_id)
+            draft = drafts.get(seq_id) if drafts else None
+            if not draft:
+                continue
+            if row.generator is not None and not row.params.greedy:
+                state.saved_generator = (row.generator.get_state(), logits.shape[-1])
+            for j in range(1, len(draft) + 1):
+                banned = state.stop_token_ids if generated is not None and generated + j < min_tokens else ()
+                rows.append(row if banned == row.banned_token_ids else dataclasses.replace(row, banned_token_ids=banned))
+        bitmask = None
+        if step.grammar_bitmask is not None:
+            bitmask = torch.frombuffer(bytearray(step.grammar_bitmask), dtype=torch.int32).view(len(rows), -1)
+            bitmask = bitmask.to(self.device)  # the sampler applies it on the logits' device
+        result = self.sampler(logits, rows, token_bitmask=bitmask) if rows else None
+        self._last_sampled, self._last_token_ids = sampled, result.device_token_ids if result is not None else None
+        return StepResult(sampled, result, prompt_scores)
+
+    @staticmethod
+    def _rewind(state: SequenceState, num_emitted: int) -> None:
+        """A seeded row drew once per verified position; leave its generator as if it had drawn once per emitted
+        token (the sampler's exponential race takes one vocabulary-wide draw per row), so the next step's draw
+        is the one non-speculative decoding would make and seeded outputs stay identical."""
+        generator_state, vocab_size = state.saved_generator
+        state.sampling_row.generator.set_state(generator_state)
+        skip_seeded_draws(state.sampling_row.generator, vocab_size, num_emitted)
+        state.saved_generator = None
 
     def _bucket(self, counts: list[int], sample_rows: list[int]) -> int | None:
         """The padded size of a decode-only batch whose every row samples; None runs it as it is."""

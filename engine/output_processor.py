@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from engine.request import Request, Sample
-from engine.sampler import SampleResult
+from engine.step_messages import RunnerOutput
 from engine.token_bytes import token_text
 from engine.tokenizer import Tokenizer
 
@@ -22,7 +22,7 @@ class OutputProcessor:
         self.tokenizer = tokenizer
 
     def add_tokens(self, requests: dict[str, Request], samples: list[Sample], rows: list[int],
-                   result: SampleResult | None) -> tuple[list[Request], list[Sample]]:
+                   result: RunnerOutput | None) -> tuple[list[Request], list[Sample]]:
         """Detokenize each sample's newest token (`rows[i]` of `result` holds its logprobs).
 
         Returns the requests that changed and the samples a stop string has just finished.
@@ -46,7 +46,7 @@ class OutputProcessor:
                 seq.finish_reason, seq.stop_reason = "stop", detok.stopped_by
         return list(touched.values()), stopped
 
-    def _logprob(self, token: int, result: SampleResult | None, row: int, top_n: int) -> TokenLogprob:
+    def _logprob(self, token: int, result: RunnerOutput | None, row: int, top_n: int) -> TokenLogprob:
         """Token texts from the tokens' bytes: a partial character shows as `\\xNN` escapes, not U+FFFD."""
         token_bytes = self.tokenizer.token_bytes
         top = [(t, token_text(token_bytes(t)), lp) for t, lp in result.top_logprobs[row][:top_n]]

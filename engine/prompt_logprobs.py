@@ -9,11 +9,13 @@ does not read the prefix cache, so every prompt position is computed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from engine.outputs import TokenLogprob
+from engine.step_messages import PromptScores
 from engine.token_bytes import token_text
 
 
@@ -38,7 +40,7 @@ def rows_to_score(item: int, prompt: list[int], begin: int, count: int, scored: 
                       prompt[first_target:last_target + 1])
 
 
-def score(logits: torch.Tensor, targets: list[int], top: int, token_bytes) -> list[TokenLogprob]:
+def score(logits: torch.Tensor, targets: list[int], top: int) -> PromptScores:
     """Each row's target token: its logprob, its rank (1 = most likely) and the `top` most likely tokens."""
     logprobs = logits.float().log_softmax(-1)
     index = torch.tensor(targets, device=logits.device).unsqueeze(1)
@@ -50,12 +52,14 @@ def score(logits: torch.Tensor, targets: list[int], top: int, token_bytes) -> li
         parts += [values.flatten(), ids.float().flatten()]
     host = torch.cat(parts).cpu().tolist()  # one copy for the chunk (ids are exact in float32 below 2**24)
     rows = len(targets)
-    chosen_lp, ranks_h = host[:rows], host[rows:2 * rows]
     top_values, top_ids = host[2 * rows:2 * rows + rows * top], host[2 * rows + rows * top:]
-    entries = []
-    for i, target in enumerate(targets):
-        alternatives = [(int(top_ids[i * top + j]), top_values[i * top + j]) for j in range(top)]
-        entries.append(TokenLogprob(target, token_text(token_bytes(target)), chosen_lp[i],
-                                    [(t, token_text(token_bytes(t)), lp) for t, lp in alternatives],
-                                    int(ranks_h[i])))
-    return entries
+    return PromptScores(host[:rows], [int(rank) for rank in host[rows:2 * rows]],
+                        [[(int(top_ids[i * top + j]), top_values[i * top + j]) for j in range(top)]
+                         for i in range(rows)])
+
+
+def entries(scores: PromptScores, targets: list[int], token_bytes: Callable[[int], bytes]) -> list[TokenLogprob]:
+    """The scored rows as logprob entries with the tokens' text."""
+    return [TokenLogprob(target, token_text(token_bytes(target)), logprob,
+                         [(t, token_text(token_bytes(t)), lp) for t, lp in top], rank)
+            for target, logprob, rank, top in zip(targets, scores.logprobs, scores.ranks, scores.top)]

@@ -6,11 +6,8 @@ import enum
 import itertools
 from dataclasses import dataclass, field
 
-import torch
-
 from engine.detokenizer import IncrementalDetokenizer
 from engine.outputs import TokenLogprob
-from engine.sampler import SamplingRow
 from engine.sampling_params import SamplingParams
 from engine.structured.matcher import GrammarMatcher
 
@@ -36,7 +33,7 @@ class Sample:
     prompt_token_ids: list[int]
     params: SamplingParams
     max_tokens: int
-    generator: torch.Generator | None = None
+    seed: int | None = None  # this sample's own seed (the request's seed + its index): the runner's generator
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
@@ -54,7 +51,6 @@ class Sample:
     num_in_flight: int = 0  # async scheduling: tokens sampled on the device whose ids have not come back yet
     finish_reason: str | None = None  # "stop" | "length" | "abort" once it ended
     stop_reason: str | int | None = None  # the stop string or token id that ended it (an error message on abort)
-    sampling_row: "SamplingRow | None" = None  # the sampler's view of it, made on its first sampled step
     spec_token_ids: list[int] = field(default_factory=list)  # drafts this step verifies; not its tokens until accepted
     num_draft_tokens: int = 0  # speculative decoding: drafts verified for it so far
     num_accepted_tokens: int = 0  # ... and accepted

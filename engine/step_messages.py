@@ -5,8 +5,11 @@ computed count and sampling params); from then on it is a row of `CachedSequence
 ids the host learned since (sampled ids read back, accepted drafts), the block ids it gained (from
 `block_ids_from`: a rollback or a re-grown table replaces the tail), and its computed count. The
 runner keeps its own per-sequence state from these messages (engine/model_runner.py) and never reads
-the engine's `Sample`. Finished and preempted sequences are named in `freed_seq_ids`; a preempted
-one comes back later as new. `StepMessages` is the engine's side: what the runner has been told.
+the engine's `Sample`. Finished sequences are named in `freed_seq_ids` (the runner forgets them),
+preempted ones in `preempted_seq_ids` (the runner gives their block-table row back but keeps their
+tokens and sampling state: a seeded generator or penalty counts go on where they were). The runner
+samples each step and answers with a `RunnerOutput`. `StepMessages` is the engine's side: what the
+runner has been told.
 
 Plain msgspec structs (array-like, no GC tracking), so a step crosses a process boundary cheaply
 (tests/test_step_messages.py measures it).
@@ -23,9 +26,12 @@ from engine.sampling_params import SamplingParams
 class NewSequence(msgspec.Struct, array_like=True, gc=False):
     seq_id: int
     token_ids: list[int]  # the prompt and any output tokens already known (a preempted sequence resuming)
+    prompt_len: int
     block_ids: list[int]
     num_computed_tokens: int
     sampling_params: SamplingParams
+    seed: int | None  # this sample's own seed (the request's seed + its index), None: the sampler's stream
+    stop_token_ids: list[int]  # ids banned while fewer than min_tokens are out (EOS unless ignored, stop ids)
 
 
 class CachedSequences(msgspec.Struct, array_like=True, gc=False):
@@ -54,11 +60,33 @@ class SchedulerOutput(msgspec.Struct, array_like=True, gc=False):
     sample_items: list[int]  # the batch items whose last position (and drafts) are sampled
     spec_token_ids: dict[int, list[int]] = {}  # drafts verified this step, by sequence
     prompt_rows: list[PromptRowSpan] = []  # prompt logprob rows, after the sampled ones
-    freed_seq_ids: list[int] = []  # finished or preempted since the last step: the runner forgets them
+    freed_seq_ids: list[int] = []  # finished since the last step: the runner forgets them
+    preempted_seq_ids: list[int] = []  # their blocks are gone: the runner frees their table rows until they return
+    num_generated: dict[int, int] = {}  # sampled sequences with min_tokens: tokens out so far (in flight too)
+    grammar_bitmask: bytes | None = None  # int32 [sampler rows, ceil(vocab / 32)], xgrammar's layout; None: free
 
     @property
     def total_num_scheduled_tokens(self) -> int:
         return sum(self.num_scheduled_tokens)
+
+
+class PromptScores(msgspec.Struct, array_like=True, gc=False):
+    """One prompt row span's scores: each position's target logprob and rank, and its `top` best (id, logprob)."""
+
+    logprobs: list[float]
+    ranks: list[int]
+    top: list[list[tuple[int, float]]]
+
+
+class RunnerOutput(msgspec.Struct, array_like=True, gc=False):
+    """The runner's answer to a step, by sampler row: each sampled item's row, then (when it verified drafts) one
+    row per draft position. `logprobs` / `top_logprobs` hold a value for rows whose request asked."""
+
+    seq_ids: list[int]  # the sampled sequences, in row order (drafts' rows follow their sequence's)
+    token_ids: list[int]
+    logprobs: list[float | None]
+    top_logprobs: list[list[tuple[int, float]] | None]
+    prompt_logprobs: list[PromptScores] = []  # one per prompt row span of the step
 
 
 class StepMessages:
@@ -68,14 +96,21 @@ class StepMessages:
     def __init__(self) -> None:
         self._told: dict[Sample, list[int]] = {}  # seq -> [tokens sent, blocks sent, block-table version]
         self._freed: list[int] = []
+        self._preempted: list[int] = []
 
     def forget(self, seq: Sample) -> None:
-        """`seq` finished or was preempted: the next message frees its runner state."""
+        """`seq` finished: the next message frees its runner state."""
         if self._told.pop(seq, None) is not None:
             self._freed.append(seq.seq_id)
 
-    def build(self, items: list[tuple[Sample, int]], sample_items: list[int],
-              spec_token_ids: dict[int, list[int]], prompt_rows: list[PromptRowSpan]) -> SchedulerOutput:
+    def preempted(self, seq: Sample) -> None:
+        """`seq` lost its blocks: the next message says so (its table comes whole when it runs again)."""
+        if seq in self._told:
+            self._preempted.append(seq.seq_id)
+
+    def build(self, items: list[tuple[Sample, int]], sample_items: list[int], spec_token_ids: dict[int, list[int]],
+              prompt_rows: list[PromptRowSpan], num_generated: dict[int, int],
+              grammar_bitmask: bytes | None) -> SchedulerOutput:
         new: list[NewSequence] = []
         ids: list[int] = []
         tokens: list[list[int]] = []
@@ -87,8 +122,8 @@ class StepMessages:
             entry = told.get(seq)
             prompt, out, block_ids = seq.prompt_token_ids, seq.output_token_ids, seq.block_ids
             if entry is None:
-                new.append(NewSequence(seq.seq_id, prompt + out, list(block_ids), seq.num_computed_tokens,
-                                       seq.params))
+                new.append(NewSequence(seq.seq_id, prompt + out, len(prompt), list(block_ids), seq.num_computed_tokens,
+                                       seq.params, seq.seed, sorted(seq.stop_token_ids)))
                 told[seq] = [len(prompt) + len(out), len(block_ids), seq.block_table_version]
                 continue
             num_known = len(prompt) + len(out)
@@ -104,6 +139,7 @@ class StepMessages:
             entry[0] = num_known
             entry[1] = len(block_ids)
         freed, self._freed = self._freed, []
+        preempted, self._preempted = self._preempted, []
         return SchedulerOutput(new, CachedSequences(ids, tokens, firsts, blocks, computed),
                                [seq.seq_id for seq, _ in items], [count for _, count in items], sample_items,
-                               spec_token_ids, prompt_rows, freed)
+                               spec_token_ids, prompt_rows, freed, preempted, num_generated, grammar_bitmask)

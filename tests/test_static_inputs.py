@@ -65,12 +65,12 @@ def _run(kind: str, padded: bool, **config) -> tuple[dict[str, list[int]], list[
                        num_blocks=num_blocks)
     if padded:
         engine.executor.runner.buckets = decode_buckets(engine.scheduler.max_num_seqs)
-    recorder = LogitsRecorder(engine.sampler)
-    engine.sampler = recorder
+    recorder = LogitsRecorder(engine.executor.runner.sampler)
+    engine.executor.runner.sampler = recorder
     padding, prepare = [], engine.executor.runner.prepare
 
-    def prepare_and_note(step, pending=None):
-        inputs = prepare(step, pending)
+    def prepare_and_note(step):
+        inputs = prepare(step)
         rows = len(step.scheduled_seq_ids)
         padding.append((inputs.decode_bucket or rows) - rows)
         return inputs

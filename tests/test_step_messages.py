@@ -1,6 +1,6 @@
-"""Step messages (engine/step_messages.py): any SchedulerOutput survives msgpack unchanged, and the runner needs
-nothing but the messages: random traffic whose every step crosses a msgpack round trip before the runner
-sees it (preemption, aborts, prefix caching, chunked prefill, speculative rollback, async scheduling) gives
+"""Step messages (engine/step_messages.py): any SchedulerOutput and RunnerOutput survives msgpack unchanged, and
+runner and engine need nothing but the messages: random traffic whose every step and answer cross a msgpack
+round trip (preemption, aborts, prefix caching, chunked prefill, speculative rollback, async scheduling) gives
 the same tokens as the fake model's own continuation."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from engine.builder import engine_for_model
 from engine.config import EngineConfig
 from engine.outputs import RequestAccumulator
 from engine.sampling_params import SamplingParams
-from engine.step_messages import CachedSequences, NewSequence, PromptRowSpan, SchedulerOutput
+from engine.step_messages import (CachedSequences, NewSequence, PromptRowSpan, PromptScores, RunnerOutput,
+                                  SchedulerOutput)
 from engine.structured.spec import StructuredOutput
 from tests.engine_testing import assert_idle
 from tests.fake_model import FakeModel, IdTokenizer, next_token
@@ -26,7 +27,8 @@ params = st.builds(SamplingParams, n=st.integers(1, 3), max_tokens=st.none() | s
                    logit_bias=st.none() | st.dictionaries(st.integers(0, 999), st.floats(-100, 100), max_size=3),
                    structured=st.none() | st.just(StructuredOutput.from_schema({"type": "object"})),
                    prompt_logprobs=st.none() | st.integers(0, 5))
-new_seqs = st.lists(st.builds(NewSequence, st.integers(0, 2**40), ids, ids, st.integers(0, 10**6), params), max_size=3)
+new_seqs = st.lists(st.builds(NewSequence, st.integers(0, 2**40), ids, st.integers(0, 6), ids, st.integers(0, 10**6),
+                              params, st.none() | st.integers(0, 2**64 - 1), ids), max_size=3)
 
 
 @st.composite
@@ -40,14 +42,38 @@ def cached_seqs(draw) -> CachedSequences:
 steps = st.builds(SchedulerOutput, new_seqs, cached_seqs(), ids, ids, ids,
                   st.dictionaries(st.integers(0, 2**40), ids, max_size=3),
                   st.lists(st.builds(PromptRowSpan, st.integers(0, 9), st.integers(0, 9), st.integers(1, 9)),
-                           max_size=2), ids)
+                           max_size=2), ids, ids, st.dictionaries(st.integers(0, 2**40), st.integers(0, 99), max_size=3),
+                  st.none() | st.binary(max_size=64))
+logprob = st.floats(-100, 0)
+top = st.lists(st.tuples(st.integers(0, 2**31 - 1), logprob), max_size=3)
+answers = st.builds(RunnerOutput, ids, ids, st.lists(st.none() | logprob, max_size=4),
+                    st.lists(st.none() | top, max_size=4),
+                    st.lists(st.builds(PromptScores, st.lists(logprob, max_size=3), ids, st.lists(top, max_size=3)),
+                             max_size=2))
 
 
 @settings(max_examples=200, deadline=None)
-@given(steps)
-def test_any_step_message_round_trips(step):
-    decoded = msgspec.msgpack.decode(msgspec.msgpack.encode(step), type=SchedulerOutput)
-    assert decoded == step
+@given(steps, answers)
+def test_any_step_message_and_answer_round_trip(step, answer):
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(step), type=SchedulerOutput) == step
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(answer), type=RunnerOutput) == answer
+
+
+def round_trip(message, kind):
+    return msgspec.msgpack.decode(msgspec.msgpack.encode(message), type=kind)
+
+
+class Serialized:
+    """The runner's answer as the engine would receive it from another process."""
+
+    def __init__(self, result) -> None:
+        self.result = result
+
+    def prompt_logprobs(self) -> list[PromptScores]:
+        return round_trip(self.result.prompt_logprobs(), list[PromptScores])
+
+    def output(self) -> RunnerOutput:
+        return round_trip(self.result.output(), RunnerOutput)
 
 
 def expected(prompt: list[int], max_tokens: int, vocab: int) -> list[int]:
@@ -73,8 +99,7 @@ def test_the_runner_steps_from_serialized_messages_alone(reqs, num_blocks, block
     max_len = min(num_blocks * block_size, 32)
     engine = engine_for_model(FakeModel(), IdTokenizer(), config, max_model_len=max_len, num_blocks=num_blocks)
     execute = engine.executor.execute
-    engine.executor.execute = lambda step, pending=None: execute(
-        msgspec.msgpack.decode(msgspec.msgpack.encode(step), type=SchedulerOutput), pending)
+    engine.executor.execute = lambda step: Serialized(execute(round_trip(step, SchedulerOutput)))
     pending = [(i, r) for i, r in enumerate(reqs) if len(r[0]) < max_len]
     merged, finals, aborted, step = {}, {}, set(), 0
     while pending or engine.has_unfinished():

@@ -32,14 +32,14 @@ def generate(model_dir, tp: int) -> tuple[dict[str, list[int]], list[torch.Tenso
                           max_model_len=64)
     engine = build_engine(config, num_blocks=48)
     logits: list[torch.Tensor] = []
-    execute = engine.executor.execute
+    forward = engine.executor.forward
 
-    def capture(step, pending=None):
-        out = execute(step, pending)
+    def capture(inputs):
+        out = forward(inputs)
         logits.append(out.clone())
         return out
 
-    engine.executor.execute = capture
+    engine.executor.forward = capture
     try:
         for i, prompt in enumerate(PROMPTS):
             engine.add_request(f"r{i}", prompt, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))

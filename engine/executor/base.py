@@ -7,13 +7,13 @@ from typing import Any
 
 import torch
 
-from engine.model_runner import ModelRunner, StepInputs, kv_bytes_per_block
+from engine.model_runner import ModelRunner, StepInputs, StepResult, kv_bytes_per_block
 from engine.step_messages import SchedulerOutput
 from kernels.ops import Ops
 
 
 class Executor(ABC):
-    """Runs `ModelRunner` steps on `world_size` ranks; rank 0's runner builds every step's inputs here.
+    """Runs `ModelRunner` steps on `world_size` ranks; rank 0's runner builds every step's inputs and samples here.
 
     `ops` is the kernel backend the builder chose (None for models that bring their own arithmetic,
     such as the tests' fakes); `kernels()` reports it.
@@ -33,11 +33,10 @@ class Executor(ABC):
     def device(self) -> torch.device:
         return self.runner.device
 
-    @torch.no_grad()  # not inference_mode: the sampler edits the logits in place
-    def execute(self, step: SchedulerOutput, pending: torch.Tensor | None = None) -> torch.Tensor:
-        """Float32 logits of the step's sampled rows (then its prompt rows); `pending`: the previous step's sampled
-        ids still on the device (async scheduling). See ModelRunner.prepare."""
-        return self.forward(self.runner.prepare(step, pending))
+    def execute(self, step: SchedulerOutput) -> StepResult:
+        """Run the step's forward and draw its tokens; the answer's ids stay on the device until
+        `StepResult.output()` (see ModelRunner.prepare and ModelRunner.sample)."""
+        return self.runner.sample(step, self.forward(self.runner.prepare(step)))
 
     @abstractmethod
     def forward(self, inputs: StepInputs) -> torch.Tensor:
