@@ -4,7 +4,8 @@ Run: python -m bench.host_ceiling [--concurrency 256] [--max-tokens 64] [--round
                                   [--modes in-process engine-process api-servers-2] [--out FILE.json]
 
 Each mode starts the real server (`python -m server.cli serve`) on the tiny Llama of the tests with the
-torch kernels (a model that costs little, not nothing: the numbers include its forwards); a client
+torch kernels and one torch thread (a model that costs little, not nothing: the numbers include its
+forwards), all N requests running at once; a client
 process of its own (`--client`) then sends `--rounds` x N streamed completions, N at a time. Reported
 per mode: served tokens/s, the CPU seconds (user + system, from /proc) each server process spent per
 streamed token, and the engine's steps/s while serving (its `steps_total` from /health) against the
@@ -36,7 +37,11 @@ MODES = {
     "api-servers-2": ["--engine-process", "--api-server-count", "2"],
 }
 PROMPT = "The quick brown fox"
-ENGINE_FLAGS = ["--device", "cpu", "--dtype", "float32", "--kernel-backend", "torch", "--kv-cache-gib", "0.05"]
+# The engine's settings, the same for the served engine and the unloaded one: all N requests run at once, on one
+# torch thread (left to itself the unloaded engine would take both cores for its forwards, and the comparison
+# would measure intra-op threads instead of what serving takes from the step loop).
+ENGINE_SETTINGS = {"device": "cpu", "dtype": "float32", "kernel_backend": "torch", "kv_cache_gib": 0.05,
+                   "cpu_threads": 1}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -73,12 +78,14 @@ def process_role(pid: int, server_pid: int) -> str:
     return "api" if b"spawn_main" in cmdline else "other"
 
 
-def start_server(model: Path, flags: list[str], log_path: Path) -> tuple[subprocess.Popen, str]:
+def start_server(model: Path, flags: list[str], concurrency: int, log_path: Path) -> tuple[subprocess.Popen, str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     command = [sys.executable, "-m", "server.cli", "serve", str(model), "--served-model-name", "tiny",
-               "--port", str(port), "--log-level", "warning", "--max-pending", "100000", *ENGINE_FLAGS, *flags]
+               "--port", str(port), "--log-level", "warning", "--max-pending", "100000", "--max-num-seqs", str(concurrency),
+               *[part for key, value in ENGINE_SETTINGS.items() for part in (f"--{key.replace('_', '-')}", str(value))],
+               *flags]
     with log_path.open("w") as log:
         server = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -139,8 +146,7 @@ def unloaded_rate(model: Path, concurrency: int, max_tokens: int, rounds: int) -
     from engine.config import EngineConfig
     from engine.sampling_params import SamplingParams
 
-    engine = build_engine(EngineConfig(model=str(model), device="cpu", dtype="float32", kernel_backend="torch",
-                                       kv_cache_gib=0.05))
+    engine = build_engine(EngineConfig(model=str(model), max_num_seqs=concurrency, **ENGINE_SETTINGS))
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.8)
     try:
         for index in range(concurrency):  # warm up
@@ -167,7 +173,7 @@ def engine_counters(url: str) -> tuple[int, int]:
 
 
 def measure(model: Path, mode: str, args: argparse.Namespace, log_dir: Path) -> dict:
-    server, url = start_server(model, MODES[mode], log_dir / f"serve-{mode}.log")
+    server, url = start_server(model, MODES[mode], args.concurrency, log_dir / f"serve-{mode}.log")
     try:
         run_clients(url, args.concurrency, args.concurrency, 8)  # warm up
         pids = [server.pid, *descendants(server.pid)]
