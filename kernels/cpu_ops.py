@@ -3,7 +3,8 @@
 `kernels.select_ops` picks this module on CPU. What differs from the reference:
 - GGUF-quantized weights stay quantized (`quantized_weight`) and `linear` reads them with the
   native kernels of kernels/cpu, when the start-up measurement (kernels/cpu/select.py) found
-  them faster than dense fp32 on this machine; otherwise weights load dense as before.
+  them faster than dense fp32 on this machine; otherwise weights load dense as before. Packed MXFP4
+  experts (gpt-oss) are read the same way, one expert's routed rows at a time (`moe_experts`).
 - Attention reads the paged cache in place (native); prompt chunks run torch's SDPA per sequence only
   where the native kernel has no flash-style path for the head size.
 - With the native kernels built, fp32 RMSNorm, rotary + KV write, decode attention (read in place
@@ -21,17 +22,15 @@ import torch.nn.functional as F
 
 from kernels import reference
 from kernels.cpu import extension, select
-from kernels.cpu.quant import QuantizedWeight, pack_gguf
+from kernels.cpu.quant import QuantizedWeight, pack_gguf, pack_mxfp4
 from kernels.mxfp4 import MXFP4Tensor
-from kernels.reference import moe, moe_experts, moe_route, rope, swiglu_oss, write_kv_cache
+from kernels.reference import moe_route, rope, swiglu_oss, write_kv_cache
 
 Weight = torch.Tensor | MXFP4Tensor | QuantizedWeight
 
-# MoE experts stay on the reference's path, which dequantizes packed MXFP4 at every call.
+# Packed MXFP4 experts are dequantized at every call (a panel at a time by the quantized kernels where the
+# plan keeps MXFP4, else whole by the reference), so a loader that can afford dense copies still makes them.
 DEQUANTIZES_MXFP4_PER_CALL = True
-
-# Rows of a quantized weight dequantized at once on the large-batch path: bounds the fp32 temporary.
-_DEQUANT_ROWS = 4096
 
 __all__ = [
     "rms_norm", "rope", "write_kv_cache", "rope_write_kv", "paged_attention", "linear", "silu_and_mul",
@@ -47,7 +46,10 @@ def describe() -> dict[str, object]:
 
 
 def prepare_weight(weight: torch.Tensor | MXFP4Tensor) -> Weight:
-    """The checkpoint's own layout: the MoE path reads packed MXFP4 as the reference does."""
+    """MXFP4 experts packed for the quantized kernels where the plan keeps MXFP4 quantized (read in place at
+    every call, never dequantized whole); otherwise the checkpoint's own layout, as the reference reads it."""
+    if isinstance(weight, MXFP4Tensor) and weight.device.type == "cpu" and "MXFP4" in select.plan().types:
+        return pack_mxfp4(weight)
     return weight
 
 
@@ -61,24 +63,21 @@ def quantized_weight(raw: torch.Tensor, type_name: str, shape: tuple[int, ...]) 
 def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`x @ weight.T + bias`; a quantized weight is read in place up to the measured row count; larger
     batches (many streams, verification rows, prefill) go through the tile kernels where the plan chose
-    them, else dequantize a chunk of rows at a time."""
+    them, else dequantize a cache-sized chunk of rows at a time."""
     if not isinstance(weight, QuantizedWeight):
         return reference.linear(x, weight, bias)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
     plan = select.plan()
     terms = select.TILE_TERMS.get(plan.many_rows)
-    if x2.shape[0] <= plan.native_max_rows or terms:
-        y = (select.native_linear(x2, weight) if x2.shape[0] <= plan.native_max_rows
-             else select.tiles_linear(x2, weight, terms))
-        if bias is not None:
-            y += bias.float()
+    if x2.shape[0] <= plan.native_max_rows:
+        y = select.native_linear(x2, weight)
+    elif terms:
+        y = select.tiles_linear(x2, weight, terms)
     else:
-        y = torch.empty(x2.shape[0], weight.shape[0], dtype=torch.float32)
-        for start in range(0, weight.shape[0], _DEQUANT_ROWS):
-            tile = weight.select_rows(slice(start, start + _DEQUANT_ROWS))
-            tile_bias = None if bias is None else bias[start:start + _DEQUANT_ROWS].float()
-            y[:, start:start + _DEQUANT_ROWS] = F.linear(x2, tile.dequantize(), tile_bias)
+        y = select.dequant_linear(x2, weight)
+    if bias is not None:
+        y += bias.float()
     return y.view(*lead, weight.shape[0]).to(x.dtype)
 
 
@@ -174,3 +173,46 @@ def _sdpa_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=num_heads != num_kv_heads)
         out[starts[i]:starts[i + 1]] = attended.transpose(0, 1).to(q.dtype)
     return out
+
+
+def moe_experts(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    expert_weights: torch.Tensor,
+    w_gate_up: Weight,
+    b_gate_up: torch.Tensor | None,
+    w_down: Weight,
+    b_down: torch.Tensor | None,
+    alpha: float = 1.702,
+    limit: float = 7.0,
+    deterministic: bool = False,
+) -> torch.Tensor:
+    """The reference's contract; experts packed by `prepare_weight` are multiplied quantized by `linear`
+    (the rows routed to one expert at a time), the rest go to the reference."""
+    if not isinstance(w_gate_up, QuantizedWeight):
+        return reference.moe_experts(x, expert_ids, expert_weights, w_gate_up, b_gate_up, w_down, b_down, alpha, limit,
+                                     deterministic)
+    out = torch.zeros(x.shape[0], w_down.shape[-2], dtype=torch.float32)
+    for e in expert_ids.unique().tolist():
+        token_idx, slot = (expert_ids == e).nonzero(as_tuple=True)
+        h = linear(x[token_idx], w_gate_up.select_rows(e), None if b_gate_up is None else b_gate_up[e])
+        h = linear(swiglu_oss(h, alpha, limit), w_down.select_rows(e), None if b_down is None else b_down[e])
+        out.index_add_(0, token_idx, h.float() * expert_weights[token_idx, slot].float().unsqueeze(-1))
+    return out.to(x.dtype)
+
+
+def moe(
+    x: torch.Tensor,
+    router_logits: torch.Tensor,
+    top_k: int,
+    w_gate_up: Weight,
+    b_gate_up: torch.Tensor | None,
+    w_down: Weight,
+    b_down: torch.Tensor | None,
+    alpha: float = 1.702,
+    limit: float = 7.0,
+    deterministic: bool = False,
+) -> torch.Tensor:
+    """`moe_experts` routed by `moe_route(router_logits, top_k)`, as the reference's."""
+    weights, ids = moe_route(router_logits, top_k)
+    return moe_experts(x, ids, weights, w_gate_up, b_gate_up, w_down, b_down, alpha, limit, deterministic)

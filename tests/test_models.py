@@ -15,6 +15,7 @@ import torch
 from engine.attention_metadata import AttentionMetadata
 from engine.loader import open_model
 from engine.models import build_model
+from kernels.cpu.quant import QuantizedWeight
 from kernels.mxfp4 import MXFP4Tensor
 from model_factories import KINDS, save_tiny_gpt_oss_mxfp4, save_tiny_model
 
@@ -160,11 +161,13 @@ def mxfp4_checkpoint(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
 
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "unpacked-once-on-cpu"])
 def test_gpt_oss_mxfp4_experts_match_transformers_packed_or_unpacked(mxfp4_checkpoint, packed):
-    """Packed MXFP4 experts (the default), or dense copies made once at load (the CPU engine's choice)."""
+    """Packed MXFP4 experts (the default; on CPU read by the quantized kernels where the plan keeps MXFP4),
+    or dense copies made once at load (the CPU engine's choice)."""
     path, hf = mxfp4_checkpoint
     model = build_model(open_model(path), unpack_mxfp4_gib=0.0 if packed else 1.0)
     moe = model.layers[0].mlp
-    assert isinstance(moe.gate_up, MXFP4Tensor) == packed and isinstance(moe.down, MXFP4Tensor) == packed
+    packed_types = (MXFP4Tensor, QuantizedWeight)
+    assert isinstance(moe.gate_up, packed_types) == packed and isinstance(moe.down, packed_types) == packed
     batch = prompts((7, 12), seed=4)
     out = PagedBatcher(model, block_size=4).step(dict(enumerate(batch)))
     # transformers' own MXFP4 integration dequantizes the checkpoint: checks the on-disk layout too.

@@ -19,6 +19,7 @@ from gguf import GGMLQuantizationType as Q
 
 from engine.loader import open_model
 from engine.models import build_model
+from kernels.cpu.quant import QuantizedWeight
 from kernels.mxfp4 import MXFP4Tensor
 from model_factories import save_tiny_gpt_oss_mxfp4, save_tiny_model
 from test_models import FP32_TOL, PagedBatcher, prompts, reference_logits, rel_err
@@ -162,7 +163,7 @@ def test_gguf_gpt_oss_mxfp4_matches_safetensors(tmp_path):
     hf = save_tiny_gpt_oss_mxfp4(tmp_path / "hf", seed=4, rope_parameters=rope)
     from_st = build_model(open_model(tmp_path / "hf"))
     from_gguf = build_model(open_model(write_gguf(tmp_path / "m.gguf", "gpt_oss", hf)))
-    assert isinstance(from_gguf.layers[1].mlp.gate_up, MXFP4Tensor)
+    assert isinstance(from_gguf.layers[1].mlp.gate_up, (MXFP4Tensor, QuantizedWeight))  # packed, not dense
     batch = prompts((8, 11), seed=8)
     out_st = PagedBatcher(from_st, block_size=3).step(dict(enumerate(batch)))
     out_gguf = PagedBatcher(from_gguf, block_size=3).step(dict(enumerate(batch)))
@@ -184,7 +185,6 @@ def test_quantized_gguf_stays_quantized_on_the_cpu_backend(tmp_path, monkeypatch
     kernels; with integer dot products (x rounded to int16 per block of 32) to 1e-3."""
     from kernels import cpu_ops, reference
     from kernels.cpu import extension, select
-    from kernels.cpu.quant import QuantizedWeight
 
     if activations == "int16" and not select.int_dot_available():
         pytest.skip("no integer dot-product kernels on this CPU")

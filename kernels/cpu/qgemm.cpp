@@ -187,12 +187,22 @@ at::Tensor q4_dequantize(const at::Tensor& qs, const at::Tensor& scales, const a
     for (int64_t n = begin; n < end; ++n)
       for (int64_t g = 0; g < groups; ++g) {
         const float s = sc[n * groups + g], b = off ? off[n * groups + g] : 0.f;
+#ifdef MINERVA_AVX512
+        const __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + n * (K / 2) + 16 * g)));
+        for (int half = 0; half < 2; ++half) {
+          const __m512i code = half ? _mm512_srli_epi32(codes, 4) : _mm512_and_si512(codes, _mm512_set1_epi32(15));
+          const __m512 value = table ? _mm512_permutexvar_ps(code, _mm512_loadu_ps(table)) : _mm512_cvtepi32_ps(code);
+          const __m512 v = _mm512_mul_ps(_mm512_set1_ps(s), value);
+          _mm512_storeu_ps(o + n * K + 32 * g + 16 * half, off ? _mm512_add_ps(v, _mm512_set1_ps(b)) : v);
+        }
+#else
         for (int j = 0; j < 32; ++j) {
           const uint8_t byte = q[n * (K / 2) + 16 * g + (j & 15)];
           const int code = j < 16 ? byte & 15 : byte >> 4;
           const float v = s * (table ? table[code] : float(code));
           o[n * K + 32 * g + j] = off ? v + b : v;
         }
+#endif
       }
   });
   return out;
@@ -206,12 +216,22 @@ at::Tensor q8_dequantize(const at::Tensor& qs, const at::Tensor& scales, const a
   at::Tensor out = at::empty({N, K}, scales.options());
   float* o = out.data_ptr<float>();
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n)
+    for (int64_t n = begin; n < end; ++n) {
+#ifdef MINERVA_AVX512
+      for (int64_t k = 0; k < K; k += 16) {  // 16 values of one group (G is 16 or 32)
+        const int64_t g = n * groups + k / G;
+        const __m512 value = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + n * K + k))));
+        const __m512 v = _mm512_mul_ps(_mm512_set1_ps(sc[g]), value);
+        _mm512_storeu_ps(o + n * K + k, off ? _mm512_add_ps(v, _mm512_set1_ps(off[g])) : v);
+      }
+#else
       for (int64_t k = 0; k < K; ++k) {
         const int64_t g = n * groups + k / G;
         const float v = sc[g] * float(q[n * K + k]);
         o[n * K + k] = off ? v + off[g] : v;
       }
+#endif
+    }
   });
   return out;
 }

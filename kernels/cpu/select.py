@@ -3,20 +3,19 @@
 Candidates: `dense` (weights dequantized to fp32 at load, torch's `F.linear`: today's path) and
 `qgemm` (weights kept quantized, read by qgemm.cpp). Both run through a stack of distinct Q4_1
 projections of the default model's size (~40 MB in fp32, so the weights stream from beyond the
-cores' caches as in a forward pass) at 1, 16, 64 and 256 rows; `qgemm` is chosen when it is
-faster at one row (a single stream's decode), and it serves every batch up to the largest row count
-where it still beats its alternative for big batches, `dequant` (a chunk of rows dequantized per
-call, then `F.linear`), which serves larger batches (prefill). Where the CPU has AMX-BF16, the tile
-kernels (qgemm_tiles.cpp: a bf16 panel of 32 weight rows dequantized once per call, every x row
-multiplied on the tile unit) are timed too and replace `dequant` when faster at 64 rows. By default
-they split x and each weight value into two bf16 (`tiles-split`: near fp32; on SmolLM2's prefill over
-2,000 positions the same top-1 token everywhere and the same perplexity as fp32, and greedy text equal
-with and without speculative decoding); MINERVA_CPU_TILES=bf16 rounds both to one bf16 (`tiles-bf16`:
-about twice as fast at 16-96 rows; 99.25% top-1 agreement, perplexity +0.005%); MINERVA_CPU_TILES=0
-never uses them. Where the CPU has AVX512BW, `int16` (qgemm_int.cpp: activations rounded to int16
-per block of 32, integer dot products, VNNI where present) is timed too and replaces qgemm's fp32
-activations in place when it is faster at one row (MINERVA_CPU_INT_DOT=0 keeps fp32 activations:
-dequantize-then-matmul exactly). The choice, the
+cores' caches as in a forward pass) at 1 to 256 rows; `qgemm` is chosen when it is faster at one row
+(a single stream's decode), and it serves every batch up to the largest row count where it still
+beats the kernel for many rows (batched decode, verification rows, prefill). That kernel is
+`dequant` (a cache-sized chunk of weight rows dequantized per call, then `F.linear`: exact fp32) or,
+where the CPU has AMX-BF16 and they are faster at 64 rows, the tile kernels (qgemm_tiles.cpp: a bf16
+panel of 32 weight rows dequantized once per call, every x row multiplied on the tile unit). By
+default they split x and each weight value into two bf16 (`tiles-split`, near fp32: on SmolLM2's
+prefill over 2,000 positions the same top-1 token everywhere and the same perplexity as fp32);
+MINERVA_CPU_TILES=bf16 rounds both to one bf16 (`tiles-bf16`: about twice as fast at 16-96 rows;
+99.25% top-1 agreement, perplexity +0.005%); MINERVA_CPU_TILES=0 never uses them. Where the CPU has
+AVX512BW, `int16` (qgemm_int.cpp: activations rounded to int16 per block of 32, integer dot products,
+VNNI where present) is timed too and replaces qgemm's fp32 activations in place when it is faster at
+one row (MINERVA_CPU_INT_DOT=0 keeps fp32 activations: dequantize-then-matmul exactly). The choice, the
 timings and the achieved weight bandwidth against this machine's copy bandwidth are logged once
 and kept in `plan().describe()` (the server's /v1/models metadata).
 """
@@ -41,6 +40,7 @@ log = logging.getLogger(__name__)
 PROBE_SHAPE = (1536, 576)  # SmolLM2's gate/up rows x hidden: a small model's typical projection
 PROBE_LAYERS = 12  # distinct weights per pass (~40 MB in fp32: past any core's cache)
 PROBE_ROWS = (1, 4, 8, 16, 64, 256)
+DEQUANT_BYTES = 2**20  # fp32 bytes of weight `dequant` makes at a time: fits a core's L2
 TILES_ENV = "MINERVA_CPU_TILES"  # "0": never the tile kernels; "bf16": one bf16 per value; else split (near fp32)
 TILE_TERMS = {"tiles-split": 3, "tiles-bf16": 1}  # bf16 products per multiply-add (qgemm_tiles.cpp's `terms`)
 INT_DOT_ENV = "MINERVA_CPU_INT_DOT"  # "0": never round activations to integers (exact fp32 kernels only)
@@ -100,6 +100,16 @@ def exact_linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     if weight.layout == "q4":
         return ops.q4_linear(x, weight.qs, weight.scales, weight.offsets, weight.codebook)
     return ops.q8_linear(x, weight.qs, weight.scales, weight.offsets)
+
+
+def dequant_linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
+    """`x @ weight.T` exactly as dequantize-then-matmul in fp32: a chunk of weight rows at a time, small
+    enough to stay in a core's cache while torch's GEMM reads it (no fp32 copy of the whole weight)."""
+    rows = max(16, DEQUANT_BYTES // (4 * weight.shape[-1]))
+    y = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+    for start in range(0, weight.shape[0], rows):
+        y[:, start:start + rows] = F.linear(x, weight.select_rows(slice(start, start + rows)).dequantize())
+    return y
 
 
 def tiles_linear(x: torch.Tensor, weight: QuantizedWeight, terms: int) -> torch.Tensor:
@@ -165,7 +175,7 @@ def _choose() -> Plan:
     dense = [w.dequantize() for w in quantized]
     candidates = {"qgemm": lambda x: [exact_linear(x, w) for w in quantized],
                   "dense": lambda x: [F.linear(x, w) for w in dense],
-                  "dequant": lambda x: [F.linear(x, w.dequantize()) for w in quantized]}
+                  "dequant": lambda x: [dequant_linear(x, w) for w in quantized]}
     tiles = None
     if tiles_available():
         tiles = "tiles-bf16" if os.environ.get(TILES_ENV) == "bf16" else "tiles-split"
