@@ -94,7 +94,7 @@ class StepMessages:
     (known tokens, blocks and the block-table version they came from)."""
 
     def __init__(self) -> None:
-        self._told: dict[Sample, list[int]] = {}  # seq -> [tokens sent, blocks sent, block-table version]
+        self._told: dict[Sample, list[int]] = {}  # seq -> [output tokens sent, blocks sent, block-table version]
         self._freed: list[int] = []
         self._preempted: list[int] = []
 
@@ -120,26 +120,30 @@ class StepMessages:
         told = self._told
         for seq, _ in items:  # runs for every scheduled sequence every step: kept to plain list work
             entry = told.get(seq)
-            prompt, out, block_ids = seq.prompt_token_ids, seq.output_token_ids, seq.block_ids
+            out, block_ids = seq.output_token_ids, seq.block_ids
             if entry is None:
-                new.append(NewSequence(seq.seq_id, prompt + out, len(prompt), list(block_ids), seq.num_computed_tokens,
-                                       seq.params, seq.seed, sorted(seq.stop_token_ids)))
-                told[seq] = [len(prompt) + len(out), len(block_ids), seq.block_table_version]
+                new.append(NewSequence(seq.seq_id, seq.prompt_token_ids + out, len(seq.prompt_token_ids),
+                                       list(block_ids), seq.num_computed_tokens, seq.params, seq.seed,
+                                       sorted(seq.stop_token_ids)))
+                told[seq] = [len(out), len(block_ids), seq.block_table_version]
                 continue
-            num_known = len(prompt) + len(out)
             ids.append(seq.seq_id)
-            tokens.append(out[entry[0] - len(prompt):] if num_known > entry[0] else [])
-            sent_blocks = entry[1]
-            if entry[2] != seq.block_table_version:  # blocks were given back since: the whole table again
+            sent_out, sent_blocks, version = entry
+            num_out, num_blocks = len(out), len(block_ids)
+            tokens.append(out[sent_out:] if num_out > sent_out else _NONE)
+            if version != seq.block_table_version:  # blocks were given back since: the whole table again
                 sent_blocks = 0
                 entry[2] = seq.block_table_version
             firsts.append(sent_blocks)
-            blocks.append(block_ids[sent_blocks:])
+            blocks.append(block_ids[sent_blocks:] if num_blocks > sent_blocks else _NONE)
             computed.append(seq.num_computed_tokens)
-            entry[0] = num_known
-            entry[1] = len(block_ids)
+            entry[0] = num_out
+            entry[1] = num_blocks
         freed, self._freed = self._freed, []
         preempted, self._preempted = self._preempted, []
         return SchedulerOutput(new, CachedSequences(ids, tokens, firsts, blocks, computed),
                                [seq.seq_id for seq, _ in items], [count for _, count in items], sample_items,
                                spec_token_ids, prompt_rows, freed, preempted, num_generated, grammar_bitmask)
+
+
+_NONE: list[int] = []  # shared by every entry with nothing new (read only: the runner extends its own lists by it)
