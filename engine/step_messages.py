@@ -65,10 +65,6 @@ class SchedulerOutput(msgspec.Struct, array_like=True, gc=False):
     num_generated: dict[int, int] = {}  # sampled sequences with min_tokens: tokens out so far (in flight too)
     grammar_bitmask: bytes | None = None  # int32 [sampler rows, ceil(vocab / 32)], xgrammar's layout; None: free
 
-    @property
-    def total_num_scheduled_tokens(self) -> int:
-        return sum(self.num_scheduled_tokens)
-
 
 class PromptScores(msgspec.Struct, array_like=True, gc=False):
     """One prompt row span's scores: each position's target logprob and rank, and its `top` best (id, logprob)."""
