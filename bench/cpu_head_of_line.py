@@ -63,7 +63,7 @@ def measure(engine: LLMEngine, long_prompt: int, quiet_tokens: int) -> dict:
         "p99_ratio": float(np.percentile(loaded, 99) / np.percentile(quiet, 99)),
         "long_prompt_ttft_s": long_first_token - started,
         "stream_tokens_during_prefill": len(loaded),
-        "step_prefill_budget": engine.scheduler.prefill_beside_decodes,
+        "step_budget": engine.step_budget.describe() if engine.step_budget is not None else None,
     }
 
 

@@ -93,7 +93,7 @@ def build_engine(config: EngineConfig, num_blocks: int | None = None,
     if (placement.device.type == "cpu" and config.max_num_batched_tokens is None and config.enable_chunked_prefill
             and placement.tensor_parallel_size == 1):  # tensor parallel on CPU runs tests, not streams
         engine.step_budget = measure_step_budget(engine.executor.runner, config.batched_tokens)
-        engine.scheduler.prefill_beside_decodes = engine.step_budget.prefill_tokens
+        engine.scheduler.latency_budget = engine.step_budget
     engine.thread_adapter = thread_adapter
     engine.load_seconds = time.perf_counter() - started
     return engine

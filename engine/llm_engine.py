@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +25,7 @@ from engine.reports import EngineStats
 from engine.request import Request, Sample, SampleProgress
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler
-from engine.step_budget import StepBudget
+from engine.step_budget import StepBudget, StepWork
 from engine.spec_decode.decoder import SpecDecoder
 from engine.step_messages import PromptRowSpan, PromptScores, StepMessages
 from engine.spec_decode.verify import accepted_tokens
@@ -168,11 +169,15 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         for seq in batch.preempted:  # its blocks are gone: the runner frees its table row until it runs again
             self.messages.preempted(seq)
+        timed = self.step_budget is not None and bool(batch)  # the CPU cost model learns from every step
+        work, started = (StepWork.of(batch.items), time.perf_counter()) if timed else (None, 0.0)
         launched = self._launch(batch, outputs) if batch else None
         if self.async_scheduling:
             self._in_flight, launched = launched, previous
         if launched is not None:
             outputs.extend(self._complete(launched))
+        if timed:
+            self.step_budget.observe(work, time.perf_counter() - started)
         return outputs
 
     def _launch(self, batch: ScheduledBatch, outputs: list[RequestOutput]) -> InFlight | None:
@@ -344,7 +349,7 @@ class LLMEngine:
             steps_total=self.steps_total,
             model_load_seconds=self.load_seconds,
             tensor_parallel_size=self.executor.world_size,
-            step_prefill_budget=self.scheduler.prefill_beside_decodes,
+            step_prefill_budget=self.step_budget.last_prefill_tokens if self.step_budget is not None else None,
             kernels=self.executor.kernels(),
             spec_decode=self.spec.stats.snapshot() if self.spec is not None else None,
         )

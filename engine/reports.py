@@ -41,7 +41,7 @@ class EngineStats(msgspec.Struct, frozen=True):
     steps_total: int  # engine steps taken (a step rate while serving vs idle shows host starvation)
     model_load_seconds: float
     tensor_parallel_size: int
-    step_prefill_budget: int | None  # prompt tokens a step takes beside decodes (None: no latency budget)
+    step_prefill_budget: int | None  # prompt tokens the latest step beside decodes could take (None: no latency budget)
     kernels: dict[str, Any] | None  # the kernel backend's own account of its choices (free-form), if it keeps one
     spec_decode: SpecDecodeCounters | None = None  # None: speculative decoding is off
 

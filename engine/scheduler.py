@@ -16,7 +16,8 @@ tokens, from what the step's other decodes leave and only with blocks no other d
 drafts never cause a preemption; the step computes them all and `rollback` forgets the rejected ones.
 
 On CPU the step's budget also follows latency (`step_budget`): beside running decodes, prompt chunks
-are cut to what the start-up measurement says keeps the step near twice a decode step.
+are cut to what the step cost model (engine/step_budget.py) predicts keeps the step near twice a decode
+step at the chunk's context.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 
 from engine.kv_cache import BlockPool, block_hashes, chain_hash
 from engine.request import Sample, SampleStatus
+from engine.step_budget import StepBudget
 
 
 LARGE_GPU_BYTES = 70 * 2**30
@@ -67,8 +69,8 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
-        # Prompt tokens a step may compute beside running decodes (engine/step_budget.py); None = no such cap.
-        self.prefill_beside_decodes: int | None = None
+        # Caps prompt tokens beside running decodes by predicted step time (engine/step_budget.py); None = no cap.
+        self.latency_budget: StepBudget | None = None
         self.waiting: deque[Sample] = deque()
         self.running: list[Sample] = []  # oldest first
         self.num_preemptions = 0
@@ -89,15 +91,22 @@ class Scheduler:
         self._release(seq)
         seq.status = SampleStatus.FINISHED
 
-    def step_budget(self, decodes: int) -> int:
-        """Tokens this step may compute: `max_num_batched_tokens`, or, while `decodes` streams are decoding
-        and a latency budget is set, their decodes plus `prefill_beside_decodes` prompt tokens (so a long
-        prompt's chunks hold each stream's next token to about twice its usual wait)."""
-        if self.prefill_beside_decodes is None:
+    def step_budget(self, decodes: list[tuple[Sample, int]]) -> int:
+        """Tokens this step may compute: `max_num_batched_tokens`, or, while `decodes` are decoding and a
+        latency budget is set, their tokens plus the prompt tokens the budget allows at the next prompt's
+        context (so a long prompt's chunks hold each stream's next token to about twice its usual wait)."""
+        if self.latency_budget is None or not decodes:
             return self.max_num_batched_tokens
-        if decodes == 0:
-            return self.max_num_batched_tokens
-        return min(self.max_num_batched_tokens, decodes + self.prefill_beside_decodes)
+        decode_tokens = sum(count for _, count in decodes)
+        spare = self.max_num_batched_tokens - decode_tokens
+        return decode_tokens + self.latency_budget.prefill_tokens(self._next_prompt_context(), spare)
+
+    def _next_prompt_context(self) -> int:
+        """Tokens already computed for the prompt the step's chunk comes from: a running prefill's, else the queue head's."""
+        for seq in self.running:
+            if seq.num_remaining > 1:
+                return seq.num_computed_tokens
+        return self.waiting[0].num_computed_tokens if self.waiting else 0
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
@@ -105,7 +114,7 @@ class Scheduler:
         remaining = [(seq, seq.num_remaining) for seq in self.running]
         decodes = [item for item in remaining if item[1] <= 1]
         order = decodes + [item for item in remaining if item[1] > 1]
-        step_budget = budget = self.step_budget(len(decodes))
+        step_budget = budget = self.step_budget(decodes)
         size = self.pool.block_size
         decodes_after = len(decodes)
         for seq, count in order:
