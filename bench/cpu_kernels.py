@@ -1,4 +1,4 @@
-"""The quantized CPU matmuls (kernels/cpu/qgemm.cpp) per GGUF type against dense fp32 `F.linear`.
+"""The quantized CPU matmuls (kernels/cpu/qgemm*.cpp) per GGUF type against dense fp32 `F.linear`.
 
 Run: python -m bench.cpu_kernels [--rows 1 8 16 64 256 512] [--layers 12] [--threads N]
 
@@ -8,7 +8,9 @@ same values, best of several rounds. Reported: ms per pass, the ratio dense/quan
 kernel's achieved weight bandwidth against this machine's measured copy bandwidth; also the
 start-up choice (kernels/cpu/select.py). From 8 rows on, the many-row kernels are timed beside them:
 `dequant` (dequantize per call, then `F.linear`) and, where the CPU has AMX, the tile kernels of
-qgemm_tiles.cpp (`tiles-split`, near fp32, and `tiles-bf16`), with their ratio to dense. Saves bench/results/cpu-kernels.json.
+qgemm_tiles.cpp (`tiles-split`, near fp32, and `tiles-bf16`), with their ratio to dense. Up to 64 rows,
+where the CPU has them, the integer dot-product kernels of qgemm_int.cpp (`int16`) too, beside `qgemm`
+(fp32 activations). Saves bench/results/cpu-kernels.json.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from kernels.cpu.quant import BLOCKS, pack_gguf
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPE = (1536, 768)  # K a multiple of 256 for the K-quants
 MANY_ROWS = 8  # from here on the many-row kernels are timed too
+INT_DOT_ROWS = 64  # up to here the integer dot-product kernels are timed too
 FP16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q8_0": (0,), "Q4_K": (0, 2), "Q6_K": (208,), "MXFP4": ()}
 
 
@@ -64,8 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         per_rows = {}
         for rows in args.rows:
             x = torch.randn(rows, k, generator=generator)
-            kernels = {"qgemm": lambda: [select.native_linear(x, w) for w in quantized],
+            kernels = {"qgemm": lambda: [select.exact_linear(x, w) for w in quantized],
                        "dense": lambda: [F.linear(x, w) for w in dense]}
+            if rows <= INT_DOT_ROWS and select.int_dot_available():
+                kernels["int16"] = lambda: [select.int_linear(x, w) for w in quantized]
             if rows >= MANY_ROWS:
                 kernels["dequant"] = lambda: [F.linear(x, w.dequantize()) for w in quantized]
                 if select.tiles_available():
@@ -81,14 +86,17 @@ def main(argv: list[str] | None = None) -> int:
                 "qgemm_weight_gbs": round(stacked.nbytes / best["qgemm"] / 1e6, 2),
                 "dense_weight_gbs": round(sum(w.numel() * 4 for w in dense) / best["dense"] / 1e6, 2),
             }
-            for name in ("dequant", *select.TILE_TERMS):
+            for name in ("int16", "dequant", *select.TILE_TERMS):
                 if name in best:
                     per_rows[rows][f"{name}_ms"] = round(best[name], 3)
                     per_rows[rows][f"{name}_speedup"] = round(best["dense"] / best[name], 2)
+            if "int16" in best:
+                per_rows[rows]["int16_weight_gbs"] = round(stacked.nbytes / best["int16"] / 1e6, 2)
             print(f"{type_name:5s} {rows:3d} rows: qgemm {best['qgemm']:.2f} ms, dense {best['dense']:.2f} ms "
                   f"({per_rows[rows]['speedup']:.2f}x); {per_rows[rows]['qgemm_weight_gbs']:.1f} GB/s of weights "
                   f"vs copy {copy:.1f} GB/s" + "".join(f"; {name} {best[name]:.2f} ms ({best['dense'] / best[name]:.2f}x)"
-                                                        for name in ("dequant", *select.TILE_TERMS) if name in best), flush=True)
+                                                        for name in ("int16", "dequant", *select.TILE_TERMS) if name in best)
+                  + (f"; int16 {per_rows[rows]['int16_weight_gbs']:.1f} GB/s" if "int16" in best else ""), flush=True)
         results[type_name] = {"bytes_per_weight": round(stacked.nbytes / (args.layers * n * k), 3), "rows": per_rows}
     record = {"benchmark": "cpu_kernels", "shape": SHAPE, "layers": args.layers, "threads": torch.get_num_threads(),
               "copy_gbs": round(copy, 2), "results": results, "startup_choice": select.plan().describe(),

@@ -462,12 +462,13 @@ def write_q8_0(source: Path, out: Path) -> Path:
     reader = gguf.GGUFReader(source)
     arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
     writer = gguf.GGUFWriter(str(out), arch)
-    for field in reader.fields.values():
-        if field.name in (gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.FILE_TYPE) or field.name.startswith("GGUF."):
-            continue  # written by GGUFWriter itself / below
-        kind = field.types[0]
-        writer.add_key_value(field.name, field.contents(), kind,
-                             sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
+    written_below = (gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.FILE_TYPE)
+    for key in reader.fields.values():
+        if key.name in written_below or key.name.startswith("GGUF."):
+            continue  # GGUFWriter writes the architecture and GGUF.* fields itself
+        kind = key.types[0]
+        writer.add_key_value(key.name, key.contents(), kind,
+                             sub_type=key.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
     keep = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
     for tensor in reader.tensors:

@@ -14,8 +14,8 @@ prefill over 2,000 positions the same top-1 token everywhere and the same perple
 MINERVA_CPU_TILES=bf16 rounds both to one bf16 (`tiles-bf16`: about twice as fast at 16-96 rows;
 99.25% top-1 agreement, perplexity +0.005%); MINERVA_CPU_TILES=0 never uses them. Where the CPU has
 AVX512BW, `int16` (qgemm_int.cpp: activations rounded to int16 per block of 32, integer dot products,
-VNNI where present) is timed too and replaces qgemm's fp32 activations in place when it is faster at
-one row (MINERVA_CPU_INT_DOT=0 keeps fp32 activations: dequantize-then-matmul exactly). The choice, the
+VNNI where present) is timed too and replaces qgemm's fp32 activations in place unless it is clearly
+slower at one row (MINERVA_CPU_INT_DOT=0 keeps fp32 activations: dequantize-then-matmul exactly). The choice, the
 timings and the achieved weight bandwidth against this machine's copy bandwidth are logged once
 and kept in `plan().describe()` (the server's /v1/models metadata).
 """
@@ -44,6 +44,7 @@ DEQUANT_BYTES = 2**20  # fp32 bytes of weight `dequant` makes at a time: fits a 
 TILES_ENV = "MINERVA_CPU_TILES"  # "0": never the tile kernels; "bf16": one bf16 per value; else split (near fp32)
 TILE_TERMS = {"tiles-split": 3, "tiles-bf16": 1}  # bf16 products per multiply-add (qgemm_tiles.cpp's `terms`)
 INT_DOT_ENV = "MINERVA_CPU_INT_DOT"  # "0": never round activations to integers (exact fp32 kernels only)
+INT_DOT_MARGIN = 1.1  # int16 is chosen at one row unless slower than fp32 activations by more than this
 PROBE_ROUNDS, PROBE_SECONDS = 7, 1.0  # interleaved rounds, best of each (a busy machine slows both alike)
 # Timed on one thread: on a busy machine a two-thread region of such small ops waits out the other
 # thread's scheduling delay (milliseconds), which would drown the kernels' own cost; the candidates
@@ -202,7 +203,10 @@ def _choose() -> Plan:
     bandwidth = {"copy": round(copy, 2),
                  "qgemm_1_row": round(stacked.nbytes / timings["qgemm"][1] / 1e6, 2),
                  "dense_1_row": round(sum(w.numel() * 4 for w in dense) / timings["dense"][1] / 1e6, 2)}
-    activations = "int16" if "int16" in timings and timings["int16"][1] < timings["qgemm"][1] else "fp32"
+    # The probe's weights sit in the last-level cache, where the two tie at one row (within ~3%); a model's
+    # weights stream from DRAM, where the integer kernels' prefetch reads them ~1.9x faster (133 MB of Q4_1
+    # rows, one thread: 15.7 vs 8.4 GB/s), so they win unless measured clearly slower here.
+    activations = "int16" if "int16" in timings and timings["int16"][1] <= INT_DOT_MARGIN * timings["qgemm"][1] else "fp32"
     if activations == "int16":
         bandwidth["int16_1_row"] = round(stacked.nbytes / timings["int16"][1] / 1e6, 2)
     native = timings["int16" if activations == "int16" else "qgemm"]
