@@ -4,8 +4,11 @@ Order (vLLM's): grammar bitmask, logit_bias, min_tokens bans, repetition/presenc
 logprobs (of the penalised distribution at temperature 1), then temperature, top-k, top-p,
 min-p and a draw. A seeded row draws `argmax(probs / q)` with `q ~ Exp(1)` from its own generator (the exponential
 race), so it gets the same token whatever else shares the batch; the other rows draw by inverse CDF
-(one uniform per row against the cumulative probabilities), which on CPU costs a cumulative sum
-instead of a vocabulary's worth of exponential noise per row.
+(one uniform per row against the cumulative probabilities) in two levels: which block of
+`CDF_BLOCK` tokens from the blocks' sums, then which token within it, so on CPU a draw costs a
+vectorised sum over the vocabulary instead of a sequential scan of it (or a vocabulary's worth of
+exponential noise per row). Rows at temperature 1 skip the division, and a batch whose every row
+samples skips the greedy argmax.
 
 Every per-row parameter is one small tensor uploaded per step, each operation runs once
 for the whole batch (or the rows that use it: greedy rows never see noise, only top-p rows
@@ -26,6 +29,7 @@ from engine.logit_bias import apply_logit_bias
 from engine.sampling_params import SamplingParams
 
 NEG_INF = float("-inf")
+CDF_BLOCK = 256  # tokens per block of the two-level inverse CDF
 
 
 @dataclass
@@ -129,6 +133,11 @@ def seeded_draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor
     """One token from a row's `probs` by the exponential race on the row's own generator: the draw does not
     depend on the batch around it, so seeded outputs are batch-invariant."""
     return (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax()
+
+
+def _below(total: torch.Tensor) -> torch.Tensor:
+    """The largest float below each (positive) `total`: a target that cannot reach past the last mass."""
+    return torch.nextafter(total, torch.zeros_like(total))
 
 
 def skip_seeded_draws(generator: torch.Generator, vocab_size: int, count: int) -> None:
@@ -253,16 +262,17 @@ class Sampler:
     def _draw(self, logits: torch.Tensor, rows: Seq[SamplingRow]) -> torch.Tensor:
         """Greedy rows take the argmax; the others race exponential noise through their filtered probabilities."""
         device, vocab = logits.device, logits.shape[-1]
-        tokens = logits.argmax(dim=-1)
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         if not sampled:
-            return tokens
+            return logits.argmax(dim=-1)
         every_row = len(sampled) == len(rows)
+        tokens = None if every_row else logits.argmax(dim=-1)
         index = None if every_row else upload(sampled, torch.long, device)
         params = [rows[i].params for i in sampled]
         sub = logits if every_row else logits[index]
         values = upload([[p.temperature, p.top_p, p.min_p, max(p.top_k, 0)] for p in params], torch.float32, device)
-        sub.div_(values[:, :1])
+        if any(p.temperature != 1.0 for p in params):
+            sub.div_(values[:, :1])
         top_p_rows = [j for j, p in enumerate(params) if p.top_p < 1.0]
         top_k_rows = [j for j, p in enumerate(params) if p.top_k > 0 and p.top_p >= 1.0]
         if top_p_rows:
@@ -287,13 +297,29 @@ class Sampler:
 
     @staticmethod
     def _inverse_cdf(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """One draw per row from one uniform per row: a cumulative sum instead of a vocabulary of noise.
+        """One draw per row from one uniform per row, in two levels: the block of CDF_BLOCK tokens the uniform
+        falls in (a cumulative sum of the blocks' sums), then the token within that block.
 
-        `right=True` never lands on a zero-probability token (its cumulative mass equals its predecessor's).
+        `right=True` never lands on a zero-probability block or token (its cumulative mass equals its
+        predecessor's); each level's target is kept strictly below its total so rounding cannot either.
         """
-        cdf = probs.cumsum(dim=-1)
-        target = torch.rand(probs.shape[0], 1, device=probs.device, generator=generator) * cdf[:, -1:]
-        return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
+        num_rows, vocab = probs.shape
+        full = vocab // CDF_BLOCK * CDF_BLOCK
+        sums = probs[:, :full].reshape(num_rows, -1, CDF_BLOCK).sum(dim=-1)
+        if full < vocab:
+            sums = torch.cat([sums, probs[:, full:].sum(dim=-1, keepdim=True)], dim=1)
+        block_cdf = sums.cumsum(dim=-1)
+        total = block_cdf[:, -1:]
+        target = torch.minimum(torch.rand(num_rows, 1, device=probs.device, generator=generator) * total, _below(total))
+        block = torch.searchsorted(block_cdf, target, right=True).clamp(max=sums.shape[1] - 1)
+        starts = block * CDF_BLOCK
+        columns = starts + torch.arange(CDF_BLOCK, device=probs.device)
+        inside = probs.gather(1, columns.clamp(max=vocab - 1)).masked_fill_(columns >= vocab, 0.0)
+        inner_cdf = inside.cumsum(dim=-1)
+        offset = (target - (block_cdf.gather(1, block) - sums.gather(1, block))).clamp(min=0.0)
+        offset = torch.minimum(offset, _below(inner_cdf[:, -1:]))
+        within = torch.searchsorted(inner_cdf, offset, right=True).clamp(max=CDF_BLOCK - 1)
+        return (starts + within).squeeze(1).clamp(max=vocab - 1)
 
     @staticmethod
     def _on_rows(x: torch.Tensor, rows: list[int], op, values: torch.Tensor) -> torch.Tensor:

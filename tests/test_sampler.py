@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.sampler import Sampler, SamplingRow, apply_token_bitmask
+from engine.sampler import CDF_BLOCK, Sampler, SamplingRow, apply_token_bitmask
 from engine.sampling_params import SamplingParams
 from tests.reference_sampler import ReferenceRow, ReferenceSampler, apply_penalties, filter_logits
 
@@ -45,6 +45,22 @@ def test_draws_follow_the_reference_distribution(params):
     result = Sampler(seed=1)(logits.expand(DRAWS, VOCAB).clone(), [SamplingRow(params)] * DRAWS)
     counts = torch.bincount(torch.tensor(result.token_ids), minlength=VOCAB)
     assert _chi_square_p_value(counts, _reference_probs(logits, params)) > 1e-3
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.8, top_k=6)])
+def test_two_level_draws_across_blocks_follow_the_reference(params):
+    """A vocabulary of several CDF blocks and a partial last one: mass on block edges, the tail and the
+    first token; top-k leaves most blocks without any mass (never drawn)."""
+    vocab = 3 * CDF_BLOCK + 100
+    logits = torch.full((vocab,), -30.0)
+    hot = [0, CDF_BLOCK - 1, CDF_BLOCK, 2 * CDF_BLOCK + 7, 3 * CDF_BLOCK, vocab - 1]
+    logits[hot] = torch.tensor([1.0, 0.5, 0.0, 1.5, -0.5, 0.8])
+    result = Sampler(seed=3)(logits.expand(DRAWS, vocab).clone(), [SamplingRow(params)] * DRAWS)
+    counts = torch.bincount(torch.tensor(result.token_ids), minlength=vocab)
+    expected = _reference_probs(logits, params)
+    if params.top_k > 0:
+        assert counts[expected == 0].sum() == 0
+    assert _chi_square_p_value(counts, expected) > 1e-3
 
 
 def test_mixed_batch_rows_keep_their_own_settings():
