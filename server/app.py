@@ -1,4 +1,4 @@
-"""The FastAPI application: `create_app(engines, settings)` serves one AsyncEngine per model name.
+"""The FastAPI application: `create_app(engines, settings)` serves one EngineClient per model name.
 
 Around the routes, outermost first: the request id, observability (metrics and
 the JSON request log, for every request, refused ones too), API keys (nobody
@@ -43,7 +43,8 @@ logger = logging.getLogger("minerva.server")
 
 def create_app(engines: dict[str, EngineClient], settings: ServerSettings | None = None, *,
                manage_engines: bool = True) -> FastAPI:
-    """engines: served model name -> AsyncEngine. With `manage_engines` the app starts and stops them."""
+    """engines: served model name -> EngineClient (in-process or the core process's client). With
+    `manage_engines` the app starts and stops them."""
     settings = settings or ServerSettings()
     models = ServedModels(engines, dict(settings.model_aliases), settings.fallback_model)
 

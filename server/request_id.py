@@ -10,9 +10,10 @@ from __future__ import annotations
 import re
 import uuid
 
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-HEADER = b"x-request-id"
+HEADER = "x-request-id"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -28,13 +29,13 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        sent = dict(scope.get("headers", [])).get(HEADER, b"").decode("latin-1")
+        sent = Headers(scope=scope).get(HEADER, "")
         request_id = sent if _SAFE_ID.match(sent) else new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), (HEADER, request_id.encode())]
+                message["headers"] = [*message.get("headers", []), (HEADER.encode(), request_id.encode())]
             await send(message)
 
         await self.app(scope, receive, send_with_id)

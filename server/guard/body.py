@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import APIError, send_api_error
@@ -50,9 +51,9 @@ class BodyReader:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length")
+        declared = Headers(scope=scope).get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await send_api_error(self._too_large(declared.decode()), scope, receive, send)
+            await send_api_error(self._too_large(declared), scope, receive, send)
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s

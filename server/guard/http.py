@@ -8,6 +8,7 @@ response, streamed or not, has really ended.
 
 from __future__ import annotations
 
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -52,9 +53,9 @@ class AuthMiddleware(_Guarded):
             return
         record = record_in(scope)
         if self.keys.enabled:
-            headers = dict(scope["headers"])
-            authorization = headers.get(b"authorization", b"").decode("latin-1") or None
-            api_key = headers.get(b"x-api-key", b"").decode("latin-1") or None  # Anthropic's clients send this
+            headers = Headers(scope=scope)
+            authorization = headers.get("authorization") or None
+            api_key = headers.get("x-api-key") or None  # Anthropic's clients send this
             try:
                 record.key_id = self.keys.authenticate(authorization, api_key)
             except AuthError as exc:
