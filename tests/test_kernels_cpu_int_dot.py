@@ -8,6 +8,8 @@ scaling and the final sum (relative error <= 1e-5 of the output's scale).
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -81,6 +83,17 @@ def test_plan_routes_linear_through_the_int_kernels(int_kernels, monkeypatch):
     assert_matches_reference(cpu_ops.linear(x, pack_gguf(raw, "Q4_1", (11, 64))), x, reference_values(raw, "Q4_1"))
 
 
+def test_rows_past_the_integer_limit_take_the_exact_kernel(int_kernels, monkeypatch):
+    monkeypatch.setenv(extension.SWITCH_ENV, "1")
+    monkeypatch.setattr(select, "_plan", [dataclasses.replace(select._choose(), int_dot_max_rows=2)])
+    raw = random_blocks("Q8_0", 7, 64, torch.Generator().manual_seed(7))
+    weight, values = pack_gguf(raw, "Q8_0", (7, 64)), reference_values(raw, "Q8_0")
+    x = torch.randn(3, 64)
+    assert_matches_reference(select.native_linear(x[:2].contiguous(), weight), x[:2], values)
+    exact = x.double() @ values.double().T
+    torch.testing.assert_close(select.native_linear(x, weight).double(), exact, rtol=0, atol=1e-5 * exact.abs().max().item())
+
+
 def test_measured_choice_takes_integers_unless_clearly_slower(int_kernels, monkeypatch):
     monkeypatch.delenv(extension.SWITCH_ENV, raising=False)
     monkeypatch.delenv(select.INT_DOT_ENV, raising=False)
@@ -88,8 +101,11 @@ def test_measured_choice_takes_integers_unless_clearly_slower(int_kernels, monke
     plan = select._choose()
     assert "int16" in plan.timings_ms
     if plan.kernel == "qgemm":
-        int16, fp32 = plan.timings_ms["int16"][1], plan.timings_ms["qgemm"][1]
-        assert (plan.activations == "int16") == (int16 <= select.INT_DOT_MARGIN * fp32)
+        int16, fp32 = plan.timings_ms["int16"], plan.timings_ms["qgemm"]
+        assert (plan.activations == "int16") == (int16[1] <= select.INT_DOT_MARGIN * fp32[1])
+        assert all(int16[rows] <= select.INT_DOT_MARGIN * fp32[rows] for rows in select.PROBE_ROWS
+                   if rows <= plan.int_dot_max_rows)
+        assert plan.int_dot_max_rows in (0, *select.PROBE_ROWS)
 
 
 class _NoIntDot:

@@ -65,7 +65,7 @@ def test_greedy_tokens_equal_transformers_on_the_same_gguf(llm, monkeypatch):
     """Minerva decodes greedily; transformers, given prompt + those tokens in one forward pass, must pick
     each of them as its own argmax (the same test as decoding greedily with it, at one pass per prompt).
     On the exact kernels: fp32 activations."""
-    monkeypatch.setattr(select, "_plan", [dataclasses.replace(select.plan(), activations="fp32")])
+    monkeypatch.setattr(select, "_plan", [dataclasses.replace(select.plan(), int_dot_max_rows=0)])
     prompts = [llm.tokenizer.encode(text) for text in PROMPTS]
     outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=GREEDY_TOKENS, ignore_eos=True))
     with torch.no_grad():

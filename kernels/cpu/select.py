@@ -14,8 +14,9 @@ prefill over 2,000 positions the same top-1 token everywhere and the same perple
 MINERVA_CPU_TILES=bf16 rounds both to one bf16 (`tiles-bf16`: about twice as fast at 16-96 rows;
 99.25% top-1 agreement, perplexity +0.005%); MINERVA_CPU_TILES=0 never uses them. Where the CPU has
 AVX512BW, `int16` (qgemm_int.cpp: activations rounded to int16 per block of 32, integer dot products,
-VNNI where present) is timed too and replaces qgemm's fp32 activations in place unless it is clearly
-slower at one row (MINERVA_CPU_INT_DOT=0 keeps fp32 activations: dequantize-then-matmul exactly). The choice, the
+VNNI where present) is timed too and replaces qgemm's fp32 activations in place for batches up to the
+largest row count where it is not clearly slower (MINERVA_CPU_INT_DOT=0 keeps fp32 activations:
+dequantize-then-matmul exactly). The choice, the
 timings and the achieved weight bandwidth against this machine's copy bandwidth are logged once
 and kept in `plan().describe()` (the server's /v1/models metadata).
 """
@@ -44,7 +45,7 @@ DEQUANT_BYTES = 2**20  # fp32 bytes of weight `dequant` makes at a time: fits a 
 TILES_ENV = "MINERVA_CPU_TILES"  # "0": never the tile kernels; "bf16": one bf16 per value; else split (near fp32)
 TILE_TERMS = {"tiles-split": 3, "tiles-bf16": 1}  # bf16 products per multiply-add (qgemm_tiles.cpp's `terms`)
 INT_DOT_ENV = "MINERVA_CPU_INT_DOT"  # "0": never round activations to integers (exact fp32 kernels only)
-INT_DOT_MARGIN = 1.1  # int16 is chosen at one row unless slower than fp32 activations by more than this
+INT_DOT_MARGIN = 1.1  # int16 serves a row count unless slower than fp32 activations by more than this
 PROBE_ROUNDS, PROBE_SECONDS = 7, 1.0  # interleaved rounds, best of each (a busy machine slows both alike)
 # Timed on one thread: on a busy machine a two-thread region of such small ops waits out the other
 # thread's scheduling delay (milliseconds), which would drown the kernels' own cost; the candidates
@@ -60,10 +61,16 @@ class Plan:
     timings_ms: dict[str, dict[int, float]] = field(default_factory=dict)
     bandwidth_gbs: dict[str, float] = field(default_factory=dict)
     many_rows: str = "dequant"  # past native_max_rows: a TILE_TERMS kernel (qgemm_tiles.cpp) or "dequant" (F.linear)
-    activations: str = "fp32"  # in place: "int16", qgemm_int.cpp's integer dot products; "fp32", qgemm.cpp, exact
+    int_dot_max_rows: int = 0  # in place, batches up to this many rows use qgemm_int.cpp (int16 x); above, qgemm.cpp
+
+    @property
+    def activations(self) -> str:
+        """How x enters the in-place kernels of a single stream's decode: "int16" or "fp32" (exact)."""
+        return "int16" if self.int_dot_max_rows else "fp32"
 
     def describe(self) -> dict[str, object]:
-        return {"kernel": self.kernel, "activations": self.activations, "native_max_rows": self.native_max_rows,
+        return {"kernel": self.kernel, "activations": self.activations, "int_dot_max_rows": self.int_dot_max_rows,
+                "native_max_rows": self.native_max_rows,
                 "many_rows": self.many_rows,
                 "quantized_types": list(self.types),
                 "reason": self.reason, "timings_ms": {k: {str(r): t for r, t in v.items()}
@@ -91,8 +98,9 @@ def chosen() -> Plan | None:
 
 
 def native_linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
-    """`x @ weight.T` by the planned kernel (int16 or fp32 activations): `x` contiguous fp32 `[M, K]`, `weight` 2-D."""
-    return (int_linear if plan().activations == "int16" else exact_linear)(x, weight)
+    """`x @ weight.T` by the planned in-place kernel for this many rows (int16 or fp32 activations): `x`
+    contiguous fp32 `[M, K]`, `weight` 2-D."""
+    return (int_linear if x.shape[0] <= plan().int_dot_max_rows else exact_linear)(x, weight)
 
 
 def exact_linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
@@ -166,7 +174,7 @@ def _choose() -> Plan:
         return Plan("dense", 0, (), f"native kernels unavailable: {extension.unavailable_reason()}")
     if os.environ.get(extension.SWITCH_ENV) == "1":
         return Plan("qgemm", PROBE_ROWS[-1], SUPPORTED_TYPES, f"{extension.SWITCH_ENV}=1 (not measured)",
-                    activations="int16" if int_dot_available() else "fp32")
+                    int_dot_max_rows=PROBE_ROWS[-1] if int_dot_available() else 0)
     n, k = PROBE_SHAPE
     generator = torch.Generator().manual_seed(0)
     raw = torch.randint(0, 256, (PROBE_LAYERS * n, k // 32 * 20), dtype=torch.uint8, generator=generator).view(-1, 20)
@@ -206,13 +214,16 @@ def _choose() -> Plan:
     # The probe's weights sit in the last-level cache, where the two tie at one row (within ~3%); a model's
     # weights stream from DRAM, where the integer kernels' prefetch reads them ~1.9x faster (133 MB of Q4_1
     # rows, one thread: 15.7 vs 8.4 GB/s), so they win unless measured clearly slower here.
-    activations = "int16" if "int16" in timings and timings["int16"][1] <= INT_DOT_MARGIN * timings["qgemm"][1] else "fp32"
-    if activations == "int16":
+    int_rows = 0
+    if "int16" in timings:
+        int_rows = max(takewhile(lambda rows: timings["int16"][rows] <= INT_DOT_MARGIN * timings["qgemm"][rows], PROBE_ROWS),
+                       default=0)
         bandwidth["int16_1_row"] = round(stacked.nbytes / timings["int16"][1] / 1e6, 2)
-    native = timings["int16" if activations == "int16" else "qgemm"]
+    native = {rows: timings["int16" if rows <= int_rows else "qgemm"][rows] for rows in PROBE_ROWS}
+    activations = f"int16 activations up to {int_rows} rows" if int_rows else "fp32 activations"
     many = tiles if tiles and timings[tiles][64] < timings["dequant"][64] else "dequant"
     if native[1] <= timings["dense"][1]:
         max_rows = max(takewhile(lambda rows: rows == 1 or native[rows] <= timings[many][rows], PROBE_ROWS))
-        reason = f"faster than dense at 1 row ({activations} activations); in place up to {max_rows} rows, {many} beyond"
-        return Plan("qgemm", max_rows, SUPPORTED_TYPES, reason, timings, bandwidth, many_rows=many, activations=activations)
+        reason = f"faster than dense at 1 row ({activations}); in place up to {max_rows} rows, {many} beyond"
+        return Plan("qgemm", max_rows, SUPPORTED_TYPES, reason, timings, bandwidth, many_rows=many, int_dot_max_rows=int_rows)
     return Plan("dense", 0, (), "dense fp32 was faster at one row on this CPU", timings, bandwidth)
