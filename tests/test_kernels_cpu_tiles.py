@@ -1,4 +1,5 @@
-"""The many-row quantized CPU kernels (kernels/cpu/qgemm_tiles.cpp, AMX-BF16) against torch.
+"""The many-row quantized CPU kernels (kernels/cpu/qgemm_tiles.cpp, AMX-BF16; the exact `dequant` fallback)
+against torch.
 
 With `terms` 1 they round x and each dequantized weight value to bf16 (nearest even) and sum the exact
 products in fp32, so they must equal torch's matmul of the bf16-rounded operands to fp32 summation
@@ -105,3 +106,18 @@ def test_switched_off_tiles_are_never_timed_or_used(monkeypatch):
     assert not select.tiles_available()
     plan = select._choose()
     assert not set(select.TILE_TERMS) & set(plan.timings_ms) and plan.many_rows == "dequant"
+
+
+@pytest.mark.parametrize("type_name", sorted(BLOCKS))
+def test_dequant_fallback_is_exact_fp32_across_chunks(type_name, monkeypatch):
+    """The many-row kernel without AMX (or with MINERVA_CPU_TILES=0): chunks of weight rows dequantized and
+    multiplied by torch, here forced into several chunks with a partial last one."""
+    if extension.load() is None:
+        pytest.skip(f"native CPU kernels unavailable: {extension.unavailable_reason()}")
+    monkeypatch.setattr(select, "DEQUANT_BYTES", 16 * 256 * 4)  # 16 rows of K = 256 per chunk
+    raw = random_blocks(type_name, 37, 256, torch.Generator().manual_seed(11))
+    weight = pack_gguf(raw, type_name, (37, 256))
+    x = torch.randn(45, 256)
+    expected = x.double() @ reference_values(raw, type_name).double().T
+    got = select.dequant_linear(x, weight)
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-5 * expected.abs().max().item())
