@@ -27,20 +27,28 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle. " * 6
 
 
-def timed_sampler(llm: LLM) -> list[float]:
-    """Wrap the runner's sampler so each call's seconds land in the returned list."""
-    runner, times = llm.engine.executor.runner, []
-    sampler = runner.sampler
+class TimedSampler:
+    """The runner's sampler, each call's seconds (until its tokens are read) kept in `times`."""
 
-    def timed(*args, **kwargs):
+    def __init__(self, sampler) -> None:
+        self.sampler, self.times = sampler, []
+
+    def __call__(self, *args, **kwargs):
         started = time.perf_counter()
-        result = sampler(*args, **kwargs)
+        result = self.sampler(*args, **kwargs)
         result.token_ids  # the sampler's work ends when its tokens are read
-        times.append(time.perf_counter() - started)
+        self.times.append(time.perf_counter() - started)
         return result
 
-    runner.sampler = timed
-    return times
+    def __getattr__(self, name: str):
+        return getattr(self.sampler, name)
+
+
+def timed_sampler(llm: LLM) -> list[float]:
+    """Time the runner's sampler; each call's seconds land in the returned list."""
+    runner = llm.engine.executor.runner
+    runner.sampler = TimedSampler(runner.sampler)
+    return runner.sampler.times
 
 
 def one_round(llm: LLM, times: list[float], prompts: list[list[int]], params: SamplingParams) -> dict:
