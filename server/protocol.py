@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine.sampling_params import FIELD_BOUNDS
+from server.conversation.items import repeated_tool_name, unoffered_tool
 from server.conversation.reasoning import Effort
 
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -230,11 +231,12 @@ def tool_problems(request: ChatCompletionRequest) -> list[tuple[str, str]]:
     if choice is not None and choice != "none" and choice != "auto" and not request.tools:
         problems.append(("tool_choice", "tool_choice requires tools"))
     names = [tool.function.name for tool in request.tools or []]
-    if isinstance(choice, NamedToolChoice) and request.tools and choice.function.name not in names:
-        problems.append(("tool_choice", f"tool_choice names function {choice.function.name!r}, which is not "
-                                        f"among the tools ({', '.join(names)})"))
-    if len(set(names)) != len(names):
-        problems.append(("tools", "tool function names must be unique"))
+    unoffered = unoffered_tool(choice.function.name, names) if isinstance(choice, NamedToolChoice) else None
+    if unoffered and request.tools:
+        problems.append(("tool_choice", f"tool_choice names function {unoffered}"))
+    repeated = repeated_tool_name(names)
+    if repeated is not None:
+        problems.append(("tools", f"tool function names must be unique ({repeated!r} is offered twice)"))
     response_format = request.response_format
     if response_format and response_format.type == "json_schema" and (
             response_format.json_schema is None or response_format.json_schema.schema_ is None):

@@ -250,6 +250,8 @@ def test_auto_tool_call_and_tool_loop(scripted):
      400, "invalid_request_error", "messages.0.content.1"),
     ({"model": "tiny", "max_tokens": 4, "messages": ASK, "tools": [WEATHER],
       "tool_choice": {"type": "tool", "name": "x"}}, 400, "invalid_request_error", "tool_choice.name"),
+    ({"model": "tiny", "max_tokens": 4, "messages": ASK, "tools": [WEATHER, WEATHER]}, 400, "invalid_request_error",
+     "tool names must be unique"),
     ({"model": "tiny", "max_tokens": 4, "messages": ASK + [{"role": "assistant", "content": "It is"}]},
      400, "invalid_request_error", "prefill"),
     ({"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": "x" * 5000}]},

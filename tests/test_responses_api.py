@@ -142,6 +142,7 @@ def test_prefix_cache_hits_are_reported_as_cached_tokens(http):
      "input.0.content.0.type"),
     ({"input": "hi", "tools": [WEATHER], "tool_choice": {"type": "function", "name": "nope"}}, 400, "tool_choice"),
     ({"input": "hi", "tool_choice": "required"}, 400, "tool_choice"),
+    ({"input": "hi", "tools": [WEATHER, WEATHER]}, 400, "tools"),
     ({"input": "hi", "previous_response_id": "resp_missing"}, 404, "previous_response_id"),
     ({"input": [{"type": "item_reference", "id": "msg_1"}]}, 400, "input.0.type"),
     ({"input": [{"type": "function_call", "name": "f"}]}, 400, "input.0.call_id"),

@@ -8,11 +8,13 @@ from engine outputs (streamed) or from the collected completion (`OutputEvents.w
 
 from server.conversation.events import (Event, Finish, FoldedCall, FoldedMessage, ReasoningDelta, TextDelta,
                                         ToolCallArguments, ToolCallStart, Usage, fold)
-from server.conversation.items import Conversation, Grammar, Tool, ToolCallItem, Turn
+from server.conversation.items import (Conversation, Grammar, Tool, ToolCallItem, Turn, repeated_tool_name,
+                                       unoffered_tool)
 from server.conversation.output import ChoiceEvents, OutputEvents
 from server.conversation.prepare import PreparedPrompt, prepare
 from server.conversation.render import render_prompt
 
 __all__ = ["ChoiceEvents", "Conversation", "Event", "Finish", "FoldedCall", "FoldedMessage", "Grammar",
            "OutputEvents", "PreparedPrompt", "ReasoningDelta", "TextDelta", "Tool", "ToolCallArguments",
-           "ToolCallItem", "ToolCallStart", "Turn", "Usage", "fold", "prepare", "render_prompt"]
+           "ToolCallItem", "ToolCallStart", "Turn", "Usage", "fold", "prepare", "render_prompt",
+           "repeated_tool_name", "unoffered_tool"]

@@ -8,6 +8,7 @@ still name the client's field.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -64,6 +65,23 @@ def check_json_schema(schema: dict[str, Any], param: str) -> None:
         where = exc.json_path.removeprefix("$")
         raise APIError(400, f"{param}{where}: not a valid JSON Schema: {exc.message}", param=param,
                        code="invalid_schema") from exc
+
+
+def repeated_tool_name(names: Iterable[str]) -> str | None:
+    """A name offered twice, if any: a named tool_choice and each parsed call find their tool by name alone."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            return name
+        seen.add(name)
+    return None
+
+
+def unoffered_tool(name: str | None, offered: Sequence[str]) -> str | None:
+    """Why a named tool_choice cannot be met (`"'x', which is not among the tools (a, b)"`), None when it can."""
+    if name is not None and name in offered:
+        return None
+    return f"{name!r}, which is not among the tools ({', '.join(offered) or 'none'})"
 
 
 @dataclass

@@ -13,7 +13,7 @@ import logging
 from typing import Any
 
 from engine.structured.spec import StructuredOutput
-from server.conversation import Conversation, Tool, ToolCallItem, Turn
+from server.conversation import Conversation, Tool, ToolCallItem, Turn, repeated_tool_name, unoffered_tool
 from server.conversation.reasoning import Effort
 from server.errors import APIError
 from server.messages.protocol import CountTokensRequest, InputMessage, OutputConfig, Thinking, ToolChoice
@@ -123,9 +123,9 @@ def client_tools(tools: list[dict[str, Any]] | None) -> list[Tool]:
             raise APIError(400, f"{param}: a tool needs a name and an input_schema object", param=param)
         description = tool.get("description")
         found.append(Tool(name, description if isinstance(description, str) else "", schema, param=param))
-    names = [tool.name for tool in found]
-    if len(set(names)) != len(names):
-        raise APIError(400, "tools: tool names must be unique", param="tools")
+    repeated = repeated_tool_name(tool.name for tool in found)
+    if repeated is not None:
+        raise APIError(400, f"tools: tool names must be unique ({repeated!r} is offered twice)", param="tools")
     return found
 
 
@@ -139,11 +139,10 @@ def tool_choice_of(choice: ToolChoice | None, tools: list[Tool]) -> str:
         raise APIError(400, f"tool_choice: type {choice.type!r} requires tools", param="tool_choice")
     if choice.type == "any":
         return "required"
-    names = [tool.name for tool in tools]
-    if choice.name not in names:
-        raise APIError(400, f"tool_choice.name: {choice.name!r} is not among the tools ({', '.join(names)})",
-                       param="tool_choice.name")
-    return choice.name
+    unoffered = unoffered_tool(choice.name, [tool.name for tool in tools])
+    if unoffered:
+        raise APIError(400, f"tool_choice.name: names {unoffered}", param="tool_choice.name")
+    return str(choice.name)  # offered, so not None
 
 
 def reasoning_effort(thinking: Thinking | None, config: OutputConfig | None) -> Effort | None:

@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from engine.structured.spec import StructuredOutput
-from server.conversation import Conversation, Grammar, Tool, ToolCallItem, Turn
+from server.conversation import Conversation, Grammar, Tool, ToolCallItem, Turn, repeated_tool_name, unoffered_tool
 from server.errors import APIError
 from server.responses_api.items import item_text
 from server.responses_api.request import ResponsesRequest
@@ -117,9 +117,10 @@ def tools_of(offered: list[OfferedTool]) -> list[Tool]:
         else:
             grammar = custom_grammar(tool.get("format"), f"{param}.format")
             tools.append(Tool(name, description, kind="custom", grammar=grammar, param=param))
-    names = [tool.name for tool in tools]
-    if len(set(names)) != len(names):
-        raise APIError(400, "tool names must be unique (namespaces' members included)", param="tools")
+    repeated = repeated_tool_name(tool.name for tool in tools)
+    if repeated is not None:
+        raise APIError(400, f"tool names must be unique (namespaces' members included): {repeated!r} is offered twice",
+                       param="tools")
     return tools
 
 
@@ -140,9 +141,9 @@ def tool_choice_of(choice: str | dict[str, Any] | None, tools: list[Tool]) -> st
     kind = choice.get("type")
     if kind in ("function", "custom"):
         name = choice.get("name")
-        if not any(tool.name == name and tool.kind == kind for tool in tools):
-            raise APIError(400, f"tool_choice names {kind} tool {name!r}, which is not among the tools "
-                                f"({', '.join(t.name for t in tools) or 'none'})", param="tool_choice")
+        unoffered = unoffered_tool(name if isinstance(name, str) else None, [t.name for t in tools if t.kind == kind])
+        if unoffered:
+            raise APIError(400, f"tool_choice names {kind} tool {unoffered}", param="tool_choice")
         return str(name)
     if kind == "allowed_tools":
         mode = choice.get("mode", "auto")
