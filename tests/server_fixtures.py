@@ -132,3 +132,17 @@ def wait_until_idle(engine, timeout: float = 20.0) -> EngineStats:
         if time.monotonic() > deadline:
             return stats
         time.sleep(0.05)
+
+
+def child_pids(parent: int, marker: bytes) -> list[int]:
+    """The processes whose parent is `parent` and whose command line holds `marker` (read from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and marker in cmdline:
+            found.append(int(entry.name))
+    return found

@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from tests.engine_testing import tiny_llama_dir
+from tests.server_fixtures import child_pids
 
 pytestmark = pytest.mark.timeout(300)  # three processes import torch: slow on a loaded machine
 
@@ -52,16 +53,7 @@ class Launched:
             return False
 
     def children(self, marker: bytes) -> list[int]:
-        found = []
-        for entry in Path("/proc").iterdir():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                cmdline = (entry / "cmdline").read_bytes()
-            except (OSError, IndexError, ValueError):
-                continue
-            if ppid == self.process.pid and marker in cmdline:
-                found.append(int(entry.name))
-        return found
+        return child_pids(self.process.pid, marker)
 
     def api_pids(self) -> list[int]:
         return self.children(b"spawn_main")

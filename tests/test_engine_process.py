@@ -24,6 +24,7 @@ from engine.reports import EngineStats
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from engine.structured import StructuredOutput
 from tests.engine_testing import make_engine, reference_greedy, run_to_completion, tiny_llama_dir
+from tests.server_fixtures import child_pids
 
 pytestmark = pytest.mark.timeout(240)  # two processes import torch: slow on a loaded machine
 
@@ -115,15 +116,9 @@ def test_core_death_ends_streams_with_an_error():
 
 def core_pid(server: subprocess.Popen) -> int:
     """The engine core process the server started (its child running engine.core_process)."""
-    for entry in Path("/proc").iterdir():
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (entry / "cmdline").read_bytes()
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == server.pid and b"engine.core_process" in cmdline:
-            return int(entry.name)
-    raise AssertionError("no engine core process")
+    found = child_pids(server.pid, b"engine.core_process")
+    assert found, "no engine core process"
+    return found[0]
 
 
 def test_serve_engine_process_streams_and_exits_non_zero_when_the_core_dies(tmp_path):
