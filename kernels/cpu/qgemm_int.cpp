@@ -137,6 +137,23 @@ inline float offset_term(const float* offsets, const float* group_sum, int64_t g
   return _mm512_reduce_add_ps(acc);
 }
 
+// acc + a chunk's two integer dot products (lanes a and b), each times its weight scales and x's lane scales.
+inline __m512 add_scaled(__m512 acc, __m512i dot_a, __m512i dot_b, __m512 w_scale_a, __m512 w_scale_b,
+                         const float* lanes) {
+  acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_a), _mm512_mul_ps(w_scale_a, _mm512_load_ps(lanes)), acc);
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_b), _mm512_mul_ps(w_scale_b, _mm512_load_ps(lanes + 16)), acc);
+}
+
+// Each x row's dot product with one weight row (its accumulator's lanes, plus the offset part), at out[t * out_stride].
+template <int T>
+inline void store_rows(const __m512* acc, const float* off, const XQ* x, int64_t groups, float* out, int64_t out_stride) {
+  for (int t = 0; t < T; ++t) {
+    float total = _mm512_reduce_add_ps(acc[t]);
+    if (off) total += offset_term(off, x[t].group_sum, groups);
+    out[t * out_stride] = total;
+  }
+}
+
 inline __m512i widen_low(__m512i bytes) { return _mm512_cvtepi8_epi16(_mm512_castsi512_si256(bytes)); }
 inline __m512i widen_high(__m512i bytes) { return _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(bytes, 1)); }
 
@@ -175,16 +192,10 @@ void q4_row(const Q4& w, int64_t n, const XQ* x, float* out, int64_t out_stride)
       const int16_t* xq = x[t].q + 128 * c;
       const __m512i dot_a = dot16(dot16(_mm512_setzero_si512(), lo_a, _mm512_load_si512(xq)), hi_a, _mm512_load_si512(xq + 64));
       const __m512i dot_b = dot16(dot16(_mm512_setzero_si512(), lo_b, _mm512_load_si512(xq + 32)), hi_b, _mm512_load_si512(xq + 96));
-      const float* lanes = x[t].lane_scale + 32 * c;
-      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_a), _mm512_mul_ps(w_scale_a, _mm512_load_ps(lanes)), acc[t]);
-      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_b), _mm512_mul_ps(w_scale_b, _mm512_load_ps(lanes + 16)), acc[t]);
+      acc[t] = add_scaled(acc[t], dot_a, dot_b, w_scale_a, w_scale_b, x[t].lane_scale + 32 * c);
     }
   }
-  for (int t = 0; t < T; ++t) {
-    float total = _mm512_reduce_add_ps(acc[t]);
-    if (off) total += offset_term(off, x[t].group_sum, groups);
-    out[t * out_stride + n] = total;
-  }
+  store_rows<T>(acc, off, x, groups, out + n, out_stride);
 }
 
 struct Q8 {
@@ -215,16 +226,10 @@ void q8_row(const Q8& w, int64_t n, const XQ* x, float* out, int64_t out_stride)
       const int16_t* xq = x[t].q + 64 * c;
       const __m512i dot_a = dot16(_mm512_setzero_si512(), a, _mm512_load_si512(xq));
       const __m512i dot_b = dot16(_mm512_setzero_si512(), b, _mm512_load_si512(xq + 32));
-      const float* lanes = x[t].lane_scale + 32 * c;
-      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_a), _mm512_mul_ps(w_scale_a, _mm512_load_ps(lanes)), acc[t]);
-      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_b), _mm512_mul_ps(w_scale_b, _mm512_load_ps(lanes + 16)), acc[t]);
+      acc[t] = add_scaled(acc[t], dot_a, dot_b, w_scale_a, w_scale_b, x[t].lane_scale + 32 * c);
     }
   }
-  for (int t = 0; t < T; ++t) {
-    float total = _mm512_reduce_add_ps(acc[t]);
-    if (off) total += offset_term(off, x[t].group_sum, groups);
-    out[t * out_stride + n] = total;
-  }
+  store_rows<T>(acc, off, x, groups, out + n, out_stride);
 }
 
 template <typename W>
