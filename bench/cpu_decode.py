@@ -14,18 +14,16 @@ must produce the same tokens. Saves bench/results/cpu-decode.json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from bench.serve import environment
+from bench.result_files import write_result
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 
-RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle. " * 6
 
 
@@ -87,8 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                    for name, rs in rounds.items()},
         "environment": environment(),
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cpu-decode.json").write_text(json.dumps(record, indent=1))
+    write_result("cpu-decode.json", record)
     print(f"c=1 decode: cpu {best['cpu']['tok_s']:.1f} tok/s vs torch {best['torch']['tok_s']:.1f} tok/s "
           f"({record['speedup']:.2f}x); host overhead per step {best['cpu']['host_overhead_ms']:.1f} ms; "
           f"same tokens: {same}")

@@ -14,19 +14,17 @@ target is loaded p99 <= 3x quiet p99. Saves bench/results/cpu-head-of-line.json.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 
 from bench.serve import environment
+from bench.result_files import write_result
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.builder import build_engine
 from engine.sampling_params import SamplingParams
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def measure(engine: LLMEngine, long_prompt: int, quiet_tokens: int) -> dict:
@@ -85,8 +83,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['long_prompt_ttft_s']:.1f} s", flush=True)
     record = {"benchmark": "cpu_head_of_line", "long_prompt_tokens": args.long_prompt, "results": results,
               "target": "loaded p99 <= 3x quiet p99", "environment": environment()}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cpu-head-of-line.json").write_text(json.dumps(record, indent=1))
+    write_result("cpu-head-of-line.json", record)
     return 0
 
 

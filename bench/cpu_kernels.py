@@ -16,17 +16,15 @@ where the CPU has them, the integer dot-product kernels of qgemm_int.cpp (`int16
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from bench.serve import environment
+from bench.result_files import write_result
 from kernels.cpu import extension, select
 from kernels.cpu.quant import BLOCKS, pack_gguf
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SHAPE = (1536, 768)  # K a multiple of 256 for the K-quants
 MANY_ROWS = 8  # from here on the many-row kernels are timed too
 INT_DOT_ROWS = 64  # up to here the integer dot-product kernels are timed too
@@ -101,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {"benchmark": "cpu_kernels", "shape": SHAPE, "layers": args.layers, "threads": torch.get_num_threads(),
               "copy_gbs": round(copy, 2), "results": results, "startup_choice": select.plan().describe(),
               "environment": environment()}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cpu-kernels.json").write_text(json.dumps(record, indent=1))
+    write_result("cpu-kernels.json", record)
     return 0
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import time
 from pathlib import Path
@@ -22,11 +21,11 @@ from pathlib import Path
 import torch
 
 from bench.serve import environment
+from bench.result_files import write_result
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 from kernels.cpu import select
 
-RESULTS = Path(__file__).resolve().parent / "results"
 WORDS = (Path(__file__).resolve().parent / "datasets" / "words.txt").read_text().split()
 
 
@@ -73,8 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {"benchmark": "cpu_many_rows", "tokens": args.tokens, "rounds": args.rounds, "threads": args.threads,
               "plan": {k: v for k, v in plan.describe().items() if k != "timings_ms"}, "results": results,
               "environment": environment()}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cpu-many-rows.json").write_text(json.dumps(record, indent=1))
+    write_result("cpu-many-rows.json", record)
     return 0
 
 

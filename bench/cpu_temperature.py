@@ -13,17 +13,15 @@ bench/results/cpu-temperature.json.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
 
 from bench.serve import environment
+from bench.result_files import write_result
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 
-RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle. " * 6
 
 
@@ -89,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         "temperature_1_cost": round(cost, 4), "target": "temperature 1 costs <= 5% of greedy throughput",
         "environment": environment(),
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cpu-temperature.json").write_text(json.dumps(record, indent=1))
+    write_result("cpu-temperature.json", record)
     print(f"c={args.streams}: greedy {best['greedy']['tok_s']:.1f} tok/s, temperature 1 "
           f"{best['temperature 1']['tok_s']:.1f} tok/s: temperature 1 costs {cost * 100:.1f}% "
           f"(sampler {best['greedy']['sampler_ms_per_step']:.2f} vs {best['temperature 1']['sampler_ms_per_step']:.2f} ms/step)")

@@ -24,7 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench.result_files import write_result
+
 CONFIGS = ("before", "after")
 CONDITIONS = ("quiet", "hog at start", "hog after start")
 HOG = [sys.executable, "-c", "while True: pass"]
@@ -113,8 +114,7 @@ def main() -> None:
     report = {"command": "python -m bench.cpu_threads " + " ".join(sys.argv[1:]), "cpus": len(os.sched_getaffinity(0)),
               "model": args.model or "default built-in (SmolLM2-135M-Instruct)", "tokens": args.tokens,
               "rounds": args.rounds, "rows": rows}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cpu-threads.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_result("cpu-threads.json", report)
     print("| config | condition | tok/s | vs quiet | threads |\n|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['config']} | {row['condition']} | {row['tok_s']:.1f} | {row['vs_quiet']:.2f} | "

@@ -25,11 +25,11 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from bench.result_files import write_result
 from engine.loader import read_model_info
 
 LAYERS, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, EXPERTS, VOCAB = 24, 2880, 64, 8, 64, 32, 201088
 GGUF_MXFP4_BLOCK_BYTES = 17
-RESULTS = Path(__file__).parent / "results"
 
 
 def gpt_oss_gguf_tensors() -> list[tuple[str, tuple[int, ...], str]]:
@@ -193,9 +193,7 @@ def measure(path: Path, repeats: int) -> dict:
 
 def save_result(name: str, device: str, record: dict) -> Path:
     """Write `record` to bench/results/{name}-{cuda|cpu}.json (one file per benchmark and device kind)."""
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"{name}-{'cuda' if 'NVIDIA' in device else 'cpu'}.json"
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    out = write_result(f"{name}-{'cuda' if 'NVIDIA' in device else 'cpu'}.json", record)
     print(f"saved {out}")
     return out
 

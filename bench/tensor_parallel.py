@@ -13,7 +13,6 @@ round trip through gloo. The point here is correctness and the communication cou
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -25,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.throughput import RESULTS, commit  # noqa: E402
+from bench.result_files import write_result  # noqa: E402
+from bench.throughput import commit  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.builder import build_engine  # noqa: E402
@@ -94,8 +94,7 @@ def main() -> None:
                                         "threads_rank0": 1, "threads_per_worker": max(1, (os.cpu_count() or 1) // 2)},
               "rows": rows, "same_tokens": same, "load_average_1m": os.getloadavg()[0],
               "note": "both engines alive in one run, rounds alternated; the CPU was shared with other processes"}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "tensor-parallel-cpu.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_result("tensor-parallel-cpu.json", result)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ bench/results/throughput-<device>.json with device, commit and settings.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import subprocess
 import sys
@@ -23,9 +22,8 @@ import torch  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.llm import LLM  # noqa: E402
 from engine.builder import build_engine  # noqa: E402
+from bench.result_files import write_result  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def tiny_model() -> str:
@@ -75,9 +73,8 @@ def main() -> None:
     for name in ("one_at_a_time", "batched"):
         print(f"| {name} | {result[name]['requests_per_s']:.2f} | {result[name]['output_tokens_per_s']:.1f} |")
     print(f"batched / one-at-a-time: {result['batched_over_single']:.2f}x")
-    RESULTS.mkdir(exist_ok=True)
     name = "cuda" if llm.engine.model.device.type == "cuda" else "cpu"
-    (RESULTS / f"throughput-{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_result(f"throughput-{name}.json", result)
 
 
 if __name__ == "__main__":
