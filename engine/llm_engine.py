@@ -183,7 +183,8 @@ class LLMEngine:
     def _launch(self, batch: ScheduledBatch, outputs: list[RequestOutput]) -> InFlight | None:
         """Forward and sample `batch` (the device result is not waited for); a failure fails its requests."""
         sample_rows = [i for i, (seq, count) in enumerate(batch.items)  # prompt done (drafts too): sample
-                       if seq.num_computed_tokens + count == seq.num_tokens + len(seq.spec_token_ids)]
+                       if seq.num_computed_tokens + count == len(seq.prompt_token_ids) + len(seq.output_token_ids)
+                       + seq.num_in_flight + len(seq.spec_token_ids)]  # Sample.num_tokens, inlined: runs per sequence
         samples = [batch.items[i][0] for i in sample_rows]
         drafts = [seq.spec_token_ids for seq in samples] if self.spec is not None else None
         speculating = drafts is not None and any(drafts)

@@ -280,7 +280,9 @@ class ModelRunner:
             begin = state.num_computed_tokens
             begin_list.append(begin)
             row_list.append(state.row)
-            width = max(width, len(state.block_ids))
+            num_blocks = len(state.block_ids)
+            if num_blocks > width:
+                width = num_blocks
             known = state.token_ids
             if count == 1:
                 if begin < len(known):
@@ -388,9 +390,9 @@ class ModelRunner:
             seq_id = seq_ids[item]
             state = self.seqs[seq_id]
             row = state.sampling_row
-            generated = generated_of.get(seq_id)
-            min_tokens = row.params.min_tokens
-            row.banned_token_ids = state.stop_token_ids if generated is not None and generated < min_tokens else ()
+            generated = generated_of.get(seq_id) if generated_of else None  # None: no min_tokens rule
+            row.banned_token_ids = state.stop_token_ids if generated is not None and generated < row.params.min_tokens \
+                else ()
             rows.append(row)
             sampled.append(seq_id)
             draft = drafts.get(seq_id) if drafts else None
@@ -399,7 +401,7 @@ class ModelRunner:
             if row.generator is not None and not row.params.greedy:
                 state.saved_generator = (row.generator.get_state(), logits.shape[-1])
             for j in range(1, len(draft) + 1):
-                banned = state.stop_token_ids if generated is not None and generated + j < min_tokens else ()
+                banned = state.stop_token_ids if generated is not None and generated + j < row.params.min_tokens else ()
                 rows.append(row if banned == row.banned_token_ids else dataclasses.replace(row, banned_token_ids=banned))
         bitmask = None
         if step.grammar_bitmask is not None:

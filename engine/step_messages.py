@@ -113,33 +113,44 @@ class StepMessages:
         firsts: list[int] = []
         blocks: list[list[int]] = []
         computed: list[int] = []
-        told = self._told
-        for seq, _ in items:  # runs for every scheduled sequence every step: kept to plain list work
+        scheduled: list[int] = []
+        counts: list[int] = []
+        told, none = self._told, _NONE
+        for seq, count in items:  # runs for every scheduled sequence every step: kept to plain list work, one pass
+            seq_id = seq.seq_id
+            scheduled.append(seq_id)
+            counts.append(count)
             entry = told.get(seq)
             out, block_ids = seq.output_token_ids, seq.block_ids
             if entry is None:
-                new.append(NewSequence(seq.seq_id, seq.prompt_token_ids + out, len(seq.prompt_token_ids),
+                new.append(NewSequence(seq_id, seq.prompt_token_ids + out, len(seq.prompt_token_ids),
                                        list(block_ids), seq.num_computed_tokens, seq.params, seq.seed,
                                        sorted(seq.stop_token_ids)))
                 told[seq] = [len(out), len(block_ids), seq.block_table_version]
                 continue
-            ids.append(seq.seq_id)
+            ids.append(seq_id)
             sent_out, sent_blocks, version = entry
             num_out, num_blocks = len(out), len(block_ids)
-            tokens.append(out[sent_out:] if num_out > sent_out else _NONE)
+            if num_out != sent_out:
+                tokens.append(out[sent_out:])
+                entry[0] = num_out
+            else:
+                tokens.append(none)
             if version != seq.block_table_version:  # blocks were given back since: the whole table again
                 sent_blocks = 0
                 entry[2] = seq.block_table_version
             firsts.append(sent_blocks)
-            blocks.append(block_ids[sent_blocks:] if num_blocks > sent_blocks else _NONE)
+            if num_blocks != sent_blocks:
+                blocks.append(block_ids[sent_blocks:])
+                entry[1] = num_blocks
+            else:
+                blocks.append(none)
             computed.append(seq.num_computed_tokens)
-            entry[0] = num_out
-            entry[1] = num_blocks
         freed, self._freed = self._freed, []
         preempted, self._preempted = self._preempted, []
-        return SchedulerOutput(new, CachedSequences(ids, tokens, firsts, blocks, computed),
-                               [seq.seq_id for seq, _ in items], [count for _, count in items], sample_items,
-                               spec_token_ids, prompt_rows, freed, preempted, num_generated, grammar_bitmask)
+        return SchedulerOutput(new, CachedSequences(ids, tokens, firsts, blocks, computed), scheduled, counts,
+                               sample_items, spec_token_ids, prompt_rows, freed, preempted, num_generated,
+                               grammar_bitmask)
 
 
 _NONE: list[int] = []  # shared by every entry with nothing new (read only: the runner extends its own lists by it)
