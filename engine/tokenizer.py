@@ -41,8 +41,9 @@ class Tokenizer:
         self.bos_token = bos_token
         self.eos_token = eos_token
         ids = list(eos_token_ids or [])
-        if eos_token is not None and backend.token_to_id(eos_token) is not None:
-            ids.append(backend.token_to_id(eos_token))
+        eos_id = backend.token_to_id(eos_token) if eos_token is not None else None
+        if eos_id is not None:
+            ids.append(eos_id)
         self.eos_token_ids = sorted(set(ids))
         self.add_bos_token = add_bos_token
         self._bos_id = backend.token_to_id(bos_token) if bos_token else None
@@ -106,7 +107,7 @@ class Tokenizer:
             template = next((t.get("template") for t in template if t.get("name") == "default"), None)
         if "chat_template.jinja" in files:
             template = Path(files["chat_template.jinja"]).read_text()
-        eos_ids = []
+        eos_ids: list[int] = []
         if "generation_config.json" in files:
             eos = _json_object(files, "generation_config.json").get("eos_token_id")
             eos_ids = eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else []

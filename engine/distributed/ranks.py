@@ -9,6 +9,7 @@ import multiprocessing.process
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -65,8 +66,8 @@ def wait_until_loaded(workers: list[multiprocessing.process.BaseProcess], doorbe
             raise ParallelGroupError(f"{worker.name} sent an unexpected start-up message")
 
 
-def start_tensor_parallel(loaded: Any, model_path: str, world_size: int, device: torch.device, dtype: torch.dtype,
-                          kernel_backend: str | None, unpack_mxfp4_gib: float, timeout_s: float
+def start_tensor_parallel(loaded: Any, model_path: str | Path, world_size: int, device: torch.device, dtype: torch.dtype,
+                          kernel_backend: str, unpack_mxfp4_gib: float, timeout_s: float
                           ) -> RankGroup:
     """Spawn ranks 1..world_size-1, load slice 0 here, and join them; raises ParallelGroupError if they fail."""
     import torch.multiprocessing as mp

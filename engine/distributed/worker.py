@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ log = logging.getLogger(__name__)
 READY = b"ready"
 
 
-def load_slice(loaded: Any, ctx: ParallelContext, device: torch.device, dtype: torch.dtype, kernel_backend: str | None,
+def load_slice(loaded: Any, ctx: ParallelContext, device: torch.device, dtype: torch.dtype, kernel_backend: str,
                unpack_mxfp4_gib: float):
     """This rank's DecoderLM slice: each layer read whole on the CPU and cut at once (engine/distributed/shard),
     so the host holds one whole layer at a time, plus the whole embedding and LM head until they are cut."""
@@ -33,8 +34,8 @@ def load_slice(loaded: Any, ctx: ParallelContext, device: torch.device, dtype: t
     return slice_vocab(model, ctx, device)
 
 
-def worker_main(rank: int, world_size: int, port: int, model_path: str, device_type: str, dtype: torch.dtype,
-                kernel_backend: str | None, unpack_mxfp4_gib: float, timeout_s: float, doorbell: Connection) -> None:
+def worker_main(rank: int, world_size: int, port: int, model_path: str | Path, device_type: str, dtype: torch.dtype,
+                kernel_backend: str, unpack_mxfp4_gib: float, timeout_s: float, doorbell: Connection) -> None:
     """Serve forwards until rank 0 says STOP; any failure exits non-zero, which rank 0 sees as a broken group.
 
     `doorbell` is a pipe to rank 0: the worker reports READY on it once its slice is loaded, then,

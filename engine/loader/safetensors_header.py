@@ -11,6 +11,7 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from engine.loader.errors import ModelLoadError
 from engine.loader.json_files import read_json_object
@@ -75,7 +76,7 @@ def read_safetensors_header(path: str | Path) -> SafetensorsHeader:
     return SafetensorsHeader(path, tensors, metadata, file_size)
 
 
-def _tensor(path: Path, name: str, entry: object, data_start: int, file_size: int) -> SafetensorsTensorInfo:
+def _tensor(path: Path, name: str, entry: Any, data_start: int, file_size: int) -> SafetensorsTensorInfo:  # entry: parsed JSON
     """Validate one header entry; called once per tensor, so the happy path does no string work."""
     problem = _entry_problem(entry)
     if problem is None:
