@@ -22,7 +22,7 @@ class OutputProcessor:
         self.tokenizer = tokenizer
 
     def add_tokens(self, requests: dict[str, Request], samples: list[Sample], rows: list[int],
-                   result: RunnerOutput | None) -> tuple[list[Request], list[Sample]]:
+                   result: RunnerOutput) -> tuple[list[Request], list[Sample]]:
         """Detokenize each sample's newest token (`rows[i]` of `result` holds its logprobs).
 
         Returns the requests that changed and the samples a stop string has just finished.
@@ -46,11 +46,13 @@ class OutputProcessor:
                 seq.finish_reason, seq.stop_reason = "stop", detok.stopped_by
         return list(touched.values()), stopped
 
-    def _logprob(self, token: int, result: RunnerOutput | None, row: int, top_n: int) -> TokenLogprob:
+    def _logprob(self, token: int, result: RunnerOutput, row: int, top_n: int) -> TokenLogprob:
         """Token texts from the tokens' bytes: a partial character shows as `\\xNN` escapes, not U+FFFD."""
+        logprob, top_logprobs = result.logprobs[row], result.top_logprobs[row]
+        assert logprob is not None and top_logprobs is not None, "the runner scores every row whose request asked"
         token_bytes = self.tokenizer.token_bytes
-        top = [(t, token_text(token_bytes(t)), lp) for t, lp in result.top_logprobs[row][:top_n]]
-        return TokenLogprob(token, token_text(token_bytes(token)), result.logprobs[row], top)
+        top = [(t, token_text(token_bytes(t)), lp) for t, lp in top_logprobs[:top_n]]
+        return TokenLogprob(token, token_text(token_bytes(token)), logprob, top)
 
     @staticmethod
     def output(request: Request) -> RequestOutput:
