@@ -7,11 +7,12 @@ or misshapen tensor is a ModelConfigError naming the tensor.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from engine.loader.tensors import TensorStore
 from engine.models.errors import ModelConfigError
 from kernels.mxfp4 import MXFP4Tensor
 from kernels.ops import Weight
@@ -24,7 +25,7 @@ KeepQuantized = Callable[[torch.Tensor, str, tuple[int, ...]], Weight | None]
 class WeightReader:
     def __init__(
         self,
-        tensors: Mapping[str, Any],
+        tensors: TensorStore,
         device: torch.device,
         dtype: torch.dtype,
         rename: Callable[[str], str] = lambda name: name,
