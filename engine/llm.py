@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from typing import Any, cast
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
@@ -30,11 +30,14 @@ class LLM:
     def generate(self, prompts: str | list[int] | list[str] | list[list[int]],
                  params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
         """Run every prompt to completion together; whole completions (deltas merged) in prompt order."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
-        ids = [f"offline-{next(self._ids)}" for _ in prompts]
-        for request_id, prompt, p in zip(ids, prompts, params_list):
+        batch: list[str | list[int]]
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):  # one prompt (text or ids)
+            batch = [prompts]
+        else:
+            batch = list(cast("list[str] | list[list[int]]", prompts))
+        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(batch)
+        ids = [f"offline-{next(self._ids)}" for _ in batch]
+        for request_id, prompt, p in zip(ids, batch, params_list):
             self.engine.add_request(request_id, prompt, p)
         merged = {request_id: RequestAccumulator() for request_id in ids}
         while self.engine.has_unfinished():
