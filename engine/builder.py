@@ -3,7 +3,8 @@
 Every "auto" of the config is resolved here, once (`Placement`: device, dtype, kernel backend,
 tensor-parallel size, then the sequence limit and async scheduling); the model is opened and
 built (or split over its ranks), the KV pool sized and the context fitted to it, the runner
-warmed up (CUDA graphs captured) and, on CPU, the step budget measured. LLMEngine only steps.
+warmed up (CUDA graphs captured) and, on CPU, the step budget (and with speculation the step cost)
+measured. LLMEngine only steps.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from engine.llm_engine import EngineLayout, LLMEngine
 from engine.model_runner import ModelRunner
 from engine.models.base import CausalLM
 from engine.scheduler import default_max_num_seqs
+from engine.spec_decode.step_cost import measure as measure_step_cost
 from engine.step_budget import measure as measure_step_budget
 from engine.tokenizer import Tokenizer
 from kernels.ops import Ops
@@ -94,6 +96,8 @@ def build_engine(config: EngineConfig, num_blocks: int | None = None,
             and placement.tensor_parallel_size == 1):  # tensor parallel on CPU runs tests, not streams
         engine.step_budget = measure_step_budget(engine.executor.runner, config.batched_tokens)
         engine.scheduler.latency_budget = engine.step_budget
+    if engine.spec is not None and placement.device.type == "cpu" and placement.tensor_parallel_size == 1:
+        engine.spec.step_cost = measure_step_cost(engine.executor.runner, config.batched_tokens)
     engine.thread_adapter = thread_adapter
     engine.load_seconds = time.perf_counter() - started
     return engine

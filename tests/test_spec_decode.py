@@ -53,6 +53,8 @@ def _requests(tokenizer) -> list[tuple[str, SamplingParams]]:
 
 def _run(spec: dict | None, **config) -> tuple[dict, LLMEngine]:
     engine = make_engine(speculative_config=spec, **config)
+    if engine.spec is not None:  # verify every draft: these tests are about exactness, not the cost model's choice
+        engine.spec.step_cost = None
     for i, (prompt, params) in enumerate(_requests(engine.tokenizer)):
         engine.add_request(str(i), prompt, params)
     results = run_to_completion(engine)
@@ -228,3 +230,10 @@ def test_seeded_sampling_is_identical_with_speculation():
     stats = engine.spec.stats
     assert results[True] == results[False]
     assert stats.num_accepted_tokens > 0 and stats.num_draft_tokens > stats.num_accepted_tokens
+
+
+def test_cpu_engines_measure_what_a_draft_row_costs():
+    """The builder times the served model at several row counts; more rows never come out cheaper."""
+    cost = make_engine(speculative_config=NGRAM).spec.step_cost
+    assert cost is not None and len(cost.rows) > 2 and cost.key_ms >= 0
+    assert list(cost.rows) == sorted(cost.rows) and list(cost.rows_ms) == sorted(cost.rows_ms)

@@ -1,15 +1,18 @@
-"""Proposers (n-gram, suffix with its global cache), the back-off, the acceptance rule and the config parser."""
+"""Proposers (n-gram, suffix with its global cache), the acceptance estimate and back-off, the step cost
+model's choice of drafts, the acceptance rule and the config parser."""
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
 
 from engine.config import ConfigError
-from engine.spec_decode.adaptive import MAX_PAUSE, Backoff
+from engine.spec_decode.adaptive import MAX_PAUSE, Acceptance, Backoff
 from engine.spec_decode.config import SpeculativeConfig
 from engine.spec_decode.ngram import NgramIndex, NgramProposer
+from engine.spec_decode.step_cost import MIN_GAIN, StepCost
 from engine.spec_decode.suffix import GlobalTrie, SequenceTrie, SuffixProposer
 from engine.spec_decode.verify import accepted_tokens
 
@@ -108,7 +111,7 @@ def test_global_trie_counts_equal_a_rebuild(seed):
 
 
 def test_backoff_pauses_longer_after_each_failure_and_recovers():
-    backoff = Backoff()
+    backoff = Backoff(Acceptance())
     pauses = []
     for _ in range(10):
         backoff.observe(5, 0)
@@ -116,21 +119,63 @@ def test_backoff_pauses_longer_after_each_failure_and_recovers():
         while not backoff.ready():
             steps += 1
         pauses.append(steps)
-    assert pauses == [0, 0, 1, 2, 4, 8, 16, 32, MAX_PAUSE, MAX_PAUSE]  # one bad step alone never pauses
+    assert pauses == [0, 1, 2, 4, 8, 16, 32, MAX_PAUSE, MAX_PAUSE, MAX_PAUSE]  # one bad step alone never pauses
     backoff.observe(5, 5)
-    backoff.observe(5, 0)  # after a success the next pause starts short again
-    assert backoff.ready() is True
-    backoff.observe(5, 0)
-    assert [backoff.ready(), backoff.ready()] == [False, True]
+    failures = 0
+    while backoff.ready():  # after a success the next pause starts short again
+        backoff.observe(5, 0)
+        failures += 1
+    assert failures > 1 and [backoff.ready(), backoff.ready()] == [True, True]  # paused one step
 
 
-def test_backoff_drafts_in_proportion_to_acceptance():
-    backoff = Backoff()
-    assert backoff.allowance(5) == 5
-    backoff.observe(4, 2)  # half accepted: the average moves from 1.0 to 0.75
-    assert backoff.allowance(5) == 4 and backoff.allowance(1) == 1
-    backoff.observe(4, 0)
-    assert backoff.allowance(5) == 2
+def test_acceptance_is_per_drafted_position_until_the_first_rejection():
+    acceptance = Acceptance()
+    assert acceptance.rate == 0.5
+    for _ in range(20):
+        acceptance.observe(4, 2)  # two accepted, the third rejected, the fourth never decided
+    assert acceptance.rate == pytest.approx(2 / 3)
+    for _ in range(20):
+        acceptance.observe(4, 4)  # all accepted: nothing was rejected
+    assert acceptance.rate == pytest.approx(1.0, abs=1e-4)
+
+
+def test_step_cost_interpolates_between_measured_row_counts():
+    cost = StepCost((1, 4, 16), (10.0, 13.0, 40.0), key_ms=0.01)
+    assert cost.ms(1, 0) == 10.0 and cost.ms(4, 100) == 14.0
+    assert cost.ms(10, 0) == pytest.approx(13.0 + 27.0 * 6 / 12)
+    assert cost.ms(28, 0) == pytest.approx(67.0)  # past the last count: along the last segment
+
+
+def test_step_cost_verifies_drafts_where_rows_are_cheap_and_none_where_they_are_not():
+    cost = StepCost((1, 2, 64, 384), (10.0, 10.2, 40.0, 200.0), key_ms=0.0)
+    assert cost.choose(1, 300, [(5, 300, 0.8)]) == [5]  # one stream: draft rows cost little
+    assert cost.choose(1, 300, [(5, 300, 0.01)]) == [0]  # nearly never accepted: not worth even a cheap row
+    big = [(5, 300, 0.6)] * 64  # 64 streams at a rate of 0.6: each draft row costs more than it brings
+    assert cost.choose(64, 64 * 300, big) == [0] * 64
+    assert cost.choose(64, 64 * 300, [(5, 300, 1.0)] * 64) == [5] * 64  # copying: every draft lands
+
+
+def test_step_cost_choice_is_the_best_of_every_combination():
+    """Draft j is priced at rate^j; against a brute force over how many drafts each sequence verifies, the
+    choice gives the most expected tokens per ms (the likelier sequence gets at least as many)."""
+    cost = StepCost((1, 8, 16), (10.0, 10.5, 24.0), key_ms=0.001)
+    drafts = [(5, 100, 0.9), (5, 300, 0.5), (3, 50, 0.9), (4, 100, 0.2)]
+
+    def rate(counts):
+        tokens = 4 + sum(alpha ** j for (_, _, alpha), n in zip(drafts, counts) for j in range(1, n + 1))
+        keys = 550 + sum(ctx + j for (_, ctx, _), n in zip(drafts, counts) for j in range(1, n + 1))
+        return tokens / cost.ms(4 + sum(counts), keys)
+
+    counts = cost.choose(4, 550, drafts)
+    best = max(itertools.product(*(range(n + 1) for n, _, _ in drafts)), key=rate)
+    assert rate(counts) == pytest.approx(rate(best)) and sum(counts) > 0
+    assert counts[0] >= counts[1] >= counts[3]
+
+
+def test_step_cost_skips_gains_within_the_measurement_noise():
+    cost = StepCost((1, 2), (10.0, 12.5), key_ms=0.0)  # a draft row costs a quarter of the step
+    assert cost.choose(1, 0, [(1, 0, 0.25 + MIN_GAIN / 2)]) == [0]  # expected +0.8%
+    assert cost.choose(1, 0, [(1, 0, 0.4)]) == [1]
 
 
 def test_acceptance_rule():
@@ -149,3 +194,13 @@ def test_config_parses_vllm_json_and_rejects_mistakes():
                 '{"method": "ngram", "num_speculative_tokens": 0}', '{"method": "ngram", "draft": 1}', "[1]"):
         with pytest.raises(ConfigError):
             SpeculativeConfig.parse(bad)
+
+
+def test_an_unverified_estimate_drifts_back_to_the_prior():
+    acceptance = Acceptance()
+    for _ in range(5):
+        acceptance.observe(4, 0)
+    low = acceptance.rate
+    for _ in range(30):
+        acceptance.relax()
+    assert low < 0.2 and acceptance.rate == pytest.approx(0.5, abs=0.05)

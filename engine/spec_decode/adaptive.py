@@ -1,25 +1,48 @@
-"""Per-sequence back-off: speculation that keeps being rejected costs verification for nothing.
+"""Per-sequence acceptance: how likely each next draft is to be accepted, and back-off when drafts keep failing.
 
-Each sequence keeps a moving average of the share of its drafted tokens that were accepted.
-When it falls below `LOW_ACCEPTANCE` the sequence stops proposing for a number of steps that
-doubles on every further failure (up to `MAX_PAUSE`) and resets once drafts are accepted again.
-Between pauses it drafts at most its acceptance share of the tokens allowed (at least one), so
-a sequence whose drafts are half right verifies half as many positions.
+A verified step decides its drafts one position at a time until the first rejection, so a sequence's
+per-token acceptance rate is (drafts accepted) / (positions decided: the accepted ones plus the
+rejected one, if any), kept as a ratio of moving averages. The step cost model (step_cost.py) prices
+draft j of a sequence at that rate to the power j. When the rate falls below `LOW_ACCEPTANCE` the
+sequence also stops proposing (saving the proposer's host time) for a number of steps that doubles
+on every further failure (up to `MAX_PAUSE`) and resets once drafts are accepted again.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-LOW_ACCEPTANCE = 0.25  # below this many accepted tokens per drafted one, pause
-SMOOTHING = 0.5  # weight of the newest step in the moving average
+LOW_ACCEPTANCE = 0.25  # below this per-token acceptance rate, pause
+SMOOTHING = 0.5  # weight of the newest step in the moving averages
 MAX_PAUSE = 64  # steps
+PRIOR = (1.0, 2.0)  # (accepted, decided) before anything is known: a rate of one half
+RELAX = 0.1  # share of the way back to the prior per step whose drafts were not verified
+
+
+@dataclass
+class Acceptance:
+    accepted: float = PRIOR[0]  # moving average of drafts accepted per verified step
+    decided: float = PRIOR[1]  # ... of draft positions decided per verified step
+
+    @property
+    def rate(self) -> float:
+        return self.accepted / self.decided
+
+    def relax(self) -> None:
+        """A step whose drafts went unverified: drift back towards the prior, so an estimate that priced a
+        sequence's drafts out (and so stopped hearing about them) gets tried again."""
+        self.accepted += RELAX * (PRIOR[0] - self.accepted)
+        self.decided += RELAX * (PRIOR[1] - self.decided)
+
+    def observe(self, num_drafted: int, num_accepted: int) -> None:
+        decided = num_accepted + (num_accepted < num_drafted)
+        self.accepted += SMOOTHING * (num_accepted - self.accepted)
+        self.decided += SMOOTHING * (decided - self.decided)
 
 
 @dataclass
 class Backoff:
-    acceptance: float = 1.0  # moving average of accepted / drafted
+    acceptance: Acceptance
     paused_steps: int = 0
     next_pause: int = 1
 
@@ -30,15 +53,12 @@ class Backoff:
             return False
         return True
 
-    def allowance(self, max_tokens: int) -> int:
-        """How many of `max_tokens` draft tokens the sequence may propose now."""
-        return max(1, min(max_tokens, math.ceil(max_tokens * self.acceptance)))
-
     def observe(self, num_drafted: int, num_accepted: int) -> None:
-        self.acceptance += SMOOTHING * (num_accepted / num_drafted - self.acceptance)
-        if self.acceptance < LOW_ACCEPTANCE:
+        acceptance = self.acceptance
+        acceptance.observe(num_drafted, num_accepted)
+        if acceptance.rate < LOW_ACCEPTANCE:
             self.paused_steps = self.next_pause
             self.next_pause = min(2 * self.next_pause, MAX_PAUSE)
-            self.acceptance = LOW_ACCEPTANCE  # one good step after the pause lifts it back up
+            acceptance.accepted = LOW_ACCEPTANCE * acceptance.decided  # one good step after the pause lifts it
         elif num_accepted:
             self.next_pause = 1

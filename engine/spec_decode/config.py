@@ -20,7 +20,7 @@ class SpeculativeConfig:
     num_speculative_tokens: int = 5  # the most tokens proposed for one sequence in one step
     prompt_lookup_min: int = 2  # n-gram: the shortest tail that may match
     prompt_lookup_max: int = 5  # n-gram: the longest tail tried first
-    disable_by_batch_size: int = 16  # no proposals in a step with this many running sequences or more
+    disable_by_batch_size: int | None = 16  # no proposals in a step with this many running sequences or more (None: no cap)
     suffix_decoding_max_tree_depth: int = 24  # suffix: longest indexed substring (match + continuation)
     suffix_decoding_max_cached_requests: int = 1000  # suffix: finished outputs kept in the global cache
     suffix_decoding_max_spec_factor: float = 1.0  # suffix: propose at most factor * match length tokens
@@ -32,6 +32,8 @@ class SpeculativeConfig:
         for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "disable_by_batch_size",
                      "suffix_decoding_max_tree_depth", "suffix_decoding_max_cached_requests"):
             value = getattr(self, name)
+            if value is None and name == "disable_by_batch_size":
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"speculative_config.{name} must be a positive integer, got {value!r}")
         if self.prompt_lookup_min > self.prompt_lookup_max:

@@ -2,9 +2,13 @@
 
 A sequence speculates when it is decoding (its prompt done, no token in flight), its tokens are
 its own to draw (no grammar, no penalties whose counts would have to see the drafts; a seeded
-sampling row's generator is rewound by the engine after verification) and its back-off allows it; the whole step does
-not speculate when `disable_by_batch_size` sequences or more are running, where verifying costs
-more compute than the extra tokens save. Drafts never run past `max_tokens` or the context.
+sampling row's generator is rewound by the engine after verification) and its back-off allows it.
+How many of the proposed drafts a step verifies is the step cost model's choice (step_cost.py):
+only drafts whose expected accepted tokens pay for their rows, so a large batch or a low
+acceptance rate verifies few or none; where the cost was not measured (GPU) every draft is verified.
+A step with `disable_by_batch_size` running sequences or more does not speculate (on CPU verification
+rows beside 16 streams measured slower than without: bench/spec_decode.py). Drafts never run past
+`max_tokens` or the context.
 """
 
 from __future__ import annotations
@@ -13,10 +17,11 @@ import time
 from collections.abc import Sequence
 
 from engine.request import Sample
-from engine.spec_decode.adaptive import Backoff
+from engine.spec_decode.adaptive import Acceptance, Backoff
 from engine.spec_decode.config import SpeculativeConfig
 from engine.spec_decode.ngram import NgramProposer
 from engine.spec_decode.stats import SpecDecodeStats
+from engine.spec_decode.step_cost import StepCost
 from engine.spec_decode.suffix import SuffixProposer
 
 
@@ -43,27 +48,49 @@ class SpecDecoder:
         self.proposer = make_proposer(config)
         self.stats = SpecDecodeStats(config.num_speculative_tokens)
         self.backoff: dict[Sample, Backoff] = {}
+        self.acceptance = Acceptance()  # over every sequence: where a new sequence's estimate starts
+        self.step_cost: StepCost | None = None  # measured by the builder (CPU)
 
     def propose(self, running: Sequence[Sample]) -> None:
         """Set `spec_token_ids` of the running sequences that speculate this step."""
-        if len(running) >= self.config.disable_by_batch_size:
+        cap = self.config.disable_by_batch_size
+        if cap is not None and len(running) >= cap:
             return
         started = time.perf_counter()
         k = self.config.num_speculative_tokens
+        decoding = row_keys = 0
+        candidates: list[tuple[Sample, list[int], float]] = []
         for seq in running:
+            if seq.num_remaining != 1:
+                continue  # a prompt chunk: its rows are the scheduler's to budget
+            decoding += 1
+            row_keys += seq.num_tokens
             room = min(k, seq.max_tokens - len(seq.output_token_ids) - 1, self.max_model_len - seq.num_tokens)
             if room <= 0 or not may_speculate(seq):
                 continue
             backoff = self.backoff.get(seq)
             if backoff is None:
-                backoff = self.backoff[seq] = Backoff()
+                backoff = self.backoff[seq] = Backoff(Acceptance(self.acceptance.accepted, self.acceptance.decided))
             if backoff.ready():
-                seq.spec_token_ids = self.proposer.propose(seq, seq, backoff.allowance(room))
+                draft = self.proposer.propose(seq, seq, room)
+                if draft:
+                    candidates.append((seq, draft, backoff.acceptance.rate))
+        if candidates:
+            if self.step_cost is None:
+                counts = [len(draft) for _, draft, _ in candidates]
+            else:
+                counts = self.step_cost.choose(decoding, row_keys, [(len(draft), seq.num_tokens, rate)
+                                                                     for seq, draft, rate in candidates])
+            for (seq, draft, _), count in zip(candidates, counts):
+                seq.spec_token_ids = draft[:count]
+                if not count:
+                    self.backoff[seq].acceptance.relax()
         self.stats.propose_seconds += time.perf_counter() - started
 
     def observe(self, seq: Sample, num_drafted: int, num_accepted: int) -> None:
         """Record a verified step of `seq`: `num_accepted` of its `num_drafted` drafts were kept."""
         self.stats.observe(num_drafted, num_accepted)
+        self.acceptance.observe(num_drafted, num_accepted)
         seq.num_draft_tokens += num_drafted
         seq.num_accepted_tokens += num_accepted
         backoff = self.backoff.get(seq)
