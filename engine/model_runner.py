@@ -231,10 +231,10 @@ class ModelRunner:
                 rows.give_back(state.row)
             state.row, state.block_ids = -1, []
         for seq_id in step.freed_seq_ids:
-            state = seqs.pop(seq_id, None)
-            if state is not None:
-                if state.row >= 0:
-                    rows.give_back(state.row)
+            freed = seqs.pop(seq_id, None)
+            if freed is not None:
+                if freed.row >= 0:
+                    rows.give_back(freed.row)
                 self.sampler.release(seq_id)
         for new in step.new_seqs:
             state = seqs[new.seq_id] = SequenceState(new, rows.take(), self.device)
@@ -363,8 +363,10 @@ class ModelRunner:
         input_ids = b.upload(b.input_ids, tokens_out)
         if in_flight_at:
             row_of = {seq_id: row for row, seq_id in enumerate(self._last_sampled)}
+            last_token_ids = self._last_token_ids
+            assert last_token_ids is not None, "a token in flight was sampled by the previous step"
             input_ids[upload(in_flight_at, torch.long, self.device)] = \
-                self._last_token_ids[upload([row_of[seq_id] for seq_id in in_flight_seqs], torch.long, self.device)]
+                last_token_ids[upload([row_of[seq_id] for seq_id in in_flight_seqs], torch.long, self.device)]
         inputs = StepInputs(input_ids, b.upload(b.positions, tokens_out), metadata, num_logits if prompt_rows
                             else num_sampled, bucket)
         b.uploads_queued()
@@ -381,8 +383,10 @@ class ModelRunner:
             for span in step.prompt_rows:
                 state = self.seqs[step.scheduled_seq_ids[span.item]]
                 first = state.num_computed_tokens + span.first + 1
+                top = state.sampling_row.params.prompt_logprobs
+                assert top is not None, "prompt rows are scheduled only for requests that ask"
                 prompt_scores.append(score(scored[start:start + span.count], state.token_ids[first:first + span.count],
-                                           state.sampling_row.params.prompt_logprobs))
+                                           top))
                 start += span.count
         seq_ids, drafts, generated_of = step.scheduled_seq_ids, step.spec_token_ids, step.num_generated
         rows, sampled = [], []
@@ -416,9 +420,11 @@ class ModelRunner:
         """A seeded row drew once per verified position; leave its generator as if it had drawn once per emitted
         token (the sampler's exponential race takes one vocabulary-wide draw per row), so the next step's draw
         is the one non-speculative decoding would make and seeded outputs stay identical."""
+        generator = state.sampling_row.generator
+        assert state.saved_generator is not None and generator is not None, "saved only for seeded rows"
         generator_state, vocab_size = state.saved_generator
-        state.sampling_row.generator.set_state(generator_state)
-        skip_seeded_draws(state.sampling_row.generator, vocab_size, num_emitted)
+        generator.set_state(generator_state)
+        skip_seeded_draws(generator, vocab_size, num_emitted)
         state.saved_generator = None
 
     def _bucket(self, counts: list[int], sample_rows: list[int]) -> int | None:
