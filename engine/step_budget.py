@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import itertools
 import logging
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from engine.model_runner import ModelRunner
 from engine.request import Sample
@@ -141,22 +139,11 @@ class StepBudget:
                 f"pairs; prompt tokens beside running streams keep a step within {STALL_RATIO:g}x a quiet step")
 
 
-def _best_ms(runner: ModelRunner, num_tokens: int) -> float:
-    inputs = runner.scratch_inputs(1, num_tokens)
-    best = float("inf")
-    with torch.no_grad():
-        for _ in range(PROBE_REPEATS + 1):  # the first run warms up
-            started = time.perf_counter()
-            runner.model.forward(inputs.input_ids, inputs.positions, inputs.metadata)
-            best = min(best, (time.perf_counter() - started) * 1e3)
-    return best
-
-
 def measure(runner: ModelRunner, max_tokens: int) -> StepBudget:
     """The cost model for this model on this machine, seeded by timing a decode and a prompt forward."""
     prompt = max(2, min(PROBE_PROMPT_TOKENS, max_tokens, runner.max_blocks * runner.block_size))
-    decode_ms = _best_ms(runner, 1)
-    token_ms = max(_best_ms(runner, prompt) - decode_ms, 1e-6) / (prompt - 1)
+    decode_ms = runner.best_forward_ms(1, 1, PROBE_REPEATS)
+    token_ms = max(runner.best_forward_ms(1, prompt, PROBE_REPEATS) - decode_ms, 1e-6) / (prompt - 1)
     budget = StepBudget(decode_ms, token_ms)
     log.info(budget.describe())
     return budget

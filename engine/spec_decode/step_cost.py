@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import bisect
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
 
 log = logging.getLogger(__name__)
 
@@ -76,16 +74,6 @@ class StepCost:
         return f"speculation step cost: forward ms by rows {{{points}}}, {self.key_ms * 1e3:.3f} us per attended key"
 
 
-def _best_ms(runner, inputs) -> float:
-    best = float("inf")
-    with torch.no_grad():
-        for _ in range(PROBE_REPEATS + 1):  # the first run warms up
-            started = time.perf_counter()
-            runner.model.forward(inputs.input_ids, inputs.positions, inputs.metadata)
-            best = min(best, (time.perf_counter() - started) * 1e3)
-    return best
-
-
 def measure(runner, max_rows: int) -> StepCost:
     """Time forwards of the served model on the runner's scratch block (CPU: the forward returns when done).
     `rows` rows are `rows` one-token sequences up to the runner's sequence slots, beyond them sequences of
@@ -101,11 +89,11 @@ def measure(runner, max_rows: int) -> StepCost:
         if seqs * per_seq > capacity:
             break
         measured.append((seqs * per_seq, seqs * per_seq * (per_seq + 1) // 2,
-                         _best_ms(runner, runner.scratch_inputs(seqs, per_seq))))
+                         runner.best_forward_ms(seqs, per_seq, PROBE_REPEATS)))
     key_ms = 0.0
     if len(measured) > 1 and prompt >= MIN_PROBE_PROMPT:  # a prompt's time beyond as many rows' prices its pairs
         flat = StepCost(tuple(r for r, _, _ in measured), tuple(t for _, _, t in measured), 0.0)
-        prompt_ms = _best_ms(runner, runner.scratch_inputs(1, prompt))
+        prompt_ms = runner.best_forward_ms(1, prompt, PROBE_REPEATS)
         key_ms = max(prompt_ms - flat.ms(prompt, 0), 0.0) / (prompt * (prompt + 1) // 2 - prompt)
     rows_ms: list[float] = []
     rows: list[int] = []
