@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 from engine.errors import InvalidRequestError
 from engine.structured.spec import StructuredOutput
@@ -14,7 +15,16 @@ GREEDY_BELOW = 1e-5  # temperatures under this sample greedily (vLLM uses the sa
 
 # Each numeric field's range, in pydantic's terms: SamplingParams enforces them here and the HTTP
 # protocol declares the same ones (so they reach the OpenAPI schema), so a range is written once.
-FIELD_BOUNDS: dict[str, dict[str, float]] = {
+class Bounds(TypedDict, total=False):
+    """A numeric range in pydantic `Field`'s keywords, so the protocol can pass it as `**bounds`."""
+
+    ge: float
+    gt: float
+    le: float
+    lt: float
+
+
+FIELD_BOUNDS: dict[str, Bounds] = {
     "n": {"ge": 1},
     "max_tokens": {"ge": 1},
     "min_tokens": {"ge": 0},

@@ -70,11 +70,10 @@ def conversation_of(body: ChatCompletionRequest) -> Conversation:
     tools = [Tool(t.function.name, t.function.description or "", t.function.parameters, param=f"tools.{i}.function")
              for i, t in enumerate(body.tools or [])]
     choice = body.tool_choice
-    named = choice.function.name if isinstance(choice, NamedToolChoice) else None
+    tool_choice = choice.function.name if isinstance(choice, NamedToolChoice) else choice or "auto"
     spec, spec_param = output_format(body)
-    return Conversation([chat_turn(m, i) for i, m in enumerate(body.messages)], tools,
-                        named or choice or "auto", body.parallel_tool_calls, spec, spec_param,
-                        body.reasoning_effort, body.add_generation_prompt)
+    return Conversation([chat_turn(m, i) for i, m in enumerate(body.messages)], tools, tool_choice,
+                        body.parallel_tool_calls, spec, spec_param, body.reasoning_effort, body.add_generation_prompt)
 
 
 def chat_delta(event: Event) -> dict[str, Any] | None:

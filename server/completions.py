@@ -145,7 +145,8 @@ async def stream_completion(request: Request, body: CompletionRequest, outputs, 
             if text or delta.logprobs:
                 offset = offsets.setdefault(delta.index, TextOffsets(len(echoes[prompt_index])))
                 parts = prompts.get(prompt_index) if delta.first else None
-                logprobs = choice_logprobs(body, tokenizer, delta.logprobs, offset, parts and parts.echoed)
+                logprobs = choice_logprobs(body, tokenizer, delta.logprobs, offset,
+                                          parts.echoed if parts is not None else None)
                 extra = {}
                 if parts is not None and parts.scored is not None:
                     extra["prompt_logprobs"] = parts.scored

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import Any
+from typing import Any, overload
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -73,6 +73,10 @@ def error_body(message: str, type: str, param: str | None = None, code: str | in
     return {"error": {"message": encodable(message), "type": type, "param": encodable(param), "code": code}}
 
 
+@overload
+def encodable(text: str) -> str: ...
+@overload
+def encodable(text: None) -> None: ...
 def encodable(text: str | None) -> str | None:
     return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
 

@@ -41,7 +41,7 @@ class SamplingFields(APIModel):
     """The sampling knobs shared by /v1/completions and /v1/chat/completions."""
 
     model: str | None = None  # None: the only (or first) served model
-    n: int = Field(1, **FIELD_BOUNDS["n"], le=128)  # 128: a protocol cap (operators lower it with --max-n)
+    n: int = Field(1, **(FIELD_BOUNDS["n"] | {"le": 128}))  # 128: a protocol cap (operators lower it with --max-n)
     temperature: float | None = Field(None, **FIELD_BOUNDS["temperature"])
     top_p: float | None = Field(None, **FIELD_BOUNDS["top_p"])
     top_k: int | None = Field(None, **FIELD_BOUNDS["top_k"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from contextlib import aclosing
 from typing import Any
 
@@ -20,7 +20,7 @@ from server.streams import unless_disconnected
 
 logger = logging.getLogger("minerva.server")
 
-Outputs = AsyncIterator[tuple[int, RequestOutput]]
+Outputs = AsyncGenerator[tuple[int, RequestOutput], None]  # closed (so aborted) when a response ends early
 
 STREAM_ERROR_TAIL = "stream_error_tail"  # request.state / scope["state"] key: how a started stream ends on an error
 

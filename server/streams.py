@@ -8,7 +8,7 @@ cancel scope, so the abort itself survives the cancellation that triggered it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from typing import Any, Protocol, TypeVar
 
 import anyio
@@ -28,7 +28,7 @@ class GeneratingEngine(Protocol):
 
 
 async def generate_many(engine: GeneratingEngine, prompts: list[list[int]], params: SamplingParams,
-                        request_id: str) -> AsyncIterator[tuple[int, RequestOutput]]:
+                        request_id: str) -> AsyncGenerator[tuple[int, RequestOutput], None]:
     """Outputs of one engine request per prompt, interleaved as they come, tagged with the prompt index."""
     ids = [request_id if len(prompts) == 1 else f"{request_id}-{i}" for i in range(len(prompts))]
     finished: set[str] = set()

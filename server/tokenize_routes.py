@@ -40,13 +40,13 @@ class DetokenizeRequest(APIModel):
 
 
 def tokenize(served: ServedModel, body: TokenizeRequest) -> list[int]:
-    if (body.prompt is None) == (body.messages is None):
-        raise APIError(400, "give exactly one of prompt and messages", param="prompt")
-    if body.messages is not None:
+    if body.messages is not None and body.prompt is None:
         chat = ChatCompletionRequest(model=body.model, messages=body.messages,
                                      add_generation_prompt=body.add_generation_prompt)
         return render_prompt(served.engine, conversation_of(chat))
-    return encode(served.engine.tokenizer, body.prompt, add_special_tokens=body.add_special_tokens, param="prompt")
+    if body.prompt is not None and body.messages is None:
+        return encode(served.engine.tokenizer, body.prompt, add_special_tokens=body.add_special_tokens, param="prompt")
+    raise APIError(400, "give exactly one of prompt and messages", param="prompt")
 
 
 @router.post("/tokenize")

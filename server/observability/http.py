@@ -40,7 +40,7 @@ def log_fields(scope: Scope, record: RequestRecord, status: int, latency: float,
         "client": record.client or None,
         "key_id": record.key_id,
     }
-    if record.generated:
+    if record.generated_on is not None:
         fields.update(model=record.model, prompt_tokens=record.prompt_tokens,
                       completion_tokens=record.completion_tokens)
         drafted, accepted = record.spec_tokens
@@ -90,7 +90,7 @@ class ObservabilityMiddleware:
         finally:
             if failed and status is None:
                 final = 500
-            elif complete:
+            elif complete and status is not None:  # a complete response has started, so it has a status
                 final = status
             else:  # the client left before the response (or the rest of its stream) went out
                 final = CLIENT_CLOSED_REQUEST
@@ -101,7 +101,8 @@ class ObservabilityMiddleware:
         route = route_template(scope, self.routes)
         self.metrics.requests.labels(route, str(status)).inc()
         self.metrics.request_latency.labels(route).observe(latency)
-        if record.generated:
+        model = record.generated_on
+        if model is not None:
             ttft = None if record.first_token_at is None else record.first_token_at - record.started
-            self.metrics.observe_generation(record.model, record.longest_sample, ttft, latency)
+            self.metrics.observe_generation(model, record.longest_sample, ttft, latency)
         log_request(log_fields(scope, record, status, latency, self.log_prompts))

@@ -7,7 +7,7 @@ creates it and the route that fills it share it without globals.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
@@ -48,8 +48,9 @@ class RequestRecord:
         return sum(d for d, _ in self._spec_tokens.values()), sum(a for _, a in self._spec_tokens.values())
 
     @property
-    def generated(self) -> bool:
-        return self.model is not None and bool(self._prompt_tokens)
+    def generated_on(self) -> str | None:
+        """The model this request generated with; None when it generated nothing."""
+        return self.model if self._prompt_tokens else None
 
     def observe(self, prompt_index: int, output: RequestOutput) -> None:
         """Count the tokens of one engine output (a delta: each sample reports its running total)."""
@@ -76,7 +77,8 @@ def record_of(request: Request) -> RequestRecord:
 
 
 async def recorded(record: RequestRecord,
-                   outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+                   outputs: AsyncGenerator[tuple[int, RequestOutput], None]
+                   ) -> AsyncGenerator[tuple[int, RequestOutput], None]:
     """Pass the outputs through, counting tokens and the first token's time into `record`."""
     async with aclosing(outputs):
         async for prompt_index, output in outputs:

@@ -99,7 +99,8 @@ def served_kind(tool: Any, param: str) -> bool:
 
 def tool_namespaces(offered: list[OfferedTool]) -> dict[str, str]:
     """Tool name -> the namespace it was declared in."""
-    return {tool.get("name"): namespace for tool, _, namespace in offered if namespace is not None}
+    return {name: namespace for tool, _, namespace in offered
+            if namespace is not None and isinstance(name := tool.get("name"), str)}
 
 
 def tools_of(offered: list[OfferedTool]) -> list[Tool]:
@@ -158,7 +159,8 @@ def tool_choice_of(choice: str | dict[str, Any] | None, tools: list[Tool]) -> st
 def allowed_tools(choice: str | dict[str, Any] | None) -> set[str] | None:
     if not isinstance(choice, dict) or choice.get("type") != "allowed_tools":
         return None
-    return {tool.get("name") for tool in choice.get("tools") or [] if isinstance(tool, dict)}
+    return {name for tool in choice.get("tools") or []
+            if isinstance(tool, dict) and isinstance(name := tool.get("name"), str)}
 
 
 def output_format(body: ResponsesRequest) -> tuple[StructuredOutput | None, str]:

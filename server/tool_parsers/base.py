@@ -73,7 +73,7 @@ def call_from_object(obj: Any, arguments_keys: tuple[str, ...] = ("arguments", "
     """{"name": ..., "arguments"|"parameters": {...}} as a ToolCall; None for anything else."""
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
         return None
-    arguments = next((obj[key] for key in arguments_keys if key in obj), {})
+    arguments: object = next((obj[key] for key in arguments_keys if key in obj), {})
     if isinstance(arguments, str):  # some models write the arguments as a JSON string
         try:
             arguments = json.loads(arguments)

@@ -31,7 +31,7 @@ class Llama3JsonParser(ToolParser):
         while rest.strip():
             found = leading_json(rest)
             call = call_from_object(found[0], ("parameters", "arguments")) if found else None
-            if call is None:
+            if found is None or call is None:
                 return ParsedMessage(text)
             calls.append(call)
             rest = rest[found[1]:].lstrip()
