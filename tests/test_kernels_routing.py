@@ -129,6 +129,12 @@ def test_route_rejects_bad_top_k():
         triton_routing.route(5, 4, 16, router_logits=torch.randn(3, 4))
 
 
+@pytest.mark.parametrize("given", [{}, {"expert_ids": torch.zeros(3, 2, dtype=torch.int32)}])
+def test_route_without_logits_or_a_whole_choice_names_what_it_needs(given):
+    with pytest.raises(ValueError, match="give router_logits, or expert_ids and expert_weights"):
+        triton_routing.route(2, 4, 16, **given)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_routing_with_more_chunks_than_one_count_block(device):
     # 70 one-token chunks: the placing programs sum the chunk counts over two blocks of 64.

@@ -51,9 +51,13 @@ def _experts(
     alpha: float,
     limit: float,
     deterministic: bool,
-    **route_inputs: torch.Tensor,
+    *,
+    router_logits: torch.Tensor | None = None,
+    expert_ids: torch.Tensor | None = None,
+    expert_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Route (`route_inputs` as `routing.route` takes them), then the two grouped matmuls."""
+    """Route (from `router_logits`, or from chosen `expert_ids` and `expert_weights`), then the two grouped
+    matmuls."""
     num_experts, two_i, hidden = w_gate_up.shape
     inter, out_hidden, tokens = two_i // 2, w_down.shape[-2], x.shape[0]
     if tokens == 0:
@@ -64,25 +68,28 @@ def _experts(
     rows_per_expert = max(1, pairs // num_experts)
     block_m = mxfp4_matmul.tiles(rows_per_expert, x.device).block_m
     acc = None if deterministic else torch.empty(tokens, out_hidden, dtype=torch.float32, device=x.device)
-    r = routing.route(top_k, num_experts, block_m, zero=acc, **route_inputs)
+    r = routing.route(top_k, num_experts, block_m, router_logits=router_logits, expert_ids=expert_ids,
+                      expert_weights=expert_weights, zero=acc)
     schedule = (r.tile_expert, r.tile_start, r.expert_end)
-    common = dict(schedule=schedule, block_m=block_m, rows_per_tile=rows_per_expert)
 
     h = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)
     mxfp4_matmul.launch(
         x, weight_parts(w_gate_up), b_gate_up, h, two_i, hidden, num_experts,
-        a_rows=(r.row_pair, top_k), swiglu=(alpha, limit), **common,
+        a_rows=(r.row_pair, top_k), swiglu=(alpha, limit),
+        schedule=schedule, block_m=block_m, rows_per_tile=rows_per_expert,
     )
-    if not deterministic:
+    if acc is not None:  # not deterministic: the down projection adds into the zeroed fp32 output
         mxfp4_matmul.launch(
             h, weight_parts(w_down), b_down, acc, out_hidden, inter, num_experts,
-            out_rows=(r.row_pair, top_k), route_weights=r.row_weight, atomic_add=True, **common,
+            out_rows=(r.row_pair, top_k), route_weights=r.row_weight, atomic_add=True,
+            schedule=schedule, block_m=block_m, rows_per_tile=rows_per_expert,
         )
         return acc.to(x.dtype)
     y = torch.empty(pairs, out_hidden, dtype=torch.float32, device=x.device)
     mxfp4_matmul.launch(
         h, weight_parts(w_down), b_down, y, out_hidden, inter, num_experts,
-        out_rows=(r.row_pair, 1), route_weights=r.row_weight, **common,
+        out_rows=(r.row_pair, 1), route_weights=r.row_weight,
+        schedule=schedule, block_m=block_m, rows_per_tile=rows_per_expert,
     )
     out = torch.empty(tokens, out_hidden, dtype=x.dtype, device=x.device)
     mxfp4_matmul.sum_row_groups(y, out, top_k)
@@ -144,7 +151,8 @@ def linear_mxfp4(
     n, k = weight.shape
     if shape[-1] != k:
         raise ValueError(f"linear: x {tuple(shape)} does not match MXFP4 weight [out={n}, in={k}]")
-    parts = tuple(t.view(1, -1) for t in weight_parts(weight))
+    blocks, scales = weight_parts(weight)  # refuses a checkpoint-layout MXFP4Tensor
+    parts = (blocks.view(1, -1), None if scales is None else scales.view(1, -1))
     out = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
     bias2 = bias.view(1, n) if bias is not None else None
     splits = num_splits or mxfp4_matmul.split_k(mxfp4_matmul.grid_tiles(x2.shape[0], n, x.device), k, x.device)

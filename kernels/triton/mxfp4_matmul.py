@@ -312,7 +312,7 @@ def launch(
     a_index, a_div = a_rows if a_rows is not None else (dummy, 1)
     out_index, out_div = out_rows if out_rows is not None else (dummy, 1)
     alpha, limit = swiglu if swiglu is not None else (0.0, 0.0)
-    s = scales if mxfp4 else w
+    s = scales if scales is not None else w
     stride_wn = 0 if mxfp4 else w.stride(1)  # the swizzled layout's row stride is fixed by BLOCK_K
     _matmul_kernel[(num_m_tiles, triton.cdiv(n, bn), splits)](
         a, w, s, bias if bias is not None else dummy, out,

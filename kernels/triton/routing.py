@@ -247,10 +247,12 @@ def route(
         if router_logits.stride(-1) != 1:
             router_logits = router_logits.contiguous()
         device = router_logits.device
-    else:
+    elif expert_ids is not None and expert_weights is not None:
         tokens = expert_ids.shape[0]
         expert_ids, expert_weights = expert_ids.contiguous(), expert_weights.contiguous()
         device = expert_ids.device
+    else:
+        raise ValueError("route: give router_logits, or expert_ids and expert_weights")
     pairs = tokens * top_k
     num_tiles = max_tiles(pairs, num_experts, block_m)
     ids = torch.empty(tokens, top_k, dtype=torch.int32, device=device)
