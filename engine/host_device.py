@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import torch
 
 
-def upload(values: Sequence[int] | Sequence[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A host list as a tensor on `device`, copied from pinned memory without waiting for the device."""
+def upload(values: Sequence[int] | Sequence[float] | Sequence[Sequence[float]], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list (or list of rows) as a tensor on `device`, copied from pinned memory without waiting for the device."""
     if device.type == "cpu":
         return torch.tensor(values, dtype=dtype)
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)

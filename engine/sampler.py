@@ -157,8 +157,8 @@ class TokenCounts:
     def __init__(self) -> None:
         self.row_of: dict[Hashable, int] = {}
         self.free: list[int] = []
-        self.counts: torch.Tensor | None = None  # int32 [capacity, vocab]
-        self.in_prompt: torch.Tensor | None = None  # bool [capacity, vocab]
+        self.counts = torch.empty(0, 0, dtype=torch.int32)  # int32 [capacity, vocab], grown on first use
+        self.in_prompt = torch.empty(0, 0, dtype=torch.bool)  # bool [capacity, vocab]
 
     def rows(self, rows: Seq[SamplingRow], vocab: int, device: torch.device) -> list[int]:
         return [self.row_of[r.penalty_key] if r.penalty_key in self.row_of else self._add(r, vocab, device)
@@ -176,11 +176,11 @@ class TokenCounts:
         return index
 
     def _grow(self, vocab: int, device: torch.device) -> None:
-        old = 0 if self.counts is None else self.counts.shape[0]
+        old = self.counts.shape[0]
         new = max(8, 2 * old)
         counts = torch.zeros(new, vocab, dtype=torch.int32, device=device)
         in_prompt = torch.zeros(new, vocab, dtype=torch.bool, device=device)
-        if self.counts is not None:
+        if old:
             counts[:old] = self.counts
             in_prompt[:old] = self.in_prompt
         self.counts, self.in_prompt = counts, in_prompt
@@ -222,7 +222,7 @@ class Sampler:
                              torch.long, device)
             self._penalise(logits, [rows[i].params for i in penalised], index, counted)
         logprob_rows = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
-        top_k = max((rows[i].params.logprobs for i in logprob_rows), default=0)
+        top_k = max((n for r in rows if (n := r.params.logprobs) is not None), default=0)
         if logprob_rows:
             lp_logits = logits[upload(logprob_rows, torch.long, device)]  # a copy, taken before temperature
             lse = lp_logits.logsumexp(dim=-1, keepdim=True)
@@ -248,9 +248,9 @@ class Sampler:
     def _penalise(self, logits: torch.Tensor, params: list[SamplingParams], index: torch.Tensor,
                   counted: torch.Tensor) -> None:
         """Repetition over prompt+output tokens, presence/frequency over output tokens, from the count rows."""
-        params = upload([[p.repetition_penalty, p.presence_penalty, p.frequency_penalty] for p in params],
+        values = upload([[p.repetition_penalty, p.presence_penalty, p.frequency_penalty] for p in params],
                         torch.float32, logits.device)
-        repetition, presence, frequency = (params[:, j:j + 1] for j in range(3))
+        repetition, presence, frequency = (values[:, j:j + 1] for j in range(3))
         counts = self.token_counts.counts[counted].float()
         generated = counts > 0
         seen = generated | self.token_counts.in_prompt[counted]
@@ -265,11 +265,9 @@ class Sampler:
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         if not sampled:
             return logits.argmax(dim=-1)
-        every_row = len(sampled) == len(rows)
-        tokens = None if every_row else logits.argmax(dim=-1)
-        index = None if every_row else upload(sampled, torch.long, device)
+        index = None if len(sampled) == len(rows) else upload(sampled, torch.long, device)
         params = [rows[i].params for i in sampled]
-        sub = logits if every_row else logits[index]
+        sub = logits if index is None else logits[index]  # a copy: `logits` keeps the greedy rows' values
         values = upload([[p.temperature, p.top_p, p.min_p, max(p.top_k, 0)] for p in params], torch.float32, device)
         if any(p.temperature != 1.0 for p in params):
             sub.div_(values[:, :1])
@@ -288,10 +286,12 @@ class Sampler:
                 x < v[:, 2:3] * x.max(dim=-1, keepdim=True).values, 0.0), values)
         chosen = self._inverse_cdf(probs, self._generator(device))
         for j, i in enumerate(sampled):
-            if rows[i].generator is not None:  # the exponential race on the row's own stream: batch-invariant
-                chosen[j] = seeded_draw(probs[j], rows[i].generator)
-        if every_row:
+            generator = rows[i].generator
+            if generator is not None:  # the exponential race on the row's own stream: batch-invariant
+                chosen[j] = seeded_draw(probs[j], generator)
+        if index is None:
             return chosen
+        tokens = logits.argmax(dim=-1)  # the greedy rows' tokens
         tokens[index] = chosen
         return tokens
 

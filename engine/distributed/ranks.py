@@ -77,7 +77,8 @@ def start_tensor_parallel(loaded: Any, model_path: str | Path, world_size: int, 
                                  f"{torch.cuda.device_count()} visible")
     port = free_port()
     spawn = mp.get_context("spawn")
-    workers, doorbells = [], []
+    workers: list[multiprocessing.process.BaseProcess] = []
+    doorbells: list[Connection] = []
     for rank in range(1, world_size):
         mine, theirs = spawn.Pipe()
         worker = spawn.Process(target=worker_main, name=f"minerva-tp-rank-{rank}", daemon=True,
@@ -93,9 +94,9 @@ def start_tensor_parallel(loaded: Any, model_path: str | Path, world_size: int, 
         wait_until_loaded(workers, doorbells)
         join_group(ctx, port, device, timeout_s)
     except Exception as exc:
-        for worker in workers:
-            worker.kill()
-            worker.join()
+        for started in workers:
+            started.kill()
+            started.join()
         leave_group()
         if isinstance(exc, ModelConfigError):  # the model cannot be split this way: say so as it is
             raise

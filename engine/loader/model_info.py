@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from engine.loader.config_fields import read_field, rope_parameters, rope_type, text_config
 
@@ -88,6 +88,10 @@ def summarize_quantization(tensor_types: list[tuple[str, int, int]]) -> tuple[st
     return name, dict(sorted(breakdown.items(), key=lambda item: -item[1]))
 
 
+@overload
+def _int(config: dict[str, Any], name: str, default: int) -> int: ...
+@overload
+def _int(config: dict[str, Any], name: str, default: None = None) -> int | None: ...
 def _int(config: dict[str, Any], name: str, default: int | None = None) -> int | None:
     value = read_field(config, name)
     return value if isinstance(value, int) and not isinstance(value, bool) else default
