@@ -16,6 +16,7 @@ Everything else is the reference's.
 from __future__ import annotations
 
 import functools
+from typing import overload
 
 import torch
 import torch.nn.functional as F
@@ -24,9 +25,8 @@ from kernels import reference
 from kernels.cpu import extension, select
 from kernels.cpu.quant import QuantizedWeight, pack_gguf, pack_mxfp4
 from kernels.mxfp4 import MXFP4Tensor
+from kernels.ops import Weight
 from kernels.reference import moe_route, rope, swiglu_oss, write_kv_cache
-
-Weight = torch.Tensor | MXFP4Tensor | QuantizedWeight
 
 # Packed MXFP4 experts are dequantized at every call (a panel at a time by the quantized kernels where the
 # plan keeps MXFP4, else whole by the reference), so a loader that can afford dense copies still makes them.
@@ -35,6 +35,7 @@ DEQUANTIZES_MXFP4_PER_CALL = True
 __all__ = [
     "rms_norm", "rope", "write_kv_cache", "rope_write_kv", "paged_attention", "linear", "silu_and_mul",
     "swiglu_oss", "moe_route", "moe_experts", "moe", "prepare_weight", "quantized_weight", "describe",
+    "DEQUANTIZES_MXFP4_PER_CALL",
 ]  # fmt: skip
 
 
@@ -45,7 +46,7 @@ def describe() -> dict[str, object]:
     return {"backend": "cpu", "quantized_matmul": plan.describe() if plan is not None else None}
 
 
-def prepare_weight(weight: torch.Tensor | MXFP4Tensor) -> Weight:
+def prepare_weight(weight: Weight) -> Weight:
     """MXFP4 experts packed for the quantized kernels where the plan keeps MXFP4 quantized (read in place at
     every call, never dequantized whole); otherwise the checkpoint's own layout, as the reference reads it."""
     if isinstance(weight, MXFP4Tensor) and weight.device.type == "cpu" and "MXFP4" in select.plan().types:
@@ -53,7 +54,7 @@ def prepare_weight(weight: torch.Tensor | MXFP4Tensor) -> Weight:
     return weight
 
 
-def quantized_weight(raw: torch.Tensor, type_name: str, shape: tuple[int, ...]) -> Weight | None:
+def quantized_weight(raw: torch.Tensor, type_name: str, shape: tuple[int, ...]) -> QuantizedWeight | None:
     """A GGUF tensor's stored blocks kept quantized for `linear`, or None: load it dense."""
     if type_name not in select.plan().types:
         return None
@@ -88,6 +89,11 @@ def _native(*tensors: torch.Tensor):
     return None
 
 
+@overload
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: None = None) -> torch.Tensor: ...
+@overload
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]: ...
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
              ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The reference's RMSNorm (with `residual`, of `x + residual`, also returned) in one native call."""
@@ -189,7 +195,7 @@ def moe_experts(
 ) -> torch.Tensor:
     """The reference's contract; experts packed by `prepare_weight` are multiplied quantized by `linear`
     (the rows routed to one expert at a time), the rest go to the reference."""
-    if not isinstance(w_gate_up, QuantizedWeight):
+    if not (isinstance(w_gate_up, QuantizedWeight) and isinstance(w_down, QuantizedWeight)):
         return reference.moe_experts(x, expert_ids, expert_weights, w_gate_up, b_gate_up, w_down, b_down, alpha, limit,
                                      deterministic)
     out = torch.zeros(x.shape[0], w_down.shape[-2], dtype=torch.float32)

@@ -9,7 +9,7 @@ tests/test_kernels_ops.py holds every backend to these signatures.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, overload
 
 import torch
 
@@ -18,6 +18,7 @@ from kernels.mxfp4 import MXFP4Tensor, SwizzledMXFP4
 
 # A backend's MXFP4 weights are what its `prepare_weight` made of the checkpoint's MXFP4Tensor;
 # GGUF-quantized weights are what its `quantized_weight` kept (the CPU backend's QuantizedWeight).
+# Every op takes any of them and raises a TypeError for a layout another backend prepared.
 Weight = torch.Tensor | MXFP4Tensor | SwizzledMXFP4 | QuantizedWeight
 
 
@@ -30,13 +31,19 @@ class Ops(Protocol):
         """What this backend runs on this machine, for the server's /v1/models metadata and start-up banner:
         at least {"backend": its kernel_backend name}."""
 
-    def prepare_weight(self, weight: torch.Tensor | MXFP4Tensor) -> Weight:
-        """The weight in the layout this backend's kernels read, made once at load (MXFP4 swizzled on Triton)."""
+    def prepare_weight(self, weight: Weight) -> Weight:
+        """The weight in the layout this backend's kernels read, made once at load (MXFP4 swizzled on Triton);
+        any other weight is returned as it is."""
 
-    def quantized_weight(self, raw: torch.Tensor, type_name: str, shape: tuple[int, ...]) -> Weight | None:
+    def quantized_weight(self, raw: torch.Tensor, type_name: str, shape: tuple[int, ...]) -> QuantizedWeight | None:
         """A GGUF tensor's stored blocks (`type_name`, logical `shape`) in a layout `linear` reads quantized,
         or None: the loader dequantizes it to a dense weight."""
 
+    @overload
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: None = None) -> torch.Tensor: ...
+    @overload
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]: ...
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
                  ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """RMSNorm in fp32. With `residual`, normalises `x + residual` and also returns that sum."""

@@ -8,13 +8,15 @@ which are the last tokens of its `seq_lens[i]`-token context.
 
 from __future__ import annotations
 
+from typing import overload
+
 import torch
 import torch.nn.functional as F
 
 from kernels import routing
+from kernels.cpu.quant import QuantizedWeight
 from kernels.mxfp4 import MXFP4Tensor
-
-Weight = torch.Tensor | MXFP4Tensor
+from kernels.ops import Weight
 
 # Rows of an MXFP4 weight dequantized at once: bounds the temporary copy.
 _DEQUANT_ROWS = 2048
@@ -32,16 +34,21 @@ def describe() -> dict[str, object]:
     return {"backend": "torch"}
 
 
-def prepare_weight(weight: torch.Tensor | MXFP4Tensor) -> Weight:
+def prepare_weight(weight: Weight) -> Weight:
     """The weight in the layout these ops read, made once at load: the checkpoint's own here."""
     return weight
 
 
-def quantized_weight(raw: torch.Tensor, type_name: str, shape: tuple[int, ...]) -> Weight | None:
+def quantized_weight(raw: torch.Tensor, type_name: str, shape: tuple[int, ...]) -> QuantizedWeight | None:
     """None: GGUF-quantized weights are dequantized at load for these ops."""
     return None
 
 
+@overload
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: None = None) -> torch.Tensor: ...
+@overload
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]: ...
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -194,8 +201,17 @@ def _decode_attention(
     return out.reshape(batch, num_heads, head_dim).to(q.dtype)
 
 
+def _readable(weight: Weight) -> torch.Tensor | MXFP4Tensor:
+    """The weight, if it is in a layout these ops read: dense or the checkpoint's MXFP4."""
+    if not isinstance(weight, (torch.Tensor, MXFP4Tensor)):
+        raise TypeError(f"the torch reference reads dense or MXFP4Tensor weights, not {type(weight).__name__} "
+                        "(prepared by another kernel backend)")
+    return weight
+
+
 def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`x @ weight.T + bias` for a dense `[out, in]` or MXFP4 weight (dequantized a tile at a time)."""
+    weight = _readable(weight)
     if isinstance(weight, torch.Tensor):
         return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
     out_features = weight.shape[-2]
@@ -247,12 +263,13 @@ def moe_experts(
     in fp32 and rounded once. `deterministic` asks a kernel for a fixed summation
     order (no atomics); this path always has one.
     """
-    out = torch.zeros(x.shape[0], w_down.shape[-2], dtype=torch.float32, device=x.device)
+    gate_up, down = _readable(w_gate_up), _readable(w_down)
+    out = torch.zeros(x.shape[0], down.shape[-2], dtype=torch.float32, device=x.device)
     for e in expert_ids.unique().tolist():
         token_idx, slot = (expert_ids == e).nonzero(as_tuple=True)
-        h = linear(x[token_idx], w_gate_up[e], None if b_gate_up is None else b_gate_up[e])
+        h = linear(x[token_idx], gate_up[e], None if b_gate_up is None else b_gate_up[e])
         h = swiglu_oss(h, alpha, limit)
-        h = linear(h, w_down[e], None if b_down is None else b_down[e])
+        h = linear(h, down[e], None if b_down is None else b_down[e])
         out.index_add_(0, token_idx, h.float() * expert_weights[token_idx, slot].float().unsqueeze(-1))
     return out.to(x.dtype)
 

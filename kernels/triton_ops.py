@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.mxfp4 import MXFP4Tensor, SwizzledMXFP4, swizzle
+from kernels.mxfp4 import MXFP4Tensor, swizzle
+from kernels.ops import Weight
 from kernels.reference import moe_route, quantized_weight
 from kernels.triton.activation import silu_and_mul, swiglu_oss
 from kernels.triton.attention import paged_attention
@@ -20,8 +21,6 @@ from kernels.triton.kv_cache import write_kv_cache
 from kernels.triton.moe import linear_mxfp4, moe, moe_experts
 from kernels.triton.norm import rms_norm
 from kernels.triton.rope import rope, rope_write_kv
-
-Weight = torch.Tensor | SwizzledMXFP4
 
 # The MXFP4 kernels read packed FP4 and dequantize in registers: no dense copy is worth making.
 DEQUANTIZES_MXFP4_PER_CALL = False
@@ -40,6 +39,8 @@ __all__ = [
     "moe",
     "prepare_weight",
     "quantized_weight",
+    "describe",
+    "DEQUANTIZES_MXFP4_PER_CALL",
 ]
 
 
@@ -48,7 +49,7 @@ def describe() -> dict[str, object]:
     return {"backend": "triton"}
 
 
-def prepare_weight(weight: torch.Tensor | MXFP4Tensor) -> Weight:
+def prepare_weight(weight: Weight) -> Weight:
     """MXFP4 weights swizzled into the matmul's tile layout (`kernels.mxfp4.SwizzledMXFP4`), once at load."""
     return swizzle(weight) if isinstance(weight, MXFP4Tensor) else weight
 

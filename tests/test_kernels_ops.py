@@ -6,11 +6,13 @@ import inspect
 
 import kernel_testing  # noqa: F401  (sets the Triton interpreter up before triton_ops is imported)
 import pytest
+import torch
 
 import kernels.cpu_ops
 import kernels.reference
 import kernels.triton_ops
-from kernels import select_ops
+from kernels import mxfp4, select_ops
+from kernels.cpu.quant import QuantizedWeight
 from kernels.ops import Ops
 
 BACKENDS = {"reference": kernels.reference, "triton_ops": kernels.triton_ops, "cpu_ops": kernels.cpu_ops}
@@ -56,3 +58,21 @@ def test_select_ops_returns_a_backend():
     assert select_ops("cpu") is kernels.cpu_ops
     assert select_ops("cpu", "torch") is kernels.reference
     assert select_ops("cpu", "triton") is kernels.triton_ops
+
+
+def _foreign_weights() -> dict[str, object]:
+    """An [8, 64] weight in each layout one backend prepares and another cannot read."""
+    checkpoint = mxfp4.quantize(torch.randn(8, 64))
+    q8 = QuantizedWeight("q8", torch.ones(8, 64, dtype=torch.int8), torch.ones(8, 2), torch.empty(0), torch.empty(0),
+                         "Q8_0")
+    return {"swizzled": mxfp4.swizzle(checkpoint), "quantized": q8, "checkpoint": checkpoint}
+
+
+@pytest.mark.parametrize("backend,layout", [("reference", "swizzled"), ("reference", "quantized"),
+                                            ("cpu_ops", "swizzled"), ("triton_ops", "quantized"),
+                                            ("triton_ops", "checkpoint")])
+def test_a_weight_another_backend_prepared_is_refused(backend, layout):
+    """`Weight` is every backend's layouts; each op names the one it cannot read instead of misreading it."""
+    weight = _foreign_weights()[layout]
+    with pytest.raises(TypeError, match=type(weight).__name__ if layout != "checkpoint" else "prepare_weight"):
+        BACKENDS[backend].linear(torch.randn(2, 64), weight)

@@ -139,3 +139,26 @@ def test_build_model_hands_each_layer_to_place_layer_as_it_is_built(tmp_path):
 
     model = build_model(open_model(str(model_dir)), place_layer=place)
     assert len(seen) == layers and all(a is b for a, b in zip(model.layers, seen))
+
+
+def test_slicing_refuses_a_weight_kept_quantized():
+    """Ranks load dense weights (build_model(keep_quantized=False)); a packed GGUF weight has no rows to cut
+    like a tensor's, so a layer holding one is refused by name instead of failing inside torch."""
+    from engine.distributed.shard import slice_layer
+    from engine.layers.attention import AttentionWeights, PagedAttention
+    from engine.layers.mlp import GatedMLP
+    from engine.layers.rotary import Rotary
+    from engine.models.decoder import DecoderLayer
+    from kernels import reference
+    from kernels.cpu.quant import QuantizedWeight
+
+    hidden, heads, head_dim, width = 8, 2, 4, 32
+    attention = PagedAttention(AttentionWeights(qkv=torch.zeros(3 * heads * head_dim, hidden),
+                                                o=torch.zeros(hidden, heads * head_dim)),
+                               heads, heads, head_dim, Rotary(torch.ones(head_dim // 2)), None, reference)
+    packed = QuantizedWeight("q8", torch.zeros(2 * width, hidden, dtype=torch.int8), torch.ones(2 * width, 1),
+                             torch.empty(0), torch.empty(0), "Q8_0")
+    layer = DecoderLayer(torch.ones(hidden), attention, torch.ones(hidden),
+                         GatedMLP(gate_up=packed, down=torch.zeros(hidden, width), ops=reference))
+    with pytest.raises(ModelConfigError, match="slices dense weights, not QuantizedWeight"):
+        slice_layer(layer, ParallelContext(0, 2), torch.device("cpu"))

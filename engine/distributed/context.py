@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kernels.cpu.quant import QuantizedWeight
+
 
 @dataclass
 class ParallelContext:
@@ -39,7 +41,7 @@ class ParallelContext:
         per_rank = -(-vocab_size // self.world_size)
         return min(self.rank * per_rank, vocab_size), min((self.rank + 1) * per_rank, vocab_size)
 
-    def embed(self, table: torch.Tensor, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    def embed(self, table: torch.Tensor | QuantizedWeight, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
         """Rows of the vocab-parallel `table` for `ids`: each rank fills the ids it holds, zeros elsewhere, summed."""
         if not self.is_parallel:
             return table[ids]

@@ -62,6 +62,14 @@ def _own(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device, copy=True).contiguous()
 
 
+def _dense(w: Weight) -> torch.Tensor:
+    """The weight as the model loaded it for slicing (dense: `build_model(keep_quantized=False)`, before
+    `prepare_weight`); refuses a layout whose rows cannot be cut like a tensor's."""
+    if not isinstance(w, torch.Tensor):
+        raise ModelConfigError(f"tensor parallelism slices dense weights, not {type(w).__name__}")
+    return w
+
+
 def _rows(t: torch.Tensor | None, s: slice, device: torch.device) -> torch.Tensor | None:
     return None if t is None else _own(t[s], device)
 
@@ -75,14 +83,14 @@ def _attention(att: PagedAttention, ctx: ParallelContext, device: torch.device) 
     k = slice(q_size + kv.start, q_size + kv.stop)
     v = slice(q_size + kv_size + kv.start, q_size + kv_size + kv.stop)
 
-    def qkv_rows(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else _own(torch.cat((t[q], t[k], t[v])), device)
+    def qkv_rows(t: torch.Tensor) -> torch.Tensor:
+        return _own(torch.cat((t[q], t[k], t[v])), device)
 
     w = att.w
     weights = AttentionWeights(
-        qkv=qkv_rows(w.qkv),
-        o=_own(w.o[:, q], device),
-        qkv_bias=qkv_rows(w.qkv_bias),
+        qkv=qkv_rows(_dense(w.qkv)),
+        o=_own(_dense(w.o)[:, q], device),
+        qkv_bias=None if w.qkv_bias is None else qkv_rows(w.qkv_bias),
         o_bias=_rows(w.o_bias, slice(None), device) if ctx.rank == 0 else None,
         sinks=_rows(w.sinks, slice(heads.q_begin, heads.q_begin + heads.q_count), device),
     )
@@ -91,17 +99,18 @@ def _attention(att: PagedAttention, ctx: ParallelContext, device: torch.device) 
 
 
 def _gated_mlp(mlp: GatedMLP, ctx: ParallelContext, device: torch.device) -> GatedMLP:
-    width = mlp.down.shape[1]
+    rows, down = _dense(mlp.gate_up), _dense(mlp.down)
+    width = down.shape[1]
     s = width_slice(width, ctx, "intermediate_size")
-    gate_up = torch.cat((mlp.gate_up[s], mlp.gate_up[width + s.start:width + s.stop]))
-    return GatedMLP(gate_up=_own(gate_up, device), down=_own(mlp.down[:, s], device), ops=mlp.ops)
+    gate_up = torch.cat((rows[s], rows[width + s.start:width + s.stop]))
+    return GatedMLP(gate_up=_own(gate_up, device), down=_own(down[:, s], device), ops=mlp.ops)
 
 
 def _expert_rows(w: Weight, s: slice, device: torch.device) -> Weight:
     """`[E, out, in]` rows `s` of every expert (packed weights keep their blocks: a row is whole blocks)."""
     if isinstance(w, MXFP4Tensor):
         return MXFP4Tensor(_own(w.blocks[:, s], device), _own(w.scales[:, s], device))
-    return _own(w[:, s], device)
+    return _own(_dense(w)[:, s], device)
 
 
 def _expert_columns(w: Weight, s: slice, device: torch.device) -> Weight:
@@ -109,7 +118,7 @@ def _expert_columns(w: Weight, s: slice, device: torch.device) -> Weight:
     if isinstance(w, MXFP4Tensor):
         blocks = slice(s.start // BLOCK, s.stop // BLOCK)
         return MXFP4Tensor(_own(w.blocks[:, :, blocks], device), _own(w.scales[:, :, blocks], device))
-    return _own(w[:, :, s], device)
+    return _own(_dense(w)[:, :, s], device)
 
 
 def _moe(moe: MoE, ctx: ParallelContext, device: torch.device) -> MoE:
@@ -129,12 +138,10 @@ def _moe(moe: MoE, ctx: ParallelContext, device: torch.device) -> MoE:
     )
 
 
-def _mlp(mlp, ctx: ParallelContext, device: torch.device):
+def _mlp(mlp: GatedMLP | MoE, ctx: ParallelContext, device: torch.device) -> GatedMLP | MoE:
     if isinstance(mlp, GatedMLP):
         return _gated_mlp(mlp, ctx, device)
-    if isinstance(mlp, MoE):
-        return _moe(mlp, ctx, device)
-    raise ModelConfigError(f"tensor parallelism does not know how to split {type(mlp).__name__}")
+    return _moe(mlp, ctx, device)
 
 
 def slice_layer(layer: DecoderLayer, ctx: ParallelContext, device: torch.device) -> DecoderLayer:
@@ -151,8 +158,8 @@ def slice_vocab(model: DecoderLM, ctx: ParallelContext, device: torch.device) ->
     """The rank's model: `model`'s layers (already sliced by `slice_layer`) with its vocabulary rows of the
     embedding and LM head, joined by `ctx`."""
     vocab = slice(*ctx.vocab_range(model.vocab_size))
-    embed = _own(model.embed[vocab], device)
-    lm_head = embed if model.lm_head is model.embed else _own(model.lm_head[vocab], device)
+    embed = _own(_dense(model.embed)[vocab], device)
+    lm_head = embed if model.lm_head is model.embed else _own(_dense(model.lm_head)[vocab], device)
     sliced = DecoderLM(model.spec, embed, model.layers, model.final_norm.to(device), lm_head, model.ops, parallel=ctx)
     sliced.num_kv_heads = model.layers[0].attention.num_kv_heads
     return sliced

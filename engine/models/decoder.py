@@ -10,8 +10,10 @@ import torch
 from engine.attention_metadata import AttentionMetadata
 from engine.distributed.context import SINGLE, ParallelContext
 from engine.layers.attention import PagedAttention
+from engine.layers.mlp import GatedMLP, MoE
 from engine.models.errors import ModelConfigError
 from engine.models.spec import ModelSpec
+from kernels.cpu.quant import QuantizedWeight
 from kernels.ops import Ops, Weight
 
 
@@ -20,7 +22,7 @@ class DecoderLayer:
     input_norm: torch.Tensor
     attention: PagedAttention
     post_attention_norm: torch.Tensor
-    mlp: Callable[[torch.Tensor], torch.Tensor]
+    mlp: GatedMLP | MoE
 
 
 PlaceLayer = Callable[[DecoderLayer], DecoderLayer]  # what a loader does with each layer it has built
@@ -40,7 +42,7 @@ class DecoderLM:
     def __init__(
         self,
         spec: ModelSpec,
-        embed: Weight,
+        embed: torch.Tensor | QuantizedWeight,  # a quantized table dequantizes only the rows looked up
         layers: list[DecoderLayer],
         final_norm: torch.Tensor,
         lm_head: Weight,
@@ -90,10 +92,9 @@ class DecoderLM:
             raise RuntimeError("bind_kv_caches must be called before forward")
         ops, eps, parallel = self.ops, self.spec.rms_norm_eps, self.parallel
         hidden = parallel.embed(self.embed, input_ids, self.vocab_size).to(self.dtype)
-        residual: torch.Tensor | None = None
-        for layer, kv_cache in zip(self.layers, self.kv_caches):
-            if residual is None:
-                residual = hidden
+        residual = hidden  # the first layer's input: its norm has nothing to add
+        for index, (layer, kv_cache) in enumerate(zip(self.layers, self.kv_caches)):
+            if index == 0:
                 x = ops.rms_norm(hidden, layer.input_norm, eps)
             else:
                 x, residual = ops.rms_norm(hidden, layer.input_norm, eps, residual)

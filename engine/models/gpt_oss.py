@@ -9,10 +9,12 @@ Expert layouts read here (all become `[E, out, in]`, gate/up rows interleaved):
 
 from __future__ import annotations
 
+from typing import overload
+
 import torch
 
 from engine.layers.attention import AttentionWeights, PagedAttention
-from engine.layers.mlp import MoE, Weight
+from engine.layers.mlp import MoE
 from engine.models.decoder import DecoderLayer, DecoderLM, PlaceLayer, keep_layer
 from engine.models.spec import ModelSpec
 from engine.models.weights import WeightReader
@@ -20,7 +22,14 @@ from kernels.mxfp4 import MXFP4Tensor
 from kernels.ops import Ops
 
 
-def interleave_rows(gate: Weight, up: Weight) -> Weight:
+Expert = torch.Tensor | MXFP4Tensor  # experts as read: dense or packed MXFP4 (`MoE.for_kernels` prepares them)
+
+
+@overload
+def interleave_rows(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor: ...
+@overload
+def interleave_rows(gate: Expert, up: Expert) -> Expert: ...
+def interleave_rows(gate: Expert, up: Expert) -> Expert:
     """`[E, I, in]` gate and up -> `[E, 2I, in]` with gate rows at even, up rows at odd indices."""
     if isinstance(gate, MXFP4Tensor) and isinstance(up, MXFP4Tensor):
         return MXFP4Tensor(
@@ -32,12 +41,12 @@ def interleave_rows(gate: Weight, up: Weight) -> Weight:
     return torch.stack((gate, up), dim=2).flatten(1, 2)
 
 
-def _expert(r: WeightReader, name: str, shape: tuple[int, int, int]) -> Weight:
+def _expert(r: WeightReader, name: str, shape: tuple[int, int, int]) -> Expert:
     """An `[E, out, in]` expert weight stored as `name` in [E, out, in] order (MXFP4 or dense)."""
     return r.mxfp4(name, shape) if r.is_mxfp4(name) else r.get(name, shape)
 
 
-def _experts(spec: ModelSpec, r: WeightReader, p: str, from_gguf: bool) -> tuple[Weight, torch.Tensor, Weight]:
+def _experts(spec: ModelSpec, r: WeightReader, p: str, from_gguf: bool) -> tuple[Expert, torch.Tensor, Expert]:
     e, h, i = spec.num_experts, spec.hidden_size, spec.intermediate_size
     if from_gguf:
         gate = _expert(r, f"{p}.gate_proj.weight", (e, i, h))
@@ -46,8 +55,8 @@ def _experts(spec: ModelSpec, r: WeightReader, p: str, from_gguf: bool) -> tuple
         down = _expert(r, f"{p}.down_proj.weight", (e, h, i))
         return interleave_rows(gate, up), bias, down
     if r.is_mxfp4(f"{p}.gate_up_proj"):
-        gate_up: Weight = r.mxfp4(f"{p}.gate_up_proj", (e, 2 * i, h))
-        down: Weight = r.mxfp4(f"{p}.down_proj", (e, h, i))
+        gate_up: Expert = r.mxfp4(f"{p}.gate_up_proj", (e, 2 * i, h))
+        down = r.mxfp4(f"{p}.down_proj", (e, h, i))
     else:
         gate_up = r.get(f"{p}.gate_up_proj", (e, h, 2 * i)).transpose(1, 2).contiguous()
         down = r.get(f"{p}.down_proj", (e, i, h)).transpose(1, 2).contiguous()
@@ -94,7 +103,8 @@ def load_gpt_oss(spec: ModelSpec, r: WeightReader, ops: Ops, from_gguf: bool,
                 mlp=moe,
             )
         )
-        layer.mlp = layer.mlp.for_kernels()  # placed (maybe sliced) in the checkpoint's layout, then swizzled once
+        if isinstance(layer.mlp, MoE):  # placed (maybe sliced) in the checkpoint's layout, then swizzled once
+            layer.mlp = layer.mlp.for_kernels()
         layers.append(layer)
     embed = r.get("model.embed_tokens.weight", (v, h))
     lm_head = embed if spec.tie_word_embeddings else r.get("lm_head.weight", (v, h))

@@ -13,9 +13,9 @@ from engine.layers.mlp import GatedMLP
 from engine.layers.rotary import Rotary
 from engine.models.decoder import DecoderLayer, DecoderLM, PlaceLayer, keep_layer
 from engine.models.spec import ModelSpec
-from engine.models.weights import WeightReader
+from engine.models.weights import LoadedWeight, WeightReader
 from kernels.cpu.quant import QuantizedWeight, cat_rows
-from kernels.ops import Ops, Weight
+from kernels.ops import Ops
 
 # GGUF architectures whose llama.cpp converter permutes Q/K rows for its interleaved (non-NeoX) rope.
 PERMUTED_QK = ("llama", "mistral")
@@ -27,18 +27,19 @@ def unpermute_rows(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def unpermute_weight(w: Weight, num_heads: int) -> Weight:
+def unpermute_weight(w: LoadedWeight, num_heads: int) -> LoadedWeight:
     """`unpermute_rows` for a dense or a quantized weight (whose rows move packed)."""
     if isinstance(w, QuantizedWeight):
         return w.select_rows(unpermute_rows(torch.arange(w.shape[0]), num_heads))
     return unpermute_rows(w, num_heads)
 
 
-def stack_rows(weights: list[Weight]) -> Weight:
+def stack_rows(weights: list[LoadedWeight]) -> LoadedWeight:
     """One weight of all rows (fused QKV, gate/up): dense stays dense; quantized ones stay quantized only if
     all are (a dense part, e.g. an F16 tensor beside quantized ones, makes the whole dense)."""
-    if all(isinstance(w, QuantizedWeight) for w in weights):
-        return cat_rows(weights)
+    quantized = [w for w in weights if isinstance(w, QuantizedWeight)]
+    if len(quantized) == len(weights):
+        return cat_rows(quantized)
     dtype = next(w.dtype for w in weights if isinstance(w, torch.Tensor))
     return torch.cat([w.dequantize().to(dtype) if isinstance(w, QuantizedWeight) else w for w in weights])
 
@@ -59,16 +60,17 @@ def _attention_weights(spec: ModelSpec, r: WeightReader, prefix: str, from_gguf:
     else:
         wq, wk = r.weight(f"{prefix}.q_proj.weight", (q, h)), r.weight(f"{prefix}.k_proj.weight", (kv, h))
         wv = r.weight(f"{prefix}.v_proj.weight", (kv, h))
-        bq = bk = bv = None
+        permuted = from_gguf and spec.model_type in PERMUTED_QK
+        if permuted:
+            wq, wk = unpermute_weight(wq, spec.num_heads), unpermute_weight(wk, spec.num_kv_heads)
+        qkv = stack_rows([wq, wk, wv])
+        qkv_bias = None
         if spec.qkv_bias:
             bq, bk = r.get(f"{prefix}.q_proj.bias", (q,)), r.get(f"{prefix}.k_proj.bias", (kv,))
             bv = r.get(f"{prefix}.v_proj.bias", (kv,))
-        if from_gguf and spec.model_type in PERMUTED_QK:
-            wq, wk = unpermute_weight(wq, spec.num_heads), unpermute_weight(wk, spec.num_kv_heads)
-            if bq is not None:
+            if permuted:
                 bq, bk = unpermute_rows(bq, spec.num_heads), unpermute_rows(bk, spec.num_kv_heads)
-        qkv = stack_rows([wq, wk, wv])
-        qkv_bias = None if bq is None else torch.cat((bq, bk, bv))
+            qkv_bias = torch.cat((bq, bk, bv))
     o = r.weight(f"{prefix}.o_proj.weight", (h, q))
     o_bias = r.get(f"{prefix}.o_proj.bias", (h,)) if spec.o_bias else None
     return AttentionWeights(qkv=qkv, o=o, qkv_bias=qkv_bias, o_bias=o_bias)

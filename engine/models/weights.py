@@ -14,12 +14,13 @@ import torch
 
 from engine.loader.tensors import TensorStore
 from engine.models.errors import ModelConfigError
+from kernels.cpu.quant import QuantizedWeight
 from kernels.mxfp4 import MXFP4Tensor
-from kernels.ops import Weight
 
 # What the kernels make of a GGUF tensor's stored blocks (raw bytes, type, shape): a weight they read
 # quantized, or None to load it dense (kernels.ops.Ops.quantized_weight).
-KeepQuantized = Callable[[torch.Tensor, str, tuple[int, ...]], Weight | None]
+KeepQuantized = Callable[[torch.Tensor, str, tuple[int, ...]], QuantizedWeight | None]
+LoadedWeight = torch.Tensor | QuantizedWeight  # a matmul weight as `WeightReader.weight` reads it
 
 
 class WeightReader:
@@ -67,7 +68,7 @@ class WeightReader:
         self._count(self.rename(name))
         return tensor.to(device=self.device, dtype=dtype or self.dtype, copy=tensor.device == self.device)
 
-    def weight(self, name: str, shape: tuple[int, ...]) -> Weight:
+    def weight(self, name: str, shape: tuple[int, ...]) -> LoadedWeight:
         """A matmul weight: as `get`, except that a quantized GGUF tensor the kernels read in place stays quantized."""
         lazy = self._lazy(name)
         if self.keep_quantized is None or not lazy.is_quantized or tuple(lazy.shape) != tuple(shape):

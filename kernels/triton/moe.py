@@ -15,9 +15,8 @@ from __future__ import annotations
 import torch
 
 from kernels.mxfp4 import MXFP4Tensor, SwizzledMXFP4
+from kernels.ops import Weight
 from kernels.triton import mxfp4_matmul, routing
-
-Weight = torch.Tensor | SwizzledMXFP4
 
 
 def weight_parts(weight: Weight) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -27,6 +26,9 @@ def weight_parts(weight: Weight) -> tuple[torch.Tensor, torch.Tensor | None]:
     if isinstance(weight, MXFP4Tensor):
         raise TypeError("the Triton MXFP4 matmul reads swizzled weights: prepare them once with "
                         "kernels.triton_ops.prepare_weight (kernels.mxfp4.swizzle)")
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"the Triton kernels read dense or swizzled MXFP4 weights, not {type(weight).__name__} "
+                        "(prepared by another kernel backend)")
     return weight.contiguous(), None
 
 
@@ -138,7 +140,7 @@ def moe(
 
 
 def linear_mxfp4(
-    x: torch.Tensor, weight: SwizzledMXFP4, bias: torch.Tensor | None, num_splits: int | None = None
+    x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, num_splits: int | None = None
 ) -> torch.Tensor:
     """`x @ weight.T + bias` for a swizzled MXFP4 `[out, in]` weight (any leading dims on x).
 
