@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from kernels import reference
 from kernels.cpu import extension, select
+from kernels.cpu.native import NativeKernels
 from kernels.cpu.quant import QuantizedWeight, pack_gguf, pack_mxfp4
 from kernels.mxfp4 import MXFP4Tensor
 from kernels.ops import Weight
@@ -82,7 +83,7 @@ def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) ->
     return y.view(*lead, weight.shape[0]).to(x.dtype)
 
 
-def _native(*tensors: torch.Tensor):
+def _native(*tensors: torch.Tensor) -> NativeKernels | None:
     """The native kernels when they are built and every tensor is fp32, else None."""
     if all(t.dtype == torch.float32 for t in tensors):
         return extension.load()
@@ -142,7 +143,7 @@ def paged_attention(
                                          sliding_window, sinks)
     native = _native(q, k_cache, v_cache)
     decode = q.shape[0] == seq_lens.shape[0]  # one query per sequence
-    if native is not None and (decode or q.shape[2] in _flash_head_dims(native)):
+    if native is not None and (decode or q.shape[2] in _flash_head_dims()):
         return native.paged_attention(q.contiguous(), k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
     if decode:
         return reference.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
@@ -150,8 +151,8 @@ def paged_attention(
 
 
 @functools.cache
-def _flash_head_dims(native) -> frozenset[int]:
-    return frozenset(native.flash_head_dims())
+def _flash_head_dims() -> frozenset[int]:
+    return frozenset(extension.require().flash_head_dims())
 
 
 def _sdpa_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

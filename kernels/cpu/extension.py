@@ -16,8 +16,11 @@ import platform
 import threading
 import time
 from pathlib import Path
+from typing import TypedDict, cast
 
 import torch
+
+from kernels.cpu.native import NativeKernels
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +30,16 @@ SWITCH_ENV = "MINERVA_CPU_QGEMM"  # "0": never build (dense weights); "1": use w
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
 
 _lock = threading.Lock()
-_state: dict[str, object] = {}
+
+
+class _Attempt(TypedDict, total=False):
+    """The one build attempt: the kernels, or None and why not."""
+
+    ops: NativeKernels | None
+    reason: str | None
+
+
+_state: _Attempt = {}
 
 
 def cpu_flags() -> str:
@@ -49,7 +61,7 @@ def cache_dir() -> Path:
     return root / f"cpu-{key}"
 
 
-def load() -> object | None:
+def load() -> NativeKernels | None:
     """`torch.ops.minerva_cpu` with the kernels registered, or None when they cannot be built here."""
     with _lock:
         if "ops" not in _state:
@@ -57,12 +69,20 @@ def load() -> object | None:
         return _state["ops"]
 
 
+def require() -> NativeKernels:
+    """`load()` for callers that run only where the kernels were built (a plan chose them)."""
+    kernels = load()
+    if kernels is None:
+        raise RuntimeError(f"quantized CPU kernels unavailable: {unavailable_reason()}")
+    return kernels
+
+
 def unavailable_reason() -> str | None:
     load()
-    return _state["reason"]  # type: ignore[return-value]
+    return _state["reason"]
 
 
-def _build() -> tuple[object | None, str | None]:
+def _build() -> tuple[NativeKernels | None, str | None]:
     if os.environ.get(SWITCH_ENV) == "0":
         return None, f"{SWITCH_ENV}=0"
     if platform.system() != "Linux":
@@ -76,7 +96,7 @@ def _build() -> tuple[object | None, str | None]:
         load_extension("minerva_cpu_kernels", [str(source) for source in SOURCES], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
                        build_directory=str(build_dir), is_python_module=False, verbose=False)
         log.info("CPU quantized kernels ready in %.1f s (%s)", time.perf_counter() - started, build_dir)
-        return torch.ops.minerva_cpu, None
+        return cast(NativeKernels, torch.ops.minerva_cpu), None  # built at run time: see kernels/cpu/native.py
     except Exception as exc:  # a missing compiler or ninja shows up as many exception types
         reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
         log.warning("CPU quantized kernels unavailable, using dense weights: %s", reason)

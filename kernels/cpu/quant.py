@@ -68,9 +68,7 @@ class QuantizedWeight:
 
     def dequantize(self) -> torch.Tensor:
         """fp32 values, exactly as gguf's dequantize gives them."""
-        ops = extension.load()
-        if ops is None:
-            raise RuntimeError(f"quantized CPU kernels unavailable: {extension.unavailable_reason()}")
+        ops = extension.require()
         qs = self.qs.reshape(-1, self.qs.shape[-1])
         scales = self.scales.reshape(-1, self.scales.shape[-1])
         offsets = self.offsets.reshape(-1, self.offsets.shape[-1]) if self.offsets.numel() else _EMPTY

@@ -105,7 +105,7 @@ def native_linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
 
 def exact_linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     """`x @ weight.T` by qgemm.cpp: dequantize-then-matmul in fp32."""
-    ops = extension.load()
+    ops = extension.require()
     if weight.layout == "q4":
         return ops.q4_linear(x, weight.qs, weight.scales, weight.offsets, weight.codebook)
     return ops.q8_linear(x, weight.qs, weight.scales, weight.offsets)
@@ -124,7 +124,7 @@ def dequant_linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
 def tiles_linear(x: torch.Tensor, weight: QuantizedWeight, terms: int) -> torch.Tensor:
     """`x @ weight.T` by qgemm_tiles.cpp (AMX-BF16) for many rows of `x`: x and the weight values rounded to
     bf16 (`terms` 1) or each split into two bf16 (3: near fp32, three times the tile work)."""
-    ops = extension.load()
+    ops = extension.require()
     if weight.layout == "q4":
         return ops.q4_linear_tiles(x, weight.qs, weight.scales, weight.offsets, weight.codebook, terms)
     return ops.q8_linear_tiles(x, weight.qs, weight.scales, weight.offsets, terms)
@@ -138,7 +138,7 @@ def tiles_available() -> bool:
 
 def int_linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     """`x @ weight.T` by qgemm_int.cpp: x rounded to int16 per block of 32, integer dot products."""
-    ops = extension.load()
+    ops = extension.require()
     if weight.layout == "q4":
         return ops.q4_linear_int(x, weight.qs, weight.scales, weight.offsets, weight.codebook)
     return ops.q8_linear_int(x, weight.qs, weight.scales, weight.offsets)
