@@ -5,7 +5,9 @@ server state (`store: false`) and asks for encrypted reasoning. Two runs:
 - a scripted model that calls Codex's `exec_command` tool and then answers: Codex must run the command,
   send its output back, and print the answer;
 - the default model (SmolLM2-135M) answering a prompt: Codex must exit 0 (slow on a CPU: Codex's
-  system prompt and tools are ~4,600 tokens to prefill).
+  system prompt and tools are ~4,600 tokens to prefill), or, when the model rambles to the context's end
+  (Codex sends no temperature, so it samples at 1: about one run in four here), exit saying the response
+  came back incomplete for max_output_tokens, which is the Responses API's answer for that case.
 Skips (saying why) without the codex binary (tools/install_agents.sh installs it, or set MINERVA_CODEX).
 """
 
@@ -79,5 +81,7 @@ def test_codex_answers_a_prompt_with_the_default_model(tmp_path):
                          timeout=840)
     finally:
         server.stop()
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.strip()
+    if run.returncode != 0:  # the model's luck, not the protocol's: Codex understood the incomplete response
+        assert "Incomplete response returned, reason: max_output_tokens" in run.stderr, run.stderr[-3000:]
+    else:
+        assert run.stdout.strip()
