@@ -13,7 +13,7 @@ larger expected number of accepted tokens wins.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from engine.spec_decode.tokens import TokenSource
 
@@ -32,13 +32,8 @@ def best_continuation(node: Node, limit: int, min_prob: float) -> tuple[list[int
     tokens: list[int] = []
     prob, score = 1.0, 0.0
     while len(tokens) < limit and node.children:
-        total = 0
-        best, best_token = None, -1
-        for token, child in node.children.items():
-            total += child.count
-            if best is None or child.count > best.count:
-                best, best_token = child, token
-        prob *= best.count / total
+        best_token, best = max(node.children.items(), key=lambda item: item[1].count)  # the first of equals
+        prob *= best.count / sum(child.count for child in node.children.values())
         if prob < min_prob:
             break
         tokens.append(best_token)
@@ -71,7 +66,7 @@ class SequenceTrie:
         self.active = active
         self.num_tokens += len(token_ids)
 
-    def proposals(self, limit_for, min_prob: float) -> tuple[list[int], float]:
+    def proposals(self, limit_for: Callable[[int], int], min_prob: float) -> tuple[list[int], float]:
         """The best continuation over every tail of the context seen earlier in the sequence."""
         best: tuple[list[int], float] = ([], 0.0)
         for length, node in enumerate(self.active, start=1):
@@ -112,16 +107,18 @@ class GlobalTrie:
                     break
                 node = child
 
-    def proposal(self, context: Sequence[int], limit_for, min_prob: float) -> tuple[list[int], float]:
+    def proposal(self, context: Sequence[int], limit_for: Callable[[int], int], min_prob: float) -> tuple[list[int], float]:
         """The continuation of the longest tail of `context` that some cached output continues."""
         for length in range(min(len(context), self.max_depth - 1), 0, -1):
             node = self.root
             for token in context[len(context) - length:]:
-                node = node.children.get(token)
-                if node is None:
+                child = node.children.get(token)
+                if child is None:
                     break
-            if node is not None and node.children:
-                return best_continuation(node, limit_for(length), min_prob)
+                node = child
+            else:
+                if node.children:
+                    return best_continuation(node, limit_for(length), min_prob)
         return [], 0.0
 
 
