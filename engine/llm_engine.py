@@ -26,6 +26,7 @@ from engine.request import Request, Sample, SampleProgress
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.step_budget import StepBudget, StepWork
+from engine.spec_decode.config import SpeculativeConfig
 from engine.spec_decode.decoder import SpecDecoder
 from engine.step_messages import PromptRowSpan, PromptScores, StepMessages
 from engine.spec_decode.verify import accepted_tokens
@@ -70,8 +71,9 @@ class LLMEngine:
                                    config.enable_chunked_prefill)
         self.step_budget: StepBudget | None = None  # measured by the builder (CPU, no explicit token budget)
         self.outputs = OutputProcessor(tokenizer)
-        self.spec = (SpecDecoder(config.speculative_config, self.max_model_len)
-                     if config.speculative_config is not None else None)
+        spec_config = config.speculative_config  # parsed by EngineConfig
+        self.spec = (SpecDecoder(spec_config, self.max_model_len)
+                     if isinstance(spec_config, SpeculativeConfig) else None)
         self._in_flight: InFlight | None = None
         self.messages = StepMessages()  # what the runner has been told of each sequence
         self.requests: dict[str, Request] = {}
@@ -122,7 +124,8 @@ class LLMEngine:
                 raise InvalidRequestError(f"the output schema cannot be compiled: {exc}", "response_format") from exc
         stop_token_ids = frozenset(params.stop_token_ids) | frozenset(() if params.ignore_eos
                                                                       else self.tokenizer.eos_token_ids)
-        seqs, detoks = [], []
+        seqs: list[Sample] = []
+        detoks: list[IncrementalDetokenizer] = []
         for index in range(params.n):
             seed = None if params.seed is None else (params.seed + index) % 2**64  # n > 1: seed, seed+1, ...
             seqs.append(Sample(request_id, index, ids, params, max_tokens, seed, lead=seqs[0] if seqs else None,
@@ -169,15 +172,16 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         for seq in batch.preempted:  # its blocks are gone: the runner frees its table row until it runs again
             self.messages.preempted(seq)
-        timed = self.step_budget is not None and bool(batch)  # the CPU cost model learns from every step
-        work, started = (StepWork.of(batch.items), time.perf_counter()) if timed else (None, 0.0)
+        timing = ((self.step_budget, StepWork.of(batch.items), time.perf_counter())
+                  if self.step_budget is not None and batch else None)  # the CPU cost model learns from every step
         launched = self._launch(batch, outputs) if batch else None
         if self.async_scheduling:
             self._in_flight, launched = launched, previous
         if launched is not None:
             outputs.extend(self._complete(launched))
-        if timed:
-            self.step_budget.observe(work, time.perf_counter() - started)
+        if timing is not None:
+            budget, work, started = timing
+            budget.observe(work, time.perf_counter() - started)
         return outputs
 
     def _launch(self, batch: ScheduledBatch, outputs: list[RequestOutput]) -> InFlight | None:
@@ -186,8 +190,8 @@ class LLMEngine:
                        if seq.num_computed_tokens + count == len(seq.prompt_token_ids) + len(seq.output_token_ids)
                        + seq.num_in_flight + len(seq.spec_token_ids)]  # Sample.num_tokens, inlined: runs per sequence
         samples = [batch.items[i][0] for i in sample_rows]
-        drafts = [seq.spec_token_ids for seq in samples] if self.spec is not None else None
-        speculating = drafts is not None and any(drafts)
+        drafts = [seq.spec_token_ids for seq in samples] if self.spec is not None else []
+        speculating = any(drafts)
         try:
             prompt_rows = self._prompt_rows(batch)
             row_seqs = ([seq for seq, draft in zip(samples, drafts) for _ in range(1 + len(draft))] if speculating
@@ -237,13 +241,14 @@ class LLMEngine:
         """The runner's scores of the step's prompt rows, as logprob entries of their requests."""
         for rows, scored in zip(prompt_rows, scores):
             seq = batch.items[rows.item][0]
-            self.requests[seq.request_id].prompt_logprobs.extend(entries(scored, rows.targets,
-                                                                         self.tokenizer.token_bytes))
+            scored_so_far = self.requests[seq.request_id].prompt_logprobs
+            if scored_so_far is not None:  # always: _prompt_rows takes only requests that asked
+                scored_so_far.extend(entries(scored, rows.targets, self.tokenizer.token_bytes))
 
     def _complete(self, launched: InFlight) -> list[RequestOutput]:
         """Append the batch's tokens (the step's one wait on the device), apply the token rules, emit deltas."""
         if launched.drafts is not None:
-            return self._complete_verified(launched)
+            return self._complete_verified(launched, launched.drafts)
         result = launched.result.output()
         token_ids = result.token_ids
         samples, rows = [], []
@@ -259,20 +264,20 @@ class LLMEngine:
             self._retire(seq)
         return self._emit(touched)
 
-    def _complete_verified(self, launched: InFlight) -> list[RequestOutput]:
+    def _complete_verified(self, launched: InFlight, drafts: list[list[int]]) -> list[RequestOutput]:
         """Speculative decoding: each sample emits its accepted drafts and one drawn token, one at a time through
         the token rules (a stop drops what follows it), then forgets the rejected drafts' KV."""
         result = launched.result.output()
         token_ids = result.token_ids
         touched: dict[str, Request] = {}
         row = 0
-        for seq, draft in zip(launched.samples, launched.drafts):
+        for seq, draft in zip(launched.samples, drafts):
             first, row = row, row + 1 + len(draft)
             seq.num_in_flight -= 1
             if seq.finished:
                 continue
             emitted = accepted_tokens(draft, token_ids[first:row])
-            if draft:
+            if draft and self.spec is not None:  # drafts come only from the spec decoder
                 self.spec.observe(seq, len(draft), len(emitted) - 1)
             for j, token in enumerate(emitted):
                 self._append_token(seq, token)
