@@ -47,7 +47,7 @@ class Executor(ABC):
         """Compile the step shapes before traffic (CUDA), capturing decode graphs where the executor allows."""
 
     def check_health(self) -> None:
-        """Raise engine.distributed.group.ParallelGroupError when a step can no longer run; one process always can."""
+        """Raise engine.errors.ParallelGroupError when a step can no longer run; one process always can."""
 
     def shutdown(self) -> None:
         """Stop whatever the executor started (other ranks); one process has nothing to stop."""
