@@ -106,7 +106,11 @@ class AsyncEngine(RequestStreams):
 
     @property
     def model_info(self) -> ModelInfo:
-        return self.engine.model_info
+        info = self.engine.model_info
+        if info is None:  # an engine built around a model object (engine_for_model) has no loader metadata
+            raise RuntimeError("this engine has no model metadata: build it from a model path, or pass "
+                               "engine_for_model a model_info")
+        return info
 
     @property
     def max_model_len(self) -> int:

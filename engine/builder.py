@@ -12,7 +12,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -27,6 +26,7 @@ from engine.models.base import CausalLM
 from engine.scheduler import default_max_num_seqs
 from engine.spec_decode.step_cost import measure as measure_step_cost
 from engine.step_budget import measure as measure_step_budget
+from engine.loader.model_info import ModelInfo
 from engine.tokenizer import Tokenizer
 from kernels.ops import Ops
 
@@ -104,7 +104,7 @@ def build_engine(config: EngineConfig, num_blocks: int | None = None,
 
 
 def engine_for_model(model: CausalLM, tokenizer: Tokenizer, config: EngineConfig, max_model_len: int,
-                     model_info: Any = None, num_blocks: int | None = None, *, ops: Ops | None = None,
+                     model_info: ModelInfo | None = None, num_blocks: int | None = None, *, ops: Ops | None = None,
                      ranks: RankGroup | None = None) -> LLMEngine:
     """An engine over a model already built (with tensor parallelism: `ranks.local`, rank 0's slice): the KV
     pool sized (or `num_blocks`), the context fitted to it, the executor made and, on CUDA, warmed up with

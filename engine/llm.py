@@ -10,6 +10,7 @@ from engine.llm_engine import LLMEngine
 from engine.builder import build_engine
 from engine.outputs import RequestAccumulator, RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.tokenizer import Tokenizer
 
 
 class LLM:
@@ -24,7 +25,7 @@ class LLM:
         return llm
 
     @property
-    def tokenizer(self) -> Any:
+    def tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer
 
     def generate(self, prompts: str | list[int] | list[str] | list[list[int]],

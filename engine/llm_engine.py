@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
 
 
 from engine.config import EngineConfig
@@ -13,6 +12,7 @@ from engine.cpu_threads import ThreadAdapter
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import ParallelGroupError
 from engine.kv_cache import BlockPool
+from engine.loader.model_info import ModelInfo
 from engine.executor import Executor
 from engine.model_runner import StepResult
 from engine.models.base import CausalLM
@@ -59,7 +59,7 @@ class LLMEngine:
     """Synchronous core: one `step()` = one scheduled batch = one forward pass. engine/builder.py makes it."""
 
     def __init__(self, executor: Executor, tokenizer: Tokenizer, config: EngineConfig, layout: EngineLayout,
-                 model_info: Any = None) -> None:
+                 model_info: ModelInfo | None = None) -> None:
         self.executor = executor
         self.tokenizer = tokenizer
         self.config = config

@@ -17,6 +17,7 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers
 from tokenizers.decoders import DecodeStream
 
 from engine.errors import MinervaError
+from engine.loader.open import LoadedModel
 from engine.token_bytes import TokenBytes
 
 
@@ -213,7 +214,7 @@ def _raise_template_error(message: str) -> None:
     raise TokenizerError(f"chat template error: {message}")
 
 
-def load_tokenizer(loaded: Any) -> Tokenizer:
+def load_tokenizer(loaded: LoadedModel) -> Tokenizer:
     """The tokenizer of an `engine.loader.LoadedModel`."""
     if loaded.gguf_fields is not None:
         return Tokenizer.from_gguf(loaded.gguf_fields)

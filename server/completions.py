@@ -12,6 +12,7 @@ from starlette.responses import Response
 
 from engine.outputs import RequestOutput
 from engine.prompt_rules import check_prompt_ids, completion_budget
+from engine.tokenizer import Tokenizer
 from server.choices import ChoiceTracker, new_id, now
 from server.errors import APIError
 from server.logprobs import (TextOffsets, completion_logprobs, echoed_logprobs, joined_logprobs,
@@ -102,7 +103,7 @@ class PromptParts:
     scored: list | None
 
     @classmethod
-    def of(cls, body: CompletionRequest, tokenizer: Any, prompt_ids: list[int], entries: list | None) -> PromptParts:
+    def of(cls, body: CompletionRequest, tokenizer: Tokenizer, prompt_ids: list[int], entries: list | None) -> PromptParts:
         if entries is None:
             return cls(None, None)
         echoed = None
@@ -115,7 +116,7 @@ class PromptParts:
         return cls(echoed, scored)
 
 
-def choice_logprobs(body: CompletionRequest, tokenizer: Any, entries: list, offsets: TextOffsets,
+def choice_logprobs(body: CompletionRequest, tokenizer: Tokenizer, entries: list, offsets: TextOffsets,
                     echoed: dict[str, Any] | None) -> dict[str, Any] | None:
     """A choice's logprobs block, led by the echoed prompt's (`echoed`, on a choice's first block) when given."""
     if body.logprobs is None:
@@ -125,7 +126,7 @@ def choice_logprobs(body: CompletionRequest, tokenizer: Any, entries: list, offs
 
 
 async def stream_completion(request: Request, body: CompletionRequest, outputs, head: dict[str, Any],
-                            echoes: list[str], tokenizer: Any) -> Response:
+                            echoes: list[str], tokenizer: Tokenizer) -> Response:
     tracker = ChoiceTracker(body.n)
     offsets: dict[int, TextOffsets] = {}  # per choice
     prompts: dict[int, PromptParts] = {}  # per scored prompt, from its first output

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+from engine.tokenizer import Tokenizer
 from server.errors import APIError
 
 
-def encode(tokenizer: Any, text: str, *, add_special_tokens: bool, param: str) -> list[int]:
+def encode(tokenizer: Tokenizer, text: str, *, add_special_tokens: bool, param: str) -> list[int]:
     """Chat-template output already holds its special tokens, so chat passes add_special_tokens=False.
 
     JSON may escape lone UTF-16 surrogates ("\\ud800") that no UTF-8 text can hold; such a

@@ -102,3 +102,15 @@ def test_a_blocked_event_loop_does_not_stop_the_engine():
         await engine.shutdown()
 
     asyncio.run(main())
+
+
+def test_an_engine_without_model_metadata_says_so():
+    """The server reads model_info (model cards, templates, vocab checks); an engine built around a model
+    object without one cannot give it, and says how to, instead of an AttributeError on None later."""
+    from engine.builder import engine_for_model
+    from engine.config import EngineConfig
+    from tests.fake_model import FakeModel, IdTokenizer
+
+    engine = engine_for_model(FakeModel(), IdTokenizer(), EngineConfig(), max_model_len=64, num_blocks=8)
+    with pytest.raises(RuntimeError, match="no model metadata"):
+        AsyncEngine(engine).model_info

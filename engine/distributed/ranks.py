@@ -10,7 +10,6 @@ import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -18,6 +17,7 @@ from engine.distributed.context import ParallelContext
 from engine.distributed.group import free_port, join_group, leave_group
 from engine.errors import ParallelGroupError
 from engine.distributed.worker import READY, load_slice, worker_main
+from engine.loader.open import LoadedModel
 from engine.models.decoder import DecoderLM
 from engine.models.errors import ModelConfigError
 
@@ -66,7 +66,7 @@ def wait_until_loaded(workers: list[multiprocessing.process.BaseProcess], doorbe
             raise ParallelGroupError(f"{worker.name} sent an unexpected start-up message")
 
 
-def start_tensor_parallel(loaded: Any, model_path: str | Path, world_size: int, device: torch.device, dtype: torch.dtype,
+def start_tensor_parallel(loaded: LoadedModel, model_path: str | Path, world_size: int, device: torch.device, dtype: torch.dtype,
                           kernel_backend: str, unpack_mxfp4_gib: float, timeout_s: float
                           ) -> RankGroup:
     """Spawn ranks 1..world_size-1, load slice 0 here, and join them; raises ParallelGroupError if they fail."""

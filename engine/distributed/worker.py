@@ -6,7 +6,6 @@ import logging
 import sys
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -14,14 +13,16 @@ from engine.distributed import step_inputs
 from engine.distributed.context import ParallelContext
 from engine.distributed.group import join_group, leave_group, rank_device, share_cores
 from engine.distributed.shard import slice_layer, slice_vocab
+from engine.loader.open import LoadedModel
+from engine.models.decoder import DecoderLM
 
 log = logging.getLogger(__name__)
 
 READY = b"ready"
 
 
-def load_slice(loaded: Any, ctx: ParallelContext, device: torch.device, dtype: torch.dtype, kernel_backend: str,
-               unpack_mxfp4_gib: float):
+def load_slice(loaded: LoadedModel, ctx: ParallelContext, device: torch.device, dtype: torch.dtype,
+               kernel_backend: str, unpack_mxfp4_gib: float) -> DecoderLM:
     """This rank's DecoderLM slice: each layer read whole on the CPU and cut at once (engine/distributed/shard),
     so the host holds one whole layer at a time, plus the whole embedding and LM head until they are cut."""
     from engine.models import build_model

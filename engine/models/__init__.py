@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from engine.loader.open import LoadedModel
 from engine.models.base import CausalLM
 from engine.models.decoder import DecoderLM, PlaceLayer, keep_layer
 from engine.models.errors import ModelConfigError
@@ -25,7 +26,7 @@ _LOADERS = {"llama": load_llama, "gpt_oss": load_gpt_oss}
 
 
 def build_model(
-    loaded: Any,
+    loaded: LoadedModel,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     ops: Ops | None = None,
@@ -58,7 +59,7 @@ def build_model(
     return _LOADERS[spec.family](spec, reader, ops, from_gguf, place_layer)
 
 
-def unpack_mxfp4(device: torch.device, dtype: torch.dtype, ops: Ops, loaded: Any, limit_gib: float) -> bool:
+def unpack_mxfp4(device: torch.device, dtype: torch.dtype, ops: Ops, loaded: LoadedModel, limit_gib: float) -> bool:
     """Whether to dequantize MXFP4 experts once at load instead of at every call.
 
     Only for ops that have no packed fast path (the torch ops, which would dequantize

@@ -8,11 +8,10 @@ or misshapen tensor is a ModelConfigError naming the tensor.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
-from engine.loader.tensors import TensorStore
+from engine.loader.tensors import LazyTensor, TensorStore
 from engine.models.errors import ModelConfigError
 from kernels.cpu.quant import QuantizedWeight
 from kernels.mxfp4 import MXFP4Tensor
@@ -49,7 +48,7 @@ class WeightReader:
             self._read_bytes += sum(self.tensors[name].nbytes for name in stored if name in self.tensors)
             self.on_progress(self._read_bytes, self._total_bytes)
 
-    def _lazy(self, name: str) -> Any:
+    def _lazy(self, name: str) -> LazyTensor:
         stored = self.rename(name)
         if stored not in self.tensors:
             shown = name if stored == name else f"{name} (stored as {stored})"

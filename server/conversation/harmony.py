@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.tokenizer import Tokenizer
 from server.conversation.events import Event, ReasoningDelta, TextDelta
 from server.conversation.items import Conversation
 from server.conversation.parsing import call_events, parse_completion
@@ -28,7 +29,7 @@ CHANNEL_TOKEN_ID = 200005  # <|channel|> in o200k_harmony: the vocabulary the pa
 VOCAB_FILE = "o200k_base.tiktoken"
 
 
-def uses_harmony(architecture: str | None, tokenizer: Any) -> bool:
+def uses_harmony(architecture: str | None, tokenizer: Tokenizer) -> bool:
     """A gpt-oss model with the real harmony vocabulary (the package's token ids are this model's)."""
     return architecture == "gpt_oss" and tokenizer.backend.token_to_id("<|channel|>") == CHANNEL_TOKEN_ID
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Any
 
+from engine.client import EngineClient
 from engine.prompt_rules import completion_budget
 from engine.sampling_params import SamplingParams
 from engine.structured.spec import StructuredOutput
@@ -38,14 +38,14 @@ class PreparedPrompt:
         return OutputEvents(self.conversation, self.parser, n)
 
 
-def output_parser(engine: Any, conversation: Conversation, override: str | None) -> ToolParser | None:
+def output_parser(engine: EngineClient, conversation: Conversation, override: str | None) -> ToolParser | None:
     """Harmony's channels for gpt-oss (unless a grammar forces the call's JSON), else the tool parser, if any."""
     if uses_harmony(engine.model_info.architecture, engine.tokenizer) and conversation.tool_mode in ("none", "auto"):
         return HarmonyParser()
     return tool_parser_for(conversation, engine.tokenizer.chat_template, override)
 
 
-async def prepare(engine: Any, conversation: Conversation, *, max_tokens: int | None,
+async def prepare(engine: EngineClient, conversation: Conversation, *, max_tokens: int | None,
                   tool_call_parser: str | None = None) -> PreparedPrompt:
     """Render (templates and tokenizing off the event loop), compile the grammar, pick the parser, clamp the budget.
 

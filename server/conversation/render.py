@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from engine.client import EngineClient
 from server.conversation.harmony import render_harmony, uses_harmony
 from server.conversation.items import Conversation, Tool, Turn
 from server.conversation.reasoning import template_arguments
@@ -39,7 +40,7 @@ def template_tool(tool: Tool) -> dict[str, Any]:
     return {"type": "function", "function": function}
 
 
-def render_prompt(engine: Any, conversation: Conversation) -> list[int]:
+def render_prompt(engine: EngineClient, conversation: Conversation) -> list[int]:
     """Token ids of the prompt; a 400 naming the conversation's field when the template refuses it."""
     tokenizer = engine.tokenizer
     architecture = engine.model_info.architecture
