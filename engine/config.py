@@ -6,6 +6,7 @@ import dataclasses
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from engine.errors import ConfigError
 from engine.spec_decode.config import SpeculativeConfig
@@ -77,7 +78,7 @@ class EngineConfig:
         return self.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
 
     @classmethod
-    def from_toml(cls, path: str | Path, **overrides) -> "EngineConfig":
+    def from_toml(cls, path: str | Path, **overrides: Any) -> "EngineConfig":
         """Read the `[engine]` table of a TOML file; keyword overrides win (e.g. from the CLI)."""
         path = Path(path)
         try:

@@ -17,7 +17,7 @@ are sorted), and the step's result leaves the device in exactly one copy (`Sampl
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
@@ -322,7 +322,8 @@ class Sampler:
         return (starts + within).squeeze(1).clamp(max=vocab - 1)
 
     @staticmethod
-    def _on_rows(x: torch.Tensor, rows: list[int], op, values: torch.Tensor) -> torch.Tensor:
+    def _on_rows(x: torch.Tensor, rows: list[int], op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 values: torch.Tensor) -> torch.Tensor:
         """`op(x[rows], values[rows])` written back into those rows; all rows without indexing."""
         if len(rows) == x.shape[0]:
             return op(x, values)

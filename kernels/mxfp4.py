@@ -42,7 +42,7 @@ class MXFP4Tensor:
     def device(self) -> torch.device:
         return self.blocks.device
 
-    def __getitem__(self, index) -> "MXFP4Tensor":
+    def __getitem__(self, index: int | slice | torch.Tensor) -> "MXFP4Tensor":
         """Index leading dims (e.g. one expert) without unpacking."""
         return MXFP4Tensor(self.blocks[index], self.scales[index])
 

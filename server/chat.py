@@ -20,7 +20,7 @@ from server.logprobs import TokenBytes, chat_logprobs, vllm_prompt_logprobs
 from server.observability.request_record import note_request, recorded
 from server.protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice
 from server.request_params import check_request, sampling_params
-from server.responses import collect, stream
+from server.responses import Outputs, collect, stream
 from server.served_models import ServedModel
 from server.streams import generate_many
 
@@ -149,7 +149,7 @@ def chat_usage(events: OutputEvents) -> dict[str, Any]:
             "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens}}
 
 
-async def stream_chat(request: Request, body: ChatCompletionRequest, outputs, head: dict[str, Any],
+async def stream_chat(request: Request, body: ChatCompletionRequest, outputs: Outputs, head: dict[str, Any],
                       top: int | None, prepared: PreparedPrompt, token_bytes: TokenBytes) -> Response:
     events = prepared.events(body.n)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)

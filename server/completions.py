@@ -21,7 +21,7 @@ from server.protocol import CompletionRequest, split_prompts
 from server.guard.http import reserve_tokens
 from server.observability.request_record import note_request, recorded
 from server.request_params import check_request, sampling_params
-from server.responses import collect, stream
+from server.responses import Outputs, collect, stream
 from server.served_models import ServedModel
 from server.streams import generate_many
 from server.tokens import encode
@@ -125,7 +125,7 @@ def choice_logprobs(body: CompletionRequest, tokenizer: Tokenizer, entries: list
     return block if echoed is None else joined_logprobs(echoed, block)
 
 
-async def stream_completion(request: Request, body: CompletionRequest, outputs, head: dict[str, Any],
+async def stream_completion(request: Request, body: CompletionRequest, outputs: Outputs, head: dict[str, Any],
                             echoes: list[str], tokenizer: Tokenizer) -> Response:
     tracker = ChoiceTracker(body.n)
     offsets: dict[int, TextOffsets] = {}  # per choice

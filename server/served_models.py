@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,7 +97,7 @@ class ServedModels:
         raise APIError(404, f"The model `{name}` does not exist. Served models: {', '.join(self._models)}.",
                        param="model", code="model_not_found")
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[ServedModel]:
         return iter(self._models.values())
 
     def __len__(self) -> int:

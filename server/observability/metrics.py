@@ -7,6 +7,7 @@ shows the current state and nothing polls in the background.
 from __future__ import annotations
 
 import os
+from types import ModuleType
 from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -122,7 +123,7 @@ class GpuCollector(Collector):
         yield from (used, total, util, temp)
 
 
-def _init_nvml():
+def _init_nvml() -> ModuleType | None:
     try:
         import pynvml
 
