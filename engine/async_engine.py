@@ -22,7 +22,7 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
-from typing import Any
+from typing import ParamSpec, TypeVar
 
 from engine.config import EngineConfig
 from engine.errors import InvalidRequestError, ParallelGroupError
@@ -37,6 +37,9 @@ from engine.sampling_params import SamplingParams
 from engine.structured.spec import StructuredOutput
 from engine.tokenizer import Tokenizer
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
 log = logging.getLogger(__name__)
 
 _STOP = object()
@@ -50,8 +53,8 @@ class EngineThread:
         self._work: queue.SimpleQueue = queue.SimpleQueue()
         threading.Thread(target=self._serve, name="minerva-engine", daemon=True).start()
 
-    def submit(self, function: Callable, *args: Any, **kwargs: Any) -> Future:
-        done: Future = Future()
+    def submit(self, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        done: Future[T] = Future()
         self._work.put((done, function, args, kwargs))
         return done
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Any
 
 from engine.errors import EngineDeadError, InvalidRequestError
 from engine.outputs import RequestOutput, merge_delta
@@ -115,7 +114,7 @@ class RequestStreams(ABC):
         return len(ended)
 
     # --- on the event loop, handed over by whatever receives the engine's outputs -------------------------
-    def _call(self, function: Callable[..., Any], *args: Any) -> None:
+    def _call(self, function: Callable[..., object], *args: object) -> None:
         """Run `function(*args)` on the event loop (it owns the request queues), from any thread."""
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(function, *args)

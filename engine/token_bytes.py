@@ -10,7 +10,8 @@ from __future__ import annotations
 import functools
 import json
 import re
-from typing import Any
+
+import tokenizers
 
 BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 METASPACE = "\u2581"
@@ -29,7 +30,7 @@ def byte_level_table() -> dict[str, int]:
     return {symbol: byte for byte, symbol in symbols.items()}
 
 
-def decoder_kinds(backend: Any) -> set[str]:
+def decoder_kinds(backend: tokenizers.Tokenizer) -> set[str]:
     """The decoder steps of an HF `tokenizers` backend (a Sequence's members included), by type name."""
     decoder = json.loads(backend.decoder.__getstate__()) if backend.decoder is not None else {}  # not the vocab
     steps = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
@@ -42,7 +43,7 @@ def decoder_kinds(backend: Any) -> set[str]:
 class TokenBytes:
     """token id -> bytes, worked out per id on first use."""
 
-    def __init__(self, backend: Any) -> None:
+    def __init__(self, backend: tokenizers.Tokenizer) -> None:
         self.backend = backend
         kinds = decoder_kinds(backend)
         self.byte_level = "ByteLevel" in kinds

@@ -25,7 +25,7 @@ class TokenizerError(MinervaError, ValueError):
     """The model's tokenizer files or GGUF vocabulary cannot be used; the message says which and why."""
 
 
-def _token_text(value: Any) -> str | None:
+def _token_text(value: object) -> str | None:
     if isinstance(value, dict):
         value = value.get("content")
     return value if isinstance(value, str) else None
