@@ -7,7 +7,6 @@ the server reads fields, never string keys: /metrics, /health, model cards and t
 
 from __future__ import annotations
 
-from typing import Any
 
 import msgspec
 
@@ -42,7 +41,7 @@ class EngineStats(msgspec.Struct, frozen=True):
     model_load_seconds: float
     tensor_parallel_size: int
     step_prefill_budget: int | None  # prompt tokens the latest step beside decodes could take (None: no latency budget)
-    kernels: dict[str, Any] | None  # the kernel backend's own account of its choices (free-form), if it keeps one
+    kernels: dict[str, object] | None  # the kernel backend's own account of its choices (free-form), if it keeps one
     spec_decode: SpecDecodeCounters | None = None  # None: speculative decoding is off
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
 
 import torch
 
@@ -56,6 +55,6 @@ class Executor(ABC):
         """The KV cache of every rank together (each holds its heads' share of each block)."""
         return self.runner.num_blocks * kv_bytes_per_block(self.runner.model, self.runner.block_size) * self.world_size
 
-    def kernels(self) -> dict[str, Any] | None:
+    def kernels(self) -> dict[str, object] | None:
         """The kernel backend's own account of what it runs here (the CPU backend's measured choice)."""
         return self.ops.describe() if self.ops is not None else None
