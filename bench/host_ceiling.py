@@ -37,11 +37,15 @@ MODES = {
     "api-servers-2": ["--engine-process", "--api-server-count", "2"],
 }
 PROMPT = "The quick brown fox"
+EVENT = b"data: {"  # an SSE event with a chunk (the closing `data: [DONE]` is not counted)
 # The engine's settings, the same for the served engine and the unloaded one: all N requests run at once, on one
 # torch thread (left to itself the unloaded engine would take both cores for its forwards, and the comparison
-# would measure intra-op threads instead of what serving takes from the step loop).
+# would measure intra-op threads instead of what serving takes from the step loop), and an explicit token budget,
+# which turns off the CPU latency budget (engine/step_budget.py): the model stands in for a GPU, where no such
+# budget runs, and with it a served engine admits arriving prompts a few per step while the unloaded one takes
+# all N at once, so the two would step different batches.
 ENGINE_SETTINGS = {"device": "cpu", "dtype": "float32", "kernel_backend": "torch", "kv_cache_gib": 0.05,
-                   "cpu_threads": 1}
+                   "cpu_threads": 1, "max_num_batched_tokens": 2048}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -104,10 +108,11 @@ def start_server(model: Path, flags: list[str], concurrency: int, log_path: Path
 
 
 # --- the client process ---------------------------------------------------------------------------------
-async def stream_load(url: str, concurrency: int, requests: int, max_tokens: int) -> int:
-    """Streamed completion tokens over `requests` streams, `concurrency` at a time. A bare asyncio HTTP/1.1
-    client (one connection per stream, read to its close) so that the load takes as little as it can of the
-    cores the server shares with it (its CPU per token is reported beside the server's)."""
+async def stream_load(url: str, concurrency: int, requests: int, max_tokens: int) -> tuple[int, int]:
+    """(streamed completion tokens, SSE data events) over `requests` streams, `concurrency` at a time. A bare
+    asyncio HTTP/1.1 client (one connection per stream, read to its close) so that the load takes as little as
+    it can of the cores the server shares with it (its CPU per token is reported beside the server's). The
+    events show how finely the tokens came: a server that falls behind merges a stream's tokens into fewer."""
     host, port = url.removeprefix("http://").split(":")
     body = json.dumps({"model": "tiny", "prompt": PROMPT, "max_tokens": max_tokens, "stream": True,
                        "ignore_eos": True, "temperature": 0.8, "stream_options": {"include_usage": True}}).encode()
@@ -115,28 +120,31 @@ async def stream_load(url: str, concurrency: int, requests: int, max_tokens: int
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
     gate = asyncio.Semaphore(concurrency)
 
-    async def one() -> int:
+    async def one() -> tuple[int, int]:
+        events = 0
         async with gate:
             reader, writer = await asyncio.open_connection(host, int(port))
             writer.write(head + body)
             tail = b""
             while chunk := await reader.read(65536):
+                events += (tail[-len(EVENT) + 1:] + chunk).count(EVENT)  # the carried bytes cannot hold a whole one
                 tail = (tail + chunk)[-4096:]
             writer.close()
         usage = tail.rpartition(b'"completion_tokens":')[2]
-        return int(usage[:usage.index(b",")]) if usage else 0
+        return (int(usage[:usage.index(b",")]) if usage else 0), events
 
-    return sum(await asyncio.gather(*(one() for _ in range(requests))))
+    counts = await asyncio.gather(*(one() for _ in range(requests)))
+    return sum(tokens for tokens, _ in counts), sum(events for _, events in counts)
 
 
-def run_clients(url: str, concurrency: int, requests: int, max_tokens: int) -> tuple[int, float, float]:
+def run_clients(url: str, concurrency: int, requests: int, max_tokens: int) -> tuple[int, float, float, int]:
     """The load, from a process of its own (its CPU is not the server's): (tokens, seconds from the first
-    request to the last token, the client's CPU seconds)."""
+    request to the last token, the client's CPU seconds, SSE data events)."""
     output = subprocess.run([sys.executable, "-m", "bench.host_ceiling", "--client", url, "--concurrency",
                              str(concurrency), "--requests", str(requests), "--max-tokens", str(max_tokens)],
                             cwd=REPO, check=True, capture_output=True, text=True).stdout
-    tokens, seconds, cpu = output.strip().splitlines()[-1].split()
-    return int(tokens), float(seconds), float(cpu)
+    tokens, seconds, cpu, events = output.strip().splitlines()[-1].split()
+    return int(tokens), float(seconds), float(cpu), int(events)
 
 
 # --- the unloaded engine ----------------------------------------------------------------------------------
@@ -144,9 +152,11 @@ def unloaded_rate(model: Path, concurrency: int, max_tokens: int, rounds: int) -
     """The same engine config stepping the same requests with nothing else in its process: steps/s, tokens/s."""
     from engine.builder import build_engine
     from engine.config import EngineConfig
+    from engine.core_process import freeze_start_up_heap
     from engine.sampling_params import SamplingParams
 
     engine = build_engine(EngineConfig(model=str(model), max_num_seqs=concurrency, **ENGINE_SETTINGS))
+    freeze_start_up_heap()  # as the core process does once its engine is built
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.8)
     try:
         for index in range(concurrency):  # warm up
@@ -179,7 +189,8 @@ def measure(model: Path, mode: str, args: argparse.Namespace, log_dir: Path) -> 
         pids = [server.pid, *descendants(server.pid)]
         before = {pid: cpu_seconds(pid) for pid in pids}
         steps_before, _ = engine_counters(url)
-        tokens, wall, client_cpu = run_clients(url, args.concurrency, args.concurrency * args.rounds, args.max_tokens)
+        tokens, wall, client_cpu, events = run_clients(url, args.concurrency, args.concurrency * args.rounds,
+                                                       args.max_tokens)
         steps_after, _ = engine_counters(url)
         cpu: dict[str, float] = {}
         for pid in pids:
@@ -190,6 +201,7 @@ def measure(model: Path, mode: str, args: argparse.Namespace, log_dir: Path) -> 
         server.wait(timeout=120)
     return {"mode": mode, "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
             "steps_per_s": (steps_after - steps_before) / wall, "client_cpu_us_per_token": client_cpu / tokens * 1e6,
+            "events_per_stream": events / (args.concurrency * args.rounds),
             "cpu_us_per_token": {name: seconds / tokens * 1e6 for name, seconds in cpu.items()},
             "cpu_us_per_token_total": sum(cpu.values()) / tokens * 1e6}
 
@@ -209,8 +221,8 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     if args.client:
         started, cpu = time.perf_counter(), time.process_time()
-        tokens = asyncio.run(stream_load(args.client, args.concurrency, args.requests, args.max_tokens))
-        print(tokens, time.perf_counter() - started, time.process_time() - cpu)
+        tokens, events = asyncio.run(stream_load(args.client, args.concurrency, args.requests, args.max_tokens))
+        print(tokens, time.perf_counter() - started, time.process_time() - cpu, events)
         return
     if args.unloaded:
         print(json.dumps(unloaded_rate(args.unloaded, args.concurrency, args.max_tokens, args.rounds)))
@@ -231,7 +243,8 @@ def main() -> None:
     for index, mode in enumerate(args.modes):
         of_mode = [run[index] for run in runs]
         summary = {key: statistics.median(result[key] for result in of_mode)
-                   for key in ("tokens_per_s", "steps_per_s", "cpu_us_per_token_total", "client_cpu_us_per_token")}
+                   for key in ("tokens_per_s", "steps_per_s", "cpu_us_per_token_total", "client_cpu_us_per_token",
+                               "events_per_stream")}
         processes = {name for result in of_mode for name in result["cpu_us_per_token"]}
         summary["cpu_us_per_token"] = {name: statistics.median(result["cpu_us_per_token"].get(name, 0.0)
                                                                for result in of_mode) for name in sorted(processes)}
@@ -243,7 +256,7 @@ def main() -> None:
         print(f"{result['mode']:>15}: {result['tokens_per_s']:7.0f} tok/s, {result['steps_per_s']:6.1f} steps/s "
               f"({result['steps_per_s'] / unloaded['steps_per_s']:.0%} of unloaded), server CPU "
               f"{result['cpu_us_per_token_total']:.0f} us/token ({per_process}); client "
-              f"{result['client_cpu_us_per_token']:.0f}")
+              f"{result['client_cpu_us_per_token']:.0f}; {result['events_per_stream']:.1f} SSE events per stream")
     report = {"args": {k: v for k, v in vars(args).items() if k in ("concurrency", "max_tokens", "rounds", "modes",
                                                                      "repeat")},
               "load_average": os.getloadavg(), "unloaded": unloaded, "unloaded_runs": unloaded_runs, "results": results}

@@ -16,6 +16,7 @@ processes may use the same id. The core exits when told to, when the engine stop
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import pickle
@@ -217,6 +218,14 @@ def answer_hellos(outputs: zmq.Socket, message: wire.LoadFailed) -> None:
         outputs.send_multipart([client, wire.encode(message)])
 
 
+def freeze_start_up_heap() -> None:
+    """Move what start-up allocated (torch's, the tokenizer's and the model's objects: ~380k for the tests' tiny
+    model) out of the collector's reach, as vLLM's engine core does: a full collection then walks only what
+    serving made (measured on that engine: 307 ms -> 0.01 ms), so a rare gen-2 pass no longer stalls a step."""
+    gc.collect()
+    gc.freeze()
+
+
 def run_core(config: EngineConfig, requests_address: str, outputs_address: str) -> int:
     context = zmq.Context()
     requests = context.socket(zmq.PULL)
@@ -232,6 +241,7 @@ def run_core(config: EngineConfig, requests_address: str, outputs_address: str) 
         except Exception as exc:  # the API processes report it as their own load error
             answer_hellos(outputs, wire.LoadFailed(str(exc) or type(exc).__name__))
             return 1
+        freeze_start_up_heap()
         return EngineCore(engine, requests, outputs).run()
     finally:
         requests.close()

@@ -146,9 +146,10 @@ def api_name(index: int) -> str:
 def run_api_process(index: int, args: argparse.Namespace, configs: list[EngineConfig], cores: list[CoreAddress],
                     settings: ServerSettings, listening: socket.socket) -> None:
     """One API server process (spawned): a client of every core, the app, uvicorn on the shared socket."""
-    from server.serving import add_served, device_name, serve_app
+    from server.serving import add_served, defer_to_engine_cores, device_name, serve_app
 
     os.setpgrp()  # a terminal's Ctrl-C reaches the launcher alone, which drains this process once
+    defer_to_engine_cores()
     configure_json_logging(args.log_level)
     try:
         engines: dict[str, EngineClient] = {}

@@ -122,7 +122,7 @@ def serve_command(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM; then stop accepting, let running requests finish (or abort them
     after --shutdown-timeout seconds), shut the engines down and exit 0 (1 if an engine died: a
     tensor-parallel rank or the engine core process gone)."""
-    from server.serving import device_name, serve_app
+    from server.serving import defer_to_engine_cores, device_name, serve_app
 
     if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
         raise LaunchError("--ssl-keyfile and --ssl-certfile go together")
@@ -136,6 +136,8 @@ def serve_command(args: argparse.Namespace) -> int:
 
         return serve_api_servers(args, configs, settings)
     engines = build_engines(configs, args.engine_process)
+    if args.engine_process:
+        defer_to_engine_cores()
     return serve_app(engines, dataclasses.replace(settings, device_name=device_name(engines)), args, banner=True)
 
 

@@ -7,6 +7,7 @@ Shared by `minerva serve` in one process and by each API process of `--api-serve
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -20,6 +21,13 @@ from server.engine_args import LaunchError
 from server.settings import ServerSettings
 
 log = logging.getLogger("minerva.server")
+
+# An API server process's CPU priority below its engine core's (a nice value, 0..19). Every stream waits on the
+# core's steps, while an API process that falls behind loses only granularity: a stream's pending outputs merge
+# into one (engine/request_streams.OutputSlot), written as one SSE event in one socket write. On a host with
+# fewer free cores than busy processes the kernel then keeps the core stepping and lets the API processes take
+# what is left, where at equal priority they took the core's share (bench/host_ceiling).
+API_PROCESS_NICENESS = 5
 
 
 def add_served(engines: dict[str, EngineClient], config: EngineConfig, engine: EngineClient) -> None:
@@ -48,6 +56,12 @@ def device_name(engines: dict[str, EngineClient]) -> str:
 
         return torch.cuda.get_device_name()
     return "cpu"
+
+
+def defer_to_engine_cores() -> None:
+    """Lower this API server process's CPU priority below the engine core processes' (API_PROCESS_NICENESS). Call
+    once the cores run: a process started after this would inherit it."""
+    os.nice(API_PROCESS_NICENESS)
 
 
 def uvicorn_config(app: Any, args: argparse.Namespace) -> Any:
@@ -84,6 +98,10 @@ def serve_app(engines: dict[str, EngineClient], settings: ServerSettings, args: 
         app = create_app(engines, settings)
     except ValueError as exc:  # a --fallback-model that names no served model
         raise LaunchError(str(exc)) from exc
+    # What start-up made (the app, its libraries, an in-process engine) leaves the collector's reach, as a core's
+    # does (engine.core_process.freeze_start_up_heap): a full collection walks only what requests make.
+    gc.collect()
+    gc.freeze()
     DrainingServer(uvicorn_config(app, args), engines.values(), app.state.draining).run(sockets=sockets)
     failures = [f"{name}: {engine.failure}" for name, engine in engines.items() if engine.failure]
     for failure in failures:

@@ -146,3 +146,8 @@ def child_pids(parent: int, marker: bytes) -> list[int]:
         if ppid == parent and marker in cmdline:
             found.append(int(entry.name))
     return found
+
+
+def niceness(pid: int) -> int:
+    """A process's nice value (read from /proc)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
