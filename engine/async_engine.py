@@ -42,7 +42,12 @@ T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
-_STOP = object()
+
+class _Stop:
+    """The command that stops the engine thread's loop (its one instance is _STOP)."""
+
+
+_STOP = _Stop()
 
 
 class EngineThread:
@@ -50,25 +55,28 @@ class EngineThread:
     ThreadPoolExecutor's worker, never holds up the interpreter's exit while the step loop waits)."""
 
     def __init__(self) -> None:
-        self._work: queue.SimpleQueue = queue.SimpleQueue()
+        self._work: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         threading.Thread(target=self._serve, name="minerva-engine", daemon=True).start()
 
     def submit(self, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Future[T]:
         done: Future[T] = Future()
-        self._work.put((done, function, args, kwargs))
+
+        def run() -> None:
+            if done.set_running_or_notify_cancel():
+                try:
+                    done.set_result(function(*args, **kwargs))
+                except BaseException as exc:
+                    done.set_exception(exc)
+
+        self._work.put(run)
         return done
 
     def close(self) -> None:
         self._work.put(None)
 
     def _serve(self) -> None:
-        while (item := self._work.get()) is not None:
-            done, function, args, kwargs = item
-            if done.set_running_or_notify_cancel():
-                try:
-                    done.set_result(function(*args, **kwargs))
-                except BaseException as exc:
-                    done.set_exception(exc)
+        while (run := self._work.get()) is not None:
+            run()
 
 
 def abort_all(engine: LLMEngine) -> list[RequestOutput]:
@@ -90,8 +98,8 @@ class AsyncEngine(RequestStreams):
         super().__init__()
         self.engine = engine
         self._engine_thread = engine_thread or EngineThread()
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._loop_done: Future | None = None
+        self._commands: queue.SimpleQueue[Request | str | _Stop] = queue.SimpleQueue()  # adds, aborts (ids), _STOP
+        self._loop_done: Future[None] | None = None
 
     @classmethod
     def from_config(cls, config: EngineConfig, on_progress: Callable[[int, int], None] | None = None) -> "AsyncEngine":
@@ -205,7 +213,7 @@ class AsyncEngine(RequestStreams):
             while True:
                 command = self._commands.get(block=block)
                 block = False
-                if command is _STOP:
+                if isinstance(command, _Stop):
                     self._send(abort_all(self.engine))
                     return False
                 if isinstance(command, Request):

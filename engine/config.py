@@ -42,7 +42,7 @@ class EngineConfig:
     enforce_eager: bool = False  # CUDA: never capture or replay CUDA graphs
     async_scheduling: bool | None = None  # launch step N+1 before reading step N's tokens; None = on CUDA, one rank
     mxfp4_unpack_gib: float = 4.0  # CPU torch ops: dense MXFP4 experts made once at load if the model fits (0 = packed)
-    speculative_config: SpeculativeConfig | str | dict | None = None  # vLLM's JSON shape (text or table): parsed
+    speculative_config: SpeculativeConfig | str | dict[str, Any] | None = None  # vLLM's JSON shape (text or table): parsed
     cpu_threads: int | None = None  # torch threads; None: usable CPUs less busy ones, followed (engine/cpu_threads.py)
     grammar_compile_timeout_s: float = 5.0  # a structured-output compile past this is killed: a 400 for its request
     max_output_tokens: int | None = None  # server-wide cap on one sample's completion tokens (None: the context)

@@ -87,7 +87,7 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str:
         return self.backend.id_to_token(token_id) or ""
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **extra: Any) -> str:
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **extra: Any) -> str:
         if self._template is None:
             raise TokenizerError("this model has no chat template")
         return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,

@@ -156,11 +156,12 @@ async def stream_chat(request: Request, body: ChatCompletionRequest, outputs: Ou
     usage_field = {"usage": None} if include_usage else {}
     empty_delta = {"content": ""} if prepared.parser is None else {}  # a step's logprobs with no text to show
 
-    def chunk(index: int, delta: dict[str, Any], logprobs: dict | None, finish_reason: str | None) -> dict[str, Any]:
+    def chunk(index: int, delta: dict[str, Any], logprobs: dict[str, Any] | None, finish_reason: str | None
+              ) -> dict[str, Any]:
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         return {**head, "choices": [choice], **usage_field}
 
-    scored_prompt: list | None = None  # vLLM's prompt_logprobs, built once for all choices (one prompt)
+    scored_prompt: list[dict[str, dict[str, Any]] | None] | None = None  # vLLM's prompt_logprobs, built once for all choices (one prompt)
 
     def render(prompt_index: int, output: RequestOutput) -> Iterator[dict[str, Any]]:
         """Deltas per event; a step's logprobs ride on its first chunk, prompt_logprobs on the stream's first."""

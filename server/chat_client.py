@@ -33,7 +33,7 @@ class ChatClient:
             self._headers["authorization"] = f"Bearer {api_key}"
 
     @contextmanager
-    def _request(self, method: str, path: str, body: dict | None = None) -> Iterator[Any]:
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Iterator[Any]:
         connection = self._connection_class(self._host, self._port, timeout=self.timeout)
         try:
             connection.request(method, self._prefix + path, body=None if body is None else json.dumps(body),

@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from engine.outputs import RequestOutput
+from engine.outputs import RequestOutput, TokenLogprob
 from engine.prompt_rules import check_prompt_ids, completion_budget
 from engine.tokenizer import Tokenizer
 from server.choices import ChoiceTracker, new_id, now
@@ -100,10 +100,11 @@ class PromptParts:
     echoed prompt's logprobs block (echo with logprobs) and vLLM's `prompt_logprobs` list."""
 
     echoed: dict[str, Any] | None
-    scored: list | None
+    scored: list[dict[str, dict[str, Any]] | None] | None
 
     @classmethod
-    def of(cls, body: CompletionRequest, tokenizer: Tokenizer, prompt_ids: list[int], entries: list | None) -> PromptParts:
+    def of(cls, body: CompletionRequest, tokenizer: Tokenizer, prompt_ids: list[int],
+           entries: list[TokenLogprob | None] | None) -> PromptParts:
         if entries is None:
             return cls(None, None)
         echoed = None
@@ -116,7 +117,7 @@ class PromptParts:
         return cls(echoed, scored)
 
 
-def choice_logprobs(body: CompletionRequest, tokenizer: Tokenizer, entries: list, offsets: TextOffsets,
+def choice_logprobs(body: CompletionRequest, tokenizer: Tokenizer, entries: list[TokenLogprob], offsets: TextOffsets,
                     echoed: dict[str, Any] | None) -> dict[str, Any] | None:
     """A choice's logprobs block, led by the echoed prompt's (`echoed`, on a choice's first block) when given."""
     if body.logprobs is None:
@@ -133,7 +134,7 @@ async def stream_completion(request: Request, body: CompletionRequest, outputs: 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     usage_field = {"usage": None} if include_usage else {}
 
-    def chunk(index: int, text: str, logprobs: dict | None, finish_reason: str | None,
+    def chunk(index: int, text: str, logprobs: dict[str, Any] | None, finish_reason: str | None,
               **extra: Any) -> dict[str, Any]:
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason, **extra}
         return {**head, "choices": [choice], **usage_field}

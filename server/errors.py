@@ -68,7 +68,7 @@ def engine_unavailable(exc: EngineDeadError) -> APIError:
     return APIError(503, f"the model's engine is not running: {exc}", code="engine_unavailable")
 
 
-def error_body(message: str, type: str, param: str | None = None, code: str | int | None = None) -> dict:
+def error_body(message: str, type: str, param: str | None = None, code: str | int | None = None) -> dict[str, Any]:
     """Messages may quote client input; lone surrogates in it would make the JSON unencodable."""
     return {"error": {"message": encodable(message), "type": type, "param": encodable(param), "code": code}}
 

@@ -21,7 +21,7 @@ class ParallelContext:
 
     rank: int = 0
     world_size: int = 1
-    counts: Counter = field(default_factory=Counter)
+    counts: Counter[str] = field(default_factory=Counter)
 
     @property
     def is_parallel(self) -> bool:

@@ -54,7 +54,7 @@ class CompileWorker:
 
     def __init__(self, tokenizer_info_json: str) -> None:
         self._tokenizer_info_json = tokenizer_info_json
-        self._process: subprocess.Popen | None = None
+        self._process: subprocess.Popen[bytes] | None = None
         self._buffer = b""
 
     def compile(self, kind: str, schema: str | None, deadline: float, cancelled: threading.Event | None) -> str:

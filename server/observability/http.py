@@ -30,7 +30,7 @@ def route_template(scope: Scope, routes: Sequence[BaseRoute]) -> str:
     return getattr(route, "path", "unmatched")
 
 
-def log_fields(scope: Scope, record: RequestRecord, status: int, latency: float, log_prompts: bool) -> dict:
+def log_fields(scope: Scope, record: RequestRecord, status: int, latency: float, log_prompts: bool) -> dict[str, object]:
     fields = {
         "request_id": scope.get("state", {}).get("request_id"),
         "method": scope["method"],

@@ -36,6 +36,6 @@ def configure_json_logging(level: str = "info") -> None:
         logger.propagate = False
 
 
-def log_request(fields: dict) -> None:
+def log_request(fields: dict[str, object]) -> None:
     """One line for a finished HTTP request (fields: request_id, method, route, status, latency_ms, ...)."""
     logging.getLogger(LOGGER_NAME).info("request", extra={"fields": fields})
