@@ -51,7 +51,7 @@ class Owner:
 
 
 class EngineCore:
-    def __init__(self, engine: LLMEngine, requests: zmq.Socket, outputs: zmq.Socket) -> None:
+    def __init__(self, engine: LLMEngine, requests: zmq.Socket[bytes], outputs: zmq.Socket[bytes]) -> None:
         self.engine = engine
         self.requests = requests
         self.outputs = outputs
@@ -208,7 +208,7 @@ def engine_id(client: bytes, request_id: str) -> str:
     return f"{client.decode()}\x1f{request_id}"
 
 
-def answer_hellos(outputs: zmq.Socket, message: wire.LoadFailed) -> None:
+def answer_hellos(outputs: zmq.Socket[bytes], message: wire.LoadFailed) -> None:
     """Tell every API process waiting for the engine why it will not come."""
     deadline = time.monotonic() + GREET_AFTER_FAILURE_S
     while (left := deadline - time.monotonic()) > 0:
