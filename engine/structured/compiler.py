@@ -14,13 +14,16 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from engine.structured.spec import StructuredOutput
 from engine.structured.workers import GrammarTimeout, WorkerPool
 from engine.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
+    import xgrammar
+
     from engine.config import EngineConfig
     from engine.structured.matcher import GrammarMatcher
 
@@ -49,11 +52,11 @@ class GrammarCompiler:
         self._info = _tokenizer_info(xgrammar, tokenizer, vocab_size)
         self._workers = WorkerPool(self._info.serialize_json(), WORKERS)
         self._waiters = ThreadPoolExecutor(WAITERS, thread_name_prefix="minerva-grammar")
-        self._cache: OrderedDict[StructuredOutput, tuple[Any, float]] = OrderedDict()  # (grammar, last used)
+        self._cache: OrderedDict[StructuredOutput, tuple[xgrammar.CompiledGrammar, float]] = OrderedDict()  # (grammar, last used)
         self._cached_bytes = 0
         self._lock = threading.Lock()
 
-    def compile(self, spec: StructuredOutput, cancelled: threading.Event | None = None) -> Any:
+    def compile(self, spec: StructuredOutput, cancelled: threading.Event | None = None) -> xgrammar.CompiledGrammar:
         """The compiled grammar for `spec`; GrammarError with the reason, GrammarTimeout past the limit."""
         with self._lock:
             if spec in self._cache:
@@ -69,7 +72,7 @@ class GrammarCompiler:
         self._remember(spec, compiled)
         return compiled
 
-    async def compile_async(self, spec: StructuredOutput) -> Any:
+    async def compile_async(self, spec: StructuredOutput) -> xgrammar.CompiledGrammar:
         """`compile` on this compiler's own waiting threads; cancelling the caller kills the compile."""
         cancelled = threading.Event()
         future = asyncio.get_running_loop().run_in_executor(self._waiters, self.compile, spec, cancelled)
@@ -92,7 +95,7 @@ class GrammarCompiler:
         self._workers.close()
         self._waiters.shutdown(wait=False, cancel_futures=True)
 
-    def _remember(self, spec: StructuredOutput, compiled: Any) -> None:
+    def _remember(self, spec: StructuredOutput, compiled: xgrammar.CompiledGrammar) -> None:
         """Cache it, dropping the least recently used beyond the byte bound, but none used in the last
         KEEP_RECENT_S: the server compiles just before it adds the request, and a grammar evicted in between
         would be compiled again by the engine, on the event loop."""
@@ -110,7 +113,7 @@ class GrammarCompiler:
                 self._cached_bytes -= dropped.memory_size_bytes
 
 
-def _tokenizer_info(xgr: Any, tokenizer: Tokenizer, vocab_size: int) -> Any:
+def _tokenizer_info(xgr: ModuleType, tokenizer: Tokenizer, vocab_size: int) -> xgrammar.TokenizerInfo:
     """Token strings as the backend stores them; special tokens as "" so that no grammar ever allows them."""
     backend = tokenizer.backend
     special = {i for i, added in backend.get_added_tokens_decoder().items() if added.special}

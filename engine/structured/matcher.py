@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:
+    import xgrammar
+
 
 class GrammarMatcher:
-    def __init__(self, matcher: Any) -> None:
+    def __init__(self, matcher: xgrammar.GrammarMatcher) -> None:
         self._matcher = matcher
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
