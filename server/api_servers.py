@@ -29,7 +29,7 @@ import socket
 import sys
 import tempfile
 from collections.abc import Sequence
-from typing import Any
+from types import FrameType
 
 from engine.client import CoreAddress, CoreProcess, EngineClient, connect_engine
 from engine.config import EngineConfig
@@ -108,7 +108,7 @@ class Supervisor:
     def _grace(self) -> float:
         return self.shutdown_timeout_s + KILL_AFTER_S
 
-    def _stop(self, signum: int, frame: Any) -> None:
+    def _stop(self, signum: int, frame: FrameType | None) -> None:
         if not self.stopping:
             log.info("stopping %d API server process(es)", len(self.running))
         self.stopping = True

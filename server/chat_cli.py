@@ -129,7 +129,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     add_engine_flags(parser)
 
 
-def add_chat_parsers(commands: Any) -> None:
+def add_chat_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     model_help = ("built-in name (`minerva models`) or path; none = the default model; "
                   "with --url, the served name (default: the server's first)")
     chat = commands.add_parser("chat", help="chat with a model in the terminal",

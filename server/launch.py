@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import json
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from engine.config import EngineConfig
 from server.engine_args import LaunchError, add_engine_flags, engine_config, positive_float, positive_int
@@ -141,7 +141,7 @@ def serve_command(args: argparse.Namespace) -> int:
     return serve_app(engines, dataclasses.replace(settings, device_name=device_name(engines)), args, banner=True)
 
 
-def add_serve_parser(commands: Any) -> None:
+def add_serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = commands.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API",
                                 description="Serve models over an OpenAI-compatible HTTP API.")
     serve.add_argument("models", nargs="*", metavar="MODEL",
