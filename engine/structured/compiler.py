@@ -14,7 +14,6 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from types import ModuleType
 from typing import TYPE_CHECKING
 
 from engine.structured.spec import StructuredOutput
@@ -49,7 +48,7 @@ class GrammarCompiler:
         self.vocab_size = vocab_size
         self.timeout_s = timeout_s
         self.cache_bytes = cache_bytes
-        self._info = _tokenizer_info(xgrammar, tokenizer, vocab_size)
+        self._info = _tokenizer_info(tokenizer, vocab_size)
         self._workers = WorkerPool(self._info.serialize_json(), WORKERS)
         self._waiters = ThreadPoolExecutor(WAITERS, thread_name_prefix="minerva-grammar")
         self._cache: OrderedDict[StructuredOutput, tuple[xgrammar.CompiledGrammar, float]] = OrderedDict()  # (grammar, last used)
@@ -113,13 +112,15 @@ class GrammarCompiler:
                 self._cached_bytes -= dropped.memory_size_bytes
 
 
-def _tokenizer_info(xgr: ModuleType, tokenizer: Tokenizer, vocab_size: int) -> xgrammar.TokenizerInfo:
+def _tokenizer_info(tokenizer: Tokenizer, vocab_size: int) -> xgrammar.TokenizerInfo:
     """Token strings as the backend stores them; special tokens as "" so that no grammar ever allows them."""
+    import xgrammar  # the caller has imported it already
+
     backend = tokenizer.backend
     special = {i for i, added in backend.get_added_tokens_decoder().items() if added.special}
     stops = set(tokenizer.eos_token_ids)
     vocab = ["" if i in special and i not in stops else (backend.id_to_token(i) or "")
              for i in range(backend.get_vocab_size(with_added_tokens=True))]
-    metadata = xgr.TokenizerInfo._detect_metadata_from_hf(backend.to_str())
-    return xgr.TokenizerInfo(vocab, xgr.VocabType(metadata["vocab_type"]), vocab_size=vocab_size,
-                             stop_token_ids=sorted(stops), add_prefix_space=metadata["add_prefix_space"])
+    metadata = xgrammar.TokenizerInfo._detect_metadata_from_hf(backend.to_str())
+    return xgrammar.TokenizerInfo(vocab, xgrammar.VocabType(metadata["vocab_type"]), vocab_size=vocab_size,
+                                  stop_token_ids=sorted(stops), add_prefix_space=metadata["add_prefix_space"])
