@@ -7,7 +7,8 @@ token append, stop-token and length rules, then detokenizing, stop strings and d
 over a model that returns ready-made logits. Three shares are reported apart: "host" is the
 engine's own step (everything but the two below), "outputs" the output processor (text, stop
 strings, delta RequestOutputs: under async scheduling it runs while the device computes the next
-step), and the sampler's tensor math. The tokenizer is a
+step), and the sampler's tensor math; "messages" is the part of "host" the step messages take
+(building the SchedulerOutput, the runner applying it, the runner appending the ids it sampled). The tokenizer is a
 word-level table in the tokenizers library (no merges), so the numbers are the engine's, not a
 vocabulary's. Sequences are fast-
 forwarded to `--generated` output tokens (ids appended, KV blocks allocated) before timing, so
@@ -80,6 +81,26 @@ class TimedSampler:
         return getattr(self.sampler, name)
 
 
+class CallTimer:
+    """Times calls of some of an object's methods (its instance attributes shadow them)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def wrap(self, owner: object, *names: str) -> None:
+        for name in names:
+            method = getattr(owner, name)
+
+            def timed(*args, _method=method, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return _method(*args, **kwargs)
+                finally:
+                    self.seconds += time.perf_counter() - start
+
+            setattr(owner, name, timed)
+
+
 class TimedOutputs:
     """Wraps the engine's output processor (detokenizing, stop strings, delta outputs) to time it apart."""
 
@@ -100,10 +121,13 @@ class TimedOutputs:
 
 
 def fast_forward(engine: LLMEngine, generated: int) -> None:
-    """Give every running sequence `generated` output tokens, as if it had decoded them (KV blocks included)."""
+    """Give every running sequence `generated` output tokens, as if it had decoded them (KV blocks included; the
+    runner, which keeps the ids it samples itself, gets them too)."""
+    runner = engine.executor.runner
     for seq in engine.scheduler.running:
         extra = generated - len(seq.output_token_ids)
         seq.output_token_ids.extend([7] * extra)
+        runner.seqs[seq.seq_id].token_ids.extend([7] * extra)
         assert engine.scheduler._grow(seq, seq.num_tokens - 1), "KV pool too small"
         seq.num_computed_tokens = seq.num_tokens - 1
 
@@ -122,6 +146,9 @@ class StepTimer:
         runner = self.engine.executor.runner
         self.sampler = runner.sampler = TimedSampler(runner.sampler)
         self.outputs = self.engine.outputs = TimedOutputs(self.engine.outputs)
+        self.messages = CallTimer()
+        self.messages.wrap(self.engine.messages, "build")
+        self.messages.wrap(runner, "update", "_append_sampled", "_append_sampled_plain")
         self.num_seqs = num_seqs
         params = SamplingParams(temperature=0, max_tokens=max_len - PROMPT_LEN, ignore_eos=True)
         for i in range(num_seqs):
@@ -133,15 +160,17 @@ class StepTimer:
         self.totals: list[float] = []
         self.sampler_shares: list[float] = []
         self.output_shares: list[float] = []
+        self.message_shares: list[float] = []
 
     def run(self, steps: int) -> None:
         for _ in range(steps):
-            self.sampler.seconds = self.outputs.seconds = 0.0
+            self.sampler.seconds = self.outputs.seconds = self.messages.seconds = 0.0
             start = time.perf_counter()
             outputs = self.engine.step()
             self.totals.append(time.perf_counter() - start)
             self.sampler_shares.append(self.sampler.seconds)
             self.output_shares.append(self.outputs.seconds)
+            self.message_shares.append(self.messages.seconds)
             assert len(outputs) == self.num_seqs
 
     def result(self) -> dict[str, float]:
@@ -150,6 +179,7 @@ class StepTimer:
         return {"host_ms": median_ms(core), "outputs_ms": median_ms(self.output_shares),
                 "host_with_outputs_ms": median_ms([c + o for c, o in zip(core, self.output_shares)]),
                 "sampler_ms": median_ms(self.sampler_shares), "total_ms": median_ms(self.totals),
+                "messages_ms": median_ms(self.message_shares),
                 "steps": len(self.totals)}
 
 
@@ -175,13 +205,14 @@ def main() -> None:
     torch.set_num_threads(1)  # tensors here are tiny; worker threads would only contend for the shared cores
     rows = []
     print(f"{'seqs':>6} {'generated':>10} {'host ms/step':>13} {'outputs ms':>11} {'host+outputs':>13} "
-          f"{'sampler ms':>11} {'total ms':>9}")
+          f"{'sampler ms':>11} {'total ms':>9} {'messages ms':>12}")
     for num_seqs in args.seqs:
         for generated, measured in measure(num_seqs, args.generated, args.steps, args.rounds).items():
             result = {"seqs": num_seqs, "generated": generated, **measured}
             rows.append(result)
             print(f"{num_seqs:>6} {generated:>10} {result['host_ms']:>13.3f} {result['outputs_ms']:>11.3f} "
-                  f"{result['host_with_outputs_ms']:>13.3f} {result['sampler_ms']:>11.3f} {result['total_ms']:>9.3f}")
+                  f"{result['host_with_outputs_ms']:>13.3f} {result['sampler_ms']:>11.3f} {result['total_ms']:>9.3f} "
+                  f"{result['messages_ms']:>12.3f}")
     for num_seqs in args.seqs:
         by_len = {r["generated"]: r["host_ms"] for r in rows if r["seqs"] == num_seqs}
         if len(by_len) > 1:

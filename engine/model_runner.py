@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ from engine.host_device import upload
 from engine.models.base import CausalLM
 from engine.prompt_logprobs import score
 from engine.sampler import SampleResult, Sampler, SamplingRow, skip_seeded_draws
+from engine.spec_decode.verify import accepted_tokens
 from engine.step_messages import NewSequence, PromptScores, RunnerOutput, SchedulerOutput
 
 log = logging.getLogger(__name__)
@@ -77,7 +79,7 @@ class SequenceState:
                  "saved_generator")
 
     def __init__(self, new: NewSequence, row: int, device: torch.device) -> None:
-        self.token_ids = list(new.token_ids)  # known ones; a sampled id still on the device is not here yet
+        self.token_ids = list(new.token_ids)  # known ones and those sampled since (a step's once it is read back)
         self.block_ids = list(new.block_ids)
         self.num_computed_tokens = new.num_computed_tokens
         self.row = row  # its row of BlockTableRows; -1 while preempted
@@ -89,12 +91,15 @@ class SequenceState:
 
 
 class StepResult:
-    """A step's answer while its sampled ids may still be on the device: `output()` is the step's one wait on it."""
+    """A step's answer while its sampled ids may still be on the device: `output()` is the step's one wait on it,
+    after which the runner's sequences hold their new ids (`learn`)."""
 
-    def __init__(self, seq_ids: list[int], sampled: SampleResult | None, prompt_scores: list[PromptScores]) -> None:
+    def __init__(self, seq_ids: list[int], sampled: SampleResult | None, prompt_scores: list[PromptScores],
+                 learn: Callable[[RunnerOutput], None]) -> None:
         self._seq_ids = seq_ids
         self._sampled = sampled
         self._prompt_scores = prompt_scores
+        self._learn = learn
         self._output: RunnerOutput | None = None
 
     def prompt_logprobs(self) -> list[PromptScores]:
@@ -107,6 +112,7 @@ class StepResult:
             self._output = RunnerOutput(self._seq_ids, sampled.token_ids, sampled.logprobs, sampled.top_logprobs,
                                         self._prompt_scores) if sampled is not None else \
                 RunnerOutput(self._seq_ids, [], [], [], self._prompt_scores)
+            self._learn(self._output)
         return self._output
 
 
@@ -240,13 +246,9 @@ class ModelRunner:
             state = seqs[new.seq_id] = SequenceState(new, rows.take(), self.device)
             rows.write(state.row, 0, state.block_ids)
         cached = step.cached_seqs
-        for seq_id, tokens, first, blocks, computed in zip(cached.seq_ids, cached.new_token_ids, cached.block_ids_from,
-                                                          cached.new_block_ids, cached.num_computed_tokens):
+        for seq_id, first, blocks, computed in zip(cached.seq_ids, cached.block_ids_from, cached.new_block_ids,
+                                                   cached.num_computed_tokens):
             state = seqs[seq_id]
-            if tokens:
-                state.token_ids.extend(tokens)
-                if state.saved_generator is not None:  # the drafts it verified: `tokens` were emitted
-                    self._rewind(state, len(tokens))
             if state.row < 0:  # back from preemption
                 state.row = rows.take()
             if blocks or first != len(state.block_ids):
@@ -413,7 +415,34 @@ class ModelRunner:
             bitmask = bitmask.to(self.device)  # the sampler applies it on the logits' device
         result = self.sampler(logits, rows, token_bitmask=bitmask) if rows else None
         self._last_sampled, self._last_token_ids = sampled, result.device_token_ids if result is not None else None
-        return StepResult(sampled, result, prompt_scores)
+        return StepResult(sampled, result, prompt_scores,
+                          partial(self._append_sampled, drafts) if drafts else self._append_sampled_plain)
+
+    def _append_sampled_plain(self, output: RunnerOutput) -> None:
+        """Each sampled sequence's drawn id joins its tokens (as the engine appends it): the runner keeps its own
+        ids and the step messages carry none. A sequence the engine finished meanwhile (its token dropped
+        there) is already freed here or will be by the next message, which is all that reads it."""
+        seqs = self.seqs
+        for seq_id, token in zip(output.seq_ids, output.token_ids):
+            state = seqs.get(seq_id)
+            if state is not None:
+                state.token_ids.append(token)
+
+    def _append_sampled(self, drafts: dict[int, list[int]], output: RunnerOutput) -> None:
+        """As `_append_sampled_plain`, for a step that verified drafts: a sequence's accepted drafts and the id drawn
+        after them, the engine's own rule (engine/spec_decode/verify.py); a seeded row's generator is rewound to
+        one draw per emitted token."""
+        row, token_ids = 0, output.token_ids
+        for seq_id in output.seq_ids:
+            draft = drafts.get(seq_id, ())
+            first, row = row, row + 1 + len(draft)
+            state = self.seqs.get(seq_id)
+            if state is None:
+                continue
+            emitted = accepted_tokens(draft, token_ids[first:row]) if draft else token_ids[first:row]
+            state.token_ids.extend(emitted)
+            if state.saved_generator is not None:
+                self._rewind(state, len(emitted))
 
     @staticmethod
     def _rewind(state: SequenceState, num_emitted: int) -> None:

@@ -1,11 +1,11 @@
 """The scheduler's decision for one step, as the model runner receives it (vLLM v1's `SchedulerOutput` shape).
 
 A sequence the runner has not seen arrives once as a `NewSequence` (its known token ids, block ids,
-computed count and sampling params); from then on it is a row of `CachedSequences`: only the token
-ids the host learned since (sampled ids read back, accepted drafts), the block ids it gained (from
-`block_ids_from`: a rollback or a re-grown table replaces the tail), and its computed count. The
-runner keeps its own per-sequence state from these messages (engine/model_runner.py) and never reads
-the engine's `Sample`. Finished sequences are named in `freed_seq_ids` (the runner forgets them),
+computed count and sampling params); from then on it is a row of `CachedSequences`: the block ids it
+gained (from `block_ids_from`: a rollback or a re-grown table replaces the tail) and its computed count.
+No token ids: the runner appends the ids it samples itself (with drafts, the accepted ones and the drawn
+one after them, as the engine does), as vLLM v1's runner does. The runner keeps its own per-sequence
+state from these messages (engine/model_runner.py) and never reads the engine's `Sample`. Finished sequences are named in `freed_seq_ids` (the runner forgets them),
 preempted ones in `preempted_seq_ids` (the runner gives their block-table row back but keeps their
 tokens and sampling state: a seeded generator or penalty counts go on where they were). The runner
 samples each step and answers with a `RunnerOutput`. `StepMessages` is the engine's side: what the
@@ -38,7 +38,6 @@ class CachedSequences(msgspec.Struct, array_like=True, gc=False):
     """Parallel lists, one entry per scheduled sequence the runner already holds."""
 
     seq_ids: list[int] = []
-    new_token_ids: list[list[int]] = []
     block_ids_from: list[int] = []  # the runner's block list is cut here, then `new_block_ids` appended
     new_block_ids: list[list[int]] = []
     num_computed_tokens: list[int] = []
@@ -87,10 +86,10 @@ class RunnerOutput(msgspec.Struct, array_like=True, gc=False):
 
 class StepMessages:
     """Turns the scheduler's batches into SchedulerOutputs, remembering what the runner was told of each sequence
-    (known tokens, blocks and the block-table version they came from)."""
+    (its blocks and the block-table version they came from)."""
 
     def __init__(self) -> None:
-        self._told: dict[Sample, list[int]] = {}  # seq -> [output tokens sent, blocks sent, block-table version]
+        self._told: dict[Sample, list[int]] = {}  # seq -> [blocks sent, block-table version]
         self._freed: list[int] = []
         self._preempted: list[int] = []
 
@@ -109,7 +108,6 @@ class StepMessages:
               grammar_bitmask: bytes | None) -> SchedulerOutput:
         new: list[NewSequence] = []
         ids: list[int] = []
-        tokens: list[list[int]] = []
         firsts: list[int] = []
         blocks: list[list[int]] = []
         computed: list[int] = []
@@ -121,34 +119,29 @@ class StepMessages:
             scheduled.append(seq_id)
             counts.append(count)
             entry = told.get(seq)
-            out, block_ids = seq.output_token_ids, seq.block_ids
+            block_ids = seq.block_ids
             if entry is None:
-                new.append(NewSequence(seq_id, seq.prompt_token_ids + out, len(seq.prompt_token_ids),
-                                       list(block_ids), seq.num_computed_tokens, seq.params, seq.seed,
-                                       sorted(seq.stop_token_ids)))
-                told[seq] = [len(out), len(block_ids), seq.block_table_version]
+                new.append(NewSequence(seq_id, seq.prompt_token_ids + seq.output_token_ids,
+                                       len(seq.prompt_token_ids), list(block_ids), seq.num_computed_tokens,
+                                       seq.params, seq.seed, sorted(seq.stop_token_ids)))
+                told[seq] = [len(block_ids), seq.block_table_version]
                 continue
             ids.append(seq_id)
-            sent_out, sent_blocks, version = entry
-            num_out, num_blocks = len(out), len(block_ids)
-            if num_out != sent_out:
-                tokens.append(out[sent_out:])
-                entry[0] = num_out
-            else:
-                tokens.append(none)
+            sent_blocks, version = entry
+            num_blocks = len(block_ids)
             if version != seq.block_table_version:  # blocks were given back since: the whole table again
                 sent_blocks = 0
-                entry[2] = seq.block_table_version
+                entry[1] = seq.block_table_version
             firsts.append(sent_blocks)
             if num_blocks != sent_blocks:
                 blocks.append(block_ids[sent_blocks:])
-                entry[1] = num_blocks
+                entry[0] = num_blocks
             else:
                 blocks.append(none)
             computed.append(seq.num_computed_tokens)
         freed, self._freed = self._freed, []
         preempted, self._preempted = self._preempted, []
-        return SchedulerOutput(new, CachedSequences(ids, tokens, firsts, blocks, computed), scheduled, counts,
+        return SchedulerOutput(new, CachedSequences(ids, firsts, blocks, computed), scheduled, counts,
                                sample_items, spec_token_ids, prompt_rows, freed, preempted, num_generated,
                                grammar_bitmask)
 

@@ -35,7 +35,7 @@ new_seqs = st.lists(st.builds(NewSequence, st.integers(0, 2**40), ids, st.intege
 def cached_seqs(draw) -> CachedSequences:
     n = draw(st.integers(0, 5))
     column = lambda values: draw(st.lists(values, min_size=n, max_size=n))  # noqa: E731
-    return CachedSequences(column(st.integers(0, 2**40)), column(ids), column(st.integers(0, 64)), column(ids),
+    return CachedSequences(column(st.integers(0, 2**40)), column(st.integers(0, 64)), column(ids),
                            column(st.integers(0, 10**6)))
 
 
