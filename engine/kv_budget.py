@@ -18,7 +18,8 @@ from __future__ import annotations
 import logging
 import os
 
-from engine.config import CPU_KV_MEMORY_FRACTION, ConfigError, EngineConfig
+from engine.config import CPU_KV_MEMORY_FRACTION, EngineConfig
+from engine.errors import ConfigError
 from engine.model_runner import kv_bytes_per_block, num_kv_blocks
 from engine.models.base import CausalLM
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from engine.config import EngineConfig
 from engine.cpu_threads import ThreadAdapter
 from engine.detokenizer import IncrementalDetokenizer
-from engine.errors import ParallelGroupError
+from engine.errors import GrammarError, InvalidRequestError, ParallelGroupError
 from engine.kv_cache import BlockPool
 from engine.loader.model_info import ModelInfo
 from engine.executor import Executor
@@ -23,14 +23,14 @@ from engine.prompt_logprobs import PromptRows, entries, rows_to_score
 from engine.prompt_rules import check_prompt_ids, completion_budget
 from engine.reports import EngineStats
 from engine.request import Request, Sample, SampleProgress
-from engine.sampling_params import InvalidRequestError, SamplingParams
+from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.step_budget import StepBudget, StepWork
 from engine.spec_decode.config import SpeculativeConfig
 from engine.spec_decode.decoder import SpecDecoder
 from engine.step_messages import PromptRowSpan, PromptScores, StepMessages
 from engine.spec_decode.verify import accepted_tokens
-from engine.structured import GrammarCompiler, GrammarError, unconstrained_bitmask
+from engine.structured import GrammarCompiler, unconstrained_bitmask
 from engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)

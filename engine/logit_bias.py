@@ -11,7 +11,8 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from engine.host_device import upload
-from engine.sampling_params import InvalidRequestError, SamplingParams
+from engine.errors import InvalidRequestError
+from engine.sampling_params import SamplingParams
 
 BIAS_LIMIT = 100.0
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from engine.sampling_params import SamplingParams
 from server.errors import APIError
-from server.guard.request_limits import RequestLimits, check_request_limits
+from server.guard.request_limits import check_request_limits
+from server.settings import RequestLimits
 from server.protocol import SamplingFields, unsupported_fields
 
 

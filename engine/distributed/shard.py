@@ -19,10 +19,11 @@ import torch
 
 from engine.distributed.context import ParallelContext
 from engine.layers.attention import AttentionWeights, PagedAttention
-from engine.layers.mlp import GatedMLP, MoE, Weight
+from engine.layers.mlp import GatedMLP, MoE
 from engine.models.decoder import DecoderLayer, DecoderLM
 from engine.models.errors import ModelConfigError
 from kernels.mxfp4 import BLOCK, MXFP4Tensor
+from kernels.ops import Weight
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ from engine.structured.bitmask import unconstrained_bitmask
 from engine.structured.compiler import GrammarCompiler
 from engine.structured.matcher import GrammarMatcher
 from engine.structured.spec import StructuredOutput
-from engine.structured.workers import GrammarError, GrammarTimeout
+from engine.errors import GrammarError
+from engine.structured.workers import GrammarTimeout
 
 __all__ = ["GrammarCompiler", "GrammarError", "GrammarMatcher", "GrammarTimeout", "StructuredOutput",
            "unconstrained_bitmask"]
