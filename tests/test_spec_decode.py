@@ -21,6 +21,7 @@ from engine.llm_engine import LLMEngine
 from engine.builder import build_engine, engine_for_model
 from engine.outputs import RequestAccumulator
 from engine.sampling_params import SamplingParams
+from engine.spec_decode.step_cost import StepCost
 from engine.structured.spec import StructuredOutput
 from tests.engine_testing import assert_idle, make_engine, reference_greedy, run_to_completion
 from tests.fake_model import FakeModel, IdTokenizer
@@ -230,6 +231,21 @@ def test_seeded_sampling_is_identical_with_speculation():
     stats = engine.spec.stats
     assert results[True] == results[False]
     assert stats.num_accepted_tokens > 0 and stats.num_draft_tokens > stats.num_accepted_tokens
+
+
+def test_drafts_priced_out_still_teach_the_acceptance_estimate():
+    """Rows that only a high acceptance rate pays for: at the prior (one half) nothing is verified, but each draft
+    left unverified is checked against the token its step drew, so a sequence whose drafts keep landing earns
+    verification."""
+    engine = engine_for_model(FakeModel(5, wobbly), IdTokenizer(), EngineConfig(speculative_config=NGRAM),
+                              max_model_len=64, num_blocks=16)
+    engine.spec.step_cost = StepCost((1, 2, 5), (10.0, 16.0, 22.0), key_ms=0.0)  # a draft row: 0.6 of a step
+    prompt = [1, 2, 3, 0, 3, 3, 1, 4, 0, 4]
+    engine.add_request("r", prompt, SamplingParams(temperature=0, max_tokens=48, ignore_eos=True))
+    result = run_to_completion(engine)["r"]
+    assert result.outputs[0].token_ids == expected(prompt, 48, 5)
+    assert engine.spec.stats.num_accepted_tokens > 0
+    assert_idle(engine)
 
 
 def test_cpu_engines_measure_what_a_draft_row_costs():

@@ -7,14 +7,17 @@ import itertools
 import random
 
 import pytest
+import torch
 
 from engine.config import ConfigError
 from engine.spec_decode.adaptive import MAX_PAUSE, Acceptance, Backoff
 from engine.spec_decode.config import SpeculativeConfig
 from engine.spec_decode.ngram import NgramIndex, NgramProposer
-from engine.spec_decode.step_cost import MIN_GAIN, StepCost
+from engine.spec_decode.step_cost import MIN_GAIN, StepCost, calibrate_int_dot
 from engine.spec_decode.suffix import GlobalTrie, SequenceTrie, SuffixProposer
 from engine.spec_decode.verify import accepted_tokens
+from kernels.cpu import extension, select
+from kernels.cpu.quant import pack_gguf
 
 
 class Tokens:
@@ -178,6 +181,44 @@ def test_step_cost_skips_gains_within_the_measurement_noise():
     assert cost.choose(1, 0, [(1, 0, 0.4)]) == [1]
 
 
+class IntDotTimedRunner:
+    """Forward times as the plan's int16 limit makes them: int16 rows cost `int_ms`, fp32 ones `exact_ms` each."""
+
+    def __init__(self, int_ms: dict[int, float], exact_ms: float) -> None:
+        self.int_ms, self.exact_ms = int_ms, exact_ms
+
+    def best_forward_ms(self, num_seqs: int, tokens_per_seq: int, repeats: int) -> float:
+        rows = num_seqs * tokens_per_seq
+        return self.int_ms[rows] if rows <= select.plan().int_dot_max_rows else self.exact_ms * rows
+
+
+@pytest.mark.parametrize("planned, int_ms, expected", [
+    (1, {2: 10.0, 4: 20.0, 8: 50.0}, 4),  # the probe left int16 at one row; the model's forwards say up to 4
+    (8, {2: 10.0, 4: 50.0, 8: 50.0}, 2),  # ... and past 2 they are slower: fp32 from 3 rows
+    (0, {2: 1.0, 4: 1.0, 8: 1.0}, 0),  # int16 off (or slower at one row): never timed, stays off
+])
+def test_int16_serves_the_verification_rows_where_the_model_runs_faster_with_it(monkeypatch, planned, int_ms, expected):
+    monkeypatch.setattr(select, "_plan", [select.Plan("qgemm", 16, ("Q4_1",), "test", int_dot_max_rows=planned)])
+    calibrate_int_dot(IntDotTimedRunner(int_ms, exact_ms=6.0), max_rows=64)
+    assert select.plan().int_dot_max_rows == expected
+
+
+def test_int16_rows_are_computed_alone_so_a_verified_step_matches_a_plain_one():
+    """Why int16 may serve verification rows without moving greedy output: each row's result is bit for bit the
+    one it gets as a single-row decode, whatever rows share its batch."""
+    ops = extension.load()
+    if ops is None or not ops.has_int_dot():
+        pytest.skip("no integer CPU kernels here")
+    generator = torch.Generator().manual_seed(0)
+    raw = torch.randint(0, 256, (96, 576 // 32 * 20), dtype=torch.uint8, generator=generator).view(-1, 20)
+    raw[:, :4] = torch.full((raw.shape[0], 2), 0.01, dtype=torch.float16).view(torch.uint8)
+    weight = pack_gguf(raw, "Q4_1", (96, 576))
+    x = torch.randn(9, 576, generator=generator)
+    alone = torch.cat([select.int_linear(x[i:i + 1].contiguous(), weight) for i in range(9)])
+    for rows in range(2, 10):
+        assert torch.equal(select.int_linear(x[:rows].contiguous(), weight), alone[:rows])
+
+
 def test_acceptance_rule():
     assert accepted_tokens([4, 5, 6], [4, 5, 6, 7]) == [4, 5, 6, 7]  # all accepted, plus the bonus draw
     assert accepted_tokens([4, 5, 6], [4, 9, 6, 7]) == [4, 9]  # stop at the first differing draw
@@ -194,13 +235,3 @@ def test_config_parses_vllm_json_and_rejects_mistakes():
                 '{"method": "ngram", "num_speculative_tokens": 0}', '{"method": "ngram", "draft": 1}', "[1]"):
         with pytest.raises(ConfigError):
             SpeculativeConfig.parse(bad)
-
-
-def test_an_unverified_estimate_drifts_back_to_the_prior():
-    acceptance = Acceptance()
-    for _ in range(5):
-        acceptance.observe(4, 0)
-    low = acceptance.rate
-    for _ in range(30):
-        acceptance.relax()
-    assert low < 0.2 and acceptance.rate == pytest.approx(0.5, abs=0.05)

@@ -2,7 +2,8 @@
 
 A verified step decides its drafts one position at a time until the first rejection, so a sequence's
 per-token acceptance rate is (drafts accepted) / (positions decided: the accepted ones plus the
-rejected one, if any), kept as a ratio of moving averages. The step cost model (step_cost.py) prices
+rejected one, if any), kept as a ratio of moving averages; a draft the step cost leaves unverified counts
+as one position, decided by the token the step drew (decoder.py). The step cost model (step_cost.py) prices
 draft j of a sequence at that rate to the power j. When the rate falls below `LOW_ACCEPTANCE` the
 sequence also stops proposing (saving the proposer's host time) for a number of steps that doubles
 on every further failure (up to `MAX_PAUSE`) and resets once drafts are accepted again.
@@ -16,7 +17,6 @@ LOW_ACCEPTANCE = 0.25  # below this per-token acceptance rate, pause
 SMOOTHING = 0.5  # weight of the newest step in the moving averages
 MAX_PAUSE = 64  # steps
 PRIOR = (1.0, 2.0)  # (accepted, decided) before anything is known: a rate of one half
-RELAX = 0.1  # share of the way back to the prior per step whose drafts were not verified
 
 
 @dataclass
@@ -27,12 +27,6 @@ class Acceptance:
     @property
     def rate(self) -> float:
         return self.accepted / self.decided
-
-    def relax(self) -> None:
-        """A step whose drafts went unverified: drift back towards the prior, so an estimate that priced a
-        sequence's drafts out (and so stopped hearing about them) gets tried again."""
-        self.accepted += RELAX * (PRIOR[0] - self.accepted)
-        self.decided += RELAX * (PRIOR[1] - self.decided)
 
     def observe(self, num_drafted: int, num_accepted: int) -> None:
         decided = num_accepted + (num_accepted < num_drafted)

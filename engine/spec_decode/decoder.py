@@ -48,7 +48,7 @@ class SpecDecoder:
         self.proposer = make_proposer(config)
         self.stats = SpecDecodeStats(config.num_speculative_tokens)
         self.backoff: dict[Sample, Backoff] = {}
-        self.acceptance = Acceptance()  # over every sequence: where a new sequence's estimate starts
+        self.unverified: dict[Sample, tuple[int, int]] = {}  # (token count then, first draft) of a draft not verified
         self.step_cost: StepCost | None = None  # measured by the builder (CPU)
 
     def propose(self, running: Sequence[Sample]) -> None:
@@ -70,7 +70,8 @@ class SpecDecoder:
                 continue
             backoff = self.backoff.get(seq)
             if backoff is None:
-                backoff = self.backoff[seq] = Backoff(Acceptance(self.acceptance.accepted, self.acceptance.decided))
+                backoff = self.backoff[seq] = Backoff(Acceptance())  # the prior: how well drafts land is the request's own
+            self._check_unverified(seq, backoff)
             if backoff.ready():
                 draft = self.proposer.propose(seq, seq, room)
                 if draft:
@@ -84,13 +85,19 @@ class SpecDecoder:
             for (seq, draft, _), count in zip(candidates, counts):
                 seq.spec_token_ids = draft[:count]
                 if not count:
-                    self.backoff[seq].acceptance.relax()
+                    self.unverified[seq] = (seq.num_known_tokens, draft[0])
         self.stats.propose_seconds += time.perf_counter() - started
+
+    def _check_unverified(self, seq: Sample, backoff: Backoff) -> None:
+        """A draft priced out of its step is still evidence: the token the step drew shows whether its first draft
+        would have been accepted, so an estimate too low to buy verification keeps learning at no cost."""
+        pending = self.unverified.pop(seq, None)
+        if pending is not None and seq.num_known_tokens > pending[0]:
+            backoff.observe(1, int(seq.token_slice(pending[0], pending[0] + 1)[0] == pending[1]))
 
     def observe(self, seq: Sample, num_drafted: int, num_accepted: int) -> None:
         """Record a verified step of `seq`: `num_accepted` of its `num_drafted` drafts were kept."""
         self.stats.observe(num_drafted, num_accepted)
-        self.acceptance.observe(num_drafted, num_accepted)
         seq.num_draft_tokens += num_drafted
         seq.num_accepted_tokens += num_accepted
         backoff = self.backoff.get(seq)
@@ -100,4 +107,5 @@ class SpecDecoder:
     def release(self, seq: Sample) -> None:
         """A finished sequence: its proposer state goes (its output may join a global cache)."""
         self.backoff.pop(seq, None)
+        self.unverified.pop(seq, None)
         self.proposer.release(seq, seq.output_token_ids)

@@ -21,13 +21,15 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from kernels.cpu import select
 
 log = logging.getLogger(__name__)
 
-PROBE_ROWS = (1, 2, 4, 8, 16, 32, 64, 128)
+PROBE_ROWS = (1, 2, 3, 4, 5, 6, 8, 16, 32, 64, 128)  # dense where drafts are verified at one stream
 PROBE_PROMPT = 256  # tokens of the prompt forward that prices attention
 MIN_PROBE_PROMPT = 64  # shorter, its fixed costs would drown the keys' (attention then goes unpriced)
-PROBE_REPEATS = 2  # best of: a busy machine only slows a forward
+PROBE_ROUNDS = 3  # every probed shape is timed once per round and keeps its best: a busy machine only slows a forward
+INT_DOT_ROWS = (2, 4, 8)  # verification rows where int16 activations are timed against fp32 on the served model
 MIN_GAIN = 0.02  # expected speed-up below which a step does not speculate (the measurement's noise)
 
 
@@ -74,27 +76,57 @@ class StepCost:
         return f"speculation step cost: forward ms by rows {{{points}}}, {self.key_ms * 1e3:.3f} us per attended key"
 
 
+def calibrate_int_dot(runner, max_rows: int) -> None:
+    """Let int16 activations serve the verification rows where the served model's forward is faster with them.
+
+    The kernel plan's probe times them on weights that sit in cache, where fp32 activations keep up; the
+    model's weights stream, and there a forward of 2-4 rows measured ~25% faster in int16 (SmolLM2 Q4_1, one
+    thread: 4 rows 22.6 vs 30.4 ms), while the probe sometimes left them at one row. A verified step computed
+    in int16 also matches a plain one bit for bit: every row is rounded and summed alone."""
+    plan = select.chosen()
+    if plan is None or not plan.int_dot_max_rows:  # no quantized weights, or int16 off or slower at one row
+        return
+    counts = [rows for rows in INT_DOT_ROWS if rows <= max_rows]
+    best = {(rows, limit): float("inf") for rows in counts for limit in (rows, rows - 1)}
+    for _ in range(PROBE_ROUNDS):  # interleaved like measure's: a burst of load cannot decide one comparison alone
+        for rows, limit in best:
+            select.set_int_dot_max_rows(limit)
+            best[rows, limit] = min(best[rows, limit], runner.best_forward_ms(1, rows, 1))
+    serving = 1
+    for rows in counts:
+        if best[rows, rows] > best[rows, rows - 1]:
+            break
+        serving = rows
+    select.set_int_dot_max_rows(serving)
+    log.info("CPU matmul: int16 activations up to %d rows, timed on the served model", serving)
+
+
 def measure(runner, max_rows: int) -> StepCost:
     """Time forwards of the served model on the runner's scratch block (CPU: the forward returns when done).
     `rows` rows are `rows` one-token sequences up to the runner's sequence slots, beyond them sequences of
-    several tokens (their few attended keys are subtracted)."""
+    several tokens (their few attended keys are subtracted). Every shape is timed once per round and keeps
+    its best: a burst of other load then slows one round of all shapes, not all rounds of a few."""
     capacity = min(max_rows, runner.buffers.input_ids[0].shape[0])
+    calibrate_int_dot(runner, capacity)
     prompt = min(PROBE_PROMPT, capacity, runner.max_blocks * runner.block_size)
-    measured = []
+    shapes = []  # (sequences, tokens each)
     for wanted in PROBE_ROWS:
-        if wanted > capacity:
-            break
         seqs = min(wanted, runner.max_num_seqs)
         per_seq = -(-wanted // seqs)
-        if seqs * per_seq > capacity:
+        if wanted > capacity or seqs * per_seq > capacity:
             break
-        measured.append((seqs * per_seq, seqs * per_seq * (per_seq + 1) // 2,
-                         runner.best_forward_ms(seqs, per_seq, PROBE_REPEATS)))
+        shapes.append((seqs, per_seq))
+    priced = len(shapes) > 1 and prompt >= MIN_PROBE_PROMPT  # a prompt's time beyond as many rows' prices its pairs
+    timed = shapes + [(1, prompt)] if priced else shapes
+    best = dict.fromkeys(timed, float("inf"))
+    for _ in range(PROBE_ROUNDS):
+        for shape in timed:
+            best[shape] = min(best[shape], runner.best_forward_ms(*shape, 1))
+    measured = [(seqs * per_seq, seqs * per_seq * (per_seq + 1) // 2, best[seqs, per_seq]) for seqs, per_seq in shapes]
     key_ms = 0.0
-    if len(measured) > 1 and prompt >= MIN_PROBE_PROMPT:  # a prompt's time beyond as many rows' prices its pairs
+    if priced:
         flat = StepCost(tuple(r for r, _, _ in measured), tuple(t for _, _, t in measured), 0.0)
-        prompt_ms = runner.best_forward_ms(1, prompt, PROBE_REPEATS)
-        key_ms = max(prompt_ms - flat.ms(prompt, 0), 0.0) / (prompt * (prompt + 1) // 2 - prompt)
+        key_ms = max(best[1, prompt] - flat.ms(prompt, 0), 0.0) / (prompt * (prompt + 1) // 2 - prompt)
     rows_ms: list[float] = []
     rows: list[int] = []
     for count, keys, ms in measured:

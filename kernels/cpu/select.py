@@ -27,7 +27,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import takewhile
 
 import torch
@@ -95,6 +95,15 @@ def chosen() -> Plan | None:
     """The plan if this process has made it (a model with quantized weights loaded), without measuring."""
     with _lock:
         return _plan[0] if _plan else None
+
+
+def set_int_dot_max_rows(rows: int) -> None:
+    """Serve in-place batches up to `rows` rows with int16 activations (above, qgemm.cpp's fp32 ones): for a
+    caller that timed the served model's own forwards both ways, whose weights stream as the probe's (in
+    cache) do not (engine/spec_decode/step_cost.py)."""
+    with _lock:
+        if _plan:
+            _plan[0] = replace(_plan[0], int_dot_max_rows=rows)
 
 
 def native_linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
