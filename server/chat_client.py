@@ -49,7 +49,7 @@ class ChatClient:
 
     def first_model(self) -> str:
         with self._request("GET", "/v1/models") as response:
-            return json.loads(response.read())["data"][0]["id"]
+            return str(json.loads(response.read())["data"][0]["id"])
 
     def stream(self, model: str, messages: list[dict[str, str]], sampling: dict[str, Any]) -> Iterator[str]:
         """The reply's text as it is generated."""
@@ -72,6 +72,6 @@ class ChatClient:
 
 def _error_message(payload: bytes) -> str:
     try:
-        return json.loads(payload)["error"]["message"]
+        return str(json.loads(payload)["error"]["message"])
     except (ValueError, KeyError, TypeError):
         return payload.decode("utf-8", "replace")[:500]

@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.handler(args)
+        code: int = args.handler(args)  # each subcommand's handler returns its exit status
+        return code
     except MinervaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

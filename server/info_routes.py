@@ -28,7 +28,8 @@ public_router = APIRouter()  # no API key: load balancers, probes and scrapers c
 
 
 def served_models(request: Request) -> ServedModels:
-    return request.app.state.models
+    models: ServedModels = request.app.state.models  # set by create_app
+    return models
 
 
 @public_router.get("/health")

@@ -83,7 +83,8 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     try:
         done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if task in done:
-            return task.result()
+            result: T = task.result()  # the task runs `work`
+            return result
         raise ClientDisconnected()
     finally:
         watcher.cancel()

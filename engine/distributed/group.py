@@ -16,7 +16,8 @@ def free_port() -> int:
     """A TCP port free on this host now, for the group's rendezvous."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def backend_for(device: torch.device) -> str:

@@ -7,7 +7,7 @@ transformers 5's `rope_parameters`, so either reader finds them.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar, overload
 
 from engine.loader.errors import ModelLoadError
 from engine.loader.gguf_header import GGUFHeader
@@ -24,6 +24,9 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "gpt-oss": ("gpt_oss", "GptOssForCausalLM"),
 }
 
+T = TypeVar("T")
+U = TypeVar("U")
+
 
 def _require_int(header: GGUFHeader, key: str) -> int:
     value = header.fields.get(key)
@@ -32,7 +35,12 @@ def _require_int(header: GGUFHeader, key: str) -> int:
     return value
 
 
-def _optional(header: GGUFHeader, key: str, kind: type | tuple[type, ...]) -> Any:
+@overload
+def _optional(header: GGUFHeader, key: str, kind: type[T]) -> T | None: ...
+@overload
+def _optional(header: GGUFHeader, key: str, kind: tuple[type[T], type[U]]) -> T | U | None: ...
+def _optional(header: GGUFHeader, key: str, kind: type | tuple[type, ...]) -> object:
+    """The key's value if it has the type `kind` (a bool is no int here), else None."""
     value = header.fields.get(key)
     return value if isinstance(value, kind) and not isinstance(value, bool) else None
 

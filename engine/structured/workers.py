@@ -67,7 +67,8 @@ class CompileWorker:
         reply = self._receive(deadline, cancelled)
         if "error" in reply:
             raise GrammarError(reply["error"])
-        return reply["grammar"]
+        grammar: str = reply["grammar"]  # the worker's reply (main(), below)
+        return grammar
 
     def close(self) -> None:
         if self._process is not None:
@@ -117,7 +118,8 @@ class CompileWorker:
                     raise WorkerDied("the grammar worker exited")
                 self._buffer += chunk
         line, self._buffer = self._buffer.split(b"\n", 1)
-        return json.loads(line)
+        reply: dict[str, Any] = json.loads(line)  # one JSON object per line (main(), below)
+        return reply
 
 
 class WorkerPool:

@@ -256,7 +256,7 @@ def tiles(m_rows: int, device: torch.device) -> Tiles:
 def grid_tiles(m_rows: int, n: int, device: torch.device) -> int:
     """Output tiles of a plain (unscheduled) `[m_rows, n]` product."""
     t = tiles(m_rows, device)
-    return triton.cdiv(m_rows, t.block_m) * triton.cdiv(n, t.block_n)
+    return int(triton.cdiv(m_rows, t.block_m) * triton.cdiv(n, t.block_n))
 
 
 def split_k(grid: int, k: int, device: torch.device) -> int:
@@ -264,7 +264,7 @@ def split_k(grid: int, k: int, device: torch.device) -> int:
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(2 * sms // max(grid, 1), triton.cdiv(k, TILE_K) // 4))
+    return max(1, min(2 * sms // max(grid, 1), int(triton.cdiv(k, TILE_K)) // 4))
 
 
 def launch(

@@ -78,8 +78,8 @@ def custom_input(arguments: str) -> str:
         value = json.loads(arguments)
     except json.JSONDecodeError:
         return arguments
-    if isinstance(value, dict) and isinstance(value.get(CUSTOM_INPUT), str):
-        return value[CUSTOM_INPUT]
+    if isinstance(value, dict) and isinstance(text := value.get(CUSTOM_INPUT), str):
+        return text
     return arguments
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from types import ModuleType
+from typing import cast
 from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -130,7 +131,7 @@ def _init_nvml() -> ModuleType | None:
         pynvml.nvmlInit()
         if pynvml.nvmlDeviceGetCount() == 0:
             return None
-        return pynvml
+        return cast(ModuleType, pynvml)  # pynvml ships no types
     except Exception:  # no driver, no GPU, or no library: the metrics are simply absent
         return None
 

@@ -69,7 +69,8 @@ def record_in(scope: Scope) -> RequestRecord:
     state = scope.setdefault("state", {})
     if STATE_KEY not in state:
         state[STATE_KEY] = RequestRecord()
-    return state[STATE_KEY]
+    record: RequestRecord = state[STATE_KEY]
+    return record
 
 
 def record_of(request: Request) -> RequestRecord:

@@ -44,7 +44,8 @@ class ResponsesState:
 
 
 def state_of(request: Request) -> ResponsesState:
-    return request.app.state.responses
+    state: ResponsesState = request.app.state.responses  # set by create_app
+    return state
 
 
 def owner_of(request: Request) -> str:

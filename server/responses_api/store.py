@@ -38,7 +38,8 @@ class StoredResponse:
 
     def history(self) -> list[dict[str, Any]]:
         """What a response continuing this one starts from: its input items, then its output."""
-        return self.input_items + self.response["output"]
+        output: list[dict[str, Any]] = self.response["output"]
+        return self.input_items + output
 
 
 @dataclass

@@ -150,7 +150,7 @@ def tool_choice_of(choice: str | dict[str, Any] | None, tools: list[Tool]) -> st
         mode = choice.get("mode", "auto")
         if mode not in ("auto", "required"):
             raise APIError(400, "tool_choice.mode must be auto or required", param="tool_choice.mode")
-        return mode
+        return str(mode)
     logger.warning("responses: tool_choice of type %r names a built-in tool this server does not run; using auto",
                    kind)
     return "auto"
