@@ -20,8 +20,12 @@ import bisect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from kernels.cpu import select
+
+if TYPE_CHECKING:
+    from engine.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +80,7 @@ class StepCost:
         return f"speculation step cost: forward ms by rows {{{points}}}, {self.key_ms * 1e3:.3f} us per attended key"
 
 
-def calibrate_int_dot(runner, max_rows: int) -> None:
+def calibrate_int_dot(runner: ModelRunner, max_rows: int) -> None:
     """Let int16 activations serve the verification rows where the served model's forward is faster with them.
 
     The kernel plan's probe times them on weights that sit in cache, where fp32 activations keep up; the
@@ -101,7 +105,7 @@ def calibrate_int_dot(runner, max_rows: int) -> None:
     log.info("CPU matmul: int16 activations up to %d rows, timed on the served model", serving)
 
 
-def measure(runner, max_rows: int) -> StepCost:
+def measure(runner: ModelRunner, max_rows: int) -> StepCost:
     """Time forwards of the served model on the runner's scratch block (CPU: the forward returns when done).
     `rows` rows are `rows` one-token sequences up to the runner's sequence slots, beyond them sequences of
     several tokens (their few attended keys are subtracted). Every shape is timed once per round and keeps

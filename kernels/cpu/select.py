@@ -27,6 +27,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from itertools import takewhile
 
@@ -159,13 +160,13 @@ def int_dot_available() -> bool:
     return ops is not None and os.environ.get(INT_DOT_ENV) != "0" and bool(ops.has_int_dot())
 
 
-def _ms(fn) -> float:
+def _ms(fn: Callable[[], object]) -> float:
     started = time.perf_counter()
     fn()
     return (time.perf_counter() - started) * 1e3
 
 
-def _best_ms(fn, repeats: int = 5) -> float:
+def _best_ms(fn: Callable[[], object], repeats: int = 5) -> float:
     fn()
     return min(_ms(fn) for _ in range(repeats))
 
