@@ -67,7 +67,9 @@ class StepWork:
         return cls(count, count * context + count * (count + 1) // 2)
 
     def features(self) -> np.ndarray:
-        return np.array([1.0 if self.prompt_tokens else 0.0, self.prompt_tokens, self.prompt_pairs]) / FEATURE_SCALE
+        scaled: np.ndarray = (np.array([1.0 if self.prompt_tokens else 0.0, self.prompt_tokens, self.prompt_pairs])
+                              / FEATURE_SCALE)  # numpy's stubs type the division as Any
+        return scaled
 
 
 class StepBudget:
