@@ -10,7 +10,9 @@ process of its own (`--client`) then sends `--rounds` x N streamed completions, 
 per mode: served tokens/s, the CPU seconds (user + system, from /proc) each server process spent per
 streamed token, and the engine's steps/s while serving (its `steps_total` from /health) against the
 same engine stepping the same N requests with no HTTP load (`--unloaded`, its own process, before the
-modes run): a core starved by HTTP work steps slower than that.
+modes run): a core starved by HTTP work steps slower than that. Each side's generated tokens per step
+say how full its steps were: the unloaded engine's are all N, while a served engine's requests arrive
+and leave through HTTP (a step of a few late requests is cheap, and counts as one step all the same).
 """
 
 from __future__ import annotations
@@ -171,8 +173,8 @@ def unloaded_rate(model: Path, concurrency: int, max_tokens: int, rounds: int) -
             while engine.has_unfinished():
                 engine.step()
         seconds = time.perf_counter() - started
-        return {"steps_per_s": (engine.steps_total - steps_before) / seconds,
-                "tokens_per_s": (engine.generation_tokens_total - tokens_before) / seconds}
+        steps, tokens = engine.steps_total - steps_before, engine.generation_tokens_total - tokens_before
+        return {"steps_per_s": steps / seconds, "tokens_per_s": tokens / seconds, "tokens_per_step": tokens / steps}
     finally:
         engine.close()
 
@@ -188,10 +190,10 @@ def measure(model: Path, mode: str, args: argparse.Namespace, log_dir: Path) -> 
         run_clients(url, args.concurrency, args.concurrency, 8)  # warm up
         pids = [server.pid, *descendants(server.pid)]
         before = {pid: cpu_seconds(pid) for pid in pids}
-        steps_before, _ = engine_counters(url)
+        steps_before, generated_before = engine_counters(url)
         tokens, wall, client_cpu, events = run_clients(url, args.concurrency, args.concurrency * args.rounds,
                                                        args.max_tokens)
-        steps_after, _ = engine_counters(url)
+        steps_after, generated_after = engine_counters(url)
         cpu: dict[str, float] = {}
         for pid in pids:
             name = process_role(pid, server.pid)
@@ -201,6 +203,7 @@ def measure(model: Path, mode: str, args: argparse.Namespace, log_dir: Path) -> 
         server.wait(timeout=120)
     return {"mode": mode, "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
             "steps_per_s": (steps_after - steps_before) / wall, "client_cpu_us_per_token": client_cpu / tokens * 1e6,
+            "tokens_per_step": (generated_after - generated_before) / max(1, steps_after - steps_before),
             "events_per_stream": events / (args.concurrency * args.rounds),
             "cpu_us_per_token": {name: seconds / tokens * 1e6 for name, seconds in cpu.items()},
             "cpu_us_per_token_total": sum(cpu.values()) / tokens * 1e6}
@@ -244,17 +247,19 @@ def main() -> None:
         of_mode = [run[index] for run in runs]
         summary = {key: statistics.median(result[key] for result in of_mode)
                    for key in ("tokens_per_s", "steps_per_s", "cpu_us_per_token_total", "client_cpu_us_per_token",
-                               "events_per_stream")}
+                               "events_per_stream", "tokens_per_step")}
         processes = {name for result in of_mode for name in result["cpu_us_per_token"]}
         summary["cpu_us_per_token"] = {name: statistics.median(result["cpu_us_per_token"].get(name, 0.0)
                                                                for result in of_mode) for name in sorted(processes)}
         results.append({"mode": mode, **summary, "runs": of_mode})
     print(f"medians of {args.repeat} interleaved run(s); load average now {os.getloadavg()[0]:.1f}")
-    print(f"{'unloaded engine':>15}: {unloaded['tokens_per_s']:7.0f} tok/s, {unloaded['steps_per_s']:6.1f} steps/s")
+    print(f"{'unloaded engine':>15}: {unloaded['tokens_per_s']:7.0f} tok/s, {unloaded['steps_per_s']:6.1f} steps/s "
+          f"of {unloaded['tokens_per_step']:.0f} tokens")
     for result in results:
         per_process = ", ".join(f"{name} {us:.0f}" for name, us in result["cpu_us_per_token"].items() if us)
         print(f"{result['mode']:>15}: {result['tokens_per_s']:7.0f} tok/s, {result['steps_per_s']:6.1f} steps/s "
-              f"({result['steps_per_s'] / unloaded['steps_per_s']:.0%} of unloaded), server CPU "
+              f"of {result['tokens_per_step']:.0f} tokens ({result['steps_per_s'] / unloaded['steps_per_s']:.0%} of "
+              f"unloaded), server CPU "
               f"{result['cpu_us_per_token_total']:.0f} us/token ({per_process}); client "
               f"{result['client_cpu_us_per_token']:.0f}; {result['events_per_stream']:.1f} SSE events per stream")
     report = {"args": {k: v for k, v in vars(args).items() if k in ("concurrency", "max_tokens", "rounds", "modes",
