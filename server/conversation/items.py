@@ -141,8 +141,10 @@ class Conversation:
     def tool_mode(self) -> Literal["none", "auto", "required", "named"]:
         if not self.tools or self.tool_choice == "none":
             return "none"
-        if self.tool_choice in ("auto", "required"):
-            return self.tool_choice  # type: ignore[return-value]
+        if self.tool_choice == "auto":
+            return "auto"
+        if self.tool_choice == "required":
+            return "required"
         return "named"
 
     def tool(self, name: str) -> Tool | None:

@@ -91,10 +91,10 @@ def calls_from_json(text: str) -> list[ToolCall] | None:
     except json.JSONDecodeError:
         return None
     items = value if isinstance(value, list) else [value]
-    calls = [call_from_object(item) for item in items]
-    if not calls or any(call is None for call in calls):
+    calls = [call for item in items if (call := call_from_object(item)) is not None]
+    if not calls or len(calls) != len(items):  # some item is no call
         return None
-    return calls  # type: ignore[return-value]
+    return calls
 
 
 def leading_json(text: str) -> tuple[Any, int] | None:
