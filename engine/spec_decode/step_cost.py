@@ -34,7 +34,7 @@ PROBE_PROMPT = 256  # tokens of the prompt forward that prices attention
 MIN_PROBE_PROMPT = 64  # shorter, its fixed costs would drown the keys' (attention then goes unpriced)
 PROBE_ROUNDS = 3  # every probed shape is timed once per round and keeps its best: a busy machine only slows a forward
 INT_DOT_ROWS = (2, 4, 8)  # verification rows where int16 activations are timed against fp32 on the served model
-MIN_GAIN = 0.02  # expected speed-up below which a step does not speculate (the measurement's noise)
+MIN_GAIN = 0.1  # expected speed-up below which a step does not speculate (the estimates' noise: bench/spec_decode.py)
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,8 @@ def measure(runner: ModelRunner, max_rows: int) -> StepCost:
         per_seq = -(-wanted // seqs)
         if wanted > capacity or seqs * per_seq > capacity:
             break
-        shapes.append((seqs, per_seq))
+        if (seqs, per_seq) not in shapes:  # with few sequence slots, several wanted counts round to one shape
+            shapes.append((seqs, per_seq))
     priced = len(shapes) > 1 and prompt >= MIN_PROBE_PROMPT  # a prompt's time beyond as many rows' prices its pairs
     timed = shapes + [(1, prompt)] if priced else shapes
     best = dict.fromkeys(timed, float("inf"))
