@@ -151,3 +151,11 @@ def child_pids(parent: int, marker: bytes) -> list[int]:
 def niceness(pid: int) -> int:
     """A process's nice value (read from /proc)."""
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
+def deferred_niceness(core_pid: int) -> int:
+    """The nice value an API process takes below its core's: API_PROCESS_NICENESS more, capped at the kernel's 19
+    (a suite run under `nice -n 19` starts every process there)."""
+    from server.serving import API_PROCESS_NICENESS
+
+    return min(19, niceness(core_pid) + API_PROCESS_NICENESS)

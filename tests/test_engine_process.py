@@ -23,9 +23,8 @@ from engine.process_client import ProcessEngineClient
 from engine.reports import EngineStats
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from engine.structured import StructuredOutput
-from server.serving import API_PROCESS_NICENESS
 from tests.engine_testing import make_engine, reference_greedy, run_to_completion, tiny_llama_dir
-from tests.server_fixtures import child_pids, niceness
+from tests.server_fixtures import child_pids, deferred_niceness, niceness
 
 pytestmark = pytest.mark.timeout(240)  # two processes import torch: slow on a loaded machine
 
@@ -146,7 +145,7 @@ def test_serve_engine_process_streams_and_exits_non_zero_when_the_core_dies(tmp_
             assert time.monotonic() < deadline, "server did not start"
             time.sleep(0.2)
         assert "KV cache" in log_path.read_text()  # the banner, from the core's description
-        assert niceness(server.pid) - niceness(core_pid(server)) == API_PROCESS_NICENESS  # the core outranks it
+        assert niceness(server.pid) == deferred_niceness(core_pid(server))  # the core outranks it
         body = {"model": "tiny", "prompt": "The quick brown", "max_tokens": 6, "temperature": 0}
         whole = httpx.post(url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
         with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=60) as response:
