@@ -78,10 +78,11 @@ def test_paged_attention(seq_lens, q_lens, head_dim):
 @pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4), (8, 1)])  # GQA groups of 3, 1 and 8
 @pytest.mark.parametrize("block_size", [16, 5])
 def test_flash_attention_tiles_groups_and_blocks(heads, kv_heads, block_size):
-    """Query tiles (64 rows of (query, head) per task), key tiles of 16 across cache blocks of any size,
-    a chunk after cached context with decodes beside it."""
-    args = paged([1, 200, 37, 70], [1, 130, 37, 1], block_size=block_size, heads=heads, kv_heads=kv_heads,
-                 head_dim=64)
+    """Query tiles (64 rows of (query, head) per task), key blocks of 64 across cache blocks of any size
+    (partial ones at the end), a chunk after cached context with decodes beside it, and short chunks at
+    long context whose rows come in fours and a remainder."""
+    args = paged([1, 200, 37, 70, 150, 141], [1, 130, 37, 1, 2, 5], block_size=block_size, heads=heads,
+                 kv_heads=kv_heads, head_dim=64)
     got = extension.load().paged_attention(*args, 0.125)
     torch.testing.assert_close(got, reference.paged_attention(*args, 0.125), **TOL)
 

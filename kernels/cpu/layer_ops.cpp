@@ -5,7 +5,7 @@
 //                    mscale), rotated k and v scattered into the paged caches by slot (< 0: skip).
 //   paged_attention: causal attention of each sequence's new queries over its paged keys (GQA),
 //                    read in place from the cache blocks: no gather, no padding. With AVX-512 and
-//                    head_dim 64 or 128, flash-style (online softmax over 16-key tiles), so a prompt
+//                    head_dim 64 or 128, flash-style (online softmax over 64-key blocks), so a prompt
 //                    chunk at long context costs its FLOPs, not copies of the context.
 //   silu_and_mul:    silu(gate) * up on a [T, 2I] tensor laid out [gate | up].
 // Numerics: fp32 throughout like kernels/reference.py, summed in a different order.
@@ -196,15 +196,61 @@ __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(y, fx);
 }
 
-constexpr int64_t KEYS = 16;  // keys per tile: one score vector per query row
+constexpr int64_t KEYS = 16;  // keys per score vector
+constexpr int64_t BLOCK_KEYS = 64;  // keys per online-softmax update: a row's max, sum and rescale once per 64 keys
 constexpr int64_t TILE_ROWS = 64;  // (query, head) rows per task: their outputs stay in L1
-constexpr int64_t TRANSPOSE_ROWS = 16;  // from this many rows a transposed key tile pays for itself
+constexpr int64_t TRANSPOSE_ROWS = 6;  // from this many rows a transposed key tile pays for itself
+alignas(64) const float kZeroKey[128] = {};  // stands in for the keys past a partial tile's end
+
+// Kt[d * KEYS + k] = keys[k][d] for d < 16 * DC: 16 x 16 transposes in registers.
+template <int64_t DC>
+inline void transpose_keys(const float* const* keys, float* Kt) {
+  for (int64_t c = 0; c < DC; ++c) {
+    __m512 r[16], t[16];
+    for (int k = 0; k < 16; ++k) r[k] = _mm512_loadu_ps(keys[k] + 16 * c);
+    for (int i = 0; i < 16; i += 2) {  // per 128-bit lane: t[i] = a0 b0 a1 b1, t[i + 1] = a2 b2 a3 b3
+      t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+      t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {  // r[i + j], lane L: column 4L + j of rows i .. i + 3
+      r[i] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+      r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+      r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+      r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int j = 0; j < 4; ++j) {  // gather lane L of r[j], r[4 + j], r[8 + j], r[12 + j]: column 4L + j
+      const __m512 a = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88), b = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xDD);
+      const __m512 e = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88), f = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xDD);
+      float* column = Kt + (16 * c + j) * KEYS;
+      _mm512_store_ps(column, _mm512_shuffle_f32x4(a, e, 0x88));
+      _mm512_store_ps(column + 4 * KEYS, _mm512_shuffle_f32x4(b, f, 0x88));
+      _mm512_store_ps(column + 8 * KEYS, _mm512_shuffle_f32x4(a, e, 0xDD));
+      _mm512_store_ps(column + 12 * KEYS, _mm512_shuffle_f32x4(b, f, 0xDD));
+    }
+  }
+}
+
+// Scores of NR query rows (Q, stride D) against a transposed tile of 16 keys, into S (stride BLOCK_KEYS).
+template <int64_t DC, int NR>
+inline void tile_scores(const float* Q, const float* Kt, float* S) {
+  constexpr int64_t D = 16 * DC;
+  __m512 a[2 * NR];
+  for (auto& x : a) x = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 2) {
+    const __m512 k0 = _mm512_load_ps(Kt + d * KEYS), k1 = _mm512_load_ps(Kt + (d + 1) * KEYS);
+    for (int i = 0; i < NR; ++i) {
+      a[2 * i] = _mm512_fmadd_ps(_mm512_set1_ps(Q[i * D + d]), k0, a[2 * i]);
+      a[2 * i + 1] = _mm512_fmadd_ps(_mm512_set1_ps(Q[i * D + d + 1]), k1, a[2 * i + 1]);
+    }
+  }
+  for (int i = 0; i < NR; ++i) _mm512_store_ps(S + i * BLOCK_KEYS, _mm512_add_ps(a[2 * i], a[2 * i + 1]));
+}
 
 // Flash attention over the paged cache for head_dim = 16 * DC: one task is (sequence, kv head, a tile
-// of queries); keys are read in place, 16 at a time, and each (query, head) row keeps a running max,
+// of queries); keys are read in place, 64 at a time, and each (query, head) row keeps a running max,
 // sum and output (online softmax), so a chunk at long context reads each key once per kv head and
-// never builds a score matrix. Few rows (decode) dot each key with a reduction; many rows (a prompt
-// chunk) transpose the key tile once and get 16 scores per row from D broadcast FMAs.
+// never builds a score matrix. Few rows (decode) dot each key with a reduction; more rows (a prompt
+// chunk) transpose each 16 keys once in registers and get 16 scores per row from D broadcast FMAs.
 template <int64_t DC>
 void flash_task(const float* qp, const float* kp, const float* vp, float* op, const int64_t* table, int64_t bs,
                 int64_t H, int64_t KVH, int64_t kvh, int64_t group, int64_t n, int64_t q_len, int64_t q_first,
@@ -214,10 +260,10 @@ void flash_task(const float* qp, const float* kp, const float* vp, float* op, co
   alignas(64) float Q[TILE_ROWS * D];
   alignas(64) float O[TILE_ROWS * D];
   alignas(64) float Kt[D * KEYS];
-  alignas(64) float S[TILE_ROWS * KEYS];
+  alignas(64) float S[TILE_ROWS * BLOCK_KEYS];
   float m[TILE_ROWS], l[TILE_ROWS];
-  const float* keys[KEYS];
-  const float* values[KEYS];
+  const float* keys[BLOCK_KEYS];
+  const float* values[BLOCK_KEYS];
   for (int64_t r = 0; r < R; ++r) {
     const float* src = qp + ((q_first + q0 + r / group) * H + kvh * group + r % group) * D;
     for (int64_t c = 0; c < DC; ++c) {
@@ -230,35 +276,25 @@ void flash_task(const float* qp, const float* kp, const float* vp, float* op, co
   const int64_t before = n - q_len + q0;  // keys before the tile's first query
   const int64_t end = before + nq;  // keys the tile's last query sees
   const bool transposed = R >= TRANSPOSE_ROWS;
-  for (int64_t j0 = 0; j0 < end; j0 += KEYS) {
-    const int64_t jn = std::min(KEYS, end - j0);
-    for (int64_t k = 0; k < jn; ++k) {
-      const int64_t j = j0 + k, slot = table[j / bs] * bs + j % bs;
-      keys[k] = kp + (slot * KVH + kvh) * D;
-      values[k] = vp + (slot * KVH + kvh) * D;
+  for (int64_t j0 = 0; j0 < end; j0 += BLOCK_KEYS) {
+    const int64_t jn = std::min(BLOCK_KEYS, end - j0), tiles = (jn + KEYS - 1) / KEYS;
+    for (int64_t k = 0; k < tiles * KEYS; ++k) {
+      const int64_t j = j0 + k, slot = k < jn ? table[j / bs] * bs + j % bs : 0;
+      keys[k] = k < jn ? kp + (slot * KVH + kvh) * D : kZeroKey;
+      values[k] = k < jn ? vp + (slot * KVH + kvh) * D : kZeroKey;
     }
-    // rows[r] sees keys j0 .. j0 + seen(r) - 1 of this tile
-    auto seen = [&](int64_t r) { return std::min(jn, before + r / group + 1 - j0); };
     if (transposed) {
-      for (int64_t k = 0; k < KEYS; ++k)
-        for (int64_t d = 0; d < D; ++d) Kt[d * KEYS + k] = k < jn ? keys[k][d] : 0.f;
-      int64_t r = 0;
-      for (; r + 4 <= R; r += 4) {
-        __m512 a[8];
-        for (auto& x : a) x = _mm512_setzero_ps();
-        for (int64_t d = 0; d < D; d += 2) {
-          const __m512 k0 = _mm512_load_ps(Kt + d * KEYS), k1 = _mm512_load_ps(Kt + (d + 1) * KEYS);
-          for (int64_t i = 0; i < 4; ++i) {
-            a[2 * i] = _mm512_fmadd_ps(_mm512_set1_ps(Q[(r + i) * D + d]), k0, a[2 * i]);
-            a[2 * i + 1] = _mm512_fmadd_ps(_mm512_set1_ps(Q[(r + i) * D + d + 1]), k1, a[2 * i + 1]);
-          }
+      for (int64_t t = 0; t < tiles; ++t) {
+        transpose_keys<DC>(keys + t * KEYS, Kt);
+        float* St = S + t * KEYS;
+        int64_t r = 0;
+        for (; r + 4 <= R; r += 4) tile_scores<DC, 4>(Q + r * D, Kt, St + r * BLOCK_KEYS);
+        switch (R - r) {
+          case 3: tile_scores<DC, 3>(Q + r * D, Kt, St + r * BLOCK_KEYS); break;
+          case 2: tile_scores<DC, 2>(Q + r * D, Kt, St + r * BLOCK_KEYS); break;
+          case 1: tile_scores<DC, 1>(Q + r * D, Kt, St + r * BLOCK_KEYS); break;
+          default: break;
         }
-        for (int64_t i = 0; i < 4; ++i) _mm512_store_ps(S + (r + i) * KEYS, _mm512_add_ps(a[2 * i], a[2 * i + 1]));
-      }
-      for (; r < R; ++r) {
-        __m512 a = _mm512_setzero_ps();
-        for (int64_t d = 0; d < D; ++d) a = _mm512_fmadd_ps(_mm512_set1_ps(Q[r * D + d]), _mm512_load_ps(Kt + d * KEYS), a);
-        _mm512_store_ps(S + r * KEYS, a);
       }
     } else {
       for (int64_t r = 0; r < R; ++r) {
@@ -267,27 +303,37 @@ void flash_task(const float* qp, const float* kp, const float* vp, float* op, co
         for (int64_t k = 0; k < jn; ++k) {
           __m512 a = _mm512_mul_ps(q[0], _mm512_loadu_ps(keys[k]));
           for (int64_t c = 1; c < DC; ++c) a = _mm512_fmadd_ps(q[c], _mm512_loadu_ps(keys[k] + 16 * c), a);
-          S[r * KEYS + k] = _mm512_reduce_add_ps(a);
+          S[r * BLOCK_KEYS + k] = _mm512_reduce_add_ps(a);
         }
       }
     }
     for (int64_t r = 0; r < R; ++r) {
-      const int64_t visible = seen(r);
+      const int64_t visible = std::min(jn, before + r / group + 1 - j0);  // row r sees keys j0 .. j0 + visible - 1
       if (visible <= 0) continue;
-      const __mmask16 live = __mmask16((1u << visible) - 1u);
-      const __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), live,
-                                          _mm512_load_ps(S + r * KEYS));
-      const float top = std::max(m[r], _mm512_reduce_max_ps(s));
-      const __m512 p = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(s, _mm512_set1_ps(top))));
-      const float correction = std::exp(m[r] - top);  // 0 for the first tile (m = -inf)
-      l[r] = l[r] * correction + _mm512_reduce_add_ps(p);
+      float* s = S + r * BLOCK_KEYS;
+      const int64_t live_tiles = (visible + KEYS - 1) / KEYS;
+      auto live = [&](int64_t t) {
+        const int64_t count = std::min(KEYS, visible - t * KEYS);
+        return __mmask16(count >= 16 ? 0xFFFFu : (1u << count) - 1u);
+      };
+      __m512 top_lanes = _mm512_set1_ps(m[r]);
+      for (int64_t t = 0; t < live_tiles; ++t)
+        top_lanes = _mm512_mask_max_ps(top_lanes, live(t), top_lanes, _mm512_load_ps(s + t * KEYS));
+      const float top = _mm512_reduce_max_ps(top_lanes);
+      const __m512 shift = _mm512_set1_ps(top);
+      __m512 total = _mm512_setzero_ps();
+      for (int64_t t = 0; t < live_tiles; ++t) {
+        const __m512 p = _mm512_maskz_mov_ps(live(t), exp16(_mm512_sub_ps(_mm512_load_ps(s + t * KEYS), shift)));
+        _mm512_store_ps(s + t * KEYS, p);
+        total = _mm512_add_ps(total, p);
+      }
+      const float correction = std::exp(m[r] - top);  // 0 for the first block (m = -inf)
+      l[r] = l[r] * correction + _mm512_reduce_add_ps(total);
       m[r] = top;
-      alignas(64) float w[KEYS];
-      _mm512_store_ps(w, p);
       __m512 o[DC];
       for (int64_t c = 0; c < DC; ++c) o[c] = _mm512_mul_ps(_mm512_load_ps(O + r * D + 16 * c), _mm512_set1_ps(correction));
       for (int64_t k = 0; k < visible; ++k) {
-        const __m512 wk = _mm512_set1_ps(w[k]);
+        const __m512 wk = _mm512_set1_ps(s[k]);
         for (int64_t c = 0; c < DC; ++c) o[c] = _mm512_fmadd_ps(wk, _mm512_loadu_ps(values[k] + 16 * c), o[c]);
       }
       for (int64_t c = 0; c < DC; ++c) _mm512_store_ps(O + r * D + 16 * c, o[c]);
