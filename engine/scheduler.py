@@ -16,8 +16,8 @@ tokens, from what the step's other decodes leave and only with blocks no other d
 drafts never cause a preemption; the step computes them all and `rollback` forgets the rejected ones.
 
 On CPU the step's budget also follows latency (`step_budget`): beside running decodes, prompt chunks
-are cut to what the step cost model (engine/step_budget.py) predicts keeps the step near twice a decode
-step at the chunk's context.
+are cut to what the step cost model (engine/step_budget.py) predicts keeps the step within a small
+multiple of the decodes' step alone at the chunk's context.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 
 from engine.kv_cache import BlockPool, block_hashes, chain_hash
 from engine.request import Sample, SampleStatus
-from engine.step_budget import StepBudget
+from engine.step_budget import StepBudget, StepWork
 
 
 LARGE_GPU_BYTES = 70 * 2**30
@@ -94,12 +94,12 @@ class Scheduler:
     def step_budget(self, decodes: list[tuple[Sample, int]]) -> int:
         """Tokens this step may compute: `max_num_batched_tokens`, or, while `decodes` are decoding and a
         latency budget is set, their tokens plus the prompt tokens the budget allows at the next prompt's
-        context (so a long prompt's chunks hold each stream's next token to about twice its usual wait)."""
+        context (so a long prompt's chunks hold each stream's next token to a small multiple of its usual wait)."""
         if self.latency_budget is None or not decodes:
             return self.max_num_batched_tokens
         decode_tokens = sum(count for _, count in decodes)
         spare = self.max_num_batched_tokens - decode_tokens
-        return decode_tokens + self.latency_budget.prefill_tokens(self._next_prompt_context(), spare)
+        return decode_tokens + self.latency_budget.prefill_tokens(StepWork.of(decodes), self._next_prompt_context(), spare)
 
     def _next_prompt_context(self) -> int:
         """Tokens already computed for the prompt the step's chunk comes from: a running prefill's, else the queue head's."""

@@ -1,7 +1,7 @@
-"""The latency-aware step budget on CPU: a cost model of prompt chunks fitted to measured steps caps the
-prompt tokens beside running streams by the context they attend, so each stream still gets its token
-every step at about its quiet rate; an explicit --max-num-batched-tokens (or no running stream) leaves
-the whole budget to the prompt."""
+"""The latency-aware step budget on CPU: a cost model of whole steps fitted to the measured steps caps
+the prompt tokens beside running streams by the context they attend, so each stream still gets its token
+every step within a small multiple of its step alone, while the prompt keeps a share of each step; an
+explicit --max-num-batched-tokens (or no running stream) leaves the whole budget to the prompt."""
 
 from __future__ import annotations
 
@@ -17,30 +17,38 @@ from engine.kv_cache import BlockPool
 from engine.request import Sample
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
-from engine.step_budget import MIN_PREFILL_TOKENS, STALL_RATIO, StepBudget, StepWork
+from engine.step_budget import (MIN_PREFILL_TOKENS, PRIOR_WEIGHT, STALL_RATIO, TOKEN_SHARE, NonNegativeFit,
+                                StepBudget, StepWork)
 from tests.engine_testing import make_engine, run_to_completion
 from tests.fake_model import FakeModel, IdTokenizer
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
-QUIET_MS = 10.0
+ROW_MS = 10.0
+STREAM = StepWork(decode_rows=1, decode_pairs=100)  # one stream at 100 tokens of context
 
 
-def true_extra_ms(context: int, count: int) -> float:
-    """A made-up machine: 3 ms for any chunk step, 0.5 ms per prompt token, 2 ms per 1k attention pairs."""
-    return 3.0 + 0.5 * count + 2e-3 * StepWork.chunk(context, count).prompt_pairs
+def true_ms(work: StepWork) -> float:
+    """A made-up machine: 1 ms a step, 10 ms a decode row, 1 ms per 1k decode context read; a prompt chunk
+    3 ms, 0.5 ms a token, 3 ms per 1k context read and 0.5 ms per 1k attention pairs."""
+    return (1.0 + ROW_MS * work.decode_rows + 1e-3 * work.decode_pairs + 3.0 * min(work.prompt_chunks, 1)
+            + 0.5 * work.prompt_tokens + 3e-3 * work.prompt_context + 0.5e-3 * work.prompt_pairs)
+
+
+def random_work(rng: np.random.Generator) -> StepWork:
+    rows = int(rng.integers(1, 5))
+    decodes = StepWork(rows, rows * int(rng.integers(0, 3000)))
+    if rng.random() < 0.2:
+        return decodes
+    return decodes.with_chunk(int(rng.integers(0, 8000)), int(rng.integers(1, 64)))
 
 
 def trained_budget(steps: int = 300, seed: int = 0) -> StepBudget:
-    """A budget seeded wrong (1 ms/token, no attention cost) that then watched quiet and chunk steps."""
+    """A budget seeded wrong (1 ms/token, nothing for context) that then watched decode and chunk steps."""
     rng = np.random.default_rng(seed)
-    budget = StepBudget(decode_ms=QUIET_MS, token_ms=1.0)
+    budget = StepBudget(decode_ms=ROW_MS, token_ms=1.0)
     for _ in range(steps):
-        if rng.random() < 0.2:
-            budget.observe(StepWork(), rng.normal(QUIET_MS, 0.3) / 1e3)
-        else:
-            context, count = int(rng.integers(0, 8000)), int(rng.integers(1, 64))
-            noisy = QUIET_MS + true_extra_ms(context, count) * rng.uniform(0.9, 1.1)
-            budget.observe(StepWork.chunk(context, count), noisy / 1e3)
+        work = random_work(rng)
+        budget.observe(work, true_ms(work) * rng.uniform(0.95, 1.05) / 1e3)
     return budget
 
 
@@ -49,34 +57,69 @@ def sample(request_id: str, prompt_len: int, max_tokens: int = 8) -> Sample:
     return Sample(request_id, 0, [1] * prompt_len, params, max_tokens, None, stop_token_ids=frozenset())
 
 
-def test_the_model_learns_what_chunks_cost_at_each_context():
+def test_the_model_learns_what_steps_cost_at_each_context():
     budget = trained_budget()
-    assert budget.quiet_ms == pytest.approx(QUIET_MS, rel=0.05)
-    for context, count in ((0, 1), (100, 32), (4000, 4), (7000, 16)):
-        assert budget.extra_ms(StepWork.chunk(context, count)) == pytest.approx(true_extra_ms(context, count), rel=0.2)
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        work = random_work(rng)
+        assert budget.step_ms(work) == pytest.approx(true_ms(work), rel=0.1)
+    assert budget.alone_ms(STREAM.with_chunk(4000, 16)) == pytest.approx(true_ms(STREAM), rel=0.1)
 
 
-def test_prompt_tokens_shrink_with_context_and_keep_the_step_within_the_target():
+def test_the_fit_keeps_every_coefficient_non_negative_and_is_least_squares_among_those():
+    rng = np.random.default_rng(2)
+    fit = NonNegativeFit(np.zeros(4))
+    x = rng.uniform(0, 4, (40, 4))
+    y = x @ np.array([1.0, 2.0, -2.0, 0.5]) + rng.normal(0, 0.3, 40)  # a timing cannot say this, noise can
+    for row, value in zip(x, y):
+        fit.observe(row, value)
+    gram = fit.gram + PRIOR_WEIGHT * np.eye(4)
+    assert (np.linalg.solve(gram, fit.moment) < 0).any()  # the ridge fit alone goes negative here
+    assert (fit.theta >= 0).all()
+
+    def objective(theta: np.ndarray) -> float:
+        return float(theta @ gram @ theta - 2 * fit.moment @ theta)
+
+    for _ in range(300):  # no non-negative point nearby does better
+        assert objective(fit.theta) <= objective(np.maximum(fit.theta + rng.normal(0, 0.05, 4), 0)) + 1e-9
+
+
+def test_prompt_tokens_shrink_with_context_keep_the_step_within_the_target_and_keep_a_share_of_it():
     budget = trained_budget()
-    allowed = (STALL_RATIO - 1) * QUIET_MS
-    chosen = [budget.prefill_tokens(context, 2048) for context in (0, 500, 2000, 8000)]
-    assert chosen == sorted(chosen, reverse=True) and chosen[0] > chosen[-1]
-    for context, count in zip((0, 500, 2000, 8000), chosen):
-        if count > MIN_PREFILL_TOKENS:
-            assert true_extra_ms(context, count) <= 1.15 * allowed  # within the model's fit
-        assert budget.extra_ms(StepWork.chunk(context, count + 1)) > allowed or count == 2048
-    assert budget.prefill_tokens(0, 5) == 5  # never past the step's spare tokens
-    assert budget.prefill_tokens(10**7, 2048) == MIN_PREFILL_TOKENS  # a prompt always advances
-    assert budget.last_prefill_tokens == MIN_PREFILL_TOKENS
+    alone = true_ms(STREAM)
+    contexts = (0, 500, 2000, 4000, 8000)
+    chosen = [budget.prefill_tokens(STREAM, context, 2048) for context in contexts]
+    assert chosen[0] > chosen[1] > chosen[2] and chosen[0] > 4 * chosen[-1]  # until the fixed cost binds
+    for context, count in zip(contexts, chosen):
+        step = true_ms(STREAM.with_chunk(context, count))
+        fixed = true_ms(StepWork(prompt_chunks=1, prompt_context=context)) - true_ms(StepWork())
+        if fixed / (1 - TOKEN_SHARE) <= 0.9 * (STALL_RATIO - 1) * alone:  # the latency target binds
+            assert step <= 1.1 * STALL_RATIO * alone
+            assert true_ms(STREAM.with_chunk(context, int(count * 1.3) + 2)) > STALL_RATIO * alone
+        else:  # the chunk's fixed cost binds: its tokens take about as much of the step as the fixed part
+            tokens = step - alone - fixed
+            assert TOKEN_SHARE * 0.8 <= tokens / (step - alone) <= TOKEN_SHARE * 1.4 and count > MIN_PREFILL_TOKENS
+    assert true_ms(STREAM.with_chunk(8000, chosen[-1])) > STALL_RATIO * alone  # 8k context: past the target
+    assert budget.prefill_tokens(STREAM, 0, 5) == 5  # never past the step's spare tokens
+    budget.chunk.theta = budget.chunk.theta * np.array([1, 1, 1, 1e4])  # attention made ruinous: a prompt still advances
+    assert budget.prefill_tokens(STREAM, 10**6, 2048) == MIN_PREFILL_TOKENS == budget.last_prefill_tokens
+
+
+def test_the_streams_own_context_raises_their_allowance_instead_of_starving_the_prompt():
+    budget = trained_budget()
+    near, far = StepWork(1, 100), StepWork(1, 6000)
+    assert budget.alone_ms(far) > budget.alone_ms(near) + 4
+    assert budget.prefill_tokens(far, 1000, 2048) > budget.prefill_tokens(near, 1000, 2048)
 
 
 def test_a_stalled_step_moves_the_model_only_so_far():
     budget = trained_budget()
-    before = budget.extra_ms(StepWork.chunk(2000, 8))
-    budget.observe(StepWork.chunk(2000, 8), 30.0)  # another process took the CPU for 30 s
-    budget.observe(StepWork(), 30.0)
-    assert budget.extra_ms(StepWork.chunk(2000, 8)) < 3 * before
-    assert budget.quiet_ms < 2 * QUIET_MS
+    work = STREAM.with_chunk(2000, 8)
+    before = budget.step_ms(work)
+    budget.observe(work, 30.0)  # another process took the CPU for 30 s
+    budget.observe(STREAM, 30.0)
+    assert budget.step_ms(work) < 2 * before
+    assert budget.alone_ms(STREAM) < 2 * true_ms(STREAM)
 
 
 def test_the_scheduler_cuts_chunks_at_the_running_prompts_context():
@@ -95,7 +138,7 @@ def test_the_scheduler_cuts_chunks_at_the_running_prompts_context():
         context = long.num_computed_tokens
         batch = scheduler.schedule()
         assert batch.items[0] == (stream, 1)  # the stream decodes beside every chunk
-        assert batch.items[1] == (long, budget.prefill_tokens(context, 2047))
+        assert batch.items[1] == (long, budget.prefill_tokens(StepWork.of([(stream, 1)]), context, 2047))
         chunks.append(batch.items[1][1])
         scheduler.after_step(batch)
         stream.output_token_ids.append(5)
@@ -109,10 +152,12 @@ def test_engine_measures_the_budget_on_cpu_learns_from_its_steps_and_a_given_bud
     budget = engine.step_budget
     assert budget is not None and budget.decode_ms > 0 and budget.token_ms > 0
     assert engine.scheduler.latency_budget is budget
+    seeded = budget.alone.theta.copy(), budget.chunk.theta.copy()
     engine.add_request("a", [3, 4, 5], GREEDY)
     run_to_completion(engine)
     assert budget.steps_observed == 4  # the prompt's step and three decode steps
-    assert budget.quiet_ms != budget.decode_ms
+    assert not np.array_equal(budget.alone.theta, seeded[0])  # three decode steps
+    assert not np.array_equal(budget.chunk.theta, seeded[1])  # the prompt's step
     given = make_engine(max_num_batched_tokens=64)
     assert given.step_budget is None and given.scheduler.latency_budget is None
     assert given.stats().step_prefill_budget is None
@@ -125,7 +170,7 @@ def test_a_stream_gets_a_token_every_step_while_a_long_prompt_prefills(monkeypat
     engine = make_engine(max_model_len=512)
     assert engine.step_budget is not None
     # fixed so the chunk count does not depend on the machine
-    monkeypatch.setattr(engine.step_budget, "prefill_tokens", lambda context, limit: min(32, limit))
+    monkeypatch.setattr(engine.step_budget, "prefill_tokens", lambda decodes, context, limit: min(32, limit))
     stream_params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
     long_prompt = list(range(1, 250))
     engine.add_request("stream", [3, 4, 5], stream_params)
@@ -164,7 +209,10 @@ def stream_gaps_ms(engine, count: int, until=None) -> list[float]:
 def test_head_of_line_a_short_stream_keeps_its_rate_while_a_long_prompt_prefills():
     """The default model: a stream's inter-token time while a 1,000-token prompt prefills beside it stays
     near its quiet time (ratios of medians and of the 90th percentile, measured in one run, so a busy
-    machine slows both sides), where one whole chunk would hold a token for the length of the prefill."""
+    machine slows both sides; ~3x here, where a step with prompt tokens pays ~15 ms of few-row matmuls
+    beside a ~15 ms stream step), where one whole chunk would hold a token for the length of the
+    prefill; and the prompt still makes progress: its prefill beside the stream takes a small multiple
+    of its prefill alone (~3x; one prompt token per step: ~10x)."""
     engine = build_engine(EngineConfig(device="cpu", kv_cache_gib=0.1))
     assert engine.step_budget is not None
     ids = engine.tokenizer.encode("Tell me about the sea and the ships that sail on it.")
@@ -173,8 +221,17 @@ def test_head_of_line_a_short_stream_keeps_its_rate_while_a_long_prompt_prefills
     quiet = stream_gaps_ms(engine, 20)
     rng = np.random.default_rng(0)
     prompt = rng.integers(100, engine.model.vocab_size - 100, 1000).tolist()
+    started = time.perf_counter()
     engine.add_request("long", prompt, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
     loaded = stream_gaps_ms(engine, 0, until=lambda: "long" not in engine.requests)
+    beside = time.perf_counter() - started
     assert len(loaded) >= 10  # the prompt went in many chunks, a stream token beside each
-    assert np.median(loaded) <= 3.0 * np.median(quiet)
-    assert np.percentile(loaded, 90) <= 4.0 * np.percentile(quiet, 90)
+    assert np.median(loaded) <= 4.0 * np.median(quiet)
+    assert np.percentile(loaded, 90) <= 5.0 * np.percentile(quiet, 90)
+    engine.abort("stream")
+    other = rng.integers(100, engine.model.vocab_size - 100, 1000).tolist()  # no cached prefix
+    started = time.perf_counter()
+    engine.add_request("alone", other, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+    while "alone" in engine.requests:
+        engine.step()
+    assert beside <= 5.0 * (time.perf_counter() - started)
