@@ -1,18 +1,25 @@
 """The host ceiling: server CPU per streamed token and the engine's step rate, per serving mode, side by side.
 
-Run: python -m bench.host_ceiling [--concurrency 256] [--max-tokens 64] [--rounds 1] [--repeat 1]
-                                  [--modes in-process engine-process api-servers-2] [--out FILE.json]
+Run: python -m bench.host_ceiling [--concurrency 256] [--max-tokens 64 | --output-lengths 128 512] [--seed 0]
+                                  [--rounds 1] [--repeat 1] [--modes in-process engine-process api-servers-2]
+                                  [--out FILE.json]
 
 Each mode starts the real server (`python -m server.cli serve`) on the tiny Llama of the tests with the
 torch kernels and one torch thread (a model that costs little, not nothing: the numbers include its
-forwards), all N requests running at once; a client
-process of its own (`--client`) then sends `--rounds` x N streamed completions, N at a time. Reported
-per mode: served tokens/s, the CPU seconds (user + system, from /proc) each server process spent per
-streamed token, and the engine's steps/s while serving (its `steps_total` from /health) against the
-same engine stepping the same N requests with no HTTP load (`--unloaded`, its own process, before the
-modes run): a core starved by HTTP work steps slower than that. Each side's generated tokens per step
-say how full its steps were: the unloaded engine's are all N, while a served engine's requests arrive
-and leave through HTTP (a step of a few late requests is cheap, and counts as one step all the same).
+forwards), all N requests running at once; a client process of its own (`--client`) then sends
+`--rounds` x N streamed completions, N at a time (closed loop: one starts as soon as one ends). Their
+output lengths: all `--max-tokens` (every request of a round starts and ends together: waves), or, as
+in the issue's own host-ceiling measurement, drawn uniformly from `--output-lengths LO HI` with
+`--seed` (request i gets the i-th draw on both sides, so requests start and end at staggered times).
+
+Reported per mode: served tokens/s, the CPU seconds (user + system, from /proc) each server process
+spent per streamed token, and the engine's **step rate while serving: engine steps (`steps_total` from
+/health) per second of wall time, from the client's first request to its last token**, against the
+same engine stepping the same requests with no HTTP load (`--unloaded`, its own process, before the
+modes run, the same closed loop of N; its steps per second of stepping): a core starved by HTTP work
+steps slower than that. Each side's generated tokens per step say how full its steps were (a served
+engine's requests arrive and leave through HTTP: a step of a few late requests is cheap, and counts
+as one step all the same), so the served tokens/s against the unloaded engine's is reported too.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import socket
 import statistics
 import subprocess
@@ -110,19 +118,28 @@ def start_server(model: Path, flags: list[str], concurrency: int, log_path: Path
 
 
 # --- the client process ---------------------------------------------------------------------------------
-async def stream_load(url: str, concurrency: int, requests: int, max_tokens: int) -> tuple[int, int]:
-    """(streamed completion tokens, SSE data events) over `requests` streams, `concurrency` at a time. A bare
+def output_lengths(args: argparse.Namespace, requests: int) -> list[int]:
+    """Each request's max_tokens (ignore_eos: exactly what it generates), in the order the requests start."""
+    if args.output_lengths is None:
+        return [args.max_tokens] * requests
+    low, high = args.output_lengths
+    draw = random.Random(args.seed)
+    return [draw.randint(low, high) for _ in range(requests)]
+
+
+async def stream_load(url: str, concurrency: int, lengths: list[int]) -> tuple[int, int]:
+    """(streamed completion tokens, SSE data events) over one stream per length, `concurrency` at a time. A bare
     asyncio HTTP/1.1 client (one connection per stream, read to its close) so that the load takes as little as
     it can of the cores the server shares with it (its CPU per token is reported beside the server's). The
     events show how finely the tokens came: a server that falls behind merges a stream's tokens into fewer."""
     host, port = url.removeprefix("http://").split(":")
-    body = json.dumps({"model": "tiny", "prompt": PROMPT, "max_tokens": max_tokens, "stream": True,
-                       "ignore_eos": True, "temperature": 0.8, "stream_options": {"include_usage": True}}).encode()
-    head = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
-    gate = asyncio.Semaphore(concurrency)
+    gate = asyncio.Semaphore(concurrency)  # FIFO: streams start in the lengths' order
 
-    async def one() -> tuple[int, int]:
+    async def one(max_tokens: int) -> tuple[int, int]:
+        body = json.dumps({"model": "tiny", "prompt": PROMPT, "max_tokens": max_tokens, "stream": True,
+                           "ignore_eos": True, "temperature": 0.8, "stream_options": {"include_usage": True}}).encode()
+        head = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
         events = 0
         async with gate:
             reader, writer = await asyncio.open_connection(host, int(port))
@@ -135,23 +152,24 @@ async def stream_load(url: str, concurrency: int, requests: int, max_tokens: int
         usage = tail.rpartition(b'"completion_tokens":')[2]
         return (int(usage[:usage.index(b",")]) if usage else 0), events
 
-    counts = await asyncio.gather(*(one() for _ in range(requests)))
+    counts = await asyncio.gather(*(one(max_tokens) for max_tokens in lengths))
     return sum(tokens for tokens, _ in counts), sum(events for _, events in counts)
 
 
-def run_clients(url: str, concurrency: int, requests: int, max_tokens: int) -> tuple[int, float, float, int]:
+def run_clients(url: str, concurrency: int, lengths: list[int]) -> tuple[int, float, float, int]:
     """The load, from a process of its own (its CPU is not the server's): (tokens, seconds from the first
     request to the last token, the client's CPU seconds, SSE data events)."""
     output = subprocess.run([sys.executable, "-m", "bench.host_ceiling", "--client", url, "--concurrency",
-                             str(concurrency), "--requests", str(requests), "--max-tokens", str(max_tokens)],
-                            cwd=REPO, check=True, capture_output=True, text=True).stdout
+                             str(concurrency)], input=json.dumps(lengths), cwd=REPO, check=True, capture_output=True,
+                            text=True).stdout
     tokens, seconds, cpu, events = output.strip().splitlines()[-1].split()
     return int(tokens), float(seconds), float(cpu), int(events)
 
 
 # --- the unloaded engine ----------------------------------------------------------------------------------
-def unloaded_rate(model: Path, concurrency: int, max_tokens: int, rounds: int) -> dict:
-    """The same engine config stepping the same requests with nothing else in its process: steps/s, tokens/s."""
+def unloaded_rate(model: Path, concurrency: int, lengths: list[int]) -> dict:
+    """The same engine config stepping the same requests, `concurrency` at a time (the next added as soon as one
+    ends), with nothing else in its process: steps/s, tokens/s."""
     from engine.builder import build_engine
     from engine.config import EngineConfig
     from engine.core_process import freeze_start_up_heap
@@ -159,7 +177,6 @@ def unloaded_rate(model: Path, concurrency: int, max_tokens: int, rounds: int) -
 
     engine = build_engine(EngineConfig(model=str(model), max_num_seqs=concurrency, **ENGINE_SETTINGS))
     freeze_start_up_heap()  # as the core process does once its engine is built
-    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.8)
     try:
         for index in range(concurrency):  # warm up
             engine.add_request(f"w{index}", PROMPT, SamplingParams(max_tokens=8, ignore_eos=True))
@@ -167,11 +184,14 @@ def unloaded_rate(model: Path, concurrency: int, max_tokens: int, rounds: int) -
             engine.step()
         steps_before, tokens_before = engine.steps_total, engine.generation_tokens_total
         started = time.perf_counter()
-        for round_index in range(rounds):
-            for index in range(concurrency):
-                engine.add_request(f"r{round_index}-{index}", PROMPT, params)
-            while engine.has_unfinished():
+        queued = iter(enumerate(lengths))
+        for index, max_tokens in queued:
+            engine.add_request(f"r{index}", PROMPT, SamplingParams(max_tokens=max_tokens, ignore_eos=True,
+                                                                   temperature=0.8))
+            while len(engine.requests) >= concurrency:
                 engine.step()
+        while engine.has_unfinished():
+            engine.step()
         seconds = time.perf_counter() - started
         steps, tokens = engine.steps_total - steps_before, engine.generation_tokens_total - tokens_before
         return {"steps_per_s": steps / seconds, "tokens_per_s": tokens / seconds, "tokens_per_step": tokens / steps}
@@ -187,12 +207,12 @@ def engine_counters(url: str) -> tuple[int, int]:
 def measure(model: Path, mode: str, args: argparse.Namespace, log_dir: Path) -> dict:
     server, url = start_server(model, MODES[mode], args.concurrency, log_dir / f"serve-{mode}.log")
     try:
-        run_clients(url, args.concurrency, args.concurrency, 8)  # warm up
+        run_clients(url, args.concurrency, [8] * args.concurrency)  # warm up
         pids = [server.pid, *descendants(server.pid)]
         before = {pid: cpu_seconds(pid) for pid in pids}
         steps_before, generated_before = engine_counters(url)
-        tokens, wall, client_cpu, events = run_clients(url, args.concurrency, args.concurrency * args.rounds,
-                                                       args.max_tokens)
+        lengths = output_lengths(args, args.concurrency * args.rounds)
+        tokens, wall, client_cpu, events = run_clients(url, args.concurrency, lengths)
         steps_after, generated_after = engine_counters(url)
         cpu: dict[str, float] = {}
         for pid in pids:
@@ -212,23 +232,25 @@ def measure(model: Path, mode: str, args: argparse.Namespace, log_dir: Path) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", type=int, default=256)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--max-tokens", type=int, default=64, help="every request's output length")
+    parser.add_argument("--output-lengths", type=int, nargs=2, metavar=("LO", "HI"),
+                        help="draw each request's output length uniformly from LO..HI instead (the issue's 128 512)")
+    parser.add_argument("--seed", type=int, default=0, help="of the --output-lengths draws")
+    parser.add_argument("--rounds", type=int, default=1, help="send rounds x concurrency requests")
     parser.add_argument("--repeat", type=int, default=1, help="interleaved runs of every mode (medians reported)")
     parser.add_argument("--modes", nargs="+", choices=sorted(MODES), default=list(MODES))
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     parser.add_argument("--client", metavar="URL", help=argparse.SUPPRESS)  # the load-generating process
-    parser.add_argument("--requests", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--unloaded", type=Path, metavar="MODEL", help=argparse.SUPPRESS)
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     if args.client:
         started, cpu = time.perf_counter(), time.process_time()
-        tokens, events = asyncio.run(stream_load(args.client, args.concurrency, args.requests, args.max_tokens))
+        tokens, events = asyncio.run(stream_load(args.client, args.concurrency, json.loads(sys.stdin.read())))
         print(tokens, time.perf_counter() - started, time.process_time() - cpu, events)
         return
     if args.unloaded:
-        print(json.dumps(unloaded_rate(args.unloaded, args.concurrency, args.max_tokens, args.rounds)))
+        print(json.dumps(unloaded_rate(args.unloaded, args.concurrency, json.loads(sys.stdin.read()))))
         return
     from tests.server_fixtures import save_tiny_llama
 
@@ -238,7 +260,7 @@ def main() -> None:
         for _ in range(args.repeat):  # modes interleaved, so that a neighbour's load falls on each alike
             unloaded_runs.append(json.loads(subprocess.run(
                 [sys.executable, "-m", "bench.host_ceiling", "--unloaded", str(model), "--concurrency",
-                 str(args.concurrency), "--max-tokens", str(args.max_tokens), "--rounds", str(args.rounds)],
+                 str(args.concurrency)], input=json.dumps(output_lengths(args, args.concurrency * args.rounds)),
                 cwd=REPO, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]))
             runs.append([measure(model, mode, args, Path(directory)) for mode in args.modes])
     unloaded = {key: statistics.median(run[key] for run in unloaded_runs) for key in unloaded_runs[0]}
@@ -259,11 +281,13 @@ def main() -> None:
         per_process = ", ".join(f"{name} {us:.0f}" for name, us in result["cpu_us_per_token"].items() if us)
         print(f"{result['mode']:>15}: {result['tokens_per_s']:7.0f} tok/s, {result['steps_per_s']:6.1f} steps/s "
               f"of {result['tokens_per_step']:.0f} tokens ({result['steps_per_s'] / unloaded['steps_per_s']:.0%} of "
-              f"unloaded), server CPU "
+              f"unloaded steps/s, {result['tokens_per_s'] / unloaded['tokens_per_s']:.0%} of its tok/s), server CPU "
               f"{result['cpu_us_per_token_total']:.0f} us/token ({per_process}); client "
               f"{result['client_cpu_us_per_token']:.0f}; {result['events_per_stream']:.1f} SSE events per stream")
-    report = {"args": {k: v for k, v in vars(args).items() if k in ("concurrency", "max_tokens", "rounds", "modes",
-                                                                     "repeat")},
+    load = ({"output_lengths": args.output_lengths, "seed": args.seed} if args.output_lengths is not None
+            else {"max_tokens": args.max_tokens})
+    report = {"args": {"concurrency": args.concurrency, **load, "rounds": args.rounds, "modes": args.modes,
+                       "repeat": args.repeat},
               "load_average": os.getloadavg(), "unloaded": unloaded, "unloaded_runs": unloaded_runs, "results": results}
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
