@@ -3,11 +3,13 @@
 vLLM's EngineCore shape: one loop on this process's main thread drains requests and aborts between
 steps, steps, and sends each API process the outputs of its requests as one message, with no event
 loop or per-request task in between (the engine is built on this same thread, so torch keeps one
-OpenMP pool). A structured request is prepared (its grammar compiled in a killable worker) on a side
+OpenMP pool). The core makes no text: its outputs carry token ids, and each API process detokenizes
+its own requests and checks their stop strings (engine/stream_text.py), telling the core which samples
+a stop string ended (FinishSamples), as vLLM's front end does. A structured request is prepared (its grammar compiled in a killable worker) on a side
 thread and joins the running batch when ready, so a slow compile never stalls the steps.
 
 Sockets (bound here, in a directory the launcher made): `requests` (PULL) takes [client name,
-AddRequest | Abort | ClientGone | Shutdown] from every API process and the launcher; `outputs`
+AddRequest | Abort | FinishSamples | ClientGone | Shutdown] from every API process and the launcher; `outputs`
 (ROUTER) greets each API process's Hello with Ready and then sends it its Outputs, refusals and Stats.
 Request ids are the API process's own: the engine sees them prefixed with the client's name, so two API
 processes may use the same id. The core exits when told to, when the engine stops for good (after a
@@ -122,6 +124,8 @@ class EngineCore:
                 elif isinstance(message, wire.Abort):
                     for request_id in message.request_ids:
                         self._abort(engine_id(client, request_id))
+                elif isinstance(message, wire.FinishSamples):
+                    self._finish_samples(client, message)
                 elif isinstance(message, wire.ClientGone):
                     gone = message.client.encode()
                     self.clients.discard(gone)
@@ -159,6 +163,16 @@ class EngineCore:
             except InvalidRequestError as exc:
                 owner = self.owners.pop(key)
                 self._refuse(owner.client, owner.request_id, exc)
+
+    def _finish_samples(self, client: bytes, message: wire.FinishSamples) -> None:
+        """Stop samples a stop string ended in their API process; a request they finish is forgotten (its last
+        output goes nowhere: the API process finished it already)."""
+        for request_id, index, stop in message.samples:
+            key = engine_id(client, request_id)
+            if key in self.preparing:
+                continue  # not admitted yet, so no output of it reached the API process
+            if self.engine.finish_sample(key, index, stop) is not None:
+                self.owners.pop(key, None)
 
     def _abort(self, key: str) -> None:
         """Forget the request and free its blocks now (its client stopped listening)."""
@@ -241,6 +255,7 @@ def run_core(config: EngineConfig, requests_address: str, outputs_address: str) 
         except Exception as exc:  # the API processes report it as their own load error
             answer_hellos(outputs, wire.LoadFailed(str(exc) or type(exc).__name__))
             return 1
+        engine.outputs.detokenize = False  # the API processes make the text (engine/stream_text.py)
         freeze_start_up_heap()
         return EngineCore(engine, requests, outputs).run()
     finally:

@@ -122,15 +122,16 @@ class LLMEngine:
                 grammars = [self.grammars.matcher(params.structured) for _ in range(params.n)]
             except GrammarError as exc:
                 raise InvalidRequestError(f"the output schema cannot be compiled: {exc}", "response_format") from exc
-        stop_token_ids = frozenset(params.stop_token_ids) | frozenset(() if params.ignore_eos
-                                                                      else self.tokenizer.eos_token_ids)
+        stop_token_ids = params.ending_token_ids(self.tokenizer.eos_token_ids)
         seqs: list[Sample] = []
         detoks: list[IncrementalDetokenizer] = []
         for index in range(params.n):
             seed = None if params.seed is None else (params.seed + index) % 2**64  # n > 1: seed, seed+1, ...
             seqs.append(Sample(request_id, index, ids, params, max_tokens, seed, lead=seqs[0] if seqs else None,
                                grammar=grammars[index] if grammars else None, stop_token_ids=stop_token_ids))
-            detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens))
+            if self.outputs.detokenize:
+                detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens,
+                                                     stop_token_ids, params.min_tokens))
         return Request(request_id, ids, params, seqs, detoks, [SampleProgress() for _ in seqs],
                        [None] if params.prompt_logprobs is not None else None)
 
@@ -149,6 +150,22 @@ class LLMEngine:
         if request is None:
             return None
         return self._fail(request, None)
+
+    def finish_sample(self, request_id: str, index: int, stop: str) -> RequestOutput | None:
+        """End a sample on a stop string found outside the engine (its text is made in an API process), as one
+        found here would: it leaves the scheduler and what it computed past the stop is dropped. The request's
+        last output once every sample has finished."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        seq = request.samples[index]
+        if seq.finish_reason is None:
+            seq.finish_reason, seq.stop_reason = "stop", stop
+            self._retire(seq)
+        if not request.finished:
+            return None
+        del self.requests[request_id]
+        return self.outputs.output(request)
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)

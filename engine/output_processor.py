@@ -6,6 +6,10 @@ list append and a few comparisons. Everything that decodes text happens here, af
 forward has been launched (async scheduling), so on a GPU it runs while the device computes. A
 stop string found here finishes the sample (`finish_reason` "stop"); the engine then retires it
 and drops any token it already computed past the stop.
+
+An engine core in its own process turns `detokenize` off: its outputs carry token ids (and logprobs,
+whose token texts are byte lookups) with empty text, and each API process makes the text of its own
+requests (engine/stream_text.py), as vLLM's front end does, so the core's step does none of it.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ from engine.tokenizer import Tokenizer
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, detokenize: bool = True) -> None:
         self.tokenizer = tokenizer
+        self.detokenize = detokenize  # requests prepared from now on get detokenizers (Request.detoks)
 
     def add_tokens(self, requests: dict[str, Request], samples: list[Sample], rows: list[int],
                    result: RunnerOutput) -> tuple[list[Request], list[Sample]]:
@@ -36,14 +41,14 @@ class OutputProcessor:
             p = seq.params
             if p.logprobs is not None:
                 request.progress[seq.index].logprobs.append(self._logprob(token, result, row, p.logprobs))
-            if seq.stopped_by_token():
-                continue  # a stop or EOS token adds no text
+            if not request.detoks:
+                continue  # its text is made in an API process
             detok = request.detoks[seq.index]
-            detok.add(token, check_stop=len(seq.output_token_ids) >= p.min_tokens)
-            if detok.stopped_by is not None and seq.finish_reason in (None, "length"):
+            detok.add(token, len(seq.output_token_ids))
+            if detok.stopped_by is not None:
                 if seq.finish_reason is None:
                     stopped.append(seq)
-                seq.finish_reason, seq.stop_reason = "stop", detok.stopped_by
+                seq.finish_reason, seq.stop_reason = detok.finish(seq.finish_reason, seq.stop_reason)
         return list(touched.values()), stopped
 
     def _logprob(self, token: int, result: RunnerOutput, row: int, top_n: int) -> TokenLogprob:
@@ -58,10 +63,11 @@ class OutputProcessor:
     def output(request: Request) -> RequestOutput:
         """What changed since the request's previous output: new ids, text and logprobs per sample."""
         deltas = []
-        for seq, detok, sample in zip(request.samples, request.detoks, request.progress):
+        detoks = request.detoks
+        for seq, sample in zip(request.samples, request.progress):
             finished = seq.finish_reason is not None
             new_ids = seq.output_token_ids[sample.reported_tokens:]
-            text = detok.take_delta(finished)
+            text = detoks[seq.index].take_delta(finished) if detoks else ""
             if not (new_ids or text or (finished and not sample.reported_finish)):
                 continue
             logprobs = None

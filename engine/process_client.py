@@ -5,8 +5,9 @@ API process's connection to a core, whether it started the core itself (`from_co
 or was handed its address by a launcher (`connect`, `--api-server-count N`). An API process keeps what its
 routes need before the engine does (the tokenizer, the model's metadata, a grammar compiler to refuse
 bad schemas) and sends everything else over ZeroMQ: requests and aborts out, batched outputs, refusals
-and stats back. One daemon thread receives, decodes and hands each batch to the event loop in one
-`call_soon_threadsafe`, and watches the core through a pidfd: if the core dies, every open stream ends
+and stats back. The core's outputs carry token ids: this process makes their text and checks stop
+strings (engine/stream_text.py), so the core's step does no detokenization. One daemon thread
+receives, decodes and hands each batch to the event loop in one `call_soon_threadsafe`, and watches the core through a pidfd: if the core dies, every open stream ends
 with EngineDeadError and `on_fatal` tells the server to exit.
 """
 
@@ -33,6 +34,7 @@ from engine.outputs import RequestOutput
 from engine.reports import EngineDescription, EngineStats
 from engine.request_streams import RequestStreams
 from engine.sampling_params import SamplingParams
+from engine.stream_text import RequestText
 from engine.structured import GrammarCompiler
 from engine.structured.spec import StructuredOutput
 from engine.tokenizer import Tokenizer
@@ -165,7 +167,7 @@ class ProcessEngineClient(RequestStreams):
         ready = connection.wait_ready(core.exit_status if core is not None else lambda: "exited")
         self._description: EngineDescription = ready.description
         self._stats: EngineStats = ready.stats
-        self._prompts: dict[str, list[int]] = {}  # request id -> prompt ids (sent once by the core; wire.Outputs)
+        self._texts: dict[str, RequestText] = {}  # request id -> its detokenizers (and prompt ids, sent once)
         self._grammars: GrammarCompiler | None = None
         self._receiver: threading.Thread | None = None
         self._closing = threading.Event()  # the receiver thread stops
@@ -230,6 +232,7 @@ class ProcessEngineClient(RequestStreams):
                        request_id: str) -> AsyncIterator[RequestOutput]:
         """Stream this request's outputs; leaving the loop early (or being cancelled) aborts it in the core."""
         slot = self._open(request_id)
+        self._texts[request_id] = RequestText(self._tokenizer, params)
         self._send(wire.AddRequest(request_id, prompt, params))
         async for output in self._stream(request_id, slot):
             yield output
@@ -239,7 +242,7 @@ class ProcessEngineClient(RequestStreams):
 
     def _forget(self, request_id: str) -> None:
         super()._forget(request_id)
-        self._prompts.pop(request_id, None)
+        self._texts.pop(request_id, None)
 
     async def shutdown(self) -> None:
         """Stop the core if this client started it (its running requests end with "abort"); open streams here
@@ -294,15 +297,27 @@ class ProcessEngineClient(RequestStreams):
     def _dispatch(self, messages: list[wire.CoreOutput]) -> None:
         for message in messages:
             if isinstance(message, wire.Outputs):
-                for output in message.outputs:
-                    output.prompt_token_ids = self._prompts.setdefault(output.request_id, output.prompt_token_ids)
-                self._deliver(message.outputs)
+                self._deliver(self._with_text(message.outputs))
             elif isinstance(message, wire.Stats):
                 self._stats = message.stats
             elif isinstance(message, wire.RequestFailed):
                 self._fail(message.request_id, InvalidRequestError(message.message, message.param, message.code))
             elif isinstance(message, wire.Fatal) and self.failure is None:
                 self._stopped_for_good(message.reason)
+
+    def _with_text(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        """The outputs of requests still streamed here, with their text; the core stops what a stop string ended."""
+        texted, stopped = [], []
+        for output in outputs:
+            text = self._texts.get(output.request_id)
+            if text is None:
+                continue  # its stream ended (a stop string here, or its client left): the core hears of it
+            for index, stop in text.apply(output):
+                stopped.append((output.request_id, index, stop))
+            texted.append(output)
+        if stopped:
+            self._send(wire.FinishSamples(stopped))
+        return texted
 
     def _core_died(self, status: str) -> None:
         if not self._shutting_down and self.failure is None:

@@ -89,6 +89,11 @@ class SamplingParams:
         if not all(isinstance(s, str) and s for s in self.stop):
             raise InvalidRequestError("stop strings must be non-empty strings", "stop")
 
+    def ending_token_ids(self, eos_token_ids: list[int]) -> frozenset[int]:
+        """The ids that end a sample once min_tokens are out (and add no text): its stop ids, and EOS unless
+        ignored. Read by the engine's token rules and by whichever process detokenizes."""
+        return frozenset(self.stop_token_ids) | frozenset(() if self.ignore_eos else eos_token_ids)
+
     @property
     def greedy(self) -> bool:
         """Temperatures this small divide logits into inf/nan (1e-40 gave empty output, finish "stop"):

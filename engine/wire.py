@@ -27,6 +27,12 @@ class Abort(msgspec.Struct, tag=True):
     request_ids: list[str]
 
 
+class FinishSamples(msgspec.Struct, tag=True):
+    """Samples a stop string ended in the API process (it makes the text): (request id, sample index, the stop)."""
+
+    samples: list[tuple[str, int, str]]
+
+
 class ClientGone(msgspec.Struct, tag=True):
     """From the launcher: an API process died; the core aborts every request it sent."""
 
@@ -37,7 +43,7 @@ class Shutdown(msgspec.Struct, tag=True):
     """Stop stepping (running requests end with finish_reason "abort") and exit."""
 
 
-CoreInput = AddRequest | Abort | ClientGone | Shutdown
+CoreInput = AddRequest | Abort | FinishSamples | ClientGone | Shutdown
 
 
 # --- API server -> core (on the core's outputs socket, once, to be known by name) -----------------------
@@ -58,7 +64,8 @@ class LoadFailed(msgspec.Struct, tag=True):
 
 
 class Outputs(msgspec.Struct, tag=True):
-    """A request's `prompt_token_ids` travel in its first output only (ProcessEngineClient puts them back)."""
+    """Token ids with empty text (the API process detokenizes: engine/stream_text.py); a request's
+    `prompt_token_ids` travel in its first output only (the API process puts them back)."""
 
     outputs: list[RequestOutput]
 

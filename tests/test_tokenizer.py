@@ -133,7 +133,7 @@ def test_detokenizer_never_emits_broken_utf8_and_holds_stops(hf_dir):
     detok = IncrementalDetokenizer(tok, [], ["STOP"])
     shown = []
     for token in ids:
-        detok.add(token)
+        detok.add(token, len(shown) + 1)
         shown.append(detok.take_delta(finished=detok.stopped_by is not None))
         assert "\ufffd" not in shown[-1]
         if detok.stopped_by:
