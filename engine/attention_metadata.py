@@ -34,3 +34,13 @@ class AttentionMetadata:
     @property
     def query_lens(self) -> torch.Tensor:
         return self.query_start_loc[1:] - self.query_start_loc[:-1]
+
+    def without_last(self, num_rows: int) -> AttentionMetadata:
+        """The batch less its last sequence (`num_rows` new tokens): for the layers a split prompt chunk does not
+        run this step (engine/models/decoder.py, `forward_span`)."""
+        num_tokens, num_seqs = self.slot_mapping.shape[0] - num_rows, self.num_seqs - 1
+        last_is_decode = num_rows == 1
+        return AttentionMetadata(self.slot_mapping[:num_tokens], self.block_tables[:num_seqs], self.seq_lens[:num_seqs],
+                                 self.query_start_loc[:num_seqs + 1],
+                                 self.num_prefill_tokens - (0 if last_is_decode else num_rows),
+                                 self.num_decode_tokens - (1 if last_is_decode else 0))

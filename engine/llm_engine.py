@@ -189,7 +189,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         for seq in batch.preempted:  # its blocks are gone: the runner frees its table row until it runs again
             self.messages.preempted(seq)
-        timing = ((self.step_budget, StepWork.of(batch.items), time.perf_counter())
+        timing = ((self.step_budget, StepWork.of(batch.items, batch.layer_share), time.perf_counter())
                   if self.step_budget is not None and batch else None)  # the CPU cost model learns from every step
         launched = self._launch(batch, outputs) if batch else None
         if self.async_scheduling:
@@ -206,6 +206,8 @@ class LLMEngine:
         sample_rows = [i for i, (seq, count) in enumerate(batch.items)  # prompt done (drafts too): sample
                        if seq.num_computed_tokens + count == len(seq.prompt_token_ids) + len(seq.output_token_ids)
                        + seq.num_in_flight + len(seq.spec_token_ids)]  # Sample.num_tokens, inlined: runs per sequence
+        if batch.chunk_pending and sample_rows and sample_rows[-1] == len(batch.items) - 1:
+            sample_rows.pop()  # a split chunk with layers left to run: its last row has no logits yet
         samples = [batch.items[i][0] for i in sample_rows]
         drafts = [seq.spec_token_ids for seq in samples] if self.spec is not None else []
         speculating = any(drafts)
@@ -218,7 +220,7 @@ class LLMEngine:
                                        if speculating else {},
                                        [PromptRowSpan(rows.item, rows.first, rows.count) for rows in prompt_rows],
                                        {seq.seq_id: len(seq.output_token_ids) + seq.num_in_flight for seq in samples
-                                        if seq.params.min_tokens}, self._grammar_bitmask(row_seqs))
+                                        if seq.params.min_tokens}, self._grammar_bitmask(row_seqs), batch.layer_span)
             result = self.executor.execute(step)
             if prompt_rows:
                 self._score_prompts(batch, prompt_rows, result.prompt_logprobs())

@@ -23,6 +23,7 @@ import torch
 from engine.attention_metadata import AttentionMetadata
 from engine.host_device import upload
 from engine.models.base import CausalLM
+from engine.models.decoder import LayerSpan
 from engine.prompt_logprobs import score
 from engine.sampler import SampleResult, Sampler, SamplingRow, skip_seeded_draws
 from engine.spec_decode.verify import accepted_tokens
@@ -70,13 +71,15 @@ class StepInputs:
     metadata: AttentionMetadata
     num_sampled: int
     decode_bucket: int | None = None  # set when the batch is decode-only and padded to this size
+    span: LayerSpan | None = None  # the layers the batch's last sequence, a split prompt chunk, runs this step
+    span_seq_id: int = -1  # ... that sequence, whose state after them the runner keeps
 
 
 class SequenceState:
     """What the runner knows of one sequence, built only from step messages (engine/step_messages.py)."""
 
     __slots__ = ("token_ids", "block_ids", "num_computed_tokens", "row", "sampling_row", "stop_token_ids",
-                 "saved_generator")
+                 "saved_generator", "chunk_state")
 
     def __init__(self, new: NewSequence, row: int, device: torch.device) -> None:
         self.token_ids = list(new.token_ids)  # known ones and those sampled since (a step's once it is read back)
@@ -88,6 +91,8 @@ class SequenceState:
         self.stop_token_ids = tuple(new.stop_token_ids)
         # A seeded row verifying drafts: its generator's state before the draws, and the vocabulary (to rewind it).
         self.saved_generator: tuple[torch.Tensor, int] | None = None
+        # A prompt chunk split across steps: its (hidden, residual) after the layers it has run so far.
+        self.chunk_state: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class StepResult:
@@ -235,7 +240,7 @@ class ModelRunner:
             state = seqs[seq_id]
             if state.row >= 0:
                 rows.give_back(state.row)
-            state.row, state.block_ids = -1, []
+            state.row, state.block_ids, state.chunk_state = -1, [], None
         for seq_id in step.freed_seq_ids:
             freed = seqs.pop(seq_id, None)
             if freed is not None:
@@ -318,7 +323,7 @@ class ModelRunner:
         table = self.rows.table
         b.slot_mapping[1][:num_tokens] = table[token_rows, positions // bs].astype(np.int64) * bs + positions % bs
         b.seq_lens[1][:num_seqs] = begins + counts
-        bucket = None if prompt_rows else self._bucket(count_list, sample_rows)
+        bucket = None if prompt_rows or step.layer_span is not None else self._bucket(count_list, sample_rows)
         rows_out, tokens_out = num_seqs, num_tokens
         if bucket is not None:  # decode-only, padded: extra rows attend to one token in the scratch block
             pad = slice(num_seqs, bucket)
@@ -370,9 +375,21 @@ class ModelRunner:
             input_ids[upload(in_flight_at, torch.long, self.device)] = \
                 last_token_ids[upload([row_of[seq_id] for seq_id in in_flight_seqs], torch.long, self.device)]
         inputs = StepInputs(input_ids, b.upload(b.positions, tokens_out), metadata, num_logits if prompt_rows
-                            else num_sampled, bucket)
+                            else num_sampled, bucket, self._span(step),
+                            step.scheduled_seq_ids[-1] if step.layer_span is not None else -1)
         b.uploads_queued()
         return inputs
+
+    def _span(self, step: SchedulerOutput) -> LayerSpan | None:
+        """The step's part of a split prompt chunk (its last sequence), entering with the state its last step left."""
+        if step.layer_span is None:
+            return None
+        start, end = step.layer_span
+        state = self.seqs[step.scheduled_seq_ids[-1]]
+        if start > 0 and state.chunk_state is None:
+            raise RuntimeError(f"sequence {step.scheduled_seq_ids[-1]} continues a split chunk at layer {start} "
+                               "without the state of its earlier layers")
+        return LayerSpan(start, end, step.num_scheduled_tokens[-1], state.chunk_state if start > 0 else None)
 
     @torch.no_grad()  # not inference_mode: the sampler edits the logits in place
     def sample(self, step: SchedulerOutput, logits: torch.Tensor) -> StepResult:
@@ -466,7 +483,11 @@ class ModelRunner:
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         """This process's forward of prepared inputs (a captured graph's replay where one fits); the sampled rows'
         logits (float32), then any scored prompt rows'."""
-        if self.graphs is not None and inputs.decode_bucket in self.graphs.logits:
+        if inputs.span is not None:
+            logits, chunk_state = self.model.forward_span(inputs.input_ids, inputs.positions, inputs.metadata,
+                                                          inputs.span)
+            self.seqs[inputs.span_seq_id].chunk_state = chunk_state
+        elif self.graphs is not None and inputs.decode_bucket in self.graphs.logits:
             logits = self.graphs.replay(inputs.decode_bucket)
         else:
             logits = self.model.forward(inputs.input_ids, inputs.positions, inputs.metadata)

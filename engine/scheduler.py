@@ -17,7 +17,14 @@ drafts never cause a preemption; the step computes them all and `rollback` forge
 
 On CPU the step's budget also follows latency (`step_budget`): beside running decodes, prompt chunks
 are cut to what the step cost model (engine/step_budget.py) predicts keeps the step within a small
-multiple of the decodes' step alone at the chunk's context.
+multiple of the decodes' step alone at the chunk's context. Where even a small chunk would not fit (a
+long prompt's later chunks reread all its context), the chunk is split by layers (`SplitChunk`): the
+following steps each run the decodes and the chunk's next group of layers (the runner keeps its hidden
+state in between), and its tokens count as computed, are published to the prefix cache and sample
+only after its last layer. Meanwhile no other prompt is scheduled; a preempted or finished sequence
+drops its chunk, which starts over from its first layer when it runs again. Only the CPU budget splits
+(one process: the tensor-parallel executor runs whole forwards), and drafts never come from a sequence
+with a chunk in flight (its prompt is not done).
 """
 
 from __future__ import annotations
@@ -49,6 +56,9 @@ class ScheduledBatch:
 
     items: list[tuple[Sample, int]] = field(default_factory=list)
     preempted: list[Sample] = field(default_factory=list)  # sent back to the waiting queue by this step
+    layer_span: tuple[int, int] | None = None  # the last item, a split chunk, runs only these layers this step
+    chunk_pending: bool = False  # ... and has layers left: its tokens are not computed after this step
+    layer_share: float = 1.0  # the share of the model's layers the step's prompt chunk runs
 
     @property
     def num_preempted(self) -> int:
@@ -62,6 +72,28 @@ class ScheduledBatch:
         return bool(self.items)
 
 
+@dataclass
+class SplitChunk:
+    """A prompt chunk run `layers_per_step` of the model's layers per step beside running decodes."""
+
+    seq: Sample
+    count: int
+    layers_per_step: int
+    num_layers: int
+    layers_done: int = 0
+
+    def next_span(self, beside_decodes: bool) -> tuple[int, int]:
+        """The layers of its next step: one group, or all that are left once no decode waits on it."""
+        end = self.layers_done + self.layers_per_step if beside_decodes else self.num_layers
+        return self.layers_done, min(end, self.num_layers)
+
+
+def splittable(seq: Sample) -> bool:
+    """Whether a chunk of `seq` may run its layers over several steps: not when its rows are scored (prompt logprobs
+    read every row's logits at the step that computes it)."""
+    return seq.params.prompt_logprobs is None
+
+
 class Scheduler:
     def __init__(self, pool: BlockPool, max_num_seqs: int, max_num_batched_tokens: int,
                  enable_chunked_prefill: bool = True) -> None:
@@ -71,6 +103,7 @@ class Scheduler:
         self.enable_chunked_prefill = enable_chunked_prefill
         # Caps prompt tokens beside running decodes by predicted step time (engine/step_budget.py); None = no cap.
         self.latency_budget: StepBudget | None = None
+        self.split: SplitChunk | None = None  # a prompt chunk part-way through its layers
         self.waiting: deque[Sample] = deque()
         self.running: list[Sample] = []  # oldest first
         self.num_preemptions = 0
@@ -99,24 +132,52 @@ class Scheduler:
             return self.max_num_batched_tokens
         decode_tokens = sum(count for _, count in decodes)
         spare = self.max_num_batched_tokens - decode_tokens
-        return decode_tokens + self.latency_budget.prefill_tokens(StepWork.of(decodes), self._next_prompt_context(), spare)
+        prompt, work = self._next_prompt(), StepWork.of(decodes)
+        if prompt is None:
+            return decode_tokens + self.latency_budget.prefill_tokens(work, 0, spare)
+        if splittable(prompt):
+            return decode_tokens + self.latency_budget.plan(work, prompt.num_computed_tokens,
+                                                            min(spare, prompt.num_remaining))
+        return decode_tokens + self.latency_budget.prefill_tokens(work, prompt.num_computed_tokens, spare)
 
-    def _next_prompt_context(self) -> int:
-        """Tokens already computed for the prompt the step's chunk comes from: a running prefill's, else the queue head's."""
+    def _next_prompt(self) -> Sample | None:
+        """The prompt the step's chunk comes from: a running prefill, else the queue head."""
         for seq in self.running:
             if seq.num_remaining > 1:
-                return seq.num_computed_tokens
-        return self.waiting[0].num_computed_tokens if self.waiting else 0
+                return seq
+        return self.waiting[0] if self.waiting else None
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
+        if self.split is not None:
+            self._continue_split(batch, self.split)
+            return batch
         # Decodes first, then prefill chunks of already running sequences (`running` is in arrival order).
         remaining = [(seq, seq.num_remaining) for seq in self.running]
         decodes = [item for item in remaining if item[1] <= 1]
-        order = decodes + [item for item in remaining if item[1] > 1]
-        step_budget = budget = self.step_budget(decodes)
+        step_budget = self.step_budget(decodes)
+        self._schedule_running(batch, decodes + [item for item in remaining if item[1] > 1], step_budget)
+        budget = step_budget - batch.num_tokens
+        if batch.num_preempted == 0:
+            while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+                seq = self.waiting[0]
+                if seq.num_in_flight or not self._admit(seq, budget):  # preempted with a token still in flight
+                    break
+                self.waiting.popleft()
+                seq.status = SampleStatus.RUNNING
+                self.running.append(seq)
+                self.running.sort(key=lambda s: s.arrival)
+                count = min(seq.num_remaining, budget)
+                batch.items.append((seq, count))
+                budget -= count
+        self._maybe_split(batch)
+        return batch
+
+    def _schedule_running(self, batch: ScheduledBatch, order: list[tuple[Sample, int]], budget: int) -> None:
+        """Add running sequences' `(sequence, tokens wanted)` in `order` while `budget` lasts, growing their blocks
+        and preempting the newest running sequence when blocks run out."""
         size = self.pool.block_size
-        decodes_after = len(decodes)
+        decodes_after = sum(1 for _, count in order if count <= 1)
         for seq, count in order:
             if budget == 0:
                 break
@@ -145,25 +206,45 @@ class Scheduler:
             if seq.status is SampleStatus.RUNNING:
                 batch.items.append((seq, count))
                 budget -= count
-        budget = step_budget - batch.num_tokens
-        if batch.num_preempted == 0:
-            while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-                seq = self.waiting[0]
-                if seq.num_in_flight or not self._admit(seq, budget):  # preempted with a token still in flight
-                    break
-                self.waiting.popleft()
-                seq.status = SampleStatus.RUNNING
-                self.running.append(seq)
-                self.running.sort(key=lambda s: s.arrival)
-                count = min(seq.num_remaining, budget)
-                batch.items.append((seq, count))
-                budget -= count
-        return batch
+
+    def _maybe_split(self, batch: ScheduledBatch) -> None:
+        """Split the step's one prompt chunk by layers where the budget says a whole one beside the step's decodes
+        would hold them too long (engine/step_budget.py, `layers_per_step`)."""
+        budget = self.latency_budget
+        if budget is None or budget.num_layers == 1 or len(batch.items) < 2:
+            return
+        seq, count = batch.items[-1]
+        decodes = batch.items[:-1]
+        if seq.num_remaining <= 1 or any(s.num_remaining > 1 for s, _ in decodes) or not splittable(seq):
+            return  # no prompt chunk, or more than one, or one whose every row is scored
+        per_step = budget.layers_per_step(StepWork.of(decodes), seq.num_computed_tokens, count)
+        if per_step < budget.num_layers:
+            self.split = SplitChunk(seq, count, per_step, budget.num_layers)
+            self._mark_span(batch, self.split, beside_decodes=True)
+
+    def _continue_split(self, batch: ScheduledBatch, split: SplitChunk) -> None:
+        """The decodes, then the split chunk's next group of layers (no other prompt meanwhile)."""
+        decodes = [(seq, seq.num_remaining) for seq in self.running if seq.num_remaining <= 1]
+        self._schedule_running(batch, decodes, self.max_num_batched_tokens - split.count)
+        if self.split is split:  # not preempted for the decodes' blocks
+            beside_decodes = bool(batch.items)
+            batch.items.append((split.seq, split.count))
+            self._mark_span(batch, split, beside_decodes)
+
+    @staticmethod
+    def _mark_span(batch: ScheduledBatch, split: SplitChunk, beside_decodes: bool) -> None:
+        start, end = split.next_span(beside_decodes)
+        batch.layer_span, batch.chunk_pending = (start, end), end < split.num_layers
+        batch.layer_share = (end - start) / split.num_layers
 
     def after_step(self, batch: ScheduledBatch) -> None:
         """Advance computed counts and publish newly full blocks to the prefix cache."""
         caching, size = self.pool.enable_prefix_caching, self.pool.block_size
-        for seq, count in batch.items:
+        if batch.layer_span is not None and self.split is not None:
+            self.split.layers_done = batch.layer_span[1]
+            if not batch.chunk_pending:
+                self.split = None
+        for seq, count in batch.items[:-1] if batch.chunk_pending else batch.items:
             seq.num_computed_tokens += count
             if not seq.prompt_done:
                 seq.prompt_done = seq.num_computed_tokens >= len(seq.prompt_token_ids)
@@ -235,6 +316,8 @@ class Scheduler:
         self.num_preemptions += 1
 
     def _release(self, seq: Sample) -> None:
+        if self.split is not None and self.split.seq is seq:
+            self.split = None  # its computed layers are dropped with its blocks; the runner drops their state
         if seq.block_ids:
             self.pool.free(seq.block_ids)
         seq.block_ids = []

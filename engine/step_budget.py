@@ -15,27 +15,30 @@ and steps with some fit what they took beyond that prediction as
 
 (`a`: what any chunk adds, such as matmuls over a few rows instead of one; `prompt_context`: the
 tokens computed before each chunk, whose keys and values its attention reads once; `*_pairs`: the
-query-key pairs attention scores). Two fits, not one: during a long prefill every step has a chunk, and
+query-key pairs attention scores; a step that runs a share of a split chunk's layers counts its extra
+divided by that share, a whole chunk's worth). Two fits, not one: during a long prefill every step has a chunk, and
 the stream's growing context would be indistinguishable from the chunk's. Each fit is least squares
 over its steps, older steps weighing exponentially less (the models follow the load and torch's thread
 count), with a weak pull toward a seed timed at start-up and no coefficient below zero (a cost cannot be
 negative; the features are correlated and would otherwise trade signs).
 
-Beside running decodes a step gets the most prompt tokens whose predicted extra stays within
-(STALL_RATIO - 1) x the decodes' predicted step alone: the streams' inter-token time grows by at most
-STALL_RATIO while a long prompt prefills. That alone would starve the prompt at long context, where a
-chunk's fixed cost (reading the context, the few-row matmuls) nears the allowance and leaves room for
-a token or two (an 8k prompt's first token took 363 s against 27.5 s with whole chunks): a step that
-pays the fixed cost also gets the tokens that cost as much (TOKEN_SHARE of the chunk's time goes to its
-tokens), even past the allowance. On a 2-core CPU at 8k context the fixed cost alone is ~5x a stream's
-step, so no chunk keeps the stream within the allowance there; this keeps the prompt's first token
-within ~2x of whole chunks instead, and the streams' steps there near 1 + 2 x 5 times their own
-(bench/cpu_head_of_line.py measures both).
+Beside running decodes a step may add at most (STALL_RATIO - 1) x the decodes' predicted step alone:
+the streams' inter-token time grows by at most STALL_RATIO while a long prompt prefills. Where a whole
+chunk fits, the step gets the most prompt tokens within that. At long context a chunk's fixed cost
+(reading the context, the few-row matmuls) alone passes it: on a 2-core CPU at 8k context ~7x a
+stream's step. There the chunk is split by layers (`plan`): each step runs the decodes' whole forward
+and the next group of the chunk's layers, so a step pays only that group's share of the chunk, and the
+chunk's size and group are chosen for the most prompt tokens per step within the allowance (several
+steps per chunk, the fixed cost paid once). A prompt that cannot be split (prompt logprobs score every
+row at the last layer) runs whole chunks, which at least get the tokens that cost as much as the fixed
+part (TOKEN_SHARE of the chunk's time goes to its tokens), even past the allowance, so it is not starved.
+bench/cpu_head_of_line.py measures both sides.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -46,7 +49,7 @@ from engine.request import Sample
 
 log = logging.getLogger(__name__)
 
-STALL_RATIO = 2.5  # a step with prompt tokens takes at most about this many times the streams' step alone
+STALL_RATIO = 2.0  # a step with prompt tokens takes at most about this many times the streams' step alone
 TOKEN_SHARE = 0.5  # ... or longer, so that at least this share of the chunk's time computes its tokens
 MIN_PREFILL_TOKENS = 1  # a long prompt advances even when nothing fits the target
 PROBE_PROMPT_TOKENS = 256
@@ -74,13 +77,14 @@ class StepWork:
     prompt_tokens: int = 0
     prompt_context: int = 0
     prompt_pairs: int = 0
+    layer_share: float = 1.0  # the share of the model's layers the prompt chunk runs this step (split chunks)
 
     @classmethod
-    def of(cls, items: Iterable[tuple[Sample, int]]) -> "StepWork":
+    def of(cls, items: Iterable[tuple[Sample, int]], layer_share: float = 1.0) -> "StepWork":
         """The work of `(sequence, new tokens)` items before the step advances their computed counts."""
         rows = decode_pairs = chunks = tokens = context = prompt_pairs = 0
         for seq, count in items:
-            if seq.prompt_done:
+            if seq.num_remaining <= 1:  # a decode (with any drafts), or a prompt's last token
                 rows += count
                 decode_pairs += _pairs(seq.num_computed_tokens, count)
             else:
@@ -88,20 +92,21 @@ class StepWork:
                 tokens += count
                 context += seq.num_computed_tokens
                 prompt_pairs += _pairs(seq.num_computed_tokens, count)
-        return cls(rows, decode_pairs, chunks, tokens, context, prompt_pairs)
+        return cls(rows, decode_pairs, chunks, tokens, context, prompt_pairs, layer_share)
 
     def with_chunk(self, context: int, count: int) -> "StepWork":
         """This work plus `count` prompt tokens after `context` computed ones."""
         if count <= 0:
             return self
         return StepWork(self.decode_rows, self.decode_pairs, self.prompt_chunks + 1, self.prompt_tokens + count,
-                        self.prompt_context + context, self.prompt_pairs + _pairs(context, count))
+                        self.prompt_context + context, self.prompt_pairs + _pairs(context, count), self.layer_share)
 
     def alone_features(self) -> np.ndarray:
         scaled: np.ndarray = np.array([1.0, self.decode_rows, self.decode_pairs]) / ALONE_SCALE  # stubs: Any
         return scaled
 
     def chunk_features(self) -> np.ndarray:
+        """Of the whole chunk, all its layers (a split step's extra is `layer_share` of what they predict)."""
         scaled: np.ndarray = np.array([min(self.prompt_chunks, 1), self.prompt_tokens, self.prompt_context,
                                        self.prompt_pairs]) / CHUNK_SCALE  # numpy's stubs type the division as Any
         return scaled
@@ -160,8 +165,9 @@ class NonNegativeFit:
 class StepBudget:
     """The step cost models and the prompt tokens they allow beside running streams."""
 
-    def __init__(self, decode_ms: float, token_ms: float) -> None:
+    def __init__(self, decode_ms: float, token_ms: float, num_layers: int = 1) -> None:
         self.decode_ms, self.token_ms = decode_ms, token_ms  # the start-up measurement
+        self.num_layers = num_layers  # a chunk may be split into groups of the model's layers (1: never)
         self.alone = NonNegativeFit(np.array([0.0, decode_ms, 0.0]) * ALONE_SCALE)  # ms per scaled feature
         self.chunk = NonNegativeFit(np.array([0.0, token_ms, 0.0, 0.0]) * CHUNK_SCALE)
         self.steps_observed = 0
@@ -173,7 +179,7 @@ class StepBudget:
 
     def extra_ms(self, work: StepWork) -> float:
         """Predicted milliseconds the step's prompt work adds."""
-        return self.chunk.predict(work.chunk_features()) if work.prompt_chunks else 0.0
+        return work.layer_share * self.chunk.predict(work.chunk_features()) if work.prompt_chunks else 0.0
 
     def step_ms(self, work: StepWork) -> float:
         return self.alone_ms(work) + self.extra_ms(work)
@@ -183,26 +189,63 @@ class StepBudget:
         some refits what its chunk added."""
         ms = min(seconds * 1e3, OUTLIER_RATIO * max(self.step_ms(work), 1e-3))
         self.steps_observed += 1
-        if work.prompt_chunks:
-            self.chunk.observe(work.chunk_features(), ms - self.alone_ms(work))
+        if work.prompt_chunks:  # a split step counts as a whole chunk's worth: its extra over its share of the layers
+            self.chunk.observe(work.chunk_features(), (ms - self.alone_ms(work)) / work.layer_share)
         else:
             self.alone.observe(work.alone_features(), ms)
 
     def prefill_tokens(self, decodes: StepWork, context: int, limit: int) -> int:
-        """The most prompt tokens (after `context` computed ones, at most `limit`) a step beside `decodes` may
+        """The most prompt tokens (after `context` computed ones, at most `limit`) a whole chunk beside `decodes` may
         compute: predicted within STALL_RATIO x the decodes' step alone, or at least the tokens that take
         TOKEN_SHARE of the chunk's time beside its fixed cost (what a chunk at this context costs at all)."""
-        a, b, k, c = self.chunk.theta / CHUNK_SCALE
-        fixed = a + k * context
-        allowed = max((STALL_RATIO - 1) * self.alone_ms(decodes), fixed / (1 - TOKEN_SHARE))
-        # extra(n) = fixed + b n + c (n context + n (n + 1) / 2): the largest n with extra(n) <= allowed
-        linear, spare = b + c * (context + 0.5), allowed - fixed
+        fixed = self._fixed_ms(context)
+        allowed = max(self._allowed_ms(decodes), fixed / (1 - TOKEN_SHARE))
+        return self._record(self._tokens_within(allowed, context, limit), limit)
+
+    def plan(self, decodes: StepWork, context: int, limit: int) -> int:
+        """The prompt tokens of a chunk beside `decodes` that may be split by layers (`layers_per_step` says how):
+        the size whose groups each fit the allowance and bring the most prompt tokens per step (ties: fewer
+        steps). Where even one layer at a time passes it, the tokens that take TOKEN_SHARE of the chunk's time."""
+        allowed, layers = self._allowed_ms(decodes), self.num_layers
+        best, best_rate = 0, 0.0
+        for per_step in range(layers, 0, -1):
+            count = self._tokens_within(allowed * layers / per_step, context, limit)
+            rate = count / math.ceil(layers / per_step)
+            if rate > best_rate:
+                best, best_rate = count, rate
+        floor = self._tokens_within(self._fixed_ms(context) / (1 - TOKEN_SHARE), context, limit)
+        return self._record(max(best, floor), limit)
+
+    def layers_per_step(self, decodes: StepWork, context: int, count: int) -> int:
+        """How many of the model's layers a chunk of `count` prompt tokens after `context` runs per step beside
+        `decodes` (`num_layers`: it runs whole): the most whose share of the chunk fits the allowance, at least one."""
+        chunk_ms = self.extra_ms(StepWork().with_chunk(context, count))
+        if chunk_ms <= self._allowed_ms(decodes):
+            return self.num_layers
+        return max(1, min(self.num_layers, int(self._allowed_ms(decodes) * self.num_layers / chunk_ms)))
+
+    def _allowed_ms(self, decodes: StepWork) -> float:
+        return (STALL_RATIO - 1) * self.alone_ms(decodes)
+
+    def _fixed_ms(self, context: int) -> float:
+        """What any chunk after `context` computed tokens adds before its first token (the context's reread)."""
+        a, _, k, _ = self.chunk.theta / CHUNK_SCALE
+        return float(a + k * context)
+
+    def _tokens_within(self, allowed: float, context: int, limit: int) -> int:
+        """The most tokens (at most `limit`) of a whole chunk after `context` whose predicted extra is <= `allowed`:
+        extra(n) = fixed + b n + c (n context + n (n + 1) / 2)."""
+        _, b, _, c = self.chunk.theta / CHUNK_SCALE
+        linear, spare = b + c * (context + 0.5), allowed - self._fixed_ms(context)
         if spare < 0:
             count = 0
         elif c > 0:
             count = int((-linear + np.sqrt(linear * linear + 2 * c * spare)) / c)
         else:
             count = int(spare / linear) if linear > 0 else max(limit, 0)
+        return min(count, max(limit, 0))
+
+    def _record(self, count: int, limit: int) -> int:
         self.last_prefill_tokens = min(max(count, MIN_PREFILL_TOKENS), max(limit, 0))
         return self.last_prefill_tokens
 
@@ -212,8 +255,8 @@ class StepBudget:
         return (f"step budget: streams alone {q0:.1f} ms + {q1:.1f} ms per decode row (start-up {self.decode_ms:.1f}) "
                 f"+ {q2 * 1e3:.3f} ms per 1k decode context; a prompt chunk adds {a:.1f} ms + {b:.3f} ms/token "
                 f"(start-up {self.token_ms:.3f}) + {k * 1e3:.3f} ms per 1k context + {c * 1e3:.4f} ms per 1k attention "
-                f"pairs; prompt tokens beside running streams keep a step within {STALL_RATIO:g}x their step alone "
-                f"(or longer where {TOKEN_SHARE:.0%} of a chunk's time then computes its tokens)")
+                f"pairs; prompt tokens beside running streams keep a step within {STALL_RATIO:g}x their step alone, "
+                f"a chunk split into groups of its {self.num_layers} layers where a whole one would not fit")
 
 
 def measure(runner: ModelRunner, max_tokens: int) -> StepBudget:
@@ -221,6 +264,6 @@ def measure(runner: ModelRunner, max_tokens: int) -> StepBudget:
     prompt = max(2, min(PROBE_PROMPT_TOKENS, max_tokens, runner.max_blocks * runner.block_size))
     decode_ms = runner.best_forward_ms(1, 1, PROBE_REPEATS)
     token_ms = max(runner.best_forward_ms(1, prompt, PROBE_REPEATS) - decode_ms, 1e-6) / (prompt - 1)
-    budget = StepBudget(decode_ms, token_ms)
+    budget = StepBudget(decode_ms, token_ms, runner.model.num_layers)
     log.info(budget.describe())
     return budget

@@ -7,7 +7,8 @@ No token ids: the runner appends the ids it samples itself (with drafts, the acc
 one after them, as the engine does), as vLLM v1's runner does. The runner keeps its own per-sequence
 state from these messages (engine/model_runner.py) and never reads the engine's `Sample`. Finished sequences are named in `freed_seq_ids` (the runner forgets them),
 preempted ones in `preempted_seq_ids` (the runner gives their block-table row back but keeps their
-tokens and sampling state: a seeded generator or penalty counts go on where they were). The runner
+tokens and sampling state: a seeded generator or penalty counts go on where they were, and drops the hidden
+state of a prompt chunk split across steps, `layer_span`, which starts over when the sequence returns). The runner
 samples each step and answers with a `RunnerOutput`. `StepMessages` is the engine's side: what the
 runner has been told.
 
@@ -63,6 +64,9 @@ class SchedulerOutput(msgspec.Struct, array_like=True, gc=False):
     preempted_seq_ids: list[int] = []  # their blocks are gone: the runner frees their table rows until they return
     num_generated: dict[int, int] = {}  # sampled sequences with min_tokens: tokens out so far (in flight too)
     grammar_bitmask: bytes | None = None  # int32 [sampler rows, ceil(vocab / 32)], xgrammar's layout; None: free
+    # A prompt chunk split across steps: the batch's last sequence runs only layers [start, end) this step, and its
+    # tokens count as computed once the last layer ran (the runner keeps its hidden state until the next step).
+    layer_span: tuple[int, int] | None = None
 
 
 class PromptScores(msgspec.Struct, array_like=True, gc=False):
@@ -105,7 +109,7 @@ class StepMessages:
 
     def build(self, items: list[tuple[Sample, int]], sample_items: list[int], spec_token_ids: dict[int, list[int]],
               prompt_rows: list[PromptRowSpan], num_generated: dict[int, int],
-              grammar_bitmask: bytes | None) -> SchedulerOutput:
+              grammar_bitmask: bytes | None, layer_span: tuple[int, int] | None = None) -> SchedulerOutput:
         new: list[NewSequence] = []
         ids: list[int] = []
         firsts: list[int] = []
@@ -143,7 +147,7 @@ class StepMessages:
         preempted, self._preempted = self._preempted, []
         return SchedulerOutput(new, CachedSequences(ids, firsts, blocks, computed), scheduled, counts,
                                sample_items, spec_token_ids, prompt_rows, freed, preempted, num_generated,
-                               grammar_bitmask)
+                               grammar_bitmask, layer_span)
 
 
 _NONE: list[int] = []  # shared by every entry with nothing new (read only: the runner extends its own lists by it)

@@ -60,13 +60,13 @@ def save_tokenizer(directory: Path, vocab_size: int = 320) -> int:
     return tokenizer.get_vocab_size()
 
 
-def save_tiny_llama(directory: Path, max_position_embeddings: int = 256) -> Path:
-    """A 2-layer random Llama (weights scaled so greedy decoding varies) with the tokenizer beside it."""
+def save_tiny_llama(directory: Path, max_position_embeddings: int = 256, num_layers: int = 2) -> Path:
+    """A random Llama (2 layers unless said; weights scaled so greedy decoding varies) with the tokenizer beside it."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     directory.mkdir(parents=True, exist_ok=True)
     vocab = save_tokenizer(directory)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
                          bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
     torch.manual_seed(1234)

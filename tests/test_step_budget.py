@@ -5,6 +5,8 @@ explicit --max-num-batched-tokens (or no running stream) leaves the whole budget
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 
 import numpy as np
@@ -16,7 +18,7 @@ from engine.config import EngineConfig
 from engine.kv_cache import BlockPool
 from engine.request import Sample
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import ScheduledBatch, Scheduler
 from engine.step_budget import (MIN_PREFILL_TOKENS, PRIOR_WEIGHT, STALL_RATIO, TOKEN_SHARE, NonNegativeFit,
                                 StepBudget, StepWork)
 from tests.engine_testing import make_engine, run_to_completion
@@ -24,30 +26,37 @@ from tests.fake_model import FakeModel, IdTokenizer
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
 ROW_MS = 10.0
+LAYERS = 30
 STREAM = StepWork(decode_rows=1, decode_pairs=100)  # one stream at 100 tokens of context
 
 
 def true_ms(work: StepWork) -> float:
     """A made-up machine: 1 ms a step, 10 ms a decode row, 1 ms per 1k decode context read; a prompt chunk
-    3 ms, 0.5 ms a token, 3 ms per 1k context read and 0.5 ms per 1k attention pairs."""
-    return (1.0 + ROW_MS * work.decode_rows + 1e-3 * work.decode_pairs + 3.0 * min(work.prompt_chunks, 1)
-            + 0.5 * work.prompt_tokens + 3e-3 * work.prompt_context + 0.5e-3 * work.prompt_pairs)
+    3 ms, 0.5 ms a token, 3 ms per 1k context read and 0.5 ms per 1k attention pairs (its layer share of that
+    when split by layers)."""
+    return (1.0 + ROW_MS * work.decode_rows + 1e-3 * work.decode_pairs + work.layer_share * (
+        3.0 * min(work.prompt_chunks, 1) + 0.5 * work.prompt_tokens + 3e-3 * work.prompt_context
+        + 0.5e-3 * work.prompt_pairs))
 
 
-def random_work(rng: np.random.Generator) -> StepWork:
+def random_work(rng: np.random.Generator, split_share: float = 0.0) -> StepWork:
+    """A step of decodes with, mostly, a prompt chunk (split by layers with probability `split_share`)."""
     rows = int(rng.integers(1, 5))
     decodes = StepWork(rows, rows * int(rng.integers(0, 3000)))
     if rng.random() < 0.2:
         return decodes
-    return decodes.with_chunk(int(rng.integers(0, 8000)), int(rng.integers(1, 64)))
+    work = decodes.with_chunk(int(rng.integers(0, 8000)), int(rng.integers(1, 64)))
+    if rng.random() < split_share:
+        return dataclasses.replace(work, layer_share=int(rng.integers(1, LAYERS)) / LAYERS)
+    return work
 
 
-def trained_budget(steps: int = 300, seed: int = 0) -> StepBudget:
+def trained_budget(steps: int = 300, seed: int = 0, num_layers: int = 1, split_share: float = 0.0) -> StepBudget:
     """A budget seeded wrong (1 ms/token, nothing for context) that then watched decode and chunk steps."""
     rng = np.random.default_rng(seed)
-    budget = StepBudget(decode_ms=ROW_MS, token_ms=1.0)
+    budget = StepBudget(decode_ms=ROW_MS, token_ms=1.0, num_layers=num_layers)
     for _ in range(steps):
-        work = random_work(rng)
+        work = random_work(rng, split_share)
         budget.observe(work, true_ms(work) * rng.uniform(0.95, 1.05) / 1e3)
     return budget
 
@@ -84,12 +93,12 @@ def test_the_fit_keeps_every_coefficient_non_negative_and_is_least_squares_among
         assert objective(fit.theta) <= objective(np.maximum(fit.theta + rng.normal(0, 0.05, 4), 0)) + 1e-9
 
 
-def test_prompt_tokens_shrink_with_context_keep_the_step_within_the_target_and_keep_a_share_of_it():
+def test_whole_chunks_shrink_with_context_keep_the_step_within_the_target_and_keep_a_share_of_it():
     budget = trained_budget()
     alone = true_ms(STREAM)
     contexts = (0, 500, 2000, 4000, 8000)
     chosen = [budget.prefill_tokens(STREAM, context, 2048) for context in contexts]
-    assert chosen[0] > chosen[1] > chosen[2] and chosen[0] > 4 * chosen[-1]  # until the fixed cost binds
+    assert chosen[0] > chosen[1] > chosen[2] and chosen[0] > 2 * chosen[-1]  # until the fixed cost binds
     for context, count in zip(contexts, chosen):
         step = true_ms(STREAM.with_chunk(context, count))
         fixed = true_ms(StepWork(prompt_chunks=1, prompt_context=context)) - true_ms(StepWork())
@@ -103,6 +112,41 @@ def test_prompt_tokens_shrink_with_context_keep_the_step_within_the_target_and_k
     assert budget.prefill_tokens(STREAM, 0, 5) == 5  # never past the step's spare tokens
     budget.chunk.theta = budget.chunk.theta * np.array([1, 1, 1, 1e4])  # attention made ruinous: a prompt still advances
     assert budget.prefill_tokens(STREAM, 10**6, 2048) == MIN_PREFILL_TOKENS == budget.last_prefill_tokens
+
+
+def test_split_steps_teach_the_cost_of_a_whole_chunk():
+    budget = trained_budget(num_layers=LAYERS, split_share=0.9)
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        work = random_work(rng)
+        assert budget.step_ms(work) == pytest.approx(true_ms(work), rel=0.1)
+        split = dataclasses.replace(work, layer_share=0.1)
+        assert budget.step_ms(split) == pytest.approx(true_ms(split), rel=0.1)
+
+
+def test_where_a_whole_chunk_holds_the_stream_too_long_it_is_split_by_layers_for_the_most_tokens_per_step():
+    """Each step runs one group of the chunk's layers beside the stream: within the target, and about as many prompt
+    tokens per step as the best (chunk size, layers per step) on the true costs; at 8k context one whole chunk
+    would pass the target whatever its size."""
+    budget = trained_budget(num_layers=LAYERS, split_share=0.5)
+    alone = true_ms(STREAM)
+
+    def step_ms(context: int, count: int, per_step: int) -> float:
+        return true_ms(dataclasses.replace(STREAM.with_chunk(context, count), layer_share=per_step / LAYERS))
+
+    for context in (0, 2000, 8000):
+        count = budget.plan(STREAM, context, 2048)
+        per_step = budget.layers_per_step(STREAM, context, count)
+        assert step_ms(context, count, per_step) <= 1.1 * STALL_RATIO * alone
+        best = max(n / math.ceil(LAYERS / g) for g in range(1, LAYERS + 1) for n in range(1, 400)
+                   if step_ms(context, n, g) <= STALL_RATIO * alone)
+        assert count / math.ceil(LAYERS / per_step) >= 0.85 * best
+    assert step_ms(8000, 1, LAYERS) > STALL_RATIO * alone and per_step < LAYERS
+    assert budget.plan(STREAM, 8000, 5) == 5  # never past the step's spare tokens (or the prompt's)
+    assert budget.layers_per_step(STREAM, 0, 1) == LAYERS  # a chunk that fits runs whole
+    budget.chunk.theta = budget.chunk.theta * np.array([1, 1, 1, 1e4])  # attention made ruinous: a prompt still advances
+    assert budget.plan(STREAM, 10**6, 2048) == MIN_PREFILL_TOKENS
+    assert budget.layers_per_step(STREAM, 10**6, MIN_PREFILL_TOKENS) == 1
 
 
 def test_the_streams_own_context_raises_their_allowance_instead_of_starving_the_prompt():
@@ -147,6 +191,38 @@ def test_the_scheduler_cuts_chunks_at_the_running_prompts_context():
     assert scheduler.step_budget([(stream, 1)]) == 2048
 
 
+def test_the_scheduler_runs_a_split_chunk_a_group_of_layers_a_step_and_drops_it_with_its_sequence():
+    scheduler = Scheduler(BlockPool(800, 16, False), max_num_seqs=8, max_num_batched_tokens=2048)
+    scheduler.latency_budget = budget = trained_budget(num_layers=4)
+    budget.plan = lambda decodes, context, limit: min(40, limit)  # type: ignore[method-assign]
+    budget.layers_per_step = lambda decodes, context, count: 3 if context else 4  # type: ignore[method-assign]
+    stream, long = sample("stream", 3, max_tokens=10_000), sample("long", 200)
+    scheduler.add(stream)
+    scheduler.after_step(scheduler.schedule())
+    stream.output_token_ids.append(5)
+    scheduler.add(long)
+
+    def step() -> ScheduledBatch:
+        batch = scheduler.schedule()
+        scheduler.after_step(batch)
+        if any(seq is stream for seq, _ in batch.items):
+            stream.output_token_ids.append(5)
+        return batch
+
+    first = step()  # at context 0 the chunk fits whole
+    assert first.items == [(stream, 1), (long, 40)] and first.layer_span is None and long.num_computed_tokens == 40
+    spans = []
+    for _ in range(2):
+        batch = step()
+        spans.append((batch.items, batch.layer_span, batch.chunk_pending, long.num_computed_tokens))
+    assert spans == [([(stream, 1), (long, 40)], (0, 3), True, 40), ([(stream, 1), (long, 40)], (3, 4), False, 80)]
+    assert scheduler.split is None
+    assert step().layer_span == (0, 3) and scheduler.split is not None
+    scheduler.remove(long)  # an abort mid-chunk: the chunk goes with its blocks
+    assert scheduler.split is None and step().items == [(stream, 1)]
+    assert scheduler.pool.num_free == scheduler.pool.num_blocks - 1
+
+
 def test_engine_measures_the_budget_on_cpu_learns_from_its_steps_and_a_given_budget_overrides():
     engine = make_engine()
     budget = engine.step_budget
@@ -170,7 +246,9 @@ def test_a_stream_gets_a_token_every_step_while_a_long_prompt_prefills(monkeypat
     engine = make_engine(max_model_len=512)
     assert engine.step_budget is not None
     # fixed so the chunk count does not depend on the machine
-    monkeypatch.setattr(engine.step_budget, "prefill_tokens", lambda decodes, context, limit: min(32, limit))
+    budget = engine.step_budget
+    monkeypatch.setattr(budget, "plan", lambda decodes, context, limit: min(32, limit))
+    monkeypatch.setattr(budget, "layers_per_step", lambda decodes, context, count: budget.num_layers)  # whole chunks
     stream_params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
     long_prompt = list(range(1, 250))
     engine.add_request("stream", [3, 4, 5], stream_params)
@@ -209,10 +287,10 @@ def stream_gaps_ms(engine, count: int, until=None) -> list[float]:
 def test_head_of_line_a_short_stream_keeps_its_rate_while_a_long_prompt_prefills():
     """The default model: a stream's inter-token time while a 1,000-token prompt prefills beside it stays
     near its quiet time (ratios of medians and of the 90th percentile, measured in one run, so a busy
-    machine slows both sides; ~3x here, where a step with prompt tokens pays ~15 ms of few-row matmuls
-    beside a ~15 ms stream step), where one whole chunk would hold a token for the length of the
-    prefill; and the prompt still makes progress: its prefill beside the stream takes a small multiple
-    of its prefill alone (~3x; one prompt token per step: ~10x)."""
+    machine slows both sides; ~2.1x here: each step runs one group of a split chunk's layers, within 2x
+    the stream's step alone), where one whole chunk would hold a token for the length of the prefill;
+    and the prompt still makes progress: its prefill beside the stream takes a small multiple of its
+    prefill alone (~2x, as the prompt gets half of each step; one prompt token per step: ~10x)."""
     engine = build_engine(EngineConfig(device="cpu", kv_cache_gib=0.1))
     assert engine.step_budget is not None
     ids = engine.tokenizer.encode("Tell me about the sea and the ships that sail on it.")
@@ -226,12 +304,12 @@ def test_head_of_line_a_short_stream_keeps_its_rate_while_a_long_prompt_prefills
     loaded = stream_gaps_ms(engine, 0, until=lambda: "long" not in engine.requests)
     beside = time.perf_counter() - started
     assert len(loaded) >= 10  # the prompt went in many chunks, a stream token beside each
-    assert np.median(loaded) <= 4.0 * np.median(quiet)
-    assert np.percentile(loaded, 90) <= 5.0 * np.percentile(quiet, 90)
+    assert np.median(loaded) <= 3.0 * np.median(quiet)
+    assert np.percentile(loaded, 90) <= 3.5 * np.percentile(quiet, 90)
     engine.abort("stream")
     other = rng.integers(100, engine.model.vocab_size - 100, 1000).tolist()  # no cached prefix
     started = time.perf_counter()
     engine.add_request("alone", other, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
     while "alone" in engine.requests:
         engine.step()
-    assert beside <= 5.0 * (time.perf_counter() - started)
+    assert beside <= 5.0 * (time.perf_counter() - started)  # ~2x under the bench lock; load here varies

@@ -7,6 +7,7 @@ from typing import Protocol
 import torch
 
 from engine.attention_metadata import AttentionMetadata
+from engine.models.decoder import LayerSpan
 
 
 class CausalLM(Protocol):
@@ -34,4 +35,11 @@ class CausalLM(Protocol):
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata
     ) -> torch.Tensor:
         """Logits `[len(logits_indices) or T, vocab]` in float32."""
+        ...
+
+    def forward_span(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata, span: LayerSpan
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """`forward` with the batch's last sequence running only `span`'s layers: the logits of the rows that ran
+        the last layer, and that sequence's state after `span.end` (None when it ran the last layer)."""
         ...
