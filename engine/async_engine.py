@@ -89,6 +89,7 @@ def describe(engine: LLMEngine) -> EngineDescription:
     model, kernels = engine.model, engine.executor.kernels()  # tensor parallel: rank 0's slice, as every rank's
     return EngineDescription(max_model_len=engine.max_model_len, vocab_size=model.vocab_size,
                              device=str(model.device), dtype=str(model.dtype).removeprefix("torch."),
+                             kv_cache_dtype=str(model.kv_cache_dtype).removeprefix("torch."),
                              kernels=str(kernels["backend"]) if kernels is not None else "none")
 
 

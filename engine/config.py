@@ -14,6 +14,7 @@ from engine.spec_decode.config import SpeculativeConfig
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")  # auto: bf16 on CUDA, fp32 on CPU
+KV_CACHE_DTYPES = DTYPES  # auto: fp16 where the CPU kernels read it (engine/builder.kv_cache_dtype), else dtype
 KERNEL_BACKENDS = ("auto", "cpu", "torch", "triton")  # auto: Triton on CUDA, cpu (kernels/cpu_ops) on CPU
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
 CPU_KV_MEMORY_FRACTION = 0.10  # the CPU KV budget without kv_cache_gib: this share of MemAvailable (kv_budget.py)
@@ -27,6 +28,7 @@ class EngineConfig:
     served_model_name: str | None = None
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16
+    kv_cache_dtype: str = "auto"  # the paged KV cache's storage: auto (engine/builder.kv_cache_dtype) | a DTYPES name
     kernel_backend: str = "auto"  # auto | cpu | torch | triton
     block_size: int = 16
     gpu_memory_utilization: float = 0.90  # fraction of free GPU memory for weights + KV cache
@@ -68,7 +70,8 @@ class EngineConfig:
             if self.async_scheduling:
                 raise ConfigError("speculative decoding needs synchronous scheduling (its drafts extend the tokens "
                                   "the host has read back): drop async_scheduling or speculative_config")
-        for name, allowed in (("device", DEVICES), ("dtype", DTYPES), ("kernel_backend", KERNEL_BACKENDS)):
+        for name, allowed in (("device", DEVICES), ("dtype", DTYPES), ("kv_cache_dtype", KV_CACHE_DTYPES),
+                              ("kernel_backend", KERNEL_BACKENDS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
 

@@ -53,4 +53,5 @@ class EngineDescription(msgspec.Struct, frozen=True):
     vocab_size: int
     device: str
     dtype: str
+    kv_cache_dtype: str  # the paged KV cache's storage (engine/builder.kv_cache_dtype)
     kernels: str  # "torch" | "triton" | "cpu": the backend's describe()["backend"] ("none": a model without ops)

@@ -9,7 +9,9 @@
   where the native kernel has no flash-style path for the head size.
 - With the native kernels built, fp32 RMSNorm, rotary + KV write, decode attention (read in place
   from the cache blocks) and SwiGLU are one native call each (kernels/cpu/layer_ops.cpp): a decode
-  layer is ~10 calls instead of ~60 torch ops.
+  layer is ~10 calls instead of ~60 torch ops. The paged cache may be fp32, fp16 or bf16 (KV_CACHE_DTYPES;
+  engine/builder.kv_cache_dtype picks it): keys and values are rounded when written and widened in registers
+  when read.
 Everything else is the reference's.
 """
 
@@ -83,9 +85,14 @@ def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) ->
     return y.view(*lead, weight.shape[0]).to(x.dtype)
 
 
-def _native(*tensors: torch.Tensor) -> NativeKernels | None:
-    """The native kernels when they are built and every tensor is fp32, else None."""
-    if all(t.dtype == torch.float32 for t in tensors):
+KV_CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # paged caches the native kernels read and write
+
+
+def _native(*tensors: torch.Tensor, caches: tuple[torch.Tensor, ...] = ()) -> NativeKernels | None:
+    """The native kernels when they are built, every tensor is fp32 and the KV caches share a dtype they read,
+    else None."""
+    if (all(t.dtype == torch.float32 for t in tensors) and all(c.dtype in KV_CACHE_DTYPES for c in caches)
+            and len({c.dtype for c in caches}) <= 1):
         return extension.load()
     return None
 
@@ -109,7 +116,7 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: 
                   inv_freq: torch.Tensor, mscale: float, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   slot_mapping: torch.Tensor) -> torch.Tensor:
     """`rope` on q and k, then `write_kv_cache` of the rotated k and v, in one native call; returns the rotated q."""
-    native = _native(q, k, v, k_cache, v_cache)
+    native = _native(q, k, v, caches=(k_cache, v_cache))
     if native is None:
         return reference.rope_write_kv(q, k, v, positions, inv_freq, mscale, k_cache, v_cache, slot_mapping)
     return native.rope_write_kv(q, k, v, positions, inv_freq, mscale, k_cache, v_cache, slot_mapping)
@@ -141,7 +148,7 @@ def paged_attention(
     if sliding_window is not None or sinks is not None:
         return reference.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
                                          sliding_window, sinks)
-    native = _native(q, k_cache, v_cache)
+    native = _native(q, caches=(k_cache, v_cache))
     decode = q.shape[0] == seq_lens.shape[0]  # one query per sequence
     if native is not None and (decode or q.shape[2] in _flash_head_dims()):
         return native.paged_attention(q.contiguous(), k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)

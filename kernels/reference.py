@@ -88,7 +88,8 @@ def write_kv_cache(
 ) -> None:
     """Scatter `[T, kv_heads, head_dim]` k/v into `[blocks, block_size, kv_heads, head_dim]` caches.
 
-    Slot s is block s // block_size, offset s % block_size; slots < 0 are padding.
+    Slot s is block s // block_size, offset s % block_size; slots < 0 are padding. The caches may store a
+    narrower dtype than k/v (fp16 or bf16 beside fp32 activations): values are rounded to it (nearest even).
     """
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
@@ -126,7 +127,8 @@ def paged_attention(
 ) -> torch.Tensor:
     """Causal attention of new queries `[T, heads, head_dim]` over each sequence's cached keys.
 
-    The new tokens' k/v must already be in the cache. Query j of a sequence with
+    The new tokens' k/v must already be in the cache, whose dtype may be narrower than q's: its values
+    are read as stored and computed on in fp32. Query j of a sequence with
     `q_len` new tokens sits at position `seq_len - q_len + j` and sees keys at
     positions in `(pos - sliding_window, pos]`. `sinks` (one logit per head) join
     the softmax and take probability mass without adding a value.

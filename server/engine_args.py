@@ -13,7 +13,7 @@ import argparse
 import dataclasses
 from typing import Any
 
-from engine.config import CPU_KV_MEMORY_FRACTION, DEVICES, DTYPES, KERNEL_BACKENDS, EngineConfig
+from engine.config import CPU_KV_MEMORY_FRACTION, DEVICES, DTYPES, KERNEL_BACKENDS, KV_CACHE_DTYPES, EngineConfig
 from engine.errors import MinervaError
 
 
@@ -39,6 +39,8 @@ def positive_float(text: str) -> float:
 ENGINE_FLAGS: dict[str, tuple[dict[str, Any], str]] = {
     "device": ({"choices": DEVICES}, "where the model runs"),
     "dtype": ({"choices": DTYPES}, "weights and activations (auto: bf16 on CUDA, fp32 on CPU)"),
+    "kv_cache_dtype": ({"choices": KV_CACHE_DTYPES},
+                       "the KV cache's storage (auto: float16 on CPU where the native attention reads it, else dtype)"),
     "kernel_backend": ({"choices": KERNEL_BACKENDS}, "auto: Triton on CUDA, cpu (quantized GGUF matmuls) on CPU; torch: the plain reference"),
     "max_model_len": ({"type": positive_int, "metavar": "N"},
                       "longest prompt + completion in tokens (default: the model's context, or the longest "

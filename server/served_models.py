@@ -40,6 +40,7 @@ class ServedModel:
         card["context_length"] = card["max_model_len"] = self.engine.max_model_len
         stats = self.engine.stats()  # the KV cache of the whole tensor-parallel group, not one rank's
         card.update(kv_cache_tokens=stats.kv_cache_tokens, kv_cache_bytes=stats.kv_cache_bytes,
+                    kv_cache_dtype=self.engine.describe().kv_cache_dtype,
                     tensor_parallel_size=stats.tensor_parallel_size, kernels=stats.kernels)
         return card
 

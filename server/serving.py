@@ -44,7 +44,7 @@ def banner_lines(engines: dict[str, EngineClient], url: str) -> list[str]:
     for name, engine in engines.items():
         about = engine.describe()
         lines.append(f"Minerva serving {name!r} at {url}/v1: context {about.max_model_len} tokens, KV cache "
-                     f"{engine.stats().kv_cache_tokens} tokens, device {about.device}, {about.dtype}, "
+                     f"{engine.stats().kv_cache_tokens} tokens ({about.kv_cache_dtype}), device {about.device}, {about.dtype}, "
                      f"{about.kernels} kernels")
     return lines
 

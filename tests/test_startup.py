@@ -197,4 +197,4 @@ def test_banner_names_url_context_kv_tokens_device_and_kernels():
     (line,) = banner_lines({"tiny": engine}, "http://127.0.0.1:8000")
     tokens = engine.engine.pool.num_blocks * 16
     assert line == (f"Minerva serving 'tiny' at http://127.0.0.1:8000/v1: context 256 tokens, KV cache {tokens} "
-                    "tokens, device cpu, float32, cpu kernels")
+                    "tokens (float32), device cpu, float32, cpu kernels")  # head_dim 16: no fp16 attention kernel

@@ -29,7 +29,8 @@ def test_outputs_round_trip():
                                          CompletionOutput(1, "", [3], None, "stop", 3, 7)],
                            finished=False, num_cached_tokens=16, num_draft_tokens=4, num_accepted_tokens=3,
                            prompt_logprobs=[None, TokenLogprob(2, "b", -3.0, [], rank=5)])
-    description = EngineDescription(max_model_len=2048, vocab_size=49152, device="cpu", dtype="float32", kernels="cpu")
+    description = EngineDescription(max_model_len=2048, vocab_size=49152, device="cpu", dtype="float32",
+                                    kv_cache_dtype="float16", kernels="cpu")
     stats = EngineStats(num_running=1, num_waiting=2, kv_blocks_total=10, kv_blocks_used=3, kv_blocks_free=7,
                         kv_cache_tokens=160, kv_cache_bytes=4096, prefix_cache_hit_rate=0.5, num_preemptions=1,
                         prompt_tokens_total=9, generation_tokens_total=12, steps_total=30, model_load_seconds=1.5,

@@ -75,10 +75,7 @@ class DecoderLM:
         self.dtype = final_norm.dtype  # the embedding may be kept quantized (its rows dequantize on lookup)
         self.device = final_norm.device
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    @property
-    def kv_cache_dtype(self) -> torch.dtype:
-        return self.dtype
+        self.kv_cache_dtype = self.dtype  # the builder may store keys and values narrower (engine/builder.kv_cache_dtype)
 
     def bind_kv_caches(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """One `(k, v)` pair per layer, each `[num_blocks, block_size, num_kv_heads, head_dim]`."""
