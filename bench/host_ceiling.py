@@ -17,7 +17,9 @@ spent per streamed token, and the engine's **step rate while serving: engine ste
 /health) per second of wall time, from the client's first request to its last token**, against the
 same engine stepping the same requests with no HTTP load (`--unloaded`, its own process, before the
 modes run, the same closed loop of N; its steps per second of stepping): a core starved by HTTP work
-steps slower than that. Each side's generated tokens per step say how full its steps were (a served
+steps slower than that. "The same engine" is the mode's own: the in-process engine makes its outputs'
+text, an engine core process leaves that to its API processes (engine/stream_text.py), so each repeat
+measures the unloaded engine both ways and each mode is held to its own. Each side's generated tokens per step say how full its steps were (a served
 engine's requests arrive and leave through HTTP: a step of a few late requests is cheap, and counts
 as one step all the same), so the served tokens/s against the unloaded engine's is reported too.
 """
@@ -167,15 +169,17 @@ def run_clients(url: str, concurrency: int, lengths: list[int]) -> tuple[int, fl
 
 
 # --- the unloaded engine ----------------------------------------------------------------------------------
-def unloaded_rate(model: Path, concurrency: int, lengths: list[int]) -> dict:
+def unloaded_rate(model: Path, concurrency: int, lengths: list[int], text: bool) -> dict:
     """The same engine config stepping the same requests, `concurrency` at a time (the next added as soon as one
-    ends), with nothing else in its process: steps/s, tokens/s."""
+    ends), with nothing else in its process: steps/s, tokens/s. `text`: it detokenizes (in-process), or not
+    (an engine core process's engine)."""
     from engine.builder import build_engine
     from engine.config import EngineConfig
     from engine.core_process import freeze_start_up_heap
     from engine.sampling_params import SamplingParams
 
     engine = build_engine(EngineConfig(model=str(model), max_num_seqs=concurrency, **ENGINE_SETTINGS))
+    engine.outputs.detokenize = text
     freeze_start_up_heap()  # as the core process does once its engine is built
     try:
         for index in range(concurrency):  # warm up
@@ -242,6 +246,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     parser.add_argument("--client", metavar="URL", help=argparse.SUPPRESS)  # the load-generating process
     parser.add_argument("--unloaded", type=Path, metavar="MODEL", help=argparse.SUPPRESS)
+    parser.add_argument("--without-text", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     if args.client:
@@ -250,20 +255,25 @@ def main() -> None:
         print(tokens, time.perf_counter() - started, time.process_time() - cpu, events)
         return
     if args.unloaded:
-        print(json.dumps(unloaded_rate(args.unloaded, args.concurrency, json.loads(sys.stdin.read()))))
+        print(json.dumps(unloaded_rate(args.unloaded, args.concurrency, json.loads(sys.stdin.read()),
+                                       text=not args.without_text)))
         return
     from tests.server_fixtures import save_tiny_llama
 
-    unloaded_runs, runs = [], []
+    unloaded_runs: dict[str, list[dict]] = {"text": [], "token_ids": []}
+    runs = []
     with tempfile.TemporaryDirectory(prefix="minerva-host-ceiling-") as directory:
         model = save_tiny_llama(Path(directory) / "tiny-llama")
         for _ in range(args.repeat):  # modes interleaved, so that a neighbour's load falls on each alike
-            unloaded_runs.append(json.loads(subprocess.run(
-                [sys.executable, "-m", "bench.host_ceiling", "--unloaded", str(model), "--concurrency",
-                 str(args.concurrency)], input=json.dumps(output_lengths(args, args.concurrency * args.rounds)),
-                cwd=REPO, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]))
+            for kind, flags in (("text", []), ("token_ids", ["--without-text"])):
+                unloaded_runs[kind].append(json.loads(subprocess.run(
+                    [sys.executable, "-m", "bench.host_ceiling", "--unloaded", str(model), "--concurrency",
+                     str(args.concurrency), *flags],
+                    input=json.dumps(output_lengths(args, args.concurrency * args.rounds)),
+                    cwd=REPO, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]))
             runs.append([measure(model, mode, args, Path(directory)) for mode in args.modes])
-    unloaded = {key: statistics.median(run[key] for run in unloaded_runs) for key in unloaded_runs[0]}
+    unloaded_of = {kind: {key: statistics.median(run[key] for run in of_kind) for key in of_kind[0]}
+                   for kind, of_kind in unloaded_runs.items()}
     results = []
     for index, mode in enumerate(args.modes):
         of_mode = [run[index] for run in runs]
@@ -273,22 +283,27 @@ def main() -> None:
         processes = {name for result in of_mode for name in result["cpu_us_per_token"]}
         summary["cpu_us_per_token"] = {name: statistics.median(result["cpu_us_per_token"].get(name, 0.0)
                                                                for result in of_mode) for name in sorted(processes)}
+        unloaded = unloaded_of["text" if mode == "in-process" else "token_ids"]
+        summary["steps_vs_unloaded"] = summary["steps_per_s"] / unloaded["steps_per_s"]
+        summary["tokens_per_s_vs_unloaded"] = summary["tokens_per_s"] / unloaded["tokens_per_s"]
         results.append({"mode": mode, **summary, "runs": of_mode})
     print(f"medians of {args.repeat} interleaved run(s); load average now {os.getloadavg()[0]:.1f}")
-    print(f"{'unloaded engine':>15}: {unloaded['tokens_per_s']:7.0f} tok/s, {unloaded['steps_per_s']:6.1f} steps/s "
-          f"of {unloaded['tokens_per_step']:.0f} tokens")
+    for kind, unloaded in unloaded_of.items():
+        print(f"{'unloaded, ' + kind.replace('_', ' '):>20}: {unloaded['tokens_per_s']:7.0f} tok/s, "
+              f"{unloaded['steps_per_s']:6.1f} steps/s of {unloaded['tokens_per_step']:.0f} tokens")
     for result in results:
         per_process = ", ".join(f"{name} {us:.0f}" for name, us in result["cpu_us_per_token"].items() if us)
-        print(f"{result['mode']:>15}: {result['tokens_per_s']:7.0f} tok/s, {result['steps_per_s']:6.1f} steps/s "
-              f"of {result['tokens_per_step']:.0f} tokens ({result['steps_per_s'] / unloaded['steps_per_s']:.0%} of "
-              f"unloaded steps/s, {result['tokens_per_s'] / unloaded['tokens_per_s']:.0%} of its tok/s), server CPU "
+        print(f"{result['mode']:>20}: {result['tokens_per_s']:7.0f} tok/s, {result['steps_per_s']:6.1f} steps/s "
+              f"of {result['tokens_per_step']:.0f} tokens ({result['steps_vs_unloaded']:.0%} of its unloaded engine's "
+              f"steps/s, {result['tokens_per_s_vs_unloaded']:.0%} of its tok/s), server CPU "
               f"{result['cpu_us_per_token_total']:.0f} us/token ({per_process}); client "
               f"{result['client_cpu_us_per_token']:.0f}; {result['events_per_stream']:.1f} SSE events per stream")
     load = ({"output_lengths": args.output_lengths, "seed": args.seed} if args.output_lengths is not None
             else {"max_tokens": args.max_tokens})
     report = {"args": {"concurrency": args.concurrency, **load, "rounds": args.rounds, "modes": args.modes,
                        "repeat": args.repeat},
-              "load_average": os.getloadavg(), "unloaded": unloaded, "unloaded_runs": unloaded_runs, "results": results}
+              "load_average": os.getloadavg(), "unloaded": unloaded_of, "unloaded_runs": unloaded_runs,
+              "results": results}
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report))
