@@ -20,7 +20,7 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import Future
 from typing import ParamSpec, TypeVar
 
@@ -162,7 +162,7 @@ class AsyncEngine(RequestStreams):
         self._engine_thread.close()
 
     async def generate(self, prompt: str | list[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+                       request_id: str) -> AsyncGenerator[RequestOutput, None]:
         """Stream this request's outputs; leaving the loop early (or being cancelled) aborts it."""
         slot = self._open(request_id)
         try:

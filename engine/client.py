@@ -10,7 +10,7 @@ the launcher starts each model's core (`CoreProcess.start`) and each API process
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Protocol
 
 from engine.config import EngineConfig
@@ -50,7 +50,7 @@ class EngineClient(Protocol):
         GrammarError (engine.errors) if it cannot be used."""
 
     def generate(self, prompt: str | list[int], params: SamplingParams,
-                 request_id: str) -> AsyncIterator[RequestOutput]:
+                 request_id: str) -> AsyncGenerator[RequestOutput, None]:
         """Stream one request's delta outputs; leaving the iteration early aborts it. Raises EngineDeadError
         when the engine cannot serve, InvalidRequestError for a request it refuses."""
 

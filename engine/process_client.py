@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
 import zmq
@@ -229,7 +229,7 @@ class ProcessEngineClient(RequestStreams):
         self._receiver.start()
 
     async def generate(self, prompt: str | list[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+                       request_id: str) -> AsyncGenerator[RequestOutput, None]:
         """Stream this request's outputs; leaving the loop early (or being cancelled) aborts it in the core."""
         slot = self._open(request_id)
         self._texts[request_id] = RequestText(self._tokenizer, params)

@@ -8,7 +8,7 @@ cancel scope, so the abort itself survives the cancellation that triggered it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable
 from typing import Any, Protocol, TypeVar
 
 import anyio
@@ -22,15 +22,29 @@ T = TypeVar("T")
 
 
 class GeneratingEngine(Protocol):
-    def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]: ...
+    def generate(self, prompt: str | list[int], params: SamplingParams,
+                 request_id: str) -> AsyncGenerator[RequestOutput, None]: ...
 
     async def abort(self, request_id: str) -> None: ...
 
 
 async def generate_many(engine: GeneratingEngine, prompts: list[list[int]], params: SamplingParams,
                         request_id: str) -> AsyncGenerator[tuple[int, RequestOutput], None]:
-    """Outputs of one engine request per prompt, interleaved as they come, tagged with the prompt index."""
-    ids = [request_id if len(prompts) == 1 else f"{request_id}-{i}" for i in range(len(prompts))]
+    """Outputs of one engine request per prompt, interleaved as they come, tagged with the prompt index.
+
+    One prompt (every chat, Responses and Messages request, most completions) is read straight from the
+    engine's stream, with no task and queue between: each output then reaches the response one turn of the
+    event loop sooner, and a busy API process spends a task wake-up less per output."""
+    if len(prompts) == 1:
+        stream = engine.generate(prompts[0], params, request_id)
+        try:
+            async for only in stream:
+                yield 0, only
+        finally:
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()  # the engine's stream aborts its request unless it finished
+        return
+    ids = [f"{request_id}-{i}" for i in range(len(prompts))]
     finished: set[str] = set()
     queue: asyncio.Queue[tuple[int, RequestOutput | None, BaseException | None]] = asyncio.Queue()
 
