@@ -86,15 +86,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--output", type=Path, help="default: bench/results/spec-decode-<device>.json")
     args = parser.parse_args(argv)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    import torch
-
     from bench.served_offline import smollm2_path
     from engine.config import EngineConfig
     from engine.builder import build_engine
 
-    torch.set_num_threads(args.threads)
     model = args.model or str(smollm2_path())
-    settings = {**ENGINE, "max_num_seqs": max(args.concurrency)}
+    # The engine's own thread choice follows the load (engine/cpu_threads.py) and would override torch's count.
+    settings = {**ENGINE, "max_num_seqs": max(args.concurrency), "cpu_threads": args.threads}
     engines = {"plain": build_engine(EngineConfig(model=model, **settings)),
                "spec": build_engine(EngineConfig(model=model, speculative_config=args.speculative_config,
                                                           **settings))}

@@ -3,8 +3,8 @@
 Every "auto" of the config is resolved here, once (`Placement`: device, dtype, kernel backend,
 tensor-parallel size, then the sequence limit and async scheduling); the model is opened and
 built (or split over its ranks), the KV pool sized and the context fitted to it, the runner
-warmed up (CUDA graphs captured) and, on CPU, the step budget (and with speculation the step cost)
-measured. LLMEngine only steps.
+warmed up (CUDA graphs captured) and, on CPU, the kernel plan's int16 rows timed on the model and the
+step budget (and with speculation the step cost) measured. LLMEngine only steps.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.config import EngineConfig
+from engine.cpu_kernel_plan import calibrate_int_dot
 from engine.errors import ConfigError
 from engine.cpu_threads import apply_cpu_threads
 from engine.distributed.ranks import RankGroup, start_tensor_parallel
@@ -123,6 +124,8 @@ def build_engine(config: EngineConfig, num_blocks: int | None = None,
         if ranks is not None:
             ranks.stop(timeout_s=0.0)
         raise
+    if placement.device.type == "cpu" and placement.tensor_parallel_size == 1:  # the cost models time these kernels
+        calibrate_int_dot(engine.executor.runner, config.batched_tokens)
     if (placement.device.type == "cpu" and config.max_num_batched_tokens is None and config.enable_chunked_prefill
             and placement.tensor_parallel_size == 1):  # tensor parallel on CPU runs tests, not streams
         engine.step_budget = measure_step_budget(engine.executor.runner, config.batched_tokens)

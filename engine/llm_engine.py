@@ -189,16 +189,20 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         for seq in batch.preempted:  # its blocks are gone: the runner frees its table row until it runs again
             self.messages.preempted(seq)
-        timing = ((self.step_budget, StepWork.of(batch.items, batch.layer_share), time.perf_counter())
-                  if self.step_budget is not None and batch else None)  # the CPU cost model learns from every step
+        timed = self.step_budget is not None or (self.spec is not None and self.spec.step_cost is not None)
+        timing = (StepWork.of(batch.items, batch.layer_share), time.perf_counter()) if timed and batch else None
         launched = self._launch(batch, outputs) if batch else None
         if self.async_scheduling:
             self._in_flight, launched = launched, previous
         if launched is not None:
             outputs.extend(self._complete(launched))
         if timing is not None:
-            budget, work, started = timing
-            budget.observe(work, time.perf_counter() - started)
+            work, started = timing
+            seconds = time.perf_counter() - started
+            if self.step_budget is not None:
+                self.step_budget.observe(work, seconds)
+            if self.spec is not None and not work.prompt_chunks:  # every item a decode: 1 + its drafts rows
+                self.spec.observe_step(work.decode_rows, work.decode_pairs, work.decode_rows > len(batch.items), seconds)
         return outputs
 
     def _launch(self, batch: ScheduledBatch, outputs: list[RequestOutput]) -> InFlight | None:

@@ -110,10 +110,15 @@ def wobbly(context: list[int], vocab: int) -> int:
     return (context[-1] + (context[-2] if len(context) > 1 else 0) + (len(context) % 7 == 0)) % vocab
 
 
-def expected(prompt: list[int], max_tokens: int, vocab: int) -> list[int]:
+def fibonacci(context: list[int], vocab: int) -> int:
+    """A function of the last two tokens alone: periodic (20 tokens modulo 5), so n-gram drafts land once it repeats."""
+    return (context[-1] + (context[-2] if len(context) > 1 else 0)) % vocab
+
+
+def expected(prompt: list[int], max_tokens: int, vocab: int, rule=wobbly) -> list[int]:
     context = list(prompt)
     for _ in range(max_tokens):
-        context.append(wobbly(context, vocab))
+        context.append(rule(context, vocab))
     return context[len(prompt):]
 
 
@@ -235,15 +240,16 @@ def test_seeded_sampling_is_identical_with_speculation():
 
 def test_drafts_priced_out_still_teach_the_acceptance_estimate():
     """Rows that only a high acceptance rate pays for: at the prior (one half) nothing is verified, but each draft
-    left unverified is checked against the token its step drew, so a sequence whose drafts keep landing earns
+    left unverified is checked against the tokens drawn after it, so a sequence whose drafts keep landing earns
     verification."""
-    engine = engine_for_model(FakeModel(5, wobbly), IdTokenizer(), EngineConfig(speculative_config=NGRAM),
+    engine = engine_for_model(FakeModel(5, fibonacci), IdTokenizer(), EngineConfig(speculative_config=NGRAM),
                               max_model_len=64, num_blocks=16)
     engine.spec.step_cost = StepCost((1, 2, 5), (10.0, 16.0, 22.0), key_ms=0.0)  # a draft row: 0.6 of a step
+    assert engine.spec.step_cost.choose(1, 10, [(4, 10, 0.5, 0.5)]) == [0]
     prompt = [1, 2, 3, 0, 3, 3, 1, 4, 0, 4]
     engine.add_request("r", prompt, SamplingParams(temperature=0, max_tokens=48, ignore_eos=True))
     result = run_to_completion(engine)["r"]
-    assert result.outputs[0].token_ids == expected(prompt, 48, 5)
+    assert result.outputs[0].token_ids == expected(prompt, 48, 5, fibonacci)
     assert engine.spec.stats.num_accepted_tokens > 0
     assert_idle(engine)
 

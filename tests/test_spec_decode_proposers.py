@@ -7,17 +7,14 @@ import itertools
 import random
 
 import pytest
-import torch
 
 from engine.config import ConfigError
-from engine.spec_decode.adaptive import MAX_PAUSE, Acceptance, Backoff
+from engine.spec_decode.adaptive import MAX_PAUSE, MEMORY, PRIOR_POSITIONS, PRIOR_RATE, Acceptance, Backoff
 from engine.spec_decode.config import SpeculativeConfig
 from engine.spec_decode.ngram import NgramIndex, NgramProposer
-from engine.spec_decode.step_cost import MIN_GAIN, StepCost, calibrate_int_dot
+from engine.spec_decode.step_cost import MIN_GAIN, StepCost, StepScale
 from engine.spec_decode.suffix import GlobalTrie, SequenceTrie, SuffixProposer
 from engine.spec_decode.verify import accepted_tokens
-from kernels.cpu import extension, select
-from kernels.cpu.quant import pack_gguf
 
 
 class Tokens:
@@ -133,13 +130,35 @@ def test_backoff_pauses_longer_after_each_failure_and_recovers():
 
 def test_acceptance_is_per_drafted_position_until_the_first_rejection():
     acceptance = Acceptance()
-    assert acceptance.rate == 0.5
-    for _ in range(20):
-        acceptance.observe(4, 2)  # two accepted, the third rejected, the fourth never decided
-    assert acceptance.rate == pytest.approx(2 / 3)
-    for _ in range(20):
+    assert acceptance.first.value == acceptance.later.value == 0.5
+    for _ in range(200):
+        acceptance.observe(4, 2)  # first accepted; of the later positions the second accepted, the third rejected
+    remembered = 1 / (1 - MEMORY)  # decided positions' weights sum to this in the long run
+    prior = PRIOR_RATE * PRIOR_POSITIONS
+    assert acceptance.first.value == pytest.approx((remembered + prior) / (remembered + PRIOR_POSITIONS), rel=1e-3)
+    # accepted, rejected, accepted, ...: an accepted position weighs MEMORY times the rejection after it
+    assert acceptance.later.value == pytest.approx((remembered * MEMORY / (1 + MEMORY) + prior)
+                                                   / (remembered + PRIOR_POSITIONS), rel=1e-3)
+    for _ in range(200):
         acceptance.observe(4, 4)  # all accepted: nothing was rejected
-    assert acceptance.rate == pytest.approx(1.0, abs=1e-4)
+    assert acceptance.first.value == pytest.approx((remembered + prior) / (remembered + PRIOR_POSITIONS))
+    assert acceptance.later.value == pytest.approx((remembered + prior) / (remembered + PRIOR_POSITIONS))
+
+
+def test_first_draft_hits_do_not_vouch_for_later_positions():
+    acceptance = Acceptance()
+    for _ in range(5):
+        acceptance.observe(1, 1)
+    assert acceptance.first.value > 0.8 and acceptance.later.value == 0.5
+
+
+def test_a_few_positions_cannot_move_a_rate_far_from_the_prior():
+    acceptance = Acceptance()
+    for _ in range(3):
+        acceptance.observe(1, 1)
+    assert acceptance.first.value < 0.9  # three hits are not a sure thing (a moving average of steps said 0.97)
+    acceptance.observe(20, 20)
+    assert acceptance.later.value > 0.95  # twenty positions nearly are
 
 
 def test_step_cost_interpolates_between_measured_row_counts():
@@ -151,72 +170,48 @@ def test_step_cost_interpolates_between_measured_row_counts():
 
 def test_step_cost_verifies_drafts_where_rows_are_cheap_and_none_where_they_are_not():
     cost = StepCost((1, 2, 64, 384), (10.0, 10.2, 40.0, 200.0), key_ms=0.0)
-    assert cost.choose(1, 300, [(5, 300, 0.8)]) == [5]  # one stream: draft rows cost little
-    assert cost.choose(1, 300, [(5, 300, 0.01)]) == [0]  # nearly never accepted: not worth even a cheap row
-    big = [(5, 300, 0.6)] * 64  # 64 streams at a rate of 0.6: each draft row costs more than it brings
+    assert cost.choose(1, 300, [(5, 300, 0.8, 0.8)]) == [5]  # one stream: draft rows cost little
+    assert cost.choose(1, 300, [(5, 300, 0.01, 0.01)]) == [0]  # nearly never accepted: not worth even a cheap row
+    big = [(5, 300, 0.6, 0.6)] * 64  # 64 streams at a rate of 0.6: each draft row costs more than it brings
     assert cost.choose(64, 64 * 300, big) == [0] * 64
-    assert cost.choose(64, 64 * 300, [(5, 300, 1.0)] * 64) == [5] * 64  # copying: every draft lands
+    assert cost.choose(64, 64 * 300, [(5, 300, 1.0, 1.0)] * 64) == [5] * 64  # copying: every draft lands
 
 
 def test_step_cost_choice_is_the_best_of_every_combination():
-    """Draft j is priced at rate^j; against a brute force over how many drafts each sequence verifies, the
-    choice gives the most expected tokens per ms (the likelier sequence gets at least as many)."""
+    """Draft j is priced at first * later^(j-1); against a brute force over how many drafts each sequence
+    verifies, the choice gives the most expected tokens per ms (the likelier sequence gets at least as many)."""
     cost = StepCost((1, 8, 16), (10.0, 10.5, 24.0), key_ms=0.001)
-    drafts = [(5, 100, 0.9), (5, 300, 0.5), (3, 50, 0.9), (4, 100, 0.2)]
+    drafts = [(5, 100, 0.9, 0.9), (5, 300, 0.7, 0.4), (3, 50, 0.9, 0.95), (4, 100, 0.2, 0.9)]
 
     def rate(counts):
-        tokens = 4 + sum(alpha ** j for (_, _, alpha), n in zip(drafts, counts) for j in range(1, n + 1))
-        keys = 550 + sum(ctx + j for (_, ctx, _), n in zip(drafts, counts) for j in range(1, n + 1))
+        tokens = 4 + sum(first * later ** (j - 1) for (_, _, first, later), n in zip(drafts, counts)
+                         for j in range(1, n + 1))
+        keys = 550 + sum(ctx + j for (_, ctx, _, _), n in zip(drafts, counts) for j in range(1, n + 1))
         return tokens / cost.ms(4 + sum(counts), keys)
 
     counts = cost.choose(4, 550, drafts)
-    best = max(itertools.product(*(range(n + 1) for n, _, _ in drafts)), key=rate)
+    best = max(itertools.product(*(range(n + 1) for n, _, _, _ in drafts)), key=rate)
     assert rate(counts) == pytest.approx(rate(best)) and sum(counts) > 0
     assert counts[0] >= counts[1] >= counts[3]
 
 
 def test_step_cost_skips_gains_within_the_measurement_noise():
     cost = StepCost((1, 2), (10.0, 12.5), key_ms=0.0)  # a draft row costs a quarter of the step
-    assert cost.choose(1, 0, [(1, 0, 0.25 + MIN_GAIN / 2)]) == [0]  # expected +0.8%
-    assert cost.choose(1, 0, [(1, 0, 0.4)]) == [1]
+    assert cost.choose(1, 0, [(1, 0, 0.25 + MIN_GAIN / 2, 1.0)]) == [0]  # expected +0.8%
+    assert cost.choose(1, 0, [(1, 0, 0.4, 1.0)]) == [1]
 
 
-class IntDotTimedRunner:
-    """Forward times as the plan's int16 limit makes them: int16 rows cost `int_ms`, fp32 ones `exact_ms` each."""
-
-    def __init__(self, int_ms: dict[int, float], exact_ms: float) -> None:
-        self.int_ms, self.exact_ms = int_ms, exact_ms
-
-    def best_forward_ms(self, num_seqs: int, tokens_per_seq: int, repeats: int) -> float:
-        rows = num_seqs * tokens_per_seq
-        return self.int_ms[rows] if rows <= select.plan().int_dot_max_rows else self.exact_ms * rows
-
-
-@pytest.mark.parametrize("planned, int_ms, expected", [
-    (1, {2: 10.0, 4: 20.0, 8: 50.0}, 4),  # the probe left int16 at one row; the model's forwards say up to 4
-    (8, {2: 10.0, 4: 50.0, 8: 50.0}, 2),  # ... and past 2 they are slower: fp32 from 3 rows
-    (0, {2: 1.0, 4: 1.0, 8: 1.0}, 0),  # int16 off (or slower at one row): never timed, stays off
-])
-def test_int16_serves_the_verification_rows_where_the_model_runs_faster_with_it(monkeypatch, planned, int_ms, expected):
-    monkeypatch.setattr(select, "_plan", [select.Plan("qgemm", 16, ("Q4_1",), "test", int_dot_max_rows=planned)])
-    calibrate_int_dot(IntDotTimedRunner(int_ms, exact_ms=6.0), max_rows=64)
-    assert select.plan().int_dot_max_rows == expected
-
-
-def test_int16_rows_are_computed_alone_so_a_verified_step_matches_a_plain_one():
-    """Why int16 may serve verification rows without moving greedy output: each row's result is bit for bit the
-    one it gets as a single-row decode, whatever rows share its batch."""
-    ops = extension.load()
-    if ops is None or not ops.has_int_dot():
-        pytest.skip("no integer CPU kernels here")
-    generator = torch.Generator().manual_seed(0)
-    raw = torch.randint(0, 256, (96, 576 // 32 * 20), dtype=torch.uint8, generator=generator).view(-1, 20)
-    raw[:, :4] = torch.full((raw.shape[0], 2), 0.01, dtype=torch.float16).view(torch.uint8)
-    weight = pack_gguf(raw, "Q4_1", (96, 576))
-    x = torch.randn(9, 576, generator=generator)
-    alone = torch.cat([select.int_linear(x[i:i + 1].contiguous(), weight) for i in range(9)])
-    for rows in range(2, 10):
-        assert torch.equal(select.int_linear(x[:rows].contiguous(), weight), alone[:rows])
+def test_verifying_steps_slower_than_predicted_verify_less():
+    """StepScale learns how verifying steps run against plain ones; the choice prices them so."""
+    cost = StepCost((1, 2, 4), (10.0, 12.0, 16.0), key_ms=0.0)
+    scale = StepScale()
+    for _ in range(50):
+        scale.observe(cost, 2, 0, verifying=False, ms=13.2)  # plain steps: 1.1x their prediction
+        scale.observe(cost, 4, 0, verifying=True, ms=26.4)  # verifying ones: 1.65x
+    assert scale.relative == pytest.approx(1.5, rel=0.01)
+    drafts = [(2, 0, 0.7, 0.7)]
+    assert cost.choose(2, 0, drafts) == [2]
+    assert cost.choose(2, 0, drafts, scale.relative) == [0]
 
 
 def test_acceptance_rule():

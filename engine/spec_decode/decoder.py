@@ -21,7 +21,7 @@ from engine.spec_decode.adaptive import Acceptance, Backoff
 from engine.spec_decode.config import SpeculativeConfig
 from engine.spec_decode.ngram import NgramProposer
 from engine.spec_decode.stats import SpecDecodeStats
-from engine.spec_decode.step_cost import StepCost
+from engine.spec_decode.step_cost import StepCost, StepScale
 from engine.spec_decode.suffix import SuffixProposer
 
 
@@ -48,8 +48,10 @@ class SpecDecoder:
         self.proposer = make_proposer(config)
         self.stats = SpecDecodeStats(config.num_speculative_tokens)
         self.backoff: dict[Sample, Backoff] = {}
-        self.unverified: dict[Sample, tuple[int, int]] = {}  # (token count then, first draft) of a draft not verified
+        self.unverified: dict[Sample, tuple[int, list[int], int]] = {}  # a draft not verified: (token count then,
+        # the draft, its positions checked)
         self.step_cost: StepCost | None = None  # measured by the builder (CPU)
+        self.step_scale = StepScale()  # what the served steps take against step_cost's prediction
 
     def propose(self, running: Sequence[Sample]) -> None:
         """Set `spec_token_ids` of the running sequences that speculate this step."""
@@ -59,7 +61,7 @@ class SpecDecoder:
         started = time.perf_counter()
         k = self.config.num_speculative_tokens
         decoding = row_keys = 0
-        candidates: list[tuple[Sample, list[int], float]] = []
+        candidates: list[tuple[Sample, list[int], Acceptance]] = []
         for seq in running:
             if seq.num_remaining != 1:
                 continue  # a prompt chunk: its rows are the scheduler's to budget
@@ -75,25 +77,57 @@ class SpecDecoder:
             if backoff.ready():
                 draft = self.proposer.propose(seq, seq, room)
                 if draft:
-                    candidates.append((seq, draft, backoff.acceptance.rate))
+                    candidates.append((seq, draft, backoff.acceptance))
         if candidates:
             if self.step_cost is None:
                 counts = [len(draft) for _, draft, _ in candidates]
             else:
-                counts = self.step_cost.choose(decoding, row_keys, [(len(draft), seq.num_tokens, rate)
-                                                                     for seq, draft, rate in candidates])
+                counts = self.step_cost.choose(
+                    decoding, row_keys, [(len(draft), seq.num_tokens, acceptance.first.value, acceptance.later.value)
+                                         for seq, draft, acceptance in candidates], self.step_scale.relative)
             for (seq, draft, _), count in zip(candidates, counts):
                 seq.spec_token_ids = draft[:count]
-                if not count:
-                    self.unverified[seq] = (seq.num_known_tokens, draft[0])
+                if count == len(draft):
+                    self.unverified.pop(seq, None)  # verified positions teach the estimate themselves
+                elif count:
+                    self.unverified[seq] = (seq.num_known_tokens, draft, count)  # its unverified tail
+                else:
+                    self.unverified.setdefault(seq, (seq.num_known_tokens, draft, 0))
         self.stats.propose_seconds += time.perf_counter() - started
 
+    def observe_step(self, rows: int, row_keys: int, verifying: bool, seconds: float) -> None:
+        """A decode-only step took `seconds`: `rows` rows over `row_keys` (row, key) pairs, verifying drafts or not."""
+        if self.step_cost is not None:
+            self.step_scale.observe(self.step_cost, rows, row_keys, verifying, seconds * 1e3)
+
     def _check_unverified(self, seq: Sample, backoff: Backoff) -> None:
-        """A draft priced out of its step is still evidence: the token the step drew shows whether its first draft
-        would have been accepted, so an estimate too low to buy verification keeps learning at no cost."""
-        pending = self.unverified.pop(seq, None)
-        if pending is not None and seq.num_known_tokens > pending[0]:
-            backoff.observe(1, int(seq.token_slice(pending[0], pending[0] + 1)[0] == pending[1]))
+        """Drafts priced out of their step are still evidence, a position at a time as the tokens drawn since become
+        known (greedy: what verifying them would have accepted; sampled: as likely, a draw matching a draft as
+        often as rejection sampling accepts it), so an estimate too low to buy verification keeps learning at
+        no cost: a whole draft left unverified, or the tail of one whose verified head was all accepted. One
+        draft at a time until its first mismatch: overlapping drafts would count a position twice."""
+        pending = self.unverified.get(seq)
+        if pending is None:
+            return
+        start, draft, checked = pending
+        known = min(seq.num_known_tokens - start, len(draft))
+        drawn = seq.token_slice(start, start + known)
+        if drawn[:checked] != draft[:min(checked, known)]:  # its verified head was rejected (and counted then)
+            del self.unverified[seq]
+            return
+        for position in range(checked, known):
+            hit = drawn[position] == draft[position]
+            if position == 0:
+                backoff.observe(1, int(hit))
+            else:
+                backoff.acceptance.later.add(int(hit), 1)
+            if not hit:
+                del self.unverified[seq]
+                return
+        if known == len(draft):
+            del self.unverified[seq]
+        else:
+            self.unverified[seq] = (start, draft, max(known, checked))
 
     def observe(self, seq: Sample, num_drafted: int, num_accepted: int) -> None:
         """Record a verified step of `seq`: `num_accepted` of its `num_drafted` drafts were kept."""

@@ -6,12 +6,13 @@ rows over almost no context, at a few row counts (interpolated between them, so 
 quantized matmuls change kernels is seen), and `key_ms`, each further (row, key) pair of attention,
 from one prompt forward. A step of rows R over K (row, key) pairs costs rows_ms(R) + key_ms * K.
 
-Each step `choose` takes drafts greedily by their chance of acceptance (a sequence's per-token
-acceptance rate to the power of the draft's position: draft j is emitted only if drafts 1..j all
-are) and keeps the prefix that gives the most expected tokens per second; when even the best beats
-plain decoding by less than `MIN_GAIN` the step verifies nothing. At one stream a draft row costs
-little beside the step's weight reads and most drafts are verified; in a large batch or with a low
-acceptance rate few or none are, so speculation costs about nothing there.
+Each step `choose` takes drafts greedily by their chance of acceptance (draft j is emitted only if
+drafts 1..j all are: a sequence's first-draft acceptance rate times its later-draft rate to the power
+j - 1, adaptive.py) and keeps the prefix that gives the most expected tokens per second; when even the
+best beats plain decoding by less than `MIN_GAIN` the step verifies nothing. At one stream a draft row
+costs little beside the step's weight reads and most drafts are verified; in a large batch or with a
+low acceptance rate few or none are, so speculation costs about nothing there. `StepScale` follows how
+the served steps compare with these start-up prices, verifying steps against plain ones.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kernels.cpu import select
-
 if TYPE_CHECKING:
     from engine.model_runner import ModelRunner
 
@@ -33,8 +32,9 @@ PROBE_ROWS = (1, 2, 3, 4, 5, 6, 8, 16, 32, 64, 128)  # dense where drafts are ve
 PROBE_PROMPT = 256  # tokens of the prompt forward that prices attention
 MIN_PROBE_PROMPT = 64  # shorter, its fixed costs would drown the keys' (attention then goes unpriced)
 PROBE_ROUNDS = 3  # every probed shape is timed once per round and keeps its best: a busy machine only slows a forward
-INT_DOT_ROWS = (2, 4, 8)  # verification rows where int16 activations are timed against fp32 on the served model
 MIN_GAIN = 0.1  # expected speed-up below which a step does not speculate (the estimates' noise: bench/spec_decode.py)
+SCALE_WEIGHT = 0.1  # weight of the newest step in StepScale's averages
+SCALE_BOUND = 3.0  # a step's observed / predicted time counts within this factor of plain steps': a stall is not the step's
 
 
 @dataclass(frozen=True)
@@ -54,11 +54,14 @@ class StepCost:
             base = max(t0 + (t1 - t0) * (rows - r0) / (r1 - r0), self.rows_ms[0])
         return base + self.key_ms * row_keys
 
-    def choose(self, rows: int, row_keys: int, drafts: Sequence[tuple[int, int, float]]) -> list[int]:
+    def choose(self, rows: int, row_keys: int, drafts: Sequence[tuple[int, int, float, float]],
+               verify_scale: float = 1.0) -> list[int]:
         """How many of each sequence's drafts to verify in a step of `rows` rows over `row_keys` pairs, where
         `rows` sequences each emit a token anyway. `drafts[i]` = (drafts proposed, the sequence's context
-        length, its per-token acceptance rate)."""
-        positions = sorted((-(alpha ** j), j, i) for i, (count, _, alpha) in enumerate(drafts)
+        length, its first-draft and later-draft acceptance rates: adaptive.py); a step that verifies is priced
+        `verify_scale` times its measured cost (StepScale: how much slower verifying steps run than predicted,
+        against plain ones)."""
+        positions = sorted((-first * later ** (j - 1), j, i) for i, (count, _, first, later) in enumerate(drafts)
                            for j in range(1, count + 1))
         tokens, keys = float(rows), row_keys
         plain = best = tokens / self.ms(rows, keys)
@@ -66,7 +69,7 @@ class StepCost:
         for n, (neg_p, j, i) in enumerate(positions, start=1):
             tokens -= neg_p
             keys += drafts[i][1] + j
-            rate = tokens / self.ms(rows + n, keys)
+            rate = tokens / (self.ms(rows + n, keys) * verify_scale)
             if rate > best:
                 best, best_len = rate, n
         counts = [0] * len(drafts)
@@ -80,30 +83,27 @@ class StepCost:
         return f"speculation step cost: forward ms by rows {{{points}}}, {self.key_ms * 1e3:.3f} us per attended key"
 
 
-def calibrate_int_dot(runner: ModelRunner, max_rows: int) -> None:
-    """Let int16 activations serve the verification rows where the served model's forward is faster with them.
+@dataclass
+class StepScale:
+    """How verifying steps' times compare with the start-up prediction against how plain steps' do, learnt from
+    every decode-only step. The probe times one-token decodes; a verifying step also attends from several
+    query positions, samples every row and emits its tokens one at a time, while what moves every step alike
+    (a thread count changed since start-up, other load) moves no choice."""
 
-    The kernel plan's probe times them on weights that sit in cache, where fp32 activations keep up; the
-    model's weights stream, and there a forward of 2-4 rows measured ~25% faster in int16 (SmolLM2 Q4_1, one
-    thread: 4 rows 22.6 vs 30.4 ms), while the probe sometimes left them at one row. A verified step computed
-    in int16 also matches a plain one bit for bit: every row is rounded and summed alone."""
-    plan = select.chosen()
-    if plan is None or not plan.int_dot_max_rows:  # no quantized weights, or int16 off or slower at one row
-        return
-    counts = [rows for rows in INT_DOT_ROWS if rows <= max_rows]
-    best = {(rows, limit): float("inf") for rows in counts for limit in (rows, rows - 1)}
-    for _ in range(PROBE_ROUNDS):  # interleaved like measure's: a burst of load cannot decide one comparison alone
-        for rows, limit in best:
-            select.set_int_dot_max_rows(limit)
-            best[rows, limit] = min(best[rows, limit], runner.best_forward_ms(1, rows, 1))
-    serving = 1
-    for rows in counts:
-        if best[rows, rows] > best[rows, rows - 1]:
-            break
-        serving = rows
-    select.set_int_dot_max_rows(serving)
-    log.info("CPU matmul: int16 activations up to %d rows, timed on the served model", serving)
+    plain: float | None = None  # moving average of observed / predicted time, steps without drafts
+    relative: float = 1.0  # ... of a verifying step's observed / predicted time over `plain`
 
+    def observe(self, cost: StepCost, rows: int, row_keys: int, verifying: bool, ms: float) -> None:
+        ratio = ms / cost.ms(rows, row_keys)
+        if self.plain is None:
+            if not verifying:
+                self.plain = ratio
+            return
+        ratio = min(max(ratio, self.plain / SCALE_BOUND), self.plain * SCALE_BOUND)
+        if verifying:
+            self.relative += SCALE_WEIGHT * (ratio / self.plain - self.relative)
+        else:
+            self.plain += SCALE_WEIGHT * (ratio - self.plain)
 
 def measure(runner: ModelRunner, max_rows: int) -> StepCost:
     """Time forwards of the served model on the runner's scratch block (CPU: the forward returns when done).
@@ -111,7 +111,6 @@ def measure(runner: ModelRunner, max_rows: int) -> StepCost:
     several tokens (their few attended keys are subtracted). Every shape is timed once per round and keeps
     its best: a burst of other load then slows one round of all shapes, not all rounds of a few."""
     capacity = min(max_rows, runner.buffers.input_ids[0].shape[0])
-    calibrate_int_dot(runner, capacity)
     prompt = min(PROBE_PROMPT, capacity, runner.max_blocks * runner.block_size)
     shapes = []  # (sequences, tokens each)
     for wanted in PROBE_ROWS:

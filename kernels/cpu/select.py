@@ -63,6 +63,7 @@ class Plan:
     bandwidth_gbs: dict[str, float] = field(default_factory=dict)
     many_rows: str = "dequant"  # past native_max_rows: a TILE_TERMS kernel (qgemm_tiles.cpp) or "dequant" (F.linear)
     int_dot_max_rows: int = 0  # in place, batches up to this many rows use qgemm_int.cpp (int16 x); above, qgemm.cpp
+    int_dot_timed_on_model: bool = False  # int_dot_max_rows set from a served model's own forwards, not the probe
 
     @property
     def activations(self) -> str:
@@ -71,6 +72,7 @@ class Plan:
 
     def describe(self) -> dict[str, object]:
         return {"kernel": self.kernel, "activations": self.activations, "int_dot_max_rows": self.int_dot_max_rows,
+                "int_dot_max_rows_timed_on": "model" if self.int_dot_timed_on_model else "probe",
                 "native_max_rows": self.native_max_rows,
                 "many_rows": self.many_rows,
                 "quantized_types": list(self.types),
@@ -98,13 +100,13 @@ def chosen() -> Plan | None:
         return _plan[0] if _plan else None
 
 
-def set_int_dot_max_rows(rows: int) -> None:
+def set_int_dot_max_rows(rows: int, timed_on_model: bool = False) -> None:
     """Serve in-place batches up to `rows` rows with int16 activations (above, qgemm.cpp's fp32 ones): for a
-    caller that timed the served model's own forwards both ways, whose weights stream as the probe's (in
-    cache) do not (engine/spec_decode/step_cost.py)."""
+    caller that times a served model's own forwards both ways, whose weights stream as the probe's (in cache)
+    do not (engine/cpu_kernel_plan.py); `timed_on_model` marks its final choice."""
     with _lock:
         if _plan:
-            _plan[0] = replace(_plan[0], int_dot_max_rows=rows)
+            _plan[0] = replace(_plan[0], int_dot_max_rows=rows, int_dot_timed_on_model=timed_on_model)
 
 
 def native_linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
