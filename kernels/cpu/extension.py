@@ -1,8 +1,10 @@
 """Build and load the native CPU kernels (qgemm*.cpp: quantized matmuls; layer_ops.cpp: fused
 per-layer ops) once per machine, cached on disk.
 
-The build is native (`-march=native`), so the cache key holds the source, torch's version and the
-CPU's flags: another CPU or another torch builds its own copy. Any failure (no compiler, no ninja,
+The build targets this CPU (`-march=native`) unless MINERVA_CPU_MARCH names another target (e.g.
+`haswell`: AVX2 + FMA + F16C, the kernels' non-AVX-512 paths, as tests/test_kernels_cpu_portable.py
+builds them), so the cache key holds the source, torch's version, the CPU's flags and the compiler
+flags: another CPU, target or torch builds its own copy. Any failure (no compiler, no ninja,
 a compile error) leaves `load()` returning None with the reason in `unavailable_reason()`, and the
 CPU ops fall back to dense weights.
 """
@@ -27,7 +29,7 @@ log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name(name) for name in ("qgemm.cpp", "qgemm_int.cpp", "qgemm_tiles.cpp", "layer_ops.cpp")]
 CACHE_ENV = "MINERVA_KERNEL_CACHE"  # where builds are kept; default ~/.cache/minerva/kernels
 SWITCH_ENV = "MINERVA_CPU_QGEMM"  # "0": never build (dense weights); "1": use without measuring (select.py)
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
+MARCH_ENV = "MINERVA_CPU_MARCH"  # the compiler's -march target; default "native" (this CPU)
 
 _lock = threading.Lock()
 
@@ -53,9 +55,14 @@ def cpu_flags() -> str:
     return platform.machine()
 
 
+def compile_flags() -> list[str]:
+    return ["-O3", f"-march={os.environ.get(MARCH_ENV) or 'native'}", "-fopenmp", "-ffp-contract=off"]
+
+
 def cache_dir() -> Path:
     key = hashlib.sha256(
-        b"\0".join((*(source.read_bytes() for source in SOURCES), torch.__version__.encode(), cpu_flags().encode(), " ".join(FLAGS).encode()))
+        b"\0".join((*(source.read_bytes() for source in SOURCES), torch.__version__.encode(), cpu_flags().encode(),
+                    " ".join(compile_flags()).encode()))
     ).hexdigest()[:16]
     root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "minerva" / "kernels")
     return root / f"cpu-{key}"
@@ -93,8 +100,8 @@ def _build() -> tuple[NativeKernels | None, str | None]:
         build_dir = cache_dir()
         build_dir.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
-        load_extension("minerva_cpu_kernels", [str(source) for source in SOURCES], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
-                       build_directory=str(build_dir), is_python_module=False, verbose=False)
+        load_extension("minerva_cpu_kernels", [str(source) for source in SOURCES], extra_cflags=compile_flags(),
+                       extra_ldflags=["-fopenmp"], build_directory=str(build_dir), is_python_module=False, verbose=False)
         log.info("CPU quantized kernels ready in %.1f s (%s)", time.perf_counter() - started, build_dir)
         return cast(NativeKernels, torch.ops.minerva_cpu), None  # built at run time: see kernels/cpu/native.py
     except Exception as exc:  # a missing compiler or ninja shows up as many exception types
