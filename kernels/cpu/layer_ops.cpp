@@ -288,6 +288,27 @@ inline void tile_scores(const float* Q, const float* Kt, float* S) {
   for (int i = 0; i < NR; ++i) _mm512_store_ps(S + i * BLOCK_KEYS, _mm512_add_ps(a[2 * i], a[2 * i + 1]));
 }
 
+// O[i] = O[i] * correction[i] + sum over k < keys of S[i][k] * values[k], for NR rows (stride D for O,
+// BLOCK_KEYS for S): each value vector is loaded once for the NR rows, and NR * DC accumulators keep the
+// FMA units busy where one row's DC would wait on each other's latency.
+template <int64_t DC, int NR>
+inline void weigh_values(float* O, const float* S, const float* correction, const float* const* values, int64_t keys) {
+  constexpr int64_t D = 16 * DC;
+  __m512 o[NR][DC];
+  for (int i = 0; i < NR; ++i)
+    for (int64_t c = 0; c < DC; ++c) o[i][c] = _mm512_mul_ps(_mm512_load_ps(O + i * D + 16 * c), _mm512_set1_ps(correction[i]));
+  for (int64_t k = 0; k < keys; ++k) {
+    __m512 v[DC];
+    for (int64_t c = 0; c < DC; ++c) v[c] = _mm512_loadu_ps(values[k] + 16 * c);
+    for (int i = 0; i < NR; ++i) {
+      const __m512 w = _mm512_set1_ps(S[i * BLOCK_KEYS + k]);
+      for (int64_t c = 0; c < DC; ++c) o[i][c] = _mm512_fmadd_ps(w, v[c], o[i][c]);
+    }
+  }
+  for (int i = 0; i < NR; ++i)
+    for (int64_t c = 0; c < DC; ++c) _mm512_store_ps(O + i * D + 16 * c, o[i][c]);
+}
+
 // One flash task's share of the work: a tile of one sequence's queries, a run of its kv heads and a range
 // of its keys. `part` (when the keys are split across tasks) receives each row's running max, sum and
 // unnormalised output instead of the attention output.
@@ -316,7 +337,9 @@ void flash_task(const FlashTask& task, const float* qp, const T* kp, const T* vp
   alignas(64) float O[TILE_ROWS * D];
   alignas(64) float Kt[D * KEYS];
   alignas(64) float S[TILE_ROWS * BLOCK_KEYS];
-  float m[TILE_ROWS], l[TILE_ROWS];
+  float m[TILE_ROWS], l[TILE_ROWS], correction[TILE_ROWS];
+  int64_t seen[TILE_ROWS];  // keys of the current block each row sees
+  constexpr int PV_ROWS = DC <= 4 ? 4 : 2;
   const float* keys[BLOCK_KEYS];
   const float* values[BLOCK_KEYS];
   // fp16 / bf16 caches: a block's keys and values converted once into fp32 here, read by every row from L1
@@ -387,9 +410,12 @@ void flash_task(const FlashTask& task, const float* qp, const T* kp, const T* vp
       }
       for (int64_t r = r0; r < r0 + RH; ++r) {
         const int64_t visible = std::min(jn, before + (r - r0) / group + 1 - j0);  // row r sees keys j0 .. j0 + visible - 1
-        if (visible <= 0) continue;
         float* s = S + r * BLOCK_KEYS;
-        const int64_t live_tiles = (visible + KEYS - 1) / KEYS;
+        const int64_t live_tiles = std::max<int64_t>(0, (visible + KEYS - 1) / KEYS);
+        for (int64_t t = live_tiles; t < tiles; ++t) _mm512_store_ps(s + t * KEYS, _mm512_setzero_ps());
+        seen[r] = std::max<int64_t>(0, visible);
+        correction[r] = 1.f;
+        if (visible <= 0) continue;
         auto live = [&](int64_t t) {
           const int64_t count = std::min(KEYS, visible - t * KEYS);
           return __mmask16(count >= 16 ? 0xFFFFu : (1u << count) - 1u);
@@ -405,17 +431,17 @@ void flash_task(const FlashTask& task, const float* qp, const T* kp, const T* vp
           _mm512_store_ps(s + t * KEYS, p);
           total = _mm512_add_ps(total, p);
         }
-        const float correction = std::exp(m[r] - top);  // 0 for the first block (m = -inf)
-        l[r] = l[r] * correction + _mm512_reduce_add_ps(total);
+        correction[r] = std::exp(m[r] - top);  // 0 for the first block (m = -inf)
+        l[r] = l[r] * correction[r] + _mm512_reduce_add_ps(total);
         m[r] = top;
-        __m512 o[DC];
-        for (int64_t c = 0; c < DC; ++c) o[c] = _mm512_mul_ps(_mm512_load_ps(O + r * D + 16 * c), _mm512_set1_ps(correction));
-        for (int64_t k = 0; k < visible; ++k) {
-          const __m512 wk = _mm512_set1_ps(s[k]);
-          for (int64_t c = 0; c < DC; ++c) o[c] = _mm512_fmadd_ps(wk, _mm512_loadu_ps(values[k] + 16 * c), o[c]);
-        }
-        for (int64_t c = 0; c < DC; ++c) _mm512_store_ps(O + r * D + 16 * c, o[c]);
       }
+      // Weighted values, PV_ROWS rows at a time (each value vector loaded once for all of them, and
+      // PV_ROWS * DC independent accumulators): past a row's visible keys its weights are 0.
+      int64_t r = r0;
+      for (; r + PV_ROWS <= r0 + RH; r += PV_ROWS)
+        weigh_values<DC, PV_ROWS>(O + r * D, S + r * BLOCK_KEYS, correction + r, values,
+                                  *std::max_element(seen + r, seen + r + PV_ROWS));
+      for (; r < r0 + RH; ++r) weigh_values<DC, 1>(O + r * D, S + r * BLOCK_KEYS, correction + r, values, seen[r]);
     }
   }
   for (int64_t r = 0; r < R; ++r) {
