@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import socket
@@ -129,43 +130,50 @@ def output_lengths(args: argparse.Namespace, requests: int) -> list[int]:
     return [draw.randint(low, high) for _ in range(requests)]
 
 
-async def stream_load(url: str, concurrency: int, lengths: list[int]) -> tuple[int, int]:
-    """(streamed completion tokens, SSE data events) over one stream per length, `concurrency` at a time. A bare
-    asyncio HTTP/1.1 client (one connection per stream, read to its close) so that the load takes as little as
-    it can of the cores the server shares with it (its CPU per token is reported beside the server's). The
-    events show how finely the tokens came: a server that falls behind merges a stream's tokens into fewer."""
+async def stream_load(url: str, concurrency: int, lengths: list[int]) -> tuple[int, int, list[float]]:
+    """(streamed completion tokens, SSE data events, each stream's seconds to its first event) over one stream
+    per length, `concurrency` at a time. A bare asyncio HTTP/1.1 client (one connection per stream, read to its
+    close) so that the load takes as little as it can of the cores the server shares with it (its CPU per token
+    is reported beside the server's). The events show how finely the tokens came: a server that falls behind
+    merges a stream's tokens into fewer. The first event's wait shows how long a new request takes to start,
+    which is what a served engine's emptier steps wait on."""
     host, port = url.removeprefix("http://").split(":")
     gate = asyncio.Semaphore(concurrency)  # FIFO: streams start in the lengths' order
 
-    async def one(max_tokens: int) -> tuple[int, int]:
+    async def one(max_tokens: int) -> tuple[int, int, float]:
         body = json.dumps({"model": "tiny", "prompt": PROMPT, "max_tokens": max_tokens, "stream": True,
                            "ignore_eos": True, "temperature": 0.8, "stream_options": {"include_usage": True}}).encode()
         head = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
         events = 0
+        first = math.nan
         async with gate:
+            started = time.perf_counter()
             reader, writer = await asyncio.open_connection(host, int(port))
             writer.write(head + body)
             tail = b""
             while chunk := await reader.read(65536):
                 events += (tail[-len(EVENT) + 1:] + chunk).count(EVENT)  # the carried bytes cannot hold a whole one
+                if events and math.isnan(first):
+                    first = time.perf_counter() - started
                 tail = (tail + chunk)[-4096:]
             writer.close()
         usage = tail.rpartition(b'"completion_tokens":')[2]
-        return (int(usage[:usage.index(b",")]) if usage else 0), events
+        return (int(usage[:usage.index(b",")]) if usage else 0), events, first
 
     counts = await asyncio.gather(*(one(max_tokens) for max_tokens in lengths))
-    return sum(tokens for tokens, _ in counts), sum(events for _, events in counts)
+    return sum(tokens for tokens, _, _ in counts), sum(events for _, events, _ in counts), [t for _, _, t in counts]
 
 
-def run_clients(url: str, concurrency: int, lengths: list[int]) -> tuple[int, float, float, int]:
+def run_clients(url: str, concurrency: int, lengths: list[int]) -> tuple[int, float, float, int, float, float]:
     """The load, from a process of its own (its CPU is not the server's): (tokens, seconds from the first
-    request to the last token, the client's CPU seconds, SSE data events)."""
+    request to the last token, the client's CPU seconds, SSE data events, the median and 90th percentile
+    seconds from a stream's start to its first event)."""
     output = subprocess.run([sys.executable, "-m", "bench.host_ceiling", "--client", url, "--concurrency",
                              str(concurrency)], input=json.dumps(lengths), cwd=REPO, check=True, capture_output=True,
                             text=True).stdout
-    tokens, seconds, cpu, events = output.strip().splitlines()[-1].split()
-    return int(tokens), float(seconds), float(cpu), int(events)
+    tokens, seconds, cpu, events, first_p50, first_p90 = output.strip().splitlines()[-1].split()
+    return int(tokens), float(seconds), float(cpu), int(events), float(first_p50), float(first_p90)
 
 
 # --- the unloaded engine ----------------------------------------------------------------------------------
@@ -204,8 +212,19 @@ def unloaded_rate(model: Path, concurrency: int, lengths: list[int], text: bool)
 
 
 def engine_counters(url: str) -> tuple[int, int]:
-    stats = httpx.get(url + "/health", timeout=30).json()["models"]["tiny"]
-    return stats.get("steps_total", 0), stats["generation_tokens_total"]
+    """(steps, generated tokens) once the engine is idle. A core process's figures reach /health as of its last
+    report (every 0.25 s), so they are read until two reads 0.6 s apart agree (read at once, they missed the
+    last steps of a run and the warm-up's)."""
+    def read() -> tuple[int, int]:
+        stats = httpx.get(url + "/health", timeout=30).json()["models"]["tiny"]
+        return stats.get("steps_total", 0), stats["generation_tokens_total"]
+
+    now = read()
+    while True:
+        time.sleep(0.6)
+        before, now = now, read()
+        if now == before:
+            return now
 
 
 def measure(model: Path, mode: str, args: argparse.Namespace, log_dir: Path) -> dict:
@@ -216,7 +235,7 @@ def measure(model: Path, mode: str, args: argparse.Namespace, log_dir: Path) -> 
         before = {pid: cpu_seconds(pid) for pid in pids}
         steps_before, generated_before = engine_counters(url)
         lengths = output_lengths(args, args.concurrency * args.rounds)
-        tokens, wall, client_cpu, events = run_clients(url, args.concurrency, lengths)
+        tokens, wall, client_cpu, events, first_p50, first_p90 = run_clients(url, args.concurrency, lengths)
         steps_after, generated_after = engine_counters(url)
         cpu: dict[str, float] = {}
         for pid in pids:
@@ -229,6 +248,7 @@ def measure(model: Path, mode: str, args: argparse.Namespace, log_dir: Path) -> 
             "steps_per_s": (steps_after - steps_before) / wall, "client_cpu_us_per_token": client_cpu / tokens * 1e6,
             "tokens_per_step": (generated_after - generated_before) / max(1, steps_after - steps_before),
             "events_per_stream": events / (args.concurrency * args.rounds),
+            "first_event_ms_p50": first_p50 * 1e3, "first_event_ms_p90": first_p90 * 1e3,
             "cpu_us_per_token": {name: seconds / tokens * 1e6 for name, seconds in cpu.items()},
             "cpu_us_per_token_total": sum(cpu.values()) / tokens * 1e6}
 
@@ -251,8 +271,9 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     if args.client:
         started, cpu = time.perf_counter(), time.process_time()
-        tokens, events = asyncio.run(stream_load(args.client, args.concurrency, json.loads(sys.stdin.read())))
-        print(tokens, time.perf_counter() - started, time.process_time() - cpu, events)
+        tokens, events, firsts = asyncio.run(stream_load(args.client, args.concurrency, json.loads(sys.stdin.read())))
+        deciles = statistics.quantiles(firsts, n=10)
+        print(tokens, time.perf_counter() - started, time.process_time() - cpu, events, deciles[4], deciles[8])
         return
     if args.unloaded:
         print(json.dumps(unloaded_rate(args.unloaded, args.concurrency, json.loads(sys.stdin.read()),
@@ -279,7 +300,7 @@ def main() -> None:
         of_mode = [run[index] for run in runs]
         summary = {key: statistics.median(result[key] for result in of_mode)
                    for key in ("tokens_per_s", "steps_per_s", "cpu_us_per_token_total", "client_cpu_us_per_token",
-                               "events_per_stream", "tokens_per_step")}
+                               "events_per_stream", "tokens_per_step", "first_event_ms_p50", "first_event_ms_p90")}
         processes = {name for result in of_mode for name in result["cpu_us_per_token"]}
         summary["cpu_us_per_token"] = {name: statistics.median(result["cpu_us_per_token"].get(name, 0.0)
                                                                for result in of_mode) for name in sorted(processes)}
@@ -297,7 +318,8 @@ def main() -> None:
               f"of {result['tokens_per_step']:.0f} tokens ({result['steps_vs_unloaded']:.0%} of its unloaded engine's "
               f"steps/s, {result['tokens_per_s_vs_unloaded']:.0%} of its tok/s), server CPU "
               f"{result['cpu_us_per_token_total']:.0f} us/token ({per_process}); client "
-              f"{result['client_cpu_us_per_token']:.0f}; {result['events_per_stream']:.1f} SSE events per stream")
+              f"{result['client_cpu_us_per_token']:.0f}; {result['events_per_stream']:.1f} SSE events per stream; "
+              f"first event after {result['first_event_ms_p50']:.0f} ms (p90 {result['first_event_ms_p90']:.0f})")
     load = ({"output_lengths": args.output_lengths, "seed": args.seed} if args.output_lengths is not None
             else {"max_tokens": args.max_tokens})
     report = {"args": {"concurrency": args.concurrency, **load, "rounds": args.rounds, "modes": args.modes,
