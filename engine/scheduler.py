@@ -127,10 +127,13 @@ class Scheduler:
     def step_budget(self, decodes: list[tuple[Sample, int]]) -> int:
         """Tokens this step may compute: `max_num_batched_tokens`, or, while `decodes` are decoding and a
         latency budget is set, their tokens plus the prompt tokens the budget allows at the next prompt's
-        context (so a long prompt's chunks hold each stream's next token to a small multiple of its usual wait)."""
+        context (so a long prompt's chunks hold each stream's next token to a small multiple of its usual wait),
+        or only theirs in the step that measures them alone."""
         if self.latency_budget is None or not decodes:
             return self.max_num_batched_tokens
         decode_tokens = sum(count for _, count in decodes)
+        if self.latency_budget.wants_alone_step():
+            return decode_tokens
         spare = self.max_num_batched_tokens - decode_tokens
         prompt, work = self._next_prompt(), StepWork.of(decodes)
         if prompt is None:

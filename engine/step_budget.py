@@ -59,6 +59,9 @@ FORGETTING = 0.98  # each older step weighs this much less: a fit follows about 
 ALONE_SCALE = np.array([1.0, 1.0, 4096.0])  # intercept, decode rows, decode pairs
 CHUNK_SCALE = np.array([1.0, 16.0, 4096.0, 65536.0])  # chunk, prompt tokens, prompt context, prompt pairs
 PRIOR_WEIGHT = 1.0  # the seed counts as this many steps' worth of evidence
+# During a long prefill every step has a chunk, so the streams' step alone would never be measured again while their
+# contexts grow (a decode at 4k context costs ~3x one at 30, fp32 KV on one core): one step in this many runs them alone.
+ALONE_EVERY = 32
 OUTLIER_RATIO = 3.0  # a step slower than this many predicted times counts only this slow (another process stalled it)
 
 
@@ -171,6 +174,7 @@ class StepBudget:
         self.alone = NonNegativeFit(np.array([0.0, decode_ms, 0.0]) * ALONE_SCALE)  # ms per scaled feature
         self.chunk = NonNegativeFit(np.array([0.0, token_ms, 0.0, 0.0]) * CHUNK_SCALE)
         self.steps_observed = 0
+        self.steps_since_alone = 0  # steps with prompt work since the streams' step alone was last measured
         self.last_prefill_tokens: int | None = None  # the most recent step's allowance (stats)
 
     def alone_ms(self, work: StepWork) -> float:
@@ -191,8 +195,14 @@ class StepBudget:
         self.steps_observed += 1
         if work.prompt_chunks:  # a split step counts as a whole chunk's worth: its extra over its share of the layers
             self.chunk.observe(work.chunk_features(), (ms - self.alone_ms(work)) / work.layer_share)
+            self.steps_since_alone += 1
         else:
             self.alone.observe(work.alone_features(), ms)
+            self.steps_since_alone = 0
+
+    def wants_alone_step(self) -> bool:
+        """Whether the next step should run the streams alone, to measure their step as their contexts grow."""
+        return self.steps_since_alone >= ALONE_EVERY
 
     def prefill_tokens(self, decodes: StepWork, context: int, limit: int) -> int:
         """The most prompt tokens (after `context` computed ones, at most `limit`) a whole chunk beside `decodes` may

@@ -19,7 +19,7 @@ from engine.kv_cache import BlockPool
 from engine.request import Sample
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler
-from engine.step_budget import (MIN_PREFILL_TOKENS, PRIOR_WEIGHT, STALL_RATIO, TOKEN_SHARE, NonNegativeFit,
+from engine.step_budget import (ALONE_EVERY, MIN_PREFILL_TOKENS, PRIOR_WEIGHT, STALL_RATIO, TOKEN_SHARE, NonNegativeFit,
                                 StepBudget, StepWork)
 from tests.engine_testing import make_engine, run_to_completion
 from tests.fake_model import FakeModel, IdTokenizer
@@ -221,6 +221,26 @@ def test_the_scheduler_runs_a_split_chunk_a_group_of_layers_a_step_and_drops_it_
     scheduler.remove(long)  # an abort mid-chunk: the chunk goes with its blocks
     assert scheduler.split is None and step().items == [(stream, 1)]
     assert scheduler.pool.num_free == scheduler.pool.num_blocks - 1
+
+
+def test_during_a_long_prefill_the_streams_run_alone_now_and_then_so_their_growing_step_is_measured():
+    scheduler = Scheduler(BlockPool(800, 16, False), max_num_seqs=8, max_num_batched_tokens=2048)
+    scheduler.latency_budget = budget = trained_budget()
+    stream, long = sample("stream", 3, max_tokens=10_000), sample("long", 12_000)
+    scheduler.add(stream)
+    scheduler.after_step(scheduler.schedule())
+    stream.output_token_ids.append(5)
+    scheduler.add(long)
+    budget.steps_since_alone = 0
+    before = budget.alone_ms(StepWork.of([(stream, 1)]))
+    for step in range(3 * (ALONE_EVERY + 1)):
+        batch = scheduler.schedule()
+        assert (batch.items == [(stream, 1)]) == (step % (ALONE_EVERY + 1) == ALONE_EVERY)
+        work = StepWork.of(batch.items)
+        budget.observe(work, (true_ms(work) + 10.0) / 1e3)  # the stream's step has grown by 10 ms
+        scheduler.after_step(batch)
+        stream.output_token_ids.append(5)
+    assert budget.alone_ms(StepWork.of([(stream, 1)])) > before + 1.5  # three steps alone: it follows, with a lag
 
 
 def test_engine_measures_the_budget_on_cpu_learns_from_its_steps_and_a_given_budget_overrides():
