@@ -25,6 +25,9 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define MINERVA_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define MINERVA_AVX2 1
 #endif
 
 namespace {
@@ -91,6 +94,82 @@ void q8_row(const Q8& w, int64_t n, const float* x, float* out, int64_t out_stri
     }
   }
   for (int t = 0; t < T; ++t) out[t * out_stride + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][t], acc[1][t]));
+}
+#elif defined(MINERVA_AVX2)
+// The same kernels 8 lanes wide (AVX2 + FMA): values formed as above, so only the summation order differs.
+inline float sum8(__m256 v) {
+  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
+}
+
+// 8 values of a weight row from 8 codes (0-15): a 16-entry codebook is two 8-lane lookups picked by bit 3.
+inline __m256 q4_values(__m256i codes, const Q4& w, __m256 low_table, __m256 high_table, __m256 scale, __m256 offset) {
+  __m256 q;
+  if (w.codebook)
+    q = _mm256_blendv_ps(_mm256_permutevar8x32_ps(low_table, codes), _mm256_permutevar8x32_ps(high_table, codes),
+                         _mm256_castsi256_ps(_mm256_slli_epi32(codes, 28)));
+  else
+    q = _mm256_cvtepi32_ps(codes);
+  return w.offsets ? _mm256_fmadd_ps(q, scale, offset) : _mm256_mul_ps(q, scale);
+}
+
+// Accumulators per row of x: two (independent FMA chains) where registers allow, one for wide tiles.
+template <int T>
+constexpr int kChains = T <= 4 ? 2 : 1;
+
+template <int T>
+void q4_row(const Q4& w, int64_t n, const float* x, float* out, int64_t out_stride) {
+  constexpr int A = kChains<T>;
+  const int64_t K = w.K, groups = K / 32;
+  const uint8_t* qs = w.qs + n * (K / 2);
+  const float* sc = w.scales + n * groups;
+  const float* off = w.offsets ? w.offsets + n * groups : nullptr;
+  __m256 acc[A][T];
+  for (int a = 0; a < A; ++a)
+    for (int t = 0; t < T; ++t) acc[a][t] = _mm256_setzero_ps();
+  const __m256 low_table = w.codebook ? _mm256_loadu_ps(w.codebook) : _mm256_setzero_ps();
+  const __m256 high_table = w.codebook ? _mm256_loadu_ps(w.codebook + 8) : _mm256_setzero_ps();
+  const __m128i mask = _mm_set1_epi8(15);
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16 * g));
+    const __m128i lo = _mm_and_si128(bytes, mask), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+    const __m256 scale = _mm256_set1_ps(sc[g]);
+    const __m256 offset = off ? _mm256_set1_ps(off[g]) : scale;
+    const __m256 v[4] = {q4_values(_mm256_cvtepu8_epi32(lo), w, low_table, high_table, scale, offset),
+                         q4_values(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)), w, low_table, high_table, scale, offset),
+                         q4_values(_mm256_cvtepu8_epi32(hi), w, low_table, high_table, scale, offset),
+                         q4_values(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)), w, low_table, high_table, scale, offset)};
+    for (int t = 0; t < T; ++t) {
+      const float* xr = x + t * K + 32 * g;
+      for (int c = 0; c < 4; ++c) acc[c & (A - 1)][t] = _mm256_fmadd_ps(v[c], _mm256_loadu_ps(xr + 8 * c), acc[c & (A - 1)][t]);
+    }
+  }
+  for (int t = 0; t < T; ++t) out[t * out_stride + n] = sum8(A == 2 ? _mm256_add_ps(acc[0][t], acc[A - 1][t]) : acc[0][t]);
+}
+
+template <int T>
+void q8_row(const Q8& w, int64_t n, const float* x, float* out, int64_t out_stride) {
+  constexpr int A = kChains<T>;
+  const int64_t K = w.K, groups = K / w.G, per_group = w.G / 8;
+  const int8_t* qs = w.qs + n * K;
+  const float* sc = w.scales + n * groups;
+  const float* off = w.offsets ? w.offsets + n * groups : nullptr;
+  __m256 acc[A][T];
+  for (int a = 0; a < A; ++a)
+    for (int t = 0; t < T; ++t) acc[a][t] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m256 scale = _mm256_set1_ps(sc[g]);
+    const __m256 offset = off ? _mm256_set1_ps(off[g]) : scale;
+    for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
+      const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs + 8 * c))));
+      __m256 v = _mm256_mul_ps(q, scale);  // rounded alone, then the offset added (never fused), as above
+      if (off) v = _mm256_add_ps(v, offset);
+      for (int t = 0; t < T; ++t)
+        acc[c & (A - 1)][t] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + t * K + 8 * c), acc[c & (A - 1)][t]);
+    }
+  }
+  for (int t = 0; t < T; ++t) out[t * out_stride + n] = sum8(A == 2 ? _mm256_add_ps(acc[0][t], acc[A - 1][t]) : acc[0][t]);
 }
 #else
 template <int T>
