@@ -13,11 +13,19 @@ bench/results/.
     python -m bench.peer --llama-only          # when Minerva cannot serve yet
     python -m bench.peer --peer llama-server --models smollm2 --concurrency 1 16 64
     python -m bench.peer --peer llama-server --models smollm2 smollm2-q8_0 --concurrency 1 16 64
+    python -m bench.peer --peer llama-server --models smollm2 --workload spec-decode --concurrency 1 4 16
 
 llama-cpp-python is built from source once into the venv (see docs/benchmarks.md). `llama-server`
 is the binary at $LLAMA_SERVER, on PATH, or in /work/peers (built from the llama.cpp source inside
 llama-cpp-python's sdist, /work/shared/PEERS.md); without it that peer is skipped with the reason.
 It serves `-np N` parallel slots (N = the highest concurrency) with continuous batching.
+
+`--workload spec-decode` compares n-gram speculative decoding instead (llama-server only): Minerva
+with and without `--speculative-config` (bench/spec_decode.py's config) and llama-server with and
+without `--spec-type ngram-simple`, all four up at once, on bench/spec_decode.py's agent workload
+(code edit, chat: chat completions, greedy, EOS honoured, the task's prompts cycled to the
+concurrency), each level on the four in alternating order. Reported: output tok/s of each, each
+side's speculative / plain ratio, and whether speculation left every greedy text unchanged.
 """
 
 from __future__ import annotations
@@ -334,11 +342,11 @@ def running(name: str, cmd: list[str], env: dict, port: int, log: Path, timeout:
             proc.wait()
 
 
-def minerva_command(model: Path, port: int, threads: int | None = None) -> list[str]:
+def minerva_command(model: Path, port: int, threads: int | None = None, extra: Sequence[str] = ()) -> list[str]:
     """`threads`: the same count as the peer's (otherwise the engine sizes its own, engine/cpu_threads.py)."""
     return [sys.executable, "-c", "import sys; from server.cli import main; sys.exit(main())",
             "serve", str(model), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
-            *(("--cpu-threads", str(threads)) if threads else ())]
+            *(("--cpu-threads", str(threads)) if threads else ()), *extra]
 
 
 LLAMA_SERVER_ENV = "LLAMA_SERVER"
@@ -354,11 +362,12 @@ def find_llama_server() -> Path | None:
     return next((Path(c) for c in candidates if c and Path(c).is_file() and os.access(c, os.X_OK)), None)
 
 
-def llama_server_command(binary: str, model: Path, port: int, threads: int, slots: int) -> list[str]:
+def llama_server_command(binary: str, model: Path, port: int, threads: int, slots: int,
+                         extra: Sequence[str] = ()) -> list[str]:
     # N slots of 1024 tokens each (continuous batching); F32 KV cache as for llama-cpp-python.
     return [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-c", str(1024 * slots),
             "-np", str(slots), "-t", str(threads), "-tb", str(threads), "-ctk", "f32", "-ctv", "f32",
-            "--no-warmup"]
+            "--no-warmup", *extra]
 
 
 def llama_cpp_command(model: Path, port: int, threads: int) -> list[str]:
@@ -546,6 +555,95 @@ def compare_model(tag: str, gguf_path: Path, hf_dir: Path | None, args, llama_ve
     return record
 
 
+# --------------------------------------------------------------------------- n-gram speculation side by side
+
+SPEC_SIDES = (("minerva", "minerva-ngram"), ("llama.cpp", "llama.cpp-ngram"))  # (plain, speculative) per server
+
+
+def spec_requests(task_prompts: Sequence[str], concurrency: int, max_tokens: int) -> list[serve.BenchRequest]:
+    """bench/spec_decode.py's shape: the task's prompts cycled to max(concurrency, their number)."""
+    count = max(concurrency, len(task_prompts))
+    return [serve.BenchRequest(task_prompts[i % len(task_prompts)], 0, max_tokens) for i in range(count)]
+
+
+def compare_speculation(tag: str, gguf_path: Path, args, llama_version: str, work: Path) -> dict:
+    """Both servers with and without n-gram speculation on the agent workload; writes
+    bench/results/peer_<tag>_spec-decode.*"""
+    from bench.spec_decode import DEFAULT_SPEC, load_tasks
+
+    tag, threads, slots = f"{tag}_spec-decode", args.threads, max(args.concurrency)
+    llama_ngram = ("--spec-type", "ngram-simple", "--spec-draft-n-max", str(args.spec_draft_n_max),
+                   "--spec-ngram-simple-size-n", str(args.spec_ngram_size_n))
+    record: dict[str, Any] = {"model": tag, "gguf": str(gguf_path), "threads": threads, "settings": vars(args),
+                              "minerva_speculative_config": json.loads(DEFAULT_SPEC), "llama_server_ngram": llama_ngram,
+                              "environment": serve.environment(), "versions": versions(llama_version)}
+    commands = {
+        "minerva": minerva_command(gguf_path, _free_port(), threads),
+        "minerva-ngram": minerva_command(gguf_path, _free_port(), threads, ("--speculative-config", DEFAULT_SPEC)),
+        "llama.cpp": llama_server_command(args.llama_server, gguf_path, _free_port(), threads, slots),
+        "llama.cpp-ngram": llama_server_command(args.llama_server, gguf_path, _free_port(), threads, slots, llama_ngram),
+    }
+    tasks = load_tasks(args.spec_tasks, args.spec_prompts_per_task)
+    rows = []
+    with contextlib.ExitStack() as stack:
+        servers = [stack.enter_context(running(name, command, thread_env(threads), int(command[command.index("--port") + 1]),
+                                               work / f"{name}-{tag}.log")) for name, command in commands.items()]
+        for server in servers:
+            if server.name.startswith("llama.cpp"):
+                server.load_body = {"repeat_penalty": 1.0}  # its default 1.1 is not greedy
+        level = 0
+        for task, items in tasks.items():
+            prompts = [item["messages"][-1]["content"] for item in items]  # one user message each
+            for conc in args.concurrency:
+                requests = spec_requests(prompts, conc, args.spec_max_tokens)
+                order = servers if level % 2 == 0 else list(reversed(servers))
+                level += 1
+                row: dict[str, Any] = {"task": task, "concurrency": conc, "requests": len(requests)}
+                texts = {}
+                for server in order:
+                    common = dict(endpoint="chat", usage=args.usage, extra_body=server.load_body, timeout=args.timeout)
+                    asyncio.run(serve.run_benchmark(server.base_url, server.model_id, requests[:1], **common))  # warm-up
+                    run = asyncio.run(serve.run_benchmark(server.base_url, server.model_id, requests,
+                                                          max_concurrency=conc, progress=args.progress, **common))
+                    summary = serve.summarize(run)
+                    row[server.name] = round(summary["output_throughput"], 2)
+                    row[f"{server.name}_errors"] = summary["errors"]
+                    texts[server.name] = [r.text for r in run.results]
+                for plain, spec in SPEC_SIDES:
+                    row[f"{spec}_speedup"] = round(row[spec] / row[plain], 3) if row[plain] else None
+                    row[f"{spec}_greedy_identical"] = texts[plain] == texts[spec]
+                row["minerva-ngram_vs_llama.cpp-ngram"] = (round(row["minerva-ngram"] / row["llama.cpp-ngram"], 3)
+                                                           if row["llama.cpp-ngram"] else None)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    record["results"] = rows
+    record["table"] = spec_table(rows)
+    stem = RESULTS_DIR / f"peer_{tag}"
+    stem.with_suffix(".json").write_text(json.dumps(serve.json_safe(record), indent=1, allow_nan=False))
+    env = record["environment"]
+    stem.with_suffix(".md").write_text("\n".join([
+        f"# n-gram speculative decoding: Minerva vs llama.cpp's llama-server, {tag}", "",
+        f"- GGUF: `{gguf_path.name}`; {threads} thread(s) each; bench/datasets/spec_decode.jsonl, chat completions, "
+        f"greedy, EOS honoured, max_tokens {args.spec_max_tokens}, {args.spec_prompts_per_task} prompts per task cycled "
+        f"to the concurrency; wall clock, the four servers alternating per level",
+        f"- Minerva `--speculative-config '{DEFAULT_SPEC}'`; llama-server `{' '.join(llama_ngram)}`",
+        f"- machine: {env['cpu']}, {env['cpu_count']} cores (shared with other jobs); commit {env['commit'][:12]}, "
+        f"{env['time_utc']}; {llama_version}", "", record["table"], ""]))
+    print(record["table"], flush=True)
+    return record
+
+
+def spec_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| task | concurrency | minerva tok/s | minerva ngram | speedup | llama.cpp tok/s | llama.cpp ngram | speedup "
+             "| minerva ngram / llama.cpp ngram | greedy unchanged m / l |", "|" + "---|" * 10]
+    for r in rows:
+        lines.append(f"| {r['task']} | {r['concurrency']} | {r['minerva']} | {r['minerva-ngram']} "
+                     f"| {r['minerva-ngram_speedup']}x | {r['llama.cpp']} | {r['llama.cpp-ngram']} "
+                     f"| {r['llama.cpp-ngram_speedup']}x | {r['minerva-ngram_vs_llama.cpp-ngram']}x "
+                     f"| {r['minerva-ngram_greedy_identical']} / {r['llama.cpp-ngram_greedy_identical']} |")
+    return "\n".join(lines)
+
+
 def _markdown(record: dict, args) -> str:
     env, ver = record["environment"], record["versions"]
     agree = "yes" if record["greedy"]["all_agree"] else "NO (see the JSON for texts)"
@@ -584,6 +682,14 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--llama-only", action="store_true", help="benchmark llama.cpp alone")
     p.add_argument("--peer", choices=("llama-cpp-python", "llama-server"), default="llama-cpp-python",
                    help="which llama.cpp server to measure against")
+    p.add_argument("--workload", choices=("synthetic", "spec-decode"), default="synthetic",
+                   help="spec-decode: n-gram speculation on and off on both servers (llama-server only)")
+    p.add_argument("--spec-tasks", nargs="+", default=["code_edit", "chat"])
+    p.add_argument("--spec-prompts-per-task", type=int, default=4)
+    p.add_argument("--spec-max-tokens", type=int, default=128)
+    p.add_argument("--spec-draft-n-max", type=int, default=24, help="llama-server's draft length (Minerva's config: 24)")
+    p.add_argument("--spec-ngram-size-n", type=int, default=5,
+                   help="llama-server's lookup n-gram (Minerva's config: the longest of 2..5 that matches)")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--work-dir", default=None, help="where models and server logs go (default: a temp dir)")
     return p.parse_args(argv)
@@ -591,6 +697,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
+    if args.workload == "spec-decode" and args.peer != "llama-server":
+        print("--workload spec-decode compares against llama-server (--peer llama-server)", file=sys.stderr)
+        return 2
     if args.peer == "llama-server":
         binary = find_llama_server()
         if binary is None:
@@ -631,6 +740,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             gguf_path = Path(name)
         tag = name if name in ("tiny-llama", "default", "smollm2", "smollm2-q8_0") else gguf_path.stem
         try:
+            if args.workload == "spec-decode":
+                record = compare_speculation(tag, gguf_path, args, llama_version, work)
+                failed |= not all(r[f"{spec}_greedy_identical"] for r in record["results"] for _, spec in SPEC_SIDES)
+                continue
             record = compare_model(tag, gguf_path, hf_dir, args, llama_version, work)
             failed |= not record["greedy"]["all_agree"]
         except PeerError as exc:

@@ -156,3 +156,17 @@ def test_q8_0_export_of_the_default_model_is_served_quantized(tmp_path):
     prompt = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(messages), add_special_tokens=False)
     (output,) = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=16))
     assert "Paris" in output.outputs[0].text
+
+def test_speculation_workload_cycles_the_task_prompts_and_tables_each_sides_ratio():
+    requests = peer.spec_requests(["a", "b", "c"], 4, 128)
+    assert [r.prompt for r in requests] == ["a", "b", "c", "a"] and {r.output_len for r in requests} == {128}
+    assert len(peer.spec_requests(["a", "b", "c"], 1, 8)) == 3  # every prompt at least once
+    row = {"task": "chat", "concurrency": 4, "minerva": 100.0, "minerva-ngram": 150.0, "minerva-ngram_speedup": 1.5,
+           "llama.cpp": 50.0, "llama.cpp-ngram": 60.0, "llama.cpp-ngram_speedup": 1.2,
+           "minerva-ngram_vs_llama.cpp-ngram": 2.5, "minerva-ngram_greedy_identical": True,
+           "llama.cpp-ngram_greedy_identical": False}
+    assert "| chat | 4 | 100.0 | 150.0 | 1.5x | 50.0 | 60.0 | 1.2x | 2.5x | True / False |" in peer.spec_table([row])
+
+
+def test_speculation_workload_needs_llama_server():
+    assert peer.main(["--workload", "spec-decode", "--peer", "llama-cpp-python"]) == 2
