@@ -161,13 +161,15 @@ void q8_row(const Q8& w, int64_t n, const float* x, float* out, int64_t out_stri
   for (int64_t g = 0; g < groups; ++g) {
     const __m256 scale = _mm256_set1_ps(sc[g]);
     const __m256 offset = off ? _mm256_set1_ps(off[g]) : scale;
-    for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
-      const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs + 8 * c))));
-      __m256 v = _mm256_mul_ps(q, scale);  // rounded alone, then the offset added (never fused), as above
-      if (off) v = _mm256_add_ps(v, offset);
-      for (int t = 0; t < T; ++t)
-        acc[c & (A - 1)][t] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + t * K + 8 * c), acc[c & (A - 1)][t]);
-    }
+    for (int64_t c = g * per_group; c < (g + 1) * per_group; c += 2)  // chunk pairs: accumulators indexed statically
+      for (int pair = 0; pair < 2; ++pair) {
+        const __m128i codes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs + 8 * (c + pair)));
+        const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(codes));
+        __m256 v = _mm256_mul_ps(q, scale);  // rounded alone, then the offset added (never fused), as above
+        if (off) v = _mm256_add_ps(v, offset);
+        for (int t = 0; t < T; ++t)
+          acc[pair & (A - 1)][t] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + t * K + 8 * (c + pair)), acc[pair & (A - 1)][t]);
+      }
   }
   for (int t = 0; t < T; ++t) out[t * out_stride + n] = sum8(A == 2 ? _mm256_add_ps(acc[0][t], acc[A - 1][t]) : acc[0][t]);
 }
