@@ -124,14 +124,14 @@ def build_engine(config: EngineConfig, num_blocks: int | None = None,
         if ranks is not None:
             ranks.stop(timeout_s=0.0)
         raise
-    if placement.device.type == "cpu" and placement.tensor_parallel_size == 1:  # the cost models time these kernels
-        calibrate_int_dot(engine.executor.runner, config.batched_tokens)
-    if (placement.device.type == "cpu" and config.max_num_batched_tokens is None and config.enable_chunked_prefill
-            and placement.tensor_parallel_size == 1):  # tensor parallel on CPU runs tests, not streams
-        engine.step_budget = measure_step_budget(engine.executor.runner, config.batched_tokens)
-        engine.scheduler.latency_budget = engine.step_budget
-    if engine.spec is not None and placement.device.type == "cpu" and placement.tensor_parallel_size == 1:
-        engine.spec.step_cost = measure_step_cost(engine.executor.runner, config.batched_tokens)
+    if placement.device.type == "cpu" and placement.tensor_parallel_size == 1:  # tensor parallel on CPU runs tests
+        runner = engine.executor.runner
+        calibrate_int_dot(runner, config.batched_tokens)  # first: the cost models below time these kernels
+        if config.max_num_batched_tokens is None and config.enable_chunked_prefill:
+            engine.step_budget = measure_step_budget(runner, config.batched_tokens)
+            engine.scheduler.latency_budget = engine.step_budget
+        if engine.spec is not None:
+            engine.spec.step_cost = measure_step_cost(runner, config.batched_tokens)
     engine.thread_adapter = thread_adapter
     engine.load_seconds = time.perf_counter() - started
     return engine
