@@ -8,6 +8,7 @@ an API process in front of an engine core process (engine/stream_text.py).
 
 from __future__ import annotations
 
+from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
 
 PROMPT_CONTEXT_TOKENS = 5  # prompt tail fed first so a first token's leading space decodes right
@@ -28,6 +29,13 @@ class IncrementalDetokenizer:
         self.min_tokens = min_tokens
         self.pending = ""  # decided text not handed out yet (stop strings are searched here only)
         self.stopped_by: str | None = None
+
+    @classmethod
+    def for_sample(cls, tokenizer: Tokenizer, prompt_token_ids: list[int], params: SamplingParams,
+                   ending_token_ids: frozenset[int]) -> IncrementalDetokenizer:
+        """One sample's detokenizer with its request's text rules, alike in the engine and in an API process."""
+        return cls(tokenizer, prompt_token_ids, params.stop, params.skip_special_tokens, ending_token_ids,
+                   params.min_tokens)
 
     def add(self, token_id: int, num_generated: int) -> None:
         """The sample's `num_generated`-th token (counting from 1)."""

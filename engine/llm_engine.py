@@ -130,8 +130,7 @@ class LLMEngine:
             seqs.append(Sample(request_id, index, ids, params, max_tokens, seed, lead=seqs[0] if seqs else None,
                                grammar=grammars[index] if grammars else None, stop_token_ids=stop_token_ids))
             if self.outputs.detokenize:
-                detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens,
-                                                     stop_token_ids, params.min_tokens))
+                detoks.append(IncrementalDetokenizer.for_sample(self.tokenizer, ids, params, stop_token_ids))
         return Request(request_id, ids, params, seqs, detoks, [SampleProgress() for _ in seqs],
                        [None] if params.prompt_logprobs is not None else None)
 

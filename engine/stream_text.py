@@ -70,5 +70,5 @@ class RequestText:
         params = self.params
         self.prompt_token_ids = prompt_token_ids
         ending = params.ending_token_ids(self.tokenizer.eos_token_ids)
-        self.detoks = [IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop, params.skip_special_tokens,
-                                              ending, params.min_tokens) for _ in range(params.n)]
+        self.detoks = [IncrementalDetokenizer.for_sample(self.tokenizer, prompt_token_ids, params, ending)
+                       for _ in range(params.n)]
