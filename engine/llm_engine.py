@@ -216,14 +216,12 @@ class LLMEngine:
         speculating = any(drafts)
         try:
             prompt_rows = self._prompt_rows(batch)
-            row_seqs = ([seq for seq, draft in zip(samples, drafts) for _ in range(1 + len(draft))] if speculating
-                        else samples)
             step = self.messages.build(batch.items, sample_rows,
                                        {seq.seq_id: seq.spec_token_ids for seq in samples if seq.spec_token_ids}
                                        if speculating else {},
                                        [PromptRowSpan(rows.item, rows.first, rows.count) for rows in prompt_rows],
                                        {seq.seq_id: len(seq.output_token_ids) + seq.num_in_flight for seq in samples
-                                        if seq.params.min_tokens}, self._grammar_bitmask(row_seqs), batch.layer_span)
+                                        if seq.params.min_tokens}, self._grammar_bitmask(samples, drafts), batch.layer_span)
             result = self.executor.execute(step)
             if prompt_rows:
                 self._score_prompts(batch, prompt_rows, result.prompt_logprobs())
@@ -334,15 +332,19 @@ class LLMEngine:
             return
         self._retire(seq)
 
-    def _grammar_bitmask(self, seqs: list[Sample]) -> bytes | None:
-        """The allowed-token bitmask of this step's sampler rows, for the step message; None when no row is
-        constrained (they pay nothing)."""
-        if not any(seq.grammar is not None for seq in seqs):
+    def _grammar_bitmask(self, samples: list[Sample], drafts: list[list[int]]) -> bytes | None:
+        """The allowed-token bitmask of this step's sampler rows, for the step message: a sample's row, then one per
+        draft it verifies (`drafts`, empty without speculative decoding); None when no row is constrained (they pay
+        nothing)."""
+        if not any(seq.grammar is not None for seq in samples):
             return None
-        bitmask = unconstrained_bitmask(len(seqs), self.executor.vocab_size)
-        for row, seq in enumerate(seqs):
+        drafts = drafts or [[] for _ in samples]
+        bitmask = unconstrained_bitmask(len(samples) + sum(len(draft) for draft in drafts), self.executor.vocab_size)
+        row = 0
+        for seq, draft in zip(samples, drafts):
             if seq.grammar is not None:
-                seq.grammar.fill_bitmask(bitmask, row)
+                seq.grammar.fill_bitmasks(bitmask, row, draft)
+            row += 1 + len(draft)
         return bitmask.numpy().tobytes()
 
     def _retire(self, seq: Sample) -> None:

@@ -394,7 +394,8 @@ class ModelRunner:
     @torch.no_grad()  # not inference_mode: the sampler edits the logits in place
     def sample(self, step: SchedulerOutput, logits: torch.Tensor) -> StepResult:
         """Score the step's prompt rows (the tail of `logits`) and draw its sampled rows: each sampled item's row,
-        then one row per draft it verifies (min_tokens bans counted per position); the ids stay on the device."""
+        then one row per draft it verifies (min_tokens bans counted per position, penalties counting the drafts before
+        it); the ids stay on the device."""
         prompt_scores = []
         if step.prompt_rows:
             extra = sum(span.count for span in step.prompt_rows)
@@ -423,9 +424,11 @@ class ModelRunner:
                 continue
             if row.generator is not None and not row.params.greedy:
                 state.saved_generator = (row.generator.get_state(), logits.shape[-1])
+            penalised = row.penalised
             for j in range(1, len(draft) + 1):
                 banned = state.stop_token_ids if generated is not None and generated + j < row.params.min_tokens else ()
-                rows.append(row if banned == row.banned_token_ids else dataclasses.replace(row, banned_token_ids=banned))
+                rows.append(row if banned == row.banned_token_ids and not penalised else
+                            dataclasses.replace(row, banned_token_ids=banned, drafts_before=draft[:j] if penalised else ()))
         bitmask = None
         if step.grammar_bitmask is not None:
             bitmask = torch.frombuffer(bytearray(step.grammar_bitmask), dtype=torch.int32).view(len(rows), -1)

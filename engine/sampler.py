@@ -8,7 +8,9 @@ race), so it gets the same token whatever else shares the batch; the other rows 
 `CDF_BLOCK` tokens from the blocks' sums, then which token within it, so on CPU a draw costs a
 vectorised sum over the vocabulary instead of a sequential scan of it (or a vocabulary's worth of
 exponential noise per row). Rows at temperature 1 skip the division, and a batch whose every row
-samples skips the greedy argmax.
+samples skips the greedy argmax. A speculative verification row's penalties count the drafts before
+it, and the counts then keep only the draws the step emits (decided on the device), so each position
+is drawn as non-speculative decoding would draw it.
 
 Every per-row parameter is one small tensor uploaded per step, each operation runs once
 for the whole batch (or the rows that use it: greedy rows never see noise, only top-p rows
@@ -41,6 +43,7 @@ class SamplingRow:
     banned_token_ids: Seq[int] = ()  # EOS / stop ids while fewer than min_tokens were generated
     penalty_key: Hashable | None = None  # the sequence whose token counts the penalties read (None: no penalties)
     prompt_token_ids: Seq[int] = ()  # read once, the first time `penalty_key` is seen (repetition penalty)
+    drafts_before: Seq[int] = ()  # speculative decoding, a penalised row: the drafts verified before it (it counts them)
 
     @property
     def penalised(self) -> bool:
@@ -147,6 +150,17 @@ def skip_seeded_draws(generator: torch.Generator, vocab_size: int, count: int) -
         noise.exponential_(generator=generator)
 
 
+def _emitted(drawn: torch.Tensor, drafts_before: list[Seq[int]], device: torch.device) -> torch.Tensor:
+    """Which of a step's penalised rows' draws are emitted, on the device: a verification row's when every draw
+    before it in its sequence equalled the draft there (engine/spec_decode/verify.py). A sequence's rows are
+    consecutive, the first with no drafts before it; `drawn[i]` is row i's draw."""
+    previous_draft = upload([before[-1] if before else -1 for before in drafts_before], torch.long, device)
+    first_of = upload([i - len(before) for i, before in enumerate(drafts_before)], torch.long, device)
+    previous_drawn = torch.roll(drawn, 1)  # row 0 has no drafts before it: its comparison is not used
+    misses = torch.where(previous_draft < 0, 0, (previous_drawn != previous_draft).long()).cumsum(0)
+    return misses == misses[first_of]
+
+
 class TokenCounts:
     """Per sequence, on the device: how often each token was generated and which tokens the prompt holds.
 
@@ -186,8 +200,10 @@ class TokenCounts:
         self.counts, self.in_prompt = counts, in_prompt
         self.free.extend(range(new - 1, old - 1, -1))
 
-    def add_tokens(self, rows: torch.Tensor, token_ids: torch.Tensor) -> None:
-        self.counts.index_put_((rows, token_ids), torch.ones_like(token_ids, dtype=torch.int32), accumulate=True)
+    def add_tokens(self, rows: torch.Tensor, token_ids: torch.Tensor, kept: torch.Tensor | None = None) -> None:
+        """Count `token_ids[i]` for count row `rows[i]`, only where `kept[i]` when given."""
+        ones = torch.ones_like(token_ids, dtype=torch.int32) if kept is None else kept.to(torch.int32)
+        self.counts.index_put_((rows, token_ids), ones, accumulate=True)
 
     def release(self, key: Hashable) -> None:
         index = self.row_of.pop(key, None)
@@ -220,7 +236,8 @@ class Sampler:
             index = upload(penalised, torch.long, device)
             counted = upload(self.token_counts.rows([rows[i] for i in penalised], logits.shape[-1], device),
                              torch.long, device)
-            self._penalise(logits, [rows[i].params for i in penalised], index, counted)
+            drafts_before = [rows[i].drafts_before for i in penalised]
+            self._penalise(logits, [rows[i].params for i in penalised], index, counted, drafts_before)
         logprob_rows = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         top_k = max((n for r in rows if (n := r.params.logprobs) is not None), default=0)
         if logprob_rows:
@@ -235,7 +252,9 @@ class Sampler:
                 values, ids = lp_logits.topk(top_k, dim=-1)
                 parts += [ids.to(torch.int32).flatten(), (values - lse).flatten().view(torch.int32)]
         if penalised:
-            self.token_counts.add_tokens(counted, tokens[index])
+            drawn = tokens[index]
+            self.token_counts.add_tokens(counted, drawn, _emitted(drawn, drafts_before, device)
+                                         if any(drafts_before) else None)
         packed = torch.cat(parts) if len(parts) > 1 else parts[0]
         return SampleResult(tokens, HostCopy(packed), logprob_rows, top_k)
 
@@ -246,12 +265,19 @@ class Sampler:
             logits[upload(row_index, torch.long, logits.device), upload(token_index, torch.long, logits.device)] = NEG_INF
 
     def _penalise(self, logits: torch.Tensor, params: list[SamplingParams], index: torch.Tensor,
-                  counted: torch.Tensor) -> None:
-        """Repetition over prompt+output tokens, presence/frequency over output tokens, from the count rows."""
+                  counted: torch.Tensor, drafts_before: list[Seq[int]]) -> None:
+        """Repetition over prompt+output tokens, presence/frequency over output tokens, from the count rows; a
+        verification row's output tokens include the drafts before it, as if they had been drawn."""
+        device = logits.device
         values = upload([[p.repetition_penalty, p.presence_penalty, p.frequency_penalty] for p in params],
-                        torch.float32, logits.device)
+                        torch.float32, device)
         repetition, presence, frequency = (values[:, j:j + 1] for j in range(3))
         counts = self.token_counts.counts[counted].float()
+        if any(drafts_before):
+            row_index = [j for j, before in enumerate(drafts_before) for _ in before]
+            token_index = [t for before in drafts_before for t in before]
+            counts.index_put_((upload(row_index, torch.long, device), upload(token_index, torch.long, device)),
+                              torch.ones(len(row_index), device=device), accumulate=True)
         generated = counts > 0
         seen = generated | self.token_counts.in_prompt[counted]
         sub = logits[index]

@@ -2,9 +2,11 @@
 
 The tiny Llama with its real tokenizer runs the async-scheduling feature matrix with and without
 speculation: greedy rows must come out identical (and equal to transformers' own greedy decode),
-rows that do not speculate (seeded sampling, penalties, grammars) identical too, every block back.
+seeded sampling, penalised and grammar rows identical too, every block back (tests/test_spec_decode_rules.py
+has the rows with per-token rules where drafts land often).
 A fake paged model, whose logits are read back through the KV cache, checks rollback under random
-accept/reject patterns, preemption and aborts; a 3-token vocabulary checks the sampled distribution.
+accept/reject patterns, preemption and aborts; a 3-token vocabulary checks the sampled distribution,
+plain and penalised.
 """
 
 from __future__ import annotations
@@ -162,32 +164,44 @@ def test_rollback_under_random_traffic(reqs, num_blocks, block_size, max_seqs, b
     assert_idle(engine)
 
 
-def test_sampled_distribution_is_the_targets():
+@pytest.mark.parametrize("penalties", [{}, dict(repetition_penalty=1.3, presence_penalty=0.3, frequency_penalty=0.7)],
+                         ids=["plain", "penalised"])
+def test_sampled_distribution_is_the_targets(penalties):
     """Chi-square over all 27 three-token outputs of a 3-token vocabulary at temperature 1, against the exact
-    probabilities of the fake model's logits (one-hot 1.0: the predicted token e/(e+2), the others 1/(e+2)).
-    The prompt repeats, so the n-gram proposer drafts at every decode step and both rejection and acceptance
-    happen. df = 26: the statistic exceeds 54.1 with probability 0.001 if the distribution is right."""
+    probabilities of the fake model's logits (one-hot 1.0: the predicted token e/(e+2), the others 1/(e+2)), or
+    of those logits penalised by OpenAI's rules (every token is in the prompt, so the repetition penalty divides
+    the predicted one; presence and frequency count the output so far: a verified position's count must include
+    the drafts before it). The prompt repeats, so the n-gram proposer drafts at every decode step and both
+    rejection and acceptance happen. df = 26: the statistic exceeds 54.1 with probability 0.001 if the
+    distribution is right."""
     vocab, prompt, num_requests = 3, [0, 1, 2, 0, 1, 2, 0, 1], 1500
 
     def predict(context: list[int], vocab_size: int) -> int:
         return (context[-1] + 1) % vocab_size if context[-2] != context[-1] else 0
 
+    def probabilities(context: list[int]) -> list[float]:
+        output = context[len(prompt):]
+        logits = [(1.0 / penalties.get("repetition_penalty", 1.0) if token == predict(context, vocab) else 0.0)
+                  - penalties.get("frequency_penalty", 0.0) * output.count(token)
+                  - penalties.get("presence_penalty", 0.0) * (token in output) for token in range(vocab)]
+        weights = [math.exp(logit) for logit in logits]
+        return [weight / sum(weights) for weight in weights]
+
     spec = {**NGRAM, "num_speculative_tokens": 2, "disable_by_batch_size": 10_000}
     engine = engine_for_model(FakeModel(vocab, predict), IdTokenizer(), EngineConfig(block_size=4, seed=11,
                        speculative_config=spec, max_num_seqs=256), max_model_len=16, num_blocks=1200)
-    params = SamplingParams(temperature=1.0, max_tokens=3, ignore_eos=True)
+    params = SamplingParams(temperature=1.0, max_tokens=3, ignore_eos=True, **penalties)
     for i in range(num_requests):
         engine.add_request(str(i), prompt, params)
     results = run_to_completion(engine)
     counts = Counter(tuple(r.outputs[0].token_ids) for r in results.values())
-    high, low = math.e / (math.e + 2), 1 / (math.e + 2)
     chi_square = 0.0
     for a in range(vocab):
         for b in range(vocab):
             for c in range(vocab):
                 context, p = list(prompt), 1.0
                 for token in (a, b, c):
-                    p *= high if token == predict(context, vocab) else low
+                    p *= probabilities(context)[token]
                     context.append(token)
                 expected_count = num_requests * p
                 chi_square += (counts[(a, b, c)] - expected_count) ** 2 / expected_count

@@ -1,8 +1,10 @@
 """Per step: which running sequences propose drafts and how many; afterwards, what was accepted.
 
-A sequence speculates when it is decoding (its prompt done, no token in flight), its tokens are
-its own to draw (no grammar, no penalties whose counts would have to see the drafts; a seeded
-sampling row's generator is rewound by the engine after verification) and its back-off allows it.
+A sequence speculates when it is decoding (its prompt done, no token in flight) and its back-off
+allows it. Every row's rules see the drafts before it: a grammar's draft is cut at the first token
+the grammar rejects and each verified position gets the grammar's mask after the drafts before it
+(engine/structured/matcher.py); a penalised row's counts include them (engine/sampler.py); a seeded
+sampling row's generator is rewound by the runner after verification.
 How many of the proposed drafts a step verifies is the step cost model's choice (step_cost.py):
 only drafts whose expected accepted tokens pay for their rows, so a large batch or a low
 acceptance rate verifies few or none; where the cost was not measured (GPU) every draft is verified.
@@ -33,12 +35,8 @@ def make_proposer(config: SpeculativeConfig) -> NgramProposer | SuffixProposer:
 
 
 def may_speculate(seq: Sample) -> bool:
-    p = seq.params
-    if seq.grammar is not None or seq.num_in_flight or seq.num_remaining != 1:
-        return False
-    if p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
-        return False
-    return True
+    """Decoding, with its last token known: grammars, penalties, seeds and n > 1 all speculate."""
+    return not seq.num_in_flight and seq.num_remaining == 1
 
 
 class SpecDecoder:
@@ -76,6 +74,8 @@ class SpecDecoder:
             self._check_unverified(seq, backoff)
             if backoff.ready():
                 draft = self.proposer.propose(seq, seq, room)
+                if draft and seq.grammar is not None:
+                    draft = draft[:seq.grammar.valid_prefix(draft)]
                 if draft:
                     candidates.append((seq, draft, backoff.acceptance))
         if candidates:
