@@ -67,6 +67,8 @@ def test_a_step_copies_to_the_host_once_and_never_reads_device_tensors(monkeypat
     config = EngineConfig(block_size=4, max_num_batched_tokens=64, async_scheduling=async_scheduling,
                           speculative_config=speculative)
     engine = engine_for_model(model, IdTokenizer(), config, max_model_len=64, num_blocks=64)
+    if engine.spec is not None:  # verify every draft: the cost model would price most of them out
+        engine.spec.step_cost = None
     engine.executor.runner.kv_caches[:] = [(_wrap(k), _wrap(v)) for k, v in engine.executor.runner.kv_caches]
     model.bind_kv_caches(engine.executor.runner.kv_caches)
     buffers = engine.executor.runner.buffers
@@ -82,13 +84,16 @@ def test_a_step_copies_to_the_host_once_and_never_reads_device_tensors(monkeypat
         "logprobs": SamplingParams(temperature=0.7, logprobs=3, max_tokens=6),
         "seeded n=2": SamplingParams(temperature=1.0, seed=3, n=2, max_tokens=6),
         "min tokens": SamplingParams(temperature=0, min_tokens=3, stop_token_ids=[5], max_tokens=6),
+        "penalised, repeating": SamplingParams(temperature=0, frequency_penalty=-2.0, presence_penalty=-2.0,
+                                               max_tokens=6),  # repeats its own tokens: n-gram drafts
     }
     for i, (rid, params) in enumerate(requests.items()):
         engine.add_request(rid, [1 + i, 2, 3, 4, 5, 6, 7][: 3 + i], params)
-    steps = 0
+    steps, drafted = 0, {}
     while engine.has_unfinished():
         OnDevice.log = []
         outputs = engine.step()
+        drafted.update((out.request_id, out.num_draft_tokens) for out in outputs)
         # Async scheduling reads a batch back one step later: its first step has nothing to show yet.
         assert outputs or (async_scheduling and steps == 0), "every step of this batch samples"
         launched = engine._in_flight is not None if async_scheduling else True
@@ -98,8 +103,9 @@ def test_a_step_copies_to_the_host_once_and_never_reads_device_tensors(monkeypat
     # to read back the last batch (and, at each finish, computes a token it then drops).
     if speculative is None:
         assert steps == 7 + async_scheduling
-    else:  # verified drafts (proposed on the host) go through the same single copy
+    else:  # verified drafts (proposed on the host) go through the same single copy, penalised rows' too
         assert engine.spec.stats.num_draft_tokens > 0
+        assert drafted["penalised, repeating"] > 0
 
 
 def test_the_detector_sees_host_reads():
