@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.loader import device_name, save_result, write_sparse_gguf
 
@@ -47,7 +48,7 @@ def main() -> None:
         "python -c 'import torch'": [sys.executable, "-c", "import torch"],
         "python -c 'import fastapi'": [sys.executable, "-c", "import fastapi"],
     }
-    results: dict[str, dict] = {label: {"command": command, "ms": []} for label, command in rows.items()}
+    results: dict[str, dict[str, Any]] = {label: {"command": command, "ms": []} for label, command in rows.items()}
     for _ in range(args.repeats):  # interleaved, so a busy moment on a shared machine hits every row alike
         for label, command in rows.items():
             results[label]["ms"].append(wall_ms(command))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Any
 
 import torch
 
@@ -32,17 +33,17 @@ def timed_forwards(llm: LLM) -> list[float]:
     model, times = llm.engine.model, []
     forward = model.forward
 
-    def timed(*args, **kwargs):
+    def timed(*args: Any, **kwargs: Any) -> torch.Tensor:
         started = time.perf_counter()
         out = forward(*args, **kwargs)
         times.append(time.perf_counter() - started)
         return out
 
-    model.forward = timed
+    setattr(model, "forward", timed)  # an instance attribute shadows the method
     return times
 
 
-def one_round(llm: LLM, times: list[float], ids: list[int], tokens: int) -> dict:
+def one_round(llm: LLM, times: list[float], ids: list[int], tokens: int) -> dict[str, Any]:
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
     times.clear()
     started = time.perf_counter()
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                for name in ("torch", "cpu")}
     ids = engines["cpu"].tokenizer.encode(PROMPT)
     timers = {name: timed_forwards(llm) for name, llm in engines.items()}
-    rounds: dict[str, list[dict]] = {name: [] for name in engines}
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in engines}
     for index in range(args.rounds + 1):  # round 0 warms up
         for name in (list(engines) if index % 2 else list(reversed(engines))):
             result = one_round(engines[name], timers[name], ids, args.tokens)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
 import numpy as np
 
@@ -33,7 +34,7 @@ from engine.sampling_params import SamplingParams
 KV_CACHE_GIB = 1.0  # SmolLM2: ~23k tokens, room for the prompt and the stream, so nothing is preempted
 
 
-def measure(engine: LLMEngine, long_prompt: int, quiet_tokens: int) -> dict:
+def measure(engine: LLMEngine, long_prompt: int, quiet_tokens: int) -> dict[str, Any]:
     vocab = engine.model.vocab_size
     stream_ids = engine.tokenizer.encode("Tell me about the sea and the ships that sail on it.")
     engine.add_request("stream", stream_ids, SamplingParams(temperature=0.0, max_tokens=100_000, ignore_eos=True))

@@ -16,6 +16,7 @@ where the CPU has them, the integer dot-product kernels of qgemm_int.cpp (`int16
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from bench.serve import environment
 from bench.result_files import write_result
 from kernels.cpu import extension, select
-from kernels.cpu.quant import BLOCKS, pack_gguf
+from kernels.cpu.quant import BLOCKS, QuantizedWeight, pack_gguf
 
 SHAPE = (1536, 768)  # K a multiple of 256 for the K-quants
 MANY_ROWS = 8  # from here on the many-row kernels are timed too
@@ -31,7 +32,7 @@ INT_DOT_ROWS = 64  # up to here the integer dot-product kernels are timed too
 FP16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q8_0": (0,), "Q4_K": (0, 2), "Q6_K": (208,), "MXFP4": ()}
 
 
-def random_weight(type_name: str, rows: int, k: int, generator: torch.Generator):
+def random_weight(type_name: str, rows: int, k: int, generator: torch.Generator) -> QuantizedWeight:
     """Random stored blocks with small finite scales (the codes' values do not change the timing)."""
     per_block, block_bytes = BLOCKS[type_name]
     raw = torch.randint(0, 256, (rows * k // per_block, block_bytes), dtype=torch.uint8, generator=generator)
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         per_rows = {}
         for rows in args.rows:
             x = torch.randn(rows, k, generator=generator)
-            kernels = {"qgemm": lambda: [select.exact_linear(x, w) for w in quantized],
+            kernels: dict[str, Callable[[], object]] = {"qgemm": lambda: [select.exact_linear(x, w) for w in quantized],
                        "dense": lambda: [F.linear(x, w) for w in dense]}
             if rows <= INT_DOT_ROWS and select.int_dot_available():
                 kernels["int16"] = lambda: [select.int_linear(x, w) for w in quantized]
@@ -73,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
                 kernels["dequant"] = lambda: [F.linear(x, w.dequantize()) for w in quantized]
                 if select.tiles_available():
                     for name, terms in select.TILE_TERMS.items():
-                        kernels[name] = lambda terms=terms: [select.tiles_linear(x, w, terms) for w in quantized]
+                        def tiles(terms: int = terms) -> list[torch.Tensor]:
+                            return [select.tiles_linear(x, w, terms) for w in quantized]
+
+                        kernels[name] = tiles
             best = dict.fromkeys(kernels, float("inf"))
             for _ in range(args.rounds + 1):
                 for name, run in kernels.items():

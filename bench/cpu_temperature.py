@@ -14,42 +14,27 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
 import torch
 
 from bench.serve import environment
 from bench.result_files import write_result
+from bench.timed_sampler import TimedSampler
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle. " * 6
 
 
-class TimedSampler:
-    """The runner's sampler, each call's seconds (until its tokens are read) kept in `times`."""
-
-    def __init__(self, sampler) -> None:
-        self.sampler, self.times = sampler, []
-
-    def __call__(self, *args, **kwargs):
-        started = time.perf_counter()
-        result = self.sampler(*args, **kwargs)
-        result.token_ids  # the sampler's work ends when its tokens are read
-        self.times.append(time.perf_counter() - started)
-        return result
-
-    def __getattr__(self, name: str):
-        return getattr(self.sampler, name)
-
-
 def timed_sampler(llm: LLM) -> list[float]:
     """Time the runner's sampler; each call's seconds land in the returned list."""
     runner = llm.engine.executor.runner
-    runner.sampler = TimedSampler(runner.sampler)
-    return runner.sampler.times
+    sampler = runner.sampler = TimedSampler(runner.sampler.seed)
+    return sampler.times
 
 
-def one_round(llm: LLM, times: list[float], prompts: list[list[int]], params: SamplingParams) -> dict:
+def one_round(llm: LLM, times: list[float], prompts: list[list[int]], params: SamplingParams) -> dict[str, Any]:
     times.clear()
     started = time.perf_counter()
     outputs = llm.generate(prompts, params)
@@ -71,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     times = timed_sampler(llm)
     settings = {"greedy": SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True),
                 "temperature 1": SamplingParams(temperature=1.0, max_tokens=args.tokens, ignore_eos=True)}
-    rounds: dict[str, list[dict]] = {name: [] for name in settings}
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in settings}
     for index in range(args.rounds + 1):  # round 0 warms up
         for name in (list(settings) if index % 2 else list(reversed(settings))):
             result = one_round(llm, times, prompts, settings[name])

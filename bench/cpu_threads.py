@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.result_files import write_result
 
@@ -57,7 +58,7 @@ def child(model: str | None, config: str, tokens: int, hog_after_start: bool) ->
     print(json.dumps({"tok_s": generated / elapsed, "threads": torch.get_num_threads()}))
 
 
-def measure(args: argparse.Namespace, config: str, condition: str) -> dict:
+def measure(args: argparse.Namespace, config: str, condition: str) -> dict[str, Any]:
     env = dict(os.environ)
     env.pop("OMP_WAIT_POLICY", None)
     env.pop("OMP_NUM_THREADS", None)
@@ -80,7 +81,8 @@ def measure(args: argparse.Namespace, config: str, condition: str) -> dict:
             hog.wait()
     if done.returncode != 0:
         raise RuntimeError(f"{config} / {condition} failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
 
 
 def main() -> None:
@@ -94,7 +96,7 @@ def main() -> None:
     if args.child:
         child(args.model, args.child, args.tokens, args.hog_after_start)
         return
-    runs: dict[tuple[str, str], list[dict]] = {(c, k): [] for c in CONFIGS for k in CONDITIONS}
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {(c, k): [] for c in CONFIGS for k in CONDITIONS}
     for round_index in range(args.rounds):
         order = [(c, k) for c in CONFIGS for k in CONDITIONS]
         for config, condition in order if round_index % 2 == 0 else reversed(order):

@@ -20,7 +20,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    import torch
+
+    from bench.kernels import Bench
+    from engine.models.decoder import DecoderLM
+    from kernels.mxfp4 import MXFP4Tensor
+    from kernels.ops import Ops
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -30,7 +40,7 @@ KERNEL_SUITES = ("mxfp4", "moe", "attention", "elementwise")
 BW_TARGET = 0.70  # of measured copy bandwidth, decode shapes (T <= 256)
 
 
-def _run(cmd: list[str], timeout: float) -> dict:
+def _run(cmd: list[str], timeout: float) -> dict[str, Any]:
     """Run a part; returns rc, seconds, and the tail of its output (rc 124 on timeout)."""
     start = time.time()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -45,8 +55,8 @@ def _run(cmd: list[str], timeout: float) -> dict:
     return {"cmd": " ".join(cmd), "rc": rc, "seconds": round(time.time() - start, 1), "tail": out[-6000:]}
 
 
-def environment() -> dict:
-    info: dict = {"python": sys.version.split()[0]}
+def environment() -> dict[str, Any]:
+    info: dict[str, Any] = {"python": sys.version.split()[0]}
     try:
         import torch
         import triton
@@ -66,7 +76,7 @@ def environment() -> dict:
     return info
 
 
-def run_tests(timeout: float) -> dict:
+def run_tests(timeout: float) -> dict[str, Any]:
     # The kernel tests and the models' Triton twins; their CPU variants skip themselves on a GPU.
     patterns = ("test_kernels*.py", "test_models_triton.py")
     tests = sorted(str(p.relative_to(ROOT)) for pattern in patterns for p in (ROOT / "tests").glob(pattern))
@@ -77,7 +87,7 @@ def run_tests(timeout: float) -> dict:
     return part
 
 
-def _run_json(cmd: list[str], timeout: float) -> dict:
+def _run_json(cmd: list[str], timeout: float) -> dict[str, Any]:
     """Run a part that writes its results to the JSON file named after `cmd` (kept as part["report"])."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "part.json"
@@ -87,16 +97,16 @@ def _run_json(cmd: list[str], timeout: float) -> dict:
     return part
 
 
-def run_kernel_bench(suite: str, timeout: float, smoke: bool) -> dict:
+def run_kernel_bench(suite: str, timeout: float, smoke: bool) -> dict[str, Any]:
     smoke_flag = ["--smoke"] if smoke else []
     return _run_json([sys.executable, "-m", "bench.kernels", "--only", suite, *smoke_flag, "--json"], timeout)
 
 
-def run_model_decode(timeout: float) -> dict:
+def run_model_decode(timeout: float) -> dict[str, Any]:
     return _run_json([sys.executable, "-m", "bench.gpu_suite", "--model-decode-json"], timeout)
 
 
-def run_peer_kernels(timeout: float) -> dict:
+def run_peer_kernels(timeout: float) -> dict[str, Any]:
     part = _run_json([sys.executable, "-m", "bench.peer_kernels", "--json"], timeout)
     part["summary"] = part.get("report", {}).get("skipped", "")
     return part
@@ -107,9 +117,11 @@ GPT_OSS_20B = {"layers": 24, "hidden": 2880, "heads": 64, "kv_heads": 8, "head_d
                "top_k": 4, "inter": 2880, "vocab": 201088, "window": 128}
 
 
-def time_decode_step(step, batch: int, device: str, timer) -> dict:
+def time_decode_step(step: Callable[[], torch.Tensor], batch: int, device: str, timer: Bench) -> dict[str, Any]:
     """One decode step's time, eager and (on CUDA) as a CUDA graph; off CUDA the logits, for the harness test."""
-    row: dict = {"eager_ms": round(timer.time_ms(step), 3)}
+    import torch
+
+    row: dict[str, Any] = {"eager_ms": round(timer.time_ms(step), 3)}
     if device != "cuda":
         return row | {"logits": step()}
     try:
@@ -126,9 +138,9 @@ def time_decode_step(step, batch: int, device: str, timer) -> dict:
 
 
 def kernel_stack_decode(
-    batches=(1, 8, 64), context: int = 1024, block_size: int = 16, config: dict | None = None, device: str = "cuda",
-    ops=None,
-) -> dict:
+    batches: tuple[int, ...] = (1, 8, 64), context: int = 1024, block_size: int = 16,
+    config: dict[str, Any] | None = None, device: str = "cuda", ops: Ops | None = None,
+) -> dict[str, Any]:
     """Time one gpt-oss-20b decode step composed directly from `kernels.triton_ops` (random weights).
 
     This is the kernels' own floor for a step (no model code around them): per layer
@@ -144,17 +156,19 @@ def kernel_stack_decode(
     from bench.kernels import Bench, random_mxfp4
 
     if ops is None:
-        from kernels import triton_ops as ops
+        from kernels import triton_ops
+
+        ops = triton_ops
 
     c, dev, bf = config or GPT_OSS_20B, device, torch.bfloat16
     timer = Bench(dev, smoke=dev != "cuda")
     h, d, nh, nkv, e, inter = c["hidden"], c["head_dim"], c["heads"], c["kv_heads"], c["experts"], c["inter"]
     qkv_out = (nh + 2 * nkv) * d
 
-    def dense(*shape):
+    def dense(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, device=dev, dtype=bf) * 0.02
 
-    layers = [
+    layers: list[dict[str, Any]] = [
         {
             "norm1": torch.ones(h, device=dev, dtype=bf), "norm2": torch.ones(h, device=dev, dtype=bf),
             "qkv": dense(qkv_out, h), "qkv_b": dense(qkv_out), "o": dense(h, nh * d), "o_b": dense(h),
@@ -169,7 +183,7 @@ def kernel_stack_decode(
     weight_bytes = sum(
         t.numel() * t.element_size() for layer in layers for t in layer.values() if isinstance(t, torch.Tensor)
     ) + unembed.numel() * 2
-    results = {"context": context, "weights_gb_on_device": round(weight_bytes / 1e9, 2)}
+    results: dict[str, Any] = {"context": context, "weights_gb_on_device": round(weight_bytes / 1e9, 2)}
     for batch in batches:
         blocks_per_seq = -(-(context + 1) // block_size)
         num_blocks = batch * blocks_per_seq
@@ -185,7 +199,7 @@ def kernel_stack_decode(
         positions = torch.full((batch,), context, device=dev)
         x0 = dense(batch, h) * 50
 
-        def step():
+        def step() -> torch.Tensor:
             x, residual = x0, None
             for i, (w, (k_cache, v_cache)) in enumerate(zip(layers, caches)):
                 if residual is None:
@@ -212,8 +226,9 @@ def kernel_stack_decode(
     return results
 
 
-def gpt_oss_config(layers=24, hidden=2880, heads=64, kv_heads=8, head_dim=64, experts=32, top_k=4, inter=2880,
-                   vocab=201088, window=128) -> dict:
+def gpt_oss_config(layers: int = 24, hidden: int = 2880, heads: int = 64, kv_heads: int = 8, head_dim: int = 64,
+                   experts: int = 32, top_k: int = 4, inter: int = 2880, vocab: int = 201088,
+                   window: int = 128) -> dict[str, Any]:
     """An HF-style gpt-oss config dict (gpt-oss-20b's by default) with MXFP4 experts."""
     return {
         "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "hidden_size": hidden,
@@ -235,7 +250,7 @@ class _RandomTensor:
         self.shape, self.device, self.kind = shape, device, kind
         self.dtype_name = "U8" if kind in ("blocks", "scales") else "BF16"
 
-    def load(self):
+    def load(self) -> torch.Tensor:
         import torch
 
         if self.kind == "blocks":
@@ -247,15 +262,15 @@ class _RandomTensor:
         return torch.randn(self.shape, dtype=torch.bfloat16, device=self.device) * 0.02
 
 
-class RandomGptOssStore(dict):
+class RandomGptOssStore(dict[str, Any]):
     """name -> _RandomTensor for every tensor engine.models' gpt-oss loader reads (official MXFP4 layout)."""
 
-    def __init__(self, config: dict, device: str) -> None:
+    def __init__(self, config: dict[str, Any], device: str) -> None:
         super().__init__()
         h, e, i = config["hidden_size"], config["num_local_experts"], config["intermediate_size"]
         q, kv = config["num_attention_heads"] * config["head_dim"], config["num_key_value_heads"] * config["head_dim"]
 
-        def add(name, shape, kind="dense"):
+        def add(name: str, shape: tuple[int, ...], kind: str = "dense") -> None:
             self[name] = _RandomTensor(tuple(shape), device, kind)
 
         for layer in range(config["num_hidden_layers"]):
@@ -278,30 +293,32 @@ class RandomGptOssStore(dict):
         add("model.norm.weight", (h,), "norm")
         add("lm_head.weight", (config["vocab_size"], h))
 
-    def mxfp4(self, prefix: str):
+    def mxfp4(self, prefix: str) -> MXFP4Tensor:
         from kernels.mxfp4 import MXFP4Tensor
 
         return MXFP4Tensor(self[f"{prefix}_blocks"].load(), self[f"{prefix}_scales"].load())
 
 
-def random_gpt_oss_model(config: dict, device: str, ops=None):
+def random_gpt_oss_model(config: dict[str, Any], device: str, ops: Ops | None = None) -> DecoderLM:
     """An engine gpt-oss model (engine.models.build_model, bf16) over random weights of `config`'s shapes."""
     from types import SimpleNamespace
 
     import torch
 
+    from engine.loader.open import LoadedModel
     from engine.models import build_model
 
-    loaded = SimpleNamespace(
+    # A stand-in with the three fields build_model reads (config, tensors, info.format), not a file's model.
+    loaded = cast(LoadedModel, SimpleNamespace(
         config=config, tensors=RandomGptOssStore(config, device), info=SimpleNamespace(format="safetensors")
-    )
+    ))
     return build_model(loaded, device=device, dtype=torch.bfloat16, ops=ops)
 
 
 def engine_model_decode(
-    config: dict | None = None, device: str = "cuda", batches=(1, 64, 256), context: int = 1024, block_size: int = 16,
-    ops=None,
-) -> dict:
+    config: dict[str, Any] | None = None, device: str = "cuda", batches: tuple[int, ...] = (1, 64, 256),
+    context: int = 1024, block_size: int = 16, ops: Ops | None = None,
+) -> dict[str, Any]:
     """One decode step of gpt-oss-20b (real shapes, random weights made on the device) built through
     engine.models.build_model and driven like the engine; eager and, where capture works, as a CUDA
     graph. `config`/`device`/`ops` shrink it for a CPU run under the interpreter (logits returned)."""
@@ -313,7 +330,7 @@ def engine_model_decode(
     config = config or gpt_oss_config()
     model = random_gpt_oss_model(config, device, ops)
     timer = Bench(device, smoke=device != "cuda")
-    results: dict = {"context": context}
+    results: dict[str, Any] = {"context": context}
     for batch in batches:
         blocks_per_seq = -(-(context + 1) // block_size)
         shape = (batch * blocks_per_seq, block_size, model.num_kv_heads, model.head_dim)
@@ -332,7 +349,7 @@ def engine_model_decode(
         ids = torch.randint(0, config["vocab_size"], (batch,), device=device)
         positions = torch.full((batch,), context, device=device)
 
-        def step():
+        def step() -> torch.Tensor:
             return model.forward(ids, positions, meta)
 
         results[f"batch {batch}"] = time_decode_step(step, batch, device, timer)
@@ -349,7 +366,7 @@ def _release_gpu_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def check_targets(rows: list[dict]) -> list[dict]:
+def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The issue's H100 targets, each with the rows it was judged on."""
     checks = []
 
@@ -368,7 +385,7 @@ def check_targets(rows: list[dict]) -> list[dict]:
     return checks
 
 
-def markdown(report: dict) -> str:
+def markdown(report: dict[str, Any]) -> str:
     env = report["environment"]
     lines = [f"# Minerva GPU check: {env.get('gpu', 'no GPU')} ({report['date']})", ""]
     lines += [f"- {k}: {v}" for k, v in env.items()]
@@ -416,7 +433,7 @@ def main() -> None:
     parser.add_argument("--model-decode-json", help=argparse.SUPPRESS)  # worker mode of the model_decode part
     args = parser.parse_args()
     if args.model_decode_json:
-        result = {}
+        result: dict[str, dict[str, Any] | str] = {}
         one_layer = GPT_OSS_20B | {"layers": 1, "vocab": 128}  # one decode layer (+ final norm, 128-row unembed)
         for name, fn in (
             ("engine_models", engine_model_decode),
@@ -430,15 +447,15 @@ def main() -> None:
             Path(args.model_decode_json).write_text(json.dumps(result, indent=1))
             _release_gpu_memory()
         return
-    start = time.time()
+    start, budget = time.time(), float(args.budget)
     skip = set(filter(None, args.skip.split(",")))
 
     def left() -> float:
-        return args.budget - (time.time() - start)
+        return budget - (time.time() - start)
 
     env = environment()
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M")
-    report: dict = {"date": date, "environment": env, "parts": {}, "rows": [], "targets": []}
+    report: dict[str, Any] = {"date": date, "environment": env, "parts": {}, "rows": [], "targets": []}
     plan = [("tests", 200)] if "tests" not in skip else []
     plan += [(f"bench_{s}", 70) for s in KERNEL_SUITES] if "bench" not in skip else []
     plan += [("model_decode", 90)] if "model" not in skip else []

@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx  # the harness's own /health reads; the load uses bare asyncio streams
 
@@ -57,8 +58,8 @@ EVENT = b"data: {"  # an SSE event with a chunk (the closing `data: [DONE]` is n
 # which turns off the CPU latency budget (engine/step_budget.py): the model stands in for a GPU, where no such
 # budget runs, and with it a served engine admits arriving prompts a few per step while the unloaded one takes
 # all N at once, so the two would step different batches.
-ENGINE_SETTINGS = {"device": "cpu", "dtype": "float32", "kernel_backend": "torch", "kv_cache_gib": 0.05,
-                   "cpu_threads": 1, "max_num_batched_tokens": 2048}
+ENGINE_SETTINGS: dict[str, Any] = {"device": "cpu", "dtype": "float32", "kernel_backend": "torch",
+                                   "kv_cache_gib": 0.05, "cpu_threads": 1, "max_num_batched_tokens": 2048}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -95,7 +96,7 @@ def process_role(pid: int, server_pid: int) -> str:
     return "api" if b"spawn_main" in cmdline else "other"
 
 
-def start_server(model: Path, flags: list[str], concurrency: int, log_path: Path) -> tuple[subprocess.Popen, str]:
+def start_server(model: Path, flags: list[str], concurrency: int, log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -177,7 +178,7 @@ def run_clients(url: str, concurrency: int, lengths: list[int]) -> tuple[int, fl
 
 
 # --- the unloaded engine ----------------------------------------------------------------------------------
-def unloaded_rate(model: Path, concurrency: int, lengths: list[int], text: bool) -> dict:
+def unloaded_rate(model: Path, concurrency: int, lengths: list[int], text: bool) -> dict[str, Any]:
     """The same engine config stepping the same requests, `concurrency` at a time (the next added as soon as one
     ends), with nothing else in its process: steps/s, tokens/s. `text`: it detokenizes (in-process), or not
     (an engine core process's engine)."""
@@ -227,7 +228,7 @@ def engine_counters(url: str) -> tuple[int, int]:
             return now
 
 
-def measure(model: Path, mode: str, args: argparse.Namespace, log_dir: Path) -> dict:
+def measure(model: Path, mode: str, args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     server, url = start_server(model, MODES[mode], args.concurrency, log_dir / f"serve-{mode}.log")
     try:
         run_clients(url, args.concurrency, [8] * args.concurrency)  # warm up
@@ -281,7 +282,7 @@ def main() -> None:
         return
     from tests.server_fixtures import save_tiny_llama
 
-    unloaded_runs: dict[str, list[dict]] = {"text": [], "token_ids": []}
+    unloaded_runs: dict[str, list[dict[str, Any]]] = {"text": [], "token_ids": []}
     runs = []
     with tempfile.TemporaryDirectory(prefix="minerva-host-ceiling-") as directory:
         model = save_tiny_llama(Path(directory) / "tiny-llama")

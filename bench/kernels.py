@@ -25,12 +25,14 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from bench import launches
 from kernels import mxfp4, reference, routing
+from kernels.ops import Ops
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,8 @@ class Bench:
         self.bf16_tflop_per_s = 2 * size**3 / self.time_ms(lambda: a @ b) / 1e9
         del src, dst, a, b
 
-    def record(self, kernel, model, case, tokens, fn, nbytes, flops, baseline="", baseline_fn=None) -> Result:
+    def record(self, kernel: str, model: str, case: str, tokens: int, fn: Callable[[], object], nbytes: float,
+               flops: float, baseline: str = "", baseline_fn: Callable[[], object] | None = None) -> Result:
         ms = self.time_ms(fn)
         base_ms = self.time_ms(baseline_fn) if baseline_fn is not None else None
         r = Result(kernel, model, case, tokens, ms, nbytes / 1e9, flops / 1e9, baseline, base_ms)
@@ -127,7 +130,7 @@ def random_mxfp4(shape: tuple[int, ...], device: str) -> mxfp4.MXFP4Tensor:
     return mxfp4.MXFP4Tensor(blocks, scales)
 
 
-def _ops():
+def _ops() -> Ops:
     from kernels import triton_ops
 
     return triton_ops
@@ -196,12 +199,19 @@ def bench_moe(b: Bench, models: list[Shapes]) -> None:
                 lambda: triton_routing.route(m.top_k, m.experts, 16, router_logits=logits),
                 logits.numel() * 4 + tokens * m.top_k * 16, 0,
                 "torch top-k + sort + schedule",
-                lambda: routing.route(*reversed(reference.moe_route(logits, m.top_k)), m.experts, 16),
+                lambda: _torch_route(logits, m.top_k, m.experts),
             )
         del w_gate_up, w_down, dense_gate_up, dense_down, swizzled_gate_up, swizzled_down
 
 
-def _paged_kv(b: Bench, m: Shapes, batch: int, context: int, block_size: int = 16):
+def _torch_route(logits: torch.Tensor, top_k: int, num_experts: int) -> routing.Routing:
+    """The baseline: torch's top-k, then the routing layout."""
+    weights, expert_ids = reference.moe_route(logits, top_k)
+    return routing.route(expert_ids, weights, num_experts, 16)
+
+
+def _paged_kv(b: Bench, m: Shapes, batch: int, context: int,
+              block_size: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     blocks_per_seq = math.ceil(context / block_size)
     num_blocks = batch * blocks_per_seq
     shape = (num_blocks, block_size, m.kv_heads, m.head_dim)
@@ -211,7 +221,8 @@ def _paged_kv(b: Bench, m: Shapes, batch: int, context: int, block_size: int = 1
     return k_cache, v_cache, tables
 
 
-def _sdpa_on_gathered(q, k_cache, v_cache, tables, context, q_len, causal):
+def _sdpa_on_gathered(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+                      context: int, q_len: int, causal: bool) -> torch.Tensor:
     """Baseline: gather each sequence's K/V through its block table, then torch SDPA with GQA."""
     batch, kv_heads, head_dim = tables.shape[0], k_cache.shape[2], k_cache.shape[3]
     k = k_cache[tables.long()].reshape(batch, -1, kv_heads, head_dim)[:, :context].transpose(1, 2)
@@ -307,7 +318,7 @@ def format_row(r: Result) -> str:
     )
 
 
-def run(only: list[str] | None = None, smoke: bool = False, device: str | None = None) -> dict:
+def run(only: list[str] | None = None, smoke: bool = False, device: str | None = None) -> dict[str, Any]:
     """Run the chosen suites; each failure is recorded and the others still run."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     b = Bench(device, smoke)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 from unittest import mock
 
 import torch
@@ -29,11 +30,12 @@ SMALL_GPT_OSS = dict(hidden=64, heads=8, kv_heads=2, head_dim=16, experts=32, to
 
 
 class _AtenCounter(TorchDispatchMode):
-    def __init__(self, counts: Counter) -> None:
+    def __init__(self, counts: Counter[str]) -> None:
         super().__init__()
         self.counts = counts
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(self, func: Any, types: object, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
         name = func.__name__  # e.g. "addmm.default"
         if not func.is_view and name not in _NO_KERNEL:
             self.counts[f"aten.{name}"] += 1
@@ -41,14 +43,14 @@ class _AtenCounter(TorchDispatchMode):
 
 
 @contextmanager
-def counting_dispatches() -> Iterator[Counter]:
+def counting_dispatches() -> Iterator[Counter[str]]:
     """Count Triton launches (stubbed) and kernel-launching aten ops inside the block."""
     from triton.runtime.jit import KernelInterface
 
-    counts: Counter = Counter()
+    counts: Counter[str] = Counter()
 
-    def stub_launch(kernel, grid):
-        def launch(*args, **kwargs):
+    def stub_launch(kernel: Any, grid: object) -> Callable[..., None]:
+        def launch(*args: object, **kwargs: object) -> None:
             counts[f"triton.{getattr(kernel, 'fn', kernel).__name__}"] += 1
 
         return launch
@@ -57,13 +59,13 @@ def counting_dispatches() -> Iterator[Counter]:
         yield counts
 
 
-def count(fn: Callable[[], object]) -> Counter:
+def count(fn: Callable[[], object]) -> Counter[str]:
     with counting_dispatches() as counts:
         fn()
     return counts
 
 
-def gpt_oss_decode_layer(batch: int = 8, context: int = 40) -> Counter:
+def gpt_oss_decode_layer(batch: int = 8, context: int = 40) -> Counter[str]:
     """Dispatches of one (non-first) gpt-oss decoder layer in a decode step through `kernels.triton_ops`:
     the forward of a 3-layer model minus that of its first 2 layers."""
     from bench.gpu_suite import gpt_oss_config, random_gpt_oss_model
@@ -89,7 +91,7 @@ def gpt_oss_decode_layer(batch: int = 8, context: int = 40) -> Counter:
     positions = torch.full((batch,), context)
     layers = model.layers
 
-    def forward(num_layers: int) -> Counter:
+    def forward(num_layers: int) -> Counter[str]:
         model.layers, model.num_layers = layers[:num_layers], num_layers
         model.bind_kv_caches(caches * num_layers)
         return count(lambda: model.forward(ids, positions, meta))
@@ -100,7 +102,7 @@ def gpt_oss_decode_layer(batch: int = 8, context: int = 40) -> Counter:
     return +counts
 
 
-def summary(counts: Counter) -> str:
+def summary(counts: Counter[str]) -> str:
     triton_launches = sum(n for name, n in counts.items() if name.startswith("triton."))
     aten_ops = sum(counts.values()) - triton_launches
     detail = ", ".join(f"{name} x{n}" if n > 1 else name for name, n in sorted(counts.items()))

@@ -21,6 +21,7 @@ import struct
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -91,7 +92,7 @@ def write_sparse_gguf(path: Path, with_vocab: bool) -> None:
         for dim in shape:
             numel *= dim
         nbytes = numel // block * block_bytes
-        writer.add_tensor_info(name, shape, np.float32, nbytes, raw_dtype=qtype)  # element shape, not bytes
+        writer.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)  # element shape, not bytes
         total += writer.ggml_pad(nbytes, writer.data_alignment)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -133,7 +134,8 @@ def write_sparse_hf_dir(folder: Path, shards: int = 3) -> None:
     weight_map = {}
     for s in range(shards):
         name = f"model-{s:05d}-of-{shards - 1:05d}.safetensors"
-        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
         for tensor, dtype, shape in tensors[s * per_shard : (s + 1) * per_shard]:
             numel = 1
             for dim in shape:
@@ -177,7 +179,7 @@ def time_ms(path: Path) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def measure(path: Path, repeats: int) -> dict:
+def measure(path: Path, repeats: int) -> dict[str, Any]:
     read_model_info(path)  # import and first-touch costs are not the loader's
     cold, warm = [], []
     for _ in range(repeats):
@@ -191,7 +193,7 @@ def measure(path: Path, repeats: int) -> dict:
     }  # fmt: skip
 
 
-def save_result(name: str, device: str, record: dict) -> Path:
+def save_result(name: str, device: str, record: dict[str, Any]) -> Path:
     """Write `record` to bench/results/{name}-{cuda|cpu}.json (one file per benchmark and device kind)."""
     out = write_result(f"{name}-{'cuda' if 'NVIDIA' in device else 'cpu'}.json", record)
     print(f"saved {out}")

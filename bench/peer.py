@@ -43,12 +43,16 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import httpx
 import numpy as np
 
 from bench import serve
+
+if TYPE_CHECKING:
+    import gguf
+    from tokenizers import Tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"
@@ -87,7 +91,7 @@ class TinyLlamaSpec:
     seed: int = 0
 
 
-def _train_tokenizer(vocab: int, out_dir: Path):
+def _train_tokenizer(vocab: int, out_dir: Path) -> Tokenizer:
     """A GPT-2-style byte-level BPE (with merges) trained on the bench datasets' English text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -129,6 +133,7 @@ def write_tiny_llama(out_dir: Path, spec: TinyLlamaSpec = TinyLlamaSpec()) -> Pa
     tok = _train_tokenizer(spec.vocab, out_dir)
     vocab_size = tok.get_vocab_size()
     eos = tok.token_to_id("<|endoftext|>")
+    assert eos is not None, "the trainer's special token"
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
         num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
@@ -186,7 +191,7 @@ def write_tiny_llama(out_dir: Path, spec: TinyLlamaSpec = TinyLlamaSpec()) -> Pa
     return gguf_path
 
 
-def _add_gpt2_tokenizer(writer, tok, eos: int) -> None:
+def _add_gpt2_tokenizer(writer: gguf.GGUFWriter, tok: Tokenizer, eos: int) -> None:
     """tokenizer.ggml.* keys for a byte-level BPE; llama.cpp needs the merges for a gpt2 model."""
     import gguf
 
@@ -232,7 +237,7 @@ def transformers_greedy(model_dir: Path, prompts: Sequence[str], max_tokens: int
     kwargs: dict[str, Any] = {}
     config = json.loads((model_dir / "config.json").read_text())
     if (config.get("quantization_config") or {}).get("quant_method") == "mxfp4":
-        from transformers import Mxfp4Config
+        from transformers.utils.quantization_config import Mxfp4Config
 
         kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
@@ -291,7 +296,8 @@ def ensure_llama_cpp() -> str:
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 @dataclass
@@ -301,11 +307,11 @@ class Server:
     name: str
     base_url: str
     model_id: str
-    greedy_body: dict = field(default_factory=dict)  # plain greedy decoding
-    load_body: dict = field(default_factory=dict)  # greedy, never stopping before max_tokens
+    greedy_body: dict[str, Any] = field(default_factory=dict)  # plain greedy decoding
+    load_body: dict[str, Any] = field(default_factory=dict)  # greedy, never stopping before max_tokens
 
 
-def _wait_ready(proc: subprocess.Popen, base_url: str, log: Path, timeout: float) -> str:
+def _wait_ready(proc: subprocess.Popen[bytes], base_url: str, log: Path, timeout: float) -> str:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -314,7 +320,7 @@ def _wait_ready(proc: subprocess.Popen, base_url: str, log: Path, timeout: float
         try:
             response = httpx.get(base_url + "/models", timeout=2.0)
             if response.status_code == 200:
-                return response.json()["data"][0]["id"]
+                return str(response.json()["data"][0]["id"])
         except (httpx.HTTPError, KeyError, IndexError, ValueError):
             pass
         time.sleep(0.5)
@@ -326,7 +332,8 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 
 @contextlib.contextmanager
-def running(name: str, cmd: list[str], env: dict, port: int, log: Path, timeout: float = 300.0) -> Iterator[Server]:
+def running(name: str, cmd: list[str], env: dict[str, str], port: int, log: Path,
+            timeout: float = 300.0) -> Iterator[Server]:
     """Start `cmd`, wait until GET /v1/models answers, and always stop the process afterwards."""
     base_url = f"http://127.0.0.1:{port}/v1"
     with log.open("w") as log_file:
@@ -377,7 +384,7 @@ def llama_cpp_command(model: Path, port: int, threads: int) -> list[str]:
             str(threads), "--type_k", "0", "--type_v", "0", "--interrupt_requests", "False"]
 
 
-def thread_env(threads: int) -> dict:
+def thread_env(threads: int) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
             "TOKENIZERS_PARALLELISM": "false"}
 
@@ -416,9 +423,10 @@ def compare_greedy(outputs: dict[str, list[str]], prompts: Sequence[str]) -> dic
     return {"all_agree": all(r["agree"] for r in rows), "prompts": rows}
 
 
-def sweep_alternating(servers: Sequence[Server], concurrency: Sequence[int], args) -> dict[str, list[dict]]:
+def sweep_alternating(servers: Sequence[Server], concurrency: Sequence[int],
+                      args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
     """Each concurrency level runs on every server back to back (order flipped each level)."""
-    series: dict[str, list[dict]] = {s.name: [] for s in servers}
+    series: dict[str, list[dict[str, Any]]] = {s.name: [] for s in servers}
     for level, conc in enumerate(concurrency):
         order = list(servers) if level % 2 == 0 else list(reversed(servers))
         num = max(args.min_prompts, args.prompts_per_slot * conc)
@@ -435,7 +443,7 @@ def sweep_alternating(servers: Sequence[Server], concurrency: Sequence[int], arg
     return series
 
 
-def ratio_table(series: dict[str, list[dict]], ours: str = "minerva", peer: str = "llama.cpp") -> str:
+def ratio_table(series: dict[str, list[dict[str, Any]]], ours: str = "minerva", peer: str = "llama.cpp") -> str:
     """Markdown: per concurrency, output tok/s of both, their ratio, and TTFT/TPOT side by side."""
     head = ("| concurrency | requests | minerva out tok/s | llama.cpp out tok/s | ratio | minerva TTFT p50 / p99 (ms) "
             "| llama.cpp TTFT p50 / p99 (ms) | minerva TPOT p50 (ms) | llama.cpp TPOT p50 (ms) | output tokens m / l "
@@ -512,7 +520,8 @@ def versions(llama_cpp_version: str) -> dict[str, str]:
     return out
 
 
-def compare_model(tag: str, gguf_path: Path, hf_dir: Path | None, args, llama_version: str, work: Path) -> dict:
+def compare_model(tag: str, gguf_path: Path, hf_dir: Path | None, args: argparse.Namespace, llama_version: str,
+                  work: Path) -> dict[str, Any]:
     """Greedy agreement, then the alternating sweep, for one GGUF; writes bench/results/peer_<tag>.*
     (peer_<tag>_llama-server.* against llama-server)."""
     threads = args.threads
@@ -566,7 +575,8 @@ def spec_requests(task_prompts: Sequence[str], concurrency: int, max_tokens: int
     return [serve.BenchRequest(task_prompts[i % len(task_prompts)], 0, max_tokens) for i in range(count)]
 
 
-def compare_speculation(tag: str, gguf_path: Path, args, llama_version: str, work: Path) -> dict:
+def compare_speculation(tag: str, gguf_path: Path, args: argparse.Namespace, llama_version: str,
+                        work: Path) -> dict[str, Any]:
     """Both servers with and without n-gram speculation on the agent workload; writes
     bench/results/peer_<tag>_spec-decode.*"""
     from bench.spec_decode import DEFAULT_SPEC, load_tasks
@@ -644,7 +654,7 @@ def spec_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _markdown(record: dict, args) -> str:
+def _markdown(record: dict[str, Any], args: argparse.Namespace) -> str:
     env, ver = record["environment"], record["versions"]
     agree = "yes" if record["greedy"]["all_agree"] else "NO (see the JSON for texts)"
     return "\n".join([
@@ -714,6 +724,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="minerva-peer-"))
     work.mkdir(parents=True, exist_ok=True)
     failed = False
+    gguf_path: Path | None
     for name in args.models:
         hf_dir = None
         if name == "tiny-llama":

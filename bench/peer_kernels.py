@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import asdict
+from typing import Any
 
 import torch
 
@@ -25,7 +26,8 @@ from bench.kernels import GPT_OSS_20B, Bench
 BATCHES = (1, 8, 64, 256)
 
 
-def _peer_moe(x, logits, top_k, w_gate_up_t, b_gate_up, w_down_t, b_down, alpha, limit):
+def _peer_moe(x: torch.Tensor, logits: torch.Tensor, top_k: int, w_gate_up_t: torch.Tensor, b_gate_up: torch.Tensor,
+              w_down_t: torch.Tensor, b_down: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
     """gpt-oss MoE through triton_kernels (weights `[E, in, out]`, gate/up columns interleaved)."""
     import triton_kernels.swiglu
     from triton_kernels.matmul_ogs import FnSpecs, FusedActivation, PrecisionConfig, matmul_ogs
@@ -36,11 +38,12 @@ def _peer_moe(x, logits, top_k, w_gate_up_t, b_gate_up, w_down_t, b_down, alpha,
     h = matmul_ogs(
         x, w_gate_up_t, b_gate_up, rdata, gather_indx=gather, precision_config=PrecisionConfig(), fused_activation=act
     )
-    return matmul_ogs(h, w_down_t, b_down, rdata, scatter_indx=scatter, precision_config=PrecisionConfig(),
-                      gammas=rdata.gate_scal)  # fmt: skip
+    out: torch.Tensor = matmul_ogs(h, w_down_t, b_down, rdata, scatter_indx=scatter,
+                                   precision_config=PrecisionConfig(), gammas=rdata.gate_scal)  # fmt: skip
+    return out
 
 
-def run(device: str = "cuda") -> dict:
+def run(device: str = "cuda") -> dict[str, Any]:
     try:
         import triton_kernels.matmul_ogs  # noqa: F401
         import triton_kernels.routing  # noqa: F401

@@ -28,10 +28,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import httpx
 import numpy as np
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 DATASETS_DIR = Path(__file__).resolve().parent / "datasets"
 PERCENTILES = (50, 90, 99)
@@ -100,12 +103,14 @@ def _lengths(rng: np.random.Generator, num: int, mean: int, dist: str, range_rat
         if not 0.0 <= range_ratio < 1.0:
             raise BenchmarkError(f"--range-ratio must be in [0, 1), got {range_ratio}")
         low, high = max(1, round(mean * (1 - range_ratio))), max(1, round(mean * (1 + range_ratio)))
-        return rng.integers(low, high + 1, size=num).tolist()
+        uniform: list[int] = rng.integers(low, high + 1, size=num).tolist()
+        return uniform
     if dist == "sharegpt":
         # A log-normal with a heavy right tail, like ShareGPT's conversation turns; `mean`
         # sets the median, sigma 1.0 puts the mean near 1.65x the median. Clipped to [4, 8x].
         samples = rng.lognormal(math.log(mean), 1.0, size=num)
-        return np.clip(np.round(samples), 4, 8 * mean).astype(int).tolist()
+        clipped: list[int] = np.clip(np.round(samples), 4, 8 * mean).astype(int).tolist()
+        return clipped
     raise BenchmarkError(f"unknown length distribution {dist!r}: use fixed, uniform or sharegpt")
 
 
@@ -213,7 +218,7 @@ class RequestResult:
     error: str = ""
 
 
-def _request_body(req: BenchRequest, model: str, endpoint: str, usage: bool, extra: dict) -> dict:
+def _request_body(req: BenchRequest, model: str, endpoint: str, usage: bool, extra: dict[str, Any]) -> dict[str, Any]:
     body: dict[str, Any] = {"model": model, "max_tokens": req.output_len, "stream": True, "temperature": 0.0}
     if endpoint == "chat":
         body["messages"] = [{"role": "user", "content": req.prompt}]
@@ -225,7 +230,7 @@ def _request_body(req: BenchRequest, model: str, endpoint: str, usage: bool, ext
     return body
 
 
-def _chunk_text(chunk: dict, endpoint: str) -> str:
+def _chunk_text(chunk: dict[str, Any], endpoint: str) -> str:
     choices = chunk.get("choices") or []
     if not choices:
         return ""
@@ -243,7 +248,7 @@ async def send_request(
     req: BenchRequest,
     endpoint: str = "completions",
     usage: bool = True,
-    extra_body: dict | None = None,
+    extra_body: dict[str, Any] | None = None,
 ) -> RequestResult:
     """Stream one request and time its chunks; any failure becomes an error result, never an exception."""
     body = _request_body(req, model, endpoint, usage, extra_body or {})
@@ -307,7 +312,8 @@ def arrival_gaps(num: int, rate: float, seed: int = 0) -> list[float]:
         return [0.0] * num
     gaps = np.random.default_rng(seed).exponential(1.0 / rate, size=num)
     gaps[0] = 0.0  # the first request starts the clock
-    return gaps.tolist()
+    seconds: list[float] = gaps.tolist()
+    return seconds
 
 
 @dataclass
@@ -328,7 +334,7 @@ async def run_benchmark(
     max_concurrency: int | None = None,
     endpoint: str = "completions",
     usage: bool = True,
-    extra_body: dict | None = None,
+    extra_body: dict[str, Any] | None = None,
     api_key: str | None = None,
     timeout: float = 600.0,
     seed: int = 0,
@@ -381,7 +387,7 @@ def _raise_open_file_limit(needed: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
-def _progress_bar(total: int, enabled: bool):
+def _progress_bar(total: int, enabled: bool) -> tqdm | None:
     if not enabled:
         return None
     from tqdm import tqdm
@@ -599,7 +605,7 @@ async def first_model_id(base_url: str, api_key: str | None = None) -> str:
         async with httpx.AsyncClient(timeout=30.0, headers=headers) as client:
             response = await client.get(base_url.rstrip("/") + "/models")
             response.raise_for_status()
-            return response.json()["data"][0]["id"]
+            return str(response.json()["data"][0]["id"])
     except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
         raise BenchmarkError(f"cannot list models at {base_url}: {exc}") from exc
 

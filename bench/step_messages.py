@@ -18,13 +18,16 @@ import pickle
 import platform
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import torch
 
 from bench.step_overhead import StepTimer
 from bench.throughput import commit
+from engine.model_runner import StepResult
 from engine.step_messages import RunnerOutput, SchedulerOutput
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -33,27 +36,31 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def capture(num_seqs: int, steps: int) -> tuple[list[SchedulerOutput], list[RunnerOutput], list[float]]:
     """`steps` decode steps' messages, their answers and the time each message took to build."""
     engine = StepTimer(num_seqs, 16, steps).engine
-    messages, results, build_s = [], [], []
+    messages: list[SchedulerOutput] = []
+    results: list[StepResult] = []
+    build_s: list[float] = []
     execute, build = engine.executor.execute, engine.messages.build
 
-    def timed_build(*args):
+    def timed_build(*args: Any) -> SchedulerOutput:
         start = time.perf_counter()
         step = build(*args)
         build_s.append(time.perf_counter() - start)
         return step
 
-    def keep(step):
+    def keep(step: SchedulerOutput) -> StepResult:
         messages.append(step)
         results.append(execute(step))
         return results[-1]
 
-    engine.messages.build, engine.executor.execute = timed_build, keep
+    # instance attributes shadow the methods
+    setattr(engine.messages, "build", timed_build)
+    setattr(engine.executor, "execute", keep)
     for _ in range(steps):
         engine.step()
     return messages, [result.output() for result in results], build_s
 
 
-def per_step_us(messages: list, function, repeats: int) -> float:
+def per_step_us(messages: Sequence[object], function: Callable[[Any], object], repeats: int) -> float:
     """Median over messages of the best of `repeats` calls, in microseconds."""
     times = []
     for message in messages:
@@ -66,7 +73,7 @@ def per_step_us(messages: list, function, repeats: int) -> float:
     return statistics.median(times) * 1e6
 
 
-def measure(num_seqs: int, steps: int, repeats: int) -> dict:
+def measure(num_seqs: int, steps: int, repeats: int) -> dict[str, Any]:
     messages, answers, build_s = capture(num_seqs, steps)
     encoder, decoder = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(SchedulerOutput)
     answer_decoder = msgspec.msgpack.Decoder(RunnerOutput)

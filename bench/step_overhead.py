@@ -22,15 +22,20 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models
 
 from bench.throughput import commit
+from bench.timed_sampler import TimedSampler
+from engine.attention_metadata import AttentionMetadata
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
+from engine.models.decoder import LayerSpan
 from engine.builder import engine_for_model
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
@@ -57,28 +62,18 @@ class ZeroCostModel:
         self.logits = torch.zeros(max_rows, VOCAB)
         self.logits[:, 7] = 1.0
 
-    def bind_kv_caches(self, kv_caches) -> None:
+    def bind_kv_caches(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         pass
 
-    def forward(self, input_ids, positions, attn_metadata):
-        return self.logits[: attn_metadata.logits_indices.shape[0]].clone()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        rows = attn_metadata.logits_indices
+        return self.logits[: input_ids.shape[0] if rows is None else rows.shape[0]].clone()
 
-
-class TimedSampler:
-    """Wraps the engine's sampler to time its tensor math apart from the rest of the step."""
-
-    def __init__(self, sampler) -> None:
-        self.sampler, self.seconds = sampler, 0.0
-
-    def __call__(self, *args, **kwargs):
-        start = time.perf_counter()
-        result = self.sampler(*args, **kwargs)
-        _ = result.token_ids  # the device-to-host copy belongs to the sampler's share
-        self.seconds += time.perf_counter() - start
-        return result
-
-    def __getattr__(self, name):
-        return getattr(self.sampler, name)
+    def forward_span(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata,
+                     span: LayerSpan) -> tuple[torch.Tensor, None]:
+        """One layer: every span runs the last one, so no sequence has state left between steps."""
+        return self.forward(input_ids, positions, attn_metadata), None
 
 
 class CallTimer:
@@ -91,7 +86,7 @@ class CallTimer:
         for name in names:
             method = getattr(owner, name)
 
-            def timed(*args, _method=method, **kwargs):
+            def timed(*args: Any, _method: Callable[..., Any] = method, **kwargs: Any) -> Any:
                 start = time.perf_counter()
                 try:
                     return _method(*args, **kwargs)
@@ -99,25 +94,6 @@ class CallTimer:
                     self.seconds += time.perf_counter() - start
 
             setattr(owner, name, timed)
-
-
-class TimedOutputs:
-    """Wraps the engine's output processor (detokenizing, stop strings, delta outputs) to time it apart."""
-
-    def __init__(self, outputs) -> None:
-        self.outputs, self.seconds = outputs, 0.0
-
-    def add_tokens(self, *args, **kwargs):
-        start = time.perf_counter()
-        result = self.outputs.add_tokens(*args, **kwargs)
-        self.seconds += time.perf_counter() - start
-        return result
-
-    def output(self, request):
-        start = time.perf_counter()
-        result = self.outputs.output(request)
-        self.seconds += time.perf_counter() - start
-        return result
 
 
 def fast_forward(engine: LLMEngine, generated: int) -> None:
@@ -144,8 +120,9 @@ class StepTimer:
         self.engine = engine_for_model(ZeroCostModel(num_seqs), table_tokenizer(), config, max_model_len=max_len,
                                 num_blocks=num_blocks)
         runner = self.engine.executor.runner
-        self.sampler = runner.sampler = TimedSampler(runner.sampler)
-        self.outputs = self.engine.outputs = TimedOutputs(self.engine.outputs)
+        self.sampler = runner.sampler = TimedSampler(runner.sampler.seed)
+        self.outputs = CallTimer()  # detokenizing, stop strings, delta outputs
+        self.outputs.wrap(self.engine.outputs, "add_tokens", "output")
         self.messages = CallTimer()
         self.messages.wrap(self.engine.messages, "build")
         self.messages.wrap(runner, "update", "_append_sampled", "_append_sampled_plain")
@@ -164,18 +141,22 @@ class StepTimer:
 
     def run(self, steps: int) -> None:
         for _ in range(steps):
-            self.sampler.seconds = self.outputs.seconds = self.messages.seconds = 0.0
+            self.sampler.times.clear()
+            self.outputs.seconds = self.messages.seconds = 0.0
             start = time.perf_counter()
             outputs = self.engine.step()
             self.totals.append(time.perf_counter() - start)
-            self.sampler_shares.append(self.sampler.seconds)
+            self.sampler_shares.append(sum(self.sampler.times))
             self.output_shares.append(self.outputs.seconds)
             self.message_shares.append(self.messages.seconds)
             assert len(outputs) == self.num_seqs
 
     def result(self) -> dict[str, float]:
         core = [t - s - o for t, s, o in zip(self.totals, self.sampler_shares, self.output_shares)]
-        median_ms = lambda values: statistics.median(values) * 1e3
+
+        def median_ms(values: list[float]) -> float:
+            return statistics.median(values) * 1e3
+
         return {"host_ms": median_ms(core), "outputs_ms": median_ms(self.output_shares),
                 "host_with_outputs_ms": median_ms([c + o for c, o in zip(core, self.output_shares)]),
                 "sampler_ms": median_ms(self.sampler_shares), "total_ms": median_ms(self.totals),

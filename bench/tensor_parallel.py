@@ -19,6 +19,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -28,19 +29,22 @@ from bench.result_files import write_result  # noqa: E402
 from bench.throughput import commit  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
+from engine.models.decoder import DecoderLM  # noqa: E402
 from engine.builder import build_engine  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 
 
-def decode_round(engine: LLMEngine, batch: int, max_tokens: int) -> tuple[list[float], dict[str, int], dict]:
+def decode_round(engine: LLMEngine, batch: int, max_tokens: int) -> tuple[list[float], dict[str, int], dict[str, Any]]:
     """One greedy batch: seconds of each decode step (the prefill step excluded), collectives run, tokens."""
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     for i in range(batch):
         engine.add_request(f"r{i}", [10 + i, 20 + i, 30 + i, 40 + i], params)
     engine.step()  # the prefill
+    assert isinstance(engine.model, DecoderLM), "tensor parallelism runs the engine's own decoder"
     counts = engine.model.parallel.counts
     before = dict(counts)
-    times, tokens = [], {}
+    times: list[float] = []
+    tokens: dict[str, Any] = {}
     while engine.has_unfinished():
         start = time.perf_counter()
         outputs = engine.step()
@@ -68,13 +72,13 @@ def main() -> None:
             decode_round(engine, args.batch, 4)  # warm-up: first calls allocate and initialise
         steps: dict[int, list[float]] = {1: [], 2: []}
         collectives: dict[int, dict[str, float]] = {}
-        outputs: dict[int, dict] = {}
+        outputs: dict[int, dict[str, Any]] = {}
         for _ in range(args.rounds):  # alternate, so both see the same background load
             for tp, engine in engines.items():
                 times, counts, outputs[tp] = decode_round(engine, args.batch, args.max_tokens)
                 steps[tp] += times
                 collectives[tp] = {name: count / len(times) for name, count in counts.items()}
-        rows = [{"tp": tp, "step_ms": 1000 * statistics.median(steps[tp]), "steps": len(steps[tp]),
+        rows: list[dict[str, Any]] = [{"tp": tp, "step_ms": 1000 * statistics.median(steps[tp]), "steps": len(steps[tp]),
                  "layers": engines[tp].model.num_layers, "collectives_per_step": collectives[tp]} for tp in (1, 2)]
     finally:
         for engine in engines.values():

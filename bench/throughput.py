@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -66,7 +67,7 @@ def main() -> None:
     single = run(llm, prompts, params, batched=False)
     batched = run(llm, prompts, params, batched=True)
     device = torch.cuda.get_device_name() if llm.engine.model.device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
-    result = {"device": device, "commit": commit(), "model": args.model or "tiny random Llama (2 layers, hidden 64)",
+    result: dict[str, Any] = {"device": device, "commit": commit(), "model": args.model or "tiny random Llama (2 layers, hidden 64)",
               "settings": vars(args), "one_at_a_time": single, "batched": batched,
               "batched_over_single": batched["output_tokens_per_s"] / single["output_tokens_per_s"]}
     print(f"| mode | requests/s | output tokens/s |\n|---|---|---|")
