@@ -4,8 +4,9 @@ A grammar's drafts are cut at the first token it rejects and each verified posit
 grammar's state after the drafts before it; a penalised row counts the drafts before it; n > 1 samples
 speculate each on their own. A model that copies a script through the paged KV cache (its context read
 back through the block tables), with the tiny Llama's real tokenizer so xgrammar compiles real
-grammars, makes the drafts land often and miss sometimes; every case runs in one batch beside plain
-rows, with and without speculation, and must come out token for token the same with every block back.
+grammars, makes the drafts land often and miss sometimes; every case (a seeded sampling grammar row too)
+runs in one batch beside plain rows, with and without speculation, and must come out token for token the
+same with every block back.
 """
 
 from __future__ import annotations
@@ -45,15 +46,18 @@ SCRIPTS = {
 }
 
 
-def requests() -> list[tuple[str, SamplingParams]]:
+def requests() -> list[tuple[str, str, SamplingParams]]:
+    """(request id, its script, its parameters)."""
+    json_schema = StructuredOutput.from_schema(SCHEMA)
     return [
-        ("json", SamplingParams(temperature=0, max_tokens=60, structured=StructuredOutput.from_schema(SCHEMA))),
-        ("json-cut", SamplingParams(temperature=0, max_tokens=60, structured=StructuredOutput.from_schema(SCHEMA))),
-        ("choice", SamplingParams(temperature=0, max_tokens=40, structured=StructuredOutput.from_grammar(
+        ("json", "json", SamplingParams(temperature=0, max_tokens=60, structured=json_schema)),
+        ("json-seeded", "json", SamplingParams(temperature=0.5, seed=11, max_tokens=60, structured=json_schema)),
+        ("json-cut", "json-cut", SamplingParams(temperature=0, max_tokens=60, structured=json_schema)),
+        ("choice", "choice", SamplingParams(temperature=0, max_tokens=40, structured=StructuredOutput.from_grammar(
             "regex", CHOICE))),
-        ("penalised", SamplingParams(temperature=0, max_tokens=40, frequency_penalty=1.0, presence_penalty=0.5,
-                                     repetition_penalty=1.2, ignore_eos=True)),
-        ("plain", SamplingParams(temperature=0, max_tokens=30, n=2, ignore_eos=True)),
+        ("penalised", "penalised", SamplingParams(temperature=0, max_tokens=40, frequency_penalty=1.0,
+                                                  presence_penalty=0.5, repetition_penalty=1.2, ignore_eos=True)),
+        ("plain", "plain", SamplingParams(temperature=0, max_tokens=30, n=2, ignore_eos=True)),
     ]
 
 
@@ -85,14 +89,14 @@ def copying_engine(spec: dict | None, num_blocks: int = 256, **config) -> LLMEng
 def run(spec: dict | None, **config) -> tuple[dict, dict, LLMEngine]:
     engine = copying_engine(spec, **config)
     samples = {}
-    for name, params in requests():
-        engine.add_request(name, SCRIPTS[name][0], params)
-        samples[name] = engine.requests[name].samples
+    for rid, script, params in requests():
+        engine.add_request(rid, SCRIPTS[script][0], params)
+        samples[rid] = engine.requests[rid].samples
     results = run_to_completion(engine)
     assert_idle(engine)
     outputs = {rid: [(o.text, o.token_ids, o.finish_reason) for o in out.outputs] for rid, out in results.items()}
-    return outputs, {name: [(s.num_draft_tokens, s.num_accepted_tokens) for s in seqs]
-                     for name, seqs in samples.items()}, engine
+    return outputs, {rid: [(s.num_draft_tokens, s.num_accepted_tokens) for s in seqs]
+                     for rid, seqs in samples.items()}, engine
 
 
 @pytest.mark.parametrize("config", [dict(), dict(num_blocks=48, max_num_seqs=6)], ids=["plain", "preempting"])
