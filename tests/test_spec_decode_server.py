@@ -69,3 +69,24 @@ def test_served_text_is_the_same_and_metrics_count_drafts(served, caplog):
     assert len(logged) == 2 and all(f["spec_draft_tokens"] >= f["spec_accepted_tokens"] for f in logged)
     assert sum(f["spec_draft_tokens"] for f in logged) == drafted
     assert sum(f["spec_accepted_tokens"] for f in logged) == accepted
+
+
+def test_a_json_schema_request_speculates_and_writes_the_same_text(served, caplog):
+    """Structured output (the official client's json_schema response format) verifies drafts checked against
+    its grammar; the served text is the same as without speculation."""
+    client = openai.OpenAI(base_url=served.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    schema = {"type": "object", "properties": {"path": {"type": "string"}, "line": {"type": "integer"}},
+              "required": ["path", "line"], "additionalProperties": False}
+    messages = [{"role": "user", "content": 'Repeat: {"path": "src/app.py", "line": 12} {"path": "src/app.py", '
+                                            '"line": 12} {"path": "src/app.py", "line": 12}'}]
+    texts = {}
+    with caplog.at_level(logging.INFO, logger="minerva.requests"):
+        for name in ("plain", "spec"):
+            texts[name] = client.chat.completions.create(
+                model=name, messages=messages, max_tokens=40, temperature=0,
+                response_format={"type": "json_schema", "json_schema": {"name": "place", "schema": schema,
+                                                                        "strict": True}}).choices[0].message.content
+    assert texts["spec"] == texts["plain"] and texts["plain"].startswith("{")
+    logged = [r.fields for r in caplog.records if getattr(r, "fields", {}).get("model") == "spec"]
+    assert len(logged) == 1 and logged[0]["spec_draft_tokens"] > 0
+    assert wait_until_idle(served.engines["spec"]).kv_blocks_used == 0
