@@ -126,12 +126,15 @@ class Scheduler:
 
     def step_budget(self, decodes: list[tuple[Sample, int]]) -> int:
         """Tokens this step may compute: `max_num_batched_tokens`, or, while `decodes` are decoding and a
-        latency budget is set, their tokens plus the prompt tokens the budget allows at the next prompt's
-        context (so a long prompt's chunks hold each stream's next token to a small multiple of its usual wait),
-        or only theirs in the step that measures them alone."""
+        latency budget is set, their tokens and drafts plus the prompt tokens the budget allows at the next
+        prompt's context (so a long prompt's chunks hold each stream's next token to a small multiple of its usual
+        wait), or only theirs in the step that measures them alone. Drafts are the streams' own tokens, priced by
+        speculation's step cost (engine/spec_decode/step_cost.py): the latency budget is for prompt chunks, and
+        had it cut drafts too, first come first served, most of those chosen at 16 streams were dropped
+        (code edit: 1,626 of 3,933 verified, 78 steps against 29)."""
         if self.latency_budget is None or not decodes:
             return self.max_num_batched_tokens
-        decode_tokens = sum(count for _, count in decodes)
+        decode_tokens = min(sum(count + len(seq.spec_token_ids) for seq, count in decodes), self.max_num_batched_tokens)
         if self.latency_budget.wants_alone_step():
             return decode_tokens
         spare = self.max_num_batched_tokens - decode_tokens

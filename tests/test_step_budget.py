@@ -191,6 +191,30 @@ def test_the_scheduler_cuts_chunks_at_the_running_prompts_context():
     assert scheduler.step_budget([(stream, 1)]) == 2048
 
 
+def test_the_latency_budget_cuts_prompt_chunks_not_the_streams_drafts():
+    """Drafts are the streams' own tokens, priced by speculation's step cost: all of them are verified and the
+    prompt's chunk beside them is what it would be without them, all within max_num_batched_tokens."""
+    scheduler = Scheduler(BlockPool(800, 16, False), max_num_seqs=8, max_num_batched_tokens=256)
+    scheduler.latency_budget = trained_budget()
+    streams = [sample(f"stream{i}", 3, max_tokens=10_000) for i in range(2)]
+    for stream in streams:
+        scheduler.add(stream)
+    scheduler.after_step(scheduler.schedule())
+    for stream in streams:
+        stream.output_token_ids.append(5)
+    scheduler.add(long := sample("long", 6000))
+    chunk = scheduler.step_budget([(stream, 1) for stream in streams]) - len(streams)
+    assert 0 < chunk < 100  # the latency budget binds
+    streams[0].spec_token_ids, streams[1].spec_token_ids = [7] * 60, [7] * 40
+    batch = scheduler.schedule()
+    assert batch.items == [(streams[0], 61), (streams[1], 41), (long, chunk)]
+    scheduler.after_step(batch)
+    streams[0].num_computed_tokens = streams[1].num_computed_tokens = 4  # drafts rejected (what rollback leaves)
+    for stream in streams:
+        stream.spec_token_ids = [7] * 200
+    assert scheduler.schedule().num_tokens == 256  # more drafts than the step holds: the first stream's fill it
+
+
 def test_the_scheduler_runs_a_split_chunk_a_group_of_layers_a_step_and_drops_it_with_its_sequence():
     scheduler = Scheduler(BlockPool(800, 16, False), max_num_seqs=8, max_num_batched_tokens=2048)
     scheduler.latency_budget = budget = trained_budget(num_layers=4)
