@@ -218,28 +218,47 @@ def test_max_output_tokens_caps_every_request(client, engine):
     assert wait_until_idle(engine).kv_blocks_used == 0
 
 
+def stream_cut_by_deadline(engine, route: str, body: dict) -> list[str]:
+    """The lines of a stream that --request-timeout stopped after it had started. The stream starts with
+    the first token, and a busy machine can delay that past any fixed limit (a 504 then, checked too), so
+    the limit starts at 0.15 s and doubles until the stream has started by then. The generation
+    (MAX_OUTPUT_TOKENS steps, ~0.5 s on a quiet machine) lasts many times its first token, so the first
+    limit the stream starts within still ends it early: a stream that runs to its end fails the callers."""
+    for timeout_s in (0.15 * 2**attempt for attempt in range(8)):
+        server = LiveServer(second_app(engine, request_timeout_s=timeout_s))
+        try:
+            with httpx.stream("POST", server.base_url + route, json=body, timeout=60) as stream:
+                if stream.status_code == 504:
+                    assert "--request-timeout" in stream.read().decode()
+                    continue
+                assert stream.status_code == 200
+                return [line for line in stream.iter_lines() if line]
+        finally:
+            server.stop()
+    raise AssertionError(f"no first token within {timeout_s} s")
+
+
 def test_request_timeout_is_a_504_and_frees_the_engine(engine, live):
     server = LiveServer(second_app(engine, request_timeout_s=0.2))
-    try:
+    try:  # 4 x MAX_OUTPUT_TOKENS tokens: seconds on any machine
         body = {"model": "tiny", "prompt": "Hello", "n": 4, **LONG}
         response = httpx.post(server.base_url + "/v1/completions", json=body, timeout=60)
         error = assert_openai_error(response, 504)
         assert "--request-timeout" in error["message"]
-        with httpx.stream("POST", server.base_url + "/v1/completions", json={**body, "stream": True},
-                          timeout=60) as stream:
-            lines = [line for line in stream.iter_lines() if line]
-        assert lines[-1] == "data: [DONE]" and "--request-timeout" in lines[-2]
-        assert wait_until_idle(engine).kv_blocks_used == 0
-        assert httpx.post(server.base_url + "/v1/completions", timeout=60,
-                          json={"model": "tiny", "prompt": "Hi", "max_tokens": 1}).status_code == 200
     finally:
         server.stop()
+    lines = stream_cut_by_deadline(engine, "/v1/completions", {**body, "stream": True})
+    assert lines[-1] == "data: [DONE]" and "--request-timeout" in lines[-2]
+    assert wait_until_idle(engine).kv_blocks_used == 0
+    # The engine serves others (through `live`: a 0.2 s limit could stop one token on a busy machine).
+    assert httpx.post(live.base_url + "/v1/completions", timeout=60,
+                      json={"model": "tiny", "prompt": "Hi", "max_tokens": 1}).status_code == 200
 
 
-def sse_events(response: httpx.Response) -> list[tuple[str, dict]]:
+def sse_events(lines: list[str]) -> list[tuple[str, dict]]:
     """(event name, data) of a named-event SSE stream (Responses, Messages)."""
     events, name = [], ""
-    for line in response.iter_lines():
+    for line in lines:
         if line.startswith("event: "):
             name = line.removeprefix("event: ")
         elif line.startswith("data: "):
@@ -248,28 +267,23 @@ def sse_events(response: httpx.Response) -> list[tuple[str, dict]]:
 
 
 def test_request_timeout_ends_responses_and_messages_streams_with_their_error_events(engine, live):
-    server = LiveServer(second_app(engine, request_timeout_s=0.15))
-    try:  # "z" runs greedily to MAX_OUTPUT_TOKENS (these protocols have no ignore_eos): ~0.5 s here
-        responses_body = {"model": "tiny", "input": "z", "max_output_tokens": 1000, "stream": True, "temperature": 0}
-        with httpx.stream("POST", server.base_url + "/v1/responses", json=responses_body, timeout=60) as stream:
-            events = sse_events(stream)
-        (error_name, error), (failed_name, failed) = events[-2:]
-        assert (error_name, failed_name) == ("error", "response.failed")
-        assert error["code"] == "request_timeout" and "--request-timeout" in error["message"]
-        assert failed["response"]["status"] == "failed"
-        assert "--request-timeout" in failed["response"]["error"]["message"]
+    # "z" runs greedily to MAX_OUTPUT_TOKENS (these protocols have no ignore_eos)
+    responses_body = {"model": "tiny", "input": "z", "max_output_tokens": 1000, "stream": True, "temperature": 0}
+    events = sse_events(stream_cut_by_deadline(engine, "/v1/responses", responses_body))
+    (error_name, error), (failed_name, failed) = events[-2:]
+    assert (error_name, failed_name) == ("error", "response.failed")
+    assert error["code"] == "request_timeout" and "--request-timeout" in error["message"]
+    assert failed["response"]["status"] == "failed"
+    assert "--request-timeout" in failed["response"]["error"]["message"]
 
-        messages_body = {"model": "tiny", "messages": [{"role": "user", "content": "z"}], "max_tokens": 1000,
-                         "stream": True, "temperature": 0}
-        with httpx.stream("POST", server.base_url + "/v1/messages", json=messages_body, timeout=60) as stream:
-            events = sse_events(stream)
-        assert events[0][0] == "message_start"
-        name, error = events[-1]
-        assert name == "error" and error["error"]["type"] == "timeout_error"
-        assert "--request-timeout" in error["error"]["message"]
-        assert wait_until_idle(engine).kv_blocks_used == 0
-    finally:
-        server.stop()
+    messages_body = {"model": "tiny", "messages": [{"role": "user", "content": "z"}], "max_tokens": 1000,
+                     "stream": True, "temperature": 0}
+    events = sse_events(stream_cut_by_deadline(engine, "/v1/messages", messages_body))
+    assert events[0][0] == "message_start"
+    name, error = events[-1]
+    assert name == "error" and error["error"]["type"] == "timeout_error"
+    assert "--request-timeout" in error["error"]["message"]
+    assert wait_until_idle(engine).kv_blocks_used == 0
 
 
 def test_streams_open_at_the_shutdown_timeout_end_with_an_error_event(engine, live, caplog):

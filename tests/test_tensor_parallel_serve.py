@@ -157,10 +157,12 @@ def test_a_killed_rank_ends_streams_with_503_and_the_server_exits_nonzero(server
     assert not thread.is_alive(), "the stream hung after its rank died"
     errors = [json.loads(e)["error"] for e in events if e.startswith("{") and "error" in json.loads(e)]
     assert errors and errors[0]["code"] == "engine_unavailable" and errors[0]["type"] == "service_unavailable_error"
-    try:
+    try:  # an engine's death drains the server like a SIGTERM (server/serving.py): a request meanwhile is refused
+        # by the dead engine, or by the body reader once the drain has begun (when depends on the machine's load)
         refused = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2},
                              timeout=10)
-        assert refused.status_code == 503 and refused.json()["error"]["code"] == "engine_unavailable"
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] in ("engine_unavailable", "server_shutting_down")
     except httpx.TransportError:
         pass  # already gone: the exit below is the check
     code = server.process.wait(timeout=COLLECTIVE_TIMEOUT_S + 30)
