@@ -73,27 +73,34 @@ void q4_row(const Q4& w, int64_t n, const float* x, float* out, int64_t out_stri
   for (int t = 0; t < T; ++t) out[t * out_stride + n] = _mm512_reduce_add_ps(_mm512_add_ps(lo_acc[t], hi_acc[t]));
 }
 
+// 16 codes of chunk `c` (group c >> shift: its scale, then offset) into the accumulators `acc` of T activation rows.
+template <int T>
+inline void q8_chunk(const Q8& w, const int8_t* qs, const float* sc, const float* off, const float* x, int64_t c,
+                     int shift, __m512 (&acc)[T]) {
+  const int64_t g = c >> shift;
+  const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16 * c))));
+  // Q6_K's scale * q may round: it is rounded alone, then the offset added (never fused).
+  __m512 v = _mm512_mul_ps(q, _mm512_set1_ps(sc[g]));
+  if (off) v = _mm512_add_ps(v, _mm512_set1_ps(off[g]));
+  for (int t = 0; t < T; ++t) acc[t] = _mm512_fmadd_ps(v, _mm512_loadu_ps(x + t * w.K + 16 * c), acc[t]);
+}
+
 template <int T>
 void q8_row(const Q8& w, int64_t n, const float* x, float* out, int64_t out_stride) {
-  const int64_t K = w.K, groups = K / w.G, per_group = w.G / 16;
+  const int64_t K = w.K, groups = K / w.G, chunks = K / 16;
+  const int shift = w.G == 32 ? 1 : 0;  // chunks per group: 2 or 1 (G is 32 or 16, checked at the entry)
   const int8_t* qs = w.qs + n * K;
   const float* sc = w.scales + n * groups;
   const float* off = w.offsets ? w.offsets + n * groups : nullptr;
-  __m512 acc[2][T];
-  for (int t = 0; t < T; ++t) acc[0][t] = acc[1][t] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g) {
-    const __m512 scale = _mm512_set1_ps(sc[g]);
-    const __m512 offset = off ? _mm512_set1_ps(off[g]) : scale;
-    for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
-      const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16 * c))));
-      // Q6_K's scale * q may round: it is rounded alone, then the offset added (never fused).
-      __m512 v = _mm512_mul_ps(q, scale);
-      if (off) v = _mm512_add_ps(v, offset);
-      for (int t = 0; t < T; ++t)
-        acc[c & 1][t] = _mm512_fmadd_ps(v, _mm512_loadu_ps(x + t * K + 16 * c), acc[c & 1][t]);
-    }
+  __m512 even[T], odd[T];  // even and odd chunks: two chains; named, not acc[c & 1] (a runtime index kept them in memory)
+  for (int t = 0; t < T; ++t) even[t] = odd[t] = _mm512_setzero_ps();
+  int64_t c = 0;
+  for (; c + 1 < chunks; c += 2) {
+    q8_chunk<T>(w, qs, sc, off, x, c, shift, even);
+    q8_chunk<T>(w, qs, sc, off, x, c + 1, shift, odd);
   }
-  for (int t = 0; t < T; ++t) out[t * out_stride + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][t], acc[1][t]));
+  if (c < chunks) q8_chunk<T>(w, qs, sc, off, x, c, shift, even);
+  for (int t = 0; t < T; ++t) out[t * out_stride + n] = _mm512_reduce_add_ps(_mm512_add_ps(even[t], odd[t]));
 }
 #elif defined(MINERVA_AVX2)
 // The same kernels 8 lanes wide (AVX2 + FMA): values formed as above, so only the summation order differs.
