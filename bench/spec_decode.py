@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parent
 DATASET = ROOT / "datasets" / "spec_decode.jsonl"
 RESULTS = ROOT / "results"
-DEFAULT_SPEC = '{"method": "ngram", "num_speculative_tokens": 24, "disable_by_batch_size": null}'  # the step cost picks how many
+DEFAULT_SPEC = '{"method": "ngram", "num_speculative_tokens": 24, "disable_by_batch_size": 32}'  # the step cost picks how many
 ENGINE = {"max_model_len": 1024, "kv_cache_gib": 1.0}
 WARM_UP_TOKENS = 16
 

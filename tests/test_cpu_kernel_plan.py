@@ -24,9 +24,9 @@ class IntDotTimedRunner:
 
 
 @pytest.mark.parametrize("planned, int_ms, expected", [
-    (1, {2: 10.0, 4: 20.0, 8: 50.0}, 4),  # the probe left int16 at one row; the model's forwards say up to 4
-    (8, {2: 10.0, 4: 50.0, 8: 50.0}, 2),  # ... and past 2 they are slower: fp32 from 3 rows
-    (0, {2: 1.0, 4: 1.0, 8: 1.0}, 0),  # int16 off (or slower at one row): never timed, stays off
+    (1, {2: 10.0, 4: 20.0, 6: 30.0, 8: 50.0}, 6),  # the probe left int16 at one row; the model's forwards say up to 6
+    (8, {2: 10.0, 4: 50.0, 6: 30.0, 8: 40.0}, 2),  # ... and past 2 they are slower: fp32 from 3 rows
+    (0, {2: 1.0, 4: 1.0, 6: 1.0, 8: 1.0}, 0),  # int16 off (or slower at one row): never timed, stays off
 ])
 def test_int16_serves_the_row_counts_where_the_model_runs_faster_with_it(monkeypatch, planned, int_ms, expected):
     monkeypatch.setattr(select, "_plan", [select.Plan("qgemm", 16, ("Q4_1",), "test", int_dot_max_rows=planned)])
@@ -37,9 +37,9 @@ def test_int16_serves_the_row_counts_where_the_model_runs_faster_with_it(monkeyp
 
 def test_the_first_engine_of_a_process_decides(monkeypatch):
     monkeypatch.setattr(select, "_plan", [select.Plan("qgemm", 16, ("Q4_1",), "test", int_dot_max_rows=1)])
-    calibrate_int_dot(IntDotTimedRunner({2: 10.0, 4: 20.0, 8: 50.0}, exact_ms=6.0), max_rows=64)
-    calibrate_int_dot(IntDotTimedRunner({2: 99.0, 4: 99.0, 8: 99.0}, exact_ms=6.0), max_rows=64)
-    assert select.plan().int_dot_max_rows == 4
+    calibrate_int_dot(IntDotTimedRunner({2: 10.0, 4: 20.0, 6: 30.0, 8: 50.0}, exact_ms=6.0), max_rows=64)
+    calibrate_int_dot(IntDotTimedRunner({2: 99.0, 4: 99.0, 6: 99.0, 8: 99.0}, exact_ms=6.0), max_rows=64)
+    assert select.plan().int_dot_max_rows == 6
 
 
 def test_every_cpu_engine_times_int16_rows_on_its_model(monkeypatch):

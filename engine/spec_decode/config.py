@@ -20,7 +20,7 @@ class SpeculativeConfig:
     num_speculative_tokens: int = 5  # the most tokens proposed for one sequence in one step
     prompt_lookup_min: int = 2  # n-gram: the shortest tail that may match
     prompt_lookup_max: int = 5  # n-gram: the longest tail tried first
-    disable_by_batch_size: int | None = 16  # no proposals in a step with this many running sequences or more (None: no cap)
+    disable_by_batch_size: int | None = 32  # no proposals in a step with this many running sequences or more (None: no cap)
     suffix_decoding_max_tree_depth: int = 24  # suffix: longest indexed substring (match + continuation)
     suffix_decoding_max_cached_requests: int = 1000  # suffix: finished outputs kept in the global cache
     suffix_decoding_max_spec_factor: float = 1.0  # suffix: propose at most factor * match length tokens

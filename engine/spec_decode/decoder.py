@@ -8,9 +8,10 @@ sampling row's generator is rewound by the runner after verification.
 How many of the proposed drafts a step verifies is the step cost model's choice (step_cost.py):
 only drafts whose expected accepted tokens pay for their rows, so a large batch or a low
 acceptance rate verifies few or none; where the cost was not measured (GPU) every draft is verified.
-A step with `disable_by_batch_size` running sequences or more does not speculate (on CPU verification
-rows beside 16 streams measured slower than without: bench/spec_decode.py). Drafts never run past
-`max_tokens` or the context.
+A step with `disable_by_batch_size` running sequences or more does not speculate: on CPU, beside 64
+streams the verified drafts' tokens lost chat 3.4% and gained code edit 10%; with the cap at 32 (a batch
+draining below it still speculates) chat gained 2.3% and code edit lost 0.7% (bench/spec_decode.py,
+docs/benchmarks.md). Drafts never run past `max_tokens` or the context.
 """
 
 from __future__ import annotations
