@@ -70,7 +70,7 @@ def main() -> None:
     result: dict[str, Any] = {"device": device, "commit": commit(), "model": args.model or "tiny random Llama (2 layers, hidden 64)",
               "settings": vars(args), "one_at_a_time": single, "batched": batched,
               "batched_over_single": batched["output_tokens_per_s"] / single["output_tokens_per_s"]}
-    print(f"| mode | requests/s | output tokens/s |\n|---|---|---|")
+    print("| mode | requests/s | output tokens/s |\n|---|---|---|")
     for name in ("one_at_a_time", "batched"):
         print(f"| {name} | {result[name]['requests_per_s']:.2f} | {result[name]['output_tokens_per_s']:.1f} |")
     print(f"batched / one-at-a-time: {result['batched_over_single']:.2f}x")

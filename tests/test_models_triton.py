@@ -7,7 +7,6 @@ seam: every op the models call exists in the Triton namespace with the same cont
 from __future__ import annotations
 
 import pytest
-import torch
 from kernel_testing import DEVICES, interpreter  # noqa: F401  (TRITON_INTERPRET=1 on CPU)
 
 from engine.loader import open_model

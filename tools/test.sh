@@ -4,6 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
-.venv/bin/ruff check  # engine/, server/, kernels/ (pyproject.toml [tool.ruff])
+.venv/bin/ruff check  # engine/, server/, kernels/, bench/, tests/, tools/ (pyproject.toml [tool.ruff])
 .venv/bin/python -m mypy  # the same packages and bench/ (pyproject.toml [tool.mypy])
 exec .venv/bin/python -m pytest -q --timeout=600 "$@"
