@@ -134,6 +134,17 @@ def wait_until_idle(engine, timeout: float = 20.0) -> EngineStats:
         time.sleep(0.05)
 
 
+def request_logs_of(caplog, model: str, count: int, timeout: float = 10.0) -> list[dict]:
+    """The request log lines of `model`'s requests once `count` are written: the server writes a line after the
+    response's last byte, so a client that has read a whole stream may be ahead of it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [dict(r.fields) for r in caplog.records if getattr(r, "fields", {}).get("model") == model]
+        if len(found) >= count or time.monotonic() > deadline:
+            return found
+        time.sleep(0.02)
+
+
 def child_pids(parent: int, marker: bytes) -> list[int]:
     """The processes whose parent is `parent` and whose command line holds `marker` (read from /proc)."""
     found = []

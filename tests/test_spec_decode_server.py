@@ -15,7 +15,7 @@ from engine.config import ConfigError, EngineConfig
 from server.app import create_app
 from server.cli import build_parser
 from server.launch import engine_configs
-from server_fixtures import LiveServer, save_tiny_llama, wait_until_idle
+from server_fixtures import LiveServer, request_logs_of, save_tiny_llama, wait_until_idle
 
 pytestmark = pytest.mark.timeout(180)
 SPEC = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1}'
@@ -39,6 +39,8 @@ def served(tmp_path_factory):
     engines = {name: AsyncEngine.from_config(EngineConfig(
         model=str(model_dir), served_model_name=name, device="cpu", dtype="float32", kernel_backend="torch",
         kv_cache_gib=0.02, speculative_config=spec)) for name, spec in (("plain", None), ("spec", SPEC))}
+    # verify every draft: these tests count drafts, and the tiny model's measured step cost prices them out under load
+    engines["spec"].engine.spec.step_cost = None
     server = LiveServer(create_app(engines))
     server.engines = engines
     yield server
@@ -48,11 +50,11 @@ def served(tmp_path_factory):
 def test_served_text_is_the_same_and_metrics_count_drafts(served, caplog):
     client = openai.OpenAI(base_url=served.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
     texts = {}
-    with caplog.at_level(logging.INFO, logger="minerva.requests"):
-        for name in ("plain", "spec"):
-            texts[name] = client.completions.create(model=name, prompt=PROMPT, max_tokens=24, temperature=0).choices[0].text
-            stream = client.completions.create(model=name, prompt=PROMPT, max_tokens=24, temperature=0, stream=True)
-            assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices) == texts[name]
+    caplog.set_level(logging.INFO, logger="minerva.requests")  # for the whole test: a line may come after the stream
+    for name in ("plain", "spec"):
+        texts[name] = client.completions.create(model=name, prompt=PROMPT, max_tokens=24, temperature=0).choices[0].text
+        stream = client.completions.create(model=name, prompt=PROMPT, max_tokens=24, temperature=0, stream=True)
+        assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices) == texts[name]
     assert texts["spec"] == texts["plain"] and texts["plain"]
     assert wait_until_idle(served.engines["spec"]).kv_blocks_used == 0
     metrics = httpx.get(served.base_url + "/metrics").text
@@ -65,7 +67,7 @@ def test_served_text_is_the_same_and_metrics_count_drafts(served, caplog):
                     for j in range(4)]
     assert sum(per_position) == accepted and per_position == sorted(per_position, reverse=True)
     assert not any('model="plain"' in key for key in lines)  # speculation off: no series
-    logged = [r.fields for r in caplog.records if getattr(r, "fields", {}).get("model") == "spec"]
+    logged = request_logs_of(caplog, "spec", 2)
     assert len(logged) == 2 and all(f["spec_draft_tokens"] >= f["spec_accepted_tokens"] for f in logged)
     assert sum(f["spec_draft_tokens"] for f in logged) == drafted
     assert sum(f["spec_accepted_tokens"] for f in logged) == accepted
@@ -80,13 +82,13 @@ def test_a_json_schema_request_speculates_and_writes_the_same_text(served, caplo
     messages = [{"role": "user", "content": 'Repeat: {"path": "src/app.py", "line": 12} {"path": "src/app.py", '
                                             '"line": 12} {"path": "src/app.py", "line": 12}'}]
     texts = {}
-    with caplog.at_level(logging.INFO, logger="minerva.requests"):
-        for name in ("plain", "spec"):
-            texts[name] = client.chat.completions.create(
-                model=name, messages=messages, max_tokens=40, temperature=0,
-                response_format={"type": "json_schema", "json_schema": {"name": "place", "schema": schema,
-                                                                        "strict": True}}).choices[0].message.content
+    caplog.set_level(logging.INFO, logger="minerva.requests")
+    for name in ("plain", "spec"):
+        texts[name] = client.chat.completions.create(
+            model=name, messages=messages, max_tokens=40, temperature=0,
+            response_format={"type": "json_schema", "json_schema": {"name": "place", "schema": schema,
+                                                                    "strict": True}}).choices[0].message.content
     assert texts["spec"] == texts["plain"] and texts["plain"].startswith("{")
-    logged = [r.fields for r in caplog.records if getattr(r, "fields", {}).get("model") == "spec"]
+    logged = request_logs_of(caplog, "spec", 1)
     assert len(logged) == 1 and logged[0]["spec_draft_tokens"] > 0
     assert wait_until_idle(served.engines["spec"]).kv_blocks_used == 0
