@@ -13,6 +13,7 @@ import torch
 import uvicorn
 
 from engine.reports import EngineStats
+from server.observability.request_log import LOGGER_NAME
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
@@ -134,12 +135,14 @@ def wait_until_idle(engine, timeout: float = 20.0) -> EngineStats:
         time.sleep(0.05)
 
 
-def request_logs_of(caplog, model: str, count: int, timeout: float = 10.0) -> list[dict]:
-    """The request log lines of `model`'s requests once `count` are written: the server writes a line after the
-    response's last byte, so a client that has read a whole stream may be ahead of it."""
+def request_logs(caplog, count: int = 1, timeout: float = 10.0, **fields: object) -> list[dict]:
+    """The request log lines whose fields include `fields`, once `count` are written (or all there are at the
+    timeout): the server writes a line after the response's last byte, so a client that has read a whole stream
+    may be ahead of it."""
     deadline = time.monotonic() + timeout
     while True:
-        found = [dict(r.fields) for r in caplog.records if getattr(r, "fields", {}).get("model") == model]
+        found = [dict(r.fields) for r in caplog.records if r.name == LOGGER_NAME
+                 and all(r.fields.get(name) == value for name, value in fields.items())]
         if len(found) >= count or time.monotonic() > deadline:
             return found
         time.sleep(0.02)

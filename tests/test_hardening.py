@@ -23,7 +23,7 @@ from server.guard.rate_limit import Limits
 from server.guard.request_limits import RequestLimits
 from server.observability.request_log import LOGGER_NAME, JsonFormatter
 from server.settings import ServerSettings
-from server_fixtures import LiveServer, save_tiny_llama, tiny_engine, wait_until_idle
+from server_fixtures import LiveServer, request_logs, save_tiny_llama, tiny_engine, wait_until_idle
 
 PROMPT = "The quick brown fox"
 # One key per test where it matters: each key may make 3 requests a minute on the `guarded` server.
@@ -268,19 +268,11 @@ def test_model_ids_never_reach_the_file_system(limited, model_dir, monkeypatch):
 # --- logs and metrics -------------------------------------------------------------------------------------
 
 
-def request_logs(caplog) -> list[dict]:
-    return [dict(r.fields) for r in caplog.records if r.name == LOGGER_NAME]
-
-
-def logged(caplog, request_id: str, timeout: float = 10.0) -> dict:
-    """The request's log line, once the server has written it (after the response's last byte)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = [f for f in request_logs(caplog) if f["request_id"] == request_id]
-        if found or time.monotonic() > deadline:
-            assert len(found) == 1, found
-            return found[0]
-        time.sleep(0.02)
+def logged(caplog, request_id: str) -> dict:
+    """The request's log line, once the server has written it."""
+    found = request_logs(caplog, request_id=request_id)
+    assert len(found) == 1, found
+    return found[0]
 
 
 def test_request_log_has_ids_tokens_and_key_id_but_never_the_key(guarded, caplog):

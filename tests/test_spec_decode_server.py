@@ -15,7 +15,7 @@ from engine.config import ConfigError, EngineConfig
 from server.app import create_app
 from server.cli import build_parser
 from server.launch import engine_configs
-from server_fixtures import LiveServer, request_logs_of, save_tiny_llama, wait_until_idle
+from server_fixtures import LiveServer, request_logs, save_tiny_llama, wait_until_idle
 
 pytestmark = pytest.mark.timeout(180)
 SPEC = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1}'
@@ -67,7 +67,7 @@ def test_served_text_is_the_same_and_metrics_count_drafts(served, caplog):
                     for j in range(4)]
     assert sum(per_position) == accepted and per_position == sorted(per_position, reverse=True)
     assert not any('model="plain"' in key for key in lines)  # speculation off: no series
-    logged = request_logs_of(caplog, "spec", 2)
+    logged = request_logs(caplog, 2, model="spec")
     assert len(logged) == 2 and all(f["spec_draft_tokens"] >= f["spec_accepted_tokens"] for f in logged)
     assert sum(f["spec_draft_tokens"] for f in logged) == drafted
     assert sum(f["spec_accepted_tokens"] for f in logged) == accepted
@@ -89,6 +89,6 @@ def test_a_json_schema_request_speculates_and_writes_the_same_text(served, caplo
             response_format={"type": "json_schema", "json_schema": {"name": "place", "schema": schema,
                                                                     "strict": True}}).choices[0].message.content
     assert texts["spec"] == texts["plain"] and texts["plain"].startswith("{")
-    logged = request_logs_of(caplog, "spec", 1)
+    logged = request_logs(caplog, model="spec")
     assert len(logged) == 1 and logged[0]["spec_draft_tokens"] > 0
     assert wait_until_idle(served.engines["spec"]).kv_blocks_used == 0

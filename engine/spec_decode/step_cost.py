@@ -105,6 +105,7 @@ class StepScale:
         else:
             self.plain += SCALE_WEIGHT * (ratio - self.plain)
 
+
 def measure(runner: ModelRunner, max_rows: int) -> StepCost:
     """Time forwards of the served model on the runner's scratch block (CPU: the forward returns when done).
     `rows` rows are `rows` one-token sequences up to the runner's sequence slots, beyond them sequences of
